@@ -1,0 +1,31 @@
+"""diffsim: differentiable explicit-dynamics simulation of tetrahedral FEM solids."""
+
+from diffsim.materials import (
+    Corotated,
+    LinearElastic,
+    Material,
+    NeoHookean,
+    StableNeoHookean,
+    StVK,
+    lame_parameters,
+)
+from diffsim.mesh import TetMesh
+from diffsim.simulator import SimulationError, Simulator
+from diffsim.state import State, Trajectory
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Corotated",
+    "LinearElastic",
+    "Material",
+    "NeoHookean",
+    "SimulationError",
+    "Simulator",
+    "StVK",
+    "StableNeoHookean",
+    "State",
+    "TetMesh",
+    "Trajectory",
+    "lame_parameters",
+]

@@ -1,0 +1,72 @@
+"""Elastic energy, forces and stresses of a tet mesh on the torch path (autograd of psi)."""
+
+from __future__ import annotations
+
+import torch
+
+from diffsim.materials import Material
+
+
+def deformation_gradients(
+    x: torch.Tensor, tets: torch.Tensor, dm_inv: torch.Tensor
+) -> torch.Tensor:
+    """F = Ds Dm^-1 per tet, ``[m, 3, 3]``, from positions ``x [n, 3]``."""
+    corners = x[tets]
+    ds = (corners[:, 1:] - corners[:, :1]).transpose(1, 2)
+    return ds @ dm_inv
+
+
+def elastic_energy(
+    material: Material,
+    x: torch.Tensor,
+    tets: torch.Tensor,
+    dm_inv: torch.Tensor,
+    volumes: torch.Tensor,
+) -> torch.Tensor:
+    """Total elastic energy sum_e psi(F_e) V_e in J (scalar)."""
+    return (material.energy_density(deformation_gradients(x, tets, dm_inv)) * volumes).sum()
+
+
+def elastic_forces(
+    material: Material,
+    x: torch.Tensor,
+    tets: torch.Tensor,
+    dm_inv: torch.Tensor,
+    volumes: torch.Tensor,
+) -> torch.Tensor:
+    """Elastic forces -dE/dx, ``[n, 3]`` in N.
+
+    When autograd is recording and anything upstream needs a gradient, the graph of the
+    gradient is kept (``create_graph``) so the forces are differentiable in turn.
+    """
+    keep_graph = torch.is_grad_enabled() and (x.requires_grad or _any_requires_grad(material))
+    with torch.enable_grad():
+        xr = x if x.requires_grad else x.detach().requires_grad_(True)
+        energy = elastic_energy(material, xr, tets, dm_inv, volumes)
+        (grad,) = torch.autograd.grad(energy, xr, create_graph=keep_graph)
+    return -grad
+
+
+def first_piola_kirchhoff(material: Material, F: torch.Tensor) -> torch.Tensor:
+    """P = dpsi/dF, ``[m, 3, 3]`` in Pa (detached)."""
+    with torch.enable_grad():
+        Fr = F.detach().requires_grad_(True)
+        (P,) = torch.autograd.grad(material.energy_density(Fr).sum(), Fr)
+    return P
+
+
+def von_mises_stress(material: Material, F: torch.Tensor) -> torch.Tensor:
+    """Von Mises equivalent of the Cauchy stress sigma = P F^T / J, ``[m]`` in Pa."""
+    P = first_piola_kirchhoff(material, F)
+    J = torch.linalg.det(F.detach())
+    sigma = P @ F.detach().transpose(1, 2) / J[:, None, None]
+    dev = sigma - sigma.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] * torch.eye(
+        3, dtype=F.dtype
+    )
+    return torch.sqrt(1.5 * dev.square().sum(dim=(1, 2)))
+
+
+def _any_requires_grad(material: Material) -> bool:
+    return any(
+        isinstance(v, torch.Tensor) and v.requires_grad for v in material.parameters().values()
+    )

@@ -1,0 +1,410 @@
+"""Tetrahedral meshes: validation, rest-shape data, surfaces, builders and file I/O."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffsim import gmsh_io
+
+# Tets whose volume is below this fraction of the mean tet volume count as degenerate.
+DEGENERATE_VOLUME_FRACTION = 1e-9
+
+
+class TetMesh:
+    """A validated tetrahedral mesh, possibly of several bodies.
+
+    Vertices are float64 and tets int64 numpy arrays; the mesh is static data and never
+    holds autograd graphs. Tets are positively oriented: ``det([x1-x0, x2-x0, x3-x0]) > 0``.
+
+    Args:
+        vertices: ``[n, 3]`` rest positions in metres (array or tensor, finite floats).
+        tets: ``[m, 4]`` vertex indices (integers in ``[0, n)``).
+        fix_orientation: if True, inverted tets are re-oriented by swapping two corners;
+            if False (default), an inverted tet is an error.
+        allow_unused_vertices: if False (default), vertices no tet uses are an error.
+        body_ids: ``[n]`` body index of each vertex (set by :meth:`merge`); default all 0.
+
+    Raises:
+        ValueError: wrong shapes or dtypes, non-finite coordinates, indices out of range,
+            repeated corners, unused vertices, degenerate or inverted tets. The message names
+            the offending indices and the fix.
+    """
+
+    def __init__(
+        self,
+        vertices,
+        tets,
+        *,
+        fix_orientation: bool = False,
+        allow_unused_vertices: bool = False,
+        body_ids=None,
+    ) -> None:
+        vertices = _as_numpy(vertices, "vertices")
+        tets = _as_numpy(tets, "tets")
+        if vertices.ndim != 2 or vertices.shape[1] != 3:
+            raise ValueError(f"vertices must have shape [n, 3], got {list(vertices.shape)}")
+        if tets.ndim != 2 or tets.shape[1] != 4:
+            raise ValueError(f"tets must have shape [m, 4], got {list(tets.shape)}")
+        if not np.issubdtype(vertices.dtype, np.floating):
+            raise ValueError(f"vertices must be floating point, got dtype {vertices.dtype}")
+        if not np.issubdtype(tets.dtype, np.integer):
+            raise ValueError(
+                f"tets must hold integer indices, got dtype {tets.dtype}; "
+                "convert with tets.astype(np.int64)"
+            )
+        if len(tets) == 0:
+            raise ValueError("the mesh has no tets")
+        bad = np.flatnonzero(~np.isfinite(vertices).all(axis=1))
+        if len(bad):
+            raise ValueError(f"vertices {_first(bad)} have non-finite (NaN or inf) coordinates")
+        self.vertices = vertices.astype(np.float64)
+        tets = tets.astype(np.int64)
+        n = len(self.vertices)
+        bad = np.flatnonzero(((tets < 0) | (tets >= n)).any(axis=1))
+        if len(bad):
+            raise ValueError(
+                f"tets {_first(bad)} refer to vertex indices outside [0, {n}) "
+                f"(e.g. tet {bad[0]} = {tets[bad[0]].tolist()}); indices are 0-based"
+            )
+        sorted_corners = np.sort(tets, axis=1)
+        bad = np.flatnonzero((sorted_corners[:, 1:] == sorted_corners[:, :-1]).any(axis=1))
+        if len(bad):
+            raise ValueError(f"tets {_first(bad)} repeat a vertex; each tet needs 4 distinct ones")
+        if not allow_unused_vertices:
+            unused = np.setdiff1d(np.arange(n), tets.ravel())
+            if len(unused):
+                raise ValueError(
+                    f"vertices {_first(unused)} are used by no tet; remove them "
+                    "(TetMesh.compact) or pass allow_unused_vertices=True"
+                )
+        volumes = signed_volumes(self.vertices, tets)
+        scale = np.abs(volumes).mean()
+        bad = np.flatnonzero(np.abs(volumes) <= DEGENERATE_VOLUME_FRACTION * scale)
+        if len(bad):
+            raise ValueError(
+                f"tets {_first(bad)} are degenerate (near-zero volume, e.g. {volumes[bad[0]]:.3g} "
+                f"m^3); remove them or remesh"
+            )
+        inverted = np.flatnonzero(volumes < 0)
+        if len(inverted):
+            if not fix_orientation:
+                raise ValueError(
+                    f"tets {_first(inverted)} are inverted (negative volume); pass "
+                    "fix_orientation=True to re-orient them by swapping their last two corners"
+                )
+            tets[inverted] = tets[inverted][:, [0, 1, 3, 2]]
+        self.tets = tets
+        if body_ids is None:
+            body_ids = np.zeros(n, dtype=np.int64)
+        body_ids = np.asarray(body_ids, dtype=np.int64)
+        if body_ids.shape != (n,):
+            raise ValueError(f"body_ids must have shape [{n}], got {list(body_ids.shape)}")
+        self.body_ids = body_ids
+        self._surface: tuple[np.ndarray, np.ndarray] | None = None
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def n_vertices(self) -> int:
+        return len(self.vertices)
+
+    @property
+    def n_tets(self) -> int:
+        return len(self.tets)
+
+    @property
+    def n_bodies(self) -> int:
+        return int(self.body_ids.max()) + 1
+
+    @property
+    def rest_volumes(self) -> np.ndarray:
+        """Rest volume of each tet, ``[m]`` in m^3."""
+        return signed_volumes(self.vertices, self.tets)
+
+    @property
+    def dm_inv(self) -> np.ndarray:
+        """Inverse rest edge matrices ``Dm^-1``, ``[m, 3, 3]``; F = Ds Dm^-1."""
+        return np.linalg.inv(edge_matrices(self.vertices, self.tets))
+
+    @property
+    def surface_faces(self) -> np.ndarray:
+        """Boundary triangles ``[f, 3]``, ordered so normals point outward."""
+        return self._boundary()[0]
+
+    @property
+    def surface_edges(self) -> np.ndarray:
+        """Unique edges of the boundary triangles ``[e, 2]`` (sorted pairs)."""
+        return self._boundary()[1]
+
+    @property
+    def surface_vertices(self) -> np.ndarray:
+        """Indices of the vertices on the boundary surface."""
+        return np.unique(self.surface_faces)
+
+    @property
+    def bounds(self) -> np.ndarray:
+        """Axis-aligned bounding box ``[[xmin, ymin, zmin], [xmax, ymax, zmax]]``."""
+        return np.stack([self.vertices.min(axis=0), self.vertices.max(axis=0)])
+
+    def lumped_masses(self, density: float | np.ndarray) -> np.ndarray:
+        """Lumped vertex masses ``[n]`` in kg: density * volume / 4 to each corner."""
+        share = np.broadcast_to(np.asarray(density, dtype=np.float64), (self.n_tets,))
+        share = share * self.rest_volumes / 4.0
+        masses = np.zeros(self.n_vertices)
+        np.add.at(masses, self.tets, share[:, None])
+        return masses
+
+    def _boundary(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._surface is None:
+            t = self.tets
+            # Each face listed with the orientation that points out of its tet.
+            faces = np.concatenate(
+                [t[:, [0, 2, 1]], t[:, [0, 1, 3]], t[:, [0, 3, 2]], t[:, [1, 2, 3]]]
+            )
+            key = np.sort(faces, axis=1)
+            _, inverse, counts = np.unique(key, axis=0, return_inverse=True, return_counts=True)
+            boundary = faces[counts[inverse.ravel()] == 1]
+            edges = np.sort(boundary[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2), axis=1)
+            self._surface = (boundary, np.unique(edges, axis=0))
+        return self._surface
+
+    # ----------------------------------------------------------------- transforms
+    def transformed(
+        self,
+        *,
+        scale: float | Sequence[float] = 1.0,
+        rotation: np.ndarray | None = None,
+        translation: Sequence[float] = (0.0, 0.0, 0.0),
+    ) -> TetMesh:
+        """A copy with vertices mapped as ``R @ (scale * x) + translation``.
+
+        A rotation must be proper (det +1); a negative scale along an odd number of axes
+        mirrors the mesh and the tets are re-oriented.
+        """
+        v = self.vertices * np.asarray(scale, dtype=np.float64)
+        if rotation is not None:
+            rotation = np.asarray(rotation, dtype=np.float64)
+            if rotation.shape != (3, 3) or not np.allclose(rotation @ rotation.T, np.eye(3)):
+                raise ValueError("rotation must be a 3x3 orthogonal matrix")
+            v = v @ rotation.T
+        v = v + np.asarray(translation, dtype=np.float64)
+        return TetMesh(v, self.tets, fix_orientation=True, body_ids=self.body_ids)
+
+    def centered(self) -> TetMesh:
+        """A copy translated so the bounding-box centre is at the origin."""
+        return self.transformed(translation=-self.bounds.mean(axis=0))
+
+    def scaled_to(self, height: float, axis: int = 1) -> TetMesh:
+        """A copy scaled uniformly so its extent along ``axis`` is ``height`` metres."""
+        extent = np.ptp(self.vertices[:, axis])
+        return self.transformed(scale=height / extent)
+
+    def placed_on(self, ground: float = 0.0, gap: float = 0.0, axis: int = 1) -> TetMesh:
+        """A copy translated along ``axis`` so its lowest vertex is ``gap`` above ``ground``."""
+        shift = np.zeros(3)
+        shift[axis] = ground + gap - self.vertices[:, axis].min()
+        return self.transformed(translation=shift)
+
+    # ----------------------------------------------------------------- builders
+    @classmethod
+    def box(
+        cls,
+        size: Sequence[float] = (1.0, 1.0, 1.0),
+        resolution: int | Sequence[int] = (4, 4, 4),
+        origin: Sequence[float] = (0.0, 0.0, 0.0),
+    ) -> TetMesh:
+        """An axis-aligned box of hexahedral cells, each split into 6 tets.
+
+        Args:
+            size: edge lengths (x, y, z) in metres.
+            resolution: cells along each axis (an int for all three).
+            origin: the box's minimum corner.
+        """
+        res = np.broadcast_to(np.asarray(resolution, dtype=np.int64), (3,))
+        size_arr = np.asarray(size, dtype=np.float64)
+        if np.any(res < 1):
+            raise ValueError(f"resolution must be >= 1 along each axis, got {res.tolist()}")
+        if size_arr.shape != (3,) or np.any(~(size_arr > 0)):
+            raise ValueError(f"size must be three positive lengths, got {list(size)}")
+        axes = [np.linspace(0.0, s, r + 1) for s, r in zip(size_arr, res, strict=True)]
+        grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+        cells = np.stack(np.meshgrid(*[np.arange(r) for r in res], indexing="ij"), -1)
+        tets = _grid_tets(cells.reshape(-1, 3), res)
+        return cls(grid + np.asarray(origin, dtype=np.float64), tets, fix_orientation=True)
+
+    @classmethod
+    def beam(
+        cls,
+        length: float = 1.0,
+        width: float = 0.1,
+        height: float = 0.1,
+        cells_per_width: int = 2,
+        origin: Sequence[float] = (0.0, 0.0, 0.0),
+    ) -> TetMesh:
+        """A beam along x with a ``width`` (z) by ``height`` (y) cross-section."""
+        h = min(width, height) / cells_per_width
+        res = [max(1, round(length / h)), max(1, round(height / h)), max(1, round(width / h))]
+        return cls.box(size=(length, height, width), resolution=res, origin=origin)
+
+    @classmethod
+    def sphere(
+        cls,
+        radius: float = 0.5,
+        resolution: int = 8,
+        center: Sequence[float] = (0.0, 0.0, 0.0),
+    ) -> TetMesh:
+        """A ball: grid cells inside the sphere, boundary vertices projected onto it.
+
+        Args:
+            radius: in metres.
+            resolution: cells across the diameter.
+            center: the ball's centre.
+        """
+        from diffsim.tetrahedralize import voxel_tets
+
+        def inside(points: np.ndarray) -> np.ndarray:
+            return np.linalg.norm(points, axis=1) < radius
+
+        vertices, tets = voxel_tets(inside, np.array([[-radius] * 3, [radius] * 3]), resolution)
+        mesh = cls(vertices, tets, fix_orientation=True)
+        mesh = mesh._project_surface(lambda p: p * (radius / np.linalg.norm(p, axis=1))[:, None])
+        return mesh.transformed(translation=center)
+
+    @classmethod
+    def from_surface(cls, surface, resolution: int = 16) -> TetMesh:
+        """Tetrahedralizes a closed triangle surface (a ``trimesh.Trimesh``).
+
+        The built-in method keeps the grid cells whose centres lie inside the surface
+        (generalized winding number) and moves boundary vertices onto the surface where
+        that inverts no tet. See :mod:`diffsim.tetrahedralize`.
+
+        Args:
+            surface: a closed ``trimesh.Trimesh`` (or any object with ``vertices`` and
+                ``faces``).
+            resolution: grid cells along the longest side of the bounding box.
+        """
+        from diffsim.tetrahedralize import tetrahedralize_surface
+
+        vertices, tets, project = tetrahedralize_surface(surface, resolution)
+        return cls(vertices, tets, fix_orientation=True)._project_surface(project)
+
+    def _project_surface(self, project) -> TetMesh:
+        """Moves boundary vertices to ``project(points)`` where no tet inverts."""
+        surf = self.surface_vertices
+        target = self.vertices.copy()
+        target[surf] = project(self.vertices[surf])
+        blend = np.ones(self.n_vertices)
+        for _ in range(20):
+            v = self.vertices + blend[:, None] * (target - self.vertices)
+            vol = signed_volumes(v, self.tets)
+            bad = vol <= 0.05 * np.abs(self.rest_volumes)
+            if not bad.any():
+                return TetMesh(v, self.tets, body_ids=self.body_ids)
+            blend[np.unique(self.tets[bad])] *= 0.5
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path, **kwargs) -> TetMesh:
+        """Loads a Gmsh ``.msh`` (ASCII 4.1 or 2.2) or a diffsim ``.npz`` mesh."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"mesh file not found: {path}")
+        if path.suffix == ".msh":
+            vertices, tets = gmsh_io.read_msh(path)
+            return cls(vertices, tets, **kwargs)
+        if path.suffix == ".npz":
+            with np.load(path) as data:
+                missing = {"vertices", "tets"} - set(data.files)
+                if missing:
+                    raise ValueError(f"{path}: not a diffsim mesh file, missing {sorted(missing)}")
+                body_ids = data["body_ids"] if "body_ids" in data.files else None
+                return cls(data["vertices"], data["tets"], body_ids=body_ids, **kwargs)
+        raise ValueError(f"{path}: unknown mesh format {path.suffix!r}; use .msh or .npz")
+
+    def save(self, path: str | Path) -> None:
+        """Saves as Gmsh 4.1 ASCII (``.msh``) or diffsim ``.npz`` (keeps body ids)."""
+        path = Path(path)
+        if path.suffix == ".msh":
+            gmsh_io.write_msh(path, self.vertices, self.tets)
+        elif path.suffix == ".npz":
+            np.savez(path, vertices=self.vertices, tets=self.tets, body_ids=self.body_ids)
+        else:
+            raise ValueError(f"{path}: unknown mesh format {path.suffix!r}; use .msh or .npz")
+
+    @staticmethod
+    def merge(meshes: Sequence[TetMesh]) -> TetMesh:
+        """One mesh holding several bodies; vertex ``body_ids`` tell them apart."""
+        if not meshes:
+            raise ValueError("merge needs at least one mesh")
+        vertices, tets, body_ids = [], [], []
+        offset, body = 0, 0
+        for mesh in meshes:
+            vertices.append(mesh.vertices)
+            tets.append(mesh.tets + offset)
+            body_ids.append(mesh.body_ids + body)
+            offset += mesh.n_vertices
+            body += mesh.n_bodies
+        return TetMesh(
+            np.concatenate(vertices), np.concatenate(tets), body_ids=np.concatenate(body_ids)
+        )
+
+    def compact(self) -> TetMesh:
+        """A copy without the vertices that no tet uses."""
+        used = np.unique(self.tets)
+        remap = np.full(self.n_vertices, -1)
+        remap[used] = np.arange(len(used))
+        return TetMesh(self.vertices[used], remap[self.tets], body_ids=self.body_ids[used])
+
+    def __repr__(self) -> str:
+        return (
+            f"TetMesh(n_vertices={self.n_vertices}, n_tets={self.n_tets}, n_bodies={self.n_bodies})"
+        )
+
+
+def edge_matrices(vertices, tets):
+    """Edge matrices ``[x1-x0, x2-x0, x3-x0]`` as columns, ``[m, 3, 3]`` (numpy or torch)."""
+    x = vertices[tets]
+    d = x[:, 1:] - x[:, :1]
+    return d.transpose(1, 2) if isinstance(d, torch.Tensor) else d.transpose(0, 2, 1)
+
+
+def signed_volumes(vertices: np.ndarray, tets: np.ndarray) -> np.ndarray:
+    """Signed volumes ``det(Dm) / 6``, ``[m]``; positive for positively oriented tets."""
+    return np.linalg.det(edge_matrices(vertices, tets)) / 6.0
+
+
+def _grid_tets(cells: np.ndarray, res: np.ndarray) -> np.ndarray:
+    """Six tets per grid cell (Freudenthal split along the main diagonal; conforming)."""
+    ny, nz = res[1] + 1, res[2] + 1
+
+    def vid(ijk):
+        return (ijk[..., 0] * ny + ijk[..., 1]) * nz + ijk[..., 2]
+
+    eye = np.eye(3, dtype=np.int64)
+    tets = []
+    for perm in itertools.permutations(range(3)):
+        c0 = cells
+        c1 = c0 + eye[perm[0]]
+        c2 = c1 + eye[perm[1]]
+        c3 = c2 + eye[perm[2]]
+        tets.append(np.stack([vid(c0), vid(c1), vid(c2), vid(c3)], axis=1))
+    return np.concatenate(tets)
+
+
+def _as_numpy(value, name: str) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    try:
+        return np.asarray(value)
+    except Exception as exc:  # noqa: BLE001 - re-raised with a clear message
+        raise ValueError(f"{name} could not be converted to an array: {exc}") from exc
+
+
+def _first(indices: np.ndarray, limit: int = 8) -> str:
+    shown = ", ".join(str(int(i)) for i in indices[:limit])
+    more = f", ... ({len(indices)} in all)" if len(indices) > limit else ""
+    return f"[{shown}{more}]"

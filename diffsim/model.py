@@ -1,0 +1,91 @@
+"""Static simulation data (the model) and the per-rollout differentiable coefficients."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from diffsim.ground import Ground
+from diffsim.materials import Material
+from diffsim.mesh import TetMesh
+
+
+@dataclass(frozen=True)
+class Model:
+    """What does not change during a rollout: rest shape, masks, settings. Never mutated.
+
+    Attributes:
+        mesh: the tet mesh (numpy, float64).
+        rest_positions: ``[n, 3]``.
+        tets: ``[m, 4]`` int64.
+        dm_inv: ``[m, 3, 3]`` inverse rest edge matrices.
+        rest_volumes: ``[m]`` in m^3.
+        fixed_mask: ``[n]`` bool, True where a vertex is prescribed.
+        fixed_indices: ``[k]`` int64, the prescribed vertices.
+        dt: time per step (frame) in s; each step runs ``substeps`` substeps of dt/substeps.
+        substeps: substeps per step.
+        max_speed: tanh velocity clamp v_max in m/s, or None.
+        ground: ground plane settings, or None.
+        contact: surface contact between and within bodies (barrier, friction, continuous
+            collision limit), or None. See :mod:`diffsim.contact`.
+    """
+
+    mesh: TetMesh
+    rest_positions: torch.Tensor
+    tets: torch.Tensor
+    dm_inv: torch.Tensor
+    rest_volumes: torch.Tensor
+    fixed_mask: torch.Tensor
+    fixed_indices: torch.Tensor
+    dt: float
+    substeps: int
+    max_speed: float | None
+    ground: Ground | None
+    contact: Any = None
+
+    @property
+    def substep_dt(self) -> float:
+        return self.dt / self.substeps
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.rest_positions.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.rest_positions.device
+
+    @property
+    def n_vertices(self) -> int:
+        return self.rest_positions.shape[0]
+
+    @property
+    def n_tets(self) -> int:
+        return self.tets.shape[0]
+
+
+@dataclass
+class Coefficients:
+    """Differentiable per-rollout quantities derived from the parameters.
+
+    Attributes:
+        material: the material with its parameters as tensors (graphs kept).
+        mass: ``[n]`` lumped vertex masses in kg.
+        gravity: ``[3]`` in m/s^2.
+        damping: ``[]`` mass-proportional damping rate in 1/s.
+    """
+
+    material: Material
+    mass: torch.Tensor
+    gravity: torch.Tensor
+    damping: torch.Tensor
+
+
+def lumped_mass(model: Model, density) -> torch.Tensor:
+    """Lumped masses ``[n]`` (kg) from a density (float, or tensor [] or [m]), differentiable."""
+    density = torch.as_tensor(density, dtype=model.dtype, device=model.device)
+    share = (density * model.rest_volumes / 4.0).expand(model.n_tets)
+    mass = torch.zeros(model.n_vertices, dtype=model.dtype, device=model.device)
+    return mass.index_add(0, model.tets.reshape(-1), share.repeat_interleave(4))

@@ -1,0 +1,409 @@
+"""The Simulator: builds the model, advances states and records differentiable rollouts."""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from diffsim.backends import BACKENDS
+from diffsim.checkpoint import run_segment
+from diffsim.elasticity import elastic_energy
+from diffsim.ground import Ground
+from diffsim.materials import Material
+from diffsim.mesh import TetMesh
+from diffsim.model import Coefficients, Model, lumped_mass
+from diffsim.state import State, Trajectory
+
+# Default ground barrier activation distance, as a fraction of the mesh's bounding-box diagonal.
+GROUND_DHAT_FRACTION = 5e-3
+
+
+class SimulationError(RuntimeError):
+    """A step produced non-finite values; the message names the step and the likely fix."""
+
+
+class Simulator:
+    """Explicit, differentiable FEM simulation of a tet mesh.
+
+    Symplectic Euler per substep: v += h f(x) / m, friction, damping, velocity clamp,
+    fixed-vertex mask, x += h v with the ground's no-tunnelling rule. See docs/how-it-works.md.
+
+    Args:
+        mesh: the tet mesh (several bodies via :meth:`TetMesh.merge`).
+        material: a :class:`Material`; its tensor parameters keep their graphs.
+        dt: time per step (one recorded frame) in s.
+        substeps: substeps per step, each of dt / substeps.
+        gravity: ``(gx, gy, gz)`` in m/s^2, floats or a tensor ``[3]`` (differentiable).
+        ground: height (m) of the ground plane y = ground, or None for no ground.
+        fixed: prescribed vertices: a bool mask ``[n]`` or an index list.
+        damping: mass-proportional damping rate in 1/s (float or tensor ``[]``).
+        max_speed: v_max of the smooth tanh velocity clamp in m/s, or None for no clamp.
+        backend: ``"warp"`` (fast kernels) or ``"torch"`` (reference; any material).
+        dtype: ``torch.float32`` or ``torch.float64``.
+        device: torch device of all tensors (``"cpu"``, ``"cuda"``).
+        ground_dhat: barrier activation distance (m); default 0.5% of the bounding-box diagonal.
+        ground_stiffness: barrier stiffness kappa (1/(m^2 s^2)); default holds 4 g at dhat/4.
+        friction: Coulomb coefficient with the ground (>= 0).
+        friction_velocity: eps_v in m/s, the friction smoothing speed.
+    """
+
+    def __init__(
+        self,
+        mesh: TetMesh,
+        material: Material,
+        *,
+        dt: float = 1e-3,
+        substeps: int = 1,
+        gravity: Sequence[float] | torch.Tensor = (0.0, -9.81, 0.0),
+        ground: float | None = 0.0,
+        fixed=None,
+        damping: float | torch.Tensor = 0.0,
+        max_speed: float | None = None,
+        backend: str = "warp",
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        ground_dhat: float | None = None,
+        ground_stiffness: float | None = None,
+        friction: float = 0.0,
+        friction_velocity: float = 1e-3,
+    ) -> None:
+        if not isinstance(mesh, TetMesh):
+            raise TypeError(f"mesh must be a diffsim.TetMesh, got {type(mesh).__name__}")
+        if not isinstance(material, Material):
+            raise TypeError(f"material must be a diffsim.Material, got {type(material).__name__}")
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        _check_positive("dt", dt)
+        if not isinstance(substeps, int) or substeps < 1:
+            raise ValueError(f"substeps must be an integer >= 1, got {substeps!r}")
+        if max_speed is not None:
+            _check_positive("max_speed", max_speed)
+        if friction < 0 or not math.isfinite(friction):
+            raise ValueError(f"friction must be >= 0, got {friction}")
+        _check_positive("friction_velocity", friction_velocity)
+        material.validate(mesh.n_tets)
+        self.mesh = mesh
+        self.material = material
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.gravity = _as_vector("gravity", gravity, dtype, self.device)
+        self.damping = damping
+        self._check_damping()
+        fixed_mask = _fixed_mask(fixed, mesh.n_vertices)
+        ground_model = None
+        if ground is not None:
+            ground_model = self._make_ground(
+                ground, ground_dhat, ground_stiffness, friction, friction_velocity
+            )
+        as_t = dict(dtype=dtype, device=self.device)
+        self.model = Model(
+            mesh=mesh,
+            rest_positions=torch.as_tensor(mesh.vertices, **as_t),
+            tets=torch.as_tensor(mesh.tets, device=self.device),
+            dm_inv=torch.as_tensor(mesh.dm_inv, **as_t),
+            rest_volumes=torch.as_tensor(mesh.rest_volumes, **as_t),
+            fixed_mask=torch.as_tensor(fixed_mask, device=self.device),
+            fixed_indices=torch.as_tensor(np.flatnonzero(fixed_mask), device=self.device),
+            dt=float(dt),
+            substeps=substeps,
+            max_speed=None if max_speed is None else float(max_speed),
+            ground=ground_model,
+        )
+        self.backend_name = self._choose_backend(backend, material)
+        self.backend = BACKENDS[self.backend_name](self.model)
+
+    # ----------------------------------------------------------------- set-up helpers
+    def _make_ground(self, height, dhat, stiffness, friction, friction_velocity) -> Ground:
+        height = float(height)
+        if not math.isfinite(height):
+            raise ValueError(f"ground must be a finite height or None, got {height}")
+        if dhat is None:
+            dhat = GROUND_DHAT_FRACTION * float(np.linalg.norm(np.ptp(self.mesh.vertices, axis=0)))
+        _check_positive("ground_dhat", dhat)
+        lowest = int(np.argmin(self.mesh.vertices[:, 1]))
+        if self.mesh.vertices[lowest, 1] <= height:
+            raise ValueError(
+                f"vertex {lowest} (y = {self.mesh.vertices[lowest, 1]:.4g}) is not above the ground "
+                f"at y = {height:g}; lift the mesh, e.g. mesh.placed_on({height:g}, gap=0.01)"
+            )
+        if stiffness is None:
+            stiffness = Ground.default_stiffness(dhat, float(self.gravity.detach().norm()))
+        _check_positive("ground_stiffness", stiffness)
+        return Ground(
+            height, float(dhat), float(stiffness), float(friction), float(friction_velocity)
+        )
+
+    def _choose_backend(self, backend: str, material: Material) -> str:
+        if backend not in ("warp", "torch"):
+            raise ValueError(f"unknown backend {backend!r}; use 'warp' or 'torch'")
+        if backend == "warp" and "warp" not in BACKENDS:
+            return "torch"
+        if backend == "warp" and material.kernel_id is None:
+            print(
+                f"diffsim: {type(material).__name__} has no Warp kernel; running on the torch backend",
+                file=sys.stderr,
+            )
+            return "torch"
+        return backend
+
+    def _check_damping(self) -> None:
+        d = self.damping
+        data = d.detach() if isinstance(d, torch.Tensor) else torch.tensor(float(d))
+        if data.dim() != 0 or torch.isnan(data) or data < 0:
+            raise ValueError(f"damping must be a scalar >= 0 (1/s), got {d}")
+
+    # ----------------------------------------------------------------- parameters
+    def parameters(self) -> dict[str, torch.Tensor]:
+        """Differentiable inputs of a rollout by name: material parameters, gravity, damping."""
+        as_t = dict(dtype=self.dtype, device=self.device)
+        params = {k: torch.as_tensor(v, **as_t) for k, v in self.material.parameters().items()}
+        params["gravity"] = self.gravity.to(**as_t)
+        params["damping"] = torch.as_tensor(self.damping, **as_t)
+        return params
+
+    def coefficients(self, params: dict[str, torch.Tensor] | None = None) -> Coefficients:
+        """Material with bound parameters, masses, gravity and damping (differentiable)."""
+        params = self.parameters() if params is None else params
+        names = self.material.parameter_names
+        material = self.material.replace(**{k: params[k] for k in names})
+        return Coefficients(
+            material=material,
+            mass=lumped_mass(self.model, params["density"]),
+            gravity=params["gravity"],
+            damping=params["damping"],
+        )
+
+    # ----------------------------------------------------------------- states
+    def initial_state(self, positions=None, velocities=None) -> State:
+        """A state; positions default to the rest shape and velocities to zero.
+
+        Args:
+            positions: ``[n, 3]`` or None.
+            velocities: ``[n, 3]``, ``[3]`` (the same for every vertex) or None.
+        """
+        n = self.model.n_vertices
+        x = (
+            self.model.rest_positions.clone()
+            if positions is None
+            else self._vertex_tensor("positions", positions)
+        )
+        if velocities is None:
+            v = torch.zeros_like(x)
+        else:
+            v = torch.as_tensor(velocities, dtype=self.dtype, device=self.device)
+            if v.shape == (3,):
+                v = v.expand(n, 3)
+            v = self._vertex_tensor("velocities", v)
+        if self.model.ground is not None:
+            below = torch.nonzero(x.detach()[:, 1] <= self.model.ground.height).flatten()
+            if len(below):
+                raise ValueError(
+                    f"vertices {below[:8].tolist()} start at or below the ground "
+                    f"(y = {self.model.ground.height:g}); lift them"
+                )
+        return State(x, v)
+
+    def _vertex_tensor(self, name: str, value) -> torch.Tensor:
+        t = torch.as_tensor(value, device=self.device)
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be floating point, got {t.dtype}")
+        t = t.to(self.dtype)
+        if t.shape != (self.model.n_vertices, 3):
+            raise ValueError(
+                f"{name} must have shape [{self.model.n_vertices}, 3], got {list(t.shape)}"
+            )
+        if not torch.isfinite(t.detach()).all():
+            raise ValueError(f"{name} contain NaN or inf")
+        return t
+
+    def _fixed_targets(self, fixed_positions, steps: int, x0: torch.Tensor) -> torch.Tensor:
+        """Prescribed positions at the end of each step, ``[steps, k, 3]``."""
+        idx = self.model.fixed_indices
+        k = len(idx)
+        if fixed_positions is None:
+            return x0[idx].unsqueeze(0).expand(steps, k, 3)
+        t = torch.as_tensor(fixed_positions, device=self.device)
+        if not t.is_floating_point():
+            raise ValueError(f"fixed_positions must be floating point, got {t.dtype}")
+        t = t.to(self.dtype)
+        if t.shape == (k, 3):
+            return t.unsqueeze(0).expand(steps, k, 3)
+        if t.dim() == 3 and t.shape[1:] == (k, 3) and t.shape[0] >= steps:
+            return t[:steps]
+        raise ValueError(
+            f"fixed_positions must have shape [{k}, 3] (constant) or [{steps}, {k}, 3] "
+            f"(one per step, for the {k} fixed vertices), got {list(t.shape)}"
+        )
+
+    # ----------------------------------------------------------------- time stepping
+    def step(self, state: State, fixed_positions=None) -> State:
+        """Advances one step (``substeps`` substeps); differentiable.
+
+        Args:
+            state: the current state.
+            fixed_positions: ``[k, 3]`` positions of the fixed vertices at the end of the step
+                (default: where they are now).
+        """
+        targets = self._fixed_targets(fixed_positions, 1, state.positions)
+        xs, vs = self._run(
+            state.positions, state.velocities, targets, list(self.parameters().values()), 0
+        )
+        return State(xs[-1], vs[-1])
+
+    def rollout(
+        self,
+        steps: int,
+        state: State | None = None,
+        checkpoint_every: int | None = None,
+        fixed_positions=None,
+    ) -> Trajectory:
+        """Runs ``steps`` steps and records every frame; differentiable.
+
+        Args:
+            steps: number of steps (frames after the first).
+            state: start state (default: :meth:`initial_state`).
+            checkpoint_every: K > 0 to checkpoint segments of K steps (memory O(T/K + K)
+                steps instead of O(T); same gradients), or None.
+            fixed_positions: ``[k, 3]`` or ``[steps, k, 3]`` prescribed positions.
+
+        Returns:
+            A :class:`Trajectory` with positions and velocities ``[steps + 1, n, 3]``.
+        """
+        if not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+        if checkpoint_every is not None and (
+            not isinstance(checkpoint_every, int) or checkpoint_every < 1
+        ):
+            raise ValueError(
+                f"checkpoint_every must be a positive integer or None, got {checkpoint_every!r}"
+            )
+        state = self.initial_state() if state is None else state
+        x, v = state.positions, state.velocities
+        targets = self._fixed_targets(fixed_positions, steps, x)
+        params = list(self.parameters().values())
+        positions, velocities = [x.unsqueeze(0)], [v.unsqueeze(0)]
+        segment = checkpoint_every or max(steps, 1)
+        use_checkpoint = checkpoint_every is not None and torch.is_grad_enabled()
+        for start in range(0, steps, segment):
+            seg_targets = targets[start : start + segment]
+            if use_checkpoint:
+                runner = self._segment_runner(start)
+                xs, vs = run_segment(runner, x, v, seg_targets, params)
+            else:
+                xs, vs = self._run(x, v, seg_targets, params, start)
+            positions.append(xs)
+            velocities.append(vs)
+            x, v = xs[-1], vs[-1]
+        return Trajectory(
+            torch.cat(positions),
+            torch.cat(velocities),
+            self.model.dt,
+            self.mesh.tets,
+            self.mesh.surface_faces,
+        )
+
+    def _segment_runner(self, first_step: int):
+        def runner(x, v, targets, params):
+            return self._run(x, v, targets, params, first_step)
+
+        return runner
+
+    def _run(self, x, v, targets, params, first_step: int):
+        """Runs len(targets) steps from (x, v) with the given parameter tensors."""
+        names = list(self.parameters().keys())
+        coeffs = self.coefficients(dict(zip(names, params, strict=True)))
+        prepared = self.backend.prepare(coeffs)
+        substeps = self.model.substeps
+        idx = self.model.fixed_indices
+        xs, vs = [], []
+        for i in range(len(targets)):
+            start = x[idx]
+            for j in range(substeps):
+                x_fixed = start + (targets[i] - start) * ((j + 1) / substeps)
+                x, v = self.backend.substep(prepared, x, v, x_fixed)
+            self._check_finite(x, v, first_step + i)
+            xs.append(x)
+            vs.append(v)
+        if not xs:
+            empty = x.new_zeros((0, *x.shape))
+            return empty, empty
+        return torch.stack(xs), torch.stack(vs)
+
+    def _check_finite(self, x: torch.Tensor, v: torch.Tensor, step: int) -> None:
+        if bool(torch.isfinite(x).all()) and bool(torch.isfinite(v).all()):
+            return
+        bad = torch.nonzero(~torch.isfinite(x).all(dim=1)).flatten()[:8].tolist()
+        raise SimulationError(
+            f"step {step} produced non-finite positions (vertices {bad}); the time step is "
+            f"likely too large for the material's stiffness (try a smaller dt or more substeps, "
+            f"set max_speed, or use StableNeoHookean, which tolerates inverted tets)"
+        )
+
+    # ----------------------------------------------------------------- diagnostics
+    def forces(self, positions: torch.Tensor) -> torch.Tensor:
+        """Total conservative force ``[n, 3]`` in N (elastic + gravity + ground barrier)."""
+        prepared = self.backend.prepare(self.coefficients())
+        return self.backend.forces(prepared, positions)
+
+    def energies(self, state: State) -> dict[str, torch.Tensor]:
+        """Kinetic, elastic, gravitational and barrier energies (J) and their total."""
+        c = self.coefficients()
+        m = self.model
+        x, v = state.positions, state.velocities
+        out = {
+            "kinetic": 0.5 * (c.mass * v.square().sum(dim=1)).sum(),
+            "elastic": elastic_energy(c.material, x, m.tets, m.dm_inv, m.rest_volumes),
+            "gravitational": -(c.mass[:, None] * x * c.gravity).sum(),
+            "barrier": m.ground.energy(x, c.mass) if m.ground is not None else x.new_zeros(()),
+        }
+        out["total"] = sum(out.values())
+        return out
+
+    def __repr__(self) -> str:
+        return (
+            f"Simulator({self.mesh!r}, {self.material!r}, dt={self.model.dt:g}, "
+            f"substeps={self.model.substeps}, backend={self.backend_name!r}, dtype={self.dtype})"
+        )
+
+
+def _check_positive(name: str, value) -> None:
+    try:
+        ok = float(value) > 0 and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def _as_vector(name: str, value, dtype, device) -> torch.Tensor:
+    t = value if isinstance(value, torch.Tensor) else torch.tensor(value, dtype=torch.float64)
+    if t.shape != (3,):
+        raise ValueError(f"{name} must have 3 components, got shape {list(t.shape)}")
+    if not torch.isfinite(t.detach()).all():
+        raise ValueError(f"{name} must be finite, got {t.tolist()}")
+    return t.to(dtype=dtype, device=device)
+
+
+def _fixed_mask(fixed, n: int) -> np.ndarray:
+    """A bool mask [n] from a mask, an index list, or None."""
+    if fixed is None:
+        return np.zeros(n, dtype=bool)
+    arr = fixed.detach().cpu().numpy() if isinstance(fixed, torch.Tensor) else np.asarray(fixed)
+    if arr.dtype == bool:
+        if arr.shape != (n,):
+            raise ValueError(f"a fixed mask must have shape [{n}], got {list(arr.shape)}")
+        return arr.copy()
+    if arr.size == 0:
+        return np.zeros(n, dtype=bool)
+    if not np.issubdtype(arr.dtype, np.integer) or arr.ndim != 1:
+        raise ValueError("fixed must be a bool mask [n] or a 1-D list of vertex indices")
+    bad = arr[(arr < 0) | (arr >= n)]
+    if len(bad):
+        raise ValueError(f"fixed vertex indices {bad[:8].tolist()} are outside [0, {n})")
+    mask = np.zeros(n, dtype=bool)
+    mask[arr] = True
+    return mask

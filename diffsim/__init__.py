@@ -1,5 +1,6 @@
 """diffsim: differentiable explicit-dynamics simulation of tetrahedral FEM solids."""
 
+from diffsim.equilibrium import EquilibriumError, EquilibriumInfo
 from diffsim.materials import (
     Corotated,
     LinearElastic,
@@ -17,6 +18,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Corotated",
+    "EquilibriumError",
+    "EquilibriumInfo",
     "LinearElastic",
     "Material",
     "NeoHookean",

@@ -343,6 +343,25 @@ class Simulator:
             f"set max_speed, or use StableNeoHookean, which tolerates inverted tets)"
         )
 
+    # ----------------------------------------------------------------- statics
+    def equilibrium(self, **kwargs):
+        """Static equilibrium ``[n, 3]``, differentiable by one adjoint solve.
+
+        See :func:`diffsim.equilibrium.equilibrium` for the options.
+        """
+        from diffsim.equilibrium import equilibrium
+
+        return equilibrium(self, **kwargs)
+
+    def quasi_static(self, **kwargs):
+        """Equilibria ``[T, n, 3]`` along a stepped loading path (warm-started, differentiable).
+
+        See :func:`diffsim.equilibrium.quasi_static` for the options.
+        """
+        from diffsim.equilibrium import quasi_static
+
+        return quasi_static(self, **kwargs)
+
     # ----------------------------------------------------------------- diagnostics
     def forces(self, positions: torch.Tensor) -> torch.Tensor:
         """Total conservative force ``[n, 3]`` in N (elastic + gravity + ground barrier)."""

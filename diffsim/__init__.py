@@ -1,6 +1,7 @@
 """diffsim: differentiable explicit-dynamics simulation of tetrahedral FEM solids."""
 
 from diffsim.equilibrium import EquilibriumError, EquilibriumInfo
+from diffsim.fit import FitResult, fit
 from diffsim.materials import (
     Corotated,
     LinearElastic,
@@ -11,6 +12,7 @@ from diffsim.materials import (
     lame_parameters,
 )
 from diffsim.mesh import TetMesh
+from diffsim.observation import Observation, ObservationError
 from diffsim.simulator import SimulationError, Simulator
 from diffsim.state import State, Trajectory
 
@@ -20,9 +22,12 @@ __all__ = [
     "Corotated",
     "EquilibriumError",
     "EquilibriumInfo",
+    "FitResult",
     "LinearElastic",
     "Material",
     "NeoHookean",
+    "Observation",
+    "ObservationError",
     "SimulationError",
     "Simulator",
     "StVK",
@@ -30,5 +35,6 @@ __all__ = [
     "State",
     "TetMesh",
     "Trajectory",
+    "fit",
     "lame_parameters",
 ]

@@ -1,0 +1,603 @@
+"""Material-parameter fitting: recover E, nu, density or damping from observed motion.
+
+:func:`fit` runs the simulator from a start state, compares the rollout with an
+:class:`~diffsim.observation.Observation` at the observed frames and points, and descends
+the gradient of that loss with Adam or L-BFGS. Each parameter is global, per tet (with an
+optional smoothness penalty over face-adjacent tets) or a neural field (a torch module of
+the rest tet centroids). Bounds are kept by construction: a parameter is a smooth map of an
+unconstrained variable theta (log for one-sided bounds, a sigmoid for two-sided ones). See
+docs/fitting.md for the maths and a guide.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffsim.materials import Material
+from diffsim.observation import Observation
+from diffsim.simulator import SimulationError, Simulator
+from diffsim.state import State
+
+# Default (lower, upper) bounds; the interval is open.
+DEFAULT_BOUNDS: dict[str, tuple[float, float]] = {
+    "youngs_modulus": (0.0, math.inf),
+    "poissons_ratio": (-1.0, 0.5),
+    "density": (0.0, math.inf),
+    "damping": (0.0, math.inf),
+}
+# Start value of damping when the scene has none (a log parameterisation cannot start at 0).
+DEFAULT_DAMPING_START = 1.0
+# An Adam run that fails this many times in a row (non-finite simulation) stops.
+MAX_FAILURES = 3
+# Rollouts one L-BFGS line search may take.
+LINE_SEARCH_EVALUATIONS = 20
+
+
+@dataclass
+class FitProgress:
+    """What a callback sees after each iteration.
+
+    Attributes:
+        iteration: 0-based iteration just finished.
+        loss: data loss (weighted mean squared distance, m^2, or the robust loss) before
+            this iteration's update.
+        values: current parameter values (detached tensors, ``[]`` or ``[n_tets]``).
+        seconds: wall time of the iteration.
+    """
+
+    iteration: int
+    loss: float
+    values: dict[str, torch.Tensor]
+    seconds: float
+
+
+@dataclass
+class FitResult:
+    """The outcome of :func:`fit`.
+
+    Attributes:
+        values: recovered values (the best seen): floats for global parameters, ``[n_tets]``
+            arrays for per-tet parameters and fields.
+        initial: the start values, same layout.
+        loss_history: data loss per iteration (m^2 for ``loss="mse"``), the first entry
+            at the start values, the last one after the final update.
+        best_loss: the lowest data loss seen (at ``values``).
+        iterations: optimizer iterations run.
+        evaluations: rollouts with gradient (L-BFGS line searches take several per iteration).
+        stop_reason: why the fit stopped.
+        timings: seconds: ``total``, ``per_iteration`` (mean), ``forward`` and ``backward``
+            (sums over evaluations).
+        iteration_seconds: wall time of each iteration.
+        value_history: global parameters after each iteration (per-tet ones left out).
+        material: a copy of the scene's material with the recovered parameters (detached).
+        damping: the recovered damping (1/s) if it was fitted, else None.
+        fields: the neural fields by parameter name, holding their best weights.
+    """
+
+    values: dict[str, float | np.ndarray]
+    initial: dict[str, float | np.ndarray]
+    loss_history: list[float]
+    best_loss: float
+    iterations: int
+    evaluations: int
+    stop_reason: str
+    timings: dict[str, float]
+    iteration_seconds: list[float]
+    value_history: list[dict[str, float]]
+    material: Material
+    damping: float | None = None
+    fields: dict[str, torch.nn.Module] = field(default_factory=dict)
+
+    @property
+    def rmse(self) -> float:
+        """Root of the best data loss: the weighted RMS position error in m (``loss="mse"``)."""
+        return math.sqrt(max(self.best_loss, 0.0))
+
+    def apply(self, simulator: Simulator) -> Simulator:
+        """Sets the recovered material (and damping) on ``simulator`` and returns it."""
+        simulator.material = self.material
+        if self.damping is not None:
+            simulator.damping = self.damping
+        return simulator
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable summary (per-tet values as lists)."""
+
+        def plain(v):
+            return v.tolist() if isinstance(v, np.ndarray) else v
+
+        return {
+            "values": {k: plain(v) for k, v in self.values.items()},
+            "initial": {k: plain(v) for k, v in self.initial.items()},
+            "best_loss": self.best_loss,
+            "rmse_m": self.rmse,
+            "loss_history": self.loss_history,
+            "iterations": self.iterations,
+            "evaluations": self.evaluations,
+            "stop_reason": self.stop_reason,
+            "timings_s": self.timings,
+            "iteration_seconds": self.iteration_seconds,
+            "value_history": self.value_history,
+        }
+
+    def save_json(self, path: str | Path) -> None:
+        """Writes :meth:`to_dict` as JSON."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+
+class _Parameter:
+    """One fitted parameter: value = transform(theta), theta global, per tet or a field."""
+
+    def __init__(self, name, kind, init, lo, hi, module=None) -> None:
+        self.name, self.kind, self.lo, self.hi, self.module = name, kind, lo, hi, module
+        bad = ~((init > lo) & (init < hi))
+        if bad.any():
+            raise ValueError(
+                f"the start value of {name} ({init[bad].flatten()[0].item():g}) is not inside "
+                f"its bounds ({lo:g}, {hi:g}); pass initial={{'{name}': ...}} or other bounds"
+            )
+        self.scale = torch.clamp(init.detach().abs().mean(), min=1e-12)
+        theta = self._inverse(init.detach())
+        if kind == "field":
+            self.theta0 = theta.mean()
+            self.theta = None
+        else:
+            self.theta = theta.clone().requires_grad_(True)
+
+    def _inverse(self, v: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.lo, self.hi
+        if math.isfinite(lo) and math.isfinite(hi):
+            u = (v - lo) / (hi - lo)
+            return torch.log(u) - torch.log1p(-u)
+        if math.isfinite(lo):
+            return torch.log(v - lo)
+        if math.isfinite(hi):
+            return torch.log(hi - v)
+        return v / self.scale
+
+    def transform(self, theta: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.lo, self.hi
+        if math.isfinite(lo) and math.isfinite(hi):
+            return lo + (hi - lo) * torch.sigmoid(theta)
+        if math.isfinite(lo):
+            return lo + torch.exp(theta)
+        if math.isfinite(hi):
+            return hi - torch.exp(theta)
+        return theta * self.scale
+
+    def unconstrained(self, centroids: torch.Tensor) -> torch.Tensor:
+        if self.kind != "field":
+            return self.theta
+        out = self.module(centroids)
+        m = centroids.shape[0]
+        if out.shape not in ((m,), (m, 1)):
+            raise ValueError(
+                f"the field for {self.name} must map centroids [{m}, 3] to [{m}] or [{m}, 1], "
+                f"got {list(out.shape)}"
+            )
+        return self.theta0 + out.reshape(m).to(centroids.dtype)
+
+    def trainables(self) -> list[torch.Tensor]:
+        return list(self.module.parameters()) if self.kind == "field" else [self.theta]
+
+    def snapshot(self):
+        if self.kind == "field":
+            return copy.deepcopy(self.module.state_dict())
+        return self.theta.detach().clone()
+
+    def restore(self, snap) -> None:
+        if self.kind == "field":
+            self.module.load_state_dict(snap)
+        else:
+            with torch.no_grad():
+                self.theta.copy_(snap)
+
+
+def fit(
+    simulator: Simulator | Callable[[], Simulator],
+    observation: Observation | str | Path,
+    params: Sequence[str] = ("youngs_modulus", "poissons_ratio"),
+    *,
+    per_tet: Sequence[str] = (),
+    fields: Mapping[str, torch.nn.Module] | None = None,
+    initial: Mapping[str, float | torch.Tensor | np.ndarray] | None = None,
+    bounds: Mapping[str, tuple[float, float]] | None = None,
+    state: State | Callable[[Simulator], State] | None = None,
+    steps: int | None = None,
+    optimizer: str = "auto",
+    iters: int = 50,
+    lr: float | None = None,
+    smoothness: float = 0.0,
+    loss: str = "mse",
+    huber_delta: float | None = None,
+    checkpoint_every: int | None = None,
+    tol: float = 1e-12,
+    patience: int = 10,
+    min_improvement: float = 1e-4,
+    callback: Callable[[FitProgress], bool | None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> FitResult:
+    """Fits material parameters (and damping) so a rollout matches an observation.
+
+    Args:
+        simulator: the scene's simulator, or a zero-argument factory returning one. Its
+            material's current values are the start values unless ``initial`` says otherwise.
+        observation: the target (an :class:`Observation` or the path of its ``.npz``).
+        params: names to fit: material parameters (``youngs_modulus``, ``poissons_ratio``,
+            ``density``, a custom material's own) and ``damping`` (1/s).
+        per_tet: names fitted with one value per tet (a field ``[n_tets]``).
+        fields: name -> torch module mapping rest tet centroids ``[n_tets, 3]`` (m) to
+            ``[n_tets]`` unconstrained values; its output 0 means the start value.
+        initial: start values by name (floats, or ``[n_tets]`` for per-tet parameters).
+        bounds: ``(lower, upper)`` by name (open interval; ``math.inf`` for none). Defaults:
+            E, density, damping > 0; nu in (-1, 0.5).
+        state: the start state, or a function of the simulator returning it (default: rest).
+        steps: rollout length; default: up to the observation's last frame.
+        optimizer: ``"adam"``, ``"lbfgs"`` or ``"auto"`` (Adam with a neural field, else L-BFGS).
+        iters: maximum optimizer iterations.
+        lr: step size (default 0.05 for Adam, 1 for L-BFGS); Adam's decays by a cosine to
+            1% of it over ``iters``.
+        smoothness: weight of the mean squared difference of theta between face-adjacent
+            tets, for per-tet parameters and fields (relative to the normalised data loss).
+        loss: ``"mse"`` (weighted mean squared distance) or ``"huber"`` (pseudo-Huber with
+            ``huber_delta`` in m; robust to outliers).
+        huber_delta: the Huber transition distance in m (default 1% of the mesh's size).
+        checkpoint_every: segment length for gradient checkpointing (saves memory on long
+            rollouts), or None.
+        tol: stop when the data loss falls below ``tol`` times the initial loss.
+        patience: stop after this many iterations without a relative improvement of the best
+            loss by ``min_improvement``.
+        min_improvement: see ``patience``.
+        callback: called with a :class:`FitProgress` after each iteration; return True to stop.
+        log: called with one progress line per iteration (e.g. ``print``), or None.
+
+    Returns:
+        A :class:`FitResult` holding the best values seen.
+
+    Raises:
+        ObservationError: the observation does not match the scene.
+        ValueError: an unknown parameter name, a start value outside its bounds, or a bad
+            option.
+    """
+    sim = simulator if isinstance(simulator, Simulator) else simulator()
+    if not isinstance(sim, Simulator):
+        raise TypeError(f"simulator must be a Simulator or return one, got {type(sim).__name__}")
+    obs = observation if isinstance(observation, Observation) else Observation.load(observation)
+    fields = dict(fields or {})
+    names = list(dict.fromkeys([*params, *per_tet, *fields]))
+    _check_names(sim, names, per_tet, fields)
+    optimizer = _choose_optimizer(optimizer, fields)
+    if loss not in ("mse", "huber"):
+        raise ValueError(f"loss must be 'mse' or 'huber', got {loss!r}")
+    if iters < 0 or patience < 1:
+        raise ValueError("iters must be >= 0 and patience >= 1")
+
+    dt = sim.model.dt
+    steps = obs.steps_needed(dt) if steps is None else steps
+    obs.check(sim.model.n_vertices, dt, steps)
+    start = state(sim) if callable(state) else (state or sim.initial_state())
+    as_t = dict(dtype=sim.dtype, device=sim.device)
+    target, weights = obs.targets(**as_t)
+    tets = sim.model.tets
+    centroids = sim.model.rest_positions[tets].mean(dim=1)
+    pairs = torch.as_tensor(tet_adjacency(sim.mesh.tets), device=sim.device)
+    if huber_delta is None:
+        huber_delta = 0.01 * float(np.linalg.norm(np.ptp(sim.mesh.vertices, axis=0)))
+
+    base_material, base_damping = sim.material, sim.damping
+    fitted = _make_parameters(sim, names, per_tet, fields, initial or {}, bounds or {})
+    trainables = [t for p in fitted for t in p.trainables()]
+    material_names = [n for n in names if n != "damping"]
+    timing = {"forward": 0.0, "backward": 0.0}
+
+    def values() -> dict[str, torch.Tensor]:
+        return {p.name: p.transform(p.unconstrained(centroids)) for p in fitted}
+
+    def data_loss(current: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        sim.material = base_material.replace(**{n: current[n] for n in material_names})
+        if "damping" in current:
+            sim.damping = current["damping"]
+        traj = sim.rollout(steps, state=start, checkpoint_every=checkpoint_every)
+        d2 = (obs.predict(traj.positions, dt) - target).square().sum(-1)
+        if loss == "huber":
+            d2 = 2.0 * huber_delta**2 * (torch.sqrt(1.0 + d2 / huber_delta**2) - 1.0)
+        data = (weights * d2).sum() / weights.sum()
+        reg = data.new_zeros(())
+        if smoothness > 0 and len(pairs):
+            for p in fitted:
+                if p.kind != "global":
+                    th = p.unconstrained(centroids)
+                    reg = reg + (th[pairs[:, 0]] - th[pairs[:, 1]]).square().mean()
+        return data, smoothness * reg
+
+    try:
+        with torch.no_grad():
+            start_values = values()
+            loss0 = float(data_loss(start_values)[0])
+        scale = loss0 if loss0 > 0 else 1.0
+        run = _Run(fitted, trainables, values, data_loss, scale, timing)
+        t_start = time.perf_counter()
+        if optimizer == "adam":
+            history, it_times, value_hist, reason = run.adam(
+                iters, 0.05 if lr is None else lr, tol, patience, min_improvement, callback, log
+            )
+        else:
+            history, it_times, value_hist, reason = run.lbfgs(
+                iters, 1.0 if lr is None else lr, tol, patience, min_improvement, callback, log
+            )
+        total = time.perf_counter() - t_start
+        run.restore_best()
+        with torch.no_grad():
+            best = values()
+    finally:
+        sim.material, sim.damping = base_material, base_damping
+
+    def export(v: torch.Tensor):
+        v = v.detach().cpu()
+        return float(v) if v.dim() == 0 else v.numpy().astype(np.float64)
+
+    material = base_material.replace(
+        **{n: best[n].detach() if best[n].dim() else float(best[n]) for n in material_names}
+    )
+    return FitResult(
+        values={k: export(v) for k, v in best.items()},
+        initial={k: export(v) for k, v in start_values.items()},
+        loss_history=[loss0, *history[1:]] if history else [loss0],
+        best_loss=run.best_loss if run.best_loss < math.inf else loss0,
+        iterations=len(it_times),
+        evaluations=run.evaluations,
+        stop_reason=reason,
+        timings={
+            "total": total,
+            "per_iteration": total / max(len(it_times), 1),
+            "forward": timing["forward"],
+            "backward": timing["backward"],
+        },
+        iteration_seconds=it_times,
+        value_history=value_hist,
+        material=material,
+        damping=float(best["damping"]) if "damping" in best else None,
+        fields=fields,
+    )
+
+
+class _Run:
+    """The optimisation loop state: best values, evaluation counting, stopping rules."""
+
+    def __init__(self, fitted, trainables, values, data_loss, scale, timing) -> None:
+        self.fitted, self.trainables, self.values = fitted, trainables, values
+        self.data_loss, self.scale, self.timing = data_loss, scale, timing
+        self.best_loss, self.best = math.inf, [p.snapshot() for p in fitted]
+        self.evaluations = 0
+        self._cache: tuple[torch.Tensor, float, float, list[torch.Tensor]] | None = None
+
+    def evaluate(self) -> tuple[float, float]:
+        """Loss and gradient at the current theta; returns (normalised total, data loss)."""
+        flat = torch.cat([t.detach().reshape(-1) for t in self.trainables])
+        if self._cache is not None and torch.equal(self._cache[0], flat):
+            _, total, data, grads = self._cache
+            for t, g in zip(self.trainables, grads, strict=True):
+                t.grad = g.clone()
+            return total, data
+        for t in self.trainables:
+            t.grad = None
+        t0 = time.perf_counter()
+        data, reg = self.data_loss(self.values())
+        total = data / self.scale + reg
+        t1 = time.perf_counter()
+        total.backward()
+        self.timing["forward"] += t1 - t0
+        self.timing["backward"] += time.perf_counter() - t1
+        self.evaluations += 1
+        for t in self.trainables:
+            if t.grad is None:
+                t.grad = torch.zeros_like(t)
+            elif not torch.isfinite(t.grad).all():
+                raise SimulationError("the loss gradient is not finite")
+        d = float(data.detach())
+        if d < self.best_loss:
+            self.best_loss, self.best = d, [p.snapshot() for p in self.fitted]
+        self._cache = (flat, float(total.detach()), d, [t.grad.clone() for t in self.trainables])
+        return float(total.detach()), d
+
+    def restore_best(self) -> None:
+        for p, snap in zip(self.fitted, self.best, strict=True):
+            p.restore(snap)
+
+    def _final_loss(self) -> float:
+        with torch.no_grad():
+            d = float(self.data_loss(self.values())[0])
+        if d < self.best_loss:
+            self.best_loss, self.best = d, [p.snapshot() for p in self.fitted]
+        return d
+
+    def _record(self, it, data, t0, callback, log, history, it_times, value_hist) -> bool:
+        seconds = time.perf_counter() - t0
+        history.append(data)
+        it_times.append(seconds)
+        with torch.no_grad():
+            current = {k: v.detach().clone() for k, v in self.values().items()}
+        value_hist.append({k: float(v) for k, v in current.items() if v.dim() == 0})
+        if log is not None:
+            shown = "  ".join(_describe(k, v) for k, v in current.items())
+            log(f"iter {it:4d}  loss {data:.4e}  {shown}  ({seconds:.2f} s)")
+        if callback is not None:
+            return bool(callback(FitProgress(it, data, current, seconds)))
+        return False
+
+    def _stalled(self, bests: list[float], tol, patience, min_improvement) -> str | None:
+        if self.best_loss <= tol * self.scale:
+            return f"converged: loss below {tol:g} x the initial loss"
+        if len(bests) > patience:
+            old = bests[-patience - 1]
+            if old - bests[-1] <= min_improvement * old:
+                return (
+                    f"stopped early: the best loss improved by less than {min_improvement:g} "
+                    f"(relative) in {patience} iterations"
+                )
+        return None
+
+    def adam(self, iters, lr, tol, patience, min_improvement, callback, log):
+        opt = torch.optim.Adam(self.trainables, lr=lr)
+        history, it_times, value_hist, bests = [], [], [], []
+        failures, reason = 0, f"reached {iters} iterations"
+        for it in range(iters):
+            t0 = time.perf_counter()
+            frac = it / max(iters - 1, 1)
+            for group in opt.param_groups:
+                group["lr"] = lr * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * frac)))
+            try:
+                _, data = self.evaluate()
+                failures = 0
+            except SimulationError as exc:
+                failures += 1
+                if failures >= MAX_FAILURES:
+                    reason = f"stopped: the simulation failed {failures} times in a row ({exc})"
+                    break
+                self.restore_best()
+                lr *= 0.5
+                opt = torch.optim.Adam(self.trainables, lr=lr)
+                if log is not None:
+                    log(f"iter {it:4d}  simulation failed; back to the best values, lr {lr:g}")
+                continue
+            opt.step()
+            bests.append(self.best_loss)
+            if self._record(it, data, t0, callback, log, history, it_times, value_hist):
+                reason = "stopped by the callback"
+                break
+            stop = self._stalled(bests, tol, patience, min_improvement)
+            if stop:
+                reason = stop
+                break
+        if it_times:
+            history.append(self._final_loss())
+        return history, it_times, value_hist, reason
+
+    def lbfgs(self, iters, lr, tol, patience, min_improvement, callback, log):
+        opt = torch.optim.LBFGS(
+            self.trainables,
+            lr=lr,
+            max_iter=1,
+            max_eval=LINE_SEARCH_EVALUATIONS + 1,
+            history_size=20,
+            line_search_fn="strong_wolfe",
+            tolerance_grad=0.0,
+            tolerance_change=0.0,
+        )
+        history, it_times, value_hist, bests = [], [], [], []
+        reason = f"reached {iters} iterations"
+        last: list[float] = []
+
+        def closure():
+            total, data = self.evaluate()
+            last.append(data)
+            return total
+
+        for it in range(iters):
+            t0 = time.perf_counter()
+            last.clear()
+            before = [t.detach().clone() for t in self.trainables]
+            try:
+                opt.step(closure)
+            except SimulationError as exc:
+                reason = f"stopped: the simulation failed in a line search ({exc})"
+                break
+            moved = any(not torch.equal(a, t) for a, t in zip(before, self.trainables, strict=True))
+            bests.append(self.best_loss)
+            if self._record(it, last[0], t0, callback, log, history, it_times, value_hist):
+                reason = "stopped by the callback"
+                break
+            stop = self._stalled(bests, tol, patience, min_improvement)
+            if not moved:
+                stop = "converged: the line search found no lower loss"
+            if stop:
+                reason = stop
+                break
+        if it_times:
+            history.append(self._final_loss())
+        return history, it_times, value_hist, reason
+
+
+def tet_adjacency(tets: np.ndarray) -> np.ndarray:
+    """Pairs of tets sharing a face, ``[p, 2]`` int64 (each pair once)."""
+    tets = np.asarray(tets, dtype=np.int64)
+    faces = np.sort(tets[:, [[0, 1, 2], [0, 1, 3], [0, 2, 3], [1, 2, 3]]], axis=2).reshape(-1, 3)
+    owner = np.repeat(np.arange(len(tets)), 4)
+    _, inverse, counts = np.unique(faces, axis=0, return_inverse=True, return_counts=True)
+    inverse = inverse.reshape(-1)
+    shared = counts[inverse] == 2
+    order = np.argsort(inverse[shared], kind="stable")
+    owners = owner[shared][order].reshape(-1, 2)
+    return owners
+
+
+def _check_names(sim: Simulator, names, per_tet, fields) -> None:
+    known = [*sim.material.parameter_names, "damping"]
+    for name in names:
+        if name not in known:
+            raise ValueError(f"cannot fit {name!r}; this scene's parameters are {known}")
+    for name in [*per_tet, *fields]:
+        if name == "damping":
+            raise ValueError("damping is a single rate; it cannot be per tet or a field")
+    both = set(per_tet) & set(fields)
+    if both:
+        raise ValueError(f"{sorted(both)} given both per_tet and as a field; choose one")
+    if not names:
+        raise ValueError("nothing to fit: give at least one parameter name")
+
+
+def _choose_optimizer(optimizer: str, fields) -> str:
+    if optimizer == "auto":
+        return "adam" if fields else "lbfgs"
+    if optimizer not in ("adam", "lbfgs"):
+        raise ValueError(f"optimizer must be 'adam', 'lbfgs' or 'auto', got {optimizer!r}")
+    return optimizer
+
+
+def _make_parameters(sim, names, per_tet, fields, initial, bounds) -> list[_Parameter]:
+    as_t = dict(dtype=sim.dtype, device=sim.device)
+    m = sim.model.n_tets
+    out = []
+    for name in names:
+        if name in initial:
+            init = torch.as_tensor(initial[name], **as_t)
+        elif name == "damping":
+            init = torch.as_tensor(sim.damping, **as_t).detach()
+            if float(init) <= 0:
+                init = torch.tensor(DEFAULT_DAMPING_START, **as_t)
+        else:
+            init = torch.as_tensor(getattr(sim.material, name), **as_t).detach()
+        kind = "per_tet" if name in per_tet else "field" if name in fields else "global"
+        if kind == "per_tet":
+            init = init.expand(m).clone()
+        elif kind == "global" and init.dim() != 0:
+            if init.shape != (m,):
+                raise ValueError(f"initial {name} must be a number, got shape {list(init.shape)}")
+            init = init.mean()
+        elif kind == "field" and init.dim() != 0:
+            init = init.mean()
+        lo, hi = bounds.get(name, DEFAULT_BOUNDS.get(name, _default_bounds(init)))
+        if not lo < hi:
+            raise ValueError(f"bounds of {name} must satisfy lower < upper, got ({lo}, {hi})")
+        out.append(_Parameter(name, kind, init, float(lo), float(hi), fields.get(name)))
+    return out
+
+
+def _default_bounds(init: torch.Tensor) -> tuple[float, float]:
+    return (0.0, math.inf) if bool((init > 0).all()) else (-math.inf, math.inf)
+
+
+def _describe(name: str, v: torch.Tensor) -> str:
+    short = {"youngs_modulus": "E", "poissons_ratio": "nu", "density": "rho"}.get(name, name)
+    if v.dim() == 0:
+        return f"{short}={float(v):.5g}"
+    return f"{short}=[{float(v.min()):.4g}..{float(v.max()):.4g}]"

@@ -1,0 +1,243 @@
+"""Scene scripts: loading a Python file that builds a Simulator, and its settings.
+
+A scene script is a Python file with a ``build() -> diffsim.Simulator`` function and,
+optionally, module-level settings:
+
+- ``STEPS`` (int): steps to run (default :data:`DEFAULT_STEPS`);
+- ``FPS`` (int): frame rate of rendered videos (default :data:`DEFAULT_FPS`);
+- ``CAMERA`` (dict): ``{"position": (x, y, z), "target": (x, y, z)}`` in metres;
+- ``initial_state(sim) -> diffsim.State``: the start state (default: rest, at rest).
+
+:func:`load_scene` runs the file as a module and returns a :class:`Scene`;
+:func:`with_parameters` gives a copy of a simulator with changed material, damping, time
+step or gravity (what the viewer's sliders do).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from diffsim.simulator import Simulator
+from diffsim.state import State
+
+DEFAULT_STEPS = 200
+DEFAULT_FPS = 30
+
+
+class SceneError(ValueError):
+    """A scene script is missing, malformed, or its ``build()`` failed; the message says why."""
+
+
+@dataclasses.dataclass
+class Scene:
+    """A loaded scene script.
+
+    Attributes:
+        path: the script's file.
+        module: the executed module.
+        steps: number of steps to run.
+        fps: frame rate of rendered videos (frames per second of simulated time).
+        camera: ``{"position": [3], "target": [3]}`` in metres, or None to fit the view.
+    """
+
+    path: Path
+    module: ModuleType
+    steps: int
+    fps: int
+    camera: dict[str, tuple[float, float, float]] | None
+
+    @property
+    def name(self) -> str:
+        """The script's file name without ``.py``."""
+        return self.path.stem
+
+    def build(self, backend: str | None = None, dtype: torch.dtype | None = None) -> Simulator:
+        """Calls the script's ``build()``; optionally moves it to another backend or dtype.
+
+        Args:
+            backend: ``"warp"`` or ``"torch"`` to override the scene's choice, or None.
+            dtype: ``torch.float32``/``torch.float64`` to override the scene's, or None.
+
+        Raises:
+            SceneError: ``build()`` failed or did not return a Simulator.
+        """
+        try:
+            sim = self.module.build()
+        except Exception as exc:  # the user's code: report it in one line with its location
+            raise SceneError(f"{describe_exception(exc, self.path)} (in build())") from exc
+        if not isinstance(sim, Simulator):
+            raise SceneError(
+                f"{self.path}: build() must return a diffsim.Simulator, got {type(sim).__name__}"
+            )
+        if (backend is not None and backend != sim.backend_name) or (
+            dtype is not None and dtype != sim.dtype
+        ):
+            sim = with_parameters(sim, backend=backend, dtype=dtype)
+        return sim
+
+    def initial_state(self, sim: Simulator) -> State:
+        """The scene's ``initial_state(sim)`` if it defines one, else ``sim.initial_state()``."""
+        make = getattr(self.module, "initial_state", None)
+        if make is None:
+            return sim.initial_state()
+        try:
+            state = make(sim)
+        except Exception as exc:
+            raise SceneError(f"{describe_exception(exc, self.path)} (in initial_state())") from exc
+        if not isinstance(state, State):
+            raise SceneError(
+                f"{self.path}: initial_state(sim) must return a diffsim.State, "
+                f"got {type(state).__name__}"
+            )
+        return state
+
+
+def load_scene(path: str | Path) -> Scene:
+    """Executes a scene script and reads its settings.
+
+    Args:
+        path: a ``.py`` file defining ``build()``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        SceneError: not a ``.py`` file, the script raised, ``build`` is missing, or a setting
+            has the wrong type.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"scene file not found: {path}")
+    if path.suffix != ".py":
+        raise SceneError(f"{path}: a scene must be a Python file (.py) defining build()")
+    module_name = f"diffsim_scene_{path.stem}_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise SceneError(f"{path}: cannot be loaded as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses and pickling look modules up here
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        sys.modules.pop(module_name, None)
+        raise SceneError(describe_exception(exc, path)) from exc
+    if not callable(getattr(module, "build", None)):
+        raise SceneError(f"{path}: a scene script must define build() returning a Simulator")
+    steps = getattr(module, "STEPS", DEFAULT_STEPS)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise SceneError(f"{path}: STEPS must be an integer >= 0, got {steps!r}")
+    fps = getattr(module, "FPS", DEFAULT_FPS)
+    if not isinstance(fps, int) or isinstance(fps, bool) or fps < 1:
+        raise SceneError(f"{path}: FPS must be an integer >= 1, got {fps!r}")
+    camera = _camera(getattr(module, "CAMERA", None), path)
+    return Scene(path=path, module=module, steps=steps, fps=fps, camera=camera)
+
+
+def _camera(value: Any, path: Path) -> dict[str, tuple[float, float, float]] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not {"position", "target"} <= set(value):
+        raise SceneError(
+            f"{path}: CAMERA must be a dict with 'position' and 'target' (x, y, z) in metres"
+        )
+    out = {}
+    for key in ("position", "target"):
+        try:
+            vec = tuple(float(c) for c in value[key])
+        except (TypeError, ValueError):
+            vec = ()
+        if len(vec) != 3 or not all(math.isfinite(c) for c in vec):
+            raise SceneError(
+                f"{path}: CAMERA[{key!r}] must be 3 finite numbers, got {value[key]!r}"
+            )
+        out[key] = vec
+    return out
+
+
+def describe_exception(exc: BaseException, path: Path) -> str:
+    """One line: ``file:line: ExcType: message``, at the deepest frame inside ``path``."""
+    where = str(path)
+    if isinstance(exc, SyntaxError) and exc.lineno is not None:
+        where = f"{path}:{exc.lineno}"
+    tb = exc.__traceback__
+    resolved = str(Path(path).resolve())
+    while tb is not None:
+        if str(Path(tb.tb_frame.f_code.co_filename).resolve()) == resolved:
+            where = f"{path}:{tb.tb_lineno}"
+        tb = tb.tb_next
+    message = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{where}: {type(exc).__name__}: {message}".rstrip(": ")
+
+
+def with_parameters(
+    sim: Simulator,
+    *,
+    youngs_modulus: float | None = None,
+    poissons_ratio: float | None = None,
+    damping: float | None = None,
+    dt: float | None = None,
+    gravity: Sequence[float] | None = None,
+    backend: str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Simulator:
+    """A new Simulator equal to ``sim`` but for the given settings (None keeps a setting).
+
+    The new simulator is built with the public constructor from ``sim``'s mesh, material
+    and settings, so every check runs again. Settings the constructor does not take (a
+    surface contact model) are carried over from ``sim.model``. A global Young's modulus or
+    Poisson's ratio replaces a per-tet field. When gravity's magnitude changes, a ground
+    stiffness is scaled with it (the default stiffness is proportional to g).
+
+    Raises:
+        ValueError: a value the Simulator rejects (e.g. E <= 0, nu >= 0.5, dt <= 0).
+    """
+    model = sim.model
+    material = sim.material
+    changes = {}
+    if youngs_modulus is not None:
+        changes["youngs_modulus"] = float(youngs_modulus)
+    if poissons_ratio is not None:
+        changes["poissons_ratio"] = float(poissons_ratio)
+    if changes:
+        material = material.replace(**changes)
+    old_gravity = sim.gravity.detach().cpu().double()
+    new_gravity = old_gravity if gravity is None else torch.as_tensor(gravity, dtype=torch.float64)
+    kwargs: dict[str, Any] = dict(
+        dt=model.dt if dt is None else float(dt),
+        substeps=model.substeps,
+        gravity=sim.gravity if gravity is None else tuple(float(g) for g in gravity),
+        ground=None,
+        fixed=model.fixed_mask.cpu().numpy(),
+        damping=sim.damping if damping is None else float(damping),
+        max_speed=model.max_speed,
+        backend=sim.backend_name if backend is None else backend,
+        dtype=sim.dtype if dtype is None else dtype,
+        device=sim.device,
+    )
+    ground = model.ground
+    if ground is not None:
+        stiffness = ground.stiffness
+        g_old, g_new = float(old_gravity.norm()), float(new_gravity.norm())
+        if g_old > 0 and g_new > 0:
+            stiffness *= g_new / g_old
+        kwargs.update(
+            ground=ground.height,
+            ground_dhat=ground.dhat,
+            ground_stiffness=stiffness,
+            friction=ground.friction,
+            friction_velocity=ground.friction_velocity,
+        )
+    if isinstance(kwargs["gravity"], torch.Tensor):
+        kwargs["gravity"] = kwargs["gravity"].detach()
+    new = Simulator(sim.mesh, material, **kwargs)
+    if model.contact is not None and new.model.contact is None:
+        new.model = dataclasses.replace(new.model, contact=model.contact)
+        new.backend = type(new.backend)(new.model)
+    return new

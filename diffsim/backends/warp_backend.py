@@ -1,0 +1,207 @@
+"""The Warp backend: fused Warp kernels forward, Warp kernel adjoints backward.
+
+Per substep, forward: one launch of the per-tet force kernel (split across two threads on
+a multi-core CPU) and one launch of the fused vertex update (forces, friction, damping,
+clamp, fixed mask, ground limit). Backward: the force kernel again, then the adjoints of
+the vertex update and of the force kernel. See docs/backends.md.
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import torch
+
+from diffsim.backends.base import Backend
+from diffsim.model import Coefficients, Model
+from diffsim.velocity import clamp_speed
+
+try:
+    import warp as wp
+except ImportError as error:  # pragma: no cover - warp-lang is a dependency
+    raise ImportError("the Warp backend needs warp-lang: pip install warp-lang") from error
+
+from diffsim import warp_bridge as bridge
+from diffsim.kernels import kernels_for
+
+_initialised = False
+
+
+def _init_warp() -> None:
+    global _initialised
+    if not _initialised:
+        wp.config.quiet = True
+        wp.init()
+        _initialised = True
+
+
+def cpu_threads() -> int:
+    """Threads a CPU launch of the force kernel is split over: ``DIFFSIM_WARP_THREADS``
+    (1 or 2), else 2 where the machine has two or more cores."""
+    value = os.environ.get("DIFFSIM_WARP_THREADS")
+    if value is not None:
+        if value not in ("1", "2"):
+            raise ValueError(f"DIFFSIM_WARP_THREADS must be 1 or 2, got {value!r}")
+        return int(value)
+    return 2 if (os.cpu_count() or 1) >= 2 else 1
+
+
+class WarpBackend(Backend):
+    """Fast kernels for the built-in materials, on the device of the model's tensors.
+
+    Raises:
+        ValueError: the material has no Warp kernel (the Simulator then picks torch).
+    """
+
+    name = "warp"
+
+    def __init__(self, model: Model) -> None:
+        super().__init__(model)
+        _init_warp()
+        self.kernels = kernels_for(model.dtype)
+        device = wp.device_from_torch(model.device)
+        k = self.kernels
+        tets = model.tets.to(torch.int32).contiguous()
+        dm_inv = model.dm_inv.contiguous()
+        volume = model.rest_volumes.contiguous()
+        slot = torch.full((model.n_vertices,), -1, dtype=torch.int32, device=model.device)
+        n_fixed = len(model.fixed_indices)
+        slot[model.fixed_indices] = torch.arange(n_fixed, dtype=torch.int32, device=model.device)
+        self.geometry = bridge.Geometry(
+            kernels=k,
+            device=device,
+            n_vertices=model.n_vertices,
+            n_tets=model.n_tets,
+            tets=bridge.wrap(tets, wp.vec4i),
+            dm_inv=bridge.wrap(dm_inv, k.mat33),
+            volume=bridge.wrap(volume, k.scalar),
+            fixed_slot=bridge.wrap(slot, wp.int32),
+            n_fixed=n_fixed,
+            owners=[tets, dm_inv, volume, slot],
+        )
+        self.launcher = None
+        if device.is_cpu and cpu_threads() == 2:
+            self.launcher = bridge.SplitLauncher()
+
+    # ----------------------------------------------------------------- coefficients
+    def prepare(self, coeffs: Coefficients) -> bridge.WarpCoefficients:
+        """Lame constants, masses, gravity and damping as tensors and Warp views."""
+        m = self.model
+        material = coeffs.material
+        material_id = material.kernel_id
+        if material_id is None:
+            raise ValueError(
+                f"{type(material).__name__} has no Warp kernel; use backend='torch' "
+                f"(Simulator(backend='warp') picks it automatically)"
+            )
+        mu, lam = material.lame()
+        if material_id == 0:  # Stable Neo-Hookean's re-parameterisation (materials.py)
+            mu, lam = 4.0 / 3.0 * mu, lam + 5.0 / 6.0 * mu
+        as_t = dict(dtype=m.dtype, device=m.device)
+        mu, lam = torch.as_tensor(mu, **as_t), torch.as_tensor(lam, **as_t)
+        per_tet = int(mu.dim() == 1 or lam.dim() == 1)
+        shape = (m.n_tets,) if per_tet else (1,)
+        mu, lam = mu.expand(shape).contiguous(), lam.expand(shape).contiguous()
+        mass = coeffs.mass.contiguous()
+        gravity = coeffs.gravity.to(**as_t).contiguous()
+        damping = torch.as_tensor(coeffs.damping, **as_t).reshape(1)
+        k = self.kernels
+        arrays = (
+            bridge.wrap(mu.detach(), k.scalar),
+            bridge.wrap(lam.detach(), k.scalar),
+            bridge.wrap(mass.detach(), k.scalar),
+            bridge.wrap(gravity.detach().view(1, 3), k.vec3),
+            bridge.wrap(damping.detach(), k.scalar),
+        )
+        ground = m.ground
+        scalars = (
+            m.substep_dt,
+            int(ground is not None),
+            ground.height if ground else 0.0,
+            ground.dhat if ground else 1.0,
+            ground.stiffness if ground else 0.0,
+            ground.friction if ground else 0.0,
+            ground.friction_velocity if ground else 1.0,
+            m.max_speed if m.max_speed is not None else 0.0,
+        )
+        return bridge.WarpCoefficients(
+            coeffs=coeffs,
+            inputs=(mu, lam, mass, gravity, damping),
+            arrays=arrays,
+            per_tet=per_tet,
+            material=material_id,
+            scalars=scalars,
+            scratch=self._scratch(),
+        )
+
+    def _scratch(self) -> SimpleNamespace:
+        m, vec3 = self.model, self.kernels.vec3
+        t = {
+            name: torch.zeros((m.n_vertices, 3), dtype=m.dtype, device=m.device)
+            for name in ("f_a", "f_b", "f_back", "adj_f", "out_x", "out_v")
+        }
+        t["dummy"] = torch.zeros((1, 3), dtype=m.dtype, device=m.device)
+        views = {f"{name}_w": bridge.wrap(value, vec3) for name, value in t.items()}
+        return SimpleNamespace(**t, **views)
+
+    # ----------------------------------------------------------------- physics
+    def forces(self, prepared: bridge.WarpCoefficients, x: torch.Tensor) -> torch.Tensor:
+        """Elastic + gravity + ground barrier (+ surface contact) forces ``[n, 3]`` in N.
+
+        Differentiable in x and the coefficients; the VJP in x is a Hessian-vector product.
+        """
+        w, m = prepared, self.model
+        x = self._checked(x)
+        mu, lam, mass, gravity, _ = w.inputs
+        f = bridge.Forces.apply(self.geometry, w, True, x, mu, lam, mass, gravity)
+        if m.contact is not None:
+            f = f + m.contact.forces(x, mass)
+        return f
+
+    def elastic_energy(self, prepared: bridge.WarpCoefficients, x: torch.Tensor) -> torch.Tensor:
+        """Total elastic energy (J), a differentiable scalar."""
+        mu, lam = prepared.inputs[:2]
+        return bridge.ElasticEnergy.apply(self.geometry, prepared, self._checked(x), mu, lam)
+
+    def substep(self, prepared, x, v, x_fixed):
+        w, m = prepared, self.model
+        x, v = self._checked(x), self._checked(v)
+        x_fixed = x_fixed.to(dtype=m.dtype).contiguous()
+        if m.contact is not None:
+            return self._substep_with_contact(w, x, v, x_fixed)
+        if not torch.is_grad_enabled() or not any(
+            t.requires_grad for t in (x, v, x_fixed, *w.inputs)
+        ):
+            return bridge.substep_forward(self.geometry, w, x, v, x_fixed, self.launcher)
+        return bridge.Substep.apply(self.geometry, w, self.launcher, x, v, x_fixed, *w.inputs)
+
+    def _substep_with_contact(self, w, x, v, x_fixed):
+        # Torch ops around the Warp forces, exactly as TorchBackend.substep.
+        m = self.model
+        mu, lam, mass, gravity, damping = w.inputs
+        h = m.substep_dt
+        f = bridge.Forces.apply(self.geometry, w, False, x, mu, lam, mass, gravity)
+        f = f + m.contact.forces(x, mass)
+        v = v + h * f / mass[:, None]
+        v = v / (1.0 + h * w.coeffs.damping)
+        if m.max_speed is not None:
+            v = clamp_speed(v, m.max_speed)
+        v = v * (~m.fixed_mask).to(x.dtype)[:, None]
+        if m.ground is not None:
+            y_new = m.ground.solve(x[:, 1] + h * v[:, 1], h)
+            v = torch.stack([v[:, 0], (y_new - x[:, 1]) / h, v[:, 2]], dim=1)
+            x_end = torch.stack([x[:, 0], y_new, x[:, 2]], dim=1)
+            v = m.ground.apply_friction(v, x_end, h)
+        v = m.contact.apply_friction(v, x, mass, h)
+        x_new = m.contact.limit(x, x + h * v)
+        v = (x_new - x) / h
+        return x_new.index_put((m.fixed_indices,), x_fixed), v
+
+    def _checked(self, t: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        if t.shape != (m.n_vertices, 3):
+            raise ValueError(f"expected a tensor of shape [{m.n_vertices}, 3], got {list(t.shape)}")
+        if t.device != m.device:
+            raise ValueError(f"tensor on {t.device}, but the simulator runs on {m.device}")
+        return t.to(m.dtype).contiguous()

@@ -1,0 +1,275 @@
+"""Per-vertex kernels: ground barrier and friction, and the fused symplectic Euler update.
+
+The formulas are those of :mod:`diffsim.ground`, :mod:`diffsim.velocity` and
+:class:`diffsim.backends.torch_backend.TorchBackend`, in the same order of operations:
+v += h (f_elastic + m g) / m, damping v / (1 + h c), tanh clamp, fixed mask, the ground
+barrier integrated implicitly per vertex (safeguarded Newton on
+d' = d_pred + h^2 a(d')), friction from the barrier's normal force at the new height,
+x += h v, then the prescribed positions of fixed vertices.
+"""
+
+from types import SimpleNamespace
+
+import warp as wp
+
+# Keep in sync with diffsim.ground.
+MIN_GAP_FRACTION = 1e-6
+NEWTON_ITERATIONS = 80
+
+
+def build_integrate(dtype, module: str) -> SimpleNamespace:
+    """Vertex kernels for one scalar type (``wp.float32`` or ``wp.float64``).
+
+    Args:
+        dtype: the Warp scalar type.
+        module: the Warp module name that holds every kernel of this dtype.
+
+    Returns:
+        A namespace with ``step_fast`` (forward only, zeroes the force buffers it reads),
+        ``step_vertices`` (differentiable) and ``total_forces`` (differentiable).
+    """
+    T = dtype
+    vec3 = wp.types.vector(3, T)
+    tol = 8.0 * (1.1920929e-07 if dtype == wp.float32 else 2.220446049250313e-16)
+
+    @wp.func
+    def barrier_derivative(s: T, s_hat: T) -> T:
+        out = T(0.0)
+        if s < s_hat:
+            d = s - s_hat
+            out = T(-2.0) * d * wp.log(s / s_hat) - d * d / s
+        return out
+
+    @wp.func
+    def ground_acceleration(y: T, height: T, dhat: T, kappa: T) -> T:
+        # Barrier force per unit mass along +y (diffsim.ground.Ground.normal_acceleration).
+        d = y - height
+        s = wp.max(d * d, (T(MIN_GAP_FRACTION) * dhat) * (T(MIN_GAP_FRACTION) * dhat))
+        return -kappa * T(2.0) * d * barrier_derivative(s, dhat * dhat)
+
+    @wp.func
+    def gap_acceleration(d: T, dhat: T, kappa: T) -> T:
+        # a(d) = -kappa 2 d b'(d^2), Ground._acceleration.
+        return -kappa * T(2.0) * d * barrier_derivative(d * d, dhat * dhat)
+
+    @wp.func
+    def gap_acceleration_slope(d: T, dhat: T, kappa: T) -> T:
+        # da/dd = -kappa (2 b'(s) + 4 s b''(s)), Ground._acceleration_slope.
+        s_hat = dhat * dhat
+        s = d * d
+        out = T(0.0)
+        if s < s_hat:
+            r = s - s_hat
+            lg = wp.log(s / s_hat)
+            db = T(-2.0) * r * lg - r * r / s
+            d2b = T(-2.0) * lg - T(4.0) * r / s + r * r / (s * s)
+            out = -kappa * (T(2.0) * db + T(4.0) * s * d2b)
+        return out
+
+    @wp.func
+    def gap_root(target: T, h: T, dhat: T, kappa: T) -> T:
+        # Safeguarded Newton for d - target - h^2 a(d) = 0 in [min_gap, dhat] (Ground.solve).
+        min_gap = T(MIN_GAP_FRACTION) * dhat
+        lo = min_gap
+        hi = dhat
+        d = wp.clamp(target, min_gap, dhat)
+        for _it in range(NEWTON_ITERATIONS):
+            push = h * h * gap_acceleration(d, dhat, kappa)
+            phi = d - target - push
+            if wp.abs(phi) <= T(tol) * (d + wp.abs(target) + push):
+                break
+            if phi < T(0.0):
+                lo = d
+            else:
+                hi = d
+            newton = d - phi / (T(1.0) - h * h * gap_acceleration_slope(d, dhat, kappa))
+            if newton >= lo and newton <= hi:
+                d = newton
+            else:
+                d = T(0.5) * (lo + hi)
+        return d
+
+    @wp.func
+    def ground_solve(y_pred: T, h: T, height: T, dhat: T, kappa: T) -> T:
+        """Height after the implicit barrier step (y_pred where the gap is >= dhat)."""
+        y = y_pred
+        d_pred = y_pred - height
+        if d_pred < dhat:
+            d = gap_root(d_pred, h, dhat, kappa)
+            slope = T(1.0) - h * h * gap_acceleration_slope(d, dhat, kappa)
+            accel = gap_acceleration(d, dhat, kappa)
+            d_new = d - (d - d_pred - h * h * accel) / slope
+            y = height + wp.max(d_new, T(MIN_GAP_FRACTION) * dhat)
+        return y
+
+    @wp.func_grad(ground_solve)
+    def adj_ground_solve(y_pred: T, h: T, height: T, dhat: T, kappa: T, adj_ret: T):
+        # The root is held fixed; one Newton step gives dd'/dd_pred = 1 / (1 - h^2 a'(d')).
+        d_pred = y_pred - height
+        if d_pred < dhat:
+            d = gap_root(d_pred, h, dhat, kappa)
+            slope = T(1.0) - h * h * gap_acceleration_slope(d, dhat, kappa)
+            accel = gap_acceleration(d, dhat, kappa)
+            d_new = d - (d - d_pred - h * h * accel) / slope
+            if d_new >= T(MIN_GAP_FRACTION) * dhat:
+                wp.adjoint[y_pred] += adj_ret / slope
+        else:
+            wp.adjoint[y_pred] += adj_ret
+
+    @wp.func
+    def vertex_force(
+        f_el: vec3, m: T, g: vec3, y: T, has_ground: int, height: T, dhat: T, kappa: T
+    ) -> vec3:
+        f = f_el + m * g
+        if has_ground != 0:
+            f = f + vec3(T(0.0), m * ground_acceleration(y, height, dhat, kappa), T(0.0))
+        return f
+
+    @wp.func
+    def integrate_vertex(
+        x: vec3,
+        v: vec3,
+        f: vec3,
+        m: T,
+        damping: T,
+        is_fixed: int,
+        x_fixed: vec3,
+        h: T,
+        has_ground: int,
+        height: T,
+        dhat: T,
+        kappa: T,
+        friction: T,
+        eps_v: T,
+        max_speed: T,
+    ):
+        v1 = v + h * f / m
+        v1 = v1 / (T(1.0) + h * damping)
+        if max_speed > T(0.0):
+            r2 = wp.dot(v1, v1) / (max_speed * max_speed)
+            factor = T(1.0) - r2 / T(3.0)
+            if r2 >= T(1e-8):
+                r = wp.sqrt(r2)
+                factor = wp.tanh(r) / r
+            v1 = v1 * factor
+        if is_fixed != 0:
+            v1 = v1 * T(0.0)
+        if has_ground != 0:
+            y_new = ground_solve(x[1] + h * v1[1], h, height, dhat, kappa)
+            v1 = vec3(v1[0], (y_new - x[1]) / h, v1[2])
+            if friction > T(0.0):
+                normal = ground_acceleration(y_new, height, dhat, kappa)
+                u = vec3(v1[0], T(0.0), v1[2])
+                tiny = T(1e-6) * eps_v
+                speed = wp.sqrt(wp.dot(u, u) + tiny * tiny)
+                slope = T(1.0) / speed
+                if speed < eps_v:
+                    slope = T(2.0) / eps_v - speed / (eps_v * eps_v)
+                scale = T(1.0) / (T(1.0) + h * friction * normal * slope)
+                v1 = v1 - (T(1.0) - scale) * u
+        xn = x + h * v1
+        if is_fixed != 0:
+            xn = x_fixed
+        return xn, v1
+
+    @wp.kernel(module=module, enable_backward=False)
+    def step_fast(
+        x: wp.array(dtype=vec3),
+        v: wp.array(dtype=vec3),
+        f_a: wp.array(dtype=vec3),
+        f_b: wp.array(dtype=vec3),
+        mass: wp.array(dtype=T),
+        gravity: wp.array(dtype=vec3),
+        damping: wp.array(dtype=T),
+        fixed_slot: wp.array(dtype=int),
+        x_fixed: wp.array(dtype=vec3),
+        h: T,
+        has_ground: int,
+        height: T,
+        dhat: T,
+        kappa: T,
+        friction: T,
+        eps_v: T,
+        max_speed: T,
+        offset: int,
+        x_new: wp.array(dtype=vec3),
+        v_new: wp.array(dtype=vec3),
+    ):
+        """Forward-only update; reads the elastic forces f_a + f_b and zeroes them for reuse."""
+        i = wp.tid() + offset
+        xi = x[i]
+        m = mass[i]
+        f = f_a[i] + f_b[i] + m * gravity[0]
+        f_a[i] = vec3()
+        f_b[i] = vec3()
+        slot = fixed_slot[i]
+        xf = vec3()
+        is_fixed = int(0)  # noqa: UP018 - a Warp variable, not a constant
+        if slot >= 0:
+            xf = x_fixed[slot]
+            is_fixed = 1
+        xn, vn = integrate_vertex(
+            xi, v[i], f, m, damping[0], is_fixed, xf, h, has_ground, height, dhat, kappa,
+            friction, eps_v, max_speed,
+        )  # fmt: skip
+        x_new[i] = xn
+        v_new[i] = vn
+
+    @wp.kernel(module=module)
+    def step_vertices(
+        x: wp.array(dtype=vec3),
+        v: wp.array(dtype=vec3),
+        f_el: wp.array(dtype=vec3),
+        mass: wp.array(dtype=T),
+        gravity: wp.array(dtype=vec3),
+        damping: wp.array(dtype=T),
+        fixed_slot: wp.array(dtype=int),
+        x_fixed: wp.array(dtype=vec3),
+        h: T,
+        has_ground: int,
+        height: T,
+        dhat: T,
+        kappa: T,
+        friction: T,
+        eps_v: T,
+        max_speed: T,
+        x_new: wp.array(dtype=vec3),
+        v_new: wp.array(dtype=vec3),
+    ):
+        """The same update as ``step_fast``, differentiable (launched with adjoint=True)."""
+        i = wp.tid()
+        xi = x[i]
+        m = mass[i]
+        f = f_el[i] + m * gravity[0]
+        slot = fixed_slot[i]
+        xf = vec3()
+        is_fixed = int(0)  # noqa: UP018 - a Warp variable, not a constant
+        if slot >= 0:
+            xf = x_fixed[slot]
+            is_fixed = 1
+        xn, vn = integrate_vertex(
+            xi, v[i], f, m, damping[0], is_fixed, xf, h, has_ground, height, dhat, kappa,
+            friction, eps_v, max_speed,
+        )  # fmt: skip
+        x_new[i] = xn
+        v_new[i] = vn
+
+    @wp.kernel(module=module)
+    def total_forces(
+        x: wp.array(dtype=vec3),
+        f_el: wp.array(dtype=vec3),
+        mass: wp.array(dtype=T),
+        gravity: wp.array(dtype=vec3),
+        has_ground: int,
+        height: T,
+        dhat: T,
+        kappa: T,
+        f: wp.array(dtype=vec3),
+    ):
+        """Elastic + gravity + ground barrier force per vertex (N)."""
+        i = wp.tid()
+        f[i] = vertex_force(f_el[i], mass[i], gravity[0], x[i][1], has_ground, height, dhat, kappa)
+
+    return SimpleNamespace(
+        step_fast=step_fast, step_vertices=step_vertices, total_forces=total_forces
+    )

@@ -77,7 +77,8 @@ class FitResult:
         timings: seconds: ``total``, ``per_iteration`` (mean), ``forward`` and ``backward``
             (sums over evaluations).
         iteration_seconds: wall time of each iteration.
-        value_history: global parameters after each iteration (per-tet ones left out).
+        value_history: global parameters at which each iteration's loss was evaluated
+            (per-tet ones left out).
         material: a copy of the scene's material with the recovered parameters (detached).
         damping: the recovered damping (1/s) if it was fitted, else None.
         fields: the neural fields by parameter name, holding their best weights.
@@ -420,12 +421,14 @@ class _Run:
             self.best_loss, self.best = d, [p.snapshot() for p in self.fitted]
         return d
 
-    def _record(self, it, data, t0, callback, log, history, it_times, value_hist) -> bool:
+    def current(self) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return {k: v.detach().clone() for k, v in self.values().items()}
+
+    def _record(self, it, data, current, t0, callback, log, history, it_times, value_hist) -> bool:
         seconds = time.perf_counter() - t0
         history.append(data)
         it_times.append(seconds)
-        with torch.no_grad():
-            current = {k: v.detach().clone() for k, v in self.values().items()}
         value_hist.append({k: float(v) for k, v in current.items() if v.dim() == 0})
         if log is not None:
             shown = "  ".join(_describe(k, v) for k, v in current.items())
@@ -469,9 +472,10 @@ class _Run:
                 if log is not None:
                     log(f"iter {it:4d}  simulation failed; back to the best values, lr {lr:g}")
                 continue
+            current = self.current()
             opt.step()
             bests.append(self.best_loss)
-            if self._record(it, data, t0, callback, log, history, it_times, value_hist):
+            if self._record(it, data, current, t0, callback, log, history, it_times, value_hist):
                 reason = "stopped by the callback"
                 break
             stop = self._stalled(bests, tol, patience, min_improvement)
@@ -506,6 +510,7 @@ class _Run:
             t0 = time.perf_counter()
             last.clear()
             before = [t.detach().clone() for t in self.trainables]
+            current = self.current()
             try:
                 opt.step(closure)
             except SimulationError as exc:
@@ -513,7 +518,7 @@ class _Run:
                 break
             moved = any(not torch.equal(a, t) for a, t in zip(before, self.trainables, strict=True))
             bests.append(self.best_loss)
-            if self._record(it, last[0], t0, callback, log, history, it_times, value_hist):
+            if self._record(it, last[0], current, t0, callback, log, history, it_times, value_hist):
                 reason = "stopped by the callback"
                 break
             stop = self._stalled(bests, tol, patience, min_improvement)

@@ -1,0 +1,334 @@
+"""The ``diffsim fit`` command: recover material parameters of a scene from a trajectory file.
+
+``diffsim fit SCENE.py --target traj.npz --param youngs_modulus --param poissons_ratio``
+prints one line per iteration and a final report, and writes a loss-curve PNG, a video of
+the fitted against the observed motion and (with ``--out``) a JSON result. The scene's
+material values are the start values of the fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PLOT_SIZE = (640, 400)
+# Pixel margins of the loss plot: left, right, top, bottom.
+PLOT_MARGINS = (56, 16, 16, 28)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Adds the ``fit`` subcommand's arguments to ``parser``."""
+    parser.add_argument("scene", help="scene script (.py) defining build()")
+    parser.add_argument("--target", required=True, help="observed trajectory (.npz)")
+    parser.add_argument(
+        "--param",
+        action="append",
+        dest="params",
+        metavar="NAME",
+        help="parameter to fit (repeat): youngs_modulus, poissons_ratio, density, damping "
+        "(default: youngs_modulus and poissons_ratio)",
+    )
+    parser.add_argument(
+        "--per-tet", action="append", default=[], metavar="NAME", help="fit NAME per tet"
+    )
+    parser.add_argument(
+        "--initial", action="append", default=[], metavar="NAME=VALUE", help="start value"
+    )
+    parser.add_argument(
+        "--bounds", action="append", default=[], metavar="NAME=LO,HI", help="open bounds"
+    )
+    parser.add_argument("--iters", type=int, default=50, help="maximum iterations (default 50)")
+    parser.add_argument("--optimizer", choices=("auto", "adam", "lbfgs"), default="auto")
+    parser.add_argument("--lr", type=float, default=None, help="step size (optimizer default)")
+    parser.add_argument("--loss", choices=("mse", "huber"), default="mse")
+    parser.add_argument("--huber-delta", type=float, default=None, help="Huber distance (m)")
+    parser.add_argument("--smoothness", type=float, default=0.0, help="per-tet smoothness weight")
+    parser.add_argument("--checkpoint-every", type=int, default=None, metavar="K")
+    parser.add_argument("--patience", type=int, default=10, help="early-stopping patience")
+    parser.add_argument("--backend", choices=("warp", "torch"), default=None)
+    parser.add_argument("--dtype", choices=("float32", "float64"), default=None)
+    parser.add_argument("--out", default=None, help="result JSON (default: none)")
+    parser.add_argument(
+        "--plot", default=None, help="loss-curve PNG (default: <out or scene>_loss.png)"
+    )
+    parser.add_argument(
+        "--video", default=None, help="fitted vs observed video (default: <out or scene>.mp4)"
+    )
+    parser.add_argument("--no-video", action="store_true", help="skip the video")
+    parser.add_argument("--quiet", action="store_true", help="no per-iteration lines")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Runs the fit; returns the exit status (0 on success, 2 on bad input)."""
+    from diffsim.fit import fit
+    from diffsim.observation import Observation, ObservationError
+    from diffsim.simulator import SimulationError
+
+    try:
+        scene, sim = _load_scene(args)
+        observation = Observation.load(args.target)
+        initial = _pairs(args.initial, "--initial", float)
+        bounds = _pairs(args.bounds, "--bounds", _bound_pair)
+        params = args.params or ["youngs_modulus", "poissons_ratio"]
+        print(
+            f"fitting {', '.join(params)} of {Path(args.scene).name} to {observation} "
+            f"(backend {sim.backend_name}, {str(sim.dtype).replace('torch.', '')})"
+        )
+        result = fit(
+            sim,
+            observation,
+            params,
+            per_tet=args.per_tet,
+            initial=initial,
+            bounds=bounds,
+            state=scene.initial_state,
+            optimizer=args.optimizer,
+            iters=args.iters,
+            lr=args.lr,
+            smoothness=args.smoothness,
+            loss=args.loss,
+            huber_delta=args.huber_delta,
+            checkpoint_every=args.checkpoint_every,
+            patience=args.patience,
+            log=None if args.quiet else print,
+        )
+    except (ObservationError, ValueError, FileNotFoundError, TypeError) as exc:
+        print(f"diffsim fit: error: {exc}", file=sys.stderr)
+        return 2
+    except SimulationError as exc:
+        print(f"diffsim fit: simulation failed: {exc}", file=sys.stderr)
+        return 1
+    _report(result)
+    stem = Path(args.out).with_suffix("") if args.out else Path(f"{Path(args.scene).stem}_fit")
+    if args.out:
+        result.save_json(args.out)
+        print(f"result: {args.out}")
+    plot = args.plot or f"{stem}_loss.png"
+    write_loss_plot(result.loss_history, plot)
+    print(f"loss curve: {plot}")
+    if not args.no_video:
+        video = args.video or f"{stem}.mp4"
+        note = write_comparison_video(
+            scene, result.apply(sim), observation, video, scene.initial_state(sim)
+        )
+        print(note)
+    return 0
+
+
+def _load_scene(args):
+    try:
+        from diffsim.scene import load_scene
+    except ImportError as exc:  # pragma: no cover - scene.py is part of the package
+        raise ValueError("diffsim.scene is not available") from exc
+    scene = load_scene(args.scene)
+    dtype = None if args.dtype is None else getattr(torch, args.dtype)
+    return scene, scene.build(backend=args.backend, dtype=dtype)
+
+
+def _pairs(items, flag: str, convert) -> dict:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"{flag} takes NAME=VALUE, got {item!r}")
+        try:
+            out[name.strip()] = convert(value)
+        except ValueError as exc:
+            raise ValueError(f"{flag} {item!r}: {exc}") from exc
+    return out
+
+
+def _bound_pair(text: str) -> tuple[float, float]:
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise ValueError("bounds are LO,HI (use inf for none)")
+    return float(parts[0]), float(parts[1])
+
+
+def _report(result) -> None:
+    print("\nparameter            start          fitted")
+    for name, value in result.values.items():
+        start = result.initial[name]
+        print(f"  {name:18s} {_show(start):>12s}   {_show(value):>12s}")
+    first, last = result.loss_history[0], result.best_loss
+    print(f"loss {first:.4e} -> {last:.4e}  (RMS position error {result.rmse:.3e} m)")
+    t = result.timings
+    print(
+        f"{result.iterations} iterations, {result.evaluations} rollouts with gradient, "
+        f"{t['per_iteration']:.3f} s per iteration, {t['total']:.1f} s in all"
+    )
+    print(result.stop_reason)
+
+
+def _show(value) -> str:
+    if isinstance(value, np.ndarray):
+        return f"[{value.min():.4g}..{value.max():.4g}]"
+    return f"{value:.6g}"
+
+
+# --------------------------------------------------------------------- the loss curve
+# A 3x5 pixel font for the axis labels (rows top to bottom, 3 bits each).
+_GLYPHS = {
+    "0": (7, 5, 5, 5, 7),
+    "1": (2, 6, 2, 2, 7),
+    "2": (7, 1, 7, 4, 7),
+    "3": (7, 1, 7, 1, 7),
+    "4": (5, 5, 7, 1, 1),
+    "5": (7, 4, 7, 1, 7),
+    "6": (7, 4, 7, 5, 7),
+    "7": (7, 1, 1, 1, 1),
+    "8": (7, 5, 7, 5, 7),
+    "9": (7, 5, 7, 1, 7),
+    ".": (0, 0, 0, 0, 2),
+    "-": (0, 0, 7, 0, 0),
+    "+": (0, 2, 7, 2, 0),
+    "e": (0, 7, 7, 4, 7),
+}
+
+
+def _text(img: np.ndarray, text: str, x: int, y: int, scale: int = 2) -> None:
+    """Draws ``text`` with its top-left corner at pixel (x, y), in black."""
+    for ch in text:
+        rows = _GLYPHS.get(ch)
+        if rows is not None:
+            for r, bits in enumerate(rows):
+                for c in range(3):
+                    if bits >> (2 - c) & 1:
+                        y0, x0 = y + r * scale, x + c * scale
+                        img[y0 : y0 + scale, x0 : x0 + scale] = 0
+        x += 4 * scale
+
+
+def loss_plot_image(losses, size: tuple[int, int] = PLOT_SIZE) -> np.ndarray:
+    """A loss curve (log y axis) as an RGB picture ``[h, w, 3]`` uint8, drawn with numpy.
+
+    Args:
+        losses: loss per iteration (the first at the start values).
+        size: ``(width, height)`` in pixels.
+    """
+    width, height = size
+    left, right, top, bottom = PLOT_MARGINS
+    img = np.full((height, width, 3), 255, dtype=np.uint8)
+    y = np.log10(np.maximum(np.asarray(losses, dtype=np.float64), 1e-300))
+    lo, hi = math.floor(float(y.min())), math.ceil(float(y.max()))
+    hi = max(hi, lo + 1)
+    pw, ph = width - left - right, height - top - bottom
+    for decade in range(lo, hi + 1):  # grid lines at each power of ten
+        row = top + round((hi - decade) / (hi - lo) * (ph - 1))
+        img[row, left : left + pw] = 215
+        if (decade - lo) % max(1, (hi - lo) // 6) == 0:
+            _text(img, f"1e{decade}", 4, max(0, row - 5))
+    img[top : top + ph, left] = 0
+    img[top + ph - 1, left : left + pw] = 0
+    n = len(y)
+    xs = left + np.arange(n) * (pw - 1) / max(n - 1, 1)
+    ys = top + (hi - y) / (hi - lo) * (ph - 1)
+    # Dense samples along each segment stand in for a line rasteriser.
+    t = np.linspace(0.0, 1.0, 64)[:, None]
+    if n > 1:
+        px = (xs[:-1] * (1 - t) + xs[1:] * t).ravel()
+        py = (ys[:-1] * (1 - t) + ys[1:] * t).ravel()
+    else:
+        px, py = xs, ys
+    for dx in (0, 1):
+        for dy in (0, 1):
+            r = np.clip(np.round(py).astype(int) + dy, 0, height - 1)
+            c = np.clip(np.round(px).astype(int) + dx, 0, width - 1)
+            img[r, c] = (31, 119, 180)
+    _text(img, "0", left - 3, top + ph + 6)
+    label = str(n - 1)
+    _text(img, label, left + pw - 8 * len(label), top + ph + 6)
+    return img
+
+
+def write_loss_plot(losses, path: str | Path) -> None:
+    """Writes :func:`loss_plot_image` of ``losses`` as a PNG."""
+    import imageio.v3 as iio
+
+    iio.imwrite(path, loss_plot_image(losses))
+
+
+# --------------------------------------------------------------------- the comparison video
+def write_comparison_video(scene, sim, observation, path, state, max_frames: int = 150) -> str:
+    """Renders the fitted rollout beside the observed motion; returns a one-line note.
+
+    A target of all vertices gives two panels (fitted | observed); a marker target gives
+    one panel, the fitted body with the observed markers as red points.
+    """
+    try:
+        from diffsim.render import FrameRenderer, RenderError, fit_camera, write_frames
+    except ImportError:
+        return "video skipped: diffsim.render is not available"
+    dt = sim.model.dt
+    steps = observation.steps(dt)
+    with torch.no_grad():
+        traj = sim.rollout(observation.steps_needed(dt), state=state)
+        full = _at_steps(traj.positions, steps).cpu().double().numpy()
+    observed = observation.positions
+    stride = max(1, math.ceil(len(steps) / max_frames))
+    picks = list(range(0, len(steps), stride))
+    faces = sim.mesh.surface_faces
+    ground = None if sim.model.ground is None else sim.model.ground.height
+    try:
+        if observation.indices is None:
+            obs = np.where(np.isnan(observed), full, observed)
+            both = np.concatenate([full[picks], obs[picks]]).reshape(-1, 3)
+            camera = scene.camera or fit_camera(_bounds(both[~np.isnan(both).any(1)], ground))
+            left = _render(FrameRenderer, faces, full[picks], camera, ground, None)
+            right = _render(FrameRenderer, faces, obs[picks], camera, ground, None)
+            frames = [np.concatenate([a, b], axis=1) for a, b in zip(left, right, strict=True)]
+            what = "fitted (left) vs observed (right)"
+        else:
+            n = full.shape[1]
+            seen = observed[picks]
+            markers = np.where(np.isnan(seen), full[picks][:, observation.indices], seen)
+            merged = np.concatenate([full[picks], markers], axis=1)
+            camera = scene.camera or fit_camera(_bounds(merged.reshape(-1, 3), ground))
+            idx = np.arange(n, n + observation.n_points)
+            frames = _render(FrameRenderer, faces, merged, camera, ground, idx)
+            what = "fitted body with the observed markers (red)"
+        fps = max(1, round(1.0 / (dt * float(np.mean(np.diff(steps))) * stride)))
+        fps = min(fps, 60) if len(steps) > 1 else 1
+        write_frames(frames, path, fps)
+    except (RenderError, OSError, RuntimeError) as exc:
+        return f"video skipped: {str(exc).splitlines()[0]}"
+    return f"video: {path} ({what}, {len(picks)} frames)"
+
+
+def _at_steps(positions: torch.Tensor, steps: np.ndarray) -> torch.Tensor:
+    s = torch.as_tensor(steps, dtype=positions.dtype)
+    lo = torch.floor(s).long().clamp(max=positions.shape[0] - 1)
+    hi = (lo + 1).clamp(max=positions.shape[0] - 1)
+    frac = (s - lo.to(s.dtype))[:, None, None]
+    return positions[lo] * (1 - frac) + positions[hi] * frac
+
+
+def _bounds(points: np.ndarray, ground) -> np.ndarray:
+    b = np.stack([points.min(axis=0), points.max(axis=0)])
+    if ground is not None:
+        b[0, 1] = min(b[0, 1], ground)
+    return b
+
+
+def _render(renderer_cls, faces, frames, camera, ground, points) -> list[np.ndarray]:
+    renderer = renderer_cls(faces, frames[0], camera=camera, ground=ground, fixed=points)
+    try:
+        return [renderer.render(x) for x in frames]
+    finally:
+        renderer.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """A stand-alone parser (``python -m diffsim.fit_command``)."""
+    parser = argparse.ArgumentParser(prog="diffsim fit", description=__doc__.splitlines()[0])
+    configure(parser)
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main(build_parser().parse_args()))

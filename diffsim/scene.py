@@ -190,10 +190,9 @@ def with_parameters(
     """A new Simulator equal to ``sim`` but for the given settings (None keeps a setting).
 
     The new simulator is built with the public constructor from ``sim``'s mesh, material
-    and settings, so every check runs again. Settings the constructor does not take (a
-    surface contact model) are carried over from ``sim.model``. A global Young's modulus or
-    Poisson's ratio replaces a per-tet field. When gravity's magnitude changes, a ground
-    stiffness is scaled with it (the default stiffness is proportional to g).
+    and settings (ground, friction, surface contact), so every check runs again. A global
+    Young's modulus or Poisson's ratio replaces a per-tet field. When gravity's magnitude
+    changes, the ground stiffness is scaled with it (the default is proportional to g).
 
     Raises:
         ValueError: a value the Simulator rejects (e.g. E <= 0, nu >= 0.5, dt <= 0).
@@ -234,10 +233,17 @@ def with_parameters(
             friction=ground.friction,
             friction_velocity=ground.friction_velocity,
         )
+    contact = model.contact
+    if contact is not None:
+        # The default contact stiffness depends on the substep; keep it only if dt is unchanged.
+        kwargs.update(
+            contact=True,
+            contact_dhat=contact.dhat,
+            contact_stiffness=contact.stiffness if dt is None else None,
+            contact_friction=contact.friction,
+            contact_friction_velocity=contact.friction_velocity,
+        )
     if isinstance(kwargs["gravity"], torch.Tensor):
         kwargs["gravity"] = kwargs["gravity"].detach()
     new = Simulator(sim.mesh, material, **kwargs)
-    if model.contact is not None and new.model.contact is None:
-        new.model = dataclasses.replace(new.model, contact=model.contact)
-        new.backend = type(new.backend)(new.model)
     return new

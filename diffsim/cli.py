@@ -1,0 +1,628 @@
+"""The ``diffsim`` command: run, view, render, fit and info.
+
+Every failure the user can cause (an unknown option, a missing file, a scene that raises)
+ends with one line on stderr and a non-zero exit status: 2 for bad usage or a missing
+file, 1 for anything else. ``--traceback`` shows the full Python traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import time
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+FIELD_CHOICES = ("speed", "displacement", "energy_density", "von_mises")
+
+
+class UsageError(Exception):
+    """Bad command-line usage (exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that raises UsageError instead of printing usage and exiting."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+# ----------------------------------------------------------------------------- parser
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser; ``argv`` decides whether the ``fit`` plugin is imported."""
+    parser = _Parser(
+        prog="diffsim",
+        description="Differentiable explicit FEM simulation of soft solids.",
+    )
+    parser.add_argument("--version", action="version", version=_version_line())
+    parser.add_argument("--traceback", action="store_true", help="show Python tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a scene headless; write a video or a trajectory")
+    run.add_argument("scene", help="scene script (.py) defining build()")
+    run.add_argument("--steps", type=_nonnegative_int, help="steps to run (default: the scene's)")
+    run.add_argument("--out", help="output: .mp4/.gif/.png (render), .npz (trajectory) or DIR/")
+    _add_sim_options(run)
+    _add_render_options(run)
+    run.set_defaults(func=cmd_run)
+
+    view = sub.add_parser("view", help="open the interactive viewer on a scene or trajectory")
+    view.add_argument("path", help="scene script (.py) or saved trajectory (.npz)")
+    view.add_argument(
+        "--scene", help="for a .npz: the scene that made it (material, fixed vertices, ground)"
+    )
+    _add_sim_options(view)
+    view.set_defaults(func=cmd_view)
+
+    render = sub.add_parser("render", help="render a trajectory or scene to video/PNG/OBJ/PLY")
+    render.add_argument("path", help="saved trajectory (.npz) or scene script (.py)")
+    render.add_argument("--out", required=True, help="output: .mp4, .gif, .png or DIR/")
+    render.add_argument(
+        "--steps", type=_nonnegative_int, help="for a scene: steps to run (default: its own)"
+    )
+    render.add_argument(
+        "--scene", help="for a .npz: the scene that made it (camera, ground, fields)"
+    )
+    render.add_argument(
+        "--export",
+        choices=("obj", "ply"),
+        help="write the surface of each video frame as OBJ/PLY files into --out (a folder)",
+    )
+    _add_sim_options(render)
+    _add_render_options(render)
+    render.set_defaults(func=cmd_render)
+
+    info = sub.add_parser("info", help="versions, devices and the rendering backend")
+    info.set_defaults(func=cmd_info)
+
+    fit = sub.add_parser("fit", help="fit material parameters of a scene to a trajectory")
+    if _wants(argv, "fit"):
+        _configure_fit(fit)
+    else:
+        fit.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        fit.set_defaults(func=cmd_fit_missing)
+    return parser
+
+
+def _add_sim_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=("warp", "torch"), help="override the scene's backend")
+    p.add_argument("--dtype", choices=("float32", "float64"), help="override the scene's dtype")
+
+
+def _add_render_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--size", type=_size, default=None, metavar="WxH", help="pixels (800x600)")
+    p.add_argument("--fps", type=_positive_int, help="video frame rate (default: the scene's)")
+    p.add_argument(
+        "--stride",
+        type=_positive_int,
+        help="simulation steps per video frame (default: real time at --fps)",
+    )
+    p.add_argument("--frames", type=_positive_int, help="at most this many video frames")
+    p.add_argument(
+        "--camera",
+        type=_camera,
+        metavar="PX,PY,PZ:TX,TY,TZ",
+        help="camera position and target in metres (default: the scene's, or fit the motion)",
+    )
+    p.add_argument("--color", choices=FIELD_CHOICES, help="colour the surface by a field")
+
+
+def _wants(argv: list[str] | None, command: str) -> bool:
+    args = sys.argv[1:] if argv is None else argv
+    positional = [a for a in args if not a.startswith("-")]
+    return bool(positional) and positional[0] == command
+
+
+def _configure_fit(fit: argparse.ArgumentParser) -> None:
+    try:
+        module = importlib.import_module("diffsim.fit_command")
+    except ModuleNotFoundError as exc:
+        if exc.name != "diffsim.fit_command":
+            raise
+        fit.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        fit.set_defaults(func=cmd_fit_missing)
+        return
+    module.configure(fit)
+    fit.set_defaults(func=module.main)
+
+
+# ----------------------------------------------------------------------------- argument types
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(p) for p in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected WIDTHxHEIGHT such as 800x600, got {text!r}"
+        ) from None
+    if w < 16 or h < 16 or w % 2 or h % 2:
+        raise argparse.ArgumentTypeError(f"width and height must be even and >= 16, got {text}")
+    return w, h
+
+
+def _camera(text: str) -> dict:
+    try:
+        pos, target = text.split(":")
+        position = tuple(float(c) for c in pos.split(","))
+        tgt = tuple(float(c) for c in target.split(","))
+    except ValueError:
+        position = tgt = ()
+    if len(position) != 3 or len(tgt) != 3:
+        raise argparse.ArgumentTypeError(
+            f"expected PX,PY,PZ:TX,TY,TZ such as 1,0.5,1.5:0,0.1,0, got {text!r}"
+        )
+    return {"position": position, "target": tgt}
+
+
+# ----------------------------------------------------------------------------- entry point
+def main(argv: list[str] | None = None) -> int:
+    """Runs the ``diffsim`` command line; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    show_traceback = "--traceback" in argv
+    try:
+        parser = build_parser(argv)
+        args, extras = parser.parse_known_args(argv)
+        if extras:
+            prog = f"diffsim {args.command}" if args.command else "diffsim"
+            raise UsageError(
+                f"{prog}: unrecognized arguments: {' '.join(extras)} (see {prog} --help)"
+            )
+    except UsageError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    except SystemExit as exc:  # --help and --version
+        return int(exc.code or 0)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    _quiet_warp()
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        _error(f"diffsim {args.command}: interrupted")
+        return 130
+    except Exception as exc:
+        if show_traceback:
+            raise
+        usage = isinstance(exc, (FileNotFoundError, UsageError))
+        _error(f"diffsim {args.command}: error: {_one_line(exc)}")
+        return EXIT_USAGE if usage else EXIT_FAILURE
+
+
+def _error(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    message = text[0] if text else type(exc).__name__
+    from diffsim.scene import SceneError
+
+    if isinstance(exc, (SceneError, FileNotFoundError, UsageError)):
+        return message
+    return f"{type(exc).__name__}: {message}"
+
+
+def _quiet_warp() -> None:
+    """Silences Warp's start-up banner and CPU-only notices (`diffsim info` lists devices)."""
+    try:
+        import warp
+
+        warp.config.quiet = True  # Warp < 1.10
+        if hasattr(warp, "LOG_ERROR"):
+            warp.config.log_level = warp.LOG_ERROR
+    except Exception:  # Warp missing or broken: the simulator reports it when it matters
+        pass
+
+
+def _version_line() -> str:
+    from diffsim import __version__
+
+    return f"diffsim {__version__}"
+
+
+# ----------------------------------------------------------------------------- helpers
+def _dtype(name: str | None):
+    if name is None:
+        return None
+    import torch
+
+    return {"float32": torch.float32, "float64": torch.float64}[name]
+
+
+def _require_file(path: str, suffixes: tuple[str, ...], what: str) -> Path:
+    p = Path(path)
+    if p.suffix.lower() not in suffixes:
+        raise UsageError(f"{path}: expected {what} ({', '.join(suffixes)})")
+    if not p.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    return p
+
+
+def _load(path: str, args: argparse.Namespace):
+    """(scene, simulator) from a scene script with the command's backend/dtype overrides."""
+    from diffsim.scene import load_scene
+
+    scene = load_scene(_require_file(path, (".py",), "a scene script"))
+    sim = scene.build(backend=args.backend, dtype=_dtype(args.dtype))
+    return scene, sim
+
+
+def simulate(scene, sim, steps: int, progress: bool = True):
+    """Runs ``steps`` steps without gradients, printing a progress line; returns a Trajectory.
+
+    Returns:
+        ``(trajectory, wall seconds)``.
+    """
+    import torch
+
+    from diffsim.state import Trajectory
+
+    state = scene.initial_state(sim)
+    positions = [state.positions.detach().unsqueeze(0)]
+    velocities = [state.velocities.detach().unsqueeze(0)]
+    chunk = max(1, min(100, steps // 50 or 1))
+    done = 0
+    start = time.perf_counter()
+    reporter = _Progress(steps, sim) if progress else None
+    with torch.no_grad():
+        while done < steps:
+            n = min(chunk, steps - done)
+            part = sim.rollout(n, state)
+            positions.append(part.positions[1:])
+            velocities.append(part.velocities[1:])
+            state = part.state(-1)
+            done += n
+            if reporter is not None:
+                reporter.update(done, time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    if reporter is not None:
+        reporter.finish()
+    traj = Trajectory(
+        torch.cat(positions),
+        torch.cat(velocities),
+        sim.model.dt,
+        sim.mesh.tets,
+        sim.mesh.surface_faces,
+    )
+    return traj, elapsed
+
+
+class _Progress:
+    """A progress line on stderr: rewritten in place on a terminal, every 10% otherwise."""
+
+    def __init__(self, steps: int, sim) -> None:
+        self.steps = steps
+        self.work = sim.mesh.n_tets * sim.model.substeps
+        self.dt = sim.model.dt
+        self.tty = sys.stderr.isatty()
+        self.next_report = 0.1
+        self.last_draw = 0.0
+
+    def update(self, done: int, elapsed: float) -> None:
+        rate = self.work * done / max(elapsed, 1e-9)
+        line = (
+            f"step {done}/{self.steps}  t = {done * self.dt:.3f} s  "
+            f"{elapsed:.1f} s wall  {_si(rate)} tet-substeps/s"
+        )
+        if self.tty:
+            now = time.perf_counter()
+            if now - self.last_draw > 0.1 or done == self.steps:
+                print(f"\r{line}\033[K", end="", file=sys.stderr, flush=True)
+                self.last_draw = now
+        elif done >= self.next_report * self.steps or done == self.steps:
+            print(line, file=sys.stderr, flush=True)
+            while self.next_report * self.steps <= done:
+                self.next_report += 0.1
+
+    def finish(self) -> None:
+        if self.tty:
+            print(file=sys.stderr)
+
+
+def _si(value: float) -> str:
+    for factor, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= factor:
+            return f"{value / factor:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
+def _summary(scene, sim, traj, elapsed: float) -> str:
+    steps = traj.n_frames - 1
+    first = {k: float(v) for k, v in sim.energies(traj.state(0)).items()}
+    last = {k: float(v) for k, v in sim.energies(traj.state(-1)).items()}
+    rate = sim.mesh.n_tets * sim.model.substeps * steps / max(elapsed, 1e-9)
+    dtype = str(sim.dtype).replace("torch.", "")
+    lines = [
+        f"{scene.name}: {steps} steps of {sim.model.dt:g} s ({steps * sim.model.dt:.3f} s "
+        f"simulated) in {elapsed:.2f} s wall, {_si(rate)} tet-substeps/s",
+        f"  {sim.mesh.n_vertices} vertices, {sim.mesh.n_tets} tets, {sim.model.substeps} "
+        f"substep(s), backend {sim.backend_name}, {dtype}",
+        "  energy (J)      start        end",
+    ]
+    for key in first:
+        lines.append(f"  {key:<13} {first[key]:>10.4g} {last[key]:>10.4g}")
+    y = traj.positions[..., 1]
+    lines.append(f"  lowest vertex height {float(y.min()):.4g} m")
+    return "\n".join(lines)
+
+
+def _render_options(args, scene, sim) -> dict:
+    from diffsim.fields import FieldContext
+    from diffsim.render import DEFAULT_SIZE
+
+    ground = sim.model.ground.height if sim.model.ground is not None else None
+    return dict(
+        fps=args.fps or scene.fps,
+        stride=args.stride,
+        max_frames=args.frames,
+        size=args.size or DEFAULT_SIZE,
+        camera=args.camera or scene.camera,
+        ground=ground,
+        fixed=sim.model.fixed_indices.cpu().numpy(),
+        field=args.color,
+        context=FieldContext.from_simulator(sim),
+    )
+
+
+def _output_kind(out: str, allow_npz: bool) -> str:
+    from diffsim.render import RenderError, check_output
+
+    if allow_npz and out.lower().endswith(".npz"):
+        if not Path(out).parent.exists():
+            raise UsageError(f"{out}: folder {Path(out).parent} does not exist")
+        return "npz"
+    try:
+        return check_output(out)
+    except RenderError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_run(args: argparse.Namespace) -> int:
+    """``diffsim run SCENE.py [--steps N] [--out FILE]``."""
+    kind = _output_kind(args.out, allow_npz=True) if args.out else None
+    scene, sim = _load(args.scene, args)
+    steps = scene.steps if args.steps is None else args.steps
+    traj, elapsed = simulate(scene, sim, steps)
+    print(_summary(scene, sim, traj, elapsed))
+    if kind == "npz":
+        traj.save(args.out)
+        print(f"wrote {args.out} ({traj.n_frames} frames)")
+    elif kind is not None:
+        _render_out(args, scene, sim, traj)
+    return EXIT_OK
+
+
+def _render_out(args, scene, sim, traj) -> None:
+    from diffsim.render import render_trajectory
+
+    start = time.perf_counter()
+    n = render_trajectory(
+        traj.positions.numpy(),
+        sim.mesh.surface_faces,
+        args.out,
+        dt=traj.dt,
+        velocities=traj.velocities.numpy(),
+        **_render_options(args, scene, sim),
+    )
+    print(f"wrote {args.out} ({n} frames, {time.perf_counter() - start:.1f} s)")
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    """``diffsim render TRAJ.npz|SCENE.py --out FILE.mp4|.gif|.png|DIR/ [--export obj|ply]``."""
+    if args.export is None:
+        _output_kind(args.out, allow_npz=False)
+    path = Path(args.path)
+    if path.suffix.lower() == ".py":
+        scene, sim = _load(args.path, args)
+        steps = scene.steps if args.steps is None else args.steps
+        traj, elapsed = simulate(scene, sim, steps)
+        print(_summary(scene, sim, traj, elapsed))
+        options = _render_options(args, scene, sim)
+        faces = sim.mesh.surface_faces
+    else:
+        traj, scene, sim = _load_trajectory(args)
+        options, faces = _trajectory_render_options(args, traj, scene, sim)
+    if args.export is not None:
+        return _export(args, traj, faces, options)
+    from diffsim.render import render_trajectory
+
+    start = time.perf_counter()
+    n = render_trajectory(
+        traj.positions.numpy(),
+        faces,
+        args.out,
+        dt=traj.dt,
+        velocities=traj.velocities.numpy(),
+        **options,
+    )
+    print(f"wrote {args.out} ({n} frames, {time.perf_counter() - start:.1f} s)")
+    return EXIT_OK
+
+
+def _load_trajectory(args):
+    """(trajectory, scene or None, simulator or None) for a ``.npz`` and an optional --scene."""
+    import torch
+
+    from diffsim.state import Trajectory
+
+    path = _require_file(args.path, (".npz",), "a trajectory (.npz) or a scene script (.py)")
+    traj = Trajectory.load(path, dtype=torch.float64)
+    scene = sim = None
+    if args.scene:
+        scene, sim = _load(args.scene, args)
+        if sim.mesh.n_vertices != traj.positions.shape[1]:
+            raise UsageError(
+                f"{args.scene} has {sim.mesh.n_vertices} vertices but {args.path} has "
+                f"{traj.positions.shape[1]}; pass the scene that made the trajectory"
+            )
+    return traj, scene, sim
+
+
+def trajectory_faces(traj) -> tuple:
+    """Surface faces and tets of a loaded trajectory (faces from its tets if not stored)."""
+    import numpy as np
+
+    from diffsim.mesh import TetMesh
+
+    faces, tets = traj.surface_faces, traj.tets
+    if faces is None and tets is not None:
+        mesh = TetMesh(traj.positions[0].numpy(), tets, allow_unused_vertices=True)
+        faces = mesh.surface_faces
+    if faces is None:
+        raise ValueError("the trajectory holds neither surface_faces nor tets; nothing to draw")
+    return np.asarray(faces), tets
+
+
+def _trajectory_render_options(args, traj, scene, sim):
+    from diffsim.fields import FieldContext
+    from diffsim.render import DEFAULT_SIZE
+
+    faces, tets = trajectory_faces(traj)
+    if sim is not None:
+        options = _render_options(args, scene, sim)
+        return options, faces
+    needs_material = args.color in ("energy_density", "von_mises")
+    if needs_material:
+        raise UsageError(
+            f"--color {args.color} needs the material: add --scene SCENE.py (the scene that "
+            "made the trajectory)"
+        )
+    return (
+        dict(
+            fps=args.fps or 30,
+            stride=args.stride,
+            max_frames=args.frames,
+            size=args.size or DEFAULT_SIZE,
+            camera=args.camera,
+            ground=None,
+            fixed=None,
+            field=args.color,
+            context=FieldContext(traj.positions[0].numpy(), tets),
+        ),
+        faces,
+    )
+
+
+def _export(args, traj, faces, options) -> int:
+    from diffsim.render import export_surfaces, frame_indices, frame_stride
+
+    out = Path(args.out)
+    if out.suffix and not out.is_dir():
+        raise UsageError(f"--export writes one file per frame: --out must be a folder, got {out}")
+    stride = options["stride"] or frame_stride(traj.dt, options["fps"])
+    picks = frame_indices(traj.n_frames, stride, options["max_frames"])
+    paths = export_surfaces(traj.positions.numpy()[picks], faces, out, args.export)
+    print(f"wrote {len(paths)} {args.export.upper()} files to {out}/")
+    return EXIT_OK
+
+
+def has_display() -> bool:
+    """True if a window can be opened (a display on Linux; assumed elsewhere)."""
+    if sys.platform.startswith("linux"):
+        return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+    return True
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    """``diffsim view SCENE.py|TRAJ.npz``."""
+    path = Path(args.path)
+    if path.suffix.lower() not in (".py", ".npz"):
+        raise UsageError(f"{args.path}: expected a scene script (.py) or a trajectory (.npz)")
+    if not path.is_file():
+        raise FileNotFoundError(f"{args.path}: no such file")
+    if not has_display():
+        out = path.with_suffix(".mp4").name
+        headless = (
+            f"diffsim run {args.path} --out {out}"
+            if path.suffix.lower() == ".py"
+            else f"diffsim render {args.path} --out {out}"
+        )
+        _error(f"diffsim view: no display found ($DISPLAY is unset); render headless: {headless}")
+        return EXIT_FAILURE
+    from diffsim.viewer import ViewerController, run_viewer
+
+    if path.suffix.lower() == ".py":
+        scene, sim = _load(args.path, args)
+        controller = ViewerController.for_scene(scene, sim)
+    else:
+        traj, scene, sim = _load_trajectory(args)
+        controller = ViewerController.for_trajectory(traj, sim)
+    run_viewer(controller, camera=scene.camera if scene is not None else None)
+    return EXIT_OK
+
+
+def cmd_fit_missing(args: argparse.Namespace) -> int:
+    _error("diffsim fit: unavailable (the module diffsim.fit_command is not installed)")
+    return EXIT_FAILURE
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """``diffsim info``: versions, devices, backends and whether EGL rendering works."""
+    import platform
+    from importlib import metadata
+
+    print(f"python         {platform.python_version()} ({sys.executable})")
+    for package in ("diffsim", "torch", "warp-lang", "polyscope", "imageio", "imageio-ffmpeg"):
+        try:
+            version = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            version = "not installed"
+        print(f"{package:<14} {version}")
+    import torch
+
+    from diffsim.backends import BACKENDS
+
+    print(f"devices        cpu ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            print(f"               cuda:{i} ({torch.cuda.get_device_name(i)})")
+    else:
+        print("               no CUDA device")
+    print(f"backends       {', '.join(sorted(BACKENDS))}")
+    ok, detail = probe_rendering()
+    print(f"rendering      {'openGL3_egl works' if ok else 'unavailable'} ({detail})")
+    return EXIT_OK
+
+
+def probe_rendering(timeout: float = 60.0) -> tuple[bool, str]:
+    """Tries polyscope's EGL backend in a child process; ``(works, detail)``."""
+    import subprocess
+
+    code = (
+        "from diffsim.render import init_headless\n"
+        "init_headless()\n"
+        "import polyscope as ps\n"
+        "print(ps.get_render_engine_backend_name())\n"
+    )
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        return False, f"EGL start-up did not finish in {timeout:.0f} s"
+    if result.returncode == 0:
+        lines = result.stdout.strip().splitlines()
+        return True, f"polyscope backend {lines[-1] if lines else '?'}, headless"
+    lines = (result.stderr or result.stdout).strip().splitlines()
+    return False, lines[-1] if lines else f"exit status {result.returncode}"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

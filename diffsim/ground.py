@@ -15,8 +15,6 @@ import torch
 
 from diffsim.barrier import barrier, barrier_derivative
 
-# A step may close at most this fraction of a vertex's gap to the plane.
-MAX_GAP_CLOSURE = 0.9
 # Gaps are floored at this fraction of dhat inside the barrier, so log() never sees 0.
 MIN_GAP_FRACTION = 1e-6
 
@@ -67,11 +65,11 @@ class Ground:
         return -self.stiffness * 2.0 * d * barrier_derivative(self._squared_gap(x), self.dhat**2)
 
     def apply_friction(self, v: torch.Tensor, x: torch.Tensor, h: float) -> torch.Tensor:
-        """Lagged smooth Coulomb friction, integrated implicitly in the tangential velocity.
+        """Smooth Coulomb friction, integrated implicitly in the tangential velocity.
 
         The friction force on vertex i is ``-mu * lambda_i * f1(|u|) / |u| * u`` with u the
-        tangential velocity, lambda_i the barrier's normal force (lagged: from the current
-        positions) and f1 the IPC smoothing (``2y/eps - y^2/eps^2`` below eps, 1 above).
+        tangential velocity, lambda_i the barrier's normal force at positions ``x`` (the
+        simulator passes the end-of-step heights from :meth:`solve`) and f1 the IPC smoothing (``2y/eps - y^2/eps^2`` below eps, 1 above).
         Dividing u by ``1 + h * mu * lambda_i/m_i * f1(|u|)/|u|`` can only slow a vertex,
         never reverse it, so friction is stable at any time step.
         """
@@ -85,11 +83,70 @@ class Ground:
         scale = 1.0 / (1.0 + h * self.friction * normal * slope)
         return v - (1.0 - scale)[:, None] * tangential
 
-    def limit(self, x: torch.Tensor, x_new: torch.Tensor) -> torch.Tensor:
-        """The no-tunnelling rule: a step closes at most 90% of each vertex's gap.
+    def solve(self, y_pred: torch.Tensor, h: float) -> torch.Tensor:
+        """Heights after the step, with the barrier integrated implicitly per vertex.
 
-        Since every gap starts positive, it stays positive after any step, at any speed.
+        The ground barrier is separable: vertex i feels only its own gap. So instead of an
+        explicit barrier force (which a fast vertex can drive arbitrarily deep, then be
+        kicked out of), each vertex solves the scalar backward-Euler equation
+        ``d' = d_pred + h^2 a(d')`` for its new gap d', with d_pred the gap after the
+        explicit update and a(d) the barrier acceleration. The left side minus the right
+        is increasing in d' and goes to -inf as d' -> 0, so the root is unique and positive:
+        no vertex ever ends a step on or below the plane, whatever its speed. Where
+        d_pred >= dhat the root is d_pred itself.
+
+        The root is found without a graph (safeguarded Newton), then one Newton step with
+        the graph attached gives exact first derivatives, dd'/dd_pred = 1 / (1 - h^2 a'(d')).
+
+        Args:
+            y_pred: ``[n]`` heights after the explicit update, ``y + h v``.
+            h: the substep in s.
+
+        Returns:
+            ``[n]`` heights, all above the plane.
         """
-        floor = self.height + (1.0 - MAX_GAP_CLOSURE) * self.gap(x)
-        y = torch.maximum(x_new[:, 1], floor)
-        return torch.stack([x_new[:, 0], y, x_new[:, 2]], dim=1)
+        d_pred = y_pred - self.height
+        active = d_pred < self.dhat
+        if not bool(active.any()):
+            return y_pred
+        min_gap = MIN_GAP_FRACTION * self.dhat
+        with torch.no_grad():
+            target = d_pred[active].detach()
+            lo = torch.full_like(target, min_gap)
+            hi = torch.full_like(target, self.dhat)
+            d = torch.clamp(target, min_gap, self.dhat)
+            tol = 8.0 * torch.finfo(d.dtype).eps
+            for _ in range(80):
+                push = h * h * self._acceleration(d)
+                phi = d - target - push
+                done = phi.abs() <= tol * (d + target.abs() + push)
+                if bool(done.all()):
+                    break
+                lo = torch.where(phi < 0, d, lo)
+                hi = torch.where(phi >= 0, d, hi)
+                newton = d - phi / (1.0 - h * h * self._acceleration_slope(d))
+                inside = (newton >= lo) & (newton <= hi)
+                d = torch.where(done, d, torch.where(inside, newton, 0.5 * (lo + hi)))
+            slope = 1.0 - h * h * self._acceleration_slope(d)
+            accel = self._acceleration(d)
+        # One Newton step on the graph: same value, exact first derivatives.
+        d_new = d - (d - d_pred[active] - h * h * accel) / slope
+        d_new = torch.clamp(d_new, min=min_gap)
+        return y_pred.masked_scatter(active, self.height + d_new)
+
+    def _acceleration(self, d: torch.Tensor) -> torch.Tensor:
+        """Barrier acceleration a(d) = -kappa 2 d b'(d^2) (m/s^2), for gaps d > 0."""
+        return -self.stiffness * 2.0 * d * barrier_derivative(d * d, self.dhat**2)
+
+    def _acceleration_slope(self, d: torch.Tensor) -> torch.Tensor:
+        """da/dd = -kappa (2 b'(s) + 4 d^2 b''(s)), s = d^2 (<= 0)."""
+        s, s_hat = d * d, self.dhat**2
+        active = s < s_hat
+        s = torch.where(active, s, torch.full_like(s, s_hat))
+        r = s - s_hat
+        log = torch.log(s / s_hat)
+        db = -2.0 * r * log - r * r / s
+        d2b = -2.0 * log - 4.0 * r / s + r * r / (s * s)
+        return torch.where(
+            active, -self.stiffness * (2.0 * db + 4.0 * s * d2b), torch.zeros_like(s)
+        )

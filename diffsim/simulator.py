@@ -49,6 +49,14 @@ class Simulator:
         ground_stiffness: barrier stiffness kappa (1/(m^2 s^2)); default holds 4 g at dhat/4.
         friction: Coulomb coefficient with the ground (>= 0).
         friction_velocity: eps_v in m/s, the friction smoothing speed.
+        contact: if True, surfaces collide with each other and themselves (IPC barrier,
+            friction and a CCD step limit; see docs/contact.md).
+        contact_dhat: surface barrier activation distance (m); default 0.5% of the
+            bounding-box diagonal.
+        contact_stiffness: surface barrier kappa (1/(m^2 s^2)); default stable for explicit
+            substeps down to dhat/4 (:meth:`SurfaceContact.default_stiffness`).
+        contact_friction: Coulomb coefficient between surfaces (>= 0).
+        contact_friction_velocity: eps_v in m/s for surface friction.
     """
 
     def __init__(
@@ -70,6 +78,11 @@ class Simulator:
         ground_stiffness: float | None = None,
         friction: float = 0.0,
         friction_velocity: float = 1e-3,
+        contact: bool = False,
+        contact_dhat: float | None = None,
+        contact_stiffness: float | None = None,
+        contact_friction: float = 0.0,
+        contact_friction_velocity: float = 1e-3,
     ) -> None:
         if not isinstance(mesh, TetMesh):
             raise TypeError(f"mesh must be a diffsim.TetMesh, got {type(mesh).__name__}")
@@ -99,6 +112,14 @@ class Simulator:
             ground_model = self._make_ground(
                 ground, ground_dhat, ground_stiffness, friction, friction_velocity
             )
+        contact_model = None
+        if contact:
+            from diffsim.contact import SurfaceContact
+
+            contact_model = SurfaceContact.for_simulation(
+                mesh, dt / substeps, contact_dhat, contact_stiffness, contact_friction,
+                contact_friction_velocity, backend, self.device,
+            )  # fmt: skip
         as_t = dict(dtype=dtype, device=self.device)
         self.model = Model(
             mesh=mesh,
@@ -112,6 +133,7 @@ class Simulator:
             substeps=substeps,
             max_speed=None if max_speed is None else float(max_speed),
             ground=ground_model,
+            contact=contact_model,
         )
         self.backend_name = self._choose_backend(backend, material)
         self.backend = BACKENDS[self.backend_name](self.model)
@@ -141,6 +163,10 @@ class Simulator:
         if backend not in ("warp", "torch"):
             raise ValueError(f"unknown backend {backend!r}; use 'warp' or 'torch'")
         if backend == "warp" and "warp" not in BACKENDS:
+            print(
+                "diffsim: the Warp backend is unavailable; running on the torch backend",
+                file=sys.stderr,
+            )
             return "torch"
         if backend == "warp" and material.kernel_id is None:
             print(

@@ -475,26 +475,11 @@ def _load_trajectory(args):
     return traj, scene, sim
 
 
-def trajectory_faces(traj) -> tuple:
-    """Surface faces and tets of a loaded trajectory (faces from its tets if not stored)."""
-    import numpy as np
-
-    from diffsim.mesh import TetMesh
-
-    faces, tets = traj.surface_faces, traj.tets
-    if faces is None and tets is not None:
-        mesh = TetMesh(traj.positions[0].numpy(), tets, allow_unused_vertices=True)
-        faces = mesh.surface_faces
-    if faces is None:
-        raise ValueError("the trajectory holds neither surface_faces nor tets; nothing to draw")
-    return np.asarray(faces), tets
-
-
 def _trajectory_render_options(args, traj, scene, sim):
     from diffsim.fields import FieldContext
-    from diffsim.render import DEFAULT_SIZE
+    from diffsim.render import DEFAULT_SIZE, surface_faces
 
-    faces, tets = trajectory_faces(traj)
+    faces, tets = surface_faces(traj), traj.tets
     if sim is not None:
         options = _render_options(args, scene, sim)
         return options, faces

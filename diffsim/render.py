@@ -207,6 +207,22 @@ def trajectory_bounds(positions: np.ndarray, ground: float | None = None) -> np.
     return bounds
 
 
+def surface_faces(trajectory) -> np.ndarray:
+    """Boundary triangles ``[f, 3]`` of a :class:`diffsim.Trajectory` (from its tets if needed).
+
+    Raises:
+        ValueError: the trajectory holds neither surface faces nor tets.
+    """
+    if trajectory.surface_faces is not None:
+        return np.asarray(trajectory.surface_faces, dtype=np.int64)
+    if trajectory.tets is None:
+        raise ValueError("the trajectory holds neither surface_faces nor tets; nothing to draw")
+    from diffsim.mesh import TetMesh
+
+    rest = trajectory.positions[0].detach().cpu().double().numpy()
+    return TetMesh(rest, trajectory.tets, allow_unused_vertices=True).surface_faces
+
+
 def check_output(path: str | Path) -> str:
     """The output kind of ``path``: ``"mp4"``, ``"gif"``, ``"png"`` or ``"dir"`` (a folder).
 

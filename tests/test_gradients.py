@@ -46,11 +46,17 @@ def rollout_loss(
     state = sim.initial_state(positions=x0, velocities=v0)
     if fixed_positions is None:
         start = X0[FIXED]
-        path = torch.linspace(0, 1, STEPS, dtype=torch.float64)[:, None, None] * torch.tensor([0.01, 0.0, 0.0])
+        path = torch.linspace(0, 1, STEPS, dtype=torch.float64)[:, None, None] * torch.tensor(
+            [0.01, 0.0, 0.0]
+        )
         fixed_positions = start + path
-    traj = sim.rollout(STEPS, state=state, fixed_positions=fixed_positions, checkpoint_every=checkpoint_every)
+    traj = sim.rollout(
+        STEPS, state=state, fixed_positions=fixed_positions, checkpoint_every=checkpoint_every
+    )
     weights = torch.linspace(0.5, 1.5, MESH.n_vertices, dtype=torch.float64)[:, None]
-    return (weights * traj.positions[-1]).square().sum() + (traj.velocities[-1] * weights).sum() * 1e-2
+    return (weights * traj.positions[-1]).square().sum() + (
+        traj.velocities[-1] * weights
+    ).sum() * 1e-2
 
 
 def test_scene_has_active_ground_contact():
@@ -63,14 +69,29 @@ def test_scene_has_active_ground_contact():
     ("name", "make_loss", "point", "eps"),
     [
         ("youngs_modulus", lambda p: rollout_loss(E=p), torch.tensor(2e4), 1.0),
-        ("youngs_modulus_per_tet", lambda p: rollout_loss(E=p), torch.full((MESH.n_tets,), 2e4), 1.0),
+        (
+            "youngs_modulus_per_tet",
+            lambda p: rollout_loss(E=p),
+            torch.full((MESH.n_tets,), 2e4),
+            1.0,
+        ),
         ("poissons_ratio", lambda p: rollout_loss(nu=p), torch.tensor(0.3), 1e-6),
         ("density", lambda p: rollout_loss(density=p), torch.tensor(1000.0), 1e-3),
-        ("density_per_tet", lambda p: rollout_loss(density=p), torch.full((MESH.n_tets,), 1000.0), 1e-3),
+        (
+            "density_per_tet",
+            lambda p: rollout_loss(density=p),
+            torch.full((MESH.n_tets,), 1000.0),
+            1e-3,
+        ),
         ("gravity", lambda p: rollout_loss(gravity=p), torch.tensor([0.0, -9.81, 0.0]), 1e-6),
         ("damping", lambda p: rollout_loss(damping=p), torch.tensor(0.5), 1e-6),
         ("initial_positions", lambda p: rollout_loss(x0=p), X0, 1e-7),
-        ("initial_velocities", lambda p: rollout_loss(v0=p), torch.full((MESH.n_vertices, 3), 0.05), 1e-6),
+        (
+            "initial_velocities",
+            lambda p: rollout_loss(v0=p),
+            torch.full((MESH.n_vertices, 3), 0.05),
+            1e-6,
+        ),
         (
             "prescribed_positions",
             lambda p: rollout_loss(fixed_positions=p),
@@ -92,7 +113,9 @@ def test_checkpointing_changes_no_gradient():
     }
     plain = torch.autograd.grad(rollout_loss(**inputs), list(inputs.values()))
     for k in (1, 4, 7, STEPS):
-        checkpointed = torch.autograd.grad(rollout_loss(**inputs, checkpoint_every=k), list(inputs.values()))
+        checkpointed = torch.autograd.grad(
+            rollout_loss(**inputs, checkpoint_every=k), list(inputs.values())
+        )
         for a, b in zip(plain, checkpointed, strict=True):
             assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
 

@@ -1,0 +1,11 @@
+"""Surface contact between and within bodies: IPC barrier, friction and a CCD step limit.
+
+Modules: :mod:`.distances` (closest features, mollifier), :mod:`.candidates` (surface
+primitives, exclusions, broad phase), :mod:`.potential` (barrier energy and forces),
+:mod:`.friction`, :mod:`.ccd` (conservative step limit) and :mod:`.surface_contact`
+(the :class:`SurfaceContact` the simulator uses). See docs/contact.md.
+"""
+
+from diffsim.contact.surface_contact import SurfaceContact
+
+__all__ = ["SurfaceContact"]

@@ -1,0 +1,86 @@
+"""Smoothed, lagged IPC friction between surfaces (torch; shared by both implementations).
+
+For an active pair k with closest-point weights c_k (``[1, -beta_a, -beta_b, -beta_c]`` for
+a point and triangle, ``[1 - s, s, -(1 - t), -t]`` for two edges), the relative velocity is
+``v_k = sum_i c_ki v_i``, the normal n_k points between the closest points and the slip is
+``u_k = (I - n_k n_k^T) v_k``. The friction force is ``-mu lambda_k f1(|u_k|) / |u_k| u_k``
+with lambda_k the pair's barrier force magnitude and f1 the IPC smoothing
+(``2y/eps_v - y^2/eps_v^2`` below eps_v, 1 above). Lambda, n and c are lagged: evaluated
+at the substep's positions. As for the ground, the slip is reduced by
+``1 - 1 / (1 + gamma_k)``, gamma_k = ``h mu lambda_k f1/|u| / m_eff`` with
+``m_eff = 1 / sum_i c_ki^2 / m_i``, which can stop a slip but never reverse it; impulses of
+pairs sharing a vertex are divided by that vertex's number of active pairs (a Jacobi
+relaxation that keeps the sum from overshooting).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffsim.barrier import barrier_derivative
+from diffsim.contact.candidates import Candidates
+from diffsim.contact.distances import (
+    edge_edge_cross_squared,
+    edge_edge_mollifier,
+    edge_edge_parameters,
+    point_triangle_weights,
+)
+from diffsim.contact.potential import MIN_DISTANCE_FRACTION
+
+
+def _pair_geometry(x: torch.Tensor, candidates: Candidates):
+    """Per pair: vertex ids [k, 4], weights c [k, 4], separation p - q [k, 3], mollifier [k]."""
+    pt, ee = candidates.point_triangle, candidates.edge_edge
+    beta, _ = point_triangle_weights(*x[pt].unbind(1))
+    c_pt = torch.cat([torch.ones_like(beta[:, :1]), -beta], dim=1)
+    s, t, _ = edge_edge_parameters(*x[ee].unbind(1))
+    c_ee = torch.stack([1 - s, s, -(1 - t), -t], dim=1)
+    ids = torch.cat([pt, ee])
+    weights = torch.cat([c_pt, c_ee])
+    sep = (weights[:, :, None] * x[ids]).sum(dim=1)
+    mol = torch.ones(len(pt), dtype=x.dtype, device=x.device)
+    if len(ee):
+        cross = edge_edge_cross_squared(*x[ee].unbind(1))
+        mol_ee = edge_edge_mollifier(cross, candidates.mollifier_eps.to(x.dtype))
+    else:
+        mol_ee = torch.zeros(0, dtype=x.dtype, device=x.device)
+    return ids, weights, sep, torch.cat([mol, mol_ee])
+
+
+def apply_friction(
+    v: torch.Tensor,
+    x: torch.Tensor,
+    mass: torch.Tensor,
+    h: float,
+    candidates: Candidates,
+    dhat: float,
+    stiffness: float,
+    mu: float,
+    eps_v: float,
+) -> torch.Tensor:
+    """Velocities ``[n, 3]`` after one substep h (s) of surface friction; differentiable."""
+    if mu <= 0.0 or candidates.n_pairs == 0:
+        return v
+    ids, c, sep, mol = _pair_geometry(x, candidates)
+    d2 = sep.square().sum(dim=1)
+    active = d2 < dhat**2
+    if not bool(active.any()):
+        return v
+    ids, c, sep, mol, d2 = ids[active], c[active], sep[active], mol[active], d2[active]
+    floor = (MIN_DISTANCE_FRACTION * dhat) ** 2
+    d2 = d2.clamp_min(floor)
+    w = mass[ids].mean(dim=1)
+    # |dE/dd| = kappa w m 2 d |b'(d^2)|: the pair's normal force in N.
+    normal_force = -stiffness * w * mol * 2.0 * d2.sqrt() * barrier_derivative(d2, dhat**2)
+    n = sep / d2.sqrt()[:, None]
+    v_rel = (c[:, :, None] * v[ids]).sum(dim=1)
+    u = v_rel - (v_rel * n).sum(dim=1, keepdim=True) * n
+    speed = torch.sqrt(u.square().sum(dim=1) + (1e-6 * eps_v) ** 2)
+    slope = torch.where(speed < eps_v, 2.0 / eps_v - speed / eps_v**2, 1.0 / speed)
+    m_eff = 1.0 / (c.square() / mass[ids]).sum(dim=1)
+    gamma = h * mu * normal_force * slope / m_eff
+    impulse = (m_eff * (1.0 - 1.0 / (1.0 + gamma)))[:, None] * u  # kg m/s removed from slip
+    count = torch.zeros(len(v), dtype=v.dtype, device=v.device)
+    count = count.index_add(0, ids.reshape(-1), torch.ones_like(c).reshape(-1))
+    share = (c / mass[ids] / count[ids].clamp_min(1.0))[:, :, None] * impulse[:, None, :]
+    return v.index_add(0, ids.reshape(-1), -share.reshape(-1, 3))

@@ -99,7 +99,8 @@ class FrameRenderer:
         positions: first-frame vertex positions ``[n, 3]`` (m).
         size: picture ``(width, height)`` in pixels.
         camera: ``{"position", "target"}`` in metres, or None to fit ``bounds``.
-        bounds: box to fit the camera to (default: the first frame's bounding box).
+        bounds: ``[2, 3]`` box the whole motion stays in (m): the camera is fitted to it and
+            the ground plane spans it (default: the first frame's bounding box).
         ground: ground plane height (m) to draw, or None for polyscope's automatic floor.
         fixed: indices of fixed vertices, drawn as red points (or None).
     """
@@ -131,7 +132,7 @@ class FrameRenderer:
         ps.set_front_dir("z_front")
         ps.set_SSAA_factor(2)
         ps.set_background_color((1.0, 1.0, 1.0))
-        ps.set_ground_plane_mode("tile")
+        ps.set_ground_plane_mode("tile_reflection")
         if ground is None:
             ps.set_ground_plane_height_mode("automatic")
         else:
@@ -147,10 +148,15 @@ class FrameRenderer:
         if fixed is not None and len(fixed):
             self.fixed = np.asarray(fixed, dtype=np.int64)
             self._fixed = ps.register_point_cloud(
-                "fixed vertices", positions[self.fixed], color=FIXED_COLOR, radius=0.004
+                "fixed vertices", positions[self.fixed], color=FIXED_COLOR, radius=0.01
             )
+        bounds = _bounds(positions) if bounds is None else np.asarray(bounds, dtype=np.float64)
+        # Fixed scene extents: the ground plane stays put and spans the whole motion.
+        ps.set_automatically_compute_scene_extents(False)
+        ps.set_bounding_box(tuple(bounds[0]), tuple(bounds[1]))
+        ps.set_length_scale(max(float(np.linalg.norm(bounds[1] - bounds[0])), 1e-6))
         if camera is None:
-            camera = fit_camera(bounds if bounds is not None else _bounds(positions))
+            camera = fit_camera(bounds)
         self.camera = camera
         ps.look_at(tuple(camera["position"]), tuple(camera["target"]))
         self._field: str | None = None
@@ -417,10 +423,15 @@ def render_trajectory(
         lo = min(float(v.min()) for v in values)
         hi = max(float(v.max()) for v in values)
         vminmax = (lo, hi if hi > lo else lo + 1e-12)
-    if camera is None:
-        camera = fit_camera(trajectory_bounds(positions[picks], ground))
+    bounds = trajectory_bounds(positions[picks], ground)
     renderer = FrameRenderer(
-        faces, positions[picks[0]], size=size, camera=camera, ground=ground, fixed=fixed
+        faces,
+        positions[picks[0]],
+        size=size,
+        camera=camera,
+        bounds=bounds,
+        ground=ground,
+        fixed=fixed,
     )
 
     def frames():

@@ -375,7 +375,7 @@ class PolyscopeViewer:
         self.fixed = None
         if len(fixed):
             self.fixed = ps.register_point_cloud(
-                "fixed vertices", x[fixed], color=(0.85, 0.2, 0.15), radius=0.004
+                "fixed vertices", x[fixed], color=(0.85, 0.2, 0.15), radius=0.01
             )
         self.contacts = None
         self._shown_field: str | None = None

@@ -9,7 +9,7 @@ import diffsim as ds
 
 STEPS = 1000  # 1 s at dt = 1 ms
 FPS = 30
-CAMERA = {"position": (0.3, 0.45, 1.4), "target": (0.3, 0.3, 0.0)}
+CAMERA = {"position": (0.75, 0.55, 0.9), "target": (0.3, 0.33, 0.0)}
 
 
 def build() -> ds.Simulator:

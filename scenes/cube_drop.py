@@ -7,7 +7,7 @@ import diffsim as ds
 
 STEPS = 1000  # 1 s at dt = 1 ms
 FPS = 30
-CAMERA = {"position": (0.9, 0.55, 1.1), "target": (0.0, 0.12, 0.0)}
+CAMERA = {"position": (0.55, 0.5, 0.95), "target": (0.0, 0.18, 0.0)}
 
 
 def build() -> ds.Simulator:

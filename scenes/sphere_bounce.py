@@ -4,7 +4,7 @@ import diffsim as ds
 
 STEPS = 1000  # 1 s at dt = 1 ms
 FPS = 30
-CAMERA = {"position": (0.5, 0.5, 1.6), "target": (0.5, 0.2, 0.0)}
+CAMERA = {"position": (0.45, 0.45, 1.4), "target": (0.45, 0.15, 0.0)}
 
 
 def build() -> ds.Simulator:

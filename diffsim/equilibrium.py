@@ -34,6 +34,10 @@ if TYPE_CHECKING:
 LINEAR_SOLVERS = ("auto", "direct", "cg")
 # "auto" uses the direct solver up to this many free degrees of freedom (and no surface contact).
 DIRECT_MAX_DOFS = 200_000
+# Hessian-vector products per vectorised (vmap) batch; bounds the batch's memory.
+HVP_BATCH = 32
+# Backends whose force VJP turned out not to support vmap (is_grads_batched), by name.
+_BATCHED_HVP: dict[str, bool] = {}
 # Armijo constant of the backtracking line search.
 ARMIJO = 1e-4
 # Line-search halvings before a Newton iteration gives up.
@@ -193,33 +197,23 @@ class _Problem:
             scales.append(float(f[self.model.fixed_indices].norm()))
         return max(max(scales), 1e-30)
 
-    def hessian_operator(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        """w_free ``[nf, 3]`` -> K w_free, with K = -df_free/dx_free (one graph, reused)."""
+    def hessian_operator(self, x: torch.Tensor) -> _Hessian:
+        """K = -df_free/dx_free at x, applied by Hessian-vector products (one graph, reused)."""
         with torch.enable_grad():
             xr = x.detach().requires_grad_(True)
             f = self.backend.forces(self.prepared, xr)
+        return _Hessian(self, f, xr)
 
-        def apply(w_free: torch.Tensor) -> torch.Tensor:
-            w = torch.zeros_like(x).index_put((self.free,), w_free)
-            (g,) = torch.autograd.grad(f, xr, w, retain_graph=True)
-            self.hvp_count += 1
-            return -g[self.free]
-
-        return apply
-
-    def colored_products(self, hvp, colors: np.ndarray) -> torch.Tensor:
+    def colored_products(self, hvp: _Hessian, colors: np.ndarray) -> torch.Tensor:
         """``[n_colors, 3, nf, 3]``: K times the indicator of each colour and axis."""
         nf = self.structure.n_free
-        out = []
-        for c in range(int(colors.max()) + 1 if nf else 0):
-            members = torch.as_tensor(np.flatnonzero(colors == c), device=self.free.device)
-            per_axis = []
-            for d in range(3):
-                w = torch.zeros(nf, 3, dtype=self.x_fixed.dtype, device=self.free.device)
-                w[members, d] = 1.0
-                per_axis.append(hvp(w))
-            out.append(torch.stack(per_axis))
-        return torch.stack(out)
+        n_colors = int(colors.max()) + 1 if nf else 0
+        w = torch.zeros(n_colors, 3, nf, 3, dtype=self.x_fixed.dtype, device=self.free.device)
+        c = torch.as_tensor(colors, device=self.free.device)
+        rows = torch.arange(nf, device=self.free.device)
+        for d in range(3):
+            w[c, d, rows, d] = 1.0
+        return hvp.batch(w.reshape(-1, nf, 3)).reshape(n_colors, 3, nf, 3)
 
     def block_diagonal(self, hvp) -> torch.Tensor:
         """The 3x3 diagonal blocks of K, ``[nf, 3, 3]`` (row a, column d)."""
@@ -258,6 +252,44 @@ class _Problem:
             return 1.0
         alpha = (MAX_GAP_CLOSURE * gap[closing] / -d_full[closing, 1]).min()
         return min(1.0, float(alpha))
+
+
+class _Hessian:
+    """Products with K = -df_free/dx_free through the backend's force VJP (K is symmetric)."""
+
+    def __init__(self, problem: _Problem, f: torch.Tensor, xr: torch.Tensor) -> None:
+        self.problem = problem
+        self.f = f
+        self.xr = xr
+
+    def __call__(self, w_free: torch.Tensor) -> torch.Tensor:
+        """K w for ``w [nf, 3]``."""
+        free = self.problem.free
+        w = torch.zeros_like(self.xr).index_put((free,), w_free)
+        (g,) = torch.autograd.grad(self.f, self.xr, w, retain_graph=True)
+        self.problem.hvp_count += 1
+        return -g[free]
+
+    def batch(self, w_free: torch.Tensor) -> torch.Tensor:
+        """K w for a batch ``[B, nf, 3]``, vectorised (vmap) where the backend allows it."""
+        free = self.problem.free
+        out = []
+        for chunk in torch.split(w_free, HVP_BATCH):
+            w = chunk.new_zeros(len(chunk), *self.xr.shape)
+            w[:, free] = chunk
+            if _BATCHED_HVP.get(self.problem.backend.name, True):
+                try:
+                    (g,) = torch.autograd.grad(
+                        self.f, self.xr, w, retain_graph=True, is_grads_batched=True
+                    )
+                    self.problem.hvp_count += len(chunk)
+                    out.append(-g[:, free])
+                    continue
+                except (RuntimeError, NotImplementedError):
+                    # A backend whose force VJP cannot be vmapped: fall back to a loop.
+                    _BATCHED_HVP[self.problem.backend.name] = False
+            out.append(torch.stack([self(c) for c in chunk]))
+        return torch.cat(out) if out else w_free.clone()
 
 
 # ----------------------------------------------------------------------------- linear algebra
@@ -358,7 +390,8 @@ def _newton(
             info.iterations = it
             break
         d = _newton_direction(problem, x, f, info, opts)
-        x, energy, scale = _line_search(problem, x, d, f, energy, scale, it)
+        noise = _energy_noise(problem, x, f_full, energy, scale)
+        x, energy, scale = _line_search(problem, x, d, f, energy, noise, it)
     info.hessian_products = problem.hvp_count
     return x, info
 
@@ -395,13 +428,34 @@ def _newton_direction(problem: _Problem, x, f, info: EquilibriumInfo, opts: _Opt
     return step
 
 
-def _line_search(problem: _Problem, x, d_free, f, energy: float, scale: float, it: int):
-    """Backtracking (Armijo) on the energy, with ground and contact step limits."""
+def _energy_noise(problem: _Problem, x, f_full, energy: float, scale: float) -> float:
+    """The round-off level of energy differences near x (J), measured.
+
+    Energy terms such as mu/2 (I_C - 3) cancel within each tet, so differences below
+    ~eps * mu * volume cannot be resolved. The noise is read off a random perturbation of
+    relative size ~1e3 eps, whose first-order change f . delta is subtracted.
+    """
+    eps = torch.finfo(x.dtype).eps
+    gen = torch.Generator(device=x.device).manual_seed(0)
+    delta = torch.randn(x.shape, generator=gen, dtype=x.dtype, device=x.device)
+    delta = delta * (1e3 * eps * float(x.abs().max().clamp_min(1e-3)))
+    delta[problem.model.fixed_indices] = 0.0
+    if problem.model.ground is not None:
+        delta[:, 1] = delta[:, 1].abs()  # never towards the ground
+    e_pert, _ = problem.energy(x + delta)
+    measured = abs(e_pert - energy + float((f_full * delta).sum()))
+    return 10.0 * max(measured, 100.0 * eps * scale)
+
+
+def _line_search(problem: _Problem, x, d_free, f, energy: float, noise: float, it: int):
+    """Backtracking (Armijo) on the energy, with ground and contact step limits.
+
+    Energy changes within ``noise`` (J, round-off) count as no change.
+    """
     d = torch.zeros_like(x).index_put((problem.free,), d_free)
     alpha = problem.step_limit(x, d)
     contact = getattr(problem.model, "contact", None)
     slope = float((f * d_free).sum())  # -dE/dalpha at alpha = 0
-    eps = torch.finfo(x.dtype).eps
     for _ in range(MAX_HALVINGS):
         x_new = x + alpha * d
         if contact is not None:
@@ -410,8 +464,6 @@ def _line_search(problem: _Problem, x, d_free, f, energy: float, scale: float, i
                 alpha *= 0.5
                 continue
         e_new, s_new = problem.energy(x_new)
-        # Energy differences below round-off cannot be resolved: accept the step there.
-        noise = 100.0 * eps * max(scale, s_new)
         if math.isfinite(e_new) and e_new <= energy - ARMIJO * alpha * slope + noise:
             return x_new, e_new, s_new
         alpha *= 0.5

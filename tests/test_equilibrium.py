@@ -143,10 +143,10 @@ def test_pressed_box_stays_above_the_ground():
 
 def test_equilibrium_matches_damped_rollout_rest_state():
     # Mass-proportional damping near critical for the first bending mode: rest in 0.5 s.
-    sim = cantilever(damping=50.0, dt=4e-4)
+    sim = cantilever(damping=50.0, dt=5e-4)
     x_static = sim.equilibrium()
     with torch.no_grad():
-        traj = sim.rollout(steps=1200)
+        traj = sim.rollout(steps=1000)
     x_dynamic, speed = traj.positions[-1], traj.velocities[-1].norm(dim=1).max()
     sag = abs(float(x_static[:, 1].min()))
     assert sag > 5e-3

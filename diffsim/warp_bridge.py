@@ -40,6 +40,7 @@ class Geometry:
     volume: Any
     fixed_slot: Any
     n_fixed: int
+    chunk: int = 1
     owners: list = field(default_factory=list)
 
 
@@ -100,56 +101,111 @@ class SplitLauncher:
             raise error
 
 
-def _launch_tets(g: Geometry, w: WarpCoefficients, x, f_a, f_b, launcher) -> None:
-    """Elastic forces of all tets into f_a (and f_b for the helper's half), accumulated."""
-    mu, lam = w.arrays[0], w.arrays[1]
-    k = g.kernels.tet_forces
+class RecordedLaunch:
+    """A recorded Warp launch whose array arguments are re-pointed at new tensors cheaply.
 
-    def part(start: int, stop: int, out) -> None:
-        wp.launch(
-            k,
-            dim=stop - start,
-            inputs=[x, g.tets, g.dm_inv, g.volume, mu, lam, w.per_tet, w.material, start, out],
-            device=g.device,
-            record_tape=False,
+    Per substep only the data pointers of x, v and the outputs change (shapes do not), so
+    instead of packing every argument again, the recorded argument's pointer is replaced.
+    """
+
+    def __init__(self, kernel, dim: int, args: list, device) -> None:
+        self.launch = wp.launch(kernel, dim=dim, inputs=args, device=device, record_cmd=True)
+
+    def point(self, index: int, t: torch.Tensor) -> None:
+        """Points array argument ``index`` at tensor ``t`` (same shape and dtype as recorded)."""
+        self.launch.params[index + 1].data = t.data_ptr()
+
+    def __call__(self) -> None:
+        self.launch.launch()
+
+
+def forward_launches(g: Geometry, w: WarpCoefficients, threads: int) -> SimpleNamespace:
+    """The recorded launches of one forward substep: tet forces (per thread) and the update."""
+    k, s = g.kernels, w.scratch
+    mu, lam, mass, gravity, damping = w.arrays
+    chunk, m = g.chunk, g.n_tets
+
+    def slot(t: torch.Tensor) -> Any:
+        # A descriptor of its own: RecordedLaunch.point mutates it in place.
+        return wrap(t, k.vec3)
+
+    bounds = [0, m] if threads == 1 or m < 2048 else [0, m // 2, m]
+    outputs = [s.f_a_w, s.f_b_w]
+    tets = [
+        RecordedLaunch(
+            k.tet_forces_chunked[w.material],
+            (stop - start + chunk - 1) // chunk,
+            [
+                slot(s.out_x),
+                g.tets,
+                g.dm_inv,
+                g.volume,
+                mu,
+                lam,
+                w.per_tet,
+                start,
+                stop,
+                chunk,
+                out,
+            ],
+            g.device,
         )
-
-    m = g.n_tets
-    if launcher is None or m < 2048:
-        part(0, m, f_a)
-    else:
-        half = m // 2
-        launcher.run(lambda: part(0, half, f_a), lambda: part(half, m, f_b))
+        for start, stop, out in zip(bounds[:-1], bounds[1:], outputs, strict=False)
+    ]
+    step = RecordedLaunch(
+        k.step_fast,
+        g.n_vertices,
+        [
+            slot(s.out_x), slot(s.out_v), s.f_a_w, s.f_b_w, mass, gravity, damping,
+            g.fixed_slot, slot(s.dummy), *w.scalars, 0, slot(s.out_x), slot(s.out_v),
+        ],
+        g.device,
+    )  # fmt: skip
+    return SimpleNamespace(tets=tets, step=step, n_args=len(step.launch.kernel.adj.args))
 
 
 def substep_forward(g: Geometry, w: WarpCoefficients, x, v, x_fixed, launcher=None):
     """One substep on tensors (no autograd): returns new ``(x_new, v_new)`` tensors."""
-    k = g.kernels
-    vec3 = k.vec3
+    launches = w.scratch.launches
+    if launches is None:
+        threads = 2 if launcher is not None else 1
+        launches = w.scratch.launches = forward_launches(g, w, threads)
     x_new = torch.empty_like(x)
     v_new = torch.empty_like(v)
-    xw = wrap(x, vec3)
-    s = w.scratch
-    _launch_tets(g, w, xw, s.f_a_w, s.f_b_w, launcher)
-    xf = wrap(x_fixed, vec3) if g.n_fixed else s.dummy_w
-    _, _, mass, gravity, damping = w.arrays
+    for tet_launch in launches.tets:
+        tet_launch.point(0, x)
+    if len(launches.tets) == 1:
+        launches.tets[0]()
+    else:
+        launcher.run(launches.tets[0], launches.tets[1])
+    step, n = launches.step, launches.n_args
+    step.point(0, x)
+    step.point(1, v)
+    if g.n_fixed:
+        step.point(8, x_fixed)
+    step.point(n - 2, x_new)
+    step.point(n - 1, v_new)
+    step()
+    return x_new, v_new
+
+
+def _launch_tets(g: Geometry, w: WarpCoefficients, x, out) -> None:
+    """Elastic forces of all tets accumulated into ``out`` (one thread)."""
+    mu, lam = w.arrays[0], w.arrays[1]
+    chunk = g.chunk
     wp.launch(
-        k.step_fast,
-        dim=g.n_vertices,
-        inputs=[
-            xw, wrap(v, vec3), s.f_a_w, s.f_b_w, mass, gravity, damping, g.fixed_slot, xf,
-            *w.scalars, 0, wrap(x_new, vec3), wrap(v_new, vec3),
-        ],
+        g.kernels.tet_forces_chunked[w.material],
+        dim=(g.n_tets + chunk - 1) // chunk,
+        inputs=[x, g.tets, g.dm_inv, g.volume, mu, lam, w.per_tet, 0, g.n_tets, chunk, out],
         device=g.device,
         record_tape=False,
-    )  # fmt: skip
-    return x_new, v_new
+    )
 
 
 def _elastic_forces_into(g: Geometry, w: WarpCoefficients, xw, out: torch.Tensor) -> Any:
     out.zero_()
     ow = wrap(out, g.kernels.vec3)
-    _launch_tets(g, w, xw, ow, None, None)
+    _launch_tets(g, w, xw, ow)
     return ow
 
 
@@ -158,8 +214,8 @@ def _tet_adjoint(g: Geometry, w: WarpCoefficients, xw, f_w, adj_x_w, adj_f_w, ad
     wp.launch(
         g.kernels.tet_forces,
         dim=g.n_tets,
-        inputs=[xw, g.tets, g.dm_inv, g.volume, mu, lam, w.per_tet, w.material, 0, f_w],
-        adj_inputs=[adj_x_w, None, None, None, adj_mu, adj_lam, 0, 0, 0, adj_f_w],
+        inputs=[xw, g.tets, g.dm_inv, g.volume, mu, lam, w.per_tet, w.material, f_w],
+        adj_inputs=[adj_x_w, None, None, None, adj_mu, adj_lam, 0, 0, adj_f_w],
         adj_outputs=[],
         adjoint=True,
         device=g.device,

@@ -78,6 +78,7 @@ class WarpBackend(Backend):
             volume=bridge.wrap(volume, k.scalar),
             fixed_slot=bridge.wrap(slot, wp.int32),
             n_fixed=n_fixed,
+            chunk=64 if device.is_cpu else 1,
             owners=[tets, dm_inv, volume, slot],
         )
         self.launcher = None
@@ -143,7 +144,7 @@ class WarpBackend(Backend):
         }
         t["dummy"] = torch.zeros((1, 3), dtype=m.dtype, device=m.device)
         views = {f"{name}_w": bridge.wrap(value, vec3) for name, value in t.items()}
-        return SimpleNamespace(**t, **views)
+        return SimpleNamespace(**t, **views, launches=None)
 
     # ----------------------------------------------------------------- physics
     def forces(self, prepared: bridge.WarpCoefficients, x: torch.Tensor) -> torch.Tensor:

@@ -69,27 +69,48 @@ def build_elastic(dtype, module: str) -> SimpleNamespace:
         wp.adjoint[F] += R @ wp.skew(y)
 
     @wp.func
-    def pk1(F: mat33, mu: T, lam: T, material: int) -> mat33:
+    def pk1_snh(F: mat33, mu: T, lam: T) -> mat33:
+        ic = wp.ddot(F, F)
+        C = cofactor(F)
+        J = wp.dot(F[:, 0], C[:, 0])
+        alpha = T(1.0) + T(0.75) * mu / lam
+        return mu * (T(1.0) - T(1.0) / (ic + T(1.0))) * F + lam * (J - alpha) * C
+
+    @wp.func
+    def pk1_nh(F: mat33, mu: T, lam: T) -> mat33:
+        J = wp.determinant(F)
+        return mu * F + (lam * wp.log(J) - mu) / J * cofactor(F)
+
+    @wp.func
+    def pk1_stvk(F: mat33, mu: T, lam: T) -> mat33:
+        E = T(0.5) * (wp.transpose(F) @ F - wp.identity(3, T))
+        return F @ (T(2.0) * mu * E + lam * wp.trace(E) * wp.identity(3, T))
+
+    @wp.func
+    def pk1_corotated(F: mat33, mu: T, lam: T) -> mat33:
+        J = wp.determinant(F)
+        R = polar_rotation(F)
+        return T(2.0) * mu * (F - R) + lam * (J - T(1.0)) * cofactor(F)
+
+    @wp.func
+    def pk1_linear(F: mat33, mu: T, lam: T) -> mat33:
         eye = wp.identity(3, T)
+        eps = T(0.5) * (F + wp.transpose(F)) - eye
+        return T(2.0) * mu * eps + lam * wp.trace(eps) * eye
+
+    @wp.func
+    def pk1(F: mat33, mu: T, lam: T, material: int) -> mat33:
         P = mat33()
         if material == SNH:
-            ic = wp.ddot(F, F)
-            J = wp.determinant(F)
-            alpha = T(1.0) + T(0.75) * mu / lam
-            P = mu * (T(1.0) - T(1.0) / (ic + T(1.0))) * F + lam * (J - alpha) * cofactor(F)
+            P = pk1_snh(F, mu, lam)
         elif material == NH:
-            J = wp.determinant(F)
-            P = mu * F + (lam * wp.log(J) - mu) / J * cofactor(F)
+            P = pk1_nh(F, mu, lam)
         elif material == STVK:
-            E = T(0.5) * (wp.transpose(F) @ F - eye)
-            P = F @ (T(2.0) * mu * E + lam * wp.trace(E) * eye)
+            P = pk1_stvk(F, mu, lam)
         elif material == COROTATED:
-            J = wp.determinant(F)
-            R = polar_rotation(F)
-            P = T(2.0) * mu * (F - R) + lam * (J - T(1.0)) * cofactor(F)
+            P = pk1_corotated(F, mu, lam)
         else:
-            eps = T(0.5) * (F + wp.transpose(F)) - eye
-            P = T(2.0) * mu * eps + lam * wp.trace(eps) * eye
+            P = pk1_linear(F, mu, lam)
         return P
 
     @wp.func
@@ -128,6 +149,33 @@ def build_elastic(dtype, module: str) -> SimpleNamespace:
         ds = wp.matrix_from_cols(x[tet[1]] - x0, x[tet[2]] - x0, x[tet[3]] - x0)
         return ds @ dm_inv
 
+    @wp.func
+    def add_tet_forces(
+        e: int,
+        x: wp.array(dtype=vec3),
+        tets: wp.array(dtype=wp.vec4i),
+        dm_inv: wp.array(dtype=mat33),
+        volume: wp.array(dtype=T),
+        mu: wp.array(dtype=T),
+        lam: wp.array(dtype=T),
+        per_tet: int,
+        material: int,
+        f: wp.array(dtype=vec3),
+    ):
+        # Force on corner k >= 1 is column k-1 of -V P Dm^-T, i.e. -V P (row k-1 of Dm^-1).
+        tet = tets[e]
+        dmi = dm_inv[e]
+        F = deformation_gradient(x, tet, dmi)
+        p = e * per_tet
+        P = -volume[e] * pk1(F, mu[p], lam[p], material)
+        f1 = P @ dmi[0]
+        f2 = P @ dmi[1]
+        f3 = P @ dmi[2]
+        wp.atomic_add(f, tet[0], -(f1 + f2 + f3))
+        wp.atomic_add(f, tet[1], f1)
+        wp.atomic_add(f, tet[2], f2)
+        wp.atomic_add(f, tet[3], f3)
+
     @wp.kernel(module=module)
     def tet_forces(
         x: wp.array(dtype=vec3),
@@ -138,23 +186,50 @@ def build_elastic(dtype, module: str) -> SimpleNamespace:
         lam: wp.array(dtype=T),
         per_tet: int,
         material: int,
-        offset: int,
         f: wp.array(dtype=vec3),
     ):
-        """Adds each tet's elastic force -V P Dm^-T to its corners (f must start at zero)."""
-        e = wp.tid() + offset
-        tet = tets[e]
-        dmi = dm_inv[e]
-        F = deformation_gradient(x, tet, dmi)
-        p = e * per_tet
-        H = -volume[e] * pk1(F, mu[p], lam[p], material) @ wp.transpose(dmi)
-        f1 = H[:, 0]
-        f2 = H[:, 1]
-        f3 = H[:, 2]
-        wp.atomic_add(f, tet[0], -(f1 + f2 + f3))
-        wp.atomic_add(f, tet[1], f1)
-        wp.atomic_add(f, tet[2], f2)
-        wp.atomic_add(f, tet[3], f3)
+        """Adds each tet's elastic force -V P Dm^-T to its corners (differentiable)."""
+        add_tet_forces(wp.tid(), x, tets, dm_inv, volume, mu, lam, per_tet, material, f)
+
+    def chunked_kernel(stress):
+        @wp.kernel(module=module, enable_backward=False)
+        def tet_forces_chunked(
+            x: wp.array(dtype=vec3),
+            tets: wp.array(dtype=wp.vec4i),
+            dm_inv: wp.array(dtype=mat33),
+            volume: wp.array(dtype=T),
+            mu: wp.array(dtype=T),
+            lam: wp.array(dtype=T),
+            per_tet: int,
+            start: int,
+            stop: int,
+            chunk: int,
+            f: wp.array(dtype=vec3),
+        ):
+            """Forward only, one material: each thread adds the forces of ``chunk`` tets.
+
+            On the CPU this amortises Warp's per-thread call overhead over many tets.
+            """
+            first = start + wp.tid() * chunk
+            last = wp.min(first + chunk, stop)
+            for e in range(first, last):
+                tet = tets[e]
+                dmi = dm_inv[e]
+                F = deformation_gradient(x, tet, dmi)
+                p = e * per_tet
+                P = -volume[e] * stress(F, mu[p], lam[p])
+                f1 = P @ dmi[0]
+                f2 = P @ dmi[1]
+                f3 = P @ dmi[2]
+                f[tet[0]] = f[tet[0]] - (f1 + f2 + f3)
+                f[tet[1]] = f[tet[1]] + f1
+                f[tet[2]] = f[tet[2]] + f2
+                f[tet[3]] = f[tet[3]] + f3
+
+        return tet_forces_chunked
+
+    stresses = (pk1_snh, pk1_nh, pk1_stvk, pk1_corotated, pk1_linear)
+    tet_forces_chunked = tuple(chunked_kernel(stress) for stress in stresses)
 
     @wp.kernel(module=module)
     def tet_energy(
@@ -174,4 +249,6 @@ def build_elastic(dtype, module: str) -> SimpleNamespace:
         p = e * per_tet
         energy[e] = volume[e] * psi(F, mu[p], lam[p], material)
 
-    return SimpleNamespace(tet_forces=tet_forces, tet_energy=tet_energy)
+    return SimpleNamespace(
+        tet_forces=tet_forces, tet_forces_chunked=tet_forces_chunked, tet_energy=tet_energy
+    )

@@ -39,11 +39,11 @@ def initial_state(sim: ds.Simulator) -> ds.State:
     return sim.initial_state(velocities=(0.3, -1.5, 0.0))
 
 
-def observe(noise: float = 0.01, seed: int = 0) -> ds.Observation:
+def observe(noise: float = 0.01, seed: int = 0, steps: int = STEPS) -> ds.Observation:
     """The 'measured' motion: 8 surface markers every 2nd step, noise a fraction of the size."""
     truth = build(**TRUE)
     with torch.no_grad():
-        traj = truth.rollout(STEPS, state=initial_state(truth))
+        traj = truth.rollout(steps, state=initial_state(truth))
     surface = truth.mesh.surface_vertices
     markers = surface[np.linspace(0, len(surface) - 1, 8).astype(int)]
     return ds.Observation.from_trajectory(
@@ -51,9 +51,9 @@ def observe(noise: float = 0.01, seed: int = 0) -> ds.Observation:
     )
 
 
-def run(iters: int = 30, log=print) -> ds.FitResult:
-    """Fits E and nu from the guess; returns the result."""
-    observation = observe()
+def run(iters: int = 30, steps: int = STEPS, log=print) -> ds.FitResult:
+    """Fits E and nu from the guess over the first ``steps`` steps; returns the result."""
+    observation = observe(steps=steps)
     result = ds.fit(
         build(**GUESS),
         observation,

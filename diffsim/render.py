@@ -434,9 +434,15 @@ def render_trajectory(
         fixed=fixed,
     )
 
+    label = None
+    if field is not None:
+        from diffsim.fields import FIELDS
+
+        label = f"{field} ({FIELDS[field][0]})"
+
     def frames():
         for k, i in enumerate(picks):
-            colour = None if values is None else (field, values[k])
+            colour = None if values is None else (label, values[k])
             yield renderer.render(positions[i], colour, vminmax if values is not None else None)
 
     try:

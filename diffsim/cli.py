@@ -590,10 +590,13 @@ def probe_rendering(timeout: float = 60.0) -> tuple[bool, str]:
     """Tries polyscope's EGL backend in a child process; ``(works, detail)``."""
     import subprocess
 
+    # Polyscope alone (not diffsim, which would import torch): the same calls as init_headless.
     code = (
-        "from diffsim.render import init_headless\n"
-        "init_headless()\n"
         "import polyscope as ps\n"
+        "ps.set_verbosity(0)\n"
+        "ps.set_use_prefs_file(False)\n"
+        "ps.set_allow_headless_backends(True)\n"
+        "ps.init('openGL3_egl')\n"
         "print(ps.get_render_engine_backend_name())\n"
     )
     try:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from diffsim.materials import Material
-from diffsim.observation import Observation
+from diffsim.observation import Observation, ObservationError
 from diffsim.simulator import SimulationError, Simulator
 from diffsim.state import State
 
@@ -221,6 +221,7 @@ def fit(
     loss: str = "mse",
     huber_delta: float | None = None,
     checkpoint_every: int | None = None,
+    mode: str = "dynamic",
     tol: float = 1e-12,
     patience: int = 10,
     min_improvement: float = 1e-4,
@@ -254,6 +255,9 @@ def fit(
         huber_delta: the Huber transition distance in m (default 1% of the mesh's size).
         checkpoint_every: segment length for gradient checkpointing (saves memory on long
             rollouts), or None.
+        mode: ``"dynamic"`` (compare a rollout with the frames) or ``"equilibrium"``
+            (the observation is one frame of a body at rest, compared with the static
+            equilibrium :meth:`Simulator.equilibrium`, differentiated by one adjoint solve).
         tol: stop when the data loss falls below ``tol`` times the initial loss.
         patience: stop after this many iterations without a relative improvement of the best
             loss by ``min_improvement``.
@@ -277,15 +281,26 @@ def fit(
     names = list(dict.fromkeys([*params, *per_tet, *fields]))
     _check_names(sim, names, per_tet, fields)
     optimizer = _choose_optimizer(optimizer, fields)
+    if mode not in ("dynamic", "equilibrium"):
+        raise ValueError(f"mode must be 'dynamic' or 'equilibrium', got {mode!r}")
+    if mode == "equilibrium" and obs.n_frames != 1:
+        raise ObservationError(
+            f"an equilibrium target is one frame of the body at rest, got {obs.n_frames} frames"
+        )
     if loss not in ("mse", "huber"):
         raise ValueError(f"loss must be 'mse' or 'huber', got {loss!r}")
     if iters < 0 or patience < 1:
         raise ValueError("iters must be >= 0 and patience >= 1")
 
     dt = sim.model.dt
-    steps = obs.steps_needed(dt) if steps is None else steps
-    obs.check(sim.model.n_vertices, dt, steps)
-    start = state(sim) if callable(state) else (state or sim.initial_state())
+    if mode == "equilibrium":
+        steps, start = 0, None
+        obs.check(sim.model.n_vertices, dt)
+    else:
+        steps = obs.steps_needed(dt) if steps is None else steps
+        obs.check(sim.model.n_vertices, dt, steps)
+        start = state(sim) if callable(state) else (state or sim.initial_state())
+    warm: list[torch.Tensor] = []  # the last equilibrium, the next Newton solve's start
     as_t = dict(dtype=sim.dtype, device=sim.device)
     target, weights = obs.targets(**as_t)
     tets = sim.model.tets
@@ -307,8 +322,16 @@ def fit(
         sim.material = base_material.replace(**{n: current[n] for n in material_names})
         if "damping" in current:
             sim.damping = current["damping"]
-        traj = sim.rollout(steps, state=start, checkpoint_every=checkpoint_every)
-        d2 = (obs.predict(traj.positions, dt) - target).square().sum(-1)
+        if mode == "equilibrium":
+            x = sim.equilibrium(x0=warm[-1] if warm else None)
+            warm[:] = [x.detach()]
+            positions = x.unsqueeze(0)
+        else:
+            positions = sim.rollout(steps, state=start, checkpoint_every=checkpoint_every).positions
+        pred = positions[:1] if mode == "equilibrium" else obs.predict(positions, dt)
+        if mode == "equilibrium" and obs.indices is not None:
+            pred = pred[:, torch.as_tensor(obs.indices)]
+        d2 = (pred - target).square().sum(-1)
         if loss == "huber":
             d2 = 2.0 * huber_delta**2 * (torch.sqrt(1.0 + d2 / huber_delta**2) - 1.0)
         data = (weights * d2).sum() / weights.sum()

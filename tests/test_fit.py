@@ -327,3 +327,23 @@ def test_loss_plot_is_drawn():
     blue = (img[..., 2] == 180) & (img[..., 0] == 31)
     assert blue.sum() > 200  # the curve
     assert (img == 0).all(axis=2).sum() > 100  # axes and labels
+
+
+def test_equilibrium_mode_recovers_e_from_a_sagging_cantilever():
+    def cantilever(E):
+        mesh = ds.TetMesh.beam(length=0.2, width=0.05, height=0.05, origin=(0, 0.2, -0.025))
+        fixed = np.flatnonzero(mesh.vertices[:, 0] < 1e-9)
+        material = ds.StableNeoHookean(youngs_modulus=E, poissons_ratio=0.3)
+        return ds.Simulator(
+            mesh, material, fixed=fixed, ground=None, backend="torch", dtype=torch.float64
+        )
+
+    sag = cantilever(2e6).equilibrium().detach()
+    tip = np.flatnonzero(sag[:, 0].numpy() > 0.2 - 1e-9)
+    obs = Observation(sag[tip].numpy()[None], indices=tip)  # the free end's markers only
+    result = fit(cantilever(8e5), obs, ["youngs_modulus"], mode="equilibrium", iters=20)
+    assert rel(result.values["youngs_modulus"], 2e6) < 0.01
+    with pytest.raises(ObservationError, match="one frame"):
+        fit(
+            cantilever(8e5), Observation(np.zeros((2, 3, 3)), indices=[0, 1, 2]), mode="equilibrium"
+        )

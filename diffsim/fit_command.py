@@ -49,6 +49,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--huber-delta", type=float, default=None, help="Huber distance (m)")
     parser.add_argument("--smoothness", type=float, default=0.0, help="per-tet smoothness weight")
     parser.add_argument("--checkpoint-every", type=int, default=None, metavar="K")
+    parser.add_argument(
+        "--mode",
+        choices=("dynamic", "equilibrium"),
+        default="dynamic",
+        help="equilibrium: the target is one frame of the body at rest (static equilibrium)",
+    )
     parser.add_argument("--patience", type=int, default=10, help="early-stopping patience")
     parser.add_argument("--backend", choices=("warp", "torch"), default=None)
     parser.add_argument("--dtype", choices=("float32", "float64"), default=None)
@@ -94,6 +100,7 @@ def main(args: argparse.Namespace) -> int:
             loss=args.loss,
             huber_delta=args.huber_delta,
             checkpoint_every=args.checkpoint_every,
+            mode=args.mode,
             patience=args.patience,
             log=None if args.quiet else print,
         )
@@ -111,7 +118,7 @@ def main(args: argparse.Namespace) -> int:
     plot = args.plot or f"{stem}_loss.png"
     write_loss_plot(result.loss_history, plot)
     print(f"loss curve: {plot}")
-    if not args.no_video:
+    if not args.no_video and args.mode == "dynamic":
         video = args.video or f"{stem}.mp4"
         note = write_comparison_video(
             scene, result.apply(sim), observation, video, scene.initial_state(sim)

@@ -264,10 +264,12 @@ def _load(path: str, args: argparse.Namespace):
 
 
 def simulate(scene, sim, steps: int, progress: bool = True):
-    """Runs ``steps`` steps without gradients, printing a progress line; returns a Trajectory.
+    """Runs ``steps`` steps without gradients, printing a progress line.
 
     Returns:
-        ``(trajectory, wall seconds)``.
+        ``(trajectory, timing)`` with timing ``{"elapsed": s, "warmup": s, "warmup_steps": n}``:
+        the wall time of all steps and of the first chunk (which includes Warp's kernel
+        loading or compilation).
     """
     import torch
 
@@ -279,6 +281,7 @@ def simulate(scene, sim, steps: int, progress: bool = True):
     chunk = max(1, min(100, steps // 50 or 1))
     done = 0
     start = time.perf_counter()
+    timing = {"elapsed": 0.0, "warmup": 0.0, "warmup_steps": 0}
     reporter = _Progress(steps, sim) if progress else None
     with torch.no_grad():
         while done < steps:
@@ -288,9 +291,11 @@ def simulate(scene, sim, steps: int, progress: bool = True):
             velocities.append(part.velocities[1:])
             state = part.state(-1)
             done += n
+            if not timing["warmup_steps"]:
+                timing.update(warmup=time.perf_counter() - start, warmup_steps=done)
             if reporter is not None:
-                reporter.update(done, time.perf_counter() - start)
-    elapsed = time.perf_counter() - start
+                reporter.update(done, time.perf_counter() - start, timing)
+    timing["elapsed"] = time.perf_counter() - start
     if reporter is not None:
         reporter.finish()
     traj = Trajectory(
@@ -300,7 +305,15 @@ def simulate(scene, sim, steps: int, progress: bool = True):
         sim.mesh.tets,
         sim.mesh.surface_faces,
     )
-    return traj, elapsed
+    return traj, timing
+
+
+def steady_rate(sim, steps: int, timing: dict) -> float:
+    """Tet-substeps per second after the first chunk (or overall if there was one chunk)."""
+    work = sim.mesh.n_tets * sim.model.substeps
+    if steps > timing["warmup_steps"] and timing["elapsed"] > timing["warmup"]:
+        return work * (steps - timing["warmup_steps"]) / (timing["elapsed"] - timing["warmup"])
+    return work * steps / max(timing["elapsed"], 1e-9)
 
 
 class _Progress:
@@ -308,14 +321,14 @@ class _Progress:
 
     def __init__(self, steps: int, sim) -> None:
         self.steps = steps
-        self.work = sim.mesh.n_tets * sim.model.substeps
+        self.sim = sim
         self.dt = sim.model.dt
         self.tty = sys.stderr.isatty()
         self.next_report = 0.1
         self.last_draw = 0.0
 
-    def update(self, done: int, elapsed: float) -> None:
-        rate = self.work * done / max(elapsed, 1e-9)
+    def update(self, done: int, elapsed: float, timing: dict) -> None:
+        rate = steady_rate(self.sim, done, dict(timing, elapsed=elapsed))
         line = (
             f"step {done}/{self.steps}  t = {done * self.dt:.3f} s  "
             f"{elapsed:.1f} s wall  {_si(rate)} tet-substeps/s"
@@ -342,15 +355,19 @@ def _si(value: float) -> str:
     return f"{value:.3g}"
 
 
-def _summary(scene, sim, traj, elapsed: float) -> str:
+def _summary(scene, sim, traj, timing: dict) -> str:
     steps = traj.n_frames - 1
     first = {k: float(v) for k, v in sim.energies(traj.state(0)).items()}
     last = {k: float(v) for k, v in sim.energies(traj.state(-1)).items()}
-    rate = sim.mesh.n_tets * sim.model.substeps * steps / max(elapsed, 1e-9)
+    rate = steady_rate(sim, steps, timing)
     dtype = str(sim.dtype).replace("torch.", "")
+    warm = ""
+    if steps > timing["warmup_steps"]:
+        warm = f" after the first {timing['warmup_steps']} steps ({timing['warmup']:.2f} s)"
     lines = [
         f"{scene.name}: {steps} steps of {sim.model.dt:g} s ({steps * sim.model.dt:.3f} s "
-        f"simulated) in {elapsed:.2f} s wall, {_si(rate)} tet-substeps/s",
+        f"simulated) in {timing['elapsed']:.2f} s wall",
+        f"  {_si(rate)} tet-substeps/s{warm}",
         f"  {sim.mesh.n_vertices} vertices, {sim.mesh.n_tets} tets, {sim.model.substeps} "
         f"substep(s), backend {sim.backend_name}, {dtype}",
         "  energy (J)      start        end",
@@ -399,8 +416,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     kind = _output_kind(args.out, allow_npz=True) if args.out else None
     scene, sim = _load(args.scene, args)
     steps = scene.steps if args.steps is None else args.steps
-    traj, elapsed = simulate(scene, sim, steps)
-    print(_summary(scene, sim, traj, elapsed))
+    traj, timing = simulate(scene, sim, steps)
+    print(_summary(scene, sim, traj, timing))
     if kind == "npz":
         traj.save(args.out)
         print(f"wrote {args.out} ({traj.n_frames} frames)")
@@ -432,8 +449,8 @@ def cmd_render(args: argparse.Namespace) -> int:
     if path.suffix.lower() == ".py":
         scene, sim = _load(args.path, args)
         steps = scene.steps if args.steps is None else args.steps
-        traj, elapsed = simulate(scene, sim, steps)
-        print(_summary(scene, sim, traj, elapsed))
+        traj, timing = simulate(scene, sim, steps)
+        print(_summary(scene, sim, traj, timing))
         options = _render_options(args, scene, sim)
         faces = sim.mesh.surface_faces
     else:

@@ -220,3 +220,24 @@ def test_polyscope_panel_runs_headless(controller):
     finally:
         ps.clear_user_callback()
         ps.remove_all_structures()
+
+
+def test_contact_segments_show_surface_pairs_closer_than_dhat():
+    a = ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=1, origin=(0.0, 0.0, 0.0))
+    b = ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=1, origin=(0.15, 0.0, 0.0))
+    sim = ds.Simulator(
+        ds.TetMesh.merge([a, b]),
+        ds.NeoHookean(),
+        gravity=(0.0, 0.0, 0.0),
+        ground=None,
+        contact=True,
+        backend="torch",
+    )
+    x = sim.initial_state().positions.clone()
+    assert contact_segments(sim, x).shape == (0, 2, 3)
+    dhat = sim.model.contact.dhat
+    x[a.n_vertices :, 0] -= 0.05 - 0.5 * dhat  # the gap closes to dhat / 2
+    seg = contact_segments(sim, x)
+    assert len(seg) > 0
+    lengths = np.linalg.norm(seg[:, 0] - seg[:, 1], axis=1)
+    assert np.all(lengths < dhat) and np.allclose(lengths.min(), 0.5 * dhat, rtol=1e-3)

@@ -89,6 +89,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 def _add_sim_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=("warp", "torch"), help="override the scene's backend")
     p.add_argument("--dtype", choices=("float32", "float64"), help="override the scene's dtype")
+    p.add_argument("--device", help="override the scene's torch device (cpu, cuda, cuda:1)")
 
 
 def _add_render_options(p: argparse.ArgumentParser) -> None:
@@ -245,6 +246,20 @@ def _dtype(name: str | None):
     return {"float32": torch.float32, "float64": torch.float64}[name]
 
 
+def _device(name: str | None):
+    if name is None:
+        return None
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise UsageError(f"--device {name}: not a torch device (use cpu, cuda or cuda:N)") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available here (see diffsim info)")
+    return device
+
+
 def _require_file(path: str, suffixes: tuple[str, ...], what: str) -> Path:
     p = Path(path)
     if p.suffix.lower() not in suffixes:
@@ -259,7 +274,7 @@ def _load(path: str, args: argparse.Namespace):
     from diffsim.scene import load_scene
 
     scene = load_scene(_require_file(path, (".py",), "a scene script"))
-    sim = scene.build(backend=args.backend, dtype=_dtype(args.dtype))
+    sim = scene.build(backend=args.backend, dtype=_dtype(args.dtype), device=_device(args.device))
     return scene, sim
 
 
@@ -431,11 +446,11 @@ def _render_out(args, scene, sim, traj) -> None:
 
     start = time.perf_counter()
     n = render_trajectory(
-        traj.positions.numpy(),
+        traj.positions.cpu().numpy(),
         sim.mesh.surface_faces,
         args.out,
         dt=traj.dt,
-        velocities=traj.velocities.numpy(),
+        velocities=traj.velocities.cpu().numpy(),
         **_render_options(args, scene, sim),
     )
     print(f"wrote {args.out} ({n} frames, {time.perf_counter() - start:.1f} s)")
@@ -462,11 +477,11 @@ def cmd_render(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     n = render_trajectory(
-        traj.positions.numpy(),
+        traj.positions.cpu().numpy(),
         faces,
         args.out,
         dt=traj.dt,
-        velocities=traj.velocities.numpy(),
+        velocities=traj.velocities.cpu().numpy(),
         **options,
     )
     print(f"wrote {args.out} ({n} frames, {time.perf_counter() - start:.1f} s)")
@@ -530,7 +545,7 @@ def _export(args, traj, faces, options) -> int:
         raise UsageError(f"--export writes one file per frame: --out must be a folder, got {out}")
     stride = options["stride"] or frame_stride(traj.dt, options["fps"])
     picks = frame_indices(traj.n_frames, stride, options["max_frames"])
-    paths = export_surfaces(traj.positions.numpy()[picks], faces, out, args.export)
+    paths = export_surfaces(traj.positions.cpu().numpy()[picks], faces, out, args.export)
     print(f"wrote {len(paths)} {args.export.upper()} files to {out}/")
     return EXIT_OK
 

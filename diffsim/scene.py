@@ -60,12 +60,18 @@ class Scene:
         """The script's file name without ``.py``."""
         return self.path.stem
 
-    def build(self, backend: str | None = None, dtype: torch.dtype | None = None) -> Simulator:
-        """Calls the script's ``build()``; optionally moves it to another backend or dtype.
+    def build(
+        self,
+        backend: str | None = None,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+    ) -> Simulator:
+        """Calls the script's ``build()``; optionally moves it to another backend, dtype or device.
 
         Args:
             backend: ``"warp"`` or ``"torch"`` to override the scene's choice, or None.
             dtype: ``torch.float32``/``torch.float64`` to override the scene's, or None.
+            device: a torch device (``"cpu"``, ``"cuda"``) to override the scene's, or None.
 
         Raises:
             SceneError: ``build()`` failed or did not return a Simulator.
@@ -78,10 +84,13 @@ class Scene:
             raise SceneError(
                 f"{self.path}: build() must return a diffsim.Simulator, got {type(sim).__name__}"
             )
-        if (backend is not None and backend != sim.backend_name) or (
-            dtype is not None and dtype != sim.dtype
+        device = None if device is None else torch.device(device)
+        if (
+            (backend is not None and backend != sim.backend_name)
+            or (dtype is not None and dtype != sim.dtype)
+            or (device is not None and device != sim.device)
         ):
-            sim = with_parameters(sim, backend=backend, dtype=dtype)
+            sim = with_parameters(sim, backend=backend, dtype=dtype, device=device)
         return sim
 
     def initial_state(self, sim: Simulator) -> State:
@@ -186,6 +195,7 @@ def with_parameters(
     gravity: Sequence[float] | None = None,
     backend: str | None = None,
     dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
 ) -> Simulator:
     """A new Simulator equal to ``sim`` but for the given settings (None keeps a setting).
 
@@ -218,7 +228,7 @@ def with_parameters(
         max_speed=model.max_speed,
         backend=sim.backend_name if backend is None else backend,
         dtype=sim.dtype if dtype is None else dtype,
-        device=sim.device,
+        device=sim.device if device is None else device,
     )
     ground = model.ground
     if ground is not None:

@@ -146,3 +146,37 @@ def test_with_parameters_changes_only_what_is_asked():
     assert sim.material.youngs_modulus == 1e5 and sim.model.dt == 1e-3  # unchanged
     with pytest.raises(ValueError, match="poissons_ratio"):
         with_parameters(sim, poissons_ratio=0.5)
+
+
+def run_whole(name: str):
+    scene = load_scene(next(p for p in SCENES if p.stem == name))
+    sim = scene.build()
+    with torch.no_grad():
+        traj = sim.rollout(scene.steps, scene.initial_state(sim))
+    assert torch.isfinite(traj.positions).all() and torch.isfinite(traj.velocities).all()
+    return sim, traj
+
+
+def test_cube_drop_lands_and_stays_on_the_ground():
+    sim, traj = run_whole("cube_drop")
+    x = traj.positions
+    assert float(x[..., 1].min()) > 0.0
+    com = x[-1].mean(dim=0)
+    assert 0.07 < float(com[1]) < 0.13  # resting: the 0.2 m cube's centre near 0.1 m
+    assert float(com[[0, 2]].abs().max()) < 0.05
+
+
+def test_cantilever_sags_by_a_plausible_amount():
+    sim, traj = run_whole("cantilever")
+    tip = sim.mesh.vertices[:, 0] > sim.mesh.vertices[:, 0].max() - 1e-9
+    sag = float(traj.positions[0, tip, 1].mean() - traj.positions[-1, tip, 1].mean())
+    assert 0.01 < sag < 0.25
+
+
+def test_sphere_bounces_and_rolls_on():
+    sim, traj = run_whole("sphere_bounce")
+    y = traj.positions[..., 1]
+    assert float(y.min()) > 0.0
+    lowest = y.min(dim=1).values
+    assert float(lowest.min()) < 1e-3  # it reached the ground ...
+    assert float(traj.positions[-1, :, 0].mean()) > 0.3  # ... and travelled on

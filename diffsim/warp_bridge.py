@@ -157,15 +157,19 @@ def forward_launches(g: Geometry, w: WarpCoefficients, threads: int) -> SimpleNa
         g.n_vertices,
         [
             slot(s.out_x), slot(s.out_v), s.f_a_w, s.f_b_w, mass, gravity, damping,
-            g.fixed_slot, slot(s.dummy), *w.scalars, 0, slot(s.out_x), slot(s.out_v),
+            g.fixed_slot, slot(s.dummy), *w.scalars, 0, slot(s.f_back), slot(s.out_x),
+            slot(s.out_v),
         ],
         g.device,
     )  # fmt: skip
     return SimpleNamespace(tets=tets, step=step, n_args=len(step.launch.kernel.adj.args))
 
 
-def substep_forward(g: Geometry, w: WarpCoefficients, x, v, x_fixed, launcher=None):
-    """One substep on tensors (no autograd): returns new ``(x_new, v_new)`` tensors."""
+def substep_forward(g: Geometry, w: WarpCoefficients, x, v, x_fixed, launcher=None, save=False):
+    """One substep on tensors (no autograd): returns new ``(x_new, v_new)`` tensors.
+
+    With ``save``, also returns the elastic forces at x (the backward pass reuses them).
+    """
     launches = w.scratch.launches
     if launches is None:
         threads = 2 if launcher is not None else 1
@@ -185,6 +189,13 @@ def substep_forward(g: Geometry, w: WarpCoefficients, x, v, x_fixed, launcher=No
         step.point(8, x_fixed)
     step.point(n - 2, x_new)
     step.point(n - 1, v_new)
+    if save:
+        f_el = torch.empty_like(x)
+        step.launch.set_param_at_index_from_ctype(n - 4, 1)
+        step.point(n - 3, f_el)
+        step()
+        step.launch.set_param_at_index_from_ctype(n - 4, 0)
+        return x_new, v_new, f_el
     step()
     return x_new, v_new
 
@@ -209,18 +220,46 @@ def _elastic_forces_into(g: Geometry, w: WarpCoefficients, xw, out: torch.Tensor
     return ow
 
 
-def _tet_adjoint(g: Geometry, w: WarpCoefficients, xw, f_w, adj_x_w, adj_f_w, adj_mu, adj_lam):
-    mu, lam = w.arrays[0], w.arrays[1]
-    wp.launch(
-        g.kernels.tet_forces,
-        dim=g.n_tets,
-        inputs=[xw, g.tets, g.dm_inv, g.volume, mu, lam, w.per_tet, w.material, f_w],
-        adj_inputs=[adj_x_w, None, None, None, adj_mu, adj_lam, 0, 0, adj_f_w],
-        adj_outputs=[],
-        adjoint=True,
-        device=g.device,
-        record_tape=False,
+def _tet_adjoint(g: Geometry, w: WarpCoefficients, xw, adj_f_w, adj_x, adj_mu, adj_lam, launcher):
+    """Accumulates the force kernel's adjoint (an HVP) into adj_x, adj_mu and adj_lam.
+
+    With a launcher, the tets are split between two threads; each half accumulates into
+    its own vertex (and global-parameter) buffers, summed afterwards.
+    """
+    k, mu, lam = g.kernels, w.arrays[0], w.arrays[1]
+    s, chunk, m = w.scratch, g.chunk, g.n_tets
+
+    def part(start, stop, ax, amu, alam) -> None:
+        wp.launch(
+            k.tet_forces[w.material],
+            dim=(stop - start + chunk - 1) // chunk,
+            inputs=[xw, g.tets, g.dm_inv, g.volume, mu, lam, w.per_tet, start, stop, chunk],
+            outputs=[s.f_back_w],
+            adj_inputs=[wrap(ax, k.vec3), None, None, None, amu, alam, 0, 0, 0, 0],
+            adj_outputs=[adj_f_w],
+            adjoint=True,
+            device=g.device,
+            record_tape=False,
+        )
+
+    amu, alam = wrap(adj_mu, k.scalar), wrap(adj_lam, k.scalar)
+    if launcher is None or m < 2048:
+        part(0, m, adj_x, amu, alam)
+        return
+    half = m // 2
+    adj_x2 = torch.zeros_like(adj_x)
+    if w.per_tet:  # disjoint tet ranges: both halves may share the per-tet buffers
+        amu2, alam2, adj_mu2, adj_lam2 = amu, alam, None, None
+    else:
+        adj_mu2, adj_lam2 = torch.zeros_like(adj_mu), torch.zeros_like(adj_lam)
+        amu2, alam2 = wrap(adj_mu2, k.scalar), wrap(adj_lam2, k.scalar)
+    launcher.run(
+        lambda: part(0, half, adj_x, amu, alam), lambda: part(half, m, adj_x2, amu2, alam2)
     )
+    adj_x += adj_x2
+    if adj_mu2 is not None:
+        adj_mu += adj_mu2
+        adj_lam += adj_lam2
 
 
 class Substep(torch.autograd.Function):
@@ -228,15 +267,16 @@ class Substep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, g, w, launcher, x, v, x_fixed, mu, lam, mass, gravity, damping):
-        ctx.g, ctx.w = g, w
-        ctx.save_for_backward(x, v, x_fixed)
-        return substep_forward(g, w, x, v, x_fixed, launcher)
+        ctx.g, ctx.w, ctx.launcher = g, w, launcher
+        x_new, v_new, f_el = substep_forward(g, w, x, v, x_fixed, launcher, save=True)
+        ctx.save_for_backward(x, v, x_fixed, f_el)
+        return x_new, v_new
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_x, grad_v):
         g, w = ctx.g, ctx.w
-        x, v, x_fixed = ctx.saved_tensors
+        x, v, x_fixed, f_el = ctx.saved_tensors
         k, vec3, s = g.kernels, g.kernels.vec3, w.scratch
         grad_x = torch.zeros_like(x) if grad_x is None else grad_x.contiguous()
         grad_v = torch.zeros_like(v) if grad_v is None else grad_v.contiguous()
@@ -246,8 +286,7 @@ class Substep(torch.autograd.Function):
         adj_d = adj_d.to(damping)
         adj_mu, adj_lam = torch.zeros_like(mu), torch.zeros_like(lam)
         adj_xf = torch.zeros_like(x_fixed) if g.n_fixed else s.dummy
-        xw = wrap(x, vec3)
-        f_w = _elastic_forces_into(g, w, xw, s.f_back)
+        xw, f_w = wrap(x, vec3), wrap(f_el, vec3)
         s.adj_f.zero_()
         adj_x_w, adj_f_w = wrap(adj_x, vec3), wrap(s.adj_f, vec3)
         xf_w = wrap(x_fixed, vec3) if g.n_fixed else s.dummy_w
@@ -269,9 +308,7 @@ class Substep(torch.autograd.Function):
             device=g.device,
             record_tape=False,
         )  # fmt: skip
-        _tet_adjoint(
-            g, w, xw, f_w, adj_x_w, adj_f_w, wrap(adj_mu, k.scalar), wrap(adj_lam, k.scalar)
-        )
+        _tet_adjoint(g, w, xw, adj_f_w, adj_x, adj_mu, adj_lam, ctx.launcher)
         return (
             None, None, None, adj_x, adj_v, adj_xf if g.n_fixed else torch.zeros_like(x_fixed),
             adj_mu, adj_lam, adj_mass, adj_g, adj_d.view(damping.shape),
@@ -331,9 +368,7 @@ class Forces(torch.autograd.Function):
             device=g.device,
             record_tape=False,
         )  # fmt: skip
-        _tet_adjoint(
-            g, w, xw, f_el, adj_x_w, adj_f_w, wrap(adj_mu, k.scalar), wrap(adj_lam, k.scalar)
-        )
+        _tet_adjoint(g, w, xw, adj_f_w, adj_x, adj_mu, adj_lam, None)
         return None, None, None, adj_x, adj_mu, adj_lam, adj_mass, adj_g
 
 

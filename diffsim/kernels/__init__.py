@@ -1,8 +1,10 @@
 """Warp kernels, one file per concern, generated once per scalar type.
 
-All kernels of one dtype live in one Warp module (``diffsim_float32`` or
-``diffsim_float64``), so a process compiles (or loads from the kernel cache) at most one
-module per dtype it uses. Nothing depends on the mesh or on parameter values, so nothing
+The kernels of one dtype live in two Warp modules: ``diffsim_float32`` holds the
+forward-only kernels a rollout needs, ``diffsim_float32_grad`` the differentiable ones
+(compiled with their adjoints), loaded on the first backward pass or ``forces()`` call.
+So a process compiles (or loads from the kernel cache) only what it uses, and the first
+step does not wait for adjoint code. Nothing depends on the mesh or on parameter values, so nothing
 recompiles when they change.
 """
 
@@ -27,10 +29,13 @@ def kernels_for(dtype: torch.dtype) -> SimpleNamespace:
         raise ValueError(f"Warp kernels exist for float32 and float64, not {dtype}")
     scalar = scalars[dtype]
     module = f"diffsim_{scalar.__name__}"
-    return SimpleNamespace(
+    grad_module = f"{module}_grad"
+    kernels = SimpleNamespace(
         scalar=scalar,
         vec3=wp.types.vector(3, scalar),
         mat33=wp.types.matrix((3, 3), scalar),
-        **vars(build_elastic(scalar, module)),
-        **vars(build_integrate(scalar, module)),
+        **vars(build_elastic(scalar, module, grad_module)),
+        **vars(build_integrate(scalar, module, grad_module)),
     )
+    wp.get_module(module).options["enable_backward"] = False  # no adjoint code to compile
+    return kernels

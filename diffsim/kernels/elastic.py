@@ -15,15 +15,17 @@ import warp as wp
 SNH, NH, STVK, COROTATED, LINEAR = 0, 1, 2, 3, 4
 
 
-def build_elastic(dtype, module: str) -> SimpleNamespace:
+def build_elastic(dtype, module: str, grad_module: str) -> SimpleNamespace:
     """Elastic kernels for one scalar type (``wp.float32`` or ``wp.float64``).
 
     Args:
         dtype: the Warp scalar type.
-        module: the Warp module name that holds every kernel of this dtype.
+        module: the Warp module of the forward-only kernels.
+        grad_module: the Warp module of the differentiable kernels (loaded on first use).
 
     Returns:
-        A namespace with the kernels ``tet_forces`` and ``tet_energy``.
+        A namespace with ``tet_forces_chunked`` and ``tet_forces`` (tuples indexed by the
+        material id: forward-only and differentiable) and ``tet_energy``.
     """
     T = dtype
     vec3 = wp.types.vector(3, T)
@@ -99,21 +101,6 @@ def build_elastic(dtype, module: str) -> SimpleNamespace:
         return T(2.0) * mu * eps + lam * wp.trace(eps) * eye
 
     @wp.func
-    def pk1(F: mat33, mu: T, lam: T, material: int) -> mat33:
-        P = mat33()
-        if material == SNH:
-            P = pk1_snh(F, mu, lam)
-        elif material == NH:
-            P = pk1_nh(F, mu, lam)
-        elif material == STVK:
-            P = pk1_stvk(F, mu, lam)
-        elif material == COROTATED:
-            P = pk1_corotated(F, mu, lam)
-        else:
-            P = pk1_linear(F, mu, lam)
-        return P
-
-    @wp.func
     def psi(F: mat33, mu: T, lam: T, material: int) -> T:
         eye = wp.identity(3, T)
         e = T(0.0)
@@ -149,47 +136,43 @@ def build_elastic(dtype, module: str) -> SimpleNamespace:
         ds = wp.matrix_from_cols(x[tet[1]] - x0, x[tet[2]] - x0, x[tet[3]] - x0)
         return ds @ dm_inv
 
-    @wp.func
-    def add_tet_forces(
-        e: int,
-        x: wp.array(dtype=vec3),
-        tets: wp.array(dtype=wp.vec4i),
-        dm_inv: wp.array(dtype=mat33),
-        volume: wp.array(dtype=T),
-        mu: wp.array(dtype=T),
-        lam: wp.array(dtype=T),
-        per_tet: int,
-        material: int,
-        f: wp.array(dtype=vec3),
-    ):
-        # Force on corner k >= 1 is column k-1 of -V P Dm^-T, i.e. -V P (row k-1 of Dm^-1).
-        tet = tets[e]
-        dmi = dm_inv[e]
-        F = deformation_gradient(x, tet, dmi)
-        p = e * per_tet
-        P = -volume[e] * pk1(F, mu[p], lam[p], material)
-        f1 = P @ dmi[0]
-        f2 = P @ dmi[1]
-        f3 = P @ dmi[2]
-        wp.atomic_add(f, tet[0], -(f1 + f2 + f3))
-        wp.atomic_add(f, tet[1], f1)
-        wp.atomic_add(f, tet[2], f2)
-        wp.atomic_add(f, tet[3], f3)
+    def differentiable_kernel(stress):
+        @wp.kernel(module=grad_module)
+        def tet_forces(
+            x: wp.array(dtype=vec3),
+            tets: wp.array(dtype=wp.vec4i),
+            dm_inv: wp.array(dtype=mat33),
+            volume: wp.array(dtype=T),
+            mu: wp.array(dtype=T),
+            lam: wp.array(dtype=T),
+            per_tet: int,
+            start: int,
+            stop: int,
+            chunk: int,
+            f: wp.array(dtype=vec3),
+        ):
+            """One material: adds the force -V P Dm^-T of ``chunk`` tets to their corners.
 
-    @wp.kernel(module=module)
-    def tet_forces(
-        x: wp.array(dtype=vec3),
-        tets: wp.array(dtype=wp.vec4i),
-        dm_inv: wp.array(dtype=mat33),
-        volume: wp.array(dtype=T),
-        mu: wp.array(dtype=T),
-        lam: wp.array(dtype=T),
-        per_tet: int,
-        material: int,
-        f: wp.array(dtype=vec3),
-    ):
-        """Adds each tet's elastic force -V P Dm^-T to its corners (differentiable)."""
-        add_tet_forces(wp.tid(), x, tets, dm_inv, volume, mu, lam, per_tet, material, f)
+            Iterations are independent (they only accumulate into f), so the loop's adjoint,
+            run in reverse, is exact; the adjoint of the kernel is a Hessian-vector product.
+            """
+            first = start + wp.tid() * chunk
+            last = wp.min(first + chunk, stop)
+            for e in range(first, last):
+                tet = tets[e]
+                dmi = dm_inv[e]
+                F = deformation_gradient(x, tet, dmi)
+                p = e * per_tet
+                P = -volume[e] * stress(F, mu[p], lam[p])
+                f1 = P @ dmi[0]
+                f2 = P @ dmi[1]
+                f3 = P @ dmi[2]
+                wp.atomic_add(f, tet[0], -(f1 + f2 + f3))
+                wp.atomic_add(f, tet[1], f1)
+                wp.atomic_add(f, tet[2], f2)
+                wp.atomic_add(f, tet[3], f3)
+
+        return tet_forces
 
     def chunked_kernel(stress):
         @wp.kernel(module=module, enable_backward=False)
@@ -230,8 +213,9 @@ def build_elastic(dtype, module: str) -> SimpleNamespace:
 
     stresses = (pk1_snh, pk1_nh, pk1_stvk, pk1_corotated, pk1_linear)
     tet_forces_chunked = tuple(chunked_kernel(stress) for stress in stresses)
+    tet_forces = tuple(differentiable_kernel(stress) for stress in stresses)
 
-    @wp.kernel(module=module)
+    @wp.kernel(module=grad_module)
     def tet_energy(
         x: wp.array(dtype=vec3),
         tets: wp.array(dtype=wp.vec4i),

@@ -17,12 +17,13 @@ MIN_GAP_FRACTION = 1e-6
 NEWTON_ITERATIONS = 80
 
 
-def build_integrate(dtype, module: str) -> SimpleNamespace:
+def build_integrate(dtype, module: str, grad_module: str) -> SimpleNamespace:
     """Vertex kernels for one scalar type (``wp.float32`` or ``wp.float64``).
 
     Args:
         dtype: the Warp scalar type.
-        module: the Warp module name that holds every kernel of this dtype.
+        module: the Warp module of the forward-only kernels.
+        grad_module: the Warp module of the differentiable kernels (loaded on first use).
 
     Returns:
         A namespace with ``step_fast`` (forward only, zeroes the force buffers it reads),
@@ -191,15 +192,22 @@ def build_integrate(dtype, module: str) -> SimpleNamespace:
         friction: T,
         eps_v: T,
         max_speed: T,
-        offset: int,
+        save: int,
+        f_saved: wp.array(dtype=vec3),
         x_new: wp.array(dtype=vec3),
         v_new: wp.array(dtype=vec3),
     ):
-        """Forward-only update; reads the elastic forces f_a + f_b and zeroes them for reuse."""
-        i = wp.tid() + offset
+        """Forward-only update; reads the elastic forces f_a + f_b and zeroes them for reuse.
+
+        With ``save`` set, the elastic forces are also written to ``f_saved`` (for backward).
+        """
+        i = wp.tid()
         xi = x[i]
         m = mass[i]
-        f = f_a[i] + f_b[i] + m * gravity[0]
+        f_el = f_a[i] + f_b[i]
+        if save != 0:
+            f_saved[i] = f_el
+        f = f_el + m * gravity[0]
         f_a[i] = vec3()
         f_b[i] = vec3()
         slot = fixed_slot[i]
@@ -215,7 +223,7 @@ def build_integrate(dtype, module: str) -> SimpleNamespace:
         x_new[i] = xn
         v_new[i] = vn
 
-    @wp.kernel(module=module)
+    @wp.kernel(module=grad_module)
     def step_vertices(
         x: wp.array(dtype=vec3),
         v: wp.array(dtype=vec3),
@@ -254,7 +262,7 @@ def build_integrate(dtype, module: str) -> SimpleNamespace:
         x_new[i] = xn
         v_new[i] = vn
 
-    @wp.kernel(module=module)
+    @wp.kernel(module=grad_module)
     def total_forces(
         x: wp.array(dtype=vec3),
         f_el: wp.array(dtype=vec3),

@@ -1,0 +1,231 @@
+"""Warp vs torch backend, side by side: speed, forward+backward time, peak memory, start-up.
+
+The reference scene of DESIGN.md: a mesh from ../shared/assets centred, scaled to 0.3 m
+tall and lifted 2 cm above the ground at y = 0; Stable Neo-Hookean E = 1e5 Pa, nu = 0.4,
+density 1000 kg/m^3; gravity -9.81 m/s^2; one substep per step; float32; one torch thread.
+One change: dt. At the reference dt = 1e-3 s these meshes blow up within a few steps on
+both backends (their sliver tets need dt of about 1e-5 s for explicit stability), so the
+default here is dt = 1e-5 s; the work per substep does not depend on dt.
+
+Every measurement runs in a fresh subprocess, so peak memory (VmHWM, reset after warm-up
+via /proc/self/clear_refs) is that configuration's alone, reported above the baseline
+after imports, mesh load and warm-up.
+
+    .venv/bin/python benchmarks/bench_backends.py            # full table
+    .venv/bin/python benchmarks/bench_backends.py --quick    # bunny only, fewer steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+MESHES = {"bunny": "bunny.msh", "armadillo": "Armadillo13K.msh"}
+
+
+# ----------------------------------------------------------------------------- worker side
+def _memory_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _reset_peak() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux, or not permitted: peak then includes the warm-up
+        pass
+
+
+def _build(spec: dict, youngs_modulus=1e5):
+    import diffsim as ds
+
+    mesh = ds.TetMesh.load(ASSETS / MESHES[spec["mesh"]])
+    mesh = mesh.centered().scaled_to(0.3).placed_on(0.0, gap=0.02)
+    material = ds.StableNeoHookean(
+        youngs_modulus=youngs_modulus, poissons_ratio=0.4, density=1000.0
+    )
+    return mesh, ds.Simulator(mesh, material, dt=spec["dt"], backend=spec["backend"])
+
+
+def _worker(spec: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    task = spec["task"]
+    if task == "start":
+        t0 = time.perf_counter()
+        _, sim = _build(spec)
+        with torch.no_grad():
+            sim.step(sim.initial_state())
+        return {"seconds": time.perf_counter() - t0}
+    youngs = torch.tensor(1e5, requires_grad=True)
+    mesh, sim = _build(spec, youngs_modulus=youngs if task == "grad" else 1e5)
+    steps = spec["steps"]
+    with torch.no_grad():
+        sim.rollout(3)  # warm-up: kernels loaded, buffers allocated
+    if task == "forward":
+        best = float("inf")
+        for _ in range(spec["repeats"]):
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                sim.rollout(steps)
+                best = min(best, time.perf_counter() - t0)
+        return {"tet_substeps_per_s": mesh.n_tets * steps / best, "seconds": best}
+    # forward + backward: loss = mean height of the last frame, gradient wrt E
+    baseline = _memory_kib("VmRSS")
+    _reset_peak()
+    t0 = time.perf_counter()
+    traj = sim.rollout(steps, checkpoint_every=spec["checkpoint"])
+    loss = traj.positions[-1, :, 1].mean()
+    loss.backward()
+    seconds = time.perf_counter() - t0
+    peak = _memory_kib("VmHWM")
+    return {
+        "seconds": seconds,
+        "peak_mb": max(peak - baseline, 0) / 1024,
+        "grad": float(youngs.grad),
+    }
+
+
+# ----------------------------------------------------------------------------- driver side
+def _run(spec: dict, env: dict | None = None) -> dict:
+    cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr else "failed"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _env(**extra: str) -> dict:
+    env = dict(os.environ)
+    env.setdefault("WARP_CACHE_PATH", str(Path(__file__).resolve().parents[1] / ".warp_cache"))
+    env.update(extra)
+    return env
+
+
+def _fmt(value, spec: str = ".2f", suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:{spec}}{suffix}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="bunny only, fewer repeats")
+    parser.add_argument("--dt", type=float, default=1e-5, help="time step in s (see above)")
+    parser.add_argument("--steps", type=int, default=100, help="steps per measurement")
+    parser.add_argument("--checkpoint", type=int, default=10, help="checkpoint segment K")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(_worker(json.loads(args.worker))))
+        return
+    if not ASSETS.is_dir():
+        sys.exit(f"{ASSETS} not found: the benchmark meshes live in ../shared/assets")
+    meshes = ["bunny"] if args.quick else ["bunny", "armadillo"]
+    base = {"dt": args.dt, "steps": args.steps}
+    repeats = 2 if args.quick else 3
+    rows = []
+    for mesh in meshes:
+        r = {"mesh": mesh}
+        fwd = {}
+        for label, backend, threads in [
+            ("torch", "torch", "1"),
+            ("warp1", "warp", "1"),
+            ("warp2", "warp", "2"),
+        ]:
+            spec = {**base, "mesh": mesh, "backend": backend, "task": "forward"}
+            spec["repeats"] = repeats
+            fwd[label] = _run(spec, _env(DIFFSIM_WARP_THREADS=threads))
+        r["fwd"] = fwd
+        grads = {}
+        for backend in ("torch", "warp"):
+            for ck in (None, args.checkpoint):
+                spec = {**base, "mesh": mesh, "backend": backend, "task": "grad", "checkpoint": ck}
+                grads[(backend, ck)] = _run(spec, _env())
+        r["grad"] = grads
+        rows.append(r)
+    long_run = None
+    if not args.quick:
+        spec = {**base, "steps": 1000, "mesh": "bunny", "backend": "warp", "task": "grad"}
+        long_run = _run({**spec, "checkpoint": 50}, _env())
+    with tempfile.TemporaryDirectory() as cache:
+        spec = {**base, "mesh": "bunny", "backend": "warp", "task": "start"}
+        t0 = time.perf_counter()
+        cold_inner = _run(spec, _env(WARP_CACHE_PATH=cache))
+        cold = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        warm_inner = _run(spec, _env(WARP_CACHE_PATH=cache))
+        warm = time.perf_counter() - t0
+    _print(rows, args, long_run, (cold, cold_inner), (warm, warm_inner))
+
+
+def _print(rows, args, long_run, cold, warm) -> None:
+    import torch
+
+    print(
+        f"# diffsim backends: reference scene, float32, dt={args.dt:g} s, {args.steps} steps, "
+        f"torch {torch.__version__} (1 thread), {os.cpu_count()} CPU cores"
+    )
+    print()
+    print("| mesh | tets | torch M tet-substeps/s | warp 1 thread | warp 2 threads | warp/torch |")
+    print("|---|---|---|---|---|---|")
+    tets = {"bunny": 19379, "armadillo": 54985}
+    for r in rows:
+        f = {k: v.get("tet_substeps_per_s") for k, v in r["fwd"].items()}
+        best = max((v for k, v in f.items() if k != "torch" and v), default=None)
+        ratio = best / f["torch"] if best and f["torch"] else None
+        print(
+            f"| {r['mesh']} | {tets[r['mesh']]} | {_fmt(f['torch'] and f['torch'] / 1e6)} | "
+            f"{_fmt(f['warp1'] and f['warp1'] / 1e6)} | {_fmt(f['warp2'] and f['warp2'] / 1e6)} | "
+            f"{_fmt(ratio, '.1f', 'x')} |"
+        )
+    print()
+    print(
+        f"Forward+backward, {args.steps} substeps, loss = mean height of the last frame, "
+        f"d/dE; peak = peak RSS above the baseline (MB); checkpoint K = {args.checkpoint}"
+    )
+    print()
+    print("| mesh | checkpoint | torch s | torch peak MB | warp s | warp peak MB | time ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        for ck in (None, args.checkpoint):
+            t = r["grad"][("torch", ck)]
+            w = r["grad"][("warp", ck)]
+            ratio = (
+                t.get("seconds") / w["seconds"] if t.get("seconds") and w.get("seconds") else None
+            )
+            print(
+                f"| {r['mesh']} | {ck or 'no'} | {_fmt(t.get('seconds'))} | "
+                f"{_fmt(t.get('peak_mb'), '.0f')} | {_fmt(w.get('seconds'))} | "
+                f"{_fmt(w.get('peak_mb'), '.0f')} | {_fmt(ratio, '.1f', 'x')} |"
+            )
+        errors = [v["error"] for v in [*r["fwd"].values(), *r["grad"].values()] if "error" in v]
+        for e in errors:
+            print(f"  error ({r['mesh']}): {e}")
+    print()
+    if long_run is not None:
+        print(
+            f"1000-substep bunny rollout gradient on warp, checkpoint K = 50: "
+            f"{_fmt(long_run.get('seconds'))} s, peak {_fmt(long_run.get('peak_mb'), '.0f')} MB "
+            f"above baseline {long_run.get('error', '')}"
+        )
+    print(
+        f"Start-up (import + simulator + first step, own process, bunny): cold (empty kernel "
+        f"cache) {cold[0]:.1f} s total, {_fmt(cold[1].get('seconds'), '.1f')} s after "
+        f"interpreter start-up; warm {warm[0]:.1f} s total, "
+        f"{_fmt(warm[1].get('seconds'), '.1f')} s after interpreter start-up"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -357,6 +357,9 @@ class PolyscopeViewer:
         self.controller = controller
         c = controller
         ps.remove_all_structures()
+        # Undo what a headless FrameRenderer in this process may have set.
+        ps.set_build_default_gui_panels(True)
+        ps.set_automatically_compute_scene_extents(True)
         ps.set_up_dir("y_up")
         ps.set_front_dir("z_front")
         ps.set_ground_plane_mode("tile")

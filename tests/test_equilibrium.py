@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -9,11 +12,13 @@ import torch
 import diffsim as ds
 from diffsim.equilibrium import EquilibriumError
 
+os.environ.setdefault("WARP_CACHE_PATH", str(Path(__file__).resolve().parents[1] / ".warp_cache"))
+
 F64 = torch.float64
 TIGHT = 1e-11  # relative force residual for the finite-difference solves
 
 
-def cantilever(E=2e5, nu=0.3, density=1000.0, per_tet=False, **kwargs) -> ds.Simulator:
+def cantilever(E=2e5, nu=0.3, density=1000.0, per_tet=False, backend="torch", **kwargs):
     """A 15 cm beam clamped at x = 0, sagging under gravity; no ground (60 tets)."""
     mesh = ds.TetMesh.box(size=(0.15, 0.03, 0.03), resolution=(5, 2, 1))
     if per_tet:
@@ -21,16 +26,16 @@ def cantilever(E=2e5, nu=0.3, density=1000.0, per_tet=False, **kwargs) -> ds.Sim
     material = ds.StableNeoHookean(youngs_modulus=E, poissons_ratio=nu, density=density)
     fixed = np.flatnonzero(mesh.vertices[:, 0] < 1e-9)
     return ds.Simulator(
-        mesh, material, fixed=fixed, ground=None, backend="torch", dtype=F64, **kwargs
+        mesh, material, fixed=fixed, ground=None, backend=backend, dtype=F64, **kwargs
     )
 
 
-def pressed_box() -> ds.Simulator:
+def pressed_box(backend: str = "torch") -> ds.Simulator:
     """A 4 cm box whose top face is held (and may be pushed) over the ground (48 tets)."""
     mesh = ds.TetMesh.box(size=(0.04, 0.04, 0.04), resolution=2).placed_on(0.0, gap=0.001)
     top = np.flatnonzero(mesh.vertices[:, 1] > mesh.vertices[:, 1].max() - 1e-9)
     material = ds.StableNeoHookean(youngs_modulus=2e4, poissons_ratio=0.3, density=1000.0)
-    return ds.Simulator(mesh, material, fixed=top, ground=0.0, backend="torch", dtype=F64)
+    return ds.Simulator(mesh, material, fixed=top, ground=0.0, backend=backend, dtype=F64)
 
 
 def pushed_top(sim: ds.Simulator, depth: float = 0.0025) -> torch.Tensor:
@@ -308,3 +313,24 @@ def test_quasi_static_path_is_differentiable_through_every_step():
         down = sim.quasi_static(fixed_positions=path, params={"youngs_modulus": E - h}, tol=TIGHT)
     fd = (up[:, :, 1].sum() - down[:, :, 1].sum()) / (2 * h)
     assert abs(float(g_E - fd)) <= 1e-5 * abs(float(fd))
+
+
+# ----------------------------------------------------------------------------- backends
+@pytest.mark.parametrize("scene", ["cantilever", "pressed_box"])
+def test_warp_backend_matches_torch(scene):
+    """Same equilibrium and adjoint gradient with Hessian products from Warp kernel adjoints."""
+    from diffsim.backends import BACKENDS
+
+    if "warp" not in BACKENDS:
+        pytest.skip("the Warp backend is not available (warp-lang not installed)")
+    results = {}
+    for backend in ("torch", "warp"):
+        sim = cantilever(backend=backend) if scene == "cantilever" else pressed_box(backend)
+        assert sim.backend_name == backend
+        E = torch.tensor(2e5 if scene == "cantilever" else 2e4, dtype=F64, requires_grad=True)
+        top = pushed_top(sim) if scene == "pressed_box" else None
+        x = sim.equilibrium(params={"youngs_modulus": E}, fixed_positions=top, tol=TIGHT)
+        (grad,) = torch.autograd.grad(x[:, 1].sum(), E)
+        results[backend] = (x.detach(), grad)
+    assert torch.allclose(results["warp"][0], results["torch"][0], atol=1e-12)
+    assert torch.allclose(results["warp"][1], results["torch"][1], rtol=1e-8)

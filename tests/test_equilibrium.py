@@ -286,6 +286,41 @@ def test_adjoint_matches_direct_and_cg():
     assert torch.allclose(grads[0], grads[1], rtol=1e-7)
 
 
+def test_gradient_of_a_box_resting_on_the_ground():
+    """No fixed vertices: the ground holds y; x, z and the y-rotation are free (rigid modes).
+
+    The loss depends on heights only, so the adjoint system is consistent and solvable.
+    """
+    mesh = ds.TetMesh.box(size=(0.04, 0.04, 0.04), resolution=2).placed_on(0.0, gap=0.001)
+    material = ds.StableNeoHookean(youngs_modulus=2e4, poissons_ratio=0.3, density=1000.0)
+    sim = ds.Simulator(mesh, material, ground=0.0, backend="torch", dtype=F64)
+    weights = torch.zeros(sim.model.n_vertices, 3, dtype=F64)
+    weights[:, 1] = torch.linspace(0.5, 1.5, sim.model.n_vertices, dtype=F64)
+    check_gradient(sim, "youngs_modulus", torch.tensor(2e4, dtype=F64), weights=weights)
+
+
+def test_float32_solve_and_gradient_match_float64():
+    E64 = torch.tensor(2e5, dtype=F64, requires_grad=True)
+    x64 = cantilever().equilibrium(params={"youngs_modulus": E64})
+    (g64,) = torch.autograd.grad(x64[:, 1].sum(), E64)
+    mesh = ds.TetMesh.box(size=(0.15, 0.03, 0.03), resolution=(5, 2, 1))
+    fixed = np.flatnonzero(mesh.vertices[:, 0] < 1e-9)
+    E32 = torch.tensor(2e5, requires_grad=True)
+    sim = ds.Simulator(
+        mesh,
+        ds.StableNeoHookean(youngs_modulus=E32),
+        fixed=fixed,
+        ground=None,
+        backend="torch",
+        dtype=torch.float32,
+    )
+    x32, info = sim.equilibrium(return_info=True)
+    (g32,) = torch.autograd.grad(x32[:, 1].sum(), E32)
+    assert info.converged and x32.dtype == torch.float32
+    assert torch.allclose(x32.double(), x64.detach(), atol=1e-5)
+    assert abs(float(g32) / float(g64) - 1.0) < 1e-3
+
+
 # ----------------------------------------------------------------------------- loading path
 def test_quasi_static_path_is_differentiable_through_every_step():
     sim = pressed_box()

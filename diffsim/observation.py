@@ -11,7 +11,8 @@ The ``.npz`` file has these arrays (only ``positions`` is required):
   ``frames`` ``[F]`` int, the simulation step of each frame (0 = the initial state);
   ``times`` ``[F]`` float, seconds from the initial state (frames need not fall on
   simulation steps: the simulation is interpolated linearly between steps);
-  ``stride`` int, frame ``i`` is step ``i * stride``. Default: stride 1.
+  ``stride`` int, frame ``i`` is step ``i * stride``;
+  ``dt`` float, frame ``i`` is at time ``i * dt`` (s). Default: stride 1.
 - ``weights`` ``[k]`` or ``[F, k]`` float >= 0: per-point (and per-frame) loss weights,
   e.g. inverse variances of a tracker.
 
@@ -248,6 +249,8 @@ class Observation:
             arrays = {k: data[k] for k in ("indices", "frames", "times", "weights") if k in data}
             stride = int(data["stride"]) if "stride" in data.files else 1
             positions = data["positions"]
+            if not {"frames", "times", "stride"} & set(data.files) and "dt" in data.files:
+                arrays["times"] = np.arange(len(positions)) * float(data["dt"])
         if "frames" in arrays:
             arrays.pop("times", None)
         try:

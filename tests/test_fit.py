@@ -349,3 +349,8 @@ def test_equilibrium_mode_recovers_e_from_a_sagging_cantilever():
         fit(
             cantilever(8e5), Observation(np.zeros((2, 3, 3)), indices=[0, 1, 2]), mode="equilibrium"
         )
+
+
+def test_a_file_with_only_dt_is_timed_by_it(tmp_path):
+    np.savez(tmp_path / "t.npz", positions=np.zeros((3, 2, 3)), dt=np.asarray(2e-3))
+    np.testing.assert_allclose(Observation.load(tmp_path / "t.npz").steps(1e-3), [0, 2, 4])

@@ -189,13 +189,16 @@ class WarpBackend(Backend):
         if m.max_speed is not None:
             v = clamp_speed(v, m.max_speed)
         v = v * (~m.fixed_mask).to(x.dtype)[:, None]
+        x_new = x + h * v
         if m.ground is not None:
-            y_new = m.ground.solve(x[:, 1] + h * v[:, 1], h)
+            y_new = m.ground.solve(x_new[:, 1], h)
             v = torch.stack([v[:, 0], (y_new - x[:, 1]) / h, v[:, 2]], dim=1)
-            x_end = torch.stack([x[:, 0], y_new, x[:, 2]], dim=1)
-            v = m.ground.apply_friction(v, x_end, h)
+            v = m.ground.apply_friction(v, torch.stack([x[:, 0], y_new, x[:, 2]], dim=1), h)
+            x_new = torch.stack([x[:, 0] + h * v[:, 0], y_new, x[:, 2] + h * v[:, 2]], dim=1)
         v = m.contact.apply_friction(v, x, mass, h)
-        x_new = m.contact.limit(x, x + h * v)
+        x_new = m.contact.limit(
+            x, torch.stack([x[:, 0] + h * v[:, 0], x_new[:, 1], x[:, 2] + h * v[:, 2]], 1)
+        )
         v = (x_new - x) / h
         return x_new.index_put((m.fixed_indices,), x_fixed), v
 

@@ -5,7 +5,7 @@ The formulas are those of :mod:`diffsim.ground`, :mod:`diffsim.velocity` and
 v += h (f_elastic + m g) / m, damping v / (1 + h c), tanh clamp, fixed mask, the ground
 barrier integrated implicitly per vertex (safeguarded Newton on
 d' = d_pred + h^2 a(d')), friction from the barrier's normal force at the new height,
-x += h v, then the prescribed positions of fixed vertices.
+x += h v (the height as solved), then the prescribed positions of fixed vertices.
 """
 
 from types import SimpleNamespace
@@ -155,8 +155,9 @@ def build_integrate(dtype, module: str, grad_module: str) -> SimpleNamespace:
             v1 = v1 * factor
         if is_fixed != 0:
             v1 = v1 * T(0.0)
+        xn = x + h * v1
         if has_ground != 0:
-            y_new = ground_solve(x[1] + h * v1[1], h, height, dhat, kappa)
+            y_new = ground_solve(xn[1], h, height, dhat, kappa)
             v1 = vec3(v1[0], (y_new - x[1]) / h, v1[2])
             if friction > T(0.0):
                 normal = ground_acceleration(y_new, height, dhat, kappa)
@@ -168,7 +169,8 @@ def build_integrate(dtype, module: str, grad_module: str) -> SimpleNamespace:
                     slope = T(2.0) / eps_v - speed / (eps_v * eps_v)
                 scale = T(1.0) / (T(1.0) + h * friction * normal * slope)
                 v1 = v1 - (T(1.0) - scale) * u
-        xn = x + h * v1
+            # The height as solved, not x + h v, which could round onto the plane.
+            xn = vec3(x[0] + h * v1[0], y_new, x[2] + h * v1[2])
         if is_fixed != 0:
             xn = x_fixed
         return xn, v1

@@ -407,6 +407,7 @@ def _render_options(args, scene, sim) -> dict:
         camera=args.camera or scene.camera,
         ground=ground,
         fixed=sim.model.fixed_indices.cpu().numpy(),
+        body_ids=sim.mesh.body_ids,
         field=args.color,
         context=FieldContext.from_simulator(sim),
     )

@@ -103,6 +103,7 @@ class FrameRenderer:
             the ground plane spans it (default: the first frame's bounding box).
         ground: ground plane height (m) to draw, or None for polyscope's automatic floor.
         fixed: indices of fixed vertices, drawn as red points (or None).
+        body_ids: ``[n]`` body index per vertex; several bodies get distinct colours.
     """
 
     def __init__(
@@ -115,6 +116,7 @@ class FrameRenderer:
         bounds: np.ndarray | None = None,
         ground: float | None = 0.0,
         fixed: np.ndarray | None = None,
+        body_ids: np.ndarray | None = None,
     ) -> None:
         import polyscope as ps
 
@@ -159,7 +161,9 @@ class FrameRenderer:
             camera = fit_camera(bounds)
         self.camera = camera
         ps.look_at(tuple(camera["position"]), tuple(camera["target"]))
-        self._field: str | None = None
+        if body_ids is not None and len(np.unique(body_ids)) > 1:
+            colors = np.asarray(body_palette(int(np.max(body_ids)) + 1))[np.asarray(body_ids)]
+            self._mesh.add_color_quantity("body", colors, enabled=True)
 
     def render(
         self,
@@ -198,6 +202,12 @@ class FrameRenderer:
     def close(self) -> None:
         """Removes the structures this renderer registered."""
         self._ps.remove_all_structures()
+
+
+def body_palette(n: int) -> list[tuple[float, float, float]]:
+    """``n`` distinguishable RGB colours in [0, 1], the first one :data:`BODY_COLOR`."""
+    base = [BODY_COLOR, (0.9, 0.55, 0.25), (0.45, 0.75, 0.45), (0.75, 0.45, 0.8), (0.9, 0.8, 0.3)]
+    return [base[i % len(base)] for i in range(n)]
 
 
 def _bounds(positions: np.ndarray) -> np.ndarray:
@@ -377,6 +387,7 @@ def render_trajectory(
     camera: dict | None = None,
     ground: float | None = 0.0,
     fixed: np.ndarray | None = None,
+    body_ids: np.ndarray | None = None,
     field: str | None = None,
     velocities: np.ndarray | None = None,
     context=None,
@@ -395,6 +406,7 @@ def render_trajectory(
         camera: ``{"position", "target"}`` (m), or None to fit all frames.
         ground: ground height to draw (m), or None.
         fixed: fixed vertex indices to mark, or None.
+        body_ids: ``[n]`` body index per vertex (distinct colours per body), or None.
         field: colour by this :data:`diffsim.fields.FIELDS` name (with a colour bar), or None.
         velocities: ``[T, n, 3]`` (m/s), needed for the ``"speed"`` field.
         context: a :class:`diffsim.fields.FieldContext` for fields.
@@ -432,6 +444,7 @@ def render_trajectory(
         bounds=bounds,
         ground=ground,
         fixed=fixed,
+        body_ids=body_ids,
     )
 
     label = None

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from diffsim.fields import FIELDS, FieldContext, vertex_field
-from diffsim.render import surface_faces
+from diffsim.render import body_palette, surface_faces
 from diffsim.scene import Scene, with_parameters
 from diffsim.simulator import SimulationError, Simulator
 from diffsim.state import State, Trajectory
@@ -374,6 +374,11 @@ class PolyscopeViewer:
         self.mesh = ps.register_surface_mesh(
             "body", x, faces, color=(0.35, 0.55, 0.85), edge_width=0.5
         )
+        self._body_colors = None
+        if c.sim is not None and c.sim.mesh.n_bodies > 1:
+            palette = np.asarray(body_palette(c.sim.mesh.n_bodies))
+            self._body_colors = palette[c.sim.mesh.body_ids]
+            self.mesh.add_color_quantity("body", self._body_colors, enabled=True)
         fixed = c.fixed_indices()
         self.fixed = None
         if len(fixed):
@@ -407,6 +412,8 @@ class PolyscopeViewer:
         elif self._shown_field is not None:
             self.mesh.remove_quantity(self._shown_field)
             self._shown_field = None
+            if self._body_colors is not None:
+                self.mesh.add_color_quantity("body", self._body_colors, enabled=True)
         segments = c.contact_segments()
         if len(segments):
             nodes = segments.reshape(-1, 3)

@@ -67,6 +67,23 @@ def test_moving_the_mesh_moves_it_in_the_picture(egl):
     r.close()
 
 
+def test_bodies_get_distinct_colours(egl):
+    a = ds.TetMesh.box(size=(0.2, 0.2, 0.2), resolution=1, origin=(-0.3, 0.1, -0.1))
+    b = ds.TetMesh.box(size=(0.2, 0.2, 0.2), resolution=1, origin=(0.1, 0.1, -0.1))
+    both = ds.TetMesh.merge([a, b])
+    camera = {"position": (0.0, 0.3, 1.2), "target": (0.0, 0.2, 0.0)}
+    r = render.FrameRenderer(
+        both.surface_faces, both.vertices, size=(128, 64), camera=camera, body_ids=both.body_ids
+    )
+    image = r.render(both.vertices).astype(int)
+    r.close()
+    orange = (image[..., 0] - image[..., 2]) > 60
+    cols = np.arange(128)
+    assert bluish(image).sum() > 50 and orange.sum() > 50
+    assert (cols * bluish(image).sum(0)).sum() / bluish(image).sum() < 64  # body 0 on the left
+    assert (cols * orange.sum(0)).sum() / orange.sum() > 64  # body 1 on the right
+
+
 @pytest.mark.parametrize("path", SCENES, ids=[p.stem for p in SCENES])
 def test_video_of_each_scene_decodes_with_the_requested_frames_and_size(egl, tmp_path, path):
     import imageio.v3 as iio

@@ -37,7 +37,7 @@ DIRECT_MAX_DOFS = 200_000
 # Hessian-vector products per vectorised (vmap) batch; bounds the batch's memory.
 HVP_BATCH = 32
 # Backends whose force VJP turned out not to support vmap (is_grads_batched), by name.
-_BATCHED_HVP: dict[str, bool] = {}
+_BATCHED_HVP: dict[tuple[str, str], bool] = {}
 # Armijo constant of the backtracking line search.
 ARMIJO = 1e-4
 # Line-search halvings before a Newton iteration gives up.
@@ -63,6 +63,7 @@ class EquilibriumInfo:
         linear_iterations: CG iterations (cg) or factorisations (direct).
         history: the relative residual before each iteration and at the end.
         linear_solver: the linear solver used ("direct" or "cg").
+        message: why Newton stopped early (a failed line search), or "".
     """
 
     converged: bool
@@ -73,6 +74,7 @@ class EquilibriumInfo:
     linear_iterations: int = 0
     history: list[float] = field(default_factory=list)
     linear_solver: str = ""
+    message: str = ""
 
 
 @dataclass(frozen=True)
@@ -235,8 +237,9 @@ class _Problem:
         vals = products[
             colors[j][:, None, None], a[None, None, :], i[:, None, None], a[None, :, None]
         ]
-        rows = 3 * i[:, None, None] + a[None, :, None] + 0 * a[None, None, :]
-        cols = 3 * j[:, None, None] + a[None, None, :] + 0 * a[None, :, None]
+        shape = (len(i), 3, 3)  # [pair, row axis, column axis]
+        rows = np.broadcast_to(3 * i[:, None, None] + a[None, :, None], shape)
+        cols = np.broadcast_to(3 * j[:, None, None] + a[None, None, :], shape)
         n3 = 3 * self.structure.n_free
         k = sp.coo_matrix((vals.ravel(), (rows.ravel(), cols.ravel())), shape=(n3, n3)).tocsr()
         return (0.5 * (k + k.T)).tocsc()
@@ -277,7 +280,8 @@ class _Hessian:
         for chunk in torch.split(w_free, HVP_BATCH):
             w = chunk.new_zeros(len(chunk), *self.xr.shape)
             w[:, free] = chunk
-            if _BATCHED_HVP.get(self.problem.backend.name, True):
+            key = (self.problem.backend.name, type(self.problem.coeffs.material).__name__)
+            if _BATCHED_HVP.get(key, True):
                 try:
                     (g,) = torch.autograd.grad(
                         self.f, self.xr, w, retain_graph=True, is_grads_batched=True
@@ -287,7 +291,7 @@ class _Hessian:
                     continue
                 except (RuntimeError, NotImplementedError):
                     # A backend whose force VJP cannot be vmapped: fall back to a loop.
-                    _BATCHED_HVP[self.problem.backend.name] = False
+                    _BATCHED_HVP[key] = False
             out.append(torch.stack([self(c) for c in chunk]))
         return torch.cat(out) if out else w_free.clone()
 
@@ -391,7 +395,16 @@ def _newton(
             break
         d = _newton_direction(problem, x, f, info, opts)
         noise = _energy_noise(problem, x, f_full, energy, scale)
-        x, energy, scale = _line_search(problem, x, d, f, energy, noise, it)
+        step = _line_search(problem, x, d, f, energy, noise)
+        if step is None:
+            info.iterations = it
+            info.message = (
+                f"the line search found no energy decrease at Newton iteration {it}; the "
+                f"problem may have no stable equilibrium (an unconstrained rigid motion under "
+                f"load?)"
+            )
+            break
+        x, energy, scale = step
     info.hessian_products = problem.hvp_count
     return x, info
 
@@ -447,10 +460,13 @@ def _energy_noise(problem: _Problem, x, f_full, energy: float, scale: float) -> 
     return 10.0 * max(measured, 100.0 * eps * scale)
 
 
-def _line_search(problem: _Problem, x, d_free, f, energy: float, noise: float, it: int):
+def _line_search(problem: _Problem, x, d_free, f, energy: float, noise: float):
     """Backtracking (Armijo) on the energy, with ground and contact step limits.
 
     Energy changes within ``noise`` (J, round-off) count as no change.
+
+    Returns:
+        ``(x_new, energy, energy_scale)``, or None if no step length decreases the energy.
     """
     d = torch.zeros_like(x).index_put((problem.free,), d_free)
     alpha = problem.step_limit(x, d)
@@ -470,11 +486,7 @@ def _line_search(problem: _Problem, x, d_free, f, energy: float, noise: float, i
         if math.isfinite(e_new) and e_new <= energy - ARMIJO * alpha * slope + noise:
             return x_new, e_new, s_new
         alpha *= 0.5
-    raise EquilibriumError(
-        f"the line search found no energy decrease at Newton iteration {it} "
-        f"(directional derivative {-slope:.3g} J); the problem may have no stable equilibrium "
-        f"(an unconstrained rigid motion under load?)"
-    )
+    return None
 
 
 # ----------------------------------------------------------------------------- adjoint
@@ -629,10 +641,15 @@ def equilibrium(
         raise ValueError(f"max_iter must be an integer >= 0, got {max_iter!r}")
     model = sim.model
     f64 = sim.dtype == torch.float64
+    contact = getattr(model, "contact", None) is not None
     if linear_solver == "auto":
         large = 3 * int((~model.fixed_mask).sum()) > DIRECT_MAX_DOFS
-        contact = getattr(model, "contact", None) is not None
         linear_solver = "cg" if large or contact else "direct"
+    if linear_solver == "direct" and contact:
+        raise ValueError(
+            "linear_solver='direct' assembles the Hessian on the mesh's sparsity, which misses "
+            "surface-contact couplings; use linear_solver='cg' (or 'auto') with contact=True"
+        )
     opts = _Options(
         tol=float(tol) if tol is not None else (1e-8 if f64 else 1e-4),
         max_iter=max_iter,
@@ -659,7 +676,8 @@ def equilibrium(
     info = solver.info
     if not info.converged and strict:
         raise EquilibriumError(
-            f"Newton's method stopped after {info.iterations} iterations at a relative force "
+            (f"{info.message}. " if info.message else "")
+            + f"Newton's method stopped after {info.iterations} iterations at a relative force "
             f"residual of {info.residual:.3g} (tol {opts.tol:g}, load {info.load:.3g} N); raise "
             f"max_iter, loosen tol, or approach the load in steps with quasi_static()"
         )

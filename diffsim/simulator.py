@@ -360,8 +360,11 @@ class Simulator:
         return torch.stack(xs), torch.stack(vs)
 
     def _check_finite(self, x: torch.Tensor, v: torch.Tensor, step: int) -> None:
-        # A sum is finite only if every term is (inf - inf is NaN): two reductions, no mask.
-        if bool(torch.isfinite(x.detach().sum() + v.detach().sum())):
+        # A sum is finite only if every term is (inf - inf is NaN): two reductions, no mask;
+        # the elementwise test runs only when the sum is not (it may overflow).
+        if bool(torch.isfinite(x.detach().sum() + v.detach().sum())) or (
+            bool(torch.isfinite(x).all()) and bool(torch.isfinite(v).all())
+        ):
             return
         bad = torch.nonzero(~torch.isfinite(x).all(dim=1)).flatten()[:8].tolist()
         raise SimulationError(

@@ -19,6 +19,7 @@ FIXED = [int(MESH.vertices[:, 1].argmax())]
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 

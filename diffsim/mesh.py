@@ -13,6 +13,9 @@ from diffsim import gmsh_io
 
 # Tets whose volume is below this fraction of the mean tet volume count as degenerate.
 DEGENERATE_VOLUME_FRACTION = 1e-9
+# Moving boundary vertices onto a curved surface may shrink a tet to at most this fraction
+# of its grid volume; smaller tets would force a much smaller explicit time step.
+MIN_PROJECTED_VOLUME_FRACTION = 0.25
 
 
 class TetMesh:
@@ -301,7 +304,7 @@ class TetMesh:
         for _ in range(20):
             v = self.vertices + blend[:, None] * (target - self.vertices)
             vol = signed_volumes(v, self.tets)
-            bad = vol <= 0.05 * np.abs(self.rest_volumes)
+            bad = vol <= MIN_PROJECTED_VOLUME_FRACTION * np.abs(self.rest_volumes)
             if not bad.any():
                 return TetMesh(v, self.tets, body_ids=self.body_ids)
             blend[np.unique(self.tets[bad])] *= 0.5

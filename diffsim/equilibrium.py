@@ -110,8 +110,10 @@ class _Structure:
         a = (a + sp.identity(nf, dtype=np.int8, format="csr")).astype(bool).tocsr()
         self.adjacency = a
         self.n_free = nf
+        self.local = local
         self._d1: np.ndarray | None = None
         self._d2: np.ndarray | None = None
+        self._contact: tuple[Any, Any, np.ndarray] | None = None
 
     @property
     def colors_distance1(self) -> np.ndarray:
@@ -124,9 +126,37 @@ class _Structure:
     def colors_distance2(self) -> np.ndarray:
         """Colours with no two free vertices alike within two edges (enough for all of K)."""
         if self._d2 is None:
-            a = self.adjacency.astype(np.int32)
-            self._d2 = _greedy_coloring((a @ a).astype(bool).tocsr())
+            self._d2 = _distance2_coloring(self.adjacency)
         return self._d2
+
+    def with_contact(self, candidates) -> tuple[Any, np.ndarray]:
+        """Pattern and distance-2 colours with the couplings of surface-contact candidates.
+
+        Every candidate pair (point-triangle or edge-edge, four vertices) couples its four
+        vertices; the result is cached until the candidate set changes.
+        """
+        import scipy.sparse as sp
+
+        if self._contact is not None and self._contact[0] is candidates:
+            return self._contact[1], self._contact[2]
+        groups = torch.cat([candidates.point_triangle, candidates.edge_edge]).cpu().numpy()
+        groups = self.local[groups.reshape(-1, 4)]
+        rows = np.repeat(groups, 4, axis=1).reshape(-1)
+        cols = np.tile(groups, (1, 4)).reshape(-1)
+        keep = (rows >= 0) & (cols >= 0)
+        nf = self.n_free
+        extra = sp.coo_matrix(
+            (np.ones(int(keep.sum()), dtype=np.int8), (rows[keep], cols[keep])), shape=(nf, nf)
+        )
+        pattern = (self.adjacency + extra.tocsr()).astype(bool).tocsr()
+        colors = _distance2_coloring(pattern)
+        self._contact = (candidates, pattern, colors)
+        return pattern, colors
+
+
+def _distance2_coloring(pattern) -> np.ndarray:
+    a = pattern.astype(np.int32)
+    return _greedy_coloring((a @ a).astype(bool).tocsr())
 
 
 def _greedy_coloring(graph) -> np.ndarray:
@@ -225,13 +255,20 @@ class _Problem:
         rows = torch.arange(len(colors), device=products.device)
         return products[idx, :, rows, :].transpose(1, 2)
 
-    def assemble(self, hvp):
-        """K over the free DOFs as a scipy CSR matrix (float64), symmetrised."""
+    def sparsity(self, x: torch.Tensor) -> tuple[Any, np.ndarray]:
+        """The pattern of K at x (mesh + surface-contact candidates) and its distance-2 colours."""
+        contact = getattr(self.model, "contact", None)
+        if contact is None:
+            return self.structure.adjacency, self.structure.colors_distance2
+        return self.structure.with_contact(contact.candidates(x))
+
+    def assemble(self, hvp: _Hessian):
+        """K over the free DOFs as a scipy CSC matrix (float64), symmetrised."""
         import scipy.sparse as sp
 
-        colors = self.structure.colors_distance2
+        pattern, colors = self.sparsity(hvp.xr.detach())
         products = self.colored_products(hvp, colors).detach().cpu().numpy().astype(np.float64)
-        pattern = self.structure.adjacency.tocoo()
+        pattern = pattern.tocoo()
         i, j = pattern.row, pattern.col
         a = np.arange(3)
         vals = products[
@@ -641,15 +678,9 @@ def equilibrium(
         raise ValueError(f"max_iter must be an integer >= 0, got {max_iter!r}")
     model = sim.model
     f64 = sim.dtype == torch.float64
-    contact = getattr(model, "contact", None) is not None
     if linear_solver == "auto":
         large = 3 * int((~model.fixed_mask).sum()) > DIRECT_MAX_DOFS
-        linear_solver = "cg" if large or contact else "direct"
-    if linear_solver == "direct" and contact:
-        raise ValueError(
-            "linear_solver='direct' assembles the Hessian on the mesh's sparsity, which misses "
-            "surface-contact couplings; use linear_solver='cg' (or 'auto') with contact=True"
-        )
+        linear_solver = "cg" if large else "direct"
     opts = _Options(
         tol=float(tol) if tol is not None else (1e-8 if f64 else 1e-4),
         max_iter=max_iter,

@@ -321,6 +321,34 @@ def test_float32_solve_and_gradient_match_float64():
     assert abs(float(g32) / float(g64) - 1.0) < 1e-3
 
 
+def test_gradient_with_surface_contact_between_two_boxes():
+    """A small box pressed onto a larger one: the surface barrier carries the load.
+
+    The direct solver's Hessian pattern includes the contact candidates' couplings.
+    """
+    low = ds.TetMesh.box(size=(0.04, 0.02, 0.04), resolution=(2, 1, 2))
+    up = ds.TetMesh.box(
+        size=(0.03, 0.02, 0.03), resolution=(2, 1, 2), origin=(0.005, 0.0205, 0.005)
+    )
+    mesh = ds.TetMesh.merge([low, up])
+    y = mesh.vertices[:, 1]
+    fixed = np.flatnonzero((y < 1e-9) | (y > y.max() - 1e-9))
+    material = ds.StableNeoHookean(youngs_modulus=2e4, poissons_ratio=0.3, density=1000.0)
+    sim = ds.Simulator(
+        mesh, material, fixed=fixed, ground=None, contact=True, backend="torch", dtype=F64
+    )
+    top = sim.model.rest_positions[sim.model.fixed_indices].clone()
+    top[top[:, 1] > 0.03, 1] -= 0.0012
+    x, info = sim.equilibrium(fixed_positions=top, return_info=True)
+    assert info.converged and info.linear_solver == "direct"
+    assert 0.0 < sim.model.contact.min_distance(x) < sim.model.contact.dhat
+    weights = torch.zeros(sim.model.n_vertices, 3, dtype=F64)
+    weights[:, 1] = 1.0
+    check_gradient(
+        sim, "youngs_modulus", torch.tensor(2e4, dtype=F64), weights=weights, fixed_positions=top
+    )
+
+
 # ----------------------------------------------------------------------------- loading path
 def test_quasi_static_path_is_differentiable_through_every_step():
     sim = pressed_box()

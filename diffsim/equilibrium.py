@@ -455,18 +455,17 @@ def _newton_direction(problem: _Problem, x, f, info: EquilibriumInfo, opts: _Opt
         diag = _mean_abs_diagonal(k)
         # A tiny shift keeps rigid (null) modes of K from producing huge steps; larger shifts
         # (Levenberg-Marquardt) are tried where the Newton step is not a descent direction.
-        for shift in (1e-10, 1e-6, 1e-4, 1e-2, 1.0):
-            import scipy.sparse as sp
+        import scipy.sparse as sp
 
+        eye = sp.identity(k.shape[0], format="csc")
+        for shift in (1e-10, 1e-6, 1e-4, 1e-2, 1.0):
             info.linear_iterations += 1
             try:
-                lu = _factorize((k + shift * diag * sp.identity(k.shape[0], format="csc")).tocsc())
-            except RuntimeError:
+                step = _factorize((k + shift * diag * eye).tocsc()).solve(b)
+            except RuntimeError:  # exactly singular: try a larger shift
                 continue
-            step = lu.solve(b)
-            if np.all(np.isfinite(step)) and step @ b > 1e-12 * np.linalg.norm(
-                step
-            ) * np.linalg.norm(b):
+            descent = step @ b > 1e-12 * np.linalg.norm(step) * np.linalg.norm(b)
+            if np.all(np.isfinite(step)) and descent:
                 return torch.as_tensor(step, dtype=f.dtype, device=f.device).reshape(-1, 3)
         return f / diag
     precond = _block_jacobi(problem.block_diagonal(hvp))

@@ -18,6 +18,8 @@ DHAT_FRACTION = 5e-3
 # The default stiffness makes the barrier's stiffness reach the explicit stability limit
 # (h^2 omega^2 = 1) at this fraction of dhat; see docs/contact.md.
 STABLE_GAP_FRACTION = 0.25
+# A candidate set is built with room for at least this many steps of the last step's size.
+REBUILD_STEPS = 4
 
 
 class SurfaceContact:
@@ -83,6 +85,7 @@ class SurfaceContact:
         self.timings: dict[str, float] = defaultdict(float)
         self._anchor: torch.Tensor | None = None
         self._reach = 0.0
+        self._last_step = 0.0
         self._candidates: Candidates | None = None
         self._arrays = None
 
@@ -165,9 +168,17 @@ class SurfaceContact:
                 if x_new is not None:
                     moved = max(moved, float((x_new.detach() - self._anchor).norm(dim=1).max()))
             step = 0.0 if x_new is None else float((x_new.detach() - x).norm(dim=1).max())
-            if self._candidates is None or self._anchor.shape != x.shape or moved > self._reach:
+            # Room for a few more steps of the last accepted step's size before a rebuild.
+            wanted = max(self.margin, REBUILD_STEPS * self._last_step)
+            stale = (
+                self._candidates is None
+                or self._anchor.shape != x.shape
+                or moved > self._reach
+                or (x_new is None and self._reach > 2.0 * wanted)  # shrink an oversized set
+            )
+            if stale:
                 start = time.perf_counter()
-                self._reach = max(self.margin, 1.01 * step)
+                self._reach = max(wanted, 1.01 * step)
                 self._anchor = x.clone()
                 radius = self.dhat + 2.0 * self._reach
                 self._candidates = find_candidates(self.surface, x, radius, self.broad_phase)
@@ -225,6 +236,7 @@ class SurfaceContact:
 
             alpha = step_scales(self._warp_arrays(x), x.detach(), (x_new - x).detach())
         out = ccd.limit_step(x, x_new, alpha)
+        self._last_step = float((out.detach() - x.detach()).norm(dim=1).max())
         self.timings["ccd"] += time.perf_counter() - start
         return out
 

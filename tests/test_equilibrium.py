@@ -59,7 +59,6 @@ def check_gradient(sim, name, value, *, seed=0, weights=None, **kwargs):
         if weights is None
         else weights
     )
-    x_star = None
 
     def solve(p, **extra):
         args = dict(kwargs)
@@ -82,6 +81,7 @@ def check_gradient(sim, name, value, *, seed=0, weights=None, **kwargs):
     fd = directional_fd(lambda q: (w * solve(q, x0=warm)).sum(), p, direction)
     analytic = (grad * direction).sum()
     assert torch.isfinite(grad).all()
+    print(f"{name}: relative error {abs(float(analytic - fd)) / abs(float(fd)):.2e}")
     assert abs(float(analytic - fd)) <= 1e-5 * abs(float(fd)) + 1e-12, (
         f"{name}: adjoint {float(analytic):.10g} vs finite differences {float(fd):.10g}"
     )

@@ -77,7 +77,7 @@ class StiffnessField(torch.nn.Module):
         return self.net(feats).squeeze(1)
 
 
-def run(iters: int = 150, lr: float = 0.02, log=print) -> tuple[ds.FitResult, list[float]]:
+def run(iters: int = 150, lr: float = 0.05, log=print) -> tuple[ds.FitResult, list[float]]:
     """Fits the field; returns the result and the field's relative RMS error per iteration."""
     torch.manual_seed(0)
     truth = build()
@@ -117,7 +117,7 @@ def run(iters: int = 150, lr: float = 0.02, log=print) -> tuple[ds.FitResult, li
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=150)
-    parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--lr", type=float, default=0.05)
     args = parser.parse_args()
     torch.set_num_threads(1)
     run(args.iters, args.lr)

@@ -57,7 +57,15 @@ class Geometry:
     fixed_slot: Any
     n_fixed: int
     chunk: int = 1
+    torch_device: Any = None
     owners: list = field(default_factory=list)
+
+    def stream(self) -> Any:
+        """The Warp stream of torch's current CUDA stream (None on the CPU), so Warp
+        launches are ordered with the torch ops that produce and consume their tensors."""
+        if self.torch_device is None or self.torch_device.type != "cuda":
+            return None
+        return wp.stream_from_torch(self.torch_device)
 
 
 @dataclass
@@ -124,15 +132,16 @@ class RecordedLaunch:
     instead of packing every argument again, the recorded argument's pointer is replaced.
     """
 
-    def __init__(self, kernel, dim: int, args: list, device) -> None:
+    def __init__(self, kernel, dim: int, args: list, device, stream=None) -> None:
         self.launch = wp.launch(kernel, dim=dim, inputs=args, device=device, record_cmd=True)
+        self.stream = stream
 
     def point(self, index: int, t: torch.Tensor) -> None:
         """Points array argument ``index`` at tensor ``t`` (same shape and dtype as recorded)."""
         self.launch.params[index + 1].data = t.data_ptr()
 
     def __call__(self) -> None:
-        self.launch.launch()
+        self.launch.launch(self.stream)
 
 
 def forward_launches(g: Geometry, w: WarpCoefficients, threads: int) -> SimpleNamespace:
@@ -165,6 +174,7 @@ def forward_launches(g: Geometry, w: WarpCoefficients, threads: int) -> SimpleNa
                 out,
             ],
             g.device,
+            g.stream(),
         )
         for start, stop, out in zip(bounds[:-1], bounds[1:], outputs, strict=False)
     ]
@@ -177,6 +187,7 @@ def forward_launches(g: Geometry, w: WarpCoefficients, threads: int) -> SimpleNa
             slot(s.out_v),
         ],
         g.device,
+        g.stream(),
     )  # fmt: skip
     return SimpleNamespace(tets=tets, step=step, n_args=len(step.launch.kernel.adj.args))
 
@@ -225,6 +236,7 @@ def _launch_tets(g: Geometry, w: WarpCoefficients, x, out) -> None:
         dim=(g.n_tets + chunk - 1) // chunk,
         inputs=[x, g.tets, g.dm_inv, g.volume, mu, lam, w.per_tet, 0, g.n_tets, chunk, out],
         device=g.device,
+        stream=g.stream(),
         record_tape=False,
     )
 
@@ -255,6 +267,7 @@ def _tet_adjoint(g: Geometry, w: WarpCoefficients, xw, adj_f_w, adj_x, adj_mu, a
             adj_outputs=[adj_f_w],
             adjoint=True,
             device=g.device,
+            stream=g.stream(),
             record_tape=False,
         )
 
@@ -322,6 +335,7 @@ class Substep(torch.autograd.Function):
             adj_outputs=[wrap(grad_x, vec3), wrap(grad_v, vec3)],
             adjoint=True,
             device=g.device,
+            stream=g.stream(),
             record_tape=False,
         )  # fmt: skip
         _tet_adjoint(g, w, xw, adj_f_w, adj_x, adj_mu, adj_lam, ctx.launcher)
@@ -350,6 +364,7 @@ class Forces(torch.autograd.Function):
             inputs=[xw, f_el, w.arrays[2], w.arrays[3], has_ground, height, dhat, kappa],
             outputs=[wrap(f, vec3)],
             device=g.device,
+            stream=g.stream(),
             record_tape=False,
         )
         return f
@@ -382,6 +397,7 @@ class Forces(torch.autograd.Function):
             adj_outputs=[wrap(grad_f.contiguous(), vec3)],
             adjoint=True,
             device=g.device,
+            stream=g.stream(),
             record_tape=False,
         )  # fmt: skip
         _tet_adjoint(g, w, xw, adj_f_w, adj_x, adj_mu, adj_lam, None)
@@ -403,6 +419,7 @@ class ElasticEnergy(torch.autograd.Function):
             inputs=[wrap(x, k.vec3), g.tets, g.dm_inv, g.volume, *w.arrays[:2]],
             outputs=[w.per_tet, w.material, wrap(energy, k.scalar)],
             device=g.device,
+            stream=g.stream(),
             record_tape=False,
         )
         return energy.sum()
@@ -428,6 +445,7 @@ class ElasticEnergy(torch.autograd.Function):
             adj_outputs=[0, wrap(adj_energy, k.scalar)],
             adjoint=True,
             device=g.device,
+            stream=g.stream(),
             record_tape=False,
         )  # fmt: skip
         return None, None, adj_x, adj_mu, adj_lam

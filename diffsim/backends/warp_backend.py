@@ -79,6 +79,7 @@ class WarpBackend(Backend):
             fixed_slot=bridge.wrap(slot, wp.int32),
             n_fixed=n_fixed,
             chunk=64 if device.is_cpu else 1,
+            torch_device=model.device,
             owners=[tets, dm_inv, volume, slot],
         )
         self.launcher = None

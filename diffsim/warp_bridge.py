@@ -80,7 +80,8 @@ class WarpCoefficients:
         per_tet: 1 where mu and lam are per tet, else 0.
         material: the kernel id of the material.
         scalars: ``(h, has_ground, height, dhat, kappa, friction, eps_v, max_speed)``.
-        scratch: reusable force buffers (torch tensors and Warp views).
+        scratch: the backend's reusable force buffers (torch tensors and Warp views).
+        launches: the recorded forward launches, made on first use.
     """
 
     coeffs: Coefficients
@@ -90,20 +91,32 @@ class WarpCoefficients:
     material: int
     scalars: tuple
     scratch: SimpleNamespace
+    launches: SimpleNamespace | None = None
 
 
 class SplitLauncher:
     """Runs a kernel over a range split between this thread and one helper thread.
 
     Warp's CPU kernels run on one thread and release the GIL, so two halves of a launch
-    run in parallel on two cores. Each half gets its own ``offset`` argument.
+    run in parallel on two cores. One launcher (one helper thread) serves every backend
+    of the process; a lock keeps callers from different threads apart.
     """
+
+    _shared: SplitLauncher | None = None
 
     def __init__(self) -> None:
         self._jobs: SimpleQueue = SimpleQueue()
         self._done: SimpleQueue = SimpleQueue()
-        self._thread = threading.Thread(target=self._work, daemon=True)
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._work, daemon=True, name="diffsim-warp")
         self._thread.start()
+
+    @classmethod
+    def shared(cls) -> SplitLauncher:
+        """The process-wide launcher, started on first use."""
+        if cls._shared is None:
+            cls._shared = cls()
+        return cls._shared
 
     def _work(self) -> None:
         while True:
@@ -116,11 +129,12 @@ class SplitLauncher:
 
     def run(self, first, second) -> None:
         """Runs ``second`` on the helper thread and ``first`` here; waits for both."""
-        self._jobs.put(second)
-        try:
-            first()
-        finally:
-            error = self._done.get()
+        with self._lock:
+            self._jobs.put(second)
+            try:
+                first()
+            finally:
+                error = self._done.get()
         if error is not None:
             raise error
 
@@ -197,10 +211,10 @@ def substep_forward(g: Geometry, w: WarpCoefficients, x, v, x_fixed, launcher=No
 
     With ``save``, also returns the elastic forces at x (the backward pass reuses them).
     """
-    launches = w.scratch.launches
+    launches = w.launches
     if launches is None:
         threads = 2 if launcher is not None else 1
-        launches = w.scratch.launches = forward_launches(g, w, threads)
+        launches = w.launches = forward_launches(g, w, threads)
     x_new = torch.empty_like(x)
     v_new = torch.empty_like(v)
     for tet_launch in launches.tets:

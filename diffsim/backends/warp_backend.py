@@ -50,8 +50,8 @@ def cpu_threads() -> int:
 class WarpBackend(Backend):
     """Fast kernels for the built-in materials, on the device of the model's tensors.
 
-    Raises:
-        ValueError: the material has no Warp kernel (the Simulator then picks torch).
+    :meth:`prepare` raises ``ValueError`` for a material without a kernel (the Simulator
+    picks the torch backend for those before it gets here).
     """
 
     name = "warp"
@@ -82,9 +82,12 @@ class WarpBackend(Backend):
             torch_device=model.device,
             owners=[tets, dm_inv, volume, slot],
         )
+        # Buffers every prepared set of coefficients shares: step_fast leaves f_a and f_b at
+        # zero, the others are scratch within one call.
+        self.scratch = self._scratch()
         self.launcher = None
         if device.is_cpu and cpu_threads() == 2:
-            self.launcher = bridge.SplitLauncher()
+            self.launcher = bridge.SplitLauncher.shared()
 
     # ----------------------------------------------------------------- coefficients
     def prepare(self, coeffs: Coefficients) -> bridge.WarpCoefficients:
@@ -134,7 +137,7 @@ class WarpBackend(Backend):
             per_tet=per_tet,
             material=material_id,
             scalars=scalars,
-            scratch=self._scratch(),
+            scratch=self.scratch,
         )
 
     def _scratch(self) -> SimpleNamespace:
@@ -145,7 +148,7 @@ class WarpBackend(Backend):
         }
         t["dummy"] = torch.zeros((1, 3), dtype=m.dtype, device=m.device)
         views = {f"{name}_w": bridge.wrap(value, vec3) for name, value in t.items()}
-        return SimpleNamespace(**t, **views, launches=None)
+        return SimpleNamespace(**t, **views)
 
     # ----------------------------------------------------------------- physics
     def forces(self, prepared: bridge.WarpCoefficients, x: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ def load_example(name: str):
 def test_bouncing_sphere_example_moves_toward_the_truth():
     example = load_example("fit_bouncing_sphere")
     lines = []
-    result = example.run(iters=3, steps=50, log=lines.append)
+    result = example.run(iters=6, steps=50, log=lines.append)
     assert result.best_loss < 0.5 * result.loss_history[0]
     for name, true in example.TRUE.items():
         start_error = abs(example.GUESS[name] - true)

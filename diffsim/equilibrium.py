@@ -742,12 +742,10 @@ def quasi_static(
         The warm start is held constant in the backward pass: each equilibrium is a function
         of its own loads only (exact for elastic, frictionless problems on one branch).
     """
-    k, n = len(sim.model.fixed_indices), sim.model.n_vertices
     fp = None if fixed_positions is None else torch.as_tensor(fixed_positions)
     fe = None if external_forces is None else torch.as_tensor(external_forces)
-    lengths = [
-        t.shape[0] for t, shape in ((fp, (k, 3)), (fe, (n, 3))) if t is not None and t.dim() == 3
-    ]
+    # Per-step sequences have a leading step axis; the shapes are checked per solve.
+    lengths = [t.shape[0] for t in (fp, fe) if t is not None and t.dim() == 3]
     if steps is None:
         if not lengths:
             raise ValueError(

@@ -397,3 +397,19 @@ def test_warp_backend_matches_torch(scene):
         results[backend] = (x.detach(), grad)
     assert torch.allclose(results["warp"][0], results["torch"][0], atol=1e-12)
     assert torch.allclose(results["warp"][1], results["torch"][1], rtol=1e-8)
+
+
+def test_quasi_static_load_ramp():
+    sim = cantilever()
+    tip = torch.as_tensor(sim.mesh.vertices[:, 0] > 0.15 - 1e-9)
+    unit = torch.zeros(sim.model.n_vertices, 3, dtype=F64)
+    unit[tip, 1] = -0.05 / int(tip.sum())
+    scale = torch.tensor([0.5, 1.0, 1.5], dtype=F64, requires_grad=True)
+    loads = scale[:, None, None] * unit
+    xs = sim.quasi_static(external_forces=loads, tol=TIGHT)
+    sags = [float(x[:, 1].min()) for x in xs.detach()]
+    assert sags[0] > sags[1] > sags[2]  # more load, more sag
+    (grad,) = torch.autograd.grad(xs[:, :, 1].sum(), scale)
+    assert (grad < 0).all()  # pushing harder lowers every step
+    with pytest.raises(ValueError, match="steps"):
+        sim.quasi_static(external_forces=unit)

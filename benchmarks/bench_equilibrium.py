@@ -1,8 +1,9 @@
 """Static equilibrium + implicit adjoint vs the gradient of an unrolled damped rollout to rest.
 
 Two cantilevers, clamped at x = 0 and sagging under gravity; Stable Neo-Hookean E = 1e8 Pa,
-nu = 0.3, density 1000 kg/m^3; float64; torch backend; one torch thread. Loss: mean height
-of the vertices; gradient with respect to the global E.
+nu = 0.3, density 1000 kg/m^3; float64; torch backend (plus one row on the Warp backend,
+when present); one torch thread. Loss: mean height of the vertices; gradient with respect
+to the global E.
 
 1. bar: ../shared/assets/bar-2523.msh (886 vertices, 2,523 tets) scaled to 1 m long, 0.1 m
    tall and 0.05 m wide. The equilibrium with each linear solver (Newton solve, then the
@@ -20,13 +21,17 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-import diffsim as ds
+os.environ.setdefault("WARP_CACHE_PATH", str(Path(__file__).resolve().parents[1] / ".warp_cache"))
+
+import diffsim as ds  # noqa: E402
+from diffsim.backends import BACKENDS  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parents[1] / ".." / "shared" / "assets"
 E, NU, RHO = 1e8, 0.3, 1000.0
@@ -43,7 +48,9 @@ def box_beam() -> ds.TetMesh:
     return ds.TetMesh.box(size=(0.5, 0.1, 0.05), resolution=(32, 4, 2))
 
 
-def build(mesh: ds.TetMesh, damping: float = 0.0, dt: float = 1e-3) -> ds.Simulator:
+def build(
+    mesh: ds.TetMesh, damping: float = 0.0, dt: float = 1e-3, backend: str = "torch"
+) -> ds.Simulator:
     fixed = np.flatnonzero(mesh.vertices[:, 0] < 1e-6)
     material = ds.StableNeoHookean(
         youngs_modulus=torch.tensor(E, dtype=torch.float64, requires_grad=True),
@@ -57,7 +64,7 @@ def build(mesh: ds.TetMesh, damping: float = 0.0, dt: float = 1e-3) -> ds.Simula
         ground=None,
         damping=damping,
         dt=dt,
-        backend="torch",
+        backend=backend,
         dtype=torch.float64,
     )
 
@@ -85,7 +92,7 @@ def timed(fn):
 
 def bench_equilibrium(sim: ds.Simulator, solver: str) -> dict:
     E_param = sim.material.youngs_modulus
-    sim.equilibrium(linear_solver=solver)  # warm-up: colouring, imports
+    sim.equilibrium(linear_solver=solver)  # warm-up: colouring, imports, Warp modules
     (x, info), t_fwd = timed(lambda: sim.equilibrium(linear_solver=solver, return_info=True))
     loss = x[:, 1].mean()
     (grad,), t_bwd = timed(lambda: torch.autograd.grad(loss, E_param))
@@ -139,6 +146,7 @@ def print_table(title: str, rows: dict) -> None:
     print("|---|---|---|---|---|---|---|")
     labels = {
         "direct": "equilibrium, direct LU",
+        "warp": "equilibrium, direct LU, Warp backend",
         "cg": "equilibrium, PCG",
         "unrolled": "unrolled damped rollout",
     }
@@ -148,7 +156,7 @@ def print_table(title: str, rows: dict) -> None:
             f"| {labels[name]} | {r['forward']:.2f} | {r['backward']:.2f} | {total:.2f} | "
             f"{total / base:.1f}x | {r['grad']:.6e} | {r['note']} |"
         )
-    for name in ("direct", "cg"):
+    for name in [k for k in ("direct", "cg", "warp") if k in rows]:
         r = rows[name]
         print(f"adjoint / one Newton iteration ({name}): {r['backward'] / r['per_iteration']:.2f}")
 
@@ -164,6 +172,8 @@ def main() -> None:
     if args.mesh.exists():
         sim = build(bar_mesh(args.mesh))
         rows = {s: bench_equilibrium(sim, s) for s in ("direct", "cg")}
+        if "warp" in BACKENDS:
+            rows["warp"] = bench_equilibrium(build(bar_mesh(args.mesh), backend="warp"), "direct")
         sag = float((sim.model.rest_positions[:, 1] - rows["direct"]["x"][:, 1]).max())
         dt, damping = explicit_setup(sim, sag)
         t_rest = 6.6 / (0.5 * damping)  # critically damped mode 1 within ~1%

@@ -38,6 +38,8 @@ DEFAULT_BOUNDS: dict[str, tuple[float, float]] = {
 DEFAULT_DAMPING_START = 1.0
 # An Adam run that fails this many times in a row (non-finite simulation) stops.
 MAX_FAILURES = 3
+# Normalised loss an L-BFGS line search sees where the simulation failed (start loss = 1).
+FAILED_LOSS = 1e3
 # Rollouts one L-BFGS line search may take.
 LINE_SEARCH_EVALUATIONS = 20
 
@@ -402,6 +404,7 @@ class _Run:
         self.data_loss, self.scale, self.timing = data_loss, scale, timing
         self.best_loss, self.best = math.inf, [p.snapshot() for p in fitted]
         self.evaluations = 0
+        self.failures = 0
         self._cache: tuple[torch.Tensor, float, float, list[torch.Tensor]] | None = None
 
     def evaluate(self) -> tuple[float, float]:
@@ -438,8 +441,12 @@ class _Run:
             p.restore(snap)
 
     def _final_loss(self) -> float:
-        with torch.no_grad():
-            d = float(self.data_loss(self.values())[0])
+        try:
+            with torch.no_grad():
+                d = float(self.data_loss(self.values())[0])
+        except SimulationError:
+            self.restore_best()
+            return self.best_loss
         if d < self.best_loss:
             self.best_loss, self.best = d, [p.snapshot() for p in self.fitted]
         return d
@@ -525,7 +532,15 @@ class _Run:
         last: list[float] = []
 
         def closure():
-            total, data = self.evaluate()
+            try:
+                total, data = self.evaluate()
+            except SimulationError:
+                # A trial step too far (an unstable E or nu): a high loss with no slope
+                # makes the line search step back instead of stopping the fit.
+                self.failures += 1
+                for t in self.trainables:
+                    t.grad = torch.zeros_like(t)
+                total, data = FAILED_LOSS, math.inf
             last.append(data)
             return total
 
@@ -537,7 +552,8 @@ class _Run:
             try:
                 opt.step(closure)
             except SimulationError as exc:
-                reason = f"stopped: the simulation failed in a line search ({exc})"
+                self.restore_best()
+                reason = f"stopped: the simulation failed ({exc})"
                 break
             moved = any(not torch.equal(a, t) for a, t in zip(before, self.trainables, strict=True))
             bests.append(self.best_loss)

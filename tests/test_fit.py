@@ -354,3 +354,44 @@ def test_equilibrium_mode_recovers_e_from_a_sagging_cantilever():
 def test_a_file_with_only_dt_is_timed_by_it(tmp_path):
     np.savez(tmp_path / "t.npz", positions=np.zeros((3, 2, 3)), dt=np.asarray(2e-3))
     np.testing.assert_allclose(Observation.load(tmp_path / "t.npz").steps(1e-3), [0, 2, 4])
+
+
+class FragileSimulator(ds.Simulator):
+    """Fails like an unstable explicit step whenever E exceeds a limit."""
+
+    limit = 1.2e5
+    failures = 0
+
+    def rollout(self, *args, **kwargs):
+        if float(torch.as_tensor(self.material.youngs_modulus).detach().max()) > self.limit:
+            FragileSimulator.failures += 1
+            raise ds.SimulationError("step 1 produced non-finite positions (test)")
+        return super().rollout(*args, **kwargs)
+
+
+@pytest.mark.parametrize("optimizer, lr", [("lbfgs", 3.0), ("adam", 0.5)])
+def test_failed_simulations_during_the_fit_are_survived(truth, optimizer, lr):
+    base = make_sim(6e4, TRUE_NU)
+    FragileSimulator.failures = 0
+    sim = FragileSimulator(
+        base.mesh,
+        base.material,
+        dt=1e-3,
+        substeps=2,
+        gravity=(0.0, 0.0, 0.0),
+        ground=None,
+        backend="torch",
+        dtype=torch.float64,
+    )
+    obs = Observation.from_trajectory(truth, stride=4)
+    result = fit(
+        sim,
+        obs,
+        ["youngs_modulus"],
+        state=start,
+        optimizer=optimizer,
+        lr=lr,
+        iters=12,
+    )
+    assert FragileSimulator.failures > 0  # the step size did overshoot into failures
+    assert rel(result.values["youngs_modulus"], TRUE_E) < 0.01

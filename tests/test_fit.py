@@ -395,3 +395,32 @@ def test_failed_simulations_during_the_fit_are_survived(truth, optimizer, lr):
     )
     assert FragileSimulator.failures > 0  # the step size did overshoot into failures
     assert rel(result.values["youngs_modulus"], TRUE_E) < 0.01
+
+
+def test_fit_on_the_warp_backend_in_float32():
+    from diffsim.backends import BACKENDS
+
+    if "warp" not in BACKENDS:
+        pytest.skip("the Warp backend is not available")
+
+    def warp_sim(E, nu):
+        mesh = ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=3)
+        material = ds.StableNeoHookean(youngs_modulus=E, poissons_ratio=nu)
+        return ds.Simulator(
+            mesh,
+            material,
+            dt=1e-3,
+            substeps=2,
+            gravity=(0.0, 0.0, 0.0),
+            ground=None,
+            backend="warp",
+            dtype=torch.float32,
+        )
+
+    truth_sim = warp_sim(TRUE_E, TRUE_NU)
+    assert truth_sim.backend_name == "warp"
+    with torch.no_grad():
+        obs = Observation.from_trajectory(truth_sim.rollout(STEPS, state=start(truth_sim)))
+    result = fit(warp_sim(6e4, 0.2), obs, state=start, iters=30, patience=3)
+    assert rel(result.values["youngs_modulus"], TRUE_E) < 0.01
+    assert rel(result.values["poissons_ratio"], TRUE_NU) < 0.01

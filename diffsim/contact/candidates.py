@@ -70,6 +70,12 @@ class Candidates:
     def n_pairs(self) -> int:
         return len(self.point_triangle) + len(self.edge_edge)
 
+    def subset(self, index: torch.Tensor) -> Candidates:
+        """The pairs at ``index`` (into the point-triangle pairs, then the edge-edge pairs)."""
+        k1 = len(self.point_triangle)
+        pt, ee = index[index < k1], index[index >= k1] - k1
+        return Candidates(self.point_triangle[pt], self.edge_edge[ee], self.mollifier_eps[ee])
+
     @classmethod
     def from_pairs(
         cls, surface: SurfacePrimitives, vertex_face: torch.Tensor, edge_edge: torch.Tensor

@@ -88,6 +88,7 @@ class SurfaceContact:
         self._last_step = 0.0
         self._candidates: Candidates | None = None
         self._arrays = None
+        self._active: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (x, pair ids)
 
     # ----------------------------------------------------------------- defaults
     @classmethod
@@ -206,8 +207,12 @@ class SurfaceContact:
         start = time.perf_counter()
         if self.implementation == "torch":
             f = potential.barrier_forces(x, mass, c, self.dhat, self.stiffness)
+            active = None
         else:
-            f = _WarpBarrierForces.apply(x, mass, self, self._warp_arrays(x))
+            energies = []
+            f = _WarpBarrierForces.apply(x, mass, self, self._warp_arrays(x), energies)
+            active = torch.nonzero(energies[0] != 0).flatten()
+        self._active = (x.detach(), active)
         self.timings["barrier"] += time.perf_counter() - start
         return f
 
@@ -217,13 +222,25 @@ class SurfaceContact:
         """Velocities ``[n, 3]`` after surface friction over a substep of h seconds."""
         if self.friction <= 0.0:
             return v
-        c = self.candidates(x)
+        c = self._active_pairs(x)
         start = time.perf_counter()
         v = friction.apply_friction(
             v, x, mass, h, c, self.dhat, self.stiffness, self.friction, self.friction_velocity
         )
         self.timings["friction"] += time.perf_counter() - start
         return v
+
+    def _active_pairs(self, x: torch.Tensor) -> Candidates:
+        """The candidates within dhat at x (friction acts only there; a constant index set)."""
+        c = self.candidates(x)
+        cached = self._active
+        if cached is not None and cached[1] is not None and cached[0].shape == x.shape:
+            if torch.equal(cached[0], x.detach()):
+                return c.subset(cached[1])
+        with torch.no_grad():
+            d_pt, d_ee = potential.pair_distances(x.detach(), c)
+            active = torch.nonzero(torch.cat([d_pt, d_ee]) < self.dhat**2).flatten()
+        return c.subset(active)
 
     def limit(self, x: torch.Tensor, x_new: torch.Tensor) -> torch.Tensor:
         """Positions after the conservative CCD limit (see :mod:`diffsim.contact.ccd`)."""
@@ -253,12 +270,13 @@ class _WarpBarrierForces(torch.autograd.Function):
     """Barrier forces from the Warp kernel; backward by the kernel's Warp adjoint."""
 
     @staticmethod
-    def forward(ctx, x, mass, contact: SurfaceContact, arrays):
+    def forward(ctx, x, mass, contact: SurfaceContact, arrays, energies: list):
         from diffsim.kernels.contact import forces_forward
 
         ctx.save_for_backward(x, mass)
         ctx.contact, ctx.arrays = contact, arrays
-        f, _ = forces_forward(arrays, x.detach(), mass.detach(), *_constants(contact))
+        f, energy = forces_forward(arrays, x.detach(), mass.detach(), *_constants(contact))
+        energies.append(energy)  # per-pair energies for the caller (not differentiated)
         return f
 
     @staticmethod
@@ -269,7 +287,7 @@ class _WarpBarrierForces(torch.autograd.Function):
         gx, gm = forces_backward(
             ctx.arrays, x.detach(), mass.detach(), *_constants(ctx.contact), grad_f
         )
-        return gx, gm, None, None
+        return gx, gm, None, None, None
 
 
 def _constants(contact: SurfaceContact) -> tuple[float, float, float]:

@@ -204,10 +204,11 @@ def build_elastic(dtype, module: str, grad_module: str) -> SimpleNamespace:
                 f1 = P @ dmi[0]
                 f2 = P @ dmi[1]
                 f3 = P @ dmi[2]
-                f[tet[0]] = f[tet[0]] - (f1 + f2 + f3)
-                f[tet[1]] = f[tet[1]] + f1
-                f[tet[2]] = f[tet[2]] + f2
-                f[tet[3]] = f[tet[3]] + f3
+                # Atomic on CUDA (tets share corners); a plain add on the CPU.
+                wp.atomic_add(f, tet[0], -(f1 + f2 + f3))
+                wp.atomic_add(f, tet[1], f1)
+                wp.atomic_add(f, tet[2], f2)
+                wp.atomic_add(f, tet[3], f3)
 
         return tet_forces_chunked
 

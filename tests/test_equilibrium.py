@@ -321,11 +321,8 @@ def test_float32_solve_and_gradient_match_float64():
     assert abs(float(g32) / float(g64) - 1.0) < 1e-3
 
 
-def test_gradient_with_surface_contact_between_two_boxes():
-    """A small box pressed onto a larger one: the surface barrier carries the load.
-
-    The direct solver's Hessian pattern includes the contact candidates' couplings.
-    """
+def stacked_boxes(backend: str = "torch") -> tuple[ds.Simulator, torch.Tensor]:
+    """A small box pressed 1.2 mm onto a larger one (surface contact), and the clamp targets."""
     low = ds.TetMesh.box(size=(0.04, 0.02, 0.04), resolution=(2, 1, 2))
     up = ds.TetMesh.box(
         size=(0.03, 0.02, 0.03), resolution=(2, 1, 2), origin=(0.005, 0.0205, 0.005)
@@ -335,10 +332,19 @@ def test_gradient_with_surface_contact_between_two_boxes():
     fixed = np.flatnonzero((y < 1e-9) | (y > y.max() - 1e-9))
     material = ds.StableNeoHookean(youngs_modulus=2e4, poissons_ratio=0.3, density=1000.0)
     sim = ds.Simulator(
-        mesh, material, fixed=fixed, ground=None, contact=True, backend="torch", dtype=F64
+        mesh, material, fixed=fixed, ground=None, contact=True, backend=backend, dtype=F64
     )
     top = sim.model.rest_positions[sim.model.fixed_indices].clone()
     top[top[:, 1] > 0.03, 1] -= 0.0012
+    return sim, top
+
+
+def test_gradient_with_surface_contact_between_two_boxes():
+    """A small box pressed onto a larger one: the surface barrier carries the load.
+
+    The direct solver's Hessian pattern includes the contact candidates' couplings.
+    """
+    sim, top = stacked_boxes()
     x, info = sim.equilibrium(fixed_positions=top, return_info=True)
     assert info.converged and info.linear_solver == "direct"
     assert 0.0 < sim.model.contact.min_distance(x) < sim.model.contact.dhat
@@ -379,7 +385,7 @@ def test_quasi_static_path_is_differentiable_through_every_step():
 
 
 # ----------------------------------------------------------------------------- backends
-@pytest.mark.parametrize("scene", ["cantilever", "pressed_box"])
+@pytest.mark.parametrize("scene", ["cantilever", "pressed_box", "stacked_boxes"])
 def test_warp_backend_matches_torch(scene):
     """Same equilibrium and adjoint gradient with Hessian products from Warp kernel adjoints."""
     from diffsim.backends import BACKENDS
@@ -388,10 +394,16 @@ def test_warp_backend_matches_torch(scene):
         pytest.skip("the Warp backend is not available (warp-lang not installed)")
     results = {}
     for backend in ("torch", "warp"):
-        sim = cantilever(backend=backend) if scene == "cantilever" else pressed_box(backend)
+        top = None
+        if scene == "cantilever":
+            sim = cantilever(backend=backend)
+        elif scene == "pressed_box":
+            sim = pressed_box(backend)
+            top = pushed_top(sim)
+        else:
+            sim, top = stacked_boxes(backend)
         assert sim.backend_name == backend
         E = torch.tensor(2e5 if scene == "cantilever" else 2e4, dtype=F64, requires_grad=True)
-        top = pushed_top(sim) if scene == "pressed_box" else None
         x = sim.equilibrium(params={"youngs_modulus": E}, fixed_positions=top, tol=TIGHT)
         (grad,) = torch.autograd.grad(x[:, 1].sum(), E)
         results[backend] = (x.detach(), grad)

@@ -634,9 +634,9 @@ def equilibrium(
     sim: Simulator,
     *,
     params: dict[str, Any] | None = None,
-    fixed_positions=None,
-    external_forces=None,
-    x0=None,
+    fixed_positions: torch.Tensor | None = None,
+    external_forces: torch.Tensor | None = None,
+    x0: torch.Tensor | None = None,
     tol: float | None = None,
     max_iter: int = 100,
     linear_solver: str = "auto",
@@ -644,7 +644,7 @@ def equilibrium(
     adjoint_tol: float | None = None,
     strict: bool = True,
     return_info: bool = False,
-):
+) -> torch.Tensor | tuple[torch.Tensor, EquilibriumInfo]:
     """Static equilibrium x* of a simulator's scene, differentiable by one adjoint solve.
 
     Args:
@@ -717,14 +717,14 @@ def equilibrium(
 def quasi_static(
     sim: Simulator,
     *,
-    fixed_positions=None,
-    external_forces=None,
+    fixed_positions: torch.Tensor | None = None,
+    external_forces: torch.Tensor | None = None,
     steps: int | None = None,
     params: dict[str, Any] | None = None,
-    x0=None,
+    x0: torch.Tensor | None = None,
     return_info: bool = False,
-    **options,
-):
+    **options: Any,
+) -> torch.Tensor | tuple[torch.Tensor, list[EquilibriumInfo]]:
     """A loading path: one equilibrium per load step, each warm-started from the last.
 
     Args:

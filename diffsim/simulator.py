@@ -374,7 +374,7 @@ class Simulator:
         )
 
     # ----------------------------------------------------------------- statics
-    def equilibrium(self, **kwargs):
+    def equilibrium(self, **kwargs) -> torch.Tensor | tuple:
         """Static equilibrium ``[n, 3]``, differentiable by one adjoint solve.
 
         See :func:`diffsim.equilibrium.equilibrium` for the options.
@@ -383,7 +383,7 @@ class Simulator:
 
         return equilibrium(self, **kwargs)
 
-    def quasi_static(self, **kwargs):
+    def quasi_static(self, **kwargs) -> torch.Tensor | tuple:
         """Equilibria ``[T, n, 3]`` along a stepped loading path (warm-started, differentiable).
 
         See :func:`diffsim.equilibrium.quasi_static` for the options.

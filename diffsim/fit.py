@@ -12,6 +12,7 @@ docs/fitting.md for the maths and a guide.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -84,6 +85,8 @@ class FitResult:
         material: a copy of the scene's material with the recovered parameters (detached).
         damping: the recovered damping (1/s) if it was fitted, else None.
         fields: the neural fields by parameter name, holding their best weights.
+        stages: per stage of a curriculum fit (``stages > 1``): frames used, iterations and
+            best loss; the loss history then runs through the stages one after another.
     """
 
     values: dict[str, float | np.ndarray]
@@ -99,6 +102,7 @@ class FitResult:
     material: Material
     damping: float | None = None
     fields: dict[str, torch.nn.Module] = field(default_factory=dict)
+    stages: list[dict] = field(default_factory=list)
 
     @property
     def rmse(self) -> float:
@@ -130,6 +134,7 @@ class FitResult:
             "timings_s": self.timings,
             "iteration_seconds": self.iteration_seconds,
             "value_history": self.value_history,
+            "stages": self.stages,
         }
 
     def save_json(self, path: str | Path) -> None:
@@ -224,6 +229,7 @@ def fit(
     huber_delta: float | None = None,
     checkpoint_every: int | None = None,
     mode: str = "dynamic",
+    stages: int = 1,
     tol: float = 1e-12,
     patience: int = 10,
     min_improvement: float = 1e-4,
@@ -260,6 +266,10 @@ def fit(
         mode: ``"dynamic"`` (compare a rollout with the frames) or ``"equilibrium"``
             (the observation is one frame of a body at rest, compared with the static
             equilibrium :meth:`Simulator.equilibrium`, differentiated by one adjoint solve).
+        stages: S > 1 fits the frames up to 1/2^(S-1), ..., 1/2 and then all of the observed
+            time in turn, each stage starting from the last one's values (up to ``iters``
+            iterations each): a curriculum that avoids the local minima of long oscillating
+            motions when the start values are far off.
         tol: stop when the data loss falls below ``tol`` times the initial loss.
         patience: stop after this many iterations without a relative improvement of the best
             loss by ``min_improvement``.
@@ -279,6 +289,102 @@ def fit(
     if not isinstance(sim, Simulator):
         raise TypeError(f"simulator must be a Simulator or return one, got {type(sim).__name__}")
     obs = observation if isinstance(observation, Observation) else Observation.load(observation)
+    options = dict(
+        per_tet=per_tet,
+        fields=fields,
+        bounds=bounds,
+        state=state,
+        optimizer=optimizer,
+        iters=iters,
+        lr=lr,
+        smoothness=smoothness,
+        loss=loss,
+        huber_delta=huber_delta,
+        checkpoint_every=checkpoint_every,
+        tol=tol,
+        patience=patience,
+        min_improvement=min_improvement,
+        callback=callback,
+        log=log,
+        mode=mode,
+    )
+    if not isinstance(stages, int) or stages < 1:
+        raise ValueError(f"stages must be an integer >= 1, got {stages!r}")
+    if stages == 1 or mode == "equilibrium":
+        return _fit_stage(sim, obs, params, initial=initial, steps=steps, **options)
+    frame_steps = obs.steps(sim.model.dt)
+    results, start_values = [], dict(initial or {})
+    for stage in range(stages):
+        last = stage == stages - 1
+        limit = frame_steps[-1] / 2 ** (stages - 1 - stage)
+        n = int((frame_steps <= limit * (1 + 1e-9)).sum())
+        if n < 2 and not last:
+            continue  # too short to say anything
+        if log is not None:
+            log(
+                f"stage {stage + 1}/{stages}: the first {n} frames (to step {frame_steps[n - 1]:g})"
+            )
+        result = _fit_stage(
+            sim,
+            obs if last else obs.first_frames(n),
+            params,
+            initial=start_values,
+            steps=steps if last else None,
+            **options,
+        )
+        result.stages = [{"frames": n, "iterations": result.iterations, "loss": result.best_loss}]
+        results.append(result)
+        # Fields keep training in place; their start value (theta_0) must not move.
+        start_values = {k: v for k, v in result.values.items() if k not in (fields or {})}
+    return _merge(results)
+
+
+def _merge(results: list[FitResult]) -> FitResult:
+    """One result from the stages of a curriculum fit (the last stage's values)."""
+    first, last = results[0], results[-1]
+    total = sum(r.timings["total"] for r in results)
+    iterations = sum(r.iterations for r in results)
+    timings = {k: sum(r.timings[k] for r in results) for k in ("total", "forward", "backward")}
+    timings["per_iteration"] = total / max(iterations, 1)
+    return dataclasses.replace(
+        last,
+        initial=first.initial,
+        loss_history=[x for r in results for x in r.loss_history],
+        iterations=iterations,
+        evaluations=sum(r.evaluations for r in results),
+        timings=timings,
+        iteration_seconds=[x for r in results for x in r.iteration_seconds],
+        value_history=[x for r in results for x in r.value_history],
+        stages=[x for r in results for x in r.stages],
+    )
+
+
+def _fit_stage(
+    sim: Simulator,
+    obs: Observation,
+    params: Sequence[str],
+    *,
+    per_tet,
+    fields,
+    initial,
+    bounds,
+    state,
+    steps,
+    optimizer,
+    iters,
+    lr,
+    smoothness,
+    loss,
+    huber_delta,
+    checkpoint_every,
+    tol,
+    patience,
+    min_improvement,
+    callback,
+    log,
+    mode,
+) -> FitResult:
+    """One fit of ``obs`` from the start values; see :func:`fit` for the arguments."""
     fields = dict(fields or {})
     names = list(dict.fromkeys([*params, *per_tet, *fields]))
     _check_names(sim, names, per_tet, fields)

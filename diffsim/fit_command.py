@@ -56,6 +56,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="equilibrium: the target is one frame of the body at rest (static equilibrium)",
     )
     parser.add_argument("--patience", type=int, default=10, help="early-stopping patience")
+    parser.add_argument(
+        "--stages",
+        type=int,
+        default=1,
+        help="fit the first 1/2^(S-1), ..., 1/2, then all of the motion in turn (far starts)",
+    )
     parser.add_argument("--backend", choices=("warp", "torch"), default=None)
     parser.add_argument("--dtype", choices=("float32", "float64"), default=None)
     parser.add_argument("--out", default=None, help="result JSON (default: none)")
@@ -101,6 +107,7 @@ def main(args: argparse.Namespace) -> int:
             huber_delta=args.huber_delta,
             checkpoint_every=args.checkpoint_every,
             mode=args.mode,
+            stages=args.stages,
             patience=args.patience,
             log=None if args.quiet else print,
         )

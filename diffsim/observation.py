@@ -197,6 +197,22 @@ class Observation:
         as_t = dict(dtype=dtype, device=device)
         return torch.as_tensor(x, **as_t), torch.as_tensor(w, **as_t)
 
+    def first_frames(self, n: int) -> Observation:
+        """A copy with only the first ``n`` frames (for fitting a prefix of the motion)."""
+        if not 1 <= n <= self.n_frames:
+            raise ObservationError(f"n must be in [1, {self.n_frames}], got {n}")
+        weights = self.weights
+        if weights is not None and weights.ndim == 2:
+            weights = weights[:n]
+        return Observation(
+            self.positions[:n],
+            indices=self.indices,
+            frames=None if self.frames is None else self.frames[:n],
+            times=None if self.times is None else self.times[:n],
+            stride=self.stride,
+            weights=weights,
+        )
+
     # ----------------------------------------------------------------- construction
     @classmethod
     def from_trajectory(

@@ -424,3 +424,14 @@ def test_fit_on_the_warp_backend_in_float32():
     result = fit(warp_sim(6e4, 0.2), obs, state=start, iters=30, patience=3)
     assert rel(result.values["youngs_modulus"], TRUE_E) < 0.01
     assert rel(result.values["poissons_ratio"], TRUE_NU) < 0.01
+
+
+def test_stages_recover_from_a_start_ten_times_off(truth):
+    """A 10x-off start is a period out of phase over 40 steps: a local minimum for one stage."""
+    obs = Observation.from_trajectory(truth, indices=MARKERS)
+    result = fit(make_sim(1e4, 0.2), obs, state=start, iters=30, patience=3, stages=4)
+    assert rel(result.values["youngs_modulus"], TRUE_E) < 0.01
+    assert rel(result.values["poissons_ratio"], TRUE_NU) < 0.01
+    assert [s["frames"] for s in result.stages] == [6, 11, 21, 41]
+    assert len(result.loss_history) == result.iterations + len(result.stages)
+    assert result.initial["youngs_modulus"] == pytest.approx(1e4)

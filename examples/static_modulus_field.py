@@ -15,7 +15,7 @@ Two fits start from the uniform guess E = E0 and minimise the misfit of the equi
 Both report the relative error of the recovered field, over all tets and over the part of
 the beam where the bending moment is large enough to reveal stiffness (x < 0.8 L).
 
-    python examples/static_modulus_field.py [--iterations 60] [--quick]
+    python examples/static_modulus_field.py [--iterations 100] [--quick]
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def fit(
         return field().detach(), losses
 
 
-def run(iterations: int = 60, quick: bool = False, seed: int = 0, log=print) -> dict:
+def run(iterations: int = 100, quick: bool = False, seed: int = 0, log=print) -> dict:
     """Runs both fits; returns the field errors before and after. ``quick``: 3 iterations."""
     torch.set_num_threads(1)
     torch.manual_seed(seed)
@@ -192,7 +192,7 @@ def run(iterations: int = 60, quick: bool = False, seed: int = 0, log=print) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--iterations", type=int, default=60, help="Adam iterations per fit")
+    parser.add_argument("--iterations", type=int, default=100, help="Adam iterations per fit")
     parser.add_argument("--quick", action="store_true", help="3 iterations (a smoke test)")
     parser.add_argument("--seed", type=int, default=0, help="noise and initialisation seed")
     args = parser.parse_args()

@@ -9,7 +9,7 @@ Two fits start from the uniform guess E = E0 and minimise the misfit of the equi
 (``sim.equilibrium``, differentiated by one adjoint solve per iteration, no unrolling):
 
 1. per element: one log-modulus per tet, with a smoothness penalty between tets that share
-   a face (one deformation cannot pin 1000 independent values);
+   a face (one deformation cannot pin 480 independent values);
 2. a neural field: a small MLP of the tet centroid gives log E (its smoothness is the prior).
 
 Both report the relative error of the recovered field, over all tets and over the part of

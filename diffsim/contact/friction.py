@@ -8,9 +8,10 @@ with lambda_k the pair's barrier force magnitude and f1 the IPC smoothing
 (``2y/eps_v - y^2/eps_v^2`` below eps_v, 1 above). Lambda, n and c are lagged: evaluated
 at the substep's positions. As for the ground, the slip is reduced by
 ``1 - 1 / (1 + gamma_k)``, gamma_k = ``h mu lambda_k f1/|u| / m_eff`` with
-``m_eff = 1 / sum_i c_ki^2 / m_i``, which can stop a slip but never reverse it; impulses of
-pairs sharing a vertex are divided by that vertex's number of active pairs (a Jacobi
-relaxation that keeps the sum from overshooting).
+``m_eff = 1 / sum_i c_ki^2 / m_i``, which can stop a slip but never reverse it. Pairs
+sharing a vertex act together (Jacobi); where the fractions of slip they remove add up to
+more than 1 at a vertex (sticking), that vertex's shares are divided by the sum, so the
+total never overshoots. Sliding contact (small fractions) is left as pure Coulomb.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from diffsim.contact.distances import (
     edge_edge_parameters,
     point_triangle_weights,
 )
-from diffsim.contact.potential import MIN_DISTANCE_FRACTION
+from diffsim.contact.potential import MIN_DISTANCE_FRACTION, smallest_mass
 
 
 def _pair_geometry(x: torch.Tensor, candidates: Candidates):
@@ -69,7 +70,7 @@ def apply_friction(
     ids, c, sep, mol, d2 = ids[active], c[active], sep[active], mol[active], d2[active]
     floor = (MIN_DISTANCE_FRACTION * dhat) ** 2
     d2 = d2.clamp_min(floor)
-    w = mass[ids].mean(dim=1)
+    w = smallest_mass(mass[ids])
     # |dE/dd| = kappa w m 2 d |b'(d^2)|: the pair's normal force in N.
     normal_force = -stiffness * w * mol * 2.0 * d2.sqrt() * barrier_derivative(d2, dhat**2)
     n = sep / d2.sqrt()[:, None]
@@ -79,8 +80,10 @@ def apply_friction(
     slope = torch.where(speed < eps_v, 2.0 / eps_v - speed / eps_v**2, 1.0 / speed)
     m_eff = 1.0 / (c.square() / mass[ids]).sum(dim=1)
     gamma = h * mu * normal_force * slope / m_eff
-    impulse = (m_eff * (1.0 - 1.0 / (1.0 + gamma)))[:, None] * u  # kg m/s removed from slip
-    count = torch.zeros(len(v), dtype=v.dtype, device=v.device)
-    count = count.index_add(0, ids.reshape(-1), torch.ones_like(c).reshape(-1))
-    share = (c / mass[ids] / count[ids].clamp_min(1.0))[:, :, None] * impulse[:, None, :]
+    stop = 1.0 - 1.0 / (1.0 + gamma)  # the fraction of the slip each pair removes
+    impulse = (m_eff * stop)[:, None] * u  # kg m/s
+    load = torch.zeros(len(v), dtype=v.dtype, device=v.device)
+    load = load.index_add(0, ids.reshape(-1), stop[:, None].expand(-1, 4).reshape(-1))
+    relax = 1.0 / torch.clamp(load, min=1.0)
+    share = (c / mass[ids] * relax[ids])[:, :, None] * impulse[:, None, :]
     return v.index_add(0, ids.reshape(-1), -share.reshape(-1, 3))

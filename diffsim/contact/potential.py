@@ -3,8 +3,9 @@
 Pair k (point-triangle or edge-edge) at squared distance d_k^2 contributes
 ``kappa * w_k * m_k * b(d_k^2, dhat^2)``, with b the IPC log barrier
 (:func:`diffsim.barrier.barrier`), m_k the edge-edge mollifier (1 for point-triangle pairs)
-and w_k the mean mass of the pair's four vertices, so that, as for the ground, the barrier's
-acceleration and the explicit stability limit do not depend on mesh density or density.
+and w_k the smallest mass of the pair's four vertices, so that, as for the ground, the
+barrier's acceleration of any vertex, and so the explicit stability limit, does not depend
+on mesh resolution or density, even where a light vertex meets heavy ones.
 """
 
 from __future__ import annotations
@@ -47,11 +48,19 @@ def pair_barriers(
     return b_pt, b_ee
 
 
+def smallest_mass(mass4: torch.Tensor) -> torch.Tensor:
+    """``[k]`` smallest of each row of ``[k, 4]`` masses (ties: the later entry takes the
+    gradient, as in the Warp kernel)."""
+    a = torch.where(mass4[:, 0] < mass4[:, 1], mass4[:, 0], mass4[:, 1])
+    b = torch.where(mass4[:, 2] < mass4[:, 3], mass4[:, 2], mass4[:, 3])
+    return torch.where(a < b, a, b)
+
+
 def pair_weights(mass: torch.Tensor, candidates: Candidates) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mass weights w_k (kg): the mean mass of each pair's four vertices."""
+    """Mass weights w_k (kg): the smallest mass of each pair's four vertices."""
     return (
-        mass[candidates.point_triangle].mean(dim=1),
-        mass[candidates.edge_edge].mean(dim=1),
+        smallest_mass(mass[candidates.point_triangle]),
+        smallest_mass(mass[candidates.edge_edge]),
     )
 
 

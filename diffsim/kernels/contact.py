@@ -160,7 +160,7 @@ def _make_kernels(scalar):
         d2 = wp.dot(diff, diff)
         if d2 >= s_hat:
             return
-        w = kappa * scalar(0.25) * (mass[i0] + mass[i1] + mass[i2] + mass[i3])
+        w = kappa * wp.min(wp.min(mass[i0], mass[i1]), wp.min(mass[i2], mass[i3]))
         db = zero
         bv = barrier_v(floor, s_hat)
         if d2 > floor:

@@ -435,3 +435,25 @@ def test_stages_recover_from_a_start_ten_times_off(truth):
     assert [s["frames"] for s in result.stages] == [6, 11, 21, 41]
     assert len(result.loss_history) == result.iterations + len(result.stages)
     assert result.initial["youngs_modulus"] == pytest.approx(1e4)
+
+
+def test_recovers_density_of_a_swinging_cantilever():
+    def cantilever(density):
+        mesh = ds.TetMesh.beam(length=0.2, width=0.05, height=0.05, origin=(0, 0.2, -0.025))
+        fixed = np.flatnonzero(mesh.vertices[:, 0] < 1e-9)
+        material = ds.StableNeoHookean(youngs_modulus=5e4, poissons_ratio=0.3, density=density)
+        return ds.Simulator(
+            mesh,
+            material,
+            substeps=2,
+            fixed=fixed,
+            ground=None,
+            backend="torch",
+            dtype=torch.float64,
+        )
+
+    truth_sim = cantilever(1200.0)
+    with torch.no_grad():
+        obs = Observation.from_trajectory(truth_sim.rollout(30), stride=3)
+    result = fit(cantilever(700.0), obs, ["density"], iters=20, patience=3)
+    assert rel(result.values["density"], 1200.0) < 0.01

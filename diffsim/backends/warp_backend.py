@@ -1,9 +1,10 @@
 """The Warp backend: fused Warp kernels forward, Warp kernel adjoints backward.
 
 Per substep, forward: one launch of the per-tet force kernel (split across two threads on
-a multi-core CPU) and one launch of the fused vertex update (forces, friction, damping,
-clamp, fixed mask, ground limit). Backward: the force kernel again, then the adjoints of
-the vertex update and of the force kernel. See docs/backends.md.
+a multi-core CPU) and one launch of the fused vertex update (gravity, damping, clamp,
+fixed mask, implicit ground barrier, friction, prescribed positions). Backward: the
+adjoints of the vertex update and of the force kernel, from the saved x, v and elastic
+forces. With surface contact, torch ops wrap the Warp forces. See docs/backends.md.
 """
 
 from __future__ import annotations

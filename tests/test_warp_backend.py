@@ -116,12 +116,20 @@ def test_rollout_parity_float32():
     assert rel(traj["warp"].positions, traj["torch"].positions) < 1e-4
 
 
-def gradients(backend, material_cls, steps=40, checkpoint_every=None, mesh=MESH):
-    """Gradients of a rollout loss for every differentiable input."""
+def gradients(backend, material_cls, steps=40, checkpoint_every=None, mesh=MESH, per_tet_nu=False):
+    """Gradients of a rollout loss for every differentiable input (E per tet, nu global,
+    or E global and nu per tet)."""
     dtype = torch.float64
     inputs = {
         "E": torch.linspace(8e3, 1.2e4, mesh.n_tets, dtype=dtype),
         "nu": torch.tensor(0.3, dtype=dtype),
+    }
+    if per_tet_nu:
+        inputs = {
+            "E": torch.tensor(1e4, dtype=dtype),
+            "nu": torch.linspace(0.25, 0.35, mesh.n_tets, dtype=dtype),
+        }
+    inputs |= {
         "density": torch.tensor(900.0, dtype=dtype),
         "gravity": torch.tensor([0.5, -9.81, 0.2], dtype=dtype),
         "damping": torch.tensor(0.3, dtype=dtype),
@@ -154,6 +162,13 @@ def gradients(backend, material_cls, steps=40, checkpoint_every=None, mesh=MESH)
 @pytest.mark.parametrize("material_cls", MATERIALS)
 def test_rollout_gradients_match_torch(material_cls):
     ref, got = gradients("torch", material_cls), gradients("warp", material_cls)
+    for name, g in ref.items():
+        assert rel(got[name], g) < 1e-10, name
+
+
+def test_gradients_for_per_tet_poisson_ratio_and_global_youngs_modulus():
+    ref = gradients("torch", ds.StableNeoHookean, steps=20, per_tet_nu=True)
+    got = gradients("warp", ds.StableNeoHookean, steps=20, per_tet_nu=True)
     for name, g in ref.items():
         assert rel(got[name], g) < 1e-10, name
 

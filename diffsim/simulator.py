@@ -324,6 +324,8 @@ class Simulator:
             positions.append(xs)
             velocities.append(vs)
             x, v = xs[-1], vs[-1]
+            if use_checkpoint:  # the next segment saves a copy, not a view keeping xs alive
+                x, v = x.clone(), v.clone()
         return Trajectory(
             torch.cat(positions),
             torch.cat(velocities),

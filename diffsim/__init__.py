@@ -1,5 +1,6 @@
 """diffsim: differentiable explicit-dynamics simulation of tetrahedral FEM solids."""
 
+from diffsim.contact import SurfaceContact
 from diffsim.equilibrium import EquilibriumError, EquilibriumInfo
 from diffsim.fit import FitResult, fit
 from diffsim.materials import (
@@ -33,6 +34,7 @@ __all__ = [
     "StVK",
     "StableNeoHookean",
     "State",
+    "SurfaceContact",
     "TetMesh",
     "Trajectory",
     "fit",

@@ -321,3 +321,11 @@ def test_bad_contact_settings_raise_clear_errors():
     )
     with pytest.raises(ValueError, match="surfaces touch at the start"):
         ds.Simulator(touching, mat, ground=None, contact=True)
+
+
+def test_a_blown_up_step_raises_instead_of_flooding_the_broad_phase():
+    mesh = two_boxes(gap=0.05)
+    contact = SurfaceContact(mesh, dhat=0.01, stiffness=1.0, implementation="torch")
+    x = torch.tensor(mesh.vertices)
+    with pytest.raises(ds.SimulationError, match="unstable"):
+        contact.limit(x, x + 1000.0)

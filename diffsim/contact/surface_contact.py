@@ -20,6 +20,8 @@ DHAT_FRACTION = 5e-3
 STABLE_GAP_FRACTION = 0.25
 # A candidate set is built with room for at least this many steps of the last step's size.
 REBUILD_STEPS = 4
+# A proposed substep longer than this many mesh diagonals means the run has blown up.
+MAX_STEP_FRACTION = 10.0
 
 
 class SurfaceContact:
@@ -75,6 +77,7 @@ class SurfaceContact:
         if broad_phase not in ("bvh", "brute"):
             raise ValueError(f"unknown broad phase {broad_phase!r}; use 'bvh' or 'brute'")
         self.surface = SurfacePrimitives.from_mesh(mesh, device)
+        self.scene_size = float(np.linalg.norm(np.ptp(mesh.vertices, axis=0)))
         self.dhat = float(dhat)
         self.stiffness = float(stiffness)
         self.friction = float(friction)
@@ -169,6 +172,14 @@ class SurfaceContact:
                 if x_new is not None:
                     moved = max(moved, float((x_new.detach() - self._anchor).norm(dim=1).max()))
             step = 0.0 if x_new is None else float((x_new.detach() - x).norm(dim=1).max())
+            if not step <= MAX_STEP_FRACTION * self.scene_size:
+                from diffsim.simulator import SimulationError
+
+                raise SimulationError(
+                    f"a proposed step moves a vertex by {step:.3g} m, more than 10 times the mesh size "
+                    f"({self.scene_size:.3g} m): the simulation is unstable; use a smaller dt or "
+                    "more substeps, or set max_speed"
+                )
             # Room for a few more steps of the last accepted step's size before a rebuild.
             wanted = max(self.margin, REBUILD_STEPS * self._last_step)
             stale = (

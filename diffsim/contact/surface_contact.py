@@ -176,7 +176,7 @@ class SurfaceContact:
                 from diffsim.simulator import SimulationError
 
                 raise SimulationError(
-                    f"a proposed step moves a vertex by {step:.3g} m, more than 10 times the mesh size "
+                    f"a proposed step moves a vertex by {step:.3g} m, over 10 times the mesh size "
                     f"({self.scene_size:.3g} m): the simulation is unstable; use a smaller dt or "
                     "more substeps, or set max_speed"
                 )

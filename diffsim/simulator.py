@@ -401,7 +401,7 @@ class Simulator:
         return self.backend.forces(prepared, positions)
 
     def energies(self, state: State) -> dict[str, torch.Tensor]:
-        """Kinetic, elastic, gravitational and barrier energies (J) and their total."""
+        """Kinetic, elastic, gravitational, barrier (and surface "contact") energies (J), total."""
         c = self.coefficients()
         m = self.model
         x, v = state.positions, state.velocities
@@ -411,6 +411,8 @@ class Simulator:
             "gravitational": -(c.mass[:, None] * x * c.gravity).sum(),
             "barrier": m.ground.energy(x, c.mass) if m.ground is not None else x.new_zeros(()),
         }
+        if m.contact is not None:
+            out["contact"] = m.contact.energy(x, c.mass)  # surface barrier
         out["total"] = sum(out.values())
         return out
 

@@ -329,3 +329,17 @@ def test_a_blown_up_step_raises_instead_of_flooding_the_broad_phase():
     x = torch.tensor(mesh.vertices)
     with pytest.raises(ds.SimulationError, match="unstable"):
         contact.limit(x, x + 1000.0)
+
+
+def test_simulator_energies_include_the_surface_barrier():
+    mesh = two_boxes(gap=0.005)
+    mat = ds.StableNeoHookean(youngs_modulus=1e5, poissons_ratio=0.3)
+    sim = ds.Simulator(
+        mesh, mat, ground=None, contact=True, contact_dhat=0.01, backend="torch", dtype=F64
+    )
+    energies = sim.energies(sim.initial_state())
+    assert energies["contact"] > 0
+    x = sim.initial_state().positions.requires_grad_(True)
+    (grad,) = torch.autograd.grad(sim.model.contact.energy(x, sim.coefficients().mass), x)
+    forces = sim.model.contact.forces(x.detach(), sim.coefficients().mass)
+    torch.testing.assert_close(forces, -grad)

@@ -225,7 +225,9 @@ def test_ccd_scale_is_held_constant_in_the_backward_pass():
 
 
 # ----------------------------------------------------------------- friction
-def sliding_block(mu: float, implementation: str = "torch") -> tuple[ds.Simulator, State]:
+def sliding_block(
+    mu: float, implementation: str = "torch", backend: str = "torch"
+) -> tuple[ds.Simulator, State]:
     base = ds.TetMesh.box(size=(0.3, 0.05, 0.3), resolution=(3, 1, 3), origin=(-0.15, 0.0, -0.15))
     block = ds.TetMesh.box(size=(0.1, 0.05, 0.1), resolution=1, origin=(-0.037, 0.0555, -0.061))
     mesh = ds.TetMesh.merge([base, block])
@@ -235,7 +237,7 @@ def sliding_block(mu: float, implementation: str = "torch") -> tuple[ds.Simulato
         dt=1e-3,
         ground=None,
         fixed=np.flatnonzero(mesh.body_ids == 0),
-        backend="torch",
+        backend=backend,
         dtype=F64,
         contact=True,
         contact_dhat=0.005,
@@ -268,9 +270,11 @@ def test_friction_slows_a_sliding_block_like_coulomb_and_never_reverses_it():
 
 
 # ----------------------------------------------------------------- rollout gradients
-@pytest.mark.parametrize("implementation", ["torch", "warp"])
-def test_rollout_gradient_through_contact_and_friction_matches_fd(implementation):
-    sim, state = sliding_block(0.5, implementation)
+@pytest.mark.parametrize(
+    "backend, implementation", [("torch", "torch"), ("torch", "warp"), ("warp", "warp")]
+)
+def test_rollout_gradient_through_contact_and_friction_matches_fd(backend, implementation):
+    sim, state = sliding_block(0.5, implementation, backend)
     block = torch.as_tensor(sim.mesh.body_ids == 1)
     gen = torch.Generator().manual_seed(0)
     weights = torch.randn((sim.mesh.n_vertices, 3), generator=gen, dtype=F64)

@@ -27,7 +27,9 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(dim=-1)
 
 
-def point_triangle_type(p, a, b, c) -> torch.Tensor:
+def point_triangle_type(
+    p: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor
+) -> torch.Tensor:
     """Closest-feature types ``[k]`` (int64) of points ``p`` to triangles ``(a, b, c)``."""
     with torch.no_grad():
         ab, ac, ap, bp, cp = b - a, c - a, p - a, p - b, p - c
@@ -46,13 +48,19 @@ def point_triangle_type(p, a, b, c) -> torch.Tensor:
     return kind
 
 
-def _segment_parameter(p, a, b) -> torch.Tensor:
+def _segment_parameter(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Parameter t of the projection of p on the line a + t (b - a), differentiable."""
     e = b - a
     return _dot(p - a, e) / _dot(e, e).clamp_min(torch.finfo(e.dtype).tiny)
 
 
-def point_triangle_weights(p, a, b, c, kind=None) -> tuple[torch.Tensor, torch.Tensor]:
+def point_triangle_weights(
+    p: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    c: torch.Tensor,
+    kind: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Barycentric weights ``[k, 3]`` of the closest point on each triangle, and the types.
 
     Differentiable in all positions (within each type's region).
@@ -84,14 +92,18 @@ def point_triangle_weights(p, a, b, c, kind=None) -> tuple[torch.Tensor, torch.T
     return beta, kind
 
 
-def point_triangle_distance(p, a, b, c) -> torch.Tensor:
+def point_triangle_distance(
+    p: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor
+) -> torch.Tensor:
     """Squared distances ``[k]`` (m^2) from points to triangles, all ``[k, 3]``."""
     beta, _ = point_triangle_weights(p, a, b, c)
     q = beta[..., 0:1] * a + beta[..., 1:2] * b + beta[..., 2:3] * c
     return (p - q).square().sum(dim=-1)
 
 
-def edge_edge_parameters(p0, p1, q0, q1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def edge_edge_parameters(
+    p0: torch.Tensor, p1: torch.Tensor, q0: torch.Tensor, q1: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Closest-point parameters ``s, t`` (``[k]``) on edges ``p0 p1`` and ``q0 q1``, and types.
 
     The closest points are ``p0 + s (p1 - p0)`` and ``q0 + t (q1 - q0)``.
@@ -144,19 +156,25 @@ def edge_edge_parameters(p0, p1, q0, q1) -> tuple[torch.Tensor, torch.Tensor, to
     return s_out, t_out, kind
 
 
-def edge_edge_distance(p0, p1, q0, q1) -> torch.Tensor:
+def edge_edge_distance(
+    p0: torch.Tensor, p1: torch.Tensor, q0: torch.Tensor, q1: torch.Tensor
+) -> torch.Tensor:
     """Squared distances ``[k]`` (m^2) between edges ``p0 p1`` and ``q0 q1``, all ``[k, 3]``."""
     s, t, _ = edge_edge_parameters(p0, p1, q0, q1)
     diff = p0 + s[..., None] * (p1 - p0) - q0 - t[..., None] * (q1 - q0)
     return diff.square().sum(dim=-1)
 
 
-def edge_edge_cross_squared(p0, p1, q0, q1) -> torch.Tensor:
+def edge_edge_cross_squared(
+    p0: torch.Tensor, p1: torch.Tensor, q0: torch.Tensor, q1: torch.Tensor
+) -> torch.Tensor:
     """``|(p1 - p0) x (q1 - q0)|^2``, ``[k]`` (m^4)."""
     return torch.linalg.cross(p1 - p0, q1 - q0).square().sum(dim=-1)
 
 
-def mollifier_threshold(p0, p1, q0, q1) -> torch.Tensor:
+def mollifier_threshold(
+    p0: torch.Tensor, p1: torch.Tensor, q0: torch.Tensor, q1: torch.Tensor
+) -> torch.Tensor:
     """eps_x = 1e-3 |p1 - p0|^2 |q1 - q0|^2 from rest positions, ``[k]`` (m^4)."""
     return MOLLIFIER_FRACTION * (p1 - p0).square().sum(-1) * (q1 - q0).square().sum(-1)
 

@@ -400,7 +400,7 @@ def _parallel_fraction(dtype: torch.dtype) -> float:
     return PARALLEL_FRACTION[dtype]
 
 
-def _force_inputs(arrays: PairArrays, x, mass, dhat: float, floor: float, kappa: float):
+def _force_inputs(arrays: "PairArrays", x, mass, dhat: float, floor: float, kappa: float) -> list:
     scalar = {torch.float32: wp.float32, torch.float64: wp.float64}[x.dtype]
     return [
         _vec3(x),
@@ -415,7 +415,9 @@ def _force_inputs(arrays: PairArrays, x, mass, dhat: float, floor: float, kappa:
     ]
 
 
-def forces_forward(arrays: PairArrays, x, mass, dhat, floor, kappa):
+def forces_forward(
+    arrays: PairArrays, x: torch.Tensor, mass: torch.Tensor, dhat: float, floor: float, kappa: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Barrier forces ``[n, 3]`` and per-pair energies ``[k]`` (no autograd)."""
     f = torch.zeros_like(x)
     energy = torch.zeros(arrays.n, dtype=x.dtype, device=x.device)
@@ -430,7 +432,15 @@ def forces_forward(arrays: PairArrays, x, mass, dhat, floor, kappa):
     return f, energy
 
 
-def forces_backward(arrays: PairArrays, x, mass, dhat, floor, kappa, grad_f):
+def forces_backward(
+    arrays: PairArrays,
+    x: torch.Tensor,
+    mass: torch.Tensor,
+    dhat: float,
+    floor: float,
+    kappa: float,
+    grad_f: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Vector-Jacobian products of the forces: ``(grad_x [n, 3], grad_mass [n])``."""
     grad_x = torch.zeros_like(x)
     grad_m = torch.zeros_like(mass)

@@ -264,6 +264,7 @@ class SurfaceContact:
 
             alpha = step_scales(self._warp_arrays(x), x.detach(), (x_new - x).detach())
         out = ccd.limit_step(x, x_new, alpha)
+        self.timings["limited_vertex_steps"] += int((alpha < 1).sum())
         self._last_step = float((out.detach() - x.detach()).norm(dim=1).max())
         self.timings["ccd"] += time.perf_counter() - start
         return out

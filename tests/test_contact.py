@@ -327,12 +327,17 @@ def test_bad_contact_settings_raise_clear_errors():
         ds.Simulator(touching, mat, ground=None, contact=True)
 
 
-def test_a_blown_up_step_raises_instead_of_flooding_the_broad_phase():
+def test_a_huge_step_is_scaled_down_as_a_whole_before_the_ccd_limit():
     mesh = two_boxes(gap=0.05)
     contact = SurfaceContact(mesh, dhat=0.01, stiffness=1.0, implementation="torch")
     x = torch.tensor(mesh.vertices)
-    with pytest.raises(ds.SimulationError, match="unstable"):
-        contact.limit(x, x + 1000.0)
+    dx = torch.zeros_like(x)
+    dx[torch.as_tensor(mesh.body_ids == 1), 0] = 1e5  # sideways, nothing in the way
+    out = contact.limit(x, x + dx)
+    moved = (out - x).norm(dim=1).max()
+    assert float(moved) == pytest.approx(0.1 * contact.scene_size)
+    # The broad phase searched only as far as the capped step (not 1e5 m).
+    assert contact._reach <= 1.02 * 0.1 * contact.scene_size
 
 
 def test_simulator_energies_include_the_surface_barrier():

@@ -120,6 +120,11 @@ class SurfaceContact:
         dhat = cls.default_dhat(mesh) if dhat is None else float(dhat)
         stiffness = cls.default_stiffness(dhat, h) if stiffness is None else float(stiffness)
         implementation = "torch" if backend == "torch" else "warp"
+        broad_phase = "bvh"
+        try:
+            import warp  # noqa: F401
+        except ImportError:  # pragma: no cover - Warp is a dependency; degrade gracefully
+            implementation, broad_phase = "torch", "brute"
         contact = cls(
             mesh,
             dhat=dhat,
@@ -127,6 +132,7 @@ class SurfaceContact:
             friction=friction,
             friction_velocity=friction_velocity,
             implementation=implementation,
+            broad_phase=broad_phase,
             device=device,
         )
         contact.check_separated(torch.as_tensor(mesh.vertices, device=device))

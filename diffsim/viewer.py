@@ -359,6 +359,9 @@ class PolyscopeViewer:
         ps.remove_all_structures()
         # Undo what a headless FrameRenderer in this process may have set.
         ps.set_build_default_gui_panels(True)
+        # A headless render may have left a thumbnail-sized window, in which polyscope stops
+        # calling the user callback.
+        ps.set_window_size(1280, 800)
         ps.set_automatically_compute_scene_extents(True)
         ps.set_up_dir("y_up")
         ps.set_front_dir("z_front")

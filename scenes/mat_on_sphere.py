@@ -1,7 +1,8 @@
 """A thin soft mat dropped onto a fixed ball: it drapes over it and folds onto itself.
 
-The ball is held still (all its vertices fixed); the mat's contact with the ball, with the
-ground and with itself where it wrinkles is the surface barrier with friction.
+The ball is held still (all its vertices fixed); the mat's contact with the ball and with
+itself where its skirt wrinkles into folds is the surface barrier with friction; its
+corners reach the ground plane.
 Run it: ``diffsim run scenes/mat_on_sphere.py --out mat.mp4``.
 """
 
@@ -15,10 +16,12 @@ CAMERA = {"position": (0.7, 0.6, 0.7), "target": (0.0, 0.12, 0.0)}
 
 
 def build() -> ds.Simulator:
-    ball = ds.TetMesh.sphere(radius=0.1, resolution=5, center=(0.0, 0.1, 0.0))
-    mat = ds.TetMesh.box(size=(0.4, 0.008, 0.4), resolution=(12, 1, 12), origin=(-0.2, 0.215, -0.2))
+    ball = ds.TetMesh.sphere(radius=0.1, resolution=5, center=(0.0, 0.25, 0.0))
+    mat = ds.TetMesh.box(
+        size=(0.5, 0.008, 0.5), resolution=(14, 1, 14), origin=(-0.25, 0.365, -0.25)
+    )
     mesh = ds.TetMesh.merge([ball, mat])
-    material = ds.StableNeoHookean(youngs_modulus=2e4, poissons_ratio=0.3, density=300.0)
+    material = ds.StableNeoHookean(youngs_modulus=5e3, poissons_ratio=0.3, density=300.0)
     return ds.Simulator(
         mesh,
         material,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from diffsim.contact.potential import pair_distances
 from diffsim.scene import load_scene
 
 ipctk = pytest.importorskip("ipctk")
@@ -17,7 +18,7 @@ SCENES = Path(__file__).resolve().parents[1] / "scenes"
 CONTACT_SCENES = {"spheres_collide": 70, "cube_stack": 120, "mat_on_sphere": 80, "torus_chain": 150}
 
 
-def run_and_check(name: str, steps: int | None) -> None:
+def run_and_check(name: str, steps: int | None) -> tuple:
     scene = load_scene(SCENES / f"{name}.py")
     sim = scene.build()
     contact = sim.model.contact
@@ -45,6 +46,7 @@ def run_and_check(name: str, steps: int | None) -> None:
     assert 0 < closest < contact.dhat
     if sim.model.ground is not None:
         assert x[..., 1].min() > sim.model.ground.height
+    return traj, sim
 
 
 @pytest.mark.parametrize("name", sorted(CONTACT_SCENES))
@@ -53,5 +55,14 @@ def test_contact_scene_is_intersection_free(name):
 
 
 @pytest.mark.slow
-def test_spheres_collide_full_run_is_intersection_free():
-    run_and_check("spheres_collide", None)
+def test_mat_on_sphere_full_run_is_intersection_free_and_folds_onto_itself():
+    traj, sim = run_and_check("mat_on_sphere", None)
+    contact, body = sim.model.contact, torch.as_tensor(sim.mesh.body_ids)
+    self_contact = 0
+    for x in traj.positions[::10]:
+        c = contact.candidates(x)
+        d_pt, d_ee = pair_distances(x, c)
+        pairs = torch.cat([c.point_triangle, c.edge_edge])
+        within_mat = (body[pairs] == 1).all(dim=1)
+        self_contact += int((within_mat & (torch.cat([d_pt, d_ee]) < contact.dhat**2)).sum())
+    assert self_contact > 0, "the mat never touched itself"

@@ -41,7 +41,7 @@ def simulator(backend: str, implementation: str, broad_phase: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--warmup", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--backward-steps", type=int, default=10)
     args = parser.parse_args()
     torch.set_num_threads(1)

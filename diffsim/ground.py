@@ -69,7 +69,8 @@ class Ground:
 
         The friction force on vertex i is ``-mu * lambda_i * f1(|u|) / |u| * u`` with u the
         tangential velocity, lambda_i the barrier's normal force at positions ``x`` (the
-        simulator passes the end-of-step heights from :meth:`solve`) and f1 the IPC smoothing (``2y/eps - y^2/eps^2`` below eps, 1 above).
+        simulator passes the end-of-step heights from :meth:`solve`) and f1 the IPC smoothing
+        (``2y/eps - y^2/eps^2`` below eps, 1 above).
         Dividing u by ``1 + h * mu * lambda_i/m_i * f1(|u|)/|u|`` can only slow a vertex,
         never reverse it, so friction is stable at any time step.
         """

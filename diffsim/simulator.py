@@ -149,8 +149,9 @@ class Simulator:
         lowest = int(np.argmin(self.mesh.vertices[:, 1]))
         if self.mesh.vertices[lowest, 1] <= height:
             raise ValueError(
-                f"vertex {lowest} (y = {self.mesh.vertices[lowest, 1]:.4g}) is not above the ground "
-                f"at y = {height:g}; lift the mesh, e.g. mesh.placed_on({height:g}, gap=0.01)"
+                f"vertex {lowest} (y = {self.mesh.vertices[lowest, 1]:.4g}) is not above the "
+                f"ground at y = {height:g}; lift the mesh, "
+                f"e.g. mesh.placed_on({height:g}, gap=0.01)"
             )
         if stiffness is None:
             stiffness = Ground.default_stiffness(dhat, float(self.gravity.detach().norm()))
@@ -170,7 +171,8 @@ class Simulator:
             return "torch"
         if backend == "warp" and material.kernel_id is None:
             print(
-                f"diffsim: {type(material).__name__} has no Warp kernel; running on the torch backend",
+                f"diffsim: {type(material).__name__} has no Warp kernel; "
+                "running on the torch backend",
                 file=sys.stderr,
             )
             return "torch"

@@ -24,7 +24,9 @@ def directional_fd(fn, x: torch.Tensor, direction: torch.Tensor, eps: float) -> 
         return float((fn(x + eps * direction) - fn(x - eps * direction)) / (2 * eps))
 
 
-def check_gradient(fn, x: torch.Tensor, eps: float = 1e-6, rtol: float = 1e-5, seed: int = 0) -> float:
+def check_gradient(
+    fn, x: torch.Tensor, eps: float = 1e-6, rtol: float = 1e-5, seed: int = 0
+) -> float:
     """Compares autograd with a central FD along a random direction; returns the relative error."""
     gen = torch.Generator().manual_seed(seed)
     direction = torch.randn(x.shape, generator=gen, dtype=x.dtype)
@@ -33,5 +35,7 @@ def check_gradient(fn, x: torch.Tensor, eps: float = 1e-6, rtol: float = 1e-5, s
     analytic = float((grad * direction).sum())
     numeric = directional_fd(fn, x.detach(), direction, eps)
     err = abs(analytic - numeric) / max(abs(numeric), 1e-12)
-    assert err < rtol, f"gradient mismatch: autograd {analytic:.10g} vs FD {numeric:.10g} (rel {err:.2e})"
+    assert err < rtol, (
+        f"gradient mismatch: autograd {analytic:.10g} vs FD {numeric:.10g} (rel {err:.2e})"
+    )
     return err

@@ -1,4 +1,4 @@
-"""float64 finite-difference checks of rollout gradients, with ground contact and friction active."""
+"""float64 finite-difference checks of rollout gradients, with ground contact and friction on."""
 
 import pytest
 import torch

@@ -10,13 +10,13 @@ from diffsim.materials import polar_rotation
 from .helpers import check_gradient
 
 
-
 @pytest.fixture(autouse=True)
 def float64_default():
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(previous)
+
 
 BUILTINS = [ds.StableNeoHookean, ds.NeoHookean, ds.StVK, ds.Corotated, ds.LinearElastic]
 ROTATION_INVARIANT = [ds.StableNeoHookean, ds.NeoHookean, ds.StVK, ds.Corotated]
@@ -30,7 +30,9 @@ class MooneyRivlin(ds.Material):
         C = F.transpose(1, 2) @ F
         J = torch.linalg.det(F)
         i1 = C.diagonal(dim1=1, dim2=2).sum(-1) * J ** (-2 / 3)
-        i2 = 0.5 * (C.diagonal(dim1=1, dim2=2).sum(-1) ** 2 - (C @ C).diagonal(dim1=1, dim2=2).sum(-1))
+        i2 = 0.5 * (
+            C.diagonal(dim1=1, dim2=2).sum(-1) ** 2 - (C @ C).diagonal(dim1=1, dim2=2).sum(-1)
+        )
         i2 = i2 * J ** (-4 / 3)
         return 0.25 * mu * (i1 - 3) + 0.25 * mu * (i2 - 3) + 0.5 * lam * (J - 1) ** 2
 

@@ -47,7 +47,9 @@ def test_sphere_and_from_surface_approximate_the_ball():
     ball = ds.TetMesh.sphere(radius=0.1, resolution=8)
     exact = 4 / 3 * np.pi * 0.1**3
     assert abs(ball.rest_volumes.sum() - exact) / exact < 0.05
-    surf = ds.TetMesh.from_surface(trimesh.creation.icosphere(subdivisions=2, radius=0.1), resolution=8)
+    surf = ds.TetMesh.from_surface(
+        trimesh.creation.icosphere(subdivisions=2, radius=0.1), resolution=8
+    )
     assert abs(surf.rest_volumes.sum() - exact) / exact < 0.1
     assert (surf.rest_volumes > 0).all()
     radii = np.linalg.norm(surf.vertices[surf.surface_vertices], axis=1)
@@ -74,7 +76,9 @@ def test_shared_meshes_load(name):
 
 
 def test_msh_and_npz_round_trip(tmp_path):
-    mesh = ds.TetMesh.merge([ds.TetMesh.box(resolution=1), ds.TetMesh.box(resolution=1, origin=(2, 0, 0))])
+    mesh = ds.TetMesh.merge(
+        [ds.TetMesh.box(resolution=1), ds.TetMesh.box(resolution=1, origin=(2, 0, 0))]
+    )
     for suffix in (".msh", ".npz"):
         path = tmp_path / f"m{suffix}"
         mesh.save(path)

@@ -15,8 +15,8 @@ from types import SimpleNamespace
 import torch
 
 from diffsim.backends.base import Backend
+from diffsim.integrator import symplectic_euler_update
 from diffsim.model import Coefficients, Model
-from diffsim.velocity import clamp_speed
 
 try:
     import warp as wp
@@ -183,29 +183,12 @@ class WarpBackend(Backend):
         return bridge.Substep.apply(self.geometry, w, self.launcher, x, v, x_fixed, *w.inputs)
 
     def _substep_with_contact(self, w, x, v, x_fixed):
-        # Torch ops around the Warp forces, exactly as TorchBackend.substep.
+        # Torch ops around the Warp forces: the same update as TorchBackend.substep.
         m = self.model
-        mu, lam, mass, gravity, damping = w.inputs
-        h = m.substep_dt
+        mu, lam, mass, gravity, _ = w.inputs
         f = bridge.Forces.apply(self.geometry, w, False, x, mu, lam, mass, gravity)
         f = f + m.contact.forces(x, mass)
-        v = v + h * f / mass[:, None]
-        v = v / (1.0 + h * w.coeffs.damping)
-        if m.max_speed is not None:
-            v = clamp_speed(v, m.max_speed)
-        v = v * (~m.fixed_mask).to(x.dtype)[:, None]
-        x_new = x + h * v
-        if m.ground is not None:
-            y_new = m.ground.solve(x_new[:, 1], h)
-            v = torch.stack([v[:, 0], (y_new - x[:, 1]) / h, v[:, 2]], dim=1)
-            v = m.ground.apply_friction(v, torch.stack([x[:, 0], y_new, x[:, 2]], dim=1), h)
-            x_new = torch.stack([x[:, 0] + h * v[:, 0], y_new, x[:, 2] + h * v[:, 2]], dim=1)
-        v = m.contact.apply_friction(v, x, mass, h)
-        x_new = m.contact.limit(
-            x, torch.stack([x[:, 0] + h * v[:, 0], x_new[:, 1], x[:, 2] + h * v[:, 2]], 1)
-        )
-        v = (x_new - x) / h
-        return x_new.index_put((m.fixed_indices,), x_fixed), v
+        return symplectic_euler_update(m, x, v, f, mass, w.coeffs.damping, x_fixed)
 
     def _checked(self, t: torch.Tensor) -> torch.Tensor:
         m = self.model

@@ -222,11 +222,9 @@ def _one_line(exc: BaseException) -> str:
 def _quiet_warp() -> None:
     """Silences Warp's start-up banner and CPU-only notices (`diffsim info` lists devices)."""
     try:
-        import warp
+        from diffsim.warp_setup import quiet_warp
 
-        warp.config.quiet = True  # Warp < 1.10
-        if hasattr(warp, "LOG_ERROR"):
-            warp.config.log_level = warp.LOG_ERROR
+        quiet_warp()
     except Exception:  # Warp missing or broken: the simulator reports it when it matters
         pass
 

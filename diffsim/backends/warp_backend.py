@@ -25,16 +25,7 @@ except ImportError as error:  # pragma: no cover - warp-lang is a dependency
 
 from diffsim import warp_bridge as bridge
 from diffsim.kernels import kernels_for
-
-_initialised = False
-
-
-def _init_warp() -> None:
-    global _initialised
-    if not _initialised:
-        wp.config.quiet = True
-        wp.init()
-        _initialised = True
+from diffsim.warp_setup import init_warp
 
 
 def cpu_threads() -> int:
@@ -59,7 +50,7 @@ class WarpBackend(Backend):
 
     def __init__(self, model: Model) -> None:
         super().__init__(model)
-        _init_warp()
+        init_warp()
         self.kernels = kernels_for(model.dtype)
         device = wp.device_from_torch(model.device)
         k = self.kernels

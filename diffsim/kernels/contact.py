@@ -11,9 +11,9 @@ import torch
 import warp as wp
 
 from diffsim.contact.ccd import MIN_GAP_FRACTION
+from diffsim.warp_setup import init_warp
 
-wp.config.quiet = True
-wp.init()
+init_warp()
 
 # Point-triangle pairs carry kind 0, edge-edge pairs kind 1.
 POINT_TRIANGLE, EDGE_EDGE = 0, 1

@@ -136,8 +136,8 @@ def build_elastic(dtype, module: str, grad_module: str) -> SimpleNamespace:
         ds = wp.matrix_from_cols(x[tet[1]] - x0, x[tet[2]] - x0, x[tet[3]] - x0)
         return ds @ dm_inv
 
-    def differentiable_kernel(stress):
-        @wp.kernel(module=grad_module)
+    def forces_kernel(stress, target_module: str, backward: bool):
+        @wp.kernel(module=target_module, enable_backward=backward)
         def tet_forces(
             x: wp.array(dtype=vec3),
             tets: wp.array(dtype=wp.vec4i),
@@ -151,47 +151,11 @@ def build_elastic(dtype, module: str, grad_module: str) -> SimpleNamespace:
             chunk: int,
             f: wp.array(dtype=vec3),
         ):
-            """One material: adds the force -V P Dm^-T of ``chunk`` tets to their corners.
+            """One material: each thread adds the force -V P Dm^-T of ``chunk`` tets.
 
-            Iterations are independent (they only accumulate into f), so the loop's adjoint,
-            run in reverse, is exact; the adjoint of the kernel is a Hessian-vector product.
-            """
-            first = start + wp.tid() * chunk
-            last = wp.min(first + chunk, stop)
-            for e in range(first, last):
-                tet = tets[e]
-                dmi = dm_inv[e]
-                F = deformation_gradient(x, tet, dmi)
-                p = e * per_tet
-                P = -volume[e] * stress(F, mu[p], lam[p])
-                f1 = P @ dmi[0]
-                f2 = P @ dmi[1]
-                f3 = P @ dmi[2]
-                wp.atomic_add(f, tet[0], -(f1 + f2 + f3))
-                wp.atomic_add(f, tet[1], f1)
-                wp.atomic_add(f, tet[2], f2)
-                wp.atomic_add(f, tet[3], f3)
-
-        return tet_forces
-
-    def chunked_kernel(stress):
-        @wp.kernel(module=module, enable_backward=False)
-        def tet_forces_chunked(
-            x: wp.array(dtype=vec3),
-            tets: wp.array(dtype=wp.vec4i),
-            dm_inv: wp.array(dtype=mat33),
-            volume: wp.array(dtype=T),
-            mu: wp.array(dtype=T),
-            lam: wp.array(dtype=T),
-            per_tet: int,
-            start: int,
-            stop: int,
-            chunk: int,
-            f: wp.array(dtype=vec3),
-        ):
-            """Forward only, one material: each thread adds the forces of ``chunk`` tets.
-
-            On the CPU this amortises Warp's per-thread call overhead over many tets.
+            Chunks amortise Warp's per-thread call overhead on the CPU. Iterations are
+            independent (they only accumulate into f), so the loop's adjoint, run in reverse,
+            is exact; the adjoint of the kernel is a Hessian-vector product.
             """
             first = start + wp.tid() * chunk
             last = wp.min(first + chunk, stop)
@@ -210,11 +174,12 @@ def build_elastic(dtype, module: str, grad_module: str) -> SimpleNamespace:
                 wp.atomic_add(f, tet[2], f2)
                 wp.atomic_add(f, tet[3], f3)
 
-        return tet_forces_chunked
+        return tet_forces
 
     stresses = (pk1_snh, pk1_nh, pk1_stvk, pk1_corotated, pk1_linear)
-    tet_forces_chunked = tuple(chunked_kernel(stress) for stress in stresses)
-    tet_forces = tuple(differentiable_kernel(stress) for stress in stresses)
+    # The same kernel twice: forward-only (what a rollout needs) and with adjoints.
+    tet_forces_chunked = tuple(forces_kernel(stress, module, False) for stress in stresses)
+    tet_forces = tuple(forces_kernel(stress, grad_module, True) for stress in stresses)
 
     @wp.kernel(module=grad_module)
     def tet_energy(

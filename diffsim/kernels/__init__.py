@@ -22,6 +22,7 @@ def kernels_for(dtype: torch.dtype) -> SimpleNamespace:
     import warp as wp
 
     from diffsim.kernels.elastic import build_elastic
+    from diffsim.kernels.force_vjp import build_force_vjp
     from diffsim.kernels.integrate import build_integrate
 
     scalars = {torch.float32: wp.float32, torch.float64: wp.float64}
@@ -35,6 +36,7 @@ def kernels_for(dtype: torch.dtype) -> SimpleNamespace:
         vec3=wp.types.vector(3, scalar),
         mat33=wp.types.matrix((3, 3), scalar),
         **vars(build_elastic(scalar, module, grad_module)),
+        **vars(build_force_vjp(scalar, module)),
         **vars(build_integrate(scalar, module, grad_module)),
     )
     wp.get_module(module).options["enable_backward"] = False  # no adjoint code to compile

@@ -23,6 +23,11 @@ from diffsim.model import Coefficients
 
 _templates: dict = {}
 
+# Meshes with fewer tets run on one thread: below this, splitting costs more than it saves.
+MIN_TETS_TO_SPLIT = 2048
+# Barrier spins before a fused worker gives up on the other (several seconds).
+SPIN_LIMIT = 1 << 25
+
 
 def wrap(t: torch.Tensor, dtype: Any) -> Any:
     """A Warp array descriptor aliasing a contiguous tensor (no copy).
@@ -56,6 +61,7 @@ class Geometry:
     volume: Any
     fixed_slot: Any
     n_fixed: int
+    substeps: int
     chunk: int = 1
     torch_device: Any = None
     owners: list = field(default_factory=list)
@@ -168,7 +174,7 @@ def forward_launches(g: Geometry, w: WarpCoefficients, threads: int) -> SimpleNa
         # A descriptor of its own: RecordedLaunch.point mutates it in place.
         return wrap(t, k.vec3)
 
-    bounds = [0, m] if threads == 1 or m < 2048 else [0, m // 2, m]
+    bounds = [0, m] if threads == 1 or m < MIN_TETS_TO_SPLIT else [0, m // 2, m]
     outputs = [s.f_a_w, s.f_b_w]
     tets = [
         RecordedLaunch(
@@ -241,6 +247,59 @@ def substep_forward(g: Geometry, w: WarpCoefficients, x, v, x_fixed, launcher=No
     return x_new, v_new
 
 
+def advance_steps(g: Geometry, w: WarpCoefficients, x, v, targets, out, launcher=None) -> None:
+    """Whole steps on the CPU in one launch of the fused kernel per worker (no autograd).
+
+    Args:
+        g, w: the geometry and prepared coefficients.
+        x, v: positions and velocities ``[n, 3]`` at the start (not modified).
+        targets: ``[K, k, 3]`` prescribed positions at the end of each step.
+        out: two ``[K, n, 3]`` buffers for the positions and velocities after each step.
+        launcher: splits the work between two threads where given (and the mesh is big
+            enough to gain from it).
+    """
+    k, s = g.kernels, w.scratch
+    workers = 2 if launcher is not None and g.n_tets >= MIN_TETS_TO_SPLIT else 1
+    x_work, v_work = x.clone(), v.clone()  # advanced in place
+    if not g.n_fixed:  # the kernel takes at least one (unused) target column
+        targets = targets.new_zeros((len(targets), 1, 3))
+    targets = targets.contiguous()  # kept alive here: the launch holds only its pointer
+    fixed_start = targets.new_empty((max(g.n_fixed, 1), 3))
+    sync = torch.zeros(4, dtype=torch.int32)
+    mu, lam, mass, gravity, damping = w.arrays
+    shared = [
+        wrap(x_work, k.vec3), wrap(v_work, k.vec3), g.tets, g.dm_inv, g.volume, mu, lam,
+        w.per_tet, mass, gravity, damping, g.fixed_slot, wrap(fixed_start, k.vec3),
+        wrap(targets, k.vec3), *w.scalars, g.substeps,
+    ]  # fmt: skip
+    tail = [
+        wrap(s.worker_forces[:workers], k.vec3), wrap(sync, wp.int32), SPIN_LIMIT,
+        wrap(out[0], k.vec3), wrap(out[1], k.vec3),
+    ]  # fmt: skip
+    launches = []
+    for worker in range(workers):
+        tets = [g.n_tets * worker // workers, g.n_tets * (worker + 1) // workers]
+        vertices = [g.n_vertices * worker // workers, g.n_vertices * (worker + 1) // workers]
+        launches.append(
+            wp.launch(
+                k.advance[w.material],
+                dim=1,
+                inputs=[*shared, worker, workers, *tets, *vertices, *tail],
+                device=g.device,
+                record_cmd=True,
+            )
+        )
+    if workers == 1:
+        launches[0].launch()
+    else:
+        launcher.run(launches[0].launch, launches[1].launch)
+    if int(sync[2]):
+        raise RuntimeError(
+            "a Warp worker thread stopped waiting for the other (a hang of several seconds); "
+            "set DIFFSIM_WARP_THREADS=1 to run on one thread"
+        )
+
+
 def _launch_tets(g: Geometry, w: WarpCoefficients, x, out) -> None:
     """Elastic forces of all tets accumulated into ``out`` (one thread)."""
     mu, lam = w.arrays[0], w.arrays[1]
@@ -286,7 +345,7 @@ def _tet_adjoint(g: Geometry, w: WarpCoefficients, xw, adj_f_w, adj_x, adj_mu, a
         )
 
     amu, alam = wrap(adj_mu, k.scalar), wrap(adj_lam, k.scalar)
-    if launcher is None or m < 2048:
+    if launcher is None or m < MIN_TETS_TO_SPLIT:
         part(0, m, adj_x, amu, alam)
         return
     half = m // 2

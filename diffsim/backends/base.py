@@ -46,3 +46,46 @@ class Backend:
             ``(x_new, v_new)``, each ``[n, 3]``.
         """
         raise NotImplementedError
+
+    def advance(
+        self,
+        prepared: Any,
+        x: torch.Tensor,
+        v: torch.Tensor,
+        targets: torch.Tensor,
+        out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``len(targets)`` steps of ``model.substeps`` substeps each.
+
+        Args:
+            prepared: the result of :meth:`prepare`.
+            x: positions ``[n, 3]`` at the start.
+            v: velocities ``[n, 3]`` at the start.
+            targets: ``[K, k, 3]`` positions of the fixed vertices at the end of each step,
+                reached linearly over its substeps.
+            out: two ``[K, n, 3]`` buffers to write the frames into (no-grad runs only).
+
+        Returns:
+            The positions and velocities after each step, ``([K, n, 3], [K, n, 3])``
+            (``out`` where given).
+        """
+        substeps = self.model.substeps
+        idx = self.model.fixed_indices
+        xs, vs = [], []
+        for i in range(len(targets)):
+            start = x[idx]
+            for j in range(substeps):
+                x_fixed = start + (targets[i] - start) * ((j + 1) / substeps)
+                x, v = self.substep(prepared, x, v, x_fixed)
+            if out is not None:
+                out[0][i].copy_(x)
+                out[1][i].copy_(v)
+            else:
+                xs.append(x)
+                vs.append(v)
+        if out is not None:
+            return out
+        if not xs:
+            empty = x.new_zeros((0, *x.shape))
+            return empty, empty
+        return torch.stack(xs), torch.stack(vs)

@@ -70,6 +70,7 @@ class WarpBackend(Backend):
             volume=bridge.wrap(volume, k.scalar),
             fixed_slot=bridge.wrap(slot, wp.int32),
             n_fixed=n_fixed,
+            substeps=model.substeps,
             chunk=64 if device.is_cpu else 1,
             torch_device=model.device,
             owners=[tets, dm_inv, volume, slot],
@@ -139,6 +140,7 @@ class WarpBackend(Backend):
             for name in ("f_a", "f_b", "f_back", "adj_f", "out_x", "out_v")
         }
         t["dummy"] = torch.zeros((1, 3), dtype=m.dtype, device=m.device)
+        t["worker_forces"] = torch.zeros((2, m.n_vertices, 3), dtype=m.dtype, device=m.device)
         views = {f"{name}_w": bridge.wrap(value, vec3) for name, value in t.items()}
         return SimpleNamespace(**t, **views)
 
@@ -172,6 +174,22 @@ class WarpBackend(Backend):
         ):
             return bridge.substep_forward(self.geometry, w, x, v, x_fixed, self.launcher)
         return bridge.Substep.apply(self.geometry, w, self.launcher, x, v, x_fixed, *w.inputs)
+
+    def advance(self, prepared, x, v, targets, out=None):
+        """Whole steps; on the CPU without contact or autograd, in one fused launch per
+        worker thread (:func:`diffsim.warp_bridge.advance_steps`)."""
+        fused = (
+            out is not None
+            and self.geometry.device.is_cpu
+            and self.model.contact is None
+            and not torch.is_grad_enabled()
+        )
+        if not fused:
+            return super().advance(prepared, x, v, targets, out)
+        x, v = self._checked(x), self._checked(v)
+        targets = targets.to(self.model.dtype)
+        bridge.advance_steps(self.geometry, prepared, x, v, targets, out, self.launcher)
+        return out
 
     def _substep_with_contact(self, w, x, v, x_fixed):
         # Torch ops around the Warp forces: the same update as TorchBackend.substep.

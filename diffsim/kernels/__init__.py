@@ -21,6 +21,7 @@ def kernels_for(dtype: torch.dtype) -> SimpleNamespace:
     """The kernels and Warp types for ``torch.float32`` or ``torch.float64`` (built once)."""
     import warp as wp
 
+    from diffsim.kernels.advance import build_advance
     from diffsim.kernels.elastic import build_elastic
     from diffsim.kernels.force_vjp import build_force_vjp
     from diffsim.kernels.integrate import build_integrate
@@ -31,13 +32,16 @@ def kernels_for(dtype: torch.dtype) -> SimpleNamespace:
     scalar = scalars[dtype]
     module = f"diffsim_{scalar.__name__}"
     grad_module = f"{module}_grad"
+    elastic = build_elastic(scalar, module, grad_module)
+    integrate = build_integrate(scalar, module, grad_module)
     kernels = SimpleNamespace(
         scalar=scalar,
         vec3=wp.types.vector(3, scalar),
         mat33=wp.types.matrix((3, 3), scalar),
-        **vars(build_elastic(scalar, module, grad_module)),
+        **vars(elastic),
         **vars(build_force_vjp(scalar, module)),
-        **vars(build_integrate(scalar, module, grad_module)),
+        **vars(integrate),
+        **vars(build_advance(scalar, module, elastic, integrate)),
     )
     wp.get_module(module).options["enable_backward"] = False  # no adjoint code to compile
     return kernels

@@ -25,7 +25,8 @@ def build_elastic(dtype, module: str, grad_module: str) -> SimpleNamespace:
 
     Returns:
         A namespace with ``tet_forces_chunked`` and ``tet_forces`` (tuples indexed by the
-        material id: forward-only and differentiable) and ``tet_energy``.
+        material id: forward-only and differentiable), ``tet_energy``, and the Warp
+        functions ``add_tet_forces`` (per material) that other kernels fuse in.
     """
     T = dtype
     vec3 = wp.types.vector(3, T)
@@ -136,7 +137,37 @@ def build_elastic(dtype, module: str, grad_module: str) -> SimpleNamespace:
         ds = wp.matrix_from_cols(x[tet[1]] - x0, x[tet[2]] - x0, x[tet[3]] - x0)
         return ds @ dm_inv
 
-    def forces_kernel(stress, target_module: str, backward: bool):
+    def tet_force_func(stress):
+        @wp.func
+        def add_tet_forces(
+            x: wp.array(dtype=vec3),
+            tets: wp.array(dtype=wp.vec4i),
+            dm_inv: wp.array(dtype=mat33),
+            volume: wp.array(dtype=T),
+            mu: wp.array(dtype=T),
+            lam: wp.array(dtype=T),
+            per_tet: int,
+            e: int,
+            f: wp.array(dtype=vec3),
+        ):
+            # Adds tet e's forces -V P Dm^-T to its four corners.
+            tet = tets[e]
+            dmi = dm_inv[e]
+            F = deformation_gradient(x, tet, dmi)
+            p = e * per_tet
+            P = -volume[e] * stress(F, mu[p], lam[p])
+            f1 = P @ dmi[0]
+            f2 = P @ dmi[1]
+            f3 = P @ dmi[2]
+            # Atomic on CUDA (tets share corners); a plain add on the CPU.
+            wp.atomic_add(f, tet[0], -(f1 + f2 + f3))
+            wp.atomic_add(f, tet[1], f1)
+            wp.atomic_add(f, tet[2], f2)
+            wp.atomic_add(f, tet[3], f3)
+
+        return add_tet_forces
+
+    def forces_kernel(add_tet_forces, target_module: str, backward: bool):
         @wp.kernel(module=target_module, enable_backward=backward)
         def tet_forces(
             x: wp.array(dtype=vec3),
@@ -160,26 +191,15 @@ def build_elastic(dtype, module: str, grad_module: str) -> SimpleNamespace:
             first = start + wp.tid() * chunk
             last = wp.min(first + chunk, stop)
             for e in range(first, last):
-                tet = tets[e]
-                dmi = dm_inv[e]
-                F = deformation_gradient(x, tet, dmi)
-                p = e * per_tet
-                P = -volume[e] * stress(F, mu[p], lam[p])
-                f1 = P @ dmi[0]
-                f2 = P @ dmi[1]
-                f3 = P @ dmi[2]
-                # Atomic on CUDA (tets share corners); a plain add on the CPU.
-                wp.atomic_add(f, tet[0], -(f1 + f2 + f3))
-                wp.atomic_add(f, tet[1], f1)
-                wp.atomic_add(f, tet[2], f2)
-                wp.atomic_add(f, tet[3], f3)
+                add_tet_forces(x, tets, dm_inv, volume, mu, lam, per_tet, e, f)
 
         return tet_forces
 
     stresses = (pk1_snh, pk1_nh, pk1_stvk, pk1_corotated, pk1_linear)
+    add_tet_forces = tuple(tet_force_func(stress) for stress in stresses)
     # The same kernel twice: forward-only (what a rollout needs) and with adjoints.
-    tet_forces_chunked = tuple(forces_kernel(stress, module, False) for stress in stresses)
-    tet_forces = tuple(forces_kernel(stress, grad_module, True) for stress in stresses)
+    tet_forces_chunked = tuple(forces_kernel(add, module, False) for add in add_tet_forces)
+    tet_forces = tuple(forces_kernel(add, grad_module, True) for add in add_tet_forces)
 
     @wp.kernel(module=grad_module)
     def tet_energy(
@@ -200,5 +220,8 @@ def build_elastic(dtype, module: str, grad_module: str) -> SimpleNamespace:
         energy[e] = volume[e] * psi(F, mu[p], lam[p], material)
 
     return SimpleNamespace(
-        tet_forces=tet_forces, tet_forces_chunked=tet_forces_chunked, tet_energy=tet_energy
+        add_tet_forces=add_tet_forces,
+        tet_forces=tet_forces,
+        tet_forces_chunked=tet_forces_chunked,
+        tet_energy=tet_energy,
     )

@@ -27,7 +27,8 @@ def build_integrate(dtype, module: str, grad_module: str) -> SimpleNamespace:
 
     Returns:
         A namespace with ``step_fast`` (forward only, zeroes the force buffers it reads),
-        ``step_vertices`` (differentiable) and ``total_forces`` (differentiable).
+        ``step_vertices`` (differentiable), ``total_forces`` (differentiable), and the Warp
+        function ``integrate_vertex`` that other kernels fuse in.
     """
     T = dtype
     vec3 = wp.types.vector(3, T)
@@ -281,5 +282,8 @@ def build_integrate(dtype, module: str, grad_module: str) -> SimpleNamespace:
         f[i] = vertex_force(f_el[i], mass[i], gravity[0], x[i][1], has_ground, height, dhat, kappa)
 
     return SimpleNamespace(
-        step_fast=step_fast, step_vertices=step_vertices, total_forces=total_forces
+        integrate_vertex=integrate_vertex,
+        step_fast=step_fast,
+        step_vertices=step_vertices,
+        total_forces=total_forces,
     )

@@ -1,0 +1,106 @@
+"""The fused CPU rollout kernel (diffsim/kernels/advance.py) against the per-substep path.
+
+No-grad Warp rollouts on the CPU run whole blocks of steps in one launch per worker thread;
+they must give the same numbers as the per-substep kernels (the same functions in the same
+order), with one worker or two meeting at the spinning barrier.
+"""
+
+import pytest
+import torch
+
+import diffsim as ds
+from diffsim import warp_bridge
+from diffsim.backends import BACKENDS
+from diffsim.backends.base import Backend
+
+pytestmark = pytest.mark.skipif("warp" not in BACKENDS, reason="warp-lang is not installed")
+
+MESH = ds.TetMesh.box(size=(0.2, 0.1, 0.1), resolution=(6, 3, 3), origin=(0.0, 0.002, 0.0))
+MATERIALS = [ds.StableNeoHookean, ds.NeoHookean, ds.StVK, ds.Corotated, ds.LinearElastic]
+
+
+def make_sim(material_cls, dtype=torch.float64, **kwargs):
+    settings = dict(
+        dt=2e-3,
+        substeps=3,
+        dtype=dtype,
+        damping=0.3,
+        max_speed=2.0,
+        friction=0.5,
+        ground_dhat=3e-3,
+        ground_stiffness=1e6,
+        fixed=[0, 1, 2],
+        backend="warp",
+    )
+    settings.update(kwargs)
+    return ds.Simulator(MESH, material_cls(youngs_modulus=1e4, poissons_ratio=0.3), **settings)
+
+
+def moving_targets(sim, steps):
+    start = sim.model.rest_positions[sim.model.fixed_indices]
+    lift = torch.linspace(0.0, 0.01, steps, dtype=start.dtype)
+    return start + lift[:, None, None] * torch.tensor([1.0, 1.0, 0.0], dtype=start.dtype)
+
+
+def both_paths(sim, steps, monkeypatch):
+    """(fused, per-substep) trajectories of the same no-grad rollout."""
+    state = sim.initial_state(velocities=torch.full_like(sim.model.rest_positions, -0.05))
+    targets = moving_targets(sim, steps)
+    calls = []
+    fused_advance = warp_bridge.advance_steps
+    monkeypatch.setattr(
+        warp_bridge, "advance_steps", lambda *a, **k: calls.append(1) or fused_advance(*a, **k)
+    )
+    fused = sim.rollout(steps, state=state, fixed_positions=targets)
+    assert calls, "the fused kernel did not run"
+    with monkeypatch.context() as m:
+        m.setattr(type(sim.backend), "advance", Backend.advance)
+        reference = sim.rollout(steps, state=state, fixed_positions=targets)
+    return fused, reference
+
+
+@pytest.mark.parametrize("material_cls", MATERIALS)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_fused_rollout_equals_per_substep_kernels(material_cls, workers, monkeypatch):
+    monkeypatch.setenv("DIFFSIM_WARP_THREADS", str(workers))
+    monkeypatch.setattr(warp_bridge, "MIN_TETS_TO_SPLIT", 1)  # split even this small mesh
+    sim = make_sim(material_cls)
+    fused, reference = both_paths(sim, 40, monkeypatch)
+    assert float(reference.positions[:, :, 1].min()) < sim.model.ground.dhat  # contact active
+    assert torch.equal(fused.positions, reference.positions)
+    assert torch.equal(fused.velocities, reference.velocities)
+    targets = moving_targets(sim, 40)
+    assert torch.equal(fused.positions[1:, sim.model.fixed_indices], targets)
+
+
+def test_fused_rollout_float32_runs_in_blocks(monkeypatch):
+    """Several blocks (the finiteness check runs between them), float32, two workers."""
+    monkeypatch.setenv("DIFFSIM_WARP_THREADS", "2")
+    monkeypatch.setattr(warp_bridge, "MIN_TETS_TO_SPLIT", 1)
+    monkeypatch.setattr(ds.simulator, "FINITE_CHECK_WORK", MESH.n_tets * 3 * 7)  # 7 steps
+    sim = make_sim(ds.StableNeoHookean, torch.float32)
+    fused, reference = both_paths(sim, 30, monkeypatch)
+    assert torch.equal(fused.positions, reference.positions)
+
+
+def test_fused_rollout_reports_the_step_that_blew_up():
+    sim = make_sim(ds.NeoHookean, ground=None, dt=0.05, substeps=1, max_speed=None, fixed=None)
+    x = sim.model.rest_positions.clone()
+    x[0] += 0.05  # a squashed corner: the stiff, undamped response diverges
+    with pytest.raises(ds.SimulationError, match=r"step \d+ produced non-finite positions"):
+        sim.rollout(200, state=sim.initial_state(x))
+
+
+def test_a_worker_that_never_arrives_raises_instead_of_hanging(monkeypatch):
+    """The barrier gives up after SPIN_LIMIT spins when the second worker never starts."""
+
+    class OnlyFirst:
+        def run(self, first, second):
+            first()
+
+    monkeypatch.setattr(warp_bridge, "MIN_TETS_TO_SPLIT", 1)
+    monkeypatch.setattr(warp_bridge, "SPIN_LIMIT", 10_000)
+    sim = make_sim(ds.StableNeoHookean)
+    sim.backend.launcher = OnlyFirst()
+    with pytest.raises(RuntimeError, match="DIFFSIM_WARP_THREADS=1"):
+        sim.rollout(3)

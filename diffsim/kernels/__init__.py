@@ -39,7 +39,7 @@ def kernels_for(dtype: torch.dtype) -> SimpleNamespace:
         vec3=wp.types.vector(3, scalar),
         mat33=wp.types.matrix((3, 3), scalar),
         **vars(elastic),
-        **vars(build_force_vjp(scalar, module)),
+        **vars(build_force_vjp(scalar, module, elastic)),
         **vars(integrate),
         **vars(build_advance(scalar, module, elastic, integrate)),
     )

@@ -26,7 +26,8 @@ def build_elastic(dtype, module: str, grad_module: str) -> SimpleNamespace:
     Returns:
         A namespace with ``tet_forces_chunked`` and ``tet_forces`` (tuples indexed by the
         material id: forward-only and differentiable), ``tet_energy``, and the Warp
-        functions ``add_tet_forces`` (per material) that other kernels fuse in.
+        functions ``add_tet_forces`` (per material) that other kernels fuse in and
+        ``cofactor``, ``polar_rotation`` that the force VJP kernels share.
     """
     T = dtype
     vec3 = wp.types.vector(3, T)
@@ -220,6 +221,8 @@ def build_elastic(dtype, module: str, grad_module: str) -> SimpleNamespace:
         energy[e] = volume[e] * psi(F, mu[p], lam[p], material)
 
     return SimpleNamespace(
+        cofactor=cofactor,
+        polar_rotation=polar_rotation,
         add_tet_forces=add_tet_forces,
         tet_forces=tet_forces,
         tet_forces_chunked=tet_forces_chunked,

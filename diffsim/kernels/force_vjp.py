@@ -21,12 +21,14 @@ from types import SimpleNamespace
 import warp as wp
 
 
-def build_force_vjp(dtype, module: str) -> SimpleNamespace:
+def build_force_vjp(dtype, module: str, elastic: SimpleNamespace) -> SimpleNamespace:
     """Force-VJP kernels for one scalar type (``wp.float32`` or ``wp.float64``).
 
     Args:
         dtype: the Warp scalar type.
         module: the Warp module of the forward-only kernels (no adjoint code is needed).
+        elastic: the namespace of :func:`diffsim.kernels.elastic.build_elastic` (for its
+            ``cofactor`` and ``polar_rotation``).
 
     Returns:
         A namespace with ``tet_force_vjp``, a tuple of kernels indexed by the material id
@@ -36,15 +38,7 @@ def build_force_vjp(dtype, module: str) -> SimpleNamespace:
     vec3 = wp.types.vector(3, T)
     mat33 = wp.types.matrix((3, 3), T)
 
-    # cofactor and polar_rotation repeat elastic.py's helpers: those are local to
-    # build_elastic, and this module leaves that file alone.
-    @wp.func
-    def cofactor(F: mat33) -> mat33:
-        # dJ/dF: columns are cross products of the other two columns of F.
-        c0 = wp.cross(F[:, 1], F[:, 2])
-        c1 = wp.cross(F[:, 2], F[:, 0])
-        c2 = wp.cross(F[:, 0], F[:, 1])
-        return wp.matrix_from_cols(c0, c1, c2)
+    cofactor, polar_rotation = elastic.cofactor, elastic.polar_rotation
 
     @wp.func
     def cofactor_jvp(F: mat33, dF: mat33) -> mat33:
@@ -53,23 +47,6 @@ def build_force_vjp(dtype, module: str) -> SimpleNamespace:
         c1 = wp.cross(dF[:, 2], F[:, 0]) + wp.cross(F[:, 2], dF[:, 0])
         c2 = wp.cross(dF[:, 0], F[:, 1]) + wp.cross(F[:, 0], dF[:, 1])
         return wp.matrix_from_cols(c0, c1, c2)
-
-    @wp.func
-    def polar_rotation(F: mat33) -> mat33:
-        U = mat33()
-        s = vec3()
-        V = mat33()
-        wp.svd3(F, U, s, V)
-        R = U @ wp.transpose(V)
-        if wp.determinant(R) < T(0.0):
-            # det R = +1: flip the direction of the smallest singular value.
-            k = int(0)  # noqa: UP018 - a Warp variable, not a constant
-            if wp.abs(s[1]) < wp.abs(s[k]):
-                k = 1
-            if wp.abs(s[2]) < wp.abs(s[k]):
-                k = 2
-            R = R - T(2.0) * wp.outer(U[:, k], V[:, k])
-        return R
 
     @wp.func
     def polar_rotation_jvp(F: mat33, R: mat33, dF: mat33) -> mat33:

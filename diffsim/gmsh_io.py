@@ -32,14 +32,19 @@ def read_msh(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     version, file_type = fmt[0], fmt[1]
     if file_type != "0":
         raise ValueError(f"{path}: binary .msh is not supported; re-export it as ASCII")
-    if version.startswith("4"):
-        tags, coords = _nodes_v4(sections, path)
-        tets = _elements_v4(sections, path)
-    elif version.startswith("2"):
-        tags, coords = _nodes_v2(sections, path)
-        tets = _elements_v2(sections, path)
-    else:
+    if not version.startswith(("2", "4")):
         raise ValueError(f"{path}: Gmsh format {version} is not supported (use 4.1 or 2.2)")
+    try:
+        if version.startswith("4"):
+            tags, coords = _nodes_v4(sections, path)
+            tets = _elements_v4(sections, path)
+        else:
+            tags, coords = _nodes_v2(sections, path)
+            tets = _elements_v2(sections, path)
+    except (ValueError, IndexError) as error:
+        if str(error).startswith(str(path)):
+            raise
+        raise ValueError(f"{path}: malformed $Nodes or $Elements section ({error})") from None
     if len(tets) == 0:
         raise ValueError(f"{path}: the file holds no 4-node tetrahedra (Gmsh type 4)")
     # Map node tags to 0-based rows.
@@ -86,11 +91,13 @@ def _nodes_v4(sections: dict[str, list[str]], path: Path) -> tuple[np.ndarray, n
     for _ in range(n_blocks):
         count = int(lines[row].split()[3])
         row += 1
-        tags.extend(int(t) for t in lines[row : row + count])
+        tags.append(_table(lines[row : row + count], np.int64, count).reshape(-1))
         row += count
-        coords.extend([float(v) for v in line.split()[:3]] for line in lines[row : row + count])
+        coords.append(_table(lines[row : row + count], np.float64, count)[:, :3])
         row += count
-    return np.asarray(tags, dtype=np.int64), np.asarray(coords, dtype=np.float64).reshape(-1, 3)
+    if not tags:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, 3))
+    return np.concatenate(tags), np.concatenate(coords)
 
 
 def _elements_v4(sections: dict[str, list[str]], path: Path) -> np.ndarray:
@@ -104,9 +111,21 @@ def _elements_v4(sections: dict[str, list[str]], path: Path) -> np.ndarray:
         _, _, etype, count = (int(v) for v in lines[row].split()[:4])
         row += 1
         if etype == _TET4:
-            tets.extend([int(v) for v in line.split()[1:5]] for line in lines[row : row + count])
+            tets.append(_table(lines[row : row + count], np.int64, count)[:, 1:5])
         row += count
-    return np.asarray(tets, dtype=np.int64).reshape(-1, 4)
+    if not tets:
+        return np.zeros((0, 4), dtype=np.int64)
+    return np.concatenate(tets)
+
+
+def _table(lines: list[str], dtype, count: int) -> np.ndarray:
+    """Rows of numbers with the same count per row, parsed in one pass: ``[count, k]``."""
+    if count == 0:
+        return np.zeros((0, 1), dtype=dtype)
+    values = np.array(" ".join(lines).split(), dtype=dtype)
+    if len(lines) != count or values.size % count:
+        raise ValueError(f"a block of {count} rows is truncated or has rows of unequal length")
+    return values.reshape(count, -1)
 
 
 def _nodes_v2(sections: dict[str, list[str]], path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -176,3 +176,14 @@ def test_file_errors(tmp_path):
     (tmp_path / "bin.msh").write_text("$MeshFormat\n4.1 1 8\n$EndMeshFormat\n")
     with pytest.raises(ValueError, match="binary"):
         ds.TetMesh.load(tmp_path / "bin.msh")
+
+
+def test_malformed_msh_names_the_section(tmp_path):
+    mesh = ds.TetMesh.box(size=(1.0, 1.0, 1.0), resolution=(1, 1, 1))
+    mesh.save(tmp_path / "good.msh")
+    text = (tmp_path / "good.msh").read_text().splitlines()
+    nodes = text.index("$Nodes")
+    text[nodes + 4] = "0.0 oops 0.0"  # the first coordinate line of the first block
+    (tmp_path / "bad.msh").write_text("\n".join(text))
+    with pytest.raises(ValueError, match=r"bad.msh: malformed \$Nodes or \$Elements"):
+        ds.TetMesh.load(tmp_path / "bad.msh")

@@ -178,16 +178,16 @@ class WarpBackend(Backend):
     def advance(self, prepared, x, v, targets, out=None):
         """Whole steps; on the CPU without contact or autograd, in one fused launch per
         worker thread (:func:`diffsim.warp_bridge.advance_steps`)."""
-        fused = (
-            out is not None
-            and self.geometry.device.is_cpu
-            and self.model.contact is None
-            and not torch.is_grad_enabled()
+        m = self.model
+        differentiable = torch.is_grad_enabled() and any(
+            t.requires_grad for t in (x, v, targets, *prepared.inputs)
         )
-        if not fused:
+        if differentiable or m.contact is not None or not self.geometry.device.is_cpu:
             return super().advance(prepared, x, v, targets, out)
         x, v = self._checked(x), self._checked(v)
-        targets = targets.to(self.model.dtype)
+        if out is None:
+            out = (x.new_empty((len(targets), *x.shape)), v.new_empty((len(targets), *x.shape)))
+        targets = targets.to(m.dtype)
         bridge.advance_steps(self.geometry, prepared, x, v, targets, out, self.launcher)
         return out
 

@@ -19,6 +19,7 @@ import torch
 import warp as wp
 from torch.autograd.function import once_differentiable
 
+from diffsim.kernels import grad_kernels_for
 from diffsim.model import Coefficients
 
 _templates: dict = {}
@@ -61,6 +62,7 @@ class Geometry:
     volume: Any
     fixed_slot: Any
     n_fixed: int
+    fixed_indices: Any
     substeps: int
     chunk: int = 1
     torch_device: Any = None
@@ -247,7 +249,9 @@ def substep_forward(g: Geometry, w: WarpCoefficients, x, v, x_fixed, launcher=No
     return x_new, v_new
 
 
-def advance_steps(g: Geometry, w: WarpCoefficients, x, v, targets, out, launcher=None) -> None:
+def advance_steps(
+    g: Geometry, w: WarpCoefficients, x, v, targets, out, launcher=None, saved=None
+) -> None:
     """Whole steps on the CPU in one launch of the fused kernel per worker (no autograd).
 
     Args:
@@ -257,6 +261,8 @@ def advance_steps(g: Geometry, w: WarpCoefficients, x, v, targets, out, launcher
         out: two ``[K, n, 3]`` buffers for the positions and velocities after each step.
         launcher: splits the work between two threads where given (and the mesh is big
             enough to gain from it).
+        saved: optional ``(x, v, f_el)`` buffers ``[K * substeps, n, 3]`` for the state and
+            elastic forces at the start of every substep.
     """
     k, s = g.kernels, w.scratch
     workers = 2 if launcher is not None and g.n_tets >= MIN_TETS_TO_SPLIT else 1
@@ -274,7 +280,8 @@ def advance_steps(g: Geometry, w: WarpCoefficients, x, v, targets, out, launcher
     ]  # fmt: skip
     tail = [
         wrap(s.worker_forces[:workers], k.vec3), wrap(sync, wp.int32), SPIN_LIMIT,
-        wrap(out[0], k.vec3), wrap(out[1], k.vec3),
+        wrap(out[0], k.vec3), wrap(out[1], k.vec3), int(saved is not None),
+        *(wrap(t, k.vec3) for t in (saved or [s.dummy_rows] * 3)),
     ]  # fmt: skip
     launches = []
     for worker in range(workers):
@@ -365,6 +372,55 @@ def _tet_adjoint(g: Geometry, w: WarpCoefficients, xw, adj_f_w, adj_x, adj_mu, a
         adj_lam += adj_lam2
 
 
+def _parameter_cotangents(w: WarpCoefficients) -> SimpleNamespace:
+    """Zeroed accumulators for the cotangents of (mu, lam, mass, gravity, damping)."""
+    mu, lam, mass, gravity, damping = w.inputs
+    return SimpleNamespace(
+        mu=torch.zeros_like(mu),
+        lam=torch.zeros_like(lam),
+        mass=torch.zeros_like(mass),
+        gravity=torch.zeros_like(gravity),
+        damping=torch.zeros(1, dtype=damping.dtype, device=damping.device),
+    )
+
+
+def _substep_adjoint(g, w, launcher, x, v, x_fixed, f_el, grad_x, grad_v, acc) -> tuple:
+    """The adjoint of one substep from its saved inputs and elastic forces.
+
+    Adds the parameter cotangents to ``acc`` and returns ``(adj_x, adj_v, adj_x_fixed)``,
+    the cotangents of the substep's x, v and prescribed positions (``adj_x_fixed`` is a
+    dummy where no vertex is fixed).
+    """
+    k, vec3, s = g.kernels, g.kernels.vec3, w.scratch
+    adj_x, adj_v = torch.zeros_like(x), torch.zeros_like(v)
+    adj_xf = torch.zeros_like(x_fixed) if g.n_fixed else s.dummy
+    xw = wrap(x, vec3)
+    s.adj_f.zero_()
+    adj_f_w = wrap(s.adj_f, vec3)
+    xf_w = wrap(x_fixed, vec3) if g.n_fixed else s.dummy_w
+    _, _, mass_w, gravity_w, damping_w = w.arrays
+    wp.launch(
+        grad_kernels_for(k.dtype).step_vertices,
+        dim=g.n_vertices,
+        inputs=[
+            xw, wrap(v, vec3), wrap(f_el, vec3), mass_w, gravity_w, damping_w, g.fixed_slot,
+            xf_w, *w.scalars, s.out_x_w, s.out_v_w,
+        ],
+        adj_inputs=[
+            wrap(adj_x, vec3), wrap(adj_v, vec3), adj_f_w, wrap(acc.mass, k.scalar),
+            wrap(acc.gravity.view(1, 3), vec3), wrap(acc.damping, k.scalar), None,
+            wrap(adj_xf, vec3), *([0] * len(w.scalars)),
+        ],
+        adj_outputs=[wrap(grad_x, vec3), wrap(grad_v, vec3)],
+        adjoint=True,
+        device=g.device,
+        stream=g.stream(),
+        record_tape=False,
+    )  # fmt: skip
+    _tet_adjoint(g, w, xw, adj_f_w, adj_x, acc.mu, acc.lam, launcher)
+    return adj_x, adj_v, adj_xf
+
+
 class Substep(torch.autograd.Function):
     """(x, v, x_fixed, mu, lam, mass, gravity, damping) -> (x_new, v_new) on Warp kernels."""
 
@@ -380,42 +436,72 @@ class Substep(torch.autograd.Function):
     def backward(ctx, grad_x, grad_v):
         g, w = ctx.g, ctx.w
         x, v, x_fixed, f_el = ctx.saved_tensors
-        k, vec3, s = g.kernels, g.kernels.vec3, w.scratch
         grad_x = torch.zeros_like(x) if grad_x is None else grad_x.contiguous()
         grad_v = torch.zeros_like(v) if grad_v is None else grad_v.contiguous()
-        mu, lam, mass, gravity, damping = w.inputs
-        adj_x, adj_v = torch.zeros_like(x), torch.zeros_like(v)
-        adj_mass, adj_g, adj_d = torch.zeros_like(mass), torch.zeros_like(gravity), torch.zeros(1)
-        adj_d = adj_d.to(damping)
-        adj_mu, adj_lam = torch.zeros_like(mu), torch.zeros_like(lam)
-        adj_xf = torch.zeros_like(x_fixed) if g.n_fixed else s.dummy
-        xw, f_w = wrap(x, vec3), wrap(f_el, vec3)
-        s.adj_f.zero_()
-        adj_x_w, adj_f_w = wrap(adj_x, vec3), wrap(s.adj_f, vec3)
-        xf_w = wrap(x_fixed, vec3) if g.n_fixed else s.dummy_w
-        _, _, mass_w, gravity_w, damping_w = w.arrays
-        wp.launch(
-            k.step_vertices,
-            dim=g.n_vertices,
-            inputs=[
-                xw, wrap(v, vec3), f_w, mass_w, gravity_w, damping_w, g.fixed_slot, xf_w,
-                *w.scalars, s.out_x_w, s.out_v_w,
-            ],
-            adj_inputs=[
-                adj_x_w, wrap(adj_v, vec3), adj_f_w, wrap(adj_mass, k.scalar),
-                wrap(adj_g.view(1, 3), vec3), wrap(adj_d, k.scalar), None,
-                wrap(adj_xf, vec3), *([0] * len(w.scalars)),
-            ],
-            adj_outputs=[wrap(grad_x, vec3), wrap(grad_v, vec3)],
-            adjoint=True,
-            device=g.device,
-            stream=g.stream(),
-            record_tape=False,
-        )  # fmt: skip
-        _tet_adjoint(g, w, xw, adj_f_w, adj_x, adj_mu, adj_lam, ctx.launcher)
+        acc = _parameter_cotangents(w)
+        adj_x, adj_v, adj_xf = _substep_adjoint(
+            g, w, ctx.launcher, x, v, x_fixed, f_el, grad_x, grad_v, acc
+        )
         return (
             None, None, None, adj_x, adj_v, adj_xf if g.n_fixed else torch.zeros_like(x_fixed),
-            adj_mu, adj_lam, adj_mass, adj_g, adj_d.view(damping.shape),
+            acc.mu, acc.lam, acc.mass, acc.gravity, acc.damping.view(w.inputs[4].shape),
+        )  # fmt: skip
+
+
+class Steps(torch.autograd.Function):
+    """(x, v, targets, mu, lam, mass, gravity, damping) -> frames ``([K, n, 3], [K, n, 3])``.
+
+    K whole steps on the CPU with the fused kernel (:func:`advance_steps`), saving the state
+    and elastic forces at the start of every substep; backward runs the substeps' adjoints
+    in reverse. Prescribed positions interpolate linearly from the start of each step to
+    its target (as in ``Backend.advance``), so their cotangents flow to the targets and to
+    the fixed vertices' positions at the start of the step.
+    """
+
+    @staticmethod
+    def forward(ctx, g, w, launcher, x, v, targets, mu, lam, mass, gravity, damping):
+        n_sub = len(targets) * g.substeps
+        saved = tuple(x.new_empty((n_sub, *x.shape)) for _ in range(3))
+        out = (x.new_empty((len(targets), *x.shape)), x.new_empty((len(targets), *x.shape)))
+        advance_steps(g, w, x, v, targets, out, launcher, saved)
+        ctx.g, ctx.w, ctx.launcher, ctx.saved = g, w, launcher, saved
+        ctx.save_for_backward(targets)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_xs, grad_vs):
+        g, w = ctx.g, ctx.w
+        (targets,) = ctx.saved_tensors
+        xs, vs, fs = ctx.saved
+        idx = g.fixed_indices
+        grad_xs = torch.zeros_like(xs[: len(targets)]) if grad_xs is None else grad_xs
+        grad_vs = torch.zeros_like(vs[: len(targets)]) if grad_vs is None else grad_vs
+        acc = _parameter_cotangents(w)
+        adj_targets = torch.zeros_like(targets)
+        adj_x = torch.zeros_like(xs[0])
+        adj_v = torch.zeros_like(vs[0])
+        for step in reversed(range(len(targets))):
+            adj_x = (adj_x + grad_xs[step]).contiguous()
+            adj_v = (adj_v + grad_vs[step]).contiguous()
+            first = step * g.substeps
+            start = xs[first][idx]
+            adj_start = torch.zeros_like(start)
+            for j in reversed(range(g.substeps)):
+                row = first + j
+                fraction = (j + 1) / g.substeps
+                x_fixed = start + (targets[step] - start) * fraction
+                adj_x, adj_v, adj_xf = _substep_adjoint(
+                    g, w, ctx.launcher, xs[row], vs[row], x_fixed, fs[row], adj_x, adj_v, acc
+                )
+                if g.n_fixed:
+                    adj_targets[step] += adj_xf * fraction
+                    adj_start += adj_xf * (1.0 - fraction)
+            if g.n_fixed:
+                adj_x[idx] += adj_start
+        return (
+            None, None, None, adj_x, adj_v, adj_targets,
+            acc.mu, acc.lam, acc.mass, acc.gravity, acc.damping.view(w.inputs[4].shape),
         )  # fmt: skip
 
 
@@ -433,7 +519,7 @@ class Forces(torch.autograd.Function):
         has_ground, height, dhat, kappa = w.scalars[1:5]
         has_ground = has_ground if ctx.with_ground else 0
         wp.launch(
-            k.total_forces,
+            grad_kernels_for(k.dtype).total_forces,
             dim=g.n_vertices,
             inputs=[xw, f_el, w.arrays[2], w.arrays[3], has_ground, height, dhat, kappa],
             outputs=[wrap(f, vec3)],
@@ -461,7 +547,7 @@ class Forces(torch.autograd.Function):
         has_ground, height, dhat, kappa = w.scalars[1:5]
         has_ground = has_ground if ctx.with_ground else 0
         wp.launch(
-            k.total_forces,
+            grad_kernels_for(k.dtype).total_forces,
             dim=g.n_vertices,
             inputs=[xw, f_el, w.arrays[2], w.arrays[3], has_ground, height, dhat, kappa],
             outputs=[s.out_x_w],
@@ -489,7 +575,7 @@ class ElasticEnergy(torch.autograd.Function):
         k = g.kernels
         energy = x.new_empty(g.n_tets)
         wp.launch(
-            k.tet_energy,
+            grad_kernels_for(k.dtype).tet_energy,
             dim=g.n_tets,
             inputs=[wrap(x, k.vec3), g.tets, g.dm_inv, g.volume, *w.arrays[:2]],
             outputs=[w.per_tet, w.material, wrap(energy, k.scalar)],
@@ -509,7 +595,7 @@ class ElasticEnergy(torch.autograd.Function):
         adj_x, adj_mu, adj_lam = torch.zeros_like(x), torch.zeros_like(mu), torch.zeros_like(lam)
         adj_energy = grad_e.to(x).expand(g.n_tets).contiguous()
         wp.launch(
-            k.tet_energy,
+            grad_kernels_for(k.dtype).tet_energy,
             dim=g.n_tets,
             inputs=[wrap(x, k.vec3), g.tets, g.dm_inv, g.volume, *w.arrays[:2], w.per_tet],
             outputs=[w.material, wrap(x.new_empty(g.n_tets), k.scalar)],

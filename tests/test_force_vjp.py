@@ -8,7 +8,7 @@ import torch
 import warp as wp
 
 import diffsim as ds
-from diffsim.kernels import kernels_for
+from diffsim.kernels import grad_kernels_for, kernels_for
 from diffsim.warp_setup import init_warp
 
 MATERIALS = {"snh": 0, "nh": 1, "stvk": 2, "corotated": 3, "linear": 4}
@@ -84,7 +84,7 @@ def generated_adjoint(p: dict, material: int) -> tuple[torch.Tensor, ...]:
     adj_x, adj_mu, adj_lam = (torch.zeros_like(p[n]) for n in ("x", "mu", "lam"))
     m = p["tets"].shape[0]
     wp.launch(
-        k.tet_forces[material],
+        grad_kernels_for(p["x"].dtype).tet_forces[material],
         dim=(m + CHUNK - 1) // CHUNK,
         inputs=_args(p, k),
         outputs=[wp.from_torch(torch.zeros_like(p["x"]), dtype=k.vec3)],

@@ -70,6 +70,7 @@ class WarpBackend(Backend):
             volume=bridge.wrap(volume, k.scalar),
             fixed_slot=bridge.wrap(slot, wp.int32),
             n_fixed=n_fixed,
+            fixed_indices=model.fixed_indices,
             substeps=model.substeps,
             chunk=64 if device.is_cpu else 1,
             torch_device=model.device,
@@ -140,6 +141,7 @@ class WarpBackend(Backend):
             for name in ("f_a", "f_b", "f_back", "adj_f", "out_x", "out_v")
         }
         t["dummy"] = torch.zeros((1, 3), dtype=m.dtype, device=m.device)
+        t["dummy_rows"] = torch.zeros((1, 1, 3), dtype=m.dtype, device=m.device)
         t["worker_forces"] = torch.zeros((2, m.n_vertices, 3), dtype=m.dtype, device=m.device)
         views = {f"{name}_w": bridge.wrap(value, vec3) for name, value in t.items()}
         return SimpleNamespace(**t, **views)
@@ -176,19 +178,19 @@ class WarpBackend(Backend):
         return bridge.Substep.apply(self.geometry, w, self.launcher, x, v, x_fixed, *w.inputs)
 
     def advance(self, prepared, x, v, targets, out=None):
-        """Whole steps; on the CPU without contact or autograd, in one fused launch per
-        worker thread (:func:`diffsim.warp_bridge.advance_steps`)."""
-        m = self.model
-        differentiable = torch.is_grad_enabled() and any(
-            t.requires_grad for t in (x, v, targets, *prepared.inputs)
-        )
-        if differentiable or m.contact is not None or not self.geometry.device.is_cpu:
+        """Whole steps. On the CPU without surface contact they run in one launch of the
+        fused kernel per worker thread (:func:`diffsim.warp_bridge.advance_steps`), through
+        the :class:`~diffsim.warp_bridge.Steps` Function when a gradient is needed."""
+        m, w = self.model, prepared
+        if m.contact is not None or not self.geometry.device.is_cpu:
             return super().advance(prepared, x, v, targets, out)
         x, v = self._checked(x), self._checked(v)
+        targets = targets.to(m.dtype).contiguous()
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (x, v, targets, *w.inputs)):
+            return bridge.Steps.apply(self.geometry, w, self.launcher, x, v, targets, *w.inputs)
         if out is None:
             out = (x.new_empty((len(targets), *x.shape)), v.new_empty((len(targets), *x.shape)))
-        targets = targets.to(m.dtype)
-        bridge.advance_steps(self.geometry, prepared, x, v, targets, out, self.launcher)
+        bridge.advance_steps(self.geometry, w, x, v, targets, out, self.launcher)
         return out
 
     def _substep_with_contact(self, w, x, v, x_fixed):

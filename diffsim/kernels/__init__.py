@@ -1,11 +1,12 @@
 """Warp kernels, one file per concern, generated once per scalar type.
 
 The kernels of one dtype live in two Warp modules: ``diffsim_float32`` holds the
-forward-only kernels a rollout needs, ``diffsim_float32_grad`` the differentiable ones
-(compiled with their adjoints), loaded on the first backward pass or ``forces()`` call.
-So a process compiles (or loads from the kernel cache) only what it uses, and the first
-step does not wait for adjoint code. Nothing depends on the mesh or on parameter values, so nothing
-recompiles when they change.
+forward-only kernels a rollout needs (and the hand-derived force VJP), built by
+:func:`kernels_for`; ``diffsim_float32_grad`` holds the kernels Warp differentiates,
+built by :func:`grad_kernels_for` on the first backward pass, ``forces()`` or energy
+call. So a process builds, compiles (or loads from the kernel cache) only what it uses,
+and the first step does not wait for adjoint code. Nothing depends on the mesh or on
+parameter values, so nothing recompiles when they change.
 """
 
 from __future__ import annotations
@@ -16,9 +17,18 @@ from types import SimpleNamespace
 import torch
 
 
+def _scalar(dtype: torch.dtype):
+    import warp as wp
+
+    scalars = {torch.float32: wp.float32, torch.float64: wp.float64}
+    if dtype not in scalars:
+        raise ValueError(f"Warp kernels exist for float32 and float64, not {dtype}")
+    return scalars[dtype]
+
+
 @functools.cache
 def kernels_for(dtype: torch.dtype) -> SimpleNamespace:
-    """The kernels and Warp types for ``torch.float32`` or ``torch.float64`` (built once)."""
+    """The forward kernels and Warp types for ``torch.float32`` or ``torch.float64``."""
     import warp as wp
 
     from diffsim.kernels.advance import build_advance
@@ -26,15 +36,12 @@ def kernels_for(dtype: torch.dtype) -> SimpleNamespace:
     from diffsim.kernels.force_vjp import build_force_vjp
     from diffsim.kernels.integrate import build_integrate
 
-    scalars = {torch.float32: wp.float32, torch.float64: wp.float64}
-    if dtype not in scalars:
-        raise ValueError(f"Warp kernels exist for float32 and float64, not {dtype}")
-    scalar = scalars[dtype]
+    scalar = _scalar(dtype)
     module = f"diffsim_{scalar.__name__}"
-    grad_module = f"{module}_grad"
-    elastic = build_elastic(scalar, module, grad_module)
-    integrate = build_integrate(scalar, module, grad_module)
+    elastic = build_elastic(scalar, module, differentiable=False)
+    integrate = build_integrate(scalar, module, differentiable=False)
     kernels = SimpleNamespace(
+        dtype=dtype,
         scalar=scalar,
         vec3=wp.types.vector(3, scalar),
         mat33=wp.types.matrix((3, 3), scalar),
@@ -45,3 +52,18 @@ def kernels_for(dtype: torch.dtype) -> SimpleNamespace:
     )
     wp.get_module(module).options["enable_backward"] = False  # no adjoint code to compile
     return kernels
+
+
+@functools.cache
+def grad_kernels_for(dtype: torch.dtype) -> SimpleNamespace:
+    """The kernels launched with ``adjoint=True``: ``step_vertices``, ``total_forces``,
+    ``tet_energy`` and the reference ``tet_forces`` (built on first use)."""
+    from diffsim.kernels.elastic import build_elastic
+    from diffsim.kernels.integrate import build_integrate
+
+    scalar = _scalar(dtype)
+    module = f"diffsim_{scalar.__name__}_grad"
+    return SimpleNamespace(
+        **vars(build_elastic(scalar, module, differentiable=True)),
+        **vars(build_integrate(scalar, module, differentiable=True)),
+    )

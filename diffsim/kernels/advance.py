@@ -117,6 +117,10 @@ def build_advance(dtype, module: str, elastic: SimpleNamespace, integrate) -> Si
             spin_limit: wp.int64,
             x_out: wp.array2d(dtype=vec3),
             v_out: wp.array2d(dtype=vec3),
+            save: int,
+            x_saved: wp.array2d(dtype=vec3),
+            v_saved: wp.array2d(dtype=vec3),
+            f_saved: wp.array2d(dtype=vec3),
         ):
             """``targets.shape[0]`` steps of ``substeps`` substeps; launched with dim 1.
 
@@ -124,7 +128,10 @@ def build_advance(dtype, module: str, elastic: SimpleNamespace, integrate) -> Si
             ``step`` of x_out and v_out ``[steps, n]``. ``targets`` ``[steps, k]`` are the
             prescribed positions at the end of each step (``k >= 1``; a dummy row when no
             vertex is fixed), reached linearly over the substeps from ``fixed_start`` ``[k]``.
-            ``forces`` ``[workers, n]`` must be zero and is left zero.
+            ``forces`` ``[workers, n]`` must be zero and is left zero. With ``save`` set, row
+            ``step * substeps + j`` of x_saved, v_saved and f_saved ``[steps * substeps, n]``
+            receives the positions, velocities and elastic forces at the start of substep j
+            (what the backward pass needs).
             """
             own = forces[worker]
             for step in range(targets.shape[0]):
@@ -140,6 +147,11 @@ def build_advance(dtype, module: str, elastic: SimpleNamespace, integrate) -> Si
                         for w in range(1, workers):
                             f_el = f_el + forces[w, i]
                             forces[w, i] = vec3()
+                        if save != 0:
+                            row = step * substeps + j
+                            x_saved[row, i] = x[i]
+                            v_saved[row, i] = v[i]
+                            f_saved[row, i] = f_el
                         m = mass[i]
                         slot = fixed_slot[i]
                         xf = vec3()

@@ -17,18 +17,21 @@ MIN_GAP_FRACTION = 1e-6
 NEWTON_ITERATIONS = 80
 
 
-def build_integrate(dtype, module: str, grad_module: str) -> SimpleNamespace:
+def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace:
     """Vertex kernels for one scalar type (``wp.float32`` or ``wp.float64``).
+
+    Built twice per dtype, like :func:`diffsim.kernels.elastic.build_elastic`: forward-only,
+    and differentiable (with the ground solve's custom adjoint), the latter on first use.
 
     Args:
         dtype: the Warp scalar type.
-        module: the Warp module of the forward-only kernels.
-        grad_module: the Warp module of the differentiable kernels (loaded on first use).
+        module: the Warp module the kernels go into.
+        differentiable: build the kernels with adjoints.
 
     Returns:
-        A namespace with ``step_fast`` (forward only, zeroes the force buffers it reads),
-        ``step_vertices`` (differentiable), ``total_forces`` (differentiable), and the Warp
-        function ``integrate_vertex`` that other kernels fuse in.
+        A namespace with the Warp function ``integrate_vertex`` that other kernels fuse in,
+        and either ``step_fast`` (forward only, zeroes the force buffers it reads) or
+        ``step_vertices`` and ``total_forces`` (differentiable).
     """
     T = dtype
     vec3 = wp.types.vector(3, T)
@@ -104,7 +107,6 @@ def build_integrate(dtype, module: str, grad_module: str) -> SimpleNamespace:
             y = height + wp.max(d_new, T(MIN_GAP_FRACTION) * dhat)
         return y
 
-    @wp.func_grad(ground_solve)
     def adj_ground_solve(y_pred: T, h: T, height: T, dhat: T, kappa: T, adj_ret: T):
         # The root is held fixed; one Newton step gives dd'/dd_pred = 1 / (1 - h^2 a'(d')).
         d_pred = y_pred - height
@@ -117,6 +119,9 @@ def build_integrate(dtype, module: str, grad_module: str) -> SimpleNamespace:
                 wp.adjoint[y_pred] += adj_ret / slope
         else:
             wp.adjoint[y_pred] += adj_ret
+
+    if differentiable:
+        wp.func_grad(ground_solve)(adj_ground_solve)
 
     @wp.func
     def vertex_force(
@@ -176,57 +181,61 @@ def build_integrate(dtype, module: str, grad_module: str) -> SimpleNamespace:
             xn = x_fixed
         return xn, v1
 
-    @wp.kernel(module=module, enable_backward=False)
-    def step_fast(
-        x: wp.array(dtype=vec3),
-        v: wp.array(dtype=vec3),
-        f_a: wp.array(dtype=vec3),
-        f_b: wp.array(dtype=vec3),
-        mass: wp.array(dtype=T),
-        gravity: wp.array(dtype=vec3),
-        damping: wp.array(dtype=T),
-        fixed_slot: wp.array(dtype=int),
-        x_fixed: wp.array(dtype=vec3),
-        h: T,
-        has_ground: int,
-        height: T,
-        dhat: T,
-        kappa: T,
-        friction: T,
-        eps_v: T,
-        max_speed: T,
-        save: int,
-        f_saved: wp.array(dtype=vec3),
-        x_new: wp.array(dtype=vec3),
-        v_new: wp.array(dtype=vec3),
-    ):
-        """Forward-only update; reads the elastic forces f_a + f_b and zeroes them for reuse.
+    if not differentiable:
 
-        With ``save`` set, the elastic forces are also written to ``f_saved`` (for backward).
-        """
-        i = wp.tid()
-        xi = x[i]
-        m = mass[i]
-        f_el = f_a[i] + f_b[i]
-        if save != 0:
-            f_saved[i] = f_el
-        f = f_el + m * gravity[0]
-        f_a[i] = vec3()
-        f_b[i] = vec3()
-        slot = fixed_slot[i]
-        xf = vec3()
-        is_fixed = int(0)  # noqa: UP018 - a Warp variable, not a constant
-        if slot >= 0:
-            xf = x_fixed[slot]
-            is_fixed = 1
-        xn, vn = integrate_vertex(
-            xi, v[i], f, m, damping[0], is_fixed, xf, h, has_ground, height, dhat, kappa,
-            friction, eps_v, max_speed,
-        )  # fmt: skip
-        x_new[i] = xn
-        v_new[i] = vn
+        @wp.kernel(module=module, enable_backward=False)
+        def step_fast(
+            x: wp.array(dtype=vec3),
+            v: wp.array(dtype=vec3),
+            f_a: wp.array(dtype=vec3),
+            f_b: wp.array(dtype=vec3),
+            mass: wp.array(dtype=T),
+            gravity: wp.array(dtype=vec3),
+            damping: wp.array(dtype=T),
+            fixed_slot: wp.array(dtype=int),
+            x_fixed: wp.array(dtype=vec3),
+            h: T,
+            has_ground: int,
+            height: T,
+            dhat: T,
+            kappa: T,
+            friction: T,
+            eps_v: T,
+            max_speed: T,
+            save: int,
+            f_saved: wp.array(dtype=vec3),
+            x_new: wp.array(dtype=vec3),
+            v_new: wp.array(dtype=vec3),
+        ):
+            """Forward-only update; reads the elastic forces f_a + f_b and zeroes them for reuse.
 
-    @wp.kernel(module=grad_module)
+            With ``save`` set, the elastic forces are also written to ``f_saved`` (for backward).
+            """
+            i = wp.tid()
+            xi = x[i]
+            m = mass[i]
+            f_el = f_a[i] + f_b[i]
+            if save != 0:
+                f_saved[i] = f_el
+            f = f_el + m * gravity[0]
+            f_a[i] = vec3()
+            f_b[i] = vec3()
+            slot = fixed_slot[i]
+            xf = vec3()
+            is_fixed = int(0)  # noqa: UP018 - a Warp variable, not a constant
+            if slot >= 0:
+                xf = x_fixed[slot]
+                is_fixed = 1
+            xn, vn = integrate_vertex(
+                xi, v[i], f, m, damping[0], is_fixed, xf, h, has_ground, height, dhat, kappa,
+                friction, eps_v, max_speed,
+            )  # fmt: skip
+            x_new[i] = xn
+            v_new[i] = vn
+
+        return SimpleNamespace(integrate_vertex=integrate_vertex, step_fast=step_fast)
+
+    @wp.kernel(module=module)
     def step_vertices(
         x: wp.array(dtype=vec3),
         v: wp.array(dtype=vec3),
@@ -265,7 +274,7 @@ def build_integrate(dtype, module: str, grad_module: str) -> SimpleNamespace:
         x_new[i] = xn
         v_new[i] = vn
 
-    @wp.kernel(module=grad_module)
+    @wp.kernel(module=module)
     def total_forces(
         x: wp.array(dtype=vec3),
         f_el: wp.array(dtype=vec3),
@@ -282,8 +291,5 @@ def build_integrate(dtype, module: str, grad_module: str) -> SimpleNamespace:
         f[i] = vertex_force(f_el[i], mass[i], gravity[0], x[i][1], has_ground, height, dhat, kappa)
 
     return SimpleNamespace(
-        integrate_vertex=integrate_vertex,
-        step_fast=step_fast,
-        step_vertices=step_vertices,
-        total_forces=total_forces,
+        integrate_vertex=integrate_vertex, step_vertices=step_vertices, total_forces=total_forces
     )

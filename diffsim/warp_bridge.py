@@ -28,6 +28,9 @@ _templates: dict = {}
 MIN_TETS_TO_SPLIT = 2048
 # Barrier spins before a fused worker gives up on the other (several seconds).
 SPIN_LIMIT = 1 << 25
+# Per-worker accumulators are padded to this many values (64 bytes of float32 or more),
+# so that two workers adding to their own entries do not contend for one line.
+CACHE_LINE_VALUES = 16
 
 
 def wrap(t: torch.Tensor, dtype: Any) -> Any:
@@ -249,6 +252,40 @@ def substep_forward(g: Geometry, w: WarpCoefficients, x, v, x_fixed, launcher=No
     return x_new, v_new
 
 
+def _run_workers(g: Geometry, kernel, launcher, args) -> None:
+    """Launches a fused kernel once per worker (dim 1) and waits for all of them.
+
+    Args:
+        g: the geometry.
+        kernel: ``advance[material]`` or ``retreat[material]``.
+        launcher: the SplitLauncher, or None for one worker.
+        args: ``args(worker, workers, tet_range, vertex_range, sync)``: the kernel's
+            argument list for one worker.
+    """
+    workers = _workers(g, launcher)
+    sync = torch.zeros(4, dtype=torch.int32)
+    sync_w = wrap(sync, wp.int32)
+    launches = []
+    for worker in range(workers):
+        tets = [g.n_tets * worker // workers, g.n_tets * (worker + 1) // workers]
+        vertices = [g.n_vertices * worker // workers, g.n_vertices * (worker + 1) // workers]
+        inputs = args(worker, workers, tets, vertices, sync_w)
+        launches.append(wp.launch(kernel, dim=1, inputs=inputs, device=g.device, record_cmd=True))
+    if workers == 1:
+        launches[0].launch()
+    else:
+        launcher.run(launches[0].launch, launches[1].launch)
+    if int(sync[2]):
+        raise RuntimeError(
+            "a Warp worker thread stopped waiting for the other (a hang of several seconds); "
+            "set DIFFSIM_WARP_THREADS=1 to run on one thread"
+        )
+
+
+def _workers(g: Geometry, launcher) -> int:
+    return 2 if launcher is not None and g.n_tets >= MIN_TETS_TO_SPLIT else 1
+
+
 def advance_steps(
     g: Geometry, w: WarpCoefficients, x, v, targets, out, launcher=None, saved=None
 ) -> None:
@@ -265,46 +302,82 @@ def advance_steps(
             elastic forces at the start of every substep.
     """
     k, s = g.kernels, w.scratch
-    workers = 2 if launcher is not None and g.n_tets >= MIN_TETS_TO_SPLIT else 1
     x_work, v_work = x.clone(), v.clone()  # advanced in place
     if not g.n_fixed:  # the kernel takes at least one (unused) target column
         targets = targets.new_zeros((len(targets), 1, 3))
     targets = targets.contiguous()  # kept alive here: the launch holds only its pointer
     fixed_start = targets.new_empty((max(g.n_fixed, 1), 3))
-    sync = torch.zeros(4, dtype=torch.int32)
     mu, lam, mass, gravity, damping = w.arrays
-    shared = [
+    head = [
         wrap(x_work, k.vec3), wrap(v_work, k.vec3), g.tets, g.dm_inv, g.volume, mu, lam,
         w.per_tet, mass, gravity, damping, g.fixed_slot, wrap(fixed_start, k.vec3),
         wrap(targets, k.vec3), *w.scalars, g.substeps,
     ]  # fmt: skip
+    forces = wrap(s.worker_forces[: _workers(g, launcher)], k.vec3)
     tail = [
-        wrap(s.worker_forces[:workers], k.vec3), wrap(sync, wp.int32), SPIN_LIMIT,
         wrap(out[0], k.vec3), wrap(out[1], k.vec3), int(saved is not None),
         *(wrap(t, k.vec3) for t in (saved or [s.dummy_rows] * 3)),
     ]  # fmt: skip
-    launches = []
-    for worker in range(workers):
-        tets = [g.n_tets * worker // workers, g.n_tets * (worker + 1) // workers]
-        vertices = [g.n_vertices * worker // workers, g.n_vertices * (worker + 1) // workers]
-        launches.append(
-            wp.launch(
-                k.advance[w.material],
-                dim=1,
-                inputs=[*shared, worker, workers, *tets, *vertices, *tail],
-                device=g.device,
-                record_cmd=True,
-            )
-        )
-    if workers == 1:
-        launches[0].launch()
-    else:
-        launcher.run(launches[0].launch, launches[1].launch)
-    if int(sync[2]):
-        raise RuntimeError(
-            "a Warp worker thread stopped waiting for the other (a hang of several seconds); "
-            "set DIFFSIM_WARP_THREADS=1 to run on one thread"
-        )
+
+    def args(worker, workers, tets, vertices, sync):
+        return [*head, worker, workers, *tets, *vertices, forces, sync, SPIN_LIMIT, *tail]
+
+    _run_workers(g, k.advance[w.material], launcher, args)
+
+
+def retreat_steps(g: Geometry, w: WarpCoefficients, saved, grad_x, grad_v, launcher=None):
+    """The adjoint of :func:`advance_steps` (with ``saved``) in one launch per worker.
+
+    Args:
+        g, w: the geometry and prepared coefficients of the forward run.
+        saved: its ``(x, v, f_el)`` buffers ``[K * substeps, n, 3]``.
+        grad_x, grad_v: cotangents ``[K, n, 3]`` of its frames.
+        launcher: as for :func:`advance_steps`.
+
+    Returns:
+        The cotangents of ``(x, v, targets, mu, lam, mass, gravity, damping)``, shaped as
+        the Steps Function's inputs.
+    """
+    k, s = g.kernels, w.scratch
+    workers = _workers(g, launcher)
+    n_steps = len(grad_x)
+    mu, lam, mass, gravity, damping = w.arrays
+    zeros = dict(dtype=grad_x.dtype, device=grad_x.device)
+    adj = SimpleNamespace(
+        x=torch.zeros((g.n_vertices, 3), **zeros),
+        v=torch.zeros((g.n_vertices, 3), **zeros),
+        f=torch.empty((g.n_vertices, 3), **zeros),
+        mass=torch.zeros(g.n_vertices, **zeros),
+        mu=torch.zeros((workers, max(len(w.inputs[0]), CACHE_LINE_VALUES)), **zeros),
+        lam=torch.zeros((workers, max(len(w.inputs[1]), CACHE_LINE_VALUES)), **zeros),
+        gravity=torch.zeros((workers, 3), **zeros),
+        damping=torch.zeros(workers, **zeros),
+        targets=torch.zeros((n_steps, max(g.n_fixed, 1), 3), **zeros),
+        start=torch.zeros((max(g.n_fixed, 1), 3), **zeros),
+    )
+    grad_x, grad_v = grad_x.contiguous(), grad_v.contiguous()
+    vec3, scalar = k.vec3, k.scalar
+    head = [
+        g.tets, g.dm_inv, g.volume, mu, lam, w.per_tet, mass, gravity, damping, g.fixed_slot,
+        n_steps, *w.scalars, g.substeps,
+    ]  # fmt: skip
+    tail = [
+        *(wrap(t, vec3) for t in saved), wrap(grad_x, vec3), wrap(grad_v, vec3),
+        wrap(adj.x, vec3), wrap(adj.v, vec3), wrap(adj.f, vec3),
+        wrap(s.worker_forces[:workers], vec3), wrap(adj.mass, scalar), wrap(adj.mu, scalar),
+        wrap(adj.lam, scalar), wrap(adj.gravity, vec3), wrap(adj.damping, scalar),
+        wrap(adj.targets, vec3), wrap(adj.start, vec3),
+    ]  # fmt: skip
+
+    def args(worker, workers, tets, vertices, sync):
+        return [*head, worker, workers, *tets, *vertices, sync, SPIN_LIMIT, *tail]
+
+    _run_workers(g, k.retreat[w.material], launcher, args)
+    return (
+        adj.x, adj.v, adj.targets[:, : g.n_fixed], adj.mu[:, : len(w.inputs[0])].sum(0),
+        adj.lam[:, : len(w.inputs[1])].sum(0), adj.mass,
+        adj.gravity.sum(0), adj.damping.sum(0).view(w.inputs[4].shape),
+    )  # fmt: skip
 
 
 def _launch_tets(g: Geometry, w: WarpCoefficients, x, out) -> None:
@@ -392,27 +465,20 @@ def _substep_adjoint(g, w, launcher, x, v, x_fixed, f_el, grad_x, grad_v, acc) -
     dummy where no vertex is fixed).
     """
     k, vec3, s = g.kernels, g.kernels.vec3, w.scratch
-    adj_x, adj_v = torch.zeros_like(x), torch.zeros_like(v)
+    adj_x, adj_v = torch.empty_like(x), torch.empty_like(v)
     adj_xf = torch.zeros_like(x_fixed) if g.n_fixed else s.dummy
     xw = wrap(x, vec3)
-    s.adj_f.zero_()
     adj_f_w = wrap(s.adj_f, vec3)
-    xf_w = wrap(x_fixed, vec3) if g.n_fixed else s.dummy_w
     _, _, mass_w, gravity_w, damping_w = w.arrays
     wp.launch(
-        grad_kernels_for(k.dtype).step_vertices,
+        k.step_vjp,
         dim=g.n_vertices,
         inputs=[
             xw, wrap(v, vec3), wrap(f_el, vec3), mass_w, gravity_w, damping_w, g.fixed_slot,
-            xf_w, *w.scalars, s.out_x_w, s.out_v_w,
+            *w.scalars, wrap(grad_x, vec3), wrap(grad_v, vec3), wrap(adj_x, vec3),
+            wrap(adj_v, vec3), adj_f_w, wrap(acc.mass, k.scalar),
+            wrap(acc.gravity.view(1, 3), vec3), wrap(acc.damping, k.scalar), wrap(adj_xf, vec3),
         ],
-        adj_inputs=[
-            wrap(adj_x, vec3), wrap(adj_v, vec3), adj_f_w, wrap(acc.mass, k.scalar),
-            wrap(acc.gravity.view(1, 3), vec3), wrap(acc.damping, k.scalar), None,
-            wrap(adj_xf, vec3), *([0] * len(w.scalars)),
-        ],
-        adj_outputs=[wrap(grad_x, vec3), wrap(grad_v, vec3)],
-        adjoint=True,
         device=g.device,
         stream=g.stream(),
         record_tape=False,
@@ -471,38 +537,12 @@ class Steps(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_xs, grad_vs):
-        g, w = ctx.g, ctx.w
         (targets,) = ctx.saved_tensors
-        xs, vs, fs = ctx.saved
-        idx = g.fixed_indices
-        grad_xs = torch.zeros_like(xs[: len(targets)]) if grad_xs is None else grad_xs
-        grad_vs = torch.zeros_like(vs[: len(targets)]) if grad_vs is None else grad_vs
-        acc = _parameter_cotangents(w)
-        adj_targets = torch.zeros_like(targets)
-        adj_x = torch.zeros_like(xs[0])
-        adj_v = torch.zeros_like(vs[0])
-        for step in reversed(range(len(targets))):
-            adj_x = (adj_x + grad_xs[step]).contiguous()
-            adj_v = (adj_v + grad_vs[step]).contiguous()
-            first = step * g.substeps
-            start = xs[first][idx]
-            adj_start = torch.zeros_like(start)
-            for j in reversed(range(g.substeps)):
-                row = first + j
-                fraction = (j + 1) / g.substeps
-                x_fixed = start + (targets[step] - start) * fraction
-                adj_x, adj_v, adj_xf = _substep_adjoint(
-                    g, w, ctx.launcher, xs[row], vs[row], x_fixed, fs[row], adj_x, adj_v, acc
-                )
-                if g.n_fixed:
-                    adj_targets[step] += adj_xf * fraction
-                    adj_start += adj_xf * (1.0 - fraction)
-            if g.n_fixed:
-                adj_x[idx] += adj_start
-        return (
-            None, None, None, adj_x, adj_v, adj_targets,
-            acc.mu, acc.lam, acc.mass, acc.gravity, acc.damping.view(w.inputs[4].shape),
-        )  # fmt: skip
+        shape = (len(targets), ctx.g.n_vertices, 3)
+        grad_xs = grad_xs if grad_xs is not None else targets.new_zeros(shape)
+        grad_vs = grad_vs if grad_vs is not None else targets.new_zeros(shape)
+        adjoints = retreat_steps(ctx.g, ctx.w, ctx.saved, grad_xs, grad_vs, ctx.launcher)
+        return None, None, None, *adjoints
 
 
 class Forces(torch.autograd.Function):

@@ -136,16 +136,36 @@ def rollout_gradients(backend, steps=12):
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_fused_rollout_gradients_match_torch(workers, monkeypatch):
-    """The Steps Function (fused forward, substep adjoints in reverse) against torch."""
+    """The Steps Function (fused forward, fused reverse sweep) against torch."""
     monkeypatch.setenv("DIFFSIM_WARP_THREADS", str(workers))
     monkeypatch.setattr(warp_bridge, "MIN_TETS_TO_SPLIT", 1)
     calls = []
-    forward = warp_bridge.Steps.forward
+    retreat = warp_bridge.retreat_steps
     monkeypatch.setattr(
-        warp_bridge.Steps, "forward", staticmethod(lambda *a: calls.append(1) or forward(*a))
+        warp_bridge, "retreat_steps", lambda *a, **k: calls.append(1) or retreat(*a, **k)
     )
     got = rollout_gradients("warp")
-    assert calls, "the fused Steps Function did not run"
+    assert calls, "the fused reverse sweep did not run"
+    ref = rollout_gradients("torch")
+    for name, g in ref.items():
+        err = float((got[name] - g).abs().max() / g.abs().max())
+        assert err < 1e-10, (name, err)
+
+
+def test_per_substep_gradients_match_torch(monkeypatch):
+    """The Substep Function (the path CUDA takes) against torch, on the CPU."""
+    monkeypatch.setenv("DIFFSIM_WARP_THREADS", "2")
+    monkeypatch.setattr(warp_bridge, "MIN_TETS_TO_SPLIT", 1)
+    from diffsim.backends.warp_backend import WarpBackend
+
+    monkeypatch.setattr(WarpBackend, "advance", Backend.advance)
+    calls = []
+    backward = warp_bridge.Substep.backward
+    monkeypatch.setattr(
+        warp_bridge.Substep, "backward", staticmethod(lambda *a: calls.append(1) or backward(*a))
+    )
+    got = rollout_gradients("warp")
+    assert calls, "the per-substep Function did not run"
     ref = rollout_gradients("torch")
     for name, g in ref.items():
         err = float((got[name] - g).abs().max() / g.abs().max())

@@ -40,15 +40,16 @@ def kernels_for(dtype: torch.dtype) -> SimpleNamespace:
     module = f"diffsim_{scalar.__name__}"
     elastic = build_elastic(scalar, module, differentiable=False)
     integrate = build_integrate(scalar, module, differentiable=False)
+    force_vjp = build_force_vjp(scalar, module, elastic)
     kernels = SimpleNamespace(
         dtype=dtype,
         scalar=scalar,
         vec3=wp.types.vector(3, scalar),
         mat33=wp.types.matrix((3, 3), scalar),
         **vars(elastic),
-        **vars(build_force_vjp(scalar, module, elastic)),
+        **vars(force_vjp),
         **vars(integrate),
-        **vars(build_advance(scalar, module, elastic, integrate)),
+        **vars(build_advance(scalar, module, elastic, integrate, force_vjp)),
     )
     wp.get_module(module).options["enable_backward"] = False  # no adjoint code to compile
     return kernels

@@ -60,7 +60,7 @@ return 0;
 """
 
 
-def build_advance(dtype, module: str, elastic: SimpleNamespace, integrate) -> SimpleNamespace:
+def build_advance(dtype, module: str, elastic, integrate, force_vjp) -> SimpleNamespace:
     """The fused multi-step kernels for one scalar type, one per material.
 
     Args:
@@ -68,14 +68,17 @@ def build_advance(dtype, module: str, elastic: SimpleNamespace, integrate) -> Si
         module: the Warp module of the forward-only kernels.
         elastic: the namespace of :func:`diffsim.kernels.elastic.build_elastic`.
         integrate: the namespace of :func:`diffsim.kernels.integrate.build_integrate`.
+        force_vjp: the namespace of :func:`diffsim.kernels.force_vjp.build_force_vjp`.
 
     Returns:
-        A namespace with ``advance``, a tuple of kernels indexed by the material id.
+        A namespace with ``advance`` (steps forward) and ``retreat`` (their adjoint), tuples
+        of kernels indexed by the material id.
     """
     T = dtype
     vec3 = wp.types.vector(3, T)
     mat33 = wp.types.matrix((3, 3), T)
     integrate_vertex = integrate.integrate_vertex
+    integrate_vertex_vjp = integrate.integrate_vertex_vjp
 
     @wp.func_native(BARRIER)
     def barrier(sync: wp.array(dtype=wp.int32), workers: int, spin_limit: wp.int64) -> int: ...
@@ -176,4 +179,134 @@ def build_advance(dtype, module: str, elastic: SimpleNamespace, integrate) -> Si
 
         return advance
 
-    return SimpleNamespace(advance=tuple(advance_kernel(add) for add in elastic.add_tet_forces))
+    def retreat_kernel(add_tet_force_vjp):
+        @wp.kernel(module=module, enable_backward=False)
+        def retreat(
+            tets: wp.array(dtype=wp.vec4i),
+            dm_inv: wp.array(dtype=mat33),
+            volume: wp.array(dtype=T),
+            mu: wp.array(dtype=T),
+            lam: wp.array(dtype=T),
+            per_tet: int,
+            mass: wp.array(dtype=T),
+            gravity: wp.array(dtype=vec3),
+            damping: wp.array(dtype=T),
+            fixed_slot: wp.array(dtype=int),
+            steps: int,
+            h: T,
+            has_ground: int,
+            height: T,
+            dhat: T,
+            kappa: T,
+            friction: T,
+            eps_v: T,
+            max_speed: T,
+            substeps: int,
+            worker: int,
+            workers: int,
+            tet_start: int,
+            tet_stop: int,
+            vertex_start: int,
+            vertex_stop: int,
+            sync: wp.array(dtype=wp.int32),
+            spin_limit: wp.int64,
+            x_saved: wp.array2d(dtype=vec3),
+            v_saved: wp.array2d(dtype=vec3),
+            f_saved: wp.array2d(dtype=vec3),
+            grad_x: wp.array2d(dtype=vec3),
+            grad_v: wp.array2d(dtype=vec3),
+            adj_x: wp.array(dtype=vec3),
+            adj_v: wp.array(dtype=vec3),
+            adj_f: wp.array(dtype=vec3),
+            adj_hvp: wp.array2d(dtype=vec3),
+            adj_mass: wp.array(dtype=T),
+            adj_mu: wp.array2d(dtype=T),
+            adj_lam: wp.array2d(dtype=T),
+            adj_gravity: wp.array(dtype=vec3),
+            adj_damping: wp.array(dtype=T),
+            adj_targets: wp.array2d(dtype=vec3),
+            adj_start: wp.array(dtype=vec3),
+        ):
+            """The adjoint of ``advance`` over ``steps`` steps, in reverse; dim 1 per worker.
+
+            Reads the states and elastic forces ``advance`` saved ``[steps * substeps, n]``
+            and the cotangents of its frames ``grad_x``, ``grad_v`` ``[steps, n]``. Leaves in
+            ``adj_x``, ``adj_v`` ``[n]`` (zero on entry) the cotangents of the initial state;
+            adds those of the masses to ``adj_mass`` ``[n]``, of mu and lambda to row
+            ``worker`` of ``adj_mu``, ``adj_lam`` (index e * per_tet; rows at least a cache
+            line long, or the workers' adds to index 0 contend for one line), of gravity and
+            damping to entry ``worker``, of the targets to ``adj_targets`` ``[steps, k]``.
+            ``adj_hvp`` ``[workers, n]`` must be zero and is left zero; ``adj_f`` and
+            ``adj_start`` ``[k]`` are scratch. Per substep: each worker runs the vertex
+            adjoint of its vertices, waits, adds the force VJP of its tets into its own row
+            of ``adj_hvp``, waits, and sums those rows into ``adj_x`` for its vertices.
+            """
+            hvp = adj_hvp[worker]
+            amu = adj_mu[worker]
+            alam = adj_lam[worker]
+            g = gravity[0]
+            for back in range(steps):
+                step = steps - 1 - back
+                for back_j in range(substeps):
+                    j = substeps - 1 - back_j
+                    row = step * substeps + j
+                    fraction = T(j + 1) / T(substeps)
+                    sum_gravity = vec3()
+                    sum_damping = T(0.0)
+                    for i in range(vertex_start, vertex_stop):
+                        ax = adj_x[i]
+                        av = adj_v[i]
+                        if j == substeps - 1:
+                            ax = ax + grad_x[step, i]
+                            av = av + grad_v[step, i]
+                        m = mass[i]
+                        slot = fixed_slot[i]
+                        is_fixed = int(0)  # noqa: UP018 - a Warp variable, not a constant
+                        if slot >= 0:
+                            is_fixed = 1
+                        gx, gv, gf, gm, gd, gxf = integrate_vertex_vjp(
+                            x_saved[row, i], v_saved[row, i], f_saved[row, i] + m * g, m,
+                            damping[0], is_fixed, h, has_ground, height, dhat, kappa, friction,
+                            eps_v, max_speed, ax, av,
+                        )  # fmt: skip
+                        adj_x[i] = gx
+                        adj_v[i] = gv
+                        adj_f[i] = gf
+                        adj_mass[i] = adj_mass[i] + gm + wp.dot(gf, g)
+                        sum_gravity = sum_gravity + m * gf
+                        sum_damping = sum_damping + gd
+                        if slot >= 0:
+                            # x_fixed = start + (target - start) * fraction
+                            adj_targets[step, slot] = adj_targets[step, slot] + gxf * fraction
+                            toward_start = gxf * (T(1.0) - fraction)
+                            if j == substeps - 1:
+                                adj_start[slot] = toward_start
+                            else:
+                                adj_start[slot] = adj_start[slot] + toward_start
+                    adj_gravity[worker] = adj_gravity[worker] + sum_gravity
+                    adj_damping[worker] = adj_damping[worker] + sum_damping
+                    if barrier(sync, workers, spin_limit) != 0:
+                        return
+                    x = x_saved[row]
+                    for e in range(tet_start, tet_stop):
+                        add_tet_force_vjp(
+                            x, adj_f, tets, dm_inv, volume, mu, lam, per_tet, e, hvp, amu, alam
+                        )
+                    if barrier(sync, workers, spin_limit) != 0:
+                        return
+                    for i in range(vertex_start, vertex_stop):
+                        total = adj_x[i]
+                        for w in range(workers):
+                            total = total + adj_hvp[w, i]
+                            adj_hvp[w, i] = vec3()
+                        slot = fixed_slot[i]
+                        if j == 0 and slot >= 0:
+                            total = total + adj_start[slot]  # start = x at the step's start
+                        adj_x[i] = total
+
+        return retreat
+
+    return SimpleNamespace(
+        advance=tuple(advance_kernel(add) for add in elastic.add_tet_forces),
+        retreat=tuple(retreat_kernel(add) for add in force_vjp.add_tet_force_vjp),
+    )

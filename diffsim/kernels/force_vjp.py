@@ -32,7 +32,8 @@ def build_force_vjp(dtype, module: str, elastic: SimpleNamespace) -> SimpleNames
 
     Returns:
         A namespace with ``tet_force_vjp``, a tuple of kernels indexed by the material id
-        (SNH, NH, STVK, COROTATED, LINEAR, as in :mod:`diffsim.kernels.elastic`).
+        (SNH, NH, STVK, COROTATED, LINEAR, as in :mod:`diffsim.kernels.elastic`), and the
+        per-tet Warp functions ``add_tet_force_vjp`` they loop over (fused elsewhere).
     """
     T = dtype
     vec3 = wp.types.vector(3, T)
@@ -158,7 +159,46 @@ def build_force_vjp(dtype, module: str, elastic: SimpleNamespace) -> SimpleNames
         x0 = x[tet[0]]
         return wp.matrix_from_cols(x[tet[1]] - x0, x[tet[2]] - x0, x[tet[3]] - x0)
 
-    def vjp_kernel(dstress):
+    def vjp_func(dstress):
+        @wp.func
+        def add_tet_force_vjp(
+            x: wp.array(dtype=vec3),
+            adj_f: wp.array(dtype=vec3),
+            tets: wp.array(dtype=wp.vec4i),
+            dm_inv: wp.array(dtype=mat33),
+            volume: wp.array(dtype=T),
+            mu: wp.array(dtype=T),
+            lam: wp.array(dtype=T),
+            per_tet: int,
+            e: int,
+            adj_x: wp.array(dtype=vec3),
+            adj_mu: wp.array(dtype=T),
+            adj_lam: wp.array(dtype=T),
+        ):
+            # Tet e's (df/dx)^T adj_f into adj_x, its parameter cotangents at e * per_tet.
+            tet = tets[e]
+            dmi = dm_inv[e]
+            F = edge_matrix(x, tet) @ dmi
+            dF = edge_matrix(adj_f, tet) @ dmi
+            p = e * per_tet
+            dP, dmu, dlam = dstress(F, dF, mu[p], lam[p])
+            v = volume[e]
+            H = -v * dP
+            f1 = H @ dmi[0]
+            f2 = H @ dmi[1]
+            f3 = H @ dmi[2]
+            # Atomic on CUDA (tets share corners); a plain add on the CPU.
+            wp.atomic_add(adj_x, tet[0], -(f1 + f2 + f3))
+            wp.atomic_add(adj_x, tet[1], f1)
+            wp.atomic_add(adj_x, tet[2], f2)
+            wp.atomic_add(adj_x, tet[3], f3)
+            # adj_P = -V dF (the scatter's adjoint), contracted with dP/dmu, dP/dlam.
+            wp.atomic_add(adj_mu, p, -v * dmu)
+            wp.atomic_add(adj_lam, p, -v * dlam)
+
+        return add_tet_force_vjp
+
+    def vjp_kernel(add_tet_force_vjp):
         @wp.kernel(module=module, enable_backward=False)
         def tet_force_vjp(
             x: wp.array(dtype=vec3),
@@ -182,27 +222,15 @@ def build_force_vjp(dtype, module: str, elastic: SimpleNamespace) -> SimpleNames
             first = start + wp.tid() * chunk
             last = wp.min(first + chunk, stop)
             for e in range(first, last):
-                tet = tets[e]
-                dmi = dm_inv[e]
-                F = edge_matrix(x, tet) @ dmi
-                dF = edge_matrix(adj_f, tet) @ dmi
-                p = e * per_tet
-                dP, dmu, dlam = dstress(F, dF, mu[p], lam[p])
-                v = volume[e]
-                H = -v * dP
-                f1 = H @ dmi[0]
-                f2 = H @ dmi[1]
-                f3 = H @ dmi[2]
-                # Atomic on CUDA (tets share corners); a plain add on the CPU.
-                wp.atomic_add(adj_x, tet[0], -(f1 + f2 + f3))
-                wp.atomic_add(adj_x, tet[1], f1)
-                wp.atomic_add(adj_x, tet[2], f2)
-                wp.atomic_add(adj_x, tet[3], f3)
-                # adj_P = -V dF (the scatter's adjoint), contracted with dP/dmu, dP/dlam.
-                wp.atomic_add(adj_mu, p, -v * dmu)
-                wp.atomic_add(adj_lam, p, -v * dlam)
+                add_tet_force_vjp(
+                    x, adj_f, tets, dm_inv, volume, mu, lam, per_tet, e, adj_x, adj_mu, adj_lam
+                )
 
         return tet_force_vjp
 
     dstresses = (dstress_snh, dstress_nh, dstress_stvk, dstress_corotated, dstress_linear)
-    return SimpleNamespace(tet_force_vjp=tuple(vjp_kernel(d) for d in dstresses))
+    add_tet_force_vjp = tuple(vjp_func(d) for d in dstresses)
+    return SimpleNamespace(
+        add_tet_force_vjp=add_tet_force_vjp,
+        tet_force_vjp=tuple(vjp_kernel(add) for add in add_tet_force_vjp),
+    )

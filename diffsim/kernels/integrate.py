@@ -30,8 +30,9 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
 
     Returns:
         A namespace with the Warp function ``integrate_vertex`` that other kernels fuse in,
-        and either ``step_fast`` (forward only, zeroes the force buffers it reads) or
-        ``step_vertices`` and ``total_forces`` (differentiable).
+        and either ``integrate_vertex_vjp`` (its hand-derived adjoint), ``step_fast``
+        (forward only, zeroes the force buffers it reads) and ``step_vjp`` (its adjoint), or
+        ``total_forces`` (differentiable).
     """
     T = dtype
     vec3 = wp.types.vector(3, T)
@@ -107,18 +108,24 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
             y = height + wp.max(d_new, T(MIN_GAP_FRACTION) * dhat)
         return y
 
-    def adj_ground_solve(y_pred: T, h: T, height: T, dhat: T, kappa: T, adj_ret: T):
-        # The root is held fixed; one Newton step gives dd'/dd_pred = 1 / (1 - h^2 a'(d')).
+    @wp.func
+    def ground_solve_slope(y_pred: T, h: T, height: T, dhat: T, kappa: T) -> T:
+        """d ground_solve / d y_pred: the root is held fixed; one Newton step gives
+        dd'/dd_pred = 1 / (1 - h^2 a'(d')) (0 where the gap is clamped at its minimum)."""
+        out = T(1.0)
         d_pred = y_pred - height
         if d_pred < dhat:
             d = gap_root(d_pred, h, dhat, kappa)
             slope = T(1.0) - h * h * gap_acceleration_slope(d, dhat, kappa)
             accel = gap_acceleration(d, dhat, kappa)
             d_new = d - (d - d_pred - h * h * accel) / slope
+            out = T(0.0)
             if d_new >= T(MIN_GAP_FRACTION) * dhat:
-                wp.adjoint[y_pred] += adj_ret / slope
-        else:
-            wp.adjoint[y_pred] += adj_ret
+                out = T(1.0) / slope
+        return out
+
+    def adj_ground_solve(y_pred: T, h: T, height: T, dhat: T, kappa: T, adj_ret: T):
+        wp.adjoint[y_pred] += adj_ret * ground_solve_slope(y_pred, h, height, dhat, kappa)
 
     if differentiable:
         wp.func_grad(ground_solve)(adj_ground_solve)
@@ -181,6 +188,106 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
             xn = x_fixed
         return xn, v1
 
+    @wp.func
+    def ground_acceleration_slope(y: T, height: T, dhat: T, kappa: T) -> T:
+        """d ground_acceleration / dy (the gap clamped at its minimum: d only)."""
+        d = y - height
+        s_min = (T(MIN_GAP_FRACTION) * dhat) * (T(MIN_GAP_FRACTION) * dhat)
+        out = -kappa * T(2.0) * barrier_derivative(s_min, dhat * dhat)
+        if d * d > s_min:
+            out = gap_acceleration_slope(d, dhat, kappa)
+        return out
+
+    @wp.func
+    def integrate_vertex_vjp(
+        x: vec3,
+        v: vec3,
+        f: vec3,
+        m: T,
+        damping: T,
+        is_fixed: int,
+        h: T,
+        has_ground: int,
+        height: T,
+        dhat: T,
+        kappa: T,
+        friction: T,
+        eps_v: T,
+        max_speed: T,
+        adj_xn: vec3,
+        adj_vn: vec3,
+    ):
+        """The adjoint of ``integrate_vertex``, derived by hand (reverse order of its steps).
+
+        Returns the cotangents ``(x, v, f, m, damping, x_fixed)`` given those of the new
+        position and velocity; the mass term is the explicit h f / m dependence only.
+        """
+        # Replay: a = v + h f / m, b = a / q, w = b phi(|b|^2 / v_max^2), zero if fixed.
+        a = v + h * f / m
+        q = T(1.0) + h * damping
+        b = a / q
+        phi = T(1.0)
+        dphi = T(0.0)  # d phi / d r2
+        if max_speed > T(0.0):
+            r2 = wp.dot(b, b) / (max_speed * max_speed)
+            phi = T(1.0) - r2 / T(3.0)
+            dphi = T(-1.0) / T(3.0)
+            if r2 >= T(1e-8):
+                r = wp.sqrt(r2)
+                t = wp.tanh(r)
+                phi = t / r
+                dphi = ((T(1.0) - t * t) / r - t / (r * r)) / (T(2.0) * r)
+        w = b * phi
+        if is_fixed != 0:
+            w = vec3()
+        adj_x_fixed = vec3()
+        adj_x_free = adj_xn  # the cotangent of x_new where the vertex moves freely
+        if is_fixed != 0:
+            adj_x_fixed = adj_xn
+            adj_x_free = vec3()
+        adj_x = adj_x_free
+        adj_w = h * adj_x_free + adj_vn
+        if has_ground != 0:
+            y_pred = x[1] + h * w[1]
+            y_new = ground_solve(y_pred, h, height, dhat, kappa)
+            # x_new = (x0 + h w''0, y_new, x2 + h w''2), v_new = w'' with w'1 = (y_new - x1)/h.
+            adj_w0 = h * adj_x_free[0] + adj_vn[0]
+            adj_w2 = h * adj_x_free[2] + adj_vn[2]
+            adj_y = adj_x_free[1] + adj_vn[1] / h
+            adj_x1 = -adj_vn[1] / h
+            if friction > T(0.0):
+                # w''0,2 = scale w0,2, scale = 1 / (1 + h mu N(y_new) sigma(|u|)).
+                normal = ground_acceleration(y_new, height, dhat, kappa)
+                tiny = T(1e-6) * eps_v
+                speed = wp.sqrt(w[0] * w[0] + w[2] * w[2] + tiny * tiny)
+                sigma = T(1.0) / speed
+                dsigma = T(-1.0) / (speed * speed)
+                if speed < eps_v:
+                    sigma = T(2.0) / eps_v - speed / (eps_v * eps_v)
+                    dsigma = T(-1.0) / (eps_v * eps_v)
+                k = h * friction
+                scale = T(1.0) / (T(1.0) + k * normal * sigma)
+                adj_scale = adj_w0 * w[0] + adj_w2 * w[2]
+                common = -adj_scale * scale * scale * k
+                adj_speed = common * normal * dsigma
+                adj_w0 = scale * adj_w0 + adj_speed * w[0] / speed
+                adj_w2 = scale * adj_w2 + adj_speed * w[2] / speed
+                adj_y = adj_y + common * sigma * ground_acceleration_slope(
+                    y_new, height, dhat, kappa
+                )
+            adj_y_pred = adj_y * ground_solve_slope(y_pred, h, height, dhat, kappa)
+            adj_x = vec3(adj_x_free[0], adj_x1 + adj_y_pred, adj_x_free[2])
+            adj_w = vec3(adj_w0, h * adj_y_pred, adj_w2)
+        if is_fixed != 0:
+            adj_w = vec3()
+        adj_b = phi * adj_w
+        if max_speed > T(0.0):
+            adj_b = adj_b + (wp.dot(adj_w, b) * dphi * T(2.0) / (max_speed * max_speed)) * b
+        adj_a = adj_b / q
+        adj_damping = -h * wp.dot(adj_b, b) / q
+        adj_m = -h * wp.dot(adj_a, f) / (m * m)
+        return adj_x, adj_a, adj_a * (h / m), adj_m, adj_damping, adj_x_fixed
+
     if not differentiable:
 
         @wp.kernel(module=module, enable_backward=False)
@@ -233,46 +340,64 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
             x_new[i] = xn
             v_new[i] = vn
 
-        return SimpleNamespace(integrate_vertex=integrate_vertex, step_fast=step_fast)
+        @wp.kernel(module=module, enable_backward=False)
+        def step_vjp(
+            x: wp.array(dtype=vec3),
+            v: wp.array(dtype=vec3),
+            f_el: wp.array(dtype=vec3),
+            mass: wp.array(dtype=T),
+            gravity: wp.array(dtype=vec3),
+            damping: wp.array(dtype=T),
+            fixed_slot: wp.array(dtype=int),
+            h: T,
+            has_ground: int,
+            height: T,
+            dhat: T,
+            kappa: T,
+            friction: T,
+            eps_v: T,
+            max_speed: T,
+            adj_x_new: wp.array(dtype=vec3),
+            adj_v_new: wp.array(dtype=vec3),
+            adj_x: wp.array(dtype=vec3),
+            adj_v: wp.array(dtype=vec3),
+            adj_f: wp.array(dtype=vec3),
+            adj_mass: wp.array(dtype=T),
+            adj_gravity: wp.array(dtype=vec3),
+            adj_damping: wp.array(dtype=T),
+            adj_x_fixed: wp.array(dtype=vec3),
+        ):
+            """The adjoint of ``step_fast`` per vertex, from the saved x, v and elastic forces.
 
-    @wp.kernel(module=module)
-    def step_vertices(
-        x: wp.array(dtype=vec3),
-        v: wp.array(dtype=vec3),
-        f_el: wp.array(dtype=vec3),
-        mass: wp.array(dtype=T),
-        gravity: wp.array(dtype=vec3),
-        damping: wp.array(dtype=T),
-        fixed_slot: wp.array(dtype=int),
-        x_fixed: wp.array(dtype=vec3),
-        h: T,
-        has_ground: int,
-        height: T,
-        dhat: T,
-        kappa: T,
-        friction: T,
-        eps_v: T,
-        max_speed: T,
-        x_new: wp.array(dtype=vec3),
-        v_new: wp.array(dtype=vec3),
-    ):
-        """The same update as ``step_fast``, differentiable (launched with adjoint=True)."""
-        i = wp.tid()
-        xi = x[i]
-        m = mass[i]
-        f = f_el[i] + m * gravity[0]
-        slot = fixed_slot[i]
-        xf = vec3()
-        is_fixed = int(0)  # noqa: UP018 - a Warp variable, not a constant
-        if slot >= 0:
-            xf = x_fixed[slot]
-            is_fixed = 1
-        xn, vn = integrate_vertex(
-            xi, v[i], f, m, damping[0], is_fixed, xf, h, has_ground, height, dhat, kappa,
-            friction, eps_v, max_speed,
-        )  # fmt: skip
-        x_new[i] = xn
-        v_new[i] = vn
+            Writes adj_x, adj_v, adj_f (elastic forces) and adj_x_fixed (prescribed
+            positions); adds to adj_mass, and to adj_gravity[0] and adj_damping[0].
+            """
+            i = wp.tid()
+            m = mass[i]
+            g = gravity[0]
+            slot = fixed_slot[i]
+            is_fixed = int(0)  # noqa: UP018 - a Warp variable, not a constant
+            if slot >= 0:
+                is_fixed = 1
+            gx, gv, gf, gm, gd, gxf = integrate_vertex_vjp(
+                x[i], v[i], f_el[i] + m * g, m, damping[0], is_fixed, h, has_ground, height,
+                dhat, kappa, friction, eps_v, max_speed, adj_x_new[i], adj_v_new[i],
+            )  # fmt: skip
+            adj_x[i] = gx
+            adj_v[i] = gv
+            adj_f[i] = gf
+            adj_mass[i] = adj_mass[i] + gm + wp.dot(gf, g)
+            wp.atomic_add(adj_gravity, 0, m * gf)
+            wp.atomic_add(adj_damping, 0, gd)
+            if slot >= 0:
+                adj_x_fixed[slot] = gxf
+
+        return SimpleNamespace(
+            integrate_vertex=integrate_vertex,
+            integrate_vertex_vjp=integrate_vertex_vjp,
+            step_fast=step_fast,
+            step_vjp=step_vjp,
+        )
 
     @wp.kernel(module=module)
     def total_forces(
@@ -290,6 +415,4 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
         i = wp.tid()
         f[i] = vertex_force(f_el[i], mass[i], gravity[0], x[i][1], has_ground, height, dhat, kappa)
 
-    return SimpleNamespace(
-        integrate_vertex=integrate_vertex, step_vertices=step_vertices, total_forces=total_forces
-    )
+    return SimpleNamespace(integrate_vertex=integrate_vertex, total_forces=total_forces)

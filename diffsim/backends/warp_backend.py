@@ -1,10 +1,10 @@
-"""The Warp backend: fused Warp kernels forward, Warp kernel adjoints backward.
+"""The Warp backend: fused Warp kernels forward, hand-derived adjoint kernels backward.
 
-Per substep, forward: one launch of the per-tet force kernel (split across two threads on
-a multi-core CPU) and one launch of the fused vertex update (gravity, damping, clamp,
-fixed mask, implicit ground barrier, friction, prescribed positions). Backward: the
-adjoints of the vertex update and of the force kernel, from the saved x, v and elastic
-forces. With surface contact, torch ops wrap the Warp forces. See docs/backends.md.
+On the CPU, blocks of steps run in one launch per worker thread (``advance`` forward,
+``retreat`` backward). Elsewhere a substep is one launch of the per-tet force kernel and
+one of the fused vertex update (gravity, damping, clamp, fixed mask, implicit ground
+barrier, friction, prescribed positions), and its backward the adjoints of both. With
+surface contact, torch ops wrap the Warp forces. See docs/backends.md.
 """
 
 from __future__ import annotations

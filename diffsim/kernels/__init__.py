@@ -1,12 +1,11 @@
 """Warp kernels, one file per concern, generated once per scalar type.
 
-The kernels of one dtype live in two Warp modules: ``diffsim_float32`` holds the
-forward-only kernels a rollout needs (and the hand-derived force VJP), built by
+The kernels of one dtype live in two Warp modules: ``diffsim_float32`` holds every
+kernel a rollout and its gradient need (the backward ones derived by hand), built by
 :func:`kernels_for`; ``diffsim_float32_grad`` holds the kernels Warp differentiates,
-built by :func:`grad_kernels_for` on the first backward pass, ``forces()`` or energy
-call. So a process builds, compiles (or loads from the kernel cache) only what it uses,
-and the first step does not wait for adjoint code. Nothing depends on the mesh or on
-parameter values, so nothing recompiles when they change.
+built by :func:`grad_kernels_for` on the first ``forces()`` or energy gradient. So a
+process builds, compiles (or loads from the kernel cache) only what it uses. Nothing
+depends on the mesh or on parameter values, so nothing recompiles when they change.
 """
 
 from __future__ import annotations
@@ -57,8 +56,9 @@ def kernels_for(dtype: torch.dtype) -> SimpleNamespace:
 
 @functools.cache
 def grad_kernels_for(dtype: torch.dtype) -> SimpleNamespace:
-    """The kernels launched with ``adjoint=True``: ``step_vertices``, ``total_forces``,
-    ``tet_energy`` and the reference ``tet_forces`` (built on first use)."""
+    """The kernels launched with ``adjoint=True``: ``total_forces``, ``tet_energy`` and the
+    reference ``tet_forces`` the hand-derived force VJP is tested against (built on first
+    use)."""
     from diffsim.kernels.elastic import build_elastic
     from diffsim.kernels.integrate import build_integrate
 

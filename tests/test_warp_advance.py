@@ -134,6 +134,12 @@ def rollout_gradients(backend, steps=12):
     return dict(zip(named, torch.autograd.grad(loss, list(named.values())), strict=True))
 
 
+def assert_matches_torch(got: dict) -> None:
+    for name, g in rollout_gradients("torch").items():
+        err = float((got[name] - g).abs().max() / g.abs().max())
+        assert err < 1e-10, (name, err)
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_fused_rollout_gradients_match_torch(workers, monkeypatch):
     """The Steps Function (fused forward, fused reverse sweep) against torch."""
@@ -146,10 +152,7 @@ def test_fused_rollout_gradients_match_torch(workers, monkeypatch):
     )
     got = rollout_gradients("warp")
     assert calls, "the fused reverse sweep did not run"
-    ref = rollout_gradients("torch")
-    for name, g in ref.items():
-        err = float((got[name] - g).abs().max() / g.abs().max())
-        assert err < 1e-10, (name, err)
+    assert_matches_torch(got)
 
 
 def test_per_substep_gradients_match_torch(monkeypatch):
@@ -166,7 +169,4 @@ def test_per_substep_gradients_match_torch(monkeypatch):
     )
     got = rollout_gradients("warp")
     assert calls, "the per-substep Function did not run"
-    ref = rollout_gradients("torch")
-    for name, g in ref.items():
-        err = float((got[name] - g).abs().max() / g.abs().max())
-        assert err < 1e-10, (name, err)
+    assert_matches_torch(got)

@@ -277,7 +277,15 @@ def _run_workers(g: Geometry, kernel, launcher, args) -> None:
     if workers == 1:
         launches[0].launch()
     else:
-        launcher.run(launches[0].launch, launches[1].launch)
+
+        def helper() -> None:
+            try:
+                launches[1].launch()
+            except BaseException:
+                sync[2] = 1  # tells the spinning worker to give up instead of waiting
+                raise
+
+        launcher.run(launches[0].launch, helper)
     if int(sync[2]):
         raise RuntimeError(
             "a Warp worker thread stopped waiting for the other (a hang of several seconds); "

@@ -5,6 +5,8 @@ they must give the same numbers as the per-substep kernels (the same functions i
 order), with one worker or two meeting at the spinning barrier.
 """
 
+import threading
+
 import pytest
 import torch
 
@@ -89,6 +91,41 @@ def test_fused_rollout_reports_the_step_that_blew_up():
     x[0] += 0.05  # a squashed corner: the stiff, undamped response diverges
     with pytest.raises(ds.SimulationError, match=r"step \d+ produced non-finite positions"):
         sim.rollout(200, state=sim.initial_state(x))
+
+
+def test_a_helper_that_fails_to_launch_releases_the_other_worker(monkeypatch):
+    """The helper's launch raises: the spinning worker is told to stop at once and the error
+    reaches the caller. With no spin limit to fall back on, a lost abort would hang."""
+    monkeypatch.setenv("DIFFSIM_WARP_THREADS", "2")
+    monkeypatch.setattr(warp_bridge, "MIN_TETS_TO_SPLIT", 1)
+    monkeypatch.setattr(warp_bridge, "SPIN_LIMIT", 1 << 62)
+    sim = make_sim(ds.StableNeoHookean)
+    real_launch = warp_bridge.wp.launch
+    recorded, outcome = [], []
+
+    class Broken:
+        def launch(self):
+            raise OSError("the helper could not launch")
+
+    def launch(kernel, *args, **kwargs):
+        if kwargs.get("record_cmd"):
+            recorded.append(kernel)
+            if len(recorded) == 2:  # the second worker's launch
+                return Broken()
+        return real_launch(kernel, *args, **kwargs)
+
+    def run() -> None:
+        try:
+            sim.rollout(3)
+        except OSError as error:
+            outcome.append(error)
+
+    monkeypatch.setattr(warp_bridge.wp, "launch", launch)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=120)
+    assert not thread.is_alive(), "the first worker kept waiting for the failed helper"
+    assert outcome and "could not launch" in str(outcome[0])
 
 
 def test_a_worker_that_never_arrives_raises_instead_of_hanging(monkeypatch):

@@ -13,6 +13,7 @@ x, v and the elastic forces per substep (no graph, no other intermediate). Param
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from queue import SimpleQueue
 from types import SimpleNamespace
@@ -27,8 +28,8 @@ from diffsim.model import Coefficients
 
 _templates: dict = {}
 
-# Meshes with fewer tets run on one thread: below this, splitting costs more than it saves.
-MIN_TETS_TO_SPLIT = 2048
+# Each worker thread gets at least this many tets: below, splitting costs more than it saves.
+MIN_TETS_PER_WORKER = 1024
 # Barrier spins before a fused worker gives up on the other (several seconds).
 SPIN_LIMIT = 1 << 25
 # Per-worker accumulators are padded to this many values (64 bytes of float32 or more),
@@ -109,48 +110,58 @@ class WarpCoefficients:
 
 
 class SplitLauncher:
-    """Runs a kernel over a range split between this thread and one helper thread.
+    """Runs jobs on this thread and ``threads - 1`` helper threads at once.
 
-    Warp's CPU kernels run on one thread and release the GIL, so two halves of a launch
-    run in parallel on two cores. One launcher (one helper thread) serves every backend
-    of the process; a lock keeps callers from different threads apart.
+    Warp's CPU kernels run on one thread and release the GIL, so launches made from
+    several threads run in parallel on several cores. One launcher per thread count
+    serves every backend of the process; a lock keeps callers from different threads apart.
     """
 
-    _shared: SplitLauncher | None = None
+    _shared: dict[int, SplitLauncher] = {}
 
-    def __init__(self) -> None:
-        self._jobs: SimpleQueue = SimpleQueue()
+    def __init__(self, threads: int = 2) -> None:
+        self.threads = threads
+        self._queues: list[SimpleQueue] = []
         self._done: SimpleQueue = SimpleQueue()
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._work, daemon=True, name="diffsim-warp")
-        self._thread.start()
+        for i in range(threads - 1):
+            jobs: SimpleQueue = SimpleQueue()
+            thread = threading.Thread(
+                target=self._work, args=(jobs,), daemon=True, name=f"diffsim-warp-{i + 1}"
+            )
+            thread.start()
+            self._queues.append(jobs)
 
     @classmethod
-    def shared(cls) -> SplitLauncher:
-        """The process-wide launcher, started on first use."""
-        if cls._shared is None:
-            cls._shared = cls()
-        return cls._shared
+    def shared(cls, threads: int = 2) -> SplitLauncher:
+        """The process-wide launcher with this many threads, started on first use."""
+        if threads not in cls._shared:
+            cls._shared[threads] = cls(threads)
+        return cls._shared[threads]
 
-    def _work(self) -> None:
+    def _work(self, jobs: SimpleQueue) -> None:
         while True:
-            job = self._jobs.get()
+            job = jobs.get()
             try:
                 job()
                 self._done.put(None)
             except BaseException as error:  # handed back to the caller
                 self._done.put(error)
 
-    def run(self, first, second) -> None:
-        """Runs ``second`` on the helper thread and ``first`` here; waits for both."""
+    def run(self, first, *others) -> None:
+        """Runs ``others`` on helper threads and ``first`` here; waits for all of them."""
+        if len(others) >= self.threads:
+            raise ValueError(f"{len(others) + 1} jobs for {self.threads} threads")
         with self._lock:
-            self._jobs.put(second)
+            for jobs, job in zip(self._queues, others, strict=False):
+                jobs.put(job)
             try:
                 first()
             finally:
-                error = self._done.get()
-        if error is not None:
-            raise error
+                errors = [self._done.get() for _ in others]
+        for error in errors:
+            if error is not None:
+                raise error
 
 
 class RecordedLaunch:
@@ -182,7 +193,7 @@ def forward_launches(g: Geometry, w: WarpCoefficients, threads: int) -> SimpleNa
         # A descriptor of its own: RecordedLaunch.point mutates it in place.
         return wrap(t, k.vec3)
 
-    bounds = [0, m] if threads == 1 or m < MIN_TETS_TO_SPLIT else [0, m // 2, m]
+    bounds = [0, m] if threads == 1 or m < 2 * MIN_TETS_PER_WORKER else [0, m // 2, m]
     outputs = [s.f_a_w, s.f_b_w]
     tets = [
         RecordedLaunch(
@@ -274,18 +285,21 @@ def _run_workers(g: Geometry, kernel, launcher, args) -> None:
         vertices = [g.n_vertices * worker // workers, g.n_vertices * (worker + 1) // workers]
         inputs = args(worker, workers, tets, vertices, sync_w)
         launches.append(wp.launch(kernel, dim=1, inputs=inputs, device=g.device, record_cmd=True))
+
+    def helper(launch) -> Callable[[], None]:
+        def job() -> None:
+            try:
+                launch.launch()
+            except BaseException:
+                sync[2] = 1  # tells the spinning workers to give up instead of waiting
+                raise
+
+        return job
+
     if workers == 1:
         launches[0].launch()
     else:
-
-        def helper() -> None:
-            try:
-                launches[1].launch()
-            except BaseException:
-                sync[2] = 1  # tells the spinning worker to give up instead of waiting
-                raise
-
-        launcher.run(launches[0].launch, helper)
+        launcher.run(launches[0].launch, *(helper(launch) for launch in launches[1:]))
     if int(sync[2]):
         raise RuntimeError(
             "a Warp worker thread stopped waiting for the other (a hang of several seconds); "
@@ -294,7 +308,11 @@ def _run_workers(g: Geometry, kernel, launcher, args) -> None:
 
 
 def _workers(g: Geometry, launcher) -> int:
-    return 2 if launcher is not None and g.n_tets >= MIN_TETS_TO_SPLIT else 1
+    """Worker threads for a fused launch: the launcher's, at most one per
+    MIN_TETS_PER_WORKER tets (below that, the barriers cost more than the split saves)."""
+    if launcher is None:
+        return 1
+    return max(1, min(launcher.threads, g.n_tets // MIN_TETS_PER_WORKER))
 
 
 def advance_steps(
@@ -437,7 +455,7 @@ def _tet_adjoint(g: Geometry, w: WarpCoefficients, xw, adj_f_w, adj_x, adj_mu, a
         )  # fmt: skip
 
     amu, alam = wrap(adj_mu, k.scalar), wrap(adj_lam, k.scalar)
-    if launcher is None or m < MIN_TETS_TO_SPLIT:
+    if launcher is None or m < 2 * MIN_TETS_PER_WORKER:
         part(0, m, adj_x, amu, alam)
         return
     half = m // 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Sequence
 from pathlib import Path
@@ -195,6 +196,13 @@ class TetMesh:
                 raise ValueError("rotation must be a 3x3 orthogonal matrix")
             v = v @ rotation.T
         v = v + np.asarray(translation, dtype=np.float64)
+        if np.ndim(scale) == 0 and float(scale) > 0 and np.isfinite(v).all():
+            # A similarity: every check of the constructor (indices, orientation, the
+            # degeneracy test relative to the mean volume) gives the same answer, so
+            # skip them (they cost more than the transform on big meshes).
+            out = copy.copy(self)
+            out.vertices = v
+            return out
         return TetMesh(v, self.tets, fix_orientation=True, body_ids=self.body_ids)
 
     def centered(self) -> TetMesh:

@@ -187,3 +187,13 @@ def test_malformed_msh_names_the_section(tmp_path):
     (tmp_path / "bad.msh").write_text("\n".join(text))
     with pytest.raises(ValueError, match=r"bad.msh: malformed \$Nodes or \$Elements"):
         ds.TetMesh.load(tmp_path / "bad.msh")
+
+
+def test_similarity_transforms_keep_the_mesh_valid_and_nan_still_raises():
+    mesh = ds.TetMesh.box(size=(1.0, 2.0, 1.0), resolution=(2, 2, 2))
+    moved = mesh.centered().scaled_to(0.5).placed_on(0.0, gap=0.1)
+    assert np.allclose(moved.rest_volumes, mesh.rest_volumes * 0.25**3)
+    assert moved.vertices[:, 1].min() == pytest.approx(0.1)
+    assert (moved.rest_volumes > 0).all() and mesh.vertices[:, 1].min() == 0.0
+    with pytest.raises(ValueError, match="non-finite"):
+        mesh.transformed(translation=(float("nan"), 0.0, 0.0))

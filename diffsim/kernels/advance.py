@@ -37,7 +37,9 @@ if (__atomic_add_fetch(s, 1, __ATOMIC_ACQ_REL) == workers) {{
     __atomic_store_n(s + 1, generation + 1, __ATOMIC_RELEASE);
     return 0;
 }}
-#if !defined(_WIN32)
+#if defined(__APPLE__)
+extern int diffsim_sched_yield(void) __asm__("_sched_yield");  // Mach-O: C names take a _
+#elif !defined(_WIN32)
 extern int diffsim_sched_yield(void) __asm__("sched_yield");
 #endif
 long long spins = 0;

@@ -2,20 +2,16 @@
 
 Each Function runs Warp kernels forward on the tensors' memory and, in backward, launches
 their hand-derived adjoint kernels (``force_vjp.py``, ``integrate_vertex_vjp``; Warp's
-generated adjoints only for ``Forces`` and ``ElasticEnergy``). :class:`Steps` runs
-whole blocks of steps on the CPU in one fused launch per worker thread, forward and
-backward (``advance.py``); :class:`Substep` runs one substep (the CUDA path). Both save
-x, v and the elastic forces per substep (no graph, no other intermediate). Parameters
-(Lame constants, masses, gravity, damping) are wrapped once per rollout segment in
-:class:`WarpCoefficients`.
+generated adjoints only for ``Forces`` and ``ElasticEnergy``). :class:`Substep` runs one
+substep (the CUDA path; on the CPU, blocks of steps run fused, see
+:mod:`diffsim.warp_fused`) and saves x, v and the elastic forces (no graph, no other
+intermediate). Parameters (Lame constants, masses, gravity, damping) are wrapped once
+per rollout segment in :class:`WarpCoefficients`.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from queue import SimpleQueue
 from types import SimpleNamespace
 from typing import Any
 
@@ -25,16 +21,9 @@ from torch.autograd.function import once_differentiable
 
 from diffsim.kernels import grad_kernels_for
 from diffsim.model import Coefficients
+from diffsim.warp_threads import MIN_TETS_PER_WORKER
 
 _templates: dict = {}
-
-# Each worker thread gets at least this many tets: below, splitting costs more than it saves.
-MIN_TETS_PER_WORKER = 1024
-# Barrier spins before a fused worker gives up on the other (several seconds).
-SPIN_LIMIT = 1 << 25
-# Per-worker accumulators are padded to this many values (64 bytes of float32 or more),
-# so that two workers adding to their own entries do not contend for one line.
-CACHE_LINE_VALUES = 16
 
 
 def wrap(t: torch.Tensor, dtype: Any) -> Any:
@@ -107,61 +96,6 @@ class WarpCoefficients:
     scalars: tuple
     scratch: SimpleNamespace
     launches: SimpleNamespace | None = None
-
-
-class SplitLauncher:
-    """Runs jobs on this thread and ``threads - 1`` helper threads at once.
-
-    Warp's CPU kernels run on one thread and release the GIL, so launches made from
-    several threads run in parallel on several cores. One launcher per thread count
-    serves every backend of the process; a lock keeps callers from different threads apart.
-    """
-
-    _shared: dict[int, SplitLauncher] = {}
-
-    def __init__(self, threads: int = 2) -> None:
-        self.threads = threads
-        self._queues: list[SimpleQueue] = []
-        self._done: SimpleQueue = SimpleQueue()
-        self._lock = threading.Lock()
-        for i in range(threads - 1):
-            jobs: SimpleQueue = SimpleQueue()
-            thread = threading.Thread(
-                target=self._work, args=(jobs,), daemon=True, name=f"diffsim-warp-{i + 1}"
-            )
-            thread.start()
-            self._queues.append(jobs)
-
-    @classmethod
-    def shared(cls, threads: int = 2) -> SplitLauncher:
-        """The process-wide launcher with this many threads, started on first use."""
-        if threads not in cls._shared:
-            cls._shared[threads] = cls(threads)
-        return cls._shared[threads]
-
-    def _work(self, jobs: SimpleQueue) -> None:
-        while True:
-            job = jobs.get()
-            try:
-                job()
-                self._done.put(None)
-            except BaseException as error:  # handed back to the caller
-                self._done.put(error)
-
-    def run(self, first, *others) -> None:
-        """Runs ``others`` on helper threads and ``first`` here; waits for all of them."""
-        if len(others) >= self.threads:
-            raise ValueError(f"{len(others) + 1} jobs for {self.threads} threads")
-        with self._lock:
-            for jobs, job in zip(self._queues, others, strict=False):
-                jobs.put(job)
-            try:
-                first()
-            finally:
-                errors = [self._done.get() for _ in others]
-        for error in errors:
-            if error is not None:
-                raise error
 
 
 class RecordedLaunch:
@@ -264,149 +198,6 @@ def substep_forward(g: Geometry, w: WarpCoefficients, x, v, x_fixed, launcher=No
         return x_new, v_new, f_el
     step()
     return x_new, v_new
-
-
-def _run_workers(g: Geometry, kernel, launcher, args) -> None:
-    """Launches a fused kernel once per worker (dim 1) and waits for all of them.
-
-    Args:
-        g: the geometry.
-        kernel: ``advance[material]`` or ``retreat[material]``.
-        launcher: the SplitLauncher, or None for one worker.
-        args: ``args(worker, workers, tet_range, vertex_range, sync)``: the kernel's
-            argument list for one worker.
-    """
-    workers = _workers(g, launcher)
-    sync = torch.zeros(4, dtype=torch.int32)
-    sync_w = wrap(sync, wp.int32)
-    launches = []
-    for worker in range(workers):
-        tets = [g.n_tets * worker // workers, g.n_tets * (worker + 1) // workers]
-        vertices = [g.n_vertices * worker // workers, g.n_vertices * (worker + 1) // workers]
-        inputs = args(worker, workers, tets, vertices, sync_w)
-        launches.append(wp.launch(kernel, dim=1, inputs=inputs, device=g.device, record_cmd=True))
-
-    def helper(launch) -> Callable[[], None]:
-        def job() -> None:
-            try:
-                launch.launch()
-            except BaseException:
-                sync[2] = 1  # tells the spinning workers to give up instead of waiting
-                raise
-
-        return job
-
-    if workers == 1:
-        launches[0].launch()
-    else:
-        launcher.run(launches[0].launch, *(helper(launch) for launch in launches[1:]))
-    if int(sync[2]):
-        raise RuntimeError(
-            "a Warp worker thread stopped waiting for the other (a hang of several seconds); "
-            "set DIFFSIM_WARP_THREADS=1 to run on one thread"
-        )
-
-
-def _workers(g: Geometry, launcher) -> int:
-    """Worker threads for a fused launch: the launcher's, at most one per
-    MIN_TETS_PER_WORKER tets (below that, the barriers cost more than the split saves)."""
-    if launcher is None:
-        return 1
-    return max(1, min(launcher.threads, g.n_tets // MIN_TETS_PER_WORKER))
-
-
-def advance_steps(
-    g: Geometry, w: WarpCoefficients, x, v, targets, out, launcher=None, saved=None
-) -> None:
-    """Whole steps on the CPU in one launch of the fused kernel per worker (no autograd).
-
-    Args:
-        g, w: the geometry and prepared coefficients.
-        x, v: positions and velocities ``[n, 3]`` at the start (not modified).
-        targets: ``[K, k, 3]`` prescribed positions at the end of each step.
-        out: two ``[K, n, 3]`` buffers for the positions and velocities after each step.
-        launcher: splits the work between two threads where given (and the mesh is big
-            enough to gain from it).
-        saved: optional ``(x, v, f_el)`` buffers ``[K * substeps, n, 3]`` for the state and
-            elastic forces at the start of every substep.
-    """
-    k, s = g.kernels, w.scratch
-    x_work, v_work = x.clone(), v.clone()  # advanced in place
-    if not g.n_fixed:  # the kernel takes at least one (unused) target column
-        targets = targets.new_zeros((len(targets), 1, 3))
-    targets = targets.contiguous()  # kept alive here: the launch holds only its pointer
-    fixed_start = targets.new_empty((max(g.n_fixed, 1), 3))
-    mu, lam, mass, gravity, damping = w.arrays
-    head = [
-        wrap(x_work, k.vec3), wrap(v_work, k.vec3), g.tets, g.dm_inv, g.volume, mu, lam,
-        w.per_tet, mass, gravity, damping, g.fixed_slot, wrap(fixed_start, k.vec3),
-        wrap(targets, k.vec3), *w.scalars, g.substeps,
-    ]  # fmt: skip
-    forces = wrap(s.worker_forces[: _workers(g, launcher)], k.vec3)
-    tail = [
-        wrap(out[0], k.vec3), wrap(out[1], k.vec3), int(saved is not None),
-        *(wrap(t, k.vec3) for t in (saved or [s.dummy_rows] * 3)),
-    ]  # fmt: skip
-
-    def args(worker, workers, tets, vertices, sync):
-        return [*head, worker, workers, *tets, *vertices, forces, sync, SPIN_LIMIT, *tail]
-
-    _run_workers(g, k.advance[w.material], launcher, args)
-
-
-def retreat_steps(g: Geometry, w: WarpCoefficients, saved, grad_x, grad_v, launcher=None):
-    """The adjoint of :func:`advance_steps` (with ``saved``) in one launch per worker.
-
-    Args:
-        g, w: the geometry and prepared coefficients of the forward run.
-        saved: its ``(x, v, f_el)`` buffers ``[K * substeps, n, 3]``.
-        grad_x, grad_v: cotangents ``[K, n, 3]`` of its frames.
-        launcher: as for :func:`advance_steps`.
-
-    Returns:
-        The cotangents of ``(x, v, targets, mu, lam, mass, gravity, damping)``, shaped as
-        the Steps Function's inputs.
-    """
-    k, s = g.kernels, w.scratch
-    workers = _workers(g, launcher)
-    n_steps = len(grad_x)
-    mu, lam, mass, gravity, damping = w.arrays
-    zeros = dict(dtype=grad_x.dtype, device=grad_x.device)
-    adj = SimpleNamespace(
-        x=torch.zeros((g.n_vertices, 3), **zeros),
-        v=torch.zeros((g.n_vertices, 3), **zeros),
-        f=torch.empty((g.n_vertices, 3), **zeros),
-        mass=torch.zeros(g.n_vertices, **zeros),
-        mu=torch.zeros((workers, max(len(w.inputs[0]), CACHE_LINE_VALUES)), **zeros),
-        lam=torch.zeros((workers, max(len(w.inputs[1]), CACHE_LINE_VALUES)), **zeros),
-        gravity=torch.zeros((workers, 3), **zeros),
-        damping=torch.zeros(workers, **zeros),
-        targets=torch.zeros((n_steps, max(g.n_fixed, 1), 3), **zeros),
-        start=torch.zeros((max(g.n_fixed, 1), 3), **zeros),
-    )
-    grad_x, grad_v = grad_x.contiguous(), grad_v.contiguous()
-    vec3, scalar = k.vec3, k.scalar
-    head = [
-        g.tets, g.dm_inv, g.volume, mu, lam, w.per_tet, mass, gravity, damping, g.fixed_slot,
-        n_steps, *w.scalars, g.substeps,
-    ]  # fmt: skip
-    tail = [
-        *(wrap(t, vec3) for t in saved), wrap(grad_x, vec3), wrap(grad_v, vec3),
-        wrap(adj.x, vec3), wrap(adj.v, vec3), wrap(adj.f, vec3),
-        wrap(s.worker_forces[:workers], vec3), wrap(adj.mass, scalar), wrap(adj.mu, scalar),
-        wrap(adj.lam, scalar), wrap(adj.gravity, vec3), wrap(adj.damping, scalar),
-        wrap(adj.targets, vec3), wrap(adj.start, vec3),
-    ]  # fmt: skip
-
-    def args(worker, workers, tets, vertices, sync):
-        return [*head, worker, workers, *tets, *vertices, sync, SPIN_LIMIT, *tail]
-
-    _run_workers(g, k.retreat[w.material], launcher, args)
-    return (
-        adj.x, adj.v, adj.targets[:, : g.n_fixed], adj.mu[:, : len(w.inputs[0])].sum(0),
-        adj.lam[:, : len(w.inputs[1])].sum(0), adj.mass,
-        adj.gravity.sum(0), adj.damping.sum(0).view(w.inputs[4].shape),
-    )  # fmt: skip
 
 
 def _launch_tets(g: Geometry, w: WarpCoefficients, x, out) -> None:
@@ -541,37 +332,6 @@ class Substep(torch.autograd.Function):
             None, None, None, adj_x, adj_v, adj_xf if g.n_fixed else torch.zeros_like(x_fixed),
             acc.mu, acc.lam, acc.mass, acc.gravity, acc.damping.view(w.inputs[4].shape),
         )  # fmt: skip
-
-
-class Steps(torch.autograd.Function):
-    """(x, v, targets, mu, lam, mass, gravity, damping) -> frames ``([K, n, 3], [K, n, 3])``.
-
-    K whole steps on the CPU with the fused kernel (:func:`advance_steps`), saving the state
-    and elastic forces at the start of every substep; backward runs the substeps' adjoints
-    in reverse. Prescribed positions interpolate linearly from the start of each step to
-    its target (as in ``Backend.advance``), so their cotangents flow to the targets and to
-    the fixed vertices' positions at the start of the step.
-    """
-
-    @staticmethod
-    def forward(ctx, g, w, launcher, x, v, targets, mu, lam, mass, gravity, damping):
-        n_sub = len(targets) * g.substeps
-        saved = tuple(x.new_empty((n_sub, *x.shape)) for _ in range(3))
-        out = (x.new_empty((len(targets), *x.shape)), x.new_empty((len(targets), *x.shape)))
-        advance_steps(g, w, x, v, targets, out, launcher, saved)
-        ctx.g, ctx.w, ctx.launcher, ctx.saved = g, w, launcher, saved
-        ctx.save_for_backward(targets)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_xs, grad_vs):
-        (targets,) = ctx.saved_tensors
-        shape = (len(targets), ctx.g.n_vertices, 3)
-        grad_xs = grad_xs if grad_xs is not None else targets.new_zeros(shape)
-        grad_vs = grad_vs if grad_vs is not None else targets.new_zeros(shape)
-        adjoints = retreat_steps(ctx.g, ctx.w, ctx.saved, grad_xs, grad_vs, ctx.launcher)
-        return None, None, None, *adjoints
 
 
 class Forces(torch.autograd.Function):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import diffsim as ds
-from diffsim import warp_bridge
+from diffsim import warp_bridge, warp_fused
 from diffsim.backends import BACKENDS
 from diffsim.backends.base import Backend
 
@@ -19,6 +19,12 @@ pytestmark = pytest.mark.skipif("warp" not in BACKENDS, reason="warp-lang is not
 
 MESH = ds.TetMesh.box(size=(0.2, 0.1, 0.1), resolution=(6, 3, 3), origin=(0.0, 0.002, 0.0))
 MATERIALS = [ds.StableNeoHookean, ds.NeoHookean, ds.StVK, ds.Corotated, ds.LinearElastic]
+
+
+def split_small_meshes(monkeypatch) -> None:
+    """Both the fused and the per-substep paths split even the small test meshes."""
+    monkeypatch.setattr(warp_fused, "MIN_TETS_PER_WORKER", 1)
+    monkeypatch.setattr(warp_bridge, "MIN_TETS_PER_WORKER", 1)
 
 
 def make_sim(material_cls, dtype=torch.float64, **kwargs):
@@ -49,9 +55,9 @@ def both_paths(sim, steps, monkeypatch):
     state = sim.initial_state(velocities=torch.full_like(sim.model.rest_positions, -0.05))
     targets = moving_targets(sim, steps)
     calls = []
-    fused_advance = warp_bridge.advance_steps
+    fused_advance = warp_fused.advance_steps
     monkeypatch.setattr(
-        warp_bridge, "advance_steps", lambda *a, **k: calls.append(1) or fused_advance(*a, **k)
+        warp_fused, "advance_steps", lambda *a, **k: calls.append(1) or fused_advance(*a, **k)
     )
     fused = sim.rollout(steps, state=state, fixed_positions=targets)
     assert calls, "the fused kernel did not run"
@@ -68,7 +74,7 @@ def test_fused_rollout_equals_per_substep_kernels(material_cls, workers, monkeyp
     forces add up in the same order); to rounding for three (on two cores: the barrier
     then has to yield to a descheduled partner)."""
     monkeypatch.setenv("DIFFSIM_WARP_THREADS", str(workers))
-    monkeypatch.setattr(warp_bridge, "MIN_TETS_PER_WORKER", 1)  # split even this small mesh
+    split_small_meshes(monkeypatch)
     sim = make_sim(material_cls)
     fused, reference = both_paths(sim, 40, monkeypatch)
     assert float(reference.positions[:, :, 1].min()) < sim.model.ground.dhat  # contact active
@@ -85,7 +91,7 @@ def test_fused_rollout_equals_per_substep_kernels(material_cls, workers, monkeyp
 def test_fused_rollout_float32_runs_in_blocks(monkeypatch):
     """Several blocks (the finiteness check runs between them), float32, two workers."""
     monkeypatch.setenv("DIFFSIM_WARP_THREADS", "2")
-    monkeypatch.setattr(warp_bridge, "MIN_TETS_PER_WORKER", 1)
+    split_small_meshes(monkeypatch)
     monkeypatch.setattr(ds.simulator, "FINITE_CHECK_WORK", MESH.n_tets * 3 * 7)  # 7 steps
     sim = make_sim(ds.StableNeoHookean, torch.float32)
     fused, reference = both_paths(sim, 30, monkeypatch)
@@ -104,10 +110,10 @@ def test_a_helper_that_fails_to_launch_releases_the_other_worker(monkeypatch):
     """The helper's launch raises: the spinning worker is told to stop at once and the error
     reaches the caller. With no spin limit to fall back on, a lost abort would hang."""
     monkeypatch.setenv("DIFFSIM_WARP_THREADS", "2")
-    monkeypatch.setattr(warp_bridge, "MIN_TETS_PER_WORKER", 1)
-    monkeypatch.setattr(warp_bridge, "SPIN_LIMIT", 1 << 62)
+    split_small_meshes(monkeypatch)
+    monkeypatch.setattr(warp_fused, "SPIN_LIMIT", 1 << 62)
     sim = make_sim(ds.StableNeoHookean)
-    real_launch = warp_bridge.wp.launch
+    real_launch = warp_fused.wp.launch
     recorded, outcome = [], []
 
     class Broken:
@@ -127,7 +133,7 @@ def test_a_helper_that_fails_to_launch_releases_the_other_worker(monkeypatch):
         except OSError as error:
             outcome.append(error)
 
-    monkeypatch.setattr(warp_bridge.wp, "launch", launch)
+    monkeypatch.setattr(warp_fused.wp, "launch", launch)
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     thread.join(timeout=120)
@@ -144,8 +150,8 @@ def test_a_worker_that_never_arrives_raises_instead_of_hanging(monkeypatch):
         def run(self, first, *others):
             first()
 
-    monkeypatch.setattr(warp_bridge, "MIN_TETS_PER_WORKER", 1)
-    monkeypatch.setattr(warp_bridge, "SPIN_LIMIT", 10_000)
+    split_small_meshes(monkeypatch)
+    monkeypatch.setattr(warp_fused, "SPIN_LIMIT", 10_000)
     sim = make_sim(ds.StableNeoHookean)
     sim.backend.launcher = OnlyFirst()
     with pytest.raises(RuntimeError, match="DIFFSIM_WARP_THREADS=1"):
@@ -190,11 +196,11 @@ def assert_matches_torch(got: dict) -> None:
 def test_fused_rollout_gradients_match_torch(workers, monkeypatch):
     """The Steps Function (fused forward, fused reverse sweep) against torch."""
     monkeypatch.setenv("DIFFSIM_WARP_THREADS", str(workers))
-    monkeypatch.setattr(warp_bridge, "MIN_TETS_PER_WORKER", 1)
+    split_small_meshes(monkeypatch)
     calls = []
-    retreat = warp_bridge.retreat_steps
+    retreat = warp_fused.retreat_steps
     monkeypatch.setattr(
-        warp_bridge, "retreat_steps", lambda *a, **k: calls.append(1) or retreat(*a, **k)
+        warp_fused, "retreat_steps", lambda *a, **k: calls.append(1) or retreat(*a, **k)
     )
     got = rollout_gradients("warp")
     assert calls, "the fused reverse sweep did not run"
@@ -204,7 +210,7 @@ def test_fused_rollout_gradients_match_torch(workers, monkeypatch):
 def test_per_substep_gradients_match_torch(monkeypatch):
     """The Substep Function (the path CUDA takes) against torch, on the CPU."""
     monkeypatch.setenv("DIFFSIM_WARP_THREADS", "2")
-    monkeypatch.setattr(warp_bridge, "MIN_TETS_PER_WORKER", 1)
+    split_small_meshes(monkeypatch)
     from diffsim.backends.warp_backend import WarpBackend
 
     monkeypatch.setattr(WarpBackend, "advance", Backend.advance)

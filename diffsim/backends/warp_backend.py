@@ -24,8 +24,10 @@ except ImportError as error:  # pragma: no cover - warp-lang is a dependency
     raise ImportError("the Warp backend needs warp-lang: pip install warp-lang") from error
 
 from diffsim import warp_bridge as bridge
+from diffsim import warp_fused as fused
 from diffsim.kernels import kernels_for
 from diffsim.warp_setup import init_warp
+from diffsim.warp_threads import SplitLauncher
 
 # The default thread count is capped here: beyond it, memory bandwidth and the barriers
 # eat the gain on the meshes we measure (override with DIFFSIM_WARP_THREADS).
@@ -89,7 +91,7 @@ class WarpBackend(Backend):
         # Buffers every prepared set of coefficients shares: step_fast leaves f_a and f_b at
         # zero, the others are scratch within one call.
         threads = cpu_threads() if device.is_cpu else 1
-        self.launcher = bridge.SplitLauncher.shared(threads) if threads > 1 else None
+        self.launcher = SplitLauncher.shared(threads) if threads > 1 else None
         self.scratch = self._scratch(threads)
 
     # ----------------------------------------------------------------- coefficients
@@ -189,18 +191,18 @@ class WarpBackend(Backend):
 
     def advance(self, prepared, x, v, targets, out=None):
         """Whole steps. On the CPU without surface contact they run in one launch of the
-        fused kernel per worker thread (:func:`diffsim.warp_bridge.advance_steps`), through
-        the :class:`~diffsim.warp_bridge.Steps` Function when a gradient is needed."""
+        fused kernel per worker thread (:func:`diffsim.warp_fused.advance_steps`), through
+        the :class:`~diffsim.warp_fused.Steps` Function when a gradient is needed."""
         m, w = self.model, prepared
         if m.contact is not None or not self.geometry.device.is_cpu:
             return super().advance(prepared, x, v, targets, out)
         x, v = self._checked(x), self._checked(v)
         targets = targets.to(m.dtype).contiguous()
         if torch.is_grad_enabled() and any(t.requires_grad for t in (x, v, targets, *w.inputs)):
-            return bridge.Steps.apply(self.geometry, w, self.launcher, x, v, targets, *w.inputs)
+            return fused.Steps.apply(self.geometry, w, self.launcher, x, v, targets, *w.inputs)
         if out is None:
             out = (x.new_empty((len(targets), *x.shape)), v.new_empty((len(targets), *x.shape)))
-        bridge.advance_steps(self.geometry, w, x, v, targets, out, self.launcher)
+        fused.advance_steps(self.geometry, w, x, v, targets, out, self.launcher)
         return out
 
     def _substep_with_contact(self, w, x, v, x_fixed):

@@ -1,0 +1,64 @@
+"""Threads for Warp's CPU kernels, which run on one thread each and release the GIL."""
+
+from __future__ import annotations
+
+import threading
+from queue import SimpleQueue
+
+# Each worker thread gets at least this many tets: below, splitting costs more than it saves.
+MIN_TETS_PER_WORKER = 1024
+
+
+class SplitLauncher:
+    """Runs jobs on this thread and ``threads - 1`` helper threads at once.
+
+    Warp's CPU kernels run on one thread and release the GIL, so launches made from
+    several threads run in parallel on several cores. One launcher per thread count
+    serves every backend of the process; a lock keeps callers from different threads apart.
+    """
+
+    _shared: dict[int, SplitLauncher] = {}
+
+    def __init__(self, threads: int = 2) -> None:
+        self.threads = threads
+        self._queues: list[SimpleQueue] = []
+        self._done: SimpleQueue = SimpleQueue()
+        self._lock = threading.Lock()
+        for i in range(threads - 1):
+            jobs: SimpleQueue = SimpleQueue()
+            thread = threading.Thread(
+                target=self._work, args=(jobs,), daemon=True, name=f"diffsim-warp-{i + 1}"
+            )
+            thread.start()
+            self._queues.append(jobs)
+
+    @classmethod
+    def shared(cls, threads: int = 2) -> SplitLauncher:
+        """The process-wide launcher with this many threads, started on first use."""
+        if threads not in cls._shared:
+            cls._shared[threads] = cls(threads)
+        return cls._shared[threads]
+
+    def _work(self, jobs: SimpleQueue) -> None:
+        while True:
+            job = jobs.get()
+            try:
+                job()
+                self._done.put(None)
+            except BaseException as error:  # handed back to the caller
+                self._done.put(error)
+
+    def run(self, first, *others) -> None:
+        """Runs ``others`` on helper threads and ``first`` here; waits for all of them."""
+        if len(others) >= self.threads:
+            raise ValueError(f"{len(others) + 1} jobs for {self.threads} threads")
+        with self._lock:
+            for jobs, job in zip(self._queues, others, strict=False):
+                jobs.put(job)
+            try:
+                first()
+            finally:
+                errors = [self._done.get() for _ in others]
+        for error in errors:
+            if error is not None:
+                raise error

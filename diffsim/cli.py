@@ -612,6 +612,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         print("               no CUDA device")
     print(f"backends       {', '.join(sorted(BACKENDS))}")
+    if "warp" in BACKENDS:
+        from diffsim.backends.warp_backend import cpu_threads
+
+        print(f"warp threads   {cpu_threads()} on the CPU (DIFFSIM_WARP_THREADS to change)")
     ok, detail = probe_rendering()
     print(f"rendering      {'openGL3_egl works' if ok else 'unavailable'} ({detail})")
     return EXIT_OK

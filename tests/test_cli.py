@@ -147,7 +147,16 @@ def test_view_without_display_names_the_headless_command(scene, monkeypatch, cap
 def test_info_lists_versions_devices_and_rendering(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
-    for name in ("diffsim", "torch", "warp-lang", "polyscope", "imageio", "devices", "rendering"):
+    for name in (
+        "diffsim",
+        "torch",
+        "warp-lang",
+        "polyscope",
+        "imageio",
+        "devices",
+        "rendering",
+        "warp threads",
+    ):
         assert name in out
     assert "cpu" in out
 

@@ -45,24 +45,24 @@ def _run_workers(g: Geometry, kernel, launcher, args) -> None:
         inputs = args(worker, workers, tets, vertices, sync_w)
         launches.append(wp.launch(kernel, dim=1, inputs=inputs, device=g.device, record_cmd=True))
 
-    def helper(launch) -> Callable[[], None]:
-        def job() -> None:
+    def job(launch) -> Callable[[], None]:
+        def run() -> None:
             try:
                 launch.launch()
             except BaseException:
                 sync[2] = 1  # tells the spinning workers to give up instead of waiting
                 raise
 
-        return job
+        return run
 
     if workers == 1:
         launches[0].launch()
     else:
-        launcher.run(launches[0].launch, *(helper(launch) for launch in launches[1:]))
+        launcher.run(*(job(launch) for launch in launches))
     if int(sync[2]):
         raise RuntimeError(
-            "a Warp worker thread stopped waiting for the other (a hang of several seconds); "
-            "set DIFFSIM_WARP_THREADS=1 to run on one thread"
+            "a Warp worker thread stopped waiting for the others (a hang of several "
+            "seconds); set DIFFSIM_WARP_THREADS=1 to run on one thread"
         )
 
 

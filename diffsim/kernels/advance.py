@@ -1,20 +1,21 @@
 """Whole steps in one CPU launch per worker thread: forces and update fused, no Python between.
 
-On the CPU a Warp launch runs on one thread, and handing half of every substep to a second
-Python thread costs a thread wake-up and a GIL hand-over per substep (hundreds of
+On the CPU a Warp launch runs on one thread, and handing part of every substep to other
+Python threads costs a thread wake-up and a GIL hand-over per substep (hundreds of
 microseconds on a virtual machine: as long as the vertex update). Instead each worker
 thread launches :func:`advance` once for a block of steps, and the workers meet at a
 spinning barrier (native code, below) twice per substep: after the tet forces, and after
 the vertex update. Per substep a worker
 
-1. adds the forces of its half of the tets into its own force buffer,
-2. waits for the other worker,
-3. updates its half of the vertices in place (the same ``integrate_vertex`` as the
+1. adds the forces of its share of the tets into its own force buffer,
+2. waits for the other workers,
+3. updates its share of the vertices in place (the same ``integrate_vertex`` as the
    per-substep kernels, so the results are the same numbers), zeroing their force slots,
 4. waits again, so that no worker reads positions that are still being written.
 
-With one worker there are no barriers. CPU only: CUDA runs the per-substep kernels.
-"""
+``retreat`` runs the adjoint of those substeps in reverse in the same way (vertex
+adjoints, barrier, force VJPs, barrier, sums). With one worker there are no barriers.
+CPU only: CUDA runs the per-substep kernels."""
 
 from types import SimpleNamespace
 

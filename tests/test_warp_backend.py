@@ -260,3 +260,24 @@ def test_surface_contact_path_matches_torch():
         out[backend] = (traj.positions, grad)
     assert rel(out["warp"][0], out["torch"][0]) < 1e-10
     assert rel(out["warp"][1], out["torch"][1]) < 1e-10
+
+
+def test_float32_rollout_gradients_match_torch():
+    """The contract's float32 tolerance (1e-4) for the gradients of a 100-step rollout with
+    ground contact and friction. (Both float32 runs differ from float64 by far more: the
+    contact makes this rollout sensitive, and each backend follows its rounding.)"""
+    dtype = torch.float32
+    out = {}
+    for backend in ("torch", "warp"):
+        E = torch.tensor(1e4, dtype=dtype, requires_grad=True)
+        sim = make_sims(ds.StableNeoHookean(E, 0.3, 1000.0), dtype)[backend]
+        x0 = deformed(sim, 0.01).requires_grad_(True)
+        v0 = torch.zeros_like(x0)
+        v0[:, 0] = 0.3
+        v0.requires_grad_(True)
+        traj = sim.rollout(100, state=sim.initial_state(x0, v0))
+        weights = torch.randn(traj.positions.shape, generator=torch.Generator().manual_seed(3))
+        loss = (traj.positions * weights).sum() + traj.velocities[-1].square().sum()
+        out[backend] = torch.autograd.grad(loss, [E, x0, v0])
+    for got, ref in zip(out["warp"], out["torch"], strict=True):
+        assert rel(got, ref) < 1e-4

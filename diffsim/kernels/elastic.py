@@ -29,10 +29,11 @@ def build_elastic(dtype, module: str, differentiable: bool) -> SimpleNamespace:
         differentiable: build the kernels with adjoints.
 
     Returns:
-        A namespace with the Warp functions ``cofactor``, ``polar_rotation`` and
-        ``add_tet_forces`` (per material) that other kernels fuse in, and either
-        ``tet_forces_chunked`` (forward-only, per material) or ``tet_forces`` (per material,
-        with adjoints: the reference for the hand-derived force VJP) and ``tet_energy``.
+        A namespace with the Warp functions ``cofactor``, ``polar_rotation``,
+        ``deformation_gradient`` and ``add_tet_forces`` (per material) that other kernels
+        fuse in, and either ``tet_forces_chunked`` (forward-only, per material) or
+        ``tet_forces`` (per material, with adjoints: the reference for the hand-derived
+        force VJP) and ``tet_energy``.
     """
     T = dtype
     vec3 = wp.types.vector(3, T)
@@ -141,6 +142,7 @@ def build_elastic(dtype, module: str, differentiable: bool) -> SimpleNamespace:
 
     @wp.func
     def deformation_gradient(x: wp.array(dtype=vec3), tet: wp.vec4i, dm_inv: mat33) -> mat33:
+        # F = Ds Dm^-1, linear in x: the force VJP gathers dF from adj_f with it too.
         x0 = x[tet[0]]
         ds = wp.matrix_from_cols(x[tet[1]] - x0, x[tet[2]] - x0, x[tet[3]] - x0)
         return ds @ dm_inv
@@ -206,7 +208,12 @@ def build_elastic(dtype, module: str, differentiable: bool) -> SimpleNamespace:
     stresses = (pk1_snh, pk1_nh, pk1_stvk, pk1_corotated, pk1_linear)
     add_tet_forces = tuple(tet_force_func(stress) for stress in stresses)
     kernels = tuple(forces_kernel(add, module, differentiable) for add in add_tet_forces)
-    shared = dict(cofactor=cofactor, polar_rotation=polar_rotation, add_tet_forces=add_tet_forces)
+    shared = dict(
+        cofactor=cofactor,
+        polar_rotation=polar_rotation,
+        deformation_gradient=deformation_gradient,
+        add_tet_forces=add_tet_forces,
+    )
     if not differentiable:
         return SimpleNamespace(**shared, tet_forces_chunked=kernels)
 

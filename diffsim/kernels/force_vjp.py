@@ -28,7 +28,7 @@ def build_force_vjp(dtype, module: str, elastic: SimpleNamespace) -> SimpleNames
         dtype: the Warp scalar type.
         module: the Warp module of the forward-only kernels (no adjoint code is needed).
         elastic: the namespace of :func:`diffsim.kernels.elastic.build_elastic` (for its
-            ``cofactor`` and ``polar_rotation``).
+            ``cofactor``, ``polar_rotation`` and ``deformation_gradient``).
 
     Returns:
         A namespace with ``tet_force_vjp``, a tuple of kernels indexed by the material id
@@ -40,6 +40,7 @@ def build_force_vjp(dtype, module: str, elastic: SimpleNamespace) -> SimpleNames
     mat33 = wp.types.matrix((3, 3), T)
 
     cofactor, polar_rotation = elastic.cofactor, elastic.polar_rotation
+    deformation_gradient = elastic.deformation_gradient
 
     @wp.func
     def cofactor_jvp(F: mat33, dF: mat33) -> mat33:
@@ -153,12 +154,6 @@ def build_force_vjp(dtype, module: str, elastic: SimpleNamespace) -> SimpleNames
         dP = T(2.0) * mu * sym_dF + lam * trdF * eye
         return dP, T(2.0) * wp.ddot(eps, dF), wp.trace(eps) * trdF
 
-    @wp.func
-    def edge_matrix(x: wp.array(dtype=vec3), tet: wp.vec4i) -> mat33:
-        """Ds = [x1 - x0, x2 - x0, x3 - x0] of one tet (also gathers adj_f into dDs)."""
-        x0 = x[tet[0]]
-        return wp.matrix_from_cols(x[tet[1]] - x0, x[tet[2]] - x0, x[tet[3]] - x0)
-
     def vjp_func(dstress):
         @wp.func
         def add_tet_force_vjp(
@@ -178,8 +173,8 @@ def build_force_vjp(dtype, module: str, elastic: SimpleNamespace) -> SimpleNames
             # Tet e's (df/dx)^T adj_f into adj_x, its parameter cotangents at e * per_tet.
             tet = tets[e]
             dmi = dm_inv[e]
-            F = edge_matrix(x, tet) @ dmi
-            dF = edge_matrix(adj_f, tet) @ dmi
+            F = deformation_gradient(x, tet, dmi)
+            dF = deformation_gradient(adj_f, tet, dmi)
             p = e * per_tet
             dP, dmu, dlam = dstress(F, dF, mu[p], lam[p])
             v = volume[e]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,8 +59,22 @@ class Trajectory:
         """The state at one frame."""
         return State(self.positions[frame], self.velocities[frame])
 
-    def save(self, path: str | Path) -> None:
-        """Writes an ``.npz`` with positions, velocities, dt, times and the mesh arrays."""
+    # Provenance read by :meth:`load` (scene, parameters, diffsim version, ...), or None.
+    # A plain class attribute, not a dataclass field: the constructor is unchanged.
+    metadata = None
+
+    def save(self, path: str | Path, metadata: dict | None = None) -> None:
+        """Writes an ``.npz`` with positions, velocities, dt, times and the mesh arrays.
+
+        Args:
+            path: the ``.npz`` file to write.
+            metadata: provenance to keep with the arrays (e.g. the scene, its parameters,
+                diffsim's version): a dict of JSON values, stored as a JSON string under
+                ``metadata``. Default: :attr:`metadata` (what :meth:`load` read), if any.
+
+        Raises:
+            ValueError: ``metadata`` is not a dict or holds values JSON cannot store.
+        """
         arrays = {
             "positions": self.positions.detach().cpu().numpy(),
             "velocities": self.velocities.detach().cpu().numpy(),
@@ -68,43 +85,147 @@ class Trajectory:
             arrays["tets"] = np.asarray(self.tets)
         if self.surface_faces is not None:
             arrays["surface_faces"] = np.asarray(self.surface_faces)
+        metadata = self.metadata if metadata is None else metadata
+        if metadata is not None:
+            if not isinstance(metadata, dict):
+                raise ValueError(f"metadata must be a dict, got {type(metadata).__name__}")
+            try:
+                arrays["metadata"] = np.asarray(json.dumps(metadata, allow_nan=False))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(
+                    f"metadata must hold JSON values (str, numbers, lists, dicts): {exc}"
+                ) from None
         np.savez(path, **arrays)
 
     @classmethod
     def load(cls, path: str | Path, dtype: torch.dtype | None = None) -> Trajectory:
-        """Reads a file written by :meth:`save`.
+        """Reads a file written by :meth:`save` and checks it.
+
+        The provenance saved with it, if any, is in the result's :attr:`metadata`.
 
         Raises:
             FileNotFoundError: no such file.
-            ValueError: a required array is missing or shapes disagree.
+            ValueError: not an ``.npz`` archive, a required array is missing, shapes
+                disagree, positions or velocities are not finite, ``dt`` is not one positive
+                number, or tets or faces name vertices that do not exist.
         """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"trajectory file not found: {path}")
-        with np.load(path) as data:
+        try:
+            data = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+            data = None
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError(
+                f"{path}: not an .npz archive; a trajectory is written by "
+                "diffsim run SCENE.py --out FILE.npz (or Trajectory.save)"
+            )
+        with data:
             missing = {"positions", "dt"} - set(data.files)
             if missing:
-                raise ValueError(f"{path}: not a diffsim trajectory, missing {sorted(missing)}")
-            positions = data["positions"]
-            if positions.ndim != 3 or positions.shape[2] != 3:
                 raise ValueError(
-                    f"{path}: positions must be [frames, n, 3], got {list(positions.shape)}"
+                    f"{path}: not a diffsim trajectory, missing {sorted(missing)} (found "
+                    f"{sorted(data.files)}); write one with diffsim run SCENE.py --out FILE.npz"
                 )
-            velocities = (
-                data["velocities"] if "velocities" in data.files else np.zeros_like(positions)
+            arrays = {}
+            for name in data.files:
+                try:
+                    arrays[name] = data[name]
+                except Exception:  # pickled Python objects (refused), a damaged member
+                    raise ValueError(
+                        f"{path}: its array {name!r} cannot be read (damaged, or Python "
+                        "objects); write the trajectory again with Trajectory.save"
+                    ) from None
+        positions = _numeric(arrays["positions"], "positions", path)
+        velocities = (
+            _numeric(arrays["velocities"], "velocities", path)
+            if "velocities" in arrays
+            else np.zeros_like(positions)
+        )
+        dt = _time_step(arrays["dt"], path)
+        tets = arrays.get("tets")
+        faces = arrays.get("surface_faces")
+        metadata = _metadata(arrays["metadata"], path) if "metadata" in arrays else None
+        if positions.ndim != 3 or positions.shape[2] != 3 or positions.shape[0] == 0:
+            raise ValueError(
+                f"{path}: positions must be [frames, n, 3] with at least one frame, "
+                f"got {list(positions.shape)}"
             )
-            if velocities.shape != positions.shape:
+        if velocities.shape != positions.shape:
+            raise ValueError(
+                f"{path}: velocities {velocities.shape} differ from positions {positions.shape}"
+            )
+        for name, values in (("positions", positions), ("velocities", velocities)):
+            bad = ~np.isfinite(values).all(axis=(1, 2))
+            if bad.any():
+                frame = int(np.flatnonzero(bad)[0])
                 raise ValueError(
-                    f"{path}: velocities {velocities.shape} differ from positions {positions.shape}"
+                    f"{path}: {name} are NaN or infinite from frame {frame} (t = "
+                    f"{frame * dt:.4g} s) on; the run that wrote it blew up: run it again "
+                    "with a smaller dt or more substeps"
                 )
-            tets = data["tets"] if "tets" in data.files else None
-            faces = data["surface_faces"] if "surface_faces" in data.files else None
-            dt = float(data["dt"])
+        n = positions.shape[1]
+        tets = _connectivity(tets, 4, "tets", n, path)
+        faces = _connectivity(faces, 3, "surface_faces", n, path)
         dtype = dtype or torch.get_default_dtype()
-        return cls(
+        traj = cls(
             torch.as_tensor(positions, dtype=dtype),
             torch.as_tensor(velocities, dtype=dtype),
             dt,
             tets,
             faces,
         )
+        traj.metadata = metadata
+        return traj
+
+
+def _numeric(values: np.ndarray, name: str, path: Path) -> np.ndarray:
+    if not (np.issubdtype(values.dtype, np.floating) or np.issubdtype(values.dtype, np.integer)):
+        raise ValueError(f"{path}: {name} must be numbers, got dtype {values.dtype}")
+    return values
+
+
+def _time_step(value: np.ndarray, path: Path) -> float:
+    """``dt`` as a float: one finite number > 0 (s)."""
+    if value.size != 1 or not (
+        np.issubdtype(value.dtype, np.floating) or np.issubdtype(value.dtype, np.integer)
+    ):
+        raise ValueError(
+            f"{path}: dt must be one number (the time between frames in s), got an array "
+            f"of shape {list(value.shape)} and dtype {value.dtype}"
+        )
+    dt = float(value.reshape(()))
+    if not (math.isfinite(dt) and dt > 0):
+        raise ValueError(f"{path}: dt must be a positive time between frames (s), got {dt:g}")
+    return dt
+
+
+def _connectivity(
+    cells: np.ndarray | None, corners: int, name: str, n: int, path: Path
+) -> np.ndarray | None:
+    """Checks ``[m, corners]`` integer vertex indices in ``[0, n)``; None passes."""
+    if cells is None:
+        return None
+    if not np.issubdtype(cells.dtype, np.integer) or cells.ndim != 2 or cells.shape[1] != corners:
+        raise ValueError(
+            f"{path}: {name} must be integers of shape [m, {corners}], got "
+            f"{list(cells.shape)} of dtype {cells.dtype}"
+        )
+    if cells.size and (cells.min() < 0 or cells.max() >= n):
+        bad = int(cells.max()) if cells.max() >= n else int(cells.min())
+        raise ValueError(
+            f"{path}: {name} refer to vertex {bad} but positions have {n} vertices "
+            f"(valid: 0..{n - 1}); the mesh arrays do not belong to these positions"
+        )
+    return cells
+
+
+def _metadata(value: np.ndarray, path: Path) -> dict | None:
+    try:
+        out = json.loads(str(value.reshape(())))
+    except (ValueError, TypeError):
+        out = None
+    if not isinstance(out, dict):
+        raise ValueError(f"{path}: metadata must be a JSON object (a dict); write the file again")
+    return out

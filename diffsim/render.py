@@ -5,6 +5,11 @@ Polyscope is one global window per process. :func:`init_headless` opens it once 
 :class:`FrameRenderer` registers a body's surface once and updates its vertex positions per
 frame. :func:`write_frames` encodes frames (MP4 through imageio-ffmpeg, GIF through pillow,
 or a folder of PNGs) and :func:`export_surfaces` writes OBJ or PLY surface sequences.
+
+Pictures by default: a tiled floor with the bodies' shadows where the scene has a ground,
+no floor where it has none; a camera that frames the whole motion (:func:`fit_camera`);
+videos of at least :data:`MIN_VIDEO_SECONDS` (short motions play in slow motion,
+:func:`video_stride`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,12 @@ FIT_DIRECTION = np.array([0.55, 0.35, 1.0])
 FIT_FOV_DEGREES = 45.0
 BODY_COLOR = (0.35, 0.55, 0.85)
 FIXED_COLOR = (0.85, 0.2, 0.15)
+# Shadow darkness on the floor (0: none, 1: black).
+SHADOW_DARKNESS = 0.4
+# A default video lasts at least this long (s): short motions play in slow motion ...
+MIN_VIDEO_SECONDS = 3.0
+# ... but at most this many times slower than real time.
+MAX_SLOW_MOTION = 4.0
 VIDEO_SUFFIXES = (".mp4", ".gif")
 SURFACE_FORMATS = ("obj", "ply")
 
@@ -56,24 +67,112 @@ def init_headless() -> None:
         ) from exc
 
 
-def fit_camera(bounds: np.ndarray, fov_degrees: float = FIT_FOV_DEGREES) -> dict:
-    """A camera that sees the box ``bounds`` ``[[min xyz], [max xyz]]`` (m), from the front-right.
+def fit_camera(
+    bounds: np.ndarray,
+    fov_degrees: float = FIT_FOV_DEGREES,
+    direction: Sequence[float] | None = None,
+    aspect: float = DEFAULT_SIZE[0] / DEFAULT_SIZE[1],
+    fill: float = 0.85,
+) -> dict:
+    """A camera that frames the box ``bounds`` ``[[min xyz], [max xyz]]`` (m).
+
+    The camera looks at the box's centre from ``direction`` and stands just far enough
+    that all eight corners fall inside the middle ``fill`` of the picture.
+
+    Args:
+        bounds: the box to frame (e.g. the bounding box of a whole trajectory).
+        fov_degrees: the vertical field of view.
+        direction: from the target towards the camera (any length), or None for
+            :data:`FIT_DIRECTION` (front-right, a little above).
+        aspect: picture width / height.
+        fill: fraction of the picture's half-width and half-height the box may use.
 
     Returns:
         ``{"position": (x, y, z), "target": (x, y, z)}`` in metres.
     """
     bounds = np.asarray(bounds, dtype=np.float64)
     target = bounds.mean(axis=0)
-    radius = max(0.5 * float(np.linalg.norm(bounds[1] - bounds[0])), 1e-6)
-    distance = 1.15 * radius / math.sin(math.radians(fov_degrees) / 2)
-    direction = FIT_DIRECTION / np.linalg.norm(FIT_DIRECTION)
-    position = target + distance * direction
+    d = FIT_DIRECTION if direction is None else np.asarray(direction, dtype=np.float64)
+    norm = float(np.linalg.norm(d))
+    if not np.isfinite(norm) or norm == 0:
+        d, norm = FIT_DIRECTION, float(np.linalg.norm(FIT_DIRECTION))
+    back = d / norm  # from the target towards the camera
+    up = np.array([0.0, 1.0, 0.0])
+    if abs(float(back @ up)) > 0.999:  # looking straight down or up
+        up = np.array([0.0, 0.0, -1.0])
+    right = np.cross(up, back)
+    right /= np.linalg.norm(right)
+    true_up = np.cross(back, right)
+    tan_v = math.tan(math.radians(fov_degrees) / 2) * fill
+    tan_h = tan_v * aspect
+    corners = np.array(
+        [[x, y, z] for x in bounds[:, 0] for y in bounds[:, 1] for z in bounds[:, 2]]
+    )
+    rel = corners - target
+    u, v, w = rel @ right, rel @ true_up, rel @ back
+    # A corner at depth D - w needs |u| <= (D - w) tan_h and |v| <= (D - w) tan_v.
+    distance = float(np.max(np.maximum(w + np.abs(u) / tan_h, w + np.abs(v) / tan_v)))
+    size = max(float(np.linalg.norm(bounds[1] - bounds[0])), 1e-6)
+    distance = max(distance, float(w.max()) + 0.05 * size, 1e-3)
+    position = target + distance * back
     return {"position": tuple(position.tolist()), "target": tuple(target.tolist())}
+
+
+def check_camera(camera: dict) -> dict:
+    """``camera`` with float 3-tuples, checked.
+
+    Raises:
+        ValueError: not ``{"position", "target"}`` of 3 finite numbers each, or a position
+            equal to the target (no view direction).
+    """
+    try:
+        position = tuple(float(c) for c in camera["position"])
+        target = tuple(float(c) for c in camera["target"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(
+            'a camera is {"position": (x, y, z), "target": (x, y, z)} in metres'
+        ) from None
+    if len(position) != 3 or len(target) != 3:
+        raise ValueError("camera position and target need 3 coordinates each (x, y, z)")
+    if not all(math.isfinite(c) for c in position + target):
+        raise ValueError(f"camera coordinates must be finite, got {position} -> {target}")
+    if np.allclose(position, target, rtol=0.0, atol=1e-9):
+        raise ValueError(
+            f"camera position {position} equals its target: move the camera away from the "
+            "point it looks at"
+        )
+    return {"position": position, "target": target}
 
 
 def frame_stride(dt: float, fps: int) -> int:
     """Steps per video frame so the video plays in real time: ``round(1 / (fps dt))``, >= 1."""
     return max(1, round(1.0 / (fps * dt)))
+
+
+def video_stride(
+    n_steps: int,
+    dt: float,
+    fps: int,
+    min_seconds: float = MIN_VIDEO_SECONDS,
+    max_slow_motion: float = MAX_SLOW_MOTION,
+) -> int:
+    """Steps per video frame for a default video: real time, or slow motion if that is short.
+
+    A motion of ``n_steps`` steps of ``dt`` that would play for less than ``min_seconds``
+    in real time (:func:`frame_stride`) is slowed down to last ``min_seconds``, at most
+    ``max_slow_motion`` times slower than real time.
+    """
+    real = frame_stride(dt, fps)
+    if n_steps <= 0:
+        return real
+    wanted = max(1, math.floor(n_steps / (fps * min_seconds)))
+    slowest = max(1, math.ceil(real / max_slow_motion))
+    return min(real, max(wanted, slowest))
+
+
+def slow_motion(stride: int, dt: float, fps: int) -> float:
+    """How many times slower than real time a video with ``stride`` steps per frame plays."""
+    return 1.0 / (fps * dt * stride)
 
 
 def frame_indices(n_frames: int, stride: int, count: int | None = None) -> list[int]:
@@ -101,9 +200,17 @@ class FrameRenderer:
         camera: ``{"position", "target"}`` in metres, or None to fit ``bounds``.
         bounds: ``[2, 3]`` box the whole motion stays in (m): the camera is fitted to it and
             the ground plane spans it (default: the first frame's bounding box).
-        ground: ground plane height (m) to draw, or None for polyscope's automatic floor.
+        ground: height (m) of the scene's ground, drawn as a tiled floor, or None for a
+            scene without ground (no floor: floating bodies do not seem to stand on one).
         fixed: indices of fixed vertices, drawn as red points (or None).
         body_ids: ``[n]`` body index per vertex; several bodies get distinct colours.
+        view_direction: for a fitted camera, the direction from the target towards the
+            camera (e.g. a scene's ``CAMERA`` position minus target), or None.
+        shadows: draw the bodies' shadows on the floor (a second, shadow-only pass).
+
+    Raises:
+        ValueError: a picture smaller than 16 x 16 or a camera whose position equals its
+            target.
     """
 
     def __init__(
@@ -117,6 +224,8 @@ class FrameRenderer:
         ground: float | None = 0.0,
         fixed: np.ndarray | None = None,
         body_ids: np.ndarray | None = None,
+        view_direction: Sequence[float] | None = None,
+        shadows: bool = True,
     ) -> None:
         import polyscope as ps
 
@@ -125,6 +234,8 @@ class FrameRenderer:
             raise ValueError(
                 f"picture size must be at least 16 x 16 pixels, got {width} x {height}"
             )
+        if camera is not None:
+            camera = check_camera(camera)
         init_headless()
         self._ps = ps
         ps.remove_all_structures()
@@ -134,12 +245,16 @@ class FrameRenderer:
         ps.set_front_dir("z_front")
         ps.set_SSAA_factor(2)
         ps.set_background_color((1.0, 1.0, 1.0))
-        ps.set_ground_plane_mode("tile_reflection")
-        if ground is None:
-            ps.set_ground_plane_height_mode("automatic")
+        self.ground = None if ground is None else float(ground)
+        self.shadows = bool(shadows) and self.ground is not None
+        if self.ground is None:
+            ps.set_ground_plane_mode("none")
         else:
+            ps.set_ground_plane_mode("tile")
             ps.set_ground_plane_height_mode("manual")
-            ps.set_ground_plane_height(float(ground))
+            ps.set_ground_plane_height(self.ground)
+            ps.set_shadow_darkness(SHADOW_DARKNESS)
+            ps.set_shadow_blur_iters(0)  # blurring costs ~0.4 s a frame on a software renderer
         positions = np.asarray(positions, dtype=np.float64)
         self.size = (width, height)
         self.faces = np.asarray(faces, dtype=np.int64)
@@ -158,7 +273,7 @@ class FrameRenderer:
         ps.set_bounding_box(tuple(bounds[0]), tuple(bounds[1]))
         ps.set_length_scale(max(float(np.linalg.norm(bounds[1] - bounds[0])), 1e-6))
         if camera is None:
-            camera = fit_camera(bounds)
+            camera = fit_camera(bounds, direction=view_direction, aspect=width / height)
         self.camera = camera
         ps.look_at(tuple(camera["position"]), tuple(camera["target"]))
         if body_ids is not None and len(np.unique(body_ids)) > 1:
@@ -196,8 +311,18 @@ class FrameRenderer:
                 vminmax=vminmax,
                 onscreen_colorbar_enabled=True,
             )
-        image = ps.screenshot_to_buffer(transparent_bg=False, include_UI=field is not None)
-        return np.ascontiguousarray(image[:, :, :3])
+        ui = field is not None
+        image = ps.screenshot_to_buffer(transparent_bg=False, include_UI=ui)[:, :, :3]
+        if self.shadows:
+            # Polyscope draws shadows only without the tiles: a second, shadow-only pass
+            # (white, grey shadow, coloured bodies) darkens the tiled picture where it is grey.
+            ps.set_ground_plane_mode("shadow_only")
+            try:
+                shade = ps.screenshot_to_buffer(transparent_bg=False, include_UI=ui)[:, :, :3]
+            finally:
+                ps.set_ground_plane_mode("tile")
+            image = apply_shadow(image, shade)
+        return np.ascontiguousarray(image)
 
     def close(self) -> None:
         """Removes the structures this renderer registered."""
@@ -208,6 +333,52 @@ def body_palette(n: int) -> list[tuple[float, float, float]]:
     """``n`` distinguishable RGB colours in [0, 1], the first one :data:`BODY_COLOR`."""
     base = [BODY_COLOR, (0.9, 0.55, 0.25), (0.45, 0.75, 0.45), (0.75, 0.45, 0.8), (0.9, 0.8, 0.3)]
     return [base[i % len(base)] for i in range(n)]
+
+
+def apply_shadow(image: np.ndarray, shade: np.ndarray, tolerance: int = 10) -> np.ndarray:
+    """``image`` darkened where the shadow-only picture ``shade`` is grey (a shadow).
+
+    Args:
+        image: the picture with the floor, ``[h, w, 3]`` uint8.
+        shade: the same view with a shadow-only ground on white, ``[h, w, 3]`` uint8.
+        tolerance: channel spread below which a pixel of ``shade`` counts as grey.
+    """
+    shade = shade.astype(np.int16)
+    grey = (shade.max(axis=2) - shade.min(axis=2)) < tolerance
+    factor = np.where(grey, shade.mean(axis=2) / 255.0, 1.0)[..., None]
+    return (image * factor).round().astype(np.uint8)
+
+
+def label_image(
+    image: np.ndarray, text: str, corner: str = "top-left", scale: float = 1.0
+) -> np.ndarray:
+    """A copy of ``image`` with ``text`` written in a corner, dark on a light box.
+
+    Args:
+        image: ``[h, w, 3]`` uint8.
+        text: the label (one line).
+        corner: ``"top-left"`` or ``"top-right"``.
+        scale: font size relative to the default (1/20 of the picture height, >= 10 px).
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    h, w = image.shape[:2]
+    size = max(10, round(h / 20 * scale))
+    try:
+        font = ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
+        font = ImageFont.load_default()
+    picture = Image.fromarray(np.ascontiguousarray(image[:, :, :3]))
+    draw = ImageDraw.Draw(picture)
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    pad = max(2, size // 4)
+    x = pad if corner == "top-left" else max(pad, w - (right - left) - 3 * pad)
+    y = pad
+    draw.rectangle(
+        (x - pad + left, y - pad + top, x + right + pad, y + bottom + pad), fill=(245, 245, 245)
+    )
+    draw.text((x, y), text, fill=(20, 20, 20), font=font)
+    return np.asarray(picture)
 
 
 def _bounds(positions: np.ndarray) -> np.ndarray:
@@ -391,6 +562,9 @@ def render_trajectory(
     field: str | None = None,
     velocities: np.ndarray | None = None,
     context=None,
+    view_direction: Sequence[float] | None = None,
+    shadows: bool = True,
+    progress: bool = False,
 ) -> int:
     """Renders recorded frames to a video, a PNG or a folder of PNGs.
 
@@ -400,23 +574,34 @@ def render_trajectory(
         out: ``.mp4``, ``.gif``, ``.png`` (the last frame) or a folder.
         dt: time between recorded frames (s).
         fps: video frame rate.
-        stride: recorded steps per video frame (default: real time, :func:`frame_stride`).
+        stride: recorded steps per video frame (default: :func:`video_stride`, real time
+            or slow motion for a video of at least :data:`MIN_VIDEO_SECONDS`).
         max_frames: at most this many video frames (the first ones).
         size: ``(width, height)`` in pixels.
-        camera: ``{"position", "target"}`` (m), or None to fit all frames.
-        ground: ground height to draw (m), or None.
+        camera: ``{"position", "target"}`` (m), or None to frame all frames.
+        ground: ground height to draw (m), or None for no floor.
         fixed: fixed vertex indices to mark, or None.
         body_ids: ``[n]`` body index per vertex (distinct colours per body), or None.
         field: colour by this :data:`diffsim.fields.FIELDS` name (with a colour bar), or None.
         velocities: ``[T, n, 3]`` (m/s), needed for the ``"speed"`` field.
         context: a :class:`diffsim.fields.FieldContext` for fields.
+        view_direction: for the framed camera, the direction from the target towards the
+            camera, or None (:data:`FIT_DIRECTION`).
+        shadows: shadows on the floor (when there is a ground).
+        progress: show a progress bar on stderr.
 
     Returns:
         The number of frames written.
+
+    Raises:
+        RenderError: an output that cannot be written.
+        ValueError: positions that are not finite, faces naming vertices that do not
+            exist, or a bad camera.
     """
     kind = check_output(out)
     positions = np.asarray(positions)
-    stride = frame_stride(dt, fps) if stride is None else stride
+    check_surface(positions, faces)
+    stride = video_stride(len(positions) - 1, dt, fps) if stride is None else stride
     picks = frame_indices(len(positions), stride, max_frames)
     if kind == "png":
         picks = picks[-1:]
@@ -445,6 +630,8 @@ def render_trajectory(
         ground=ground,
         fixed=fixed,
         body_ids=body_ids,
+        view_direction=view_direction,
+        shadows=shadows,
     )
 
     label = None
@@ -454,11 +641,43 @@ def render_trajectory(
         label = f"{field} ({FIELDS[field][0]})"
 
     def frames():
-        for k, i in enumerate(picks):
-            colour = None if values is None else (label, values[k])
-            yield renderer.render(positions[i], colour, vminmax if values is not None else None)
+        from diffsim.apps_progress import progress_bar
+
+        with progress_bar(len(picks), "render", "frame", enabled=progress) as bar:
+            for k, i in enumerate(picks):
+                colour = None if values is None else (label, values[k])
+                yield renderer.render(positions[i], colour, vminmax if values is not None else None)
+                bar.update(1)
 
     try:
         return write_frames(frames(), out, fps)
     finally:
         renderer.close()
+
+
+def check_surface(positions: np.ndarray, faces: np.ndarray) -> None:
+    """Checks frames ``[T, n, 3]`` and triangles ``[f, 3]`` before drawing them.
+
+    Raises:
+        ValueError: no frames, positions that are not finite (naming the first bad frame),
+            or faces that are not vertex indices in ``[0, n)``.
+    """
+    positions = np.asarray(positions)
+    if positions.ndim != 3 or positions.shape[2] != 3 or len(positions) == 0:
+        raise ValueError(f"positions must be [frames, n, 3], got {list(positions.shape)}")
+    bad = ~np.isfinite(positions).all(axis=(1, 2))
+    if bad.any():
+        raise ValueError(
+            f"positions are NaN or infinite from frame {int(np.flatnonzero(bad)[0])} on; "
+            "nothing to draw there (the simulation blew up: try a smaller dt)"
+        )
+    faces = np.asarray(faces)
+    n = positions.shape[1]
+    if faces.ndim != 2 or faces.shape[1] != 3 or not np.issubdtype(faces.dtype, np.integer):
+        raise ValueError(f"faces must be integers of shape [f, 3], got {list(faces.shape)}")
+    if faces.size and (faces.min() < 0 or faces.max() >= n):
+        bad_index = int(faces.max()) if faces.max() >= n else int(faces.min())
+        raise ValueError(
+            f"faces refer to vertex {bad_index} but there are {n} vertices (valid: "
+            f"0..{n - 1}); the faces do not belong to these positions"
+        )

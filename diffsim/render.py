@@ -335,6 +335,24 @@ def body_palette(n: int) -> list[tuple[float, float, float]]:
     return [base[i % len(base)] for i in range(n)]
 
 
+def colour_range(lo: float, hi: float, rel: float = 4e-3) -> tuple[float, float]:
+    """A colour map range for values in ``[lo, hi]`` whose colour bar labels differ.
+
+    Values that are all nearly the same (within ``rel``, relative), e.g. the speed of a
+    body in free fall, would give a colour bar whose five labels (four significant
+    digits) show one number and colours that show rounding noise: a range from 0 is used
+    instead for non-negative values (0 .. value, or 0 .. 1 for all zeros), else 10% either
+    side.
+    """
+    lo, hi = float(lo), float(hi)
+    if hi - lo > rel * max(abs(lo), abs(hi)) and hi > lo:
+        return lo, hi
+    if lo >= 0:
+        return 0.0, hi if hi > 0 else 1.0
+    pad = 0.1 * max(abs(lo), abs(hi))
+    return lo - pad, hi + pad
+
+
 def apply_shadow(image: np.ndarray, shade: np.ndarray, tolerance: int = 10) -> np.ndarray:
     """``image`` darkened where the shadow-only picture ``shade`` is grey (a shadow).
 
@@ -617,9 +635,9 @@ def render_trajectory(
             )
             for i in picks
         ]
-        lo = min(float(v.min()) for v in values)
-        hi = max(float(v.max()) for v in values)
-        vminmax = (lo, hi if hi > lo else lo + 1e-12)
+        vminmax = colour_range(
+            min(float(v.min()) for v in values), max(float(v.max()) for v in values)
+        )
     bounds = trajectory_bounds(positions[picks], ground)
     renderer = FrameRenderer(
         faces,

@@ -8,13 +8,14 @@ controller's state and its ImGui panel; :func:`run_viewer` opens the window.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from diffsim.fields import FIELDS, FieldContext, vertex_field
-from diffsim.render import body_palette, surface_faces
+from diffsim.render import body_palette, colour_range, surface_faces
 from diffsim.scene import Scene, with_parameters
 from diffsim.simulator import SimulationError, Simulator
 from diffsim.state import State, Trajectory
@@ -38,6 +39,8 @@ PARAMETER_RANGES: dict[str, tuple[float, float, bool, str]] = {
     "dt": (1e-5, 1e-2, True, "s"),
     "gravity": (0.0, 30.0, False, "m/s^2"),
 }
+# Width (pixels) at which the panel's red error text wraps.
+ERROR_WRAP_PIXELS = 460
 
 
 class ViewerController:
@@ -133,9 +136,28 @@ class ViewerController:
             return None
         return vertex_field(self.field, self.context, self.state.positions, self.state.velocities)
 
+    def field_range(self) -> tuple[float, float] | None:
+        """The colour bar's range for the shown field: never empty (see
+        :func:`diffsim.render.colour_range`), or None for plain colour."""
+        values = self.field_values()
+        if values is None:
+            return None
+        values = np.asarray(values, dtype=np.float64)
+        return colour_range(float(values.min()), float(values.max()))
+
     def field_label(self) -> str:
         """The colour bar's title, with the unit."""
         return "" if self.field is None else f"{self.field} ({FIELDS[self.field][0]})"
+
+    def ground_height(self) -> float | None:
+        """The ground's height (m): the simulator's, else a trajectory file's ``metadata``
+        ``"ground"``; None where there is no ground (or it is unknown)."""
+        if self.sim is not None:
+            ground = self.sim.model.ground
+            return None if ground is None else float(ground.height)
+        metadata = getattr(self.trajectory, "metadata", None) or {}
+        height = metadata.get("ground")
+        return float(height) if isinstance(height, (int, float)) else None
 
     def fixed_indices(self) -> np.ndarray:
         if self.sim is None:
@@ -190,7 +212,7 @@ class ViewerController:
             with torch.no_grad():
                 traj = self.sim.rollout(count, self.state)
         except SimulationError as exc:
-            self.error = str(exc).splitlines()[0]
+            self.error = self._absolute(str(exc).splitlines()[0])
             self.playing = False
             return
         self.state = traj.state(-1)
@@ -249,7 +271,11 @@ class ViewerController:
         self.sim = sim
         self.parameters = values
         self.context = FieldContext.from_simulator(sim)
-        self.state = State(self.state.positions.to(sim.dtype), self.state.velocities.to(sim.dtype))
+        # Positions in the dtype the simulator keeps them in (its rest positions').
+        position_dtype = sim.model.rest_positions.dtype
+        self.state = State(
+            self.state.positions.to(position_dtype), self.state.velocities.to(sim.dtype)
+        )
         self.error = None
         self.rebuilds += 1
 
@@ -259,6 +285,15 @@ class ViewerController:
             return False
         getattr(self, SHORTCUTS[key][0])()
         return True
+
+    def _absolute(self, message: str) -> str:
+        """A simulator error with its step counted from the start (t = 0), not from the
+        rollout that failed (which starts at the shown state, after any rebuild)."""
+        match = re.match(r"step (\d+) (.*)", message)
+        if match is None:
+            return f"t = {self.time:.3f} s: {message}"
+        step = self.steps_done + int(match.group(1)) + 1
+        return f"step {step} (t = {step * self.sim.model.dt:.3f} s) {match.group(2)}"
 
     def _initial_state(self) -> State:
         if self.scene is not None:
@@ -274,10 +309,10 @@ def _parameters_of(sim: Simulator) -> dict[str, float]:
             return float(value.detach().double().mean())
         return float(value)
 
-    material = sim.material.parameters()
+    material = sim.material
     return {
-        "youngs_modulus": scalar(material.get("youngs_modulus", 1e5)),
-        "poissons_ratio": scalar(material.get("poissons_ratio", 0.3)),
+        "youngs_modulus": scalar(getattr(material, "youngs_modulus", 1e5)),
+        "poissons_ratio": scalar(getattr(material, "poissons_ratio", 0.3)),
         "damping": scalar(sim.damping),
         "dt": sim.model.dt,
         "gravity": float(sim.gravity.detach().double().norm()),
@@ -365,13 +400,13 @@ class PolyscopeViewer:
         ps.set_automatically_compute_scene_extents(True)
         ps.set_up_dir("y_up")
         ps.set_front_dir("z_front")
-        ps.set_ground_plane_mode("tile")
-        ground = c.sim.model.ground if c.sim is not None else None
-        if ground is not None:
+        height = c.ground_height()
+        if height is not None:  # a floor only where the scene has a ground
+            ps.set_ground_plane_mode("tile")
             ps.set_ground_plane_height_mode("manual")
-            ps.set_ground_plane_height(ground.height)
+            ps.set_ground_plane_height(height)
         else:
-            ps.set_ground_plane_height_mode("automatic")
+            ps.set_ground_plane_mode("none")
         faces = c.sim.mesh.surface_faces if c.sim is not None else surface_faces(c.trajectory)
         x = c.positions()
         self.mesh = ps.register_surface_mesh(
@@ -409,6 +444,7 @@ class PolyscopeViewer:
                 values,
                 enabled=True,
                 cmap="viridis",
+                vminmax=c.field_range(),
                 onscreen_colorbar_enabled=True,
             )
             self._shown_field = c.field_label()
@@ -475,7 +511,12 @@ class PolyscopeViewer:
         psim.TextUnformatted(f"{c.speed} {'steps' if c.live else 'frames'}/draw")
         psim.TextUnformatted(f"t = {c.time:.3f} s")
         if c.error:
-            psim.TextColored((1.0, 0.3, 0.2, 1.0), c.error)
+            # Wrapped: a long message stays inside the panel.
+            psim.PushStyleColor(psim.ImGuiCol_Text, (1.0, 0.3, 0.2, 1.0))
+            psim.PushTextWrapPos(psim.GetCursorPosX() + ERROR_WRAP_PIXELS)
+            psim.TextUnformatted(c.error)
+            psim.PopTextWrapPos()
+            psim.PopStyleColor()
         if not c.live:
             changed, frame = psim.SliderInt("frame", c.frame, 0, c.n_frames - 1)
             if changed:

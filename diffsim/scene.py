@@ -9,21 +9,29 @@ optionally, module-level settings:
 - ``initial_state(sim) -> diffsim.State``: the start state (default: rest, at rest).
 
 :func:`load_scene` runs the file as a module and returns a :class:`Scene`;
+:func:`mesh_scene` makes one from a bare mesh file (a body dropped on the ground);
 :func:`with_parameters` gives a copy of a simulator with changed material, damping, time
 step or gravity (what the viewer's sliders do).
+
+Parameters (``diffsim run SCENE --set NAME=VALUE``): :meth:`Scene.build` passes a name
+that the script's ``build()`` accepts as a keyword to it; the names of
+:data:`GENERIC_PARAMETERS` are applied to any scene's simulator afterwards.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import inspect
 import math
 import sys
+import types
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
 import torch
 
 from diffsim.simulator import Simulator
@@ -31,6 +39,11 @@ from diffsim.state import State
 
 DEFAULT_STEPS = 200
 DEFAULT_FPS = 30
+# Settings every scene takes (applied with :func:`with_parameters` after ``build()``).
+GENERIC_PARAMETERS = ("youngs_modulus", "poissons_ratio", "damping", "dt", "gravity")
+# Mesh files a scene can be made of (:func:`mesh_scene`): tet meshes, and closed surfaces.
+TET_MESH_SUFFIXES = (".msh", ".npz")
+SURFACE_SUFFIXES = (".stl", ".obj", ".ply", ".off")
 
 
 class SceneError(ValueError):
@@ -65,6 +78,7 @@ class Scene:
         backend: str | None = None,
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
+        parameters: dict[str, Any] | None = None,
     ) -> Simulator:
         """Calls the script's ``build()``; optionally moves it to another backend, dtype or device.
 
@@ -72,18 +86,25 @@ class Scene:
             backend: ``"warp"`` or ``"torch"`` to override the scene's choice, or None.
             dtype: ``torch.float32``/``torch.float64`` to override the scene's, or None.
             device: a torch device (``"cpu"``, ``"cuda"``) to override the scene's, or None.
+            parameters: ``{name: value}``: names ``build()`` accepts as keywords go to it;
+                the others must be :data:`GENERIC_PARAMETERS` (``gravity`` is a magnitude
+                in m/s^2 along the scene's direction, or three components).
 
         Raises:
-            SceneError: ``build()`` failed or did not return a Simulator.
+            SceneError: an unknown parameter name (the message lists the accepted ones),
+                or ``build()`` failed or did not return a Simulator.
         """
+        own, generic = self.split_parameters(parameters or {})
         try:
-            sim = self.module.build()
+            sim = self.module.build(**own)
         except Exception as exc:  # the user's code: report it in one line with its location
             raise SceneError(f"{describe_exception(exc, self.path)} (in build())") from exc
         if not isinstance(sim, Simulator):
             raise SceneError(
                 f"{self.path}: build() must return a diffsim.Simulator, got {type(sim).__name__}"
             )
+        if generic:
+            sim = _apply_generic(sim, generic, self.path)
         device = None if device is None else torch.device(device)
         if (
             (backend is not None and backend != sim.backend_name)
@@ -92,6 +113,42 @@ class Scene:
         ):
             sim = with_parameters(sim, backend=backend, dtype=dtype, device=device)
         return sim
+
+    def parameter_names(self) -> tuple[list[str], bool]:
+        """``(names, any_keyword)``: the keyword parameters of the script's ``build()``,
+        and whether it also takes ``**kwargs``."""
+        try:
+            signature = inspect.signature(self.module.build)
+        except (TypeError, ValueError):
+            return [], False
+        names, any_keyword = [], False
+        for p in signature.parameters.values():
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+                names.append(p.name)
+            elif p.kind == p.VAR_KEYWORD:
+                any_keyword = True
+        return names, any_keyword
+
+    def split_parameters(self, parameters: dict[str, Any]) -> tuple[dict, dict]:
+        """``(for build(), generic)`` from ``{name: value}``.
+
+        Raises:
+            SceneError: a name neither ``build()`` nor :data:`GENERIC_PARAMETERS` takes.
+        """
+        names, any_keyword = self.parameter_names()
+        own, generic = {}, {}
+        for name, value in parameters.items():
+            if name in names or any_keyword:
+                own[name] = value
+            elif name in GENERIC_PARAMETERS:
+                generic[name] = value
+            else:
+                accepted = ", ".join(names) if names else "none"
+                raise SceneError(
+                    f"{self.path}: unknown parameter {name!r}; build() accepts: {accepted}; "
+                    f"every scene also takes: {', '.join(GENERIC_PARAMETERS)}"
+                )
+        return own, generic
 
     def initial_state(self, sim: Simulator) -> State:
         """The scene's ``initial_state(sim)`` if it defines one, else ``sim.initial_state()``."""
@@ -108,6 +165,140 @@ class Scene:
                 f"got {type(state).__name__}"
             )
         return state
+
+
+def _apply_generic(sim: Simulator, values: dict[str, Any], path: Path) -> Simulator:
+    """``sim`` with :data:`GENERIC_PARAMETERS` changed (:func:`with_parameters`)."""
+    kwargs: dict[str, Any] = {}
+    for name, value in values.items():
+        if name == "gravity":
+            kwargs["gravity"] = _gravity(sim, value, path)
+            continue
+        try:
+            kwargs[name] = float(value)
+        except (TypeError, ValueError):
+            raise SceneError(f"{path}: parameter {name} must be a number, got {value!r}") from None
+    try:
+        return with_parameters(sim, **kwargs)
+    except ValueError as exc:
+        raise SceneError(f"{path}: {str(exc).splitlines()[0]}") from exc
+
+
+def _gravity(sim: Simulator, value: Any, path: Path) -> tuple[float, float, float]:
+    """Gravity from a magnitude (along the scene's direction, or -y) or three components."""
+    try:
+        if isinstance(value, (int, float)):
+            g = sim.gravity.detach().double().cpu()
+            norm = float(g.norm())
+            direction = (g / norm).tolist() if norm > 0 else [0.0, -1.0, 0.0]
+            return tuple(float(value) * d for d in direction)
+        vector = tuple(float(c) for c in value)
+    except (TypeError, ValueError):
+        vector = ()
+    if len(vector) != 3:
+        raise SceneError(
+            f"{path}: gravity is a magnitude in m/s^2 (9.81) or three components "
+            f"(0,-9.81,0), got {value!r}"
+        )
+    return vector
+
+
+def mesh_scene(
+    path: str | Path,
+    drop: float = 0.1,
+    scale: float = 1.0,
+    seconds: float | None = None,
+) -> Scene:
+    """A scene made of a bare mesh file: the body dropped onto the ground, no script needed.
+
+    The body (soft rubber: Stable Neo-Hookean, E = 1e5 Pa, nu = 0.4, 1000 kg/m^3) is
+    centred above the origin with its lowest point ``drop`` metres above the ground
+    (y = 0) and falls under gravity. The time step is 1 ms with enough substeps for the
+    mesh's smallest edge (explicit stability). ``build()`` takes ``youngs_modulus``,
+    ``poissons_ratio``, ``density``, ``damping``, ``friction`` and ``dt`` as keywords.
+
+    Args:
+        path: a tet mesh (``.msh``, ``.npz``) or a closed surface (``.stl``, ``.obj``,
+            ``.ply``, ``.off``; tetrahedralized on a grid).
+        drop: height of the body's lowest point above the ground (m), >= 0.
+        scale: factor on the file's coordinates (metres), > 0.
+        seconds: simulated time (default: the fall plus one second to settle).
+
+    Raises:
+        FileNotFoundError: no such file.
+        SceneError: an unknown format, a bad drop or scale, or a mesh that cannot be read.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"mesh file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix not in TET_MESH_SUFFIXES + SURFACE_SUFFIXES:
+        raise SceneError(
+            f"{path}: unknown mesh format {suffix!r}; use a tet mesh "
+            f"({', '.join(TET_MESH_SUFFIXES)}) or a closed surface ({', '.join(SURFACE_SUFFIXES)})"
+        )
+    if not (math.isfinite(drop) and drop >= 0):
+        raise SceneError(f"--drop must be a height >= 0 (m), got {drop}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise SceneError(f"--scale must be a factor > 0, got {scale}")
+    from diffsim import materials
+    from diffsim.mesh import TetMesh
+
+    try:
+        if suffix in TET_MESH_SUFFIXES:
+            mesh = TetMesh.load(path)
+        else:
+            import trimesh
+
+            mesh = TetMesh.from_surface(trimesh.load(path, force="mesh"))
+    except (OSError, ValueError) as exc:
+        raise SceneError(f"{path}: cannot read the mesh ({str(exc).splitlines()[0]})") from exc
+    vertices = mesh.vertices * scale
+    low, high = vertices.min(axis=0), vertices.max(axis=0)
+    shift = np.array([-(low[0] + high[0]) / 2, drop - low[1], -(low[2] + high[2]) / 2])
+    mesh = mesh.transformed(scale=scale, translation=shift)
+    edges = (
+        mesh.vertices[mesh.tets[:, [0, 0, 0, 1, 1, 2]]]
+        - mesh.vertices[mesh.tets[:, [1, 2, 3, 2, 3, 3]]]
+    )
+    shortest = float(np.linalg.norm(edges, axis=-1).min())
+    fall = math.sqrt(2 * drop / 9.81)
+    duration = fall + 1.0 if seconds is None else float(seconds)
+
+    def build(
+        youngs_modulus: float = 1e5,
+        poissons_ratio: float = 0.4,
+        density: float = 1000.0,
+        damping: float = 1.0,
+        friction: float = 0.5,
+        dt: float = 1e-3,
+    ) -> Simulator:
+        material = materials.StableNeoHookean(
+            youngs_modulus=youngs_modulus, poissons_ratio=poissons_ratio, density=density
+        )
+        substeps = stable_substeps(shortest, youngs_modulus, poissons_ratio, density, dt)
+        return Simulator(
+            mesh, material, dt=dt, substeps=substeps, ground=0.0, damping=damping,
+            friction=friction,
+        )  # fmt: skip
+
+    module = types.ModuleType(f"diffsim_mesh_scene_{path.stem}")
+    module.__file__ = str(path)
+    module.build = build
+    module.STEPS = max(1, round(duration / 1e-3))
+    module.FPS = DEFAULT_FPS
+    return Scene(path=path, module=module, steps=module.STEPS, fps=DEFAULT_FPS, camera=None)
+
+
+def stable_substeps(
+    edge: float, youngs_modulus: float, poissons_ratio: float, density: float, dt: float
+) -> int:
+    """Substeps per step of ``dt`` for explicit stability on a mesh whose shortest edge is
+    ``edge`` (m): a substep of at most 0.4 edge / c, c the P-wave speed."""
+    nu = float(poissons_ratio)
+    lam_2mu = float(youngs_modulus) * (1 - nu) / ((1 + nu) * (1 - 2 * nu))
+    speed = math.sqrt(lam_2mu / float(density))
+    return max(1, math.ceil(float(dt) / (0.4 * edge / speed)))
 
 
 def load_scene(path: str | Path) -> Scene:
@@ -167,6 +358,11 @@ def _camera(value: Any, path: Path) -> dict[str, tuple[float, float, float]] | N
                 f"{path}: CAMERA[{key!r}] must be 3 finite numbers, got {value[key]!r}"
             )
         out[key] = vec
+    if all(abs(a - b) <= 1e-9 for a, b in zip(out["position"], out["target"], strict=True)):
+        raise SceneError(
+            f"{path}: CAMERA position equals its target {out['target']}; move the camera "
+            "away from the point it looks at"
+        )
     return out
 
 

@@ -3,12 +3,16 @@
 Every failure the user can cause (an unknown option, a missing file, a scene that raises)
 ends with one line on stderr and a non-zero exit status: 2 for bad usage or a missing
 file, 1 for anything else. ``--traceback`` shows the full Python traceback instead.
+
+Nothing heavy is imported at module level: ``diffsim --help`` parses its arguments
+without torch or Warp (they load when a command runs).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
 import time
@@ -41,9 +45,31 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser("run", help="run a scene headless; write a video or a trajectory")
-    run.add_argument("scene", help="scene script (.py) defining build()")
+    run.add_argument(
+        "scene",
+        help="scene script (.py) defining build(), or a mesh file (.msh, .npz, .stl, .obj, "
+        ".ply, .off) to drop on the ground",
+    )
     run.add_argument("--steps", type=_nonnegative_int, help="steps to run (default: the scene's)")
     run.add_argument("--out", help="output: .mp4/.gif/.png (render), .npz (trajectory) or DIR/")
+    run.add_argument(
+        "--energy",
+        metavar="FILE.csv",
+        help="write kinetic, elastic, gravitational, barrier and total energy over time (J) "
+        "as CSV, and a plot FILE.png where matplotlib is installed",
+    )
+    run.add_argument(
+        "--drop",
+        type=_nonnegative_float,
+        metavar="H",
+        help="for a mesh file: drop height of its lowest point above the ground (m, default 0.1)",
+    )
+    run.add_argument(
+        "--scale",
+        type=_positive_float,
+        metavar="S",
+        help="for a mesh file: factor on its coordinates (default 1: the file is in metres)",
+    )
     _add_sim_options(run)
     _add_render_options(run)
     run.set_defaults(func=cmd_run)
@@ -60,7 +86,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     render.add_argument("path", help="saved trajectory (.npz) or scene script (.py)")
     render.add_argument("--out", required=True, help="output: .mp4, .gif, .png or DIR/")
     render.add_argument(
-        "--steps", type=_nonnegative_int, help="for a scene: steps to run (default: its own)"
+        "--steps",
+        type=_nonnegative_int,
+        help="for a scene: steps to run (default: its own); for a .npz: its first N steps",
     )
     render.add_argument(
         "--scene", help="for a .npz: the scene that made it (camera, ground, fields)"
@@ -90,6 +118,15 @@ def _add_sim_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=("warp", "torch"), help="override the scene's backend")
     p.add_argument("--dtype", choices=("float32", "float64"), help="override the scene's dtype")
     p.add_argument("--device", help="override the scene's torch device (cpu, cuda, cuda:1)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="parameters",
+        metavar="NAME=VALUE",
+        help="scene parameter (repeat): a keyword of the scene's build(), or youngs_modulus, "
+        "poissons_ratio, damping, dt, gravity",
+    )
 
 
 def _add_render_options(p: argparse.ArgumentParser) -> None:
@@ -98,14 +135,16 @@ def _add_render_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--stride",
         type=_positive_int,
-        help="simulation steps per video frame (default: real time at --fps)",
+        help="simulation steps per video frame (default: real time at --fps, or slow "
+        "motion for a video of at least 3 s)",
     )
     p.add_argument("--frames", type=_positive_int, help="at most this many video frames")
     p.add_argument(
         "--camera",
         type=_camera,
         metavar="PX,PY,PZ:TX,TY,TZ",
-        help="camera position and target in metres (default: the scene's, or fit the motion)",
+        help="camera position and target in metres (default: framing the whole motion, "
+        "seen from the scene's CAMERA direction)",
     )
     p.add_argument("--color", choices=FIELD_CHOICES, help="colour the surface by a field")
 
@@ -130,17 +169,48 @@ def _configure_fit(fit: argparse.ArgumentParser) -> None:
 
 
 # ----------------------------------------------------------------------------- argument types
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def _nonnegative_int(text: str) -> int:
-    value = int(text)
+    value = _integer(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _integer(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
 
 
@@ -163,11 +233,34 @@ def _camera(text: str) -> dict:
         tgt = tuple(float(c) for c in target.split(","))
     except ValueError:
         position = tgt = ()
-    if len(position) != 3 or len(tgt) != 3:
+    if len(position) != 3 or len(tgt) != 3 or not all(map(math.isfinite, position + tgt)):
         raise argparse.ArgumentTypeError(
             f"expected PX,PY,PZ:TX,TY,TZ such as 1,0.5,1.5:0,0.1,0, got {text!r}"
         )
+    if position == tgt:
+        raise argparse.ArgumentTypeError(
+            f"the camera position equals its target ({text}); put the camera away from the "
+            "point it looks at"
+        )
     return {"position": position, "target": tgt}
+
+
+def _parameters(items: list[str]) -> dict:
+    """``{name: value}`` from ``--set NAME=VALUE`` items (values as Python literals)."""
+    import ast
+
+    out = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        name = name.strip()
+        if not sep or not name.isidentifier():
+            raise UsageError(f"--set takes NAME=VALUE such as youngs_modulus=2e5, got {item!r}")
+        try:
+            value = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            value = text.strip()  # a word: passed as a string
+        out[name] = value
+    return out
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -247,37 +340,58 @@ def _dtype(name: str | None):
 def _device(name: str | None):
     if name is None:
         return None
-    import torch
+    from diffsim.warp_setup import check_device
 
     try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise UsageError(f"--device {name}: not a torch device (use cpu, cuda or cuda:N)") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available here (see diffsim info)")
-    return device
+        return check_device(name)
+    except ValueError as exc:
+        raise UsageError(f"--device {name}: {exc} (see diffsim info)") from None
+
+
+MESH_SUFFIXES = (".msh", ".npz", ".stl", ".obj", ".ply", ".off")
 
 
 def _require_file(path: str, suffixes: tuple[str, ...], what: str) -> Path:
+    """``path`` as a Path, checked: ``what`` names the expected kind with its suffixes."""
     p = Path(path)
     if p.suffix.lower() not in suffixes:
-        raise UsageError(f"{path}: expected {what} ({', '.join(suffixes)})")
+        raise UsageError(f"{path}: expected {what}")
     if not p.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     return p
 
 
-def _load(path: str, args: argparse.Namespace):
-    """(scene, simulator) from a scene script with the command's backend/dtype overrides."""
-    from diffsim.scene import load_scene
+def _load(path: str, args: argparse.Namespace, mesh_ok: bool = False):
+    """(scene, simulator) from a scene script (or, with ``mesh_ok``, a bare mesh file) with
+    the command's backend/dtype/device overrides and ``--set`` parameters."""
+    from diffsim.scene import load_scene, mesh_scene
 
-    scene = load_scene(_require_file(path, (".py",), "a scene script"))
-    sim = scene.build(backend=args.backend, dtype=_dtype(args.dtype), device=_device(args.device))
+    parameters = _parameters(getattr(args, "parameters", None) or [])
+    device = _device(args.device)
+    suffix = Path(path).suffix.lower()
+    drop, scale = getattr(args, "drop", None), getattr(args, "scale", None)
+    if mesh_ok and suffix in MESH_SUFFIXES:
+        _require_file(path, MESH_SUFFIXES, "a mesh file")
+        scene = mesh_scene(path, drop=0.1 if drop is None else drop, scale=scale or 1.0)
+    else:
+        what = "a scene script (.py)"
+        if mesh_ok:
+            what += f" or a mesh file ({', '.join(MESH_SUFFIXES)})"
+        scene = load_scene(_require_file(path, (".py",), what))
+        if drop is not None or scale is not None:
+            raise UsageError(
+                f"--drop and --scale apply to a mesh file; {path} is a scene script (set "
+                "the body's position in its build())"
+            )
+    sim = scene.build(
+        backend=args.backend, dtype=_dtype(args.dtype), device=device, parameters=parameters
+    )
+    scene.parameters = parameters
     return scene, sim
 
 
 def simulate(scene, sim, steps: int, progress: bool = True):
-    """Runs ``steps`` steps without gradients, printing a progress line.
+    """Runs ``steps`` steps without gradients, with a progress bar on stderr.
 
     Returns:
         ``(trajectory, timing)`` with timing ``{"elapsed": s, "warmup": s, "warmup_steps": n}``:
@@ -286,6 +400,7 @@ def simulate(scene, sim, steps: int, progress: bool = True):
     """
     import torch
 
+    from diffsim.apps_progress import progress_bar
     from diffsim.state import Trajectory
 
     state = scene.initial_state(sim)
@@ -295,8 +410,7 @@ def simulate(scene, sim, steps: int, progress: bool = True):
     done = 0
     start = time.perf_counter()
     timing = {"elapsed": 0.0, "warmup": 0.0, "warmup_steps": 0}
-    reporter = _Progress(steps, sim) if progress else None
-    with torch.no_grad():
+    with torch.no_grad(), progress_bar(steps, "run", "step", enabled=progress) as bar:
         while done < steps:
             n = min(chunk, steps - done)
             part = sim.rollout(n, state)
@@ -306,11 +420,12 @@ def simulate(scene, sim, steps: int, progress: bool = True):
             done += n
             if not timing["warmup_steps"]:
                 timing.update(warmup=time.perf_counter() - start, warmup_steps=done)
-            if reporter is not None:
-                reporter.update(done, time.perf_counter() - start, timing)
+            rate = steady_rate(sim, done, dict(timing, elapsed=time.perf_counter() - start))
+            bar.set_postfix_str(
+                f"t = {done * sim.model.dt:.3f} s, {_si(rate)} tet-substeps/s", refresh=False
+            )
+            bar.update(n)
     timing["elapsed"] = time.perf_counter() - start
-    if reporter is not None:
-        reporter.finish()
     traj = Trajectory(
         torch.cat(positions),
         torch.cat(velocities),
@@ -327,38 +442,6 @@ def steady_rate(sim, steps: int, timing: dict) -> float:
     if steps > timing["warmup_steps"] and timing["elapsed"] > timing["warmup"]:
         return work * (steps - timing["warmup_steps"]) / (timing["elapsed"] - timing["warmup"])
     return work * steps / max(timing["elapsed"], 1e-9)
-
-
-class _Progress:
-    """A progress line on stderr: rewritten in place on a terminal, every 10% otherwise."""
-
-    def __init__(self, steps: int, sim) -> None:
-        self.steps = steps
-        self.sim = sim
-        self.dt = sim.model.dt
-        self.tty = sys.stderr.isatty()
-        self.next_report = 0.1
-        self.last_draw = 0.0
-
-    def update(self, done: int, elapsed: float, timing: dict) -> None:
-        rate = steady_rate(self.sim, done, dict(timing, elapsed=elapsed))
-        line = (
-            f"step {done}/{self.steps}  t = {done * self.dt:.3f} s  "
-            f"{elapsed:.1f} s wall  {_si(rate)} tet-substeps/s"
-        )
-        if self.tty:
-            now = time.perf_counter()
-            if now - self.last_draw > 0.1 or done == self.steps:
-                print(f"\r{line}\033[K", end="", file=sys.stderr, flush=True)
-                self.last_draw = now
-        elif done >= self.next_report * self.steps or done == self.steps:
-            print(line, file=sys.stderr, flush=True)
-            while self.next_report * self.steps <= done:
-                self.next_report += 0.1
-
-    def finish(self) -> None:
-        if self.tty:
-            print(file=sys.stderr)
 
 
 def _si(value: float) -> str:
@@ -392,6 +475,13 @@ def _summary(scene, sim, traj, timing: dict) -> str:
     return "\n".join(lines)
 
 
+def _view_direction(camera: dict | None):
+    """The direction from a camera's target to its position, or None."""
+    if camera is None:
+        return None
+    return tuple(p - t for p, t in zip(camera["position"], camera["target"], strict=True))
+
+
 def _render_options(args, scene, sim) -> dict:
     from diffsim.fields import FieldContext
     from diffsim.render import DEFAULT_SIZE
@@ -402,7 +492,8 @@ def _render_options(args, scene, sim) -> dict:
         stride=args.stride,
         max_frames=args.frames,
         size=args.size or DEFAULT_SIZE,
-        camera=args.camera or scene.camera,
+        camera=args.camera,
+        view_direction=_view_direction(scene.camera),
         ground=ground,
         fixed=sim.model.fixed_indices.cpu().numpy(),
         body_ids=sim.mesh.body_ids,
@@ -424,35 +515,146 @@ def _output_kind(out: str, allow_npz: bool) -> str:
         raise UsageError(str(exc)) from exc
 
 
+def _check_csv(path: str | None) -> None:
+    if path is None:
+        return
+    p = Path(path)
+    if p.suffix.lower() != ".csv":
+        raise UsageError(f"--energy {path}: expected a .csv file name")
+    if not p.parent.exists():
+        raise UsageError(f"--energy {path}: folder {p.parent} does not exist; create it first")
+
+
 # ----------------------------------------------------------------------------- commands
 def cmd_run(args: argparse.Namespace) -> int:
-    """``diffsim run SCENE.py [--steps N] [--out FILE]``."""
+    """``diffsim run SCENE.py|MESH [--steps N] [--out FILE] [--energy FILE.csv] [--set K=V]``."""
     kind = _output_kind(args.out, allow_npz=True) if args.out else None
-    scene, sim = _load(args.scene, args)
+    _check_csv(args.energy)
+    scene, sim = _load(args.scene, args, mesh_ok=True)
     steps = scene.steps if args.steps is None else args.steps
     traj, timing = simulate(scene, sim, steps)
     print(_summary(scene, sim, traj, timing))
+    if args.energy:
+        write_energy(sim, traj, args.energy)
     if kind == "npz":
-        traj.save(args.out)
-        print(f"wrote {args.out} ({traj.n_frames} frames)")
+        traj.save(args.out, metadata=provenance(scene, sim, args))
+        print(f"wrote {args.out} ({traj.n_frames} frames: {steps} steps of {traj.dt:g} s)")
     elif kind is not None:
-        _render_out(args, scene, sim, traj)
+        _render_out(args, traj, sim.mesh.surface_faces, _render_options(args, scene, sim))
     return EXIT_OK
 
 
-def _render_out(args, scene, sim, traj) -> None:
+def provenance(scene, sim, args: argparse.Namespace) -> dict:
+    """What made a trajectory: scene, parameters, settings, diffsim's version, when."""
+    import datetime
+
+    from diffsim import __version__
+
+    camera = scene.camera
+    return {
+        "diffsim_version": __version__,
+        "scene": str(scene.path),
+        "parameters": getattr(scene, "parameters", None) or {},
+        "steps": None if args.steps is None else int(args.steps),
+        "dt": float(sim.model.dt),
+        "substeps": int(sim.model.substeps),
+        "backend": sim.backend_name,
+        "dtype": str(sim.dtype).replace("torch.", ""),
+        "device": str(sim.device),
+        "ground": None if sim.model.ground is None else float(sim.model.ground.height),
+        "fps": int(scene.fps),
+        "camera": None if camera is None else {k: list(v) for k, v in camera.items()},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_energy(sim, traj, path: str, max_rows: int = 500) -> None:
+    """Writes the energies (J) of at most ``max_rows`` evenly spaced frames as CSV, and a
+    plot beside it (``.png``) where matplotlib is installed."""
+    import torch
+
+    stride = max(1, math.ceil((traj.n_frames - 1) / max(1, max_rows - 1)))
+    frames = list(range(0, traj.n_frames, stride))
+    if frames[-1] != traj.n_frames - 1:
+        frames.append(traj.n_frames - 1)
+    rows = []
+    with torch.no_grad():
+        for i in frames:
+            energy = sim.energies(traj.state(i))
+            rows.append((i, i * traj.dt, {k: float(v) for k, v in energy.items()}))
+    keys = list(rows[0][2])
+    with open(path, "w") as f:
+        f.write(",".join(["step", "time", *keys]) + "\n")
+        for i, t, values in rows:
+            f.write(",".join([str(i), f"{t:.9g}", *(f"{values[k]:.9g}" for k in keys)]) + "\n")
+    print(f"wrote {path} (energies in J at {len(rows)} instants)")
+    plot = Path(path).with_suffix(".png")
+    try:
+        write_energy_plot(rows, keys, plot)
+    except ImportError:
+        print(
+            f"energy plot skipped: matplotlib is not installed (pip install matplotlib for {plot})"
+        )
+        return
+    print(f"wrote {plot}")
+
+
+def write_energy_plot(rows, keys: list[str], path: Path) -> None:
+    """The energies over time as a PNG (matplotlib, without a display).
+
+    Raises:
+        ImportError: matplotlib is not installed.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = [r[1] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    try:
+        for key in keys:
+            ax.plot(t, [r[2][key] for r in rows], label=key, lw=2.2 if key == "total" else 1.4)
+        ax.set_xlabel("time (s)")
+        ax.set_ylabel("energy (J)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
+
+
+def _render_out(args, traj, faces, options: dict) -> None:
+    """Renders ``traj`` to ``args.out`` and says what was written: frames, the video's
+    length (and slow motion), and the time it took."""
+    from diffsim.render import slow_motion, video_stride
+
+    stride = options["stride"] or video_stride(traj.n_frames - 1, traj.dt, options["fps"])
+    options = dict(options, stride=stride)
     from diffsim.render import render_trajectory
 
     start = time.perf_counter()
     n = render_trajectory(
-        traj.positions.cpu().numpy(),
-        sim.mesh.surface_faces,
+        traj.positions.detach().cpu().numpy(),
+        faces,
         args.out,
         dt=traj.dt,
-        velocities=traj.velocities.cpu().numpy(),
-        **_render_options(args, scene, sim),
+        velocities=traj.velocities.detach().cpu().numpy(),
+        progress=True,
+        **options,
     )
-    print(f"wrote {args.out} ({n} frames, {time.perf_counter() - start:.1f} s)")
+    elapsed = time.perf_counter() - start
+    fps = options["fps"]
+    if Path(args.out).suffix.lower() in (".mp4", ".gif"):
+        slow = slow_motion(stride, traj.dt, fps)
+        speed = f", {slow:.2g}x slow motion" if slow > 1.05 else ""
+        what = f"{n} frames, {n / fps:.2f} s of video at {fps} fps{speed}"
+    elif Path(args.out).suffix.lower() == ".png":
+        what = f"the last frame, t = {(traj.n_frames - 1) * traj.dt:.3f} s"
+    else:
+        what = f"{n} PNG frames"
+    print(f"wrote {args.out} ({what}; rendered in {elapsed:.1f} s)")
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -472,29 +674,33 @@ def cmd_render(args: argparse.Namespace) -> int:
         options, faces = _trajectory_render_options(args, traj, scene, sim)
     if args.export is not None:
         return _export(args, traj, faces, options)
-    from diffsim.render import render_trajectory
-
-    start = time.perf_counter()
-    n = render_trajectory(
-        traj.positions.cpu().numpy(),
-        faces,
-        args.out,
-        dt=traj.dt,
-        velocities=traj.velocities.cpu().numpy(),
-        **options,
-    )
-    print(f"wrote {args.out} ({n} frames, {time.perf_counter() - start:.1f} s)")
+    _render_out(args, traj, faces, options)
     return EXIT_OK
 
 
 def _load_trajectory(args):
-    """(trajectory, scene or None, simulator or None) for a ``.npz`` and an optional --scene."""
-    import torch
-
+    """(trajectory, scene or None, simulator or None) for a ``.npz`` and an optional --scene;
+    ``--steps N`` keeps the first N steps."""
     from diffsim.state import Trajectory
 
     path = _require_file(args.path, (".npz",), "a trajectory (.npz) or a scene script (.py)")
-    traj = Trajectory.load(path, dtype=torch.float64)
+    traj = Trajectory.load(path)
+    if getattr(args, "steps", None) is not None:
+        available = traj.n_frames - 1
+        if args.steps > available:
+            raise UsageError(
+                f"--steps {args.steps}: {args.path} holds only {available} steps; "
+                f"use --steps {available} or less"
+            )
+        metadata = traj.metadata
+        traj = Trajectory(
+            traj.positions[: args.steps + 1],
+            traj.velocities[: args.steps + 1],
+            traj.dt,
+            traj.tets,
+            traj.surface_faces,
+        )
+        traj.metadata = metadata
     scene = sim = None
     if args.scene:
         scene, sim = _load(args.scene, args)
@@ -507,6 +713,8 @@ def _load_trajectory(args):
 
 
 def _trajectory_render_options(args, traj, scene, sim):
+    """Render options for a trajectory: from --scene, else from the file's metadata
+    (ground, fps and camera direction of the scene that made it)."""
     from diffsim.fields import FieldContext
     from diffsim.render import DEFAULT_SIZE, surface_faces
 
@@ -520,14 +728,23 @@ def _trajectory_render_options(args, traj, scene, sim):
             f"--color {args.color} needs the material: add --scene SCENE.py (the scene that "
             "made the trajectory)"
         )
+    meta = traj.metadata or {}
+    ground = meta.get("ground")
+    fps = meta.get("fps")
+    camera = meta.get("camera")
+    try:
+        direction = _view_direction(camera) if isinstance(camera, dict) else None
+    except (KeyError, TypeError):
+        direction = None
     return (
         dict(
-            fps=args.fps or 30,
+            fps=args.fps or (fps if isinstance(fps, int) and fps > 0 else 30),
             stride=args.stride,
             max_frames=args.frames,
             size=args.size or DEFAULT_SIZE,
             camera=args.camera,
-            ground=None,
+            view_direction=direction,
+            ground=float(ground) if isinstance(ground, (int, float)) else None,
             fixed=None,
             field=args.color,
             context=FieldContext(traj.positions[0].numpy(), tets),
@@ -537,12 +754,12 @@ def _trajectory_render_options(args, traj, scene, sim):
 
 
 def _export(args, traj, faces, options) -> int:
-    from diffsim.render import export_surfaces, frame_indices, frame_stride
+    from diffsim.render import export_surfaces, frame_indices, video_stride
 
     out = Path(args.out)
     if out.suffix and not out.is_dir():
         raise UsageError(f"--export writes one file per frame: --out must be a folder, got {out}")
-    stride = options["stride"] or frame_stride(traj.dt, options["fps"])
+    stride = options["stride"] or video_stride(traj.n_frames - 1, traj.dt, options["fps"])
     picks = frame_indices(traj.n_frames, stride, options["max_frames"])
     paths = export_surfaces(traj.positions.cpu().numpy()[picks], faces, out, args.export)
     print(f"wrote {len(paths)} {args.export.upper()} files to {out}/")
@@ -614,8 +831,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"backends       {', '.join(sorted(BACKENDS))}")
     if "warp" in BACKENDS:
         from diffsim.backends.warp_backend import cpu_threads
+        from diffsim.warp_setup import cuda_driver_present
 
         print(f"warp threads   {cpu_threads()} on the CPU (DIFFSIM_WARP_THREADS to change)")
+        if cuda_driver_present():
+            print("warp cuda      NVIDIA driver found (Warp can run on the GPU)")
+        else:
+            print("warp cuda      no NVIDIA driver: Warp runs on the CPU only")
     ok, detail = probe_rendering()
     print(f"rendering      {'openGL3_egl works' if ok else 'unavailable'} ({detail})")
     return EXIT_OK

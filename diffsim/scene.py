@@ -60,6 +60,7 @@ class Scene:
         steps: number of steps to run.
         fps: frame rate of rendered videos (frames per second of simulated time).
         camera: ``{"position": [3], "target": [3]}`` in metres, or None to fit the view.
+        parameters: the ``--set`` values the command line built it with (provenance).
     """
 
     path: Path
@@ -67,6 +68,7 @@ class Scene:
     steps: int
     fps: int
     camera: dict[str, tuple[float, float, float]] | None
+    parameters: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def name(self) -> str:

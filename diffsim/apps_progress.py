@@ -34,7 +34,7 @@ class _Silent:
         self.close()
 
 
-def progress_bar(total: int, desc: str, unit: str, enabled: bool = True):
+def progress_bar(total: int, desc: str, unit: str, enabled: bool = True, delay: float = 0.0):
     """A progress bar ``desc: 40%|####      | unit 4/10 [00:01<00:02, postfix]`` on stderr.
 
     Args:
@@ -42,6 +42,7 @@ def progress_bar(total: int, desc: str, unit: str, enabled: bool = True):
         desc: what is counted (``"run"``, ``"render"``, ``"fit"``).
         unit: the unit's name, shown before the count (``"step"``, ``"frame"``).
         enabled: False gives the silent stand-in.
+        delay: seconds before the bar first appears (none if it closes before).
 
     Returns:
         A tqdm bar, or the silent stand-in when disabled or tqdm is missing; both are
@@ -65,4 +66,5 @@ def progress_bar(total: int, desc: str, unit: str, enabled: bool = True):
         bar_format="{desc}: {percentage:3.0f}%|{bar}| " + unit + " {n_fmt}/{total_fmt} "
         "[{elapsed}<{remaining}{postfix}]",
         leave=True,
+        delay=delay,
     )

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 PLOT_SIZE = (640, 400)
 # Pixel margins of the loss plot: left, right, top, bottom.
@@ -82,6 +81,7 @@ def main(args: argparse.Namespace) -> int:
     from diffsim.simulator import SimulationError
 
     try:
+        stem = check_outputs(args)
         scene, sim = _load_scene(args)
         observation = Observation.load(args.target)
         initial = _pairs(args.initial, "--initial", float)
@@ -91,26 +91,30 @@ def main(args: argparse.Namespace) -> int:
             f"fitting {', '.join(params)} of {Path(args.scene).name} to {observation} "
             f"(backend {sim.backend_name}, {str(sim.dtype).replace('torch.', '')})"
         )
-        result = fit(
-            sim,
-            observation,
-            params,
-            per_tet=args.per_tet,
-            initial=initial,
-            bounds=bounds,
-            state=scene.initial_state,
-            optimizer=args.optimizer,
-            iters=args.iters,
-            lr=args.lr,
-            smoothness=args.smoothness,
-            loss=args.loss,
-            huber_delta=args.huber_delta,
-            checkpoint_every=args.checkpoint_every,
-            mode=args.mode,
-            stages=args.stages,
-            patience=args.patience,
-            log=None if args.quiet else print,
-        )
+        bar, log = _progress_log(args)
+        try:
+            result = fit(
+                sim,
+                observation,
+                params,
+                per_tet=args.per_tet,
+                initial=initial,
+                bounds=bounds,
+                state=scene.initial_state,
+                optimizer=args.optimizer,
+                iters=args.iters,
+                lr=args.lr,
+                smoothness=args.smoothness,
+                loss=args.loss,
+                huber_delta=args.huber_delta,
+                checkpoint_every=args.checkpoint_every,
+                mode=args.mode,
+                stages=args.stages,
+                patience=args.patience,
+                log=log,
+            )
+        finally:
+            bar.close()
     except (ObservationError, ValueError, FileNotFoundError, TypeError) as exc:
         print(f"diffsim fit: error: {exc}", file=sys.stderr)
         return 2
@@ -118,7 +122,6 @@ def main(args: argparse.Namespace) -> int:
         print(f"diffsim fit: simulation failed: {exc}", file=sys.stderr)
         return 1
     _report(result)
-    stem = Path(args.out).with_suffix("") if args.out else Path(f"{Path(args.scene).stem}_fit")
     if args.out:
         result.save_json(args.out)
         print(f"result: {args.out}")
@@ -134,11 +137,62 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_outputs(args: argparse.Namespace) -> Path:
+    """Checks before the fit starts that its outputs can be written; returns their stem.
+
+    Raises:
+        ValueError: an output whose folder does not exist, or a suffix that does not fit.
+    """
+    stem = Path(args.out).with_suffix("") if args.out else Path(f"{Path(args.scene).stem}_fit")
+    outputs = [
+        ("--out", args.out, None),
+        ("--plot", args.plot or f"{stem}_loss.png", (".png",)),
+    ]
+    if not args.no_video and args.mode == "dynamic":
+        outputs.append(("--video", args.video or f"{stem}.mp4", (".mp4", ".gif")))
+    for flag, path, suffixes in outputs:
+        if path is None:
+            continue
+        p = Path(path)
+        if suffixes is not None and p.suffix.lower() not in suffixes:
+            raise ValueError(f"{flag} {path}: expected a {' or '.join(suffixes)} file name")
+        if not p.parent.exists():
+            raise ValueError(
+                f"{flag} {path}: folder {p.parent} does not exist; create it first "
+                "(checked before the fit starts)"
+            )
+    return stem
+
+
+def _progress_log(args: argparse.Namespace):
+    """``(bar, log)``: a progress bar over the iterations, and a log function that prints
+    the fit's lines above it (or nothing with ``--quiet``)."""
+    from diffsim.apps_progress import progress_bar
+
+    stages = 1 if args.mode == "equilibrium" else max(1, args.stages)
+    # Shown after a second: an input error found at once leaves one line on stderr.
+    bar = progress_bar((args.iters + 1) * stages, "fit", "iteration", delay=1.0)
+
+    def log(line: str) -> None:
+        if line.startswith("iter"):
+            bar.update(1)
+        if args.quiet:
+            return
+        if hasattr(bar, "write"):
+            bar.write(line, file=sys.stdout)
+        else:
+            print(line)
+
+    return bar, log
+
+
 def _load_scene(args):
     try:
         from diffsim.scene import load_scene
     except ImportError as exc:  # pragma: no cover - scene.py is part of the package
         raise ValueError("diffsim.scene is not available") from exc
+    import torch
+
     scene = load_scene(args.scene)
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
     return scene, scene.build(backend=args.backend, dtype=dtype)
@@ -274,8 +328,16 @@ def write_comparison_video(scene, sim, observation, path, state, max_frames: int
     A target of all vertices gives two panels (fitted | observed); a marker target gives
     one panel, the fitted body with the observed markers as red points.
     """
+    import torch
+
     try:
-        from diffsim.render import FrameRenderer, RenderError, fit_camera, write_frames
+        from diffsim.render import (
+            FrameRenderer,
+            RenderError,
+            fit_camera,
+            label_image,
+            write_frames,
+        )
     except ImportError:
         return "video skipped: diffsim.render is not available"
     dt = sim.model.dt
@@ -295,8 +357,11 @@ def write_comparison_video(scene, sim, observation, path, state, max_frames: int
             camera = scene.camera or fit_camera(_bounds(both[~np.isnan(both).any(1)], ground))
             left = _render(FrameRenderer, faces, full[picks], camera, ground, None)
             right = _render(FrameRenderer, faces, obs[picks], camera, ground, None)
-            frames = [np.concatenate([a, b], axis=1) for a, b in zip(left, right, strict=True)]
-            what = "fitted (left) vs observed (right)"
+            frames = [
+                np.concatenate([label_image(a, "simulated"), label_image(b, "observed")], axis=1)
+                for a, b in zip(left, right, strict=True)
+            ]
+            what = "simulated with the fitted values (left) vs observed (right), labelled"
         else:
             n = full.shape[1]
             seen = observed[picks]
@@ -304,7 +369,10 @@ def write_comparison_video(scene, sim, observation, path, state, max_frames: int
             merged = np.concatenate([full[picks], markers], axis=1)
             camera = scene.camera or fit_camera(_bounds(merged.reshape(-1, 3), ground))
             idx = np.arange(n, n + observation.n_points)
-            frames = _render(FrameRenderer, faces, merged, camera, ground, idx)
+            frames = [
+                label_image(f, "simulated body, observed markers (red)")
+                for f in _render(FrameRenderer, faces, merged, camera, ground, idx)
+            ]
             what = "fitted body with the observed markers (red)"
         fps = max(1, round(1.0 / (dt * float(np.mean(np.diff(steps))) * stride)))
         fps = min(fps, 60) if len(steps) > 1 else 1
@@ -314,7 +382,9 @@ def write_comparison_video(scene, sim, observation, path, state, max_frames: int
     return f"video: {path} ({what}, {len(picks)} frames)"
 
 
-def _at_steps(positions: torch.Tensor, steps: np.ndarray) -> torch.Tensor:
+def _at_steps(positions, steps: np.ndarray):
+    import torch
+
     s = torch.as_tensor(steps, dtype=positions.dtype)
     lo = torch.floor(s).long().clamp(max=positions.shape[0] - 1)
     hi = (lo + 1).clamp(max=positions.shape[0] - 1)

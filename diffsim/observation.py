@@ -24,6 +24,7 @@ fitting target directly.
 from __future__ import annotations
 
 import math
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -254,19 +255,37 @@ class Observation:
             raise FileNotFoundError(f"target file not found: {path}")
         try:
             data = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise ObservationError(f"{path}: not a readable .npz file ({exc})") from exc
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+            data = None
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ObservationError(
+                f"{path}: not an .npz archive; a target is written by diffsim run SCENE.py "
+                "--out FILE.npz, Trajectory.save or Observation.save"
+            )
         with data:
             if "positions" not in data.files:
                 raise ObservationError(
                     f"{path}: no 'positions' array (found {sorted(data.files)}); an observation "
                     f"needs positions [frames, points, 3]"
                 )
-            arrays = {k: data[k] for k in ("indices", "frames", "times", "weights") if k in data}
-            stride = int(data["stride"]) if "stride" in data.files else 1
-            positions = data["positions"]
-            if not {"frames", "times", "stride"} & set(data.files) and "dt" in data.files:
-                arrays["times"] = np.arange(len(positions)) * float(data["dt"])
+            try:
+                arrays = {
+                    k: data[k] for k in ("indices", "frames", "times", "weights") if k in data
+                }
+                stride = data["stride"] if "stride" in data.files else 1
+                positions = data["positions"]
+                dt = data["dt"] if "dt" in data.files else None
+            except Exception:  # pickled Python objects (refused), a damaged member
+                raise ObservationError(
+                    f"{path}: an array in it cannot be read (damaged, or Python objects); "
+                    "write the target again"
+                ) from None
+            stride = _scalar(stride, "stride", path)
+            if not {"frames", "times", "stride"} & set(data.files) and dt is not None:
+                step = _scalar(dt, "dt", path)
+                if not (math.isfinite(step) and step > 0):
+                    raise ObservationError(f"{path}: dt must be a positive time (s), got {step:g}")
+                arrays["times"] = np.arange(len(positions)) * step
         if "frames" in arrays:
             arrays.pop("times", None)
         try:
@@ -288,6 +307,18 @@ class Observation:
     def __repr__(self) -> str:
         what = "all vertices" if self.indices is None else f"{self.n_points} markers"
         return f"Observation({self.n_frames} frames of {what})"
+
+
+def _scalar(value, name: str, path: Path) -> float:
+    """One number read from an ``.npz`` (``stride``, ``dt``)."""
+    arr = np.asarray(value)
+    if arr.size != 1 or not (
+        np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
+    ):
+        raise ObservationError(
+            f"{path}: {name} must be one number, got shape {list(arr.shape)} of {arr.dtype}"
+        )
+    return float(arr.reshape(()))
 
 
 def _as_float(value, name: str) -> np.ndarray:

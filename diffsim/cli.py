@@ -323,9 +323,13 @@ def _quiet_warp() -> None:
 
 
 def _version_line() -> str:
-    from diffsim import __version__
+    from importlib import metadata
 
-    return f"diffsim {__version__}"
+    try:
+        version = metadata.version("diffsim")
+    except metadata.PackageNotFoundError:  # run from a source tree without installing
+        from diffsim import __version__ as version
+    return f"diffsim {version}"
 
 
 # ----------------------------------------------------------------------------- helpers

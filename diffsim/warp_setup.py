@@ -148,7 +148,11 @@ def announce_compile() -> None:
     if _announced:
         return
     _announced = True
-    print(COMPILE_NOTICE, file=sys.stderr, flush=True)
+    tqdm = sys.modules.get("tqdm")
+    if tqdm is not None and hasattr(tqdm, "tqdm"):  # above a running progress bar
+        tqdm.tqdm.write(COMPILE_NOTICE, file=sys.stderr)
+    else:
+        print(COMPILE_NOTICE, file=sys.stderr, flush=True)
 
 
 def check_device(device) -> object:
@@ -174,7 +178,7 @@ def check_device(device) -> object:
     if dev.type == "cuda":
         if torch.version.cuda is None:
             raise ValueError(
-                f'device {str(device)!r}: this torch ({torch.__version__}) is a CPU-only build; '
+                f"device {str(device)!r}: this torch ({torch.__version__}) is a CPU-only build; "
                 'use device="cpu", or install a CUDA build of torch'
             )
         if not torch.cuda.is_available():
@@ -185,6 +189,7 @@ def check_device(device) -> object:
         count = torch.cuda.device_count()
         if dev.index is not None and dev.index >= count:
             raise ValueError(
-                f'device {str(device)!r}: there are {count} CUDA device(s) (cuda:0..cuda:{count - 1})'
+                f"device {str(device)!r}: there are {count} CUDA device(s), "
+                f"cuda:0 to cuda:{count - 1}"
             )
     return dev

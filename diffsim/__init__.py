@@ -14,7 +14,7 @@ from diffsim.materials import (
 )
 from diffsim.mesh import TetMesh
 from diffsim.observation import Observation, ObservationError
-from diffsim.simulator import SimulationError, Simulator
+from diffsim.simulator import SimulationError, Simulator, StabilityWarning
 from diffsim.state import State, Trajectory
 
 __version__ = "0.1.0"
@@ -31,6 +31,7 @@ __all__ = [
     "ObservationError",
     "SimulationError",
     "Simulator",
+    "StabilityWarning",
     "StVK",
     "StableNeoHookean",
     "State",

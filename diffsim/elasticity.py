@@ -10,9 +10,13 @@ from diffsim.materials import Material
 def deformation_gradients(
     x: torch.Tensor, tets: torch.Tensor, dm_inv: torch.Tensor
 ) -> torch.Tensor:
-    """F = Ds Dm^-1 per tet, ``[m, 3, 3]``, from positions ``x [n, 3]``."""
+    """F = Ds Dm^-1 per tet, ``[m, 3, 3]`` in the dtype of ``dm_inv``, from positions ``x [n, 3]``.
+
+    The edges are differenced in the positions' dtype (float64 in a simulation, see the
+    precision rule in docs/how-it-works.md) and then rounded to the working dtype.
+    """
     corners = x[tets]
-    ds = (corners[:, 1:] - corners[:, :1]).transpose(1, 2)
+    ds = (corners[:, 1:] - corners[:, :1]).transpose(1, 2).to(dm_inv.dtype)
     return ds @ dm_inv
 
 
@@ -34,17 +38,17 @@ def elastic_forces(
     dm_inv: torch.Tensor,
     volumes: torch.Tensor,
 ) -> torch.Tensor:
-    """Elastic forces -dE/dx, ``[n, 3]`` in N.
+    """Elastic forces -dE/dx, ``[n, 3]`` in N, in the dtype of ``dm_inv``.
 
     When autograd is recording and anything upstream needs a gradient, the graph of the
     gradient is kept (``create_graph``) so the forces are differentiable in turn.
     """
-    keep_graph = torch.is_grad_enabled() and (x.requires_grad or _any_requires_grad(material))
+    keep_graph = torch.is_grad_enabled() and (x.requires_grad or material.needs_grad)
     with torch.enable_grad():
         xr = x if x.requires_grad else x.detach().requires_grad_(True)
         energy = elastic_energy(material, xr, tets, dm_inv, volumes)
         (grad,) = torch.autograd.grad(energy, xr, create_graph=keep_graph)
-    return -grad
+    return -grad.to(dm_inv.dtype)
 
 
 def first_piola_kirchhoff(material: Material, F: torch.Tensor) -> torch.Tensor:
@@ -66,7 +70,6 @@ def von_mises_stress(material: Material, F: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(1.5 * dev.square().sum(dim=(1, 2)))
 
 
-def _any_requires_grad(material: Material) -> bool:
-    return any(
-        isinstance(v, torch.Tensor) and v.requires_grad for v in material.parameters().values()
-    )
+def volume_ratios(x: torch.Tensor, tets: torch.Tensor, dm_inv: torch.Tensor) -> torch.Tensor:
+    """J = det F per tet, ``[m]`` (current over rest volume; <= 0 where a tet is inverted)."""
+    return torch.linalg.det(deformation_gradients(x, tets, dm_inv))

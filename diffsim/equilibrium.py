@@ -700,7 +700,8 @@ def equilibrium(
     names = list(all_params)
     x_fixed = _fixed(sim, fixed_positions)
     f_ext = _external(sim, external_forces)
-    start = model.rest_positions if x0 is None else sim._vertex_tensor("x0", x0)
+    # The static solve works in the simulator's dtype (no increments accumulate over time).
+    start = model.rest_positions.to(sim.dtype) if x0 is None else sim._vertex_tensor("x0", x0)
     solver = _Solver(sim, names, start.detach(), opts)
     x = _Equilibrium.apply(solver, x_fixed, f_ext, *all_params.values())
     info = solver.info
@@ -778,7 +779,7 @@ def quasi_static(
 def _fixed(sim: Simulator, fixed_positions) -> torch.Tensor:
     idx = sim.model.fixed_indices
     if fixed_positions is None:
-        return sim.model.rest_positions[idx]
+        return sim.model.rest_positions[idx].to(sim.dtype)
     t = torch.as_tensor(fixed_positions, device=sim.device)
     if not t.is_floating_point() or t.shape != (len(idx), 3):
         raise ValueError(

@@ -133,6 +133,6 @@ def _float64_material(material: Material) -> Material:
     """A copy whose tensor parameters are detached float64 CPU tensors."""
     values = {
         k: v.detach().cpu().double() if isinstance(v, torch.Tensor) else v
-        for k, v in material.parameters().items()
+        for k, v in material.physical_parameters().items()
     }
     return material.replace(**values)

@@ -17,6 +17,8 @@ from diffsim.barrier import barrier, barrier_derivative
 
 # Gaps are floored at this fraction of dhat inside the barrier, so log() never sees 0.
 MIN_GAP_FRACTION = 1e-6
+# The acceleration (m/s^2) the default barrier stiffness is sized for.
+STANDARD_GRAVITY = 9.81
 
 
 @dataclass(frozen=True)
@@ -39,44 +41,51 @@ class Ground:
     friction_velocity: float = 1e-3
 
     @staticmethod
-    def default_stiffness(dhat: float, gravity: float) -> float:
-        """kappa for which the barrier holds 4 g at a gap of dhat / 4 (g = |gravity| or 9.81)."""
-        g = gravity if gravity > 0 else 9.81
+    def default_stiffness(dhat: float) -> float:
+        """kappa for which the barrier holds 4 g at a gap of dhat / 4, g = STANDARD_GRAVITY.
+
+        The default does not depend on the simulation's gravity, which is a differentiable
+        input: a stiffness derived from it would make the forward pass depend on gravity in
+        a way the backward pass cannot see. Under much stronger gravity, set the stiffness.
+        """
+        g = STANDARD_GRAVITY
         s, s_hat = (dhat / 4) ** 2, dhat**2
         d = s - s_hat
         db = -2.0 * d * math.log(s / s_hat) - d * d / s
         return 4.0 * g / (2.0 * (dhat / 4) * -db)
 
-    def gap(self, x: torch.Tensor) -> torch.Tensor:
-        """Signed distances to the plane, ``[n]`` (m)."""
-        return x[:, 1] - self.height
+    def gap(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Signed distances to the plane, ``[n]`` (m), differenced in the positions' dtype
+        (float64 in a simulation) and then rounded to ``dtype`` where given."""
+        d = x[:, 1] - self.height
+        return d if dtype is None else d.to(dtype)
 
-    def _squared_gap(self, x: torch.Tensor) -> torch.Tensor:
+    def _squared_gap(self, d: torch.Tensor) -> torch.Tensor:
         floor = (MIN_GAP_FRACTION * self.dhat) ** 2
-        return torch.clamp(self.gap(x) ** 2, min=floor)
+        return torch.clamp(d**2, min=floor)
 
     def energy(self, x: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
-        """Barrier energy (J), a scalar."""
-        return self.stiffness * (mass * barrier(self._squared_gap(x), self.dhat**2)).sum()
+        """Barrier energy (J), a scalar, in the dtype of ``mass``."""
+        d = self.gap(x, mass.dtype)
+        return self.stiffness * (mass * barrier(self._squared_gap(d), self.dhat**2)).sum()
 
-    def normal_acceleration(self, x: torch.Tensor) -> torch.Tensor:
-        """Barrier force per unit mass along +y, ``[n]`` (m/s^2), >= 0."""
-        d = self.gap(x)
-        return -self.stiffness * 2.0 * d * barrier_derivative(self._squared_gap(x), self.dhat**2)
+    def normal_acceleration(self, d: torch.Tensor) -> torch.Tensor:
+        """Barrier force per unit mass along +y at gaps ``d [n]`` (m), ``[n]`` (m/s^2), >= 0."""
+        return -self.stiffness * 2.0 * d * barrier_derivative(self._squared_gap(d), self.dhat**2)
 
-    def apply_friction(self, v: torch.Tensor, x: torch.Tensor, h: float) -> torch.Tensor:
+    def apply_friction(self, v: torch.Tensor, d: torch.Tensor, h: float) -> torch.Tensor:
         """Smooth Coulomb friction, integrated implicitly in the tangential velocity.
 
         The friction force on vertex i is ``-mu * lambda_i * f1(|u|) / |u| * u`` with u the
-        tangential velocity, lambda_i the barrier's normal force at positions ``x`` (the
-        simulator passes the end-of-step heights from :meth:`solve`) and f1 the IPC smoothing
+        tangential velocity, lambda_i the barrier's normal force at the gaps ``d`` (the
+        simulator passes the end-of-step gaps from :meth:`solve`) and f1 the IPC smoothing
         (``2y/eps - y^2/eps^2`` below eps, 1 above).
         Dividing u by ``1 + h * mu * lambda_i/m_i * f1(|u|)/|u|`` can only slow a vertex,
         never reverse it, so friction is stable at any time step.
         """
         if self.friction <= 0.0:
             return v
-        normal = self.normal_acceleration(x)
+        normal = self.normal_acceleration(d)
         tangential = torch.stack([v[:, 0], torch.zeros_like(v[:, 1]), v[:, 2]], dim=1)
         speed = torch.sqrt(tangential.square().sum(dim=1) + (1e-6 * self.friction_velocity) ** 2)
         eps = self.friction_velocity
@@ -84,8 +93,8 @@ class Ground:
         scale = 1.0 / (1.0 + h * self.friction * normal * slope)
         return v - (1.0 - scale)[:, None] * tangential
 
-    def solve(self, y_pred: torch.Tensor, h: float) -> torch.Tensor:
-        """Heights after the step, with the barrier integrated implicitly per vertex.
+    def solve(self, d_pred: torch.Tensor, h: float) -> torch.Tensor:
+        """Gaps after the step, with the barrier integrated implicitly per vertex.
 
         The ground barrier is separable: vertex i feels only its own gap. So instead of an
         explicit barrier force (which a fast vertex can drive arbitrarily deep, then be
@@ -94,22 +103,22 @@ class Ground:
         explicit update and a(d) the barrier acceleration. The left side minus the right
         is increasing in d' and goes to -inf as d' -> 0, so the root is unique and positive:
         no vertex ever ends a step on or below the plane, whatever its speed. Where
-        d_pred >= dhat the root is d_pred itself.
+        d_pred >= dhat the root is d_pred itself. The velocity then changes by the
+        barrier's impulse, ``h a(d')``, only where it acts (see ``integrator``).
 
         The root is found without a graph (safeguarded Newton), then one Newton step with
         the graph attached gives exact first derivatives, dd'/dd_pred = 1 / (1 - h^2 a'(d')).
 
         Args:
-            y_pred: ``[n]`` heights after the explicit update, ``y + h v``.
+            d_pred: ``[n]`` gaps after the explicit update, ``y + h v - height`` (m).
             h: the substep in s.
 
         Returns:
-            ``[n]`` heights, all above the plane.
+            ``[n]`` gaps, all > 0.
         """
-        d_pred = y_pred - self.height
         active = d_pred < self.dhat
         if not bool(active.any()):
-            return y_pred
+            return d_pred
         min_gap = MIN_GAP_FRACTION * self.dhat
         with torch.no_grad():
             target = d_pred[active].detach()
@@ -133,7 +142,7 @@ class Ground:
         # One Newton step on the graph: same value, exact first derivatives.
         d_new = d - (d - d_pred[active] - h * h * accel) / slope
         d_new = torch.clamp(d_new, min=min_gap)
-        return y_pred.masked_scatter(active, self.height + d_new)
+        return d_pred.masked_scatter(active, d_new)
 
     def _acceleration(self, d: torch.Tensor) -> torch.Tensor:
         """Barrier acceleration a(d) = -kappa 2 d b'(d^2) (m/s^2), for gaps d > 0."""

@@ -23,17 +23,22 @@ def symplectic_euler_update(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One substep from the explicit forces (everything but the ground barrier).
 
+    Precision rule: positions are float64 and the increment ``h v`` (in the working dtype)
+    is added to them in float64, so no increment is lost however small the substep or far
+    the body from the origin. Velocities are never recomputed from position differences:
+    they change by the forces, and where a contact acts, by its own impulse.
+
     Args:
         model: the static model (substep, clamp, fixed vertices, ground, contact).
-        x: positions ``[n, 3]`` (m).
-        v: velocities ``[n, 3]`` (m/s).
+        x: positions ``[n, 3]`` (m), float64.
+        v: velocities ``[n, 3]`` (m/s), working dtype.
         forces: explicit forces ``[n, 3]`` (N): elastic + gravity + surface contact.
         mass: lumped masses ``[n]`` (kg).
         damping: mass-proportional damping rate (1/s).
         x_fixed: positions ``[k, 3]`` of the fixed vertices at the end of the substep.
 
     Returns:
-        ``(x_new, v_new)``, each ``[n, 3]``.
+        ``(x_new, v_new)``, each ``[n, 3]`` (float64 and working dtype).
     """
     m = model
     h = m.substep_dt
@@ -41,18 +46,42 @@ def symplectic_euler_update(
     v = v / (1.0 + h * damping)
     if m.max_speed is not None:
         v = clamp_speed(v, m.max_speed)
-    v = v * (~m.fixed_mask).to(x.dtype)[:, None]
+    v = v * (~m.fixed_mask).to(v.dtype)[:, None]
     x_new = x + h * v
     if m.ground is not None:
-        # The ground barrier, implicit per vertex; then friction from its normal force.
-        # The new height is used as solved, not as x + h v, which could round onto the plane.
-        y_new = m.ground.solve(x_new[:, 1], h)
-        v = torch.stack([v[:, 0], (y_new - x[:, 1]) / h, v[:, 2]], dim=1)
-        v = m.ground.apply_friction(v, torch.stack([x[:, 0], y_new, x[:, 2]], dim=1), h)
-        x_new = torch.stack([x[:, 0] + h * v[:, 0], y_new, x[:, 2] + h * v[:, 2]], dim=1)
+        x_new, v = _ground_contact(m.ground, x, v, h)
     if m.contact is not None:
+        # Surface friction on all three components, then the continuous collision limit:
+        # a vertex whose step is cut keeps the same fraction of its velocity.
         v = m.contact.apply_friction(v, x, mass, h)
-        proposed = torch.stack([x[:, 0] + h * v[:, 0], x_new[:, 1], x[:, 2] + h * v[:, 2]], 1)
-        x_new = m.contact.limit(x, proposed)
-        v = (x_new - x) / h
-    return x_new.index_put((m.fixed_indices,), x_fixed), v
+        proposed = x + h * v
+        if m.ground is not None:
+            proposed = torch.stack([proposed[:, 0], x_new[:, 1], proposed[:, 2]], dim=1)
+        alpha = m.contact.step_scales(x, proposed)
+        if alpha is not None:
+            x_new = x + alpha[:, None] * (proposed - x)
+            v = v * alpha.to(v.dtype)[:, None]
+        else:
+            x_new = proposed
+    return x_new.index_put((m.fixed_indices,), x_fixed.to(x_new.dtype)), v
+
+
+def _ground_contact(ground, x: torch.Tensor, v: torch.Tensor, h: float):
+    """The implicit ground barrier and friction; returns ``(x_new, v_new)``.
+
+    Where a vertex's predicted gap is inside the barrier, its new gap d' is solved
+    implicitly (:meth:`Ground.solve`), its height is ``height + d'`` (never on or below the
+    plane) and its vertical velocity gains the barrier's impulse ``h a(d')``; friction then
+    acts on the tangential velocity. Elsewhere the step is the free one.
+    """
+    d_pred = ground.gap(x, v.dtype) + h * v[:, 1]
+    active = d_pred < ground.dhat
+    if not bool(active.any()):
+        return x + h * v, v
+    d_new = ground.solve(d_pred, h)
+    normal = ground.normal_acceleration(d_new)
+    v = torch.stack([v[:, 0], v[:, 1] + h * normal, v[:, 2]], dim=1)
+    v = ground.apply_friction(v, d_new, h)
+    step = x + h * v
+    y_new = torch.where(active, ground.height + d_new.to(x.dtype), step[:, 1])
+    return torch.stack([step[:, 0], y_new, step[:, 2]], dim=1), v

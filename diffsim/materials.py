@@ -1,9 +1,10 @@
 """Hyperelastic materials, each defined by its energy density psi(F), written once in torch.
 
-A material's parameters are floats or tensors of shape ``[]`` or ``[n_tets]``; a tensor
-keeps its autograd graph, so gradients reach whatever produced it (a leaf, a neural
-network). Forces on the torch path are minus the autograd gradient of the total energy;
-the Warp kernels implement the same first Piola-Kirchhoff stresses analytically.
+Materials are ``torch.nn.Module``s. Their parameters are floats or tensors of shape ``[]``
+or ``[n_tets]``; a tensor keeps its autograd graph, so gradients reach whatever produced
+it (a leaf, a neural network). Forces on the torch path are minus the autograd gradient of
+the total energy; the Warp kernels implement the same first Piola-Kirchhoff stresses
+analytically, for the classes that name a ``kernel``.
 """
 
 from __future__ import annotations
@@ -13,22 +14,21 @@ import math
 
 import torch
 
-# Materials whose stress the Warp kernels implement, by kernel id.
-MATERIAL_KERNEL_IDS = {
-    "StableNeoHookean": 0,
-    "NeoHookean": 1,
-    "StVK": 2,
-    "Corotated": 3,
-    "LinearElastic": 4,
-}
 
+class Material(torch.nn.Module):
+    """Base class: a hyperelastic energy density psi(F) with (E, nu, density), a torch Module.
 
-class Material:
-    """Base class: a hyperelastic energy density psi(F) with (E, nu, density).
+    As in NEML2, a material is a ``torch.nn.Module``: ``named_parameters()``, ``.to()``,
+    ``state_dict()`` and ``torch.optim`` work as for any Module, and submodules (a neural
+    field, say) are found like any other. The simulator differentiates every floating-point
+    tensor the material holds (:meth:`differentiable_tensors`): Parameters, buffers, and
+    plain tensor attributes alike, so a user's material needs only
+    :meth:`energy_density` and its parameters, with nothing declared.
 
-    Subclasses implement :meth:`energy_density`. A user's own material needs only that
-    method; it runs on the torch path. Extra differentiable parameters are declared by
-    extending ``parameter_names`` and setting them as attributes.
+    E, nu and density may be floats or tensors of shape ``[]`` or ``[n_tets]``. A float is
+    stored as a buffer; a tensor is stored as given (the same object: a leaf keeps receiving
+    its ``.grad``, a network's output keeps its graph); an ``nn.Parameter`` is registered
+    as a parameter.
 
     Args:
         youngs_modulus: E in Pa, > 0.
@@ -36,7 +36,11 @@ class Material:
         density: in kg/m^3, > 0.
     """
 
+    #: The physical parameters, by name (what fitting, scenes and the viewer address).
     parameter_names: tuple[str, ...] = ("youngs_modulus", "poissons_ratio", "density")
+    #: The Warp kernel implementing this class's stress, set by the built-in classes only
+    #: (a subclass that overrides ``energy_density`` runs on the torch path).
+    kernel: int | None = None
 
     def __init__(
         self,
@@ -44,10 +48,26 @@ class Material:
         poissons_ratio: float | torch.Tensor = 0.3,
         density: float | torch.Tensor = 1000.0,
     ) -> None:
-        self.youngs_modulus = youngs_modulus
-        self.poissons_ratio = poissons_ratio
-        self.density = density
+        super().__init__()
+        self.set_value("youngs_modulus", youngs_modulus)
+        self.set_value("poissons_ratio", poissons_ratio)
+        self.set_value("density", density)
         self.validate()
+
+    def set_value(self, name: str, value: float | torch.Tensor) -> None:
+        """Stores a parameter: a Parameter as a parameter, a tensor (graph kept) or a float
+        (as a float64 tensor) as a buffer."""
+        if isinstance(value, torch.nn.Parameter):
+            self._buffers.pop(name, None)
+            self.register_parameter(name, value)
+        elif isinstance(value, torch.Tensor):
+            self._parameters.pop(name, None)
+            self.register_buffer(name, value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            self._parameters.pop(name, None)
+            self.register_buffer(name, torch.tensor(float(value), dtype=torch.float64))
+        else:
+            raise ValueError(f"{name} must be a float or a tensor, got {type(value).__name__}")
 
     # ----------------------------------------------------------------- the physics
     def energy_density(self, F: torch.Tensor) -> torch.Tensor:
@@ -61,9 +81,17 @@ class Material:
         """
         raise NotImplementedError(f"{type(self).__name__} must implement energy_density(F)")
 
+    def forward(self, F: torch.Tensor) -> torch.Tensor:
+        """The Module call: :meth:`energy_density`."""
+        return self.energy_density(F)
+
     def lame(self) -> tuple[torch.Tensor | float, torch.Tensor | float]:
         """Lame parameters (mu, lambda) in Pa from (E, nu), as used by psi."""
         return lame_parameters(self.youngs_modulus, self.poissons_ratio)
+
+    def kernel_lame(self) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+        """The (mu, lambda) the Warp kernel of :attr:`kernel_id` takes (default: :meth:`lame`)."""
+        return self.lame()
 
     @property
     def kernel_id(self) -> int | None:
@@ -72,28 +100,77 @@ class Material:
         A subclass of a built-in that overrides ``energy_density`` gets None.
         """
         for cls in type(self).__mro__:
-            if cls.__name__ in MATERIAL_KERNEL_IDS and cls.__module__ == __name__:
-                if type(self).energy_density is cls.energy_density:
-                    return MATERIAL_KERNEL_IDS[cls.__name__]
+            if "kernel" in vars(cls):
+                if cls.kernel is not None and type(self).energy_density is cls.energy_density:
+                    return cls.kernel
                 return None
         return None
 
     # ----------------------------------------------------------------- parameters
-    def parameters(self) -> dict[str, torch.Tensor | float]:
-        """The named parameters (floats or tensors, graphs kept)."""
+    def physical_parameters(self) -> dict[str, torch.Tensor]:
+        """The named physical parameters (``parameter_names``), graphs kept."""
         return {name: getattr(self, name) for name in self.parameter_names}
 
+    def differentiable_tensors(self) -> dict[str, torch.Tensor]:
+        """Every floating-point tensor of the material and its submodules, by dotted name.
+
+        Parameters, buffers and plain tensor attributes (``self.c = torch.tensor(...,
+        requires_grad=True)``) alike: these are the material's inputs to a rollout.
+        """
+        out: dict[str, torch.Tensor] = {}
+        for prefix, module in self.named_modules():
+            dot = f"{prefix}." if prefix else ""
+            own = {**module._parameters, **module._buffers}
+            own.update(
+                (k, v)
+                for k, v in vars(module).items()
+                if isinstance(v, torch.Tensor) and not k.startswith("_")
+            )
+            for name, value in own.items():
+                if isinstance(value, torch.Tensor) and value.is_floating_point():
+                    out[dot + name] = value
+        return out
+
+    @property
+    def needs_grad(self) -> bool:
+        """True if any tensor of the material requires a gradient (the material says so)."""
+        return any(t.requires_grad for t in self.differentiable_tensors().values())
+
+    def with_tensors(self, values: dict[str, torch.Tensor]) -> Material:
+        """A copy with tensors replaced by dotted name (:meth:`differentiable_tensors`).
+
+        The copy shares everything else; the original is not modified (checkpointing and
+        fitting substitute their own tensors this way).
+        """
+        clone = _shallow_copy(self)
+        for name, value in values.items():
+            owner = clone
+            *path, leaf = name.split(".")
+            for part in path:
+                child = _shallow_copy(owner._modules[part])
+                owner._modules[part] = child
+                owner = child
+            if leaf in owner._parameters:
+                owner._parameters[leaf] = value
+            elif leaf in owner._buffers:
+                owner._buffers[leaf] = value
+            elif isinstance(vars(owner).get(leaf), torch.Tensor):
+                owner.__dict__[leaf] = value
+            else:
+                raise ValueError(f"{type(self).__name__} has no tensor {name!r}")
+        return clone
+
     def replace(self, **values) -> Material:
-        """A shallow copy with some parameters replaced (used by checkpointing and fitting)."""
+        """A copy with some physical parameters replaced (floats or tensors)."""
         unknown = set(values) - set(self.parameter_names)
         if unknown:
             raise ValueError(
                 f"unknown material parameters {sorted(unknown)}; "
                 f"{type(self).__name__} has {list(self.parameter_names)}"
             )
-        clone = copy.copy(self)
+        clone = _shallow_copy(self)
         for name, value in values.items():
-            setattr(clone, name, value)
+            clone.set_value(name, value)
         return clone
 
     def validate(self, n_tets: int | None = None) -> None:
@@ -103,11 +180,6 @@ class Material:
             ValueError: a NaN, E <= 0, nu outside (-1, 0.5), density <= 0, or a tensor whose
                 shape is neither ``[]`` nor ``[n_tets]``.
         """
-        bounds = {
-            "youngs_modulus": (0.0, math.inf, "> 0 Pa"),
-            "poissons_ratio": (-1.0, 0.5, "in (-1, 0.5)"),
-            "density": (0.0, math.inf, "> 0 kg/m^3"),
-        }
         for name in self.parameter_names:
             value = getattr(self, name)
             if isinstance(value, torch.Tensor):
@@ -125,8 +197,8 @@ class Material:
                 raise ValueError(f"{name} must be a float or a tensor, got {type(value).__name__}")
             if torch.isnan(data).any():
                 raise ValueError(f"{name} contains NaN")
-            if name in bounds:
-                lo, hi, text = bounds[name]
+            if name in PARAMETER_BOUNDS:
+                lo, hi, text = PARAMETER_BOUNDS[name]
                 bad = ~((data > lo) & (data < hi))
                 if bad.any():
                     where = (
@@ -138,14 +210,33 @@ class Material:
                         f"{name} must be {text}, got {data[bad].flatten()[0].item():g}{where}"
                     )
 
-    def __repr__(self) -> str:
+    def extra_repr(self) -> str:
         def show(v):
             if isinstance(v, torch.Tensor):
                 return f"tensor{list(v.shape)}" if v.dim() else f"{v.item():g}"
             return f"{v:g}"
 
-        args = ", ".join(f"{k}={show(v)}" for k, v in self.parameters().items())
-        return f"{type(self).__name__}({args})"
+        return ", ".join(f"{k}={show(v)}" for k, v in self.physical_parameters().items())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+
+# The open bounds of the physical parameters (lower, upper, how the error states them).
+PARAMETER_BOUNDS = {
+    "youngs_modulus": (0.0, math.inf, "> 0 Pa"),
+    "poissons_ratio": (-1.0, 0.5, "in (-1, 0.5)"),
+    "density": (0.0, math.inf, "> 0 kg/m^3"),
+}
+
+
+def _shallow_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of a Module sharing its tensors, with its own parameter/buffer/module tables."""
+    clone = copy.copy(module)
+    clone._parameters = dict(module._parameters)
+    clone._buffers = dict(module._buffers)
+    clone._modules = dict(module._modules)
+    return clone
 
 
 def lame_parameters(youngs_modulus, poissons_ratio):
@@ -177,9 +268,16 @@ class StableNeoHookean(Material):
     Defined for inverted tets (J <= 0).
     """
 
-    def energy_density(self, F: torch.Tensor) -> torch.Tensor:
+    kernel = 0  # the kernel ids index the tables of diffsim/kernels (SNH, NH, STVK, ...)
+
+    def kernel_lame(self):
+        """(mu', lambda') = (4/3 mu, lambda + 5/6 mu), the constants psi is written in."""
         mu, lam = self.lame()
-        mu_s, lam_s = _expand(4.0 / 3.0 * mu, F), _expand(lam + 5.0 / 6.0 * mu, F)
+        return 4.0 / 3.0 * mu, lam + 5.0 / 6.0 * mu
+
+    def energy_density(self, F: torch.Tensor) -> torch.Tensor:
+        mu_s, lam_s = self.kernel_lame()
+        mu_s, lam_s = _expand(mu_s, F), _expand(lam_s, F)
         ic, J = _invariants(F)
         alpha = 1.0 + 0.75 * mu_s / lam_s
         volume_term = (J - alpha) ** 2 - (1.0 - alpha) ** 2
@@ -196,6 +294,8 @@ class NeoHookean(Material):
     Undefined for inverted tets (J <= 0); a step that inverts one raises an error.
     """
 
+    kernel = 1
+
     def energy_density(self, F: torch.Tensor) -> torch.Tensor:
         mu, lam = self.lame()
         mu, lam = _expand(mu, F), _expand(lam, F)
@@ -206,6 +306,8 @@ class NeoHookean(Material):
 
 class StVK(Material):
     """St. Venant-Kirchhoff: psi = mu |E|^2 + lambda/2 tr(E)^2, E = (F^T F - I) / 2."""
+
+    kernel = 2
 
     def energy_density(self, F: torch.Tensor) -> torch.Tensor:
         mu, lam = self.lame()
@@ -223,6 +325,8 @@ class Corotated(Material):
     tet S has one negative entry), differentiated with the closed form of dR/dF.
     """
 
+    kernel = 3
+
     def energy_density(self, F: torch.Tensor) -> torch.Tensor:
         mu, lam = self.lame()
         mu, lam = _expand(mu, F), _expand(lam, F)
@@ -236,6 +340,8 @@ class LinearElastic(Material):
 
     Not rotation invariant: use it for small displacements and rotations only.
     """
+
+    kernel = 4
 
     def energy_density(self, F: torch.Tensor) -> torch.Tensor:
         mu, lam = self.lame()

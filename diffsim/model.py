@@ -11,6 +11,10 @@ from diffsim.ground import Ground
 from diffsim.materials import Material
 from diffsim.mesh import TetMesh
 
+# Positions are float64 in every configuration: the precision rule (docs/how-it-works.md).
+# Forces, velocities and parameters use the simulator's dtype (float32 by default).
+POSITION_DTYPE = torch.float64
+
 
 @dataclass(frozen=True)
 class Model:
@@ -18,9 +22,9 @@ class Model:
 
     Attributes:
         mesh: the tet mesh (numpy, float64).
-        rest_positions: ``[n, 3]``.
+        rest_positions: ``[n, 3]`` float64 (``POSITION_DTYPE``).
         tets: ``[m, 4]`` int64.
-        dm_inv: ``[m, 3, 3]`` inverse rest edge matrices.
+        dm_inv: ``[m, 3, 3]`` inverse rest edge matrices, in the simulator's dtype.
         rest_volumes: ``[m]`` in m^3.
         fixed_mask: ``[n]`` bool, True where a vertex is prescribed.
         fixed_indices: ``[k]`` int64, the prescribed vertices.
@@ -51,7 +55,8 @@ class Model:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.rest_positions.dtype
+        """The working dtype of forces, velocities and parameters."""
+        return self.dm_inv.dtype
 
     @property
     def device(self) -> torch.device:

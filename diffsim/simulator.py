@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -11,12 +12,13 @@ import torch
 
 from diffsim.backends import BACKENDS
 from diffsim.checkpoint import run_segment
-from diffsim.elasticity import elastic_energy
+from diffsim.elasticity import elastic_energy, volume_ratios
 from diffsim.ground import Ground
 from diffsim.materials import Material
 from diffsim.mesh import TetMesh
-from diffsim.model import Coefficients, Model, lumped_mass
+from diffsim.model import POSITION_DTYPE, Coefficients, Model, lumped_mass
 from diffsim.state import State, Trajectory
+from diffsim.warp_setup import check_device
 
 # Default ground barrier activation distance, as a fraction of the mesh's bounding-box diagonal.
 GROUND_DHAT_FRACTION = 5e-3
@@ -26,6 +28,21 @@ FINITE_CHECK_WORK = 1_000_000
 
 class SimulationError(RuntimeError):
     """A step produced non-finite values; the message names the step and the likely fix."""
+
+
+class StabilityWarning(UserWarning):
+    """A limiter changed the physics, or the run is near its stability limit (with numbers).
+
+    Filter it like any warning: ``warnings.simplefilter("ignore", ds.StabilityWarning)``.
+    """
+
+
+# The speed clamp is reported when more than this share of vertex-frames move faster than
+# CLAMP_NOTICE_SPEED * max_speed (where tanh(r)/r < 0.92: velocities changed by > 8%).
+CLAMP_NOTICE_SHARE = 0.02
+CLAMP_NOTICE_SPEED = 0.5
+# Tets whose volume ratio J leaves this range are "strained far beyond the material's range".
+STRAIN_NOTICE_RANGE = (0.1, 10.0)
 
 
 class Simulator:
@@ -104,7 +121,7 @@ class Simulator:
         self.mesh = mesh
         self.material = material
         self.dtype = dtype
-        self.device = torch.device(device)
+        self.device = check_device(device)
         self.gravity = _as_vector("gravity", gravity, dtype, self.device)
         self.damping = damping
         self._check_damping()
@@ -120,12 +137,12 @@ class Simulator:
 
             contact_model = SurfaceContact.for_simulation(
                 mesh, dt / substeps, contact_dhat, contact_stiffness, contact_friction,
-                contact_friction_velocity, backend, self.device,
+                contact_friction_velocity, backend, self.device, dtype,
             )  # fmt: skip
         as_t = dict(dtype=dtype, device=self.device)
         self.model = Model(
             mesh=mesh,
-            rest_positions=torch.as_tensor(mesh.vertices, **as_t),
+            rest_positions=torch.as_tensor(mesh.vertices, dtype=POSITION_DTYPE, device=self.device),
             tets=torch.as_tensor(mesh.tets, device=self.device),
             dm_inv=torch.as_tensor(mesh.dm_inv, **as_t),
             rest_volumes=torch.as_tensor(mesh.rest_volumes, **as_t),
@@ -137,6 +154,7 @@ class Simulator:
             ground=ground_model,
             contact=contact_model,
         )
+        self._warned: set[str] = set()
         self.backend_name = self._choose_backend(backend, material)
         self.backend = BACKENDS[self.backend_name](self.model)
 
@@ -156,7 +174,8 @@ class Simulator:
                 f"e.g. mesh.placed_on({height:g}, gap=0.01)"
             )
         if stiffness is None:
-            stiffness = Ground.default_stiffness(dhat, float(self.gravity.detach().norm()))
+            # Independent of the (differentiable) gravity input on purpose: see Ground.
+            stiffness = Ground.default_stiffness(dhat)
         _check_positive("ground_stiffness", stiffness)
         return Ground(
             height, float(dhat), float(stiffness), float(friction), float(friction_velocity)
@@ -188,18 +207,27 @@ class Simulator:
 
     # ----------------------------------------------------------------- parameters
     def parameters(self) -> dict[str, torch.Tensor]:
-        """Differentiable inputs of a rollout by name: material parameters, gravity, damping."""
+        """Differentiable inputs of a rollout by name, in the simulator's dtype: every tensor
+        of the material (:meth:`Material.differentiable_tensors`, so a user's own parameters
+        are found with nothing declared), gravity and damping."""
         as_t = dict(dtype=self.dtype, device=self.device)
-        params = {k: torch.as_tensor(v, **as_t) for k, v in self.material.parameters().items()}
-        params["gravity"] = self.gravity.to(**as_t)
-        params["damping"] = torch.as_tensor(self.damping, **as_t)
+        params = {
+            k: torch.as_tensor(v, **as_t) for k, v in self.material.differentiable_tensors().items()
+        }
+        for name, value in (("gravity", self.gravity), ("damping", self.damping)):
+            if name in params:
+                raise ValueError(
+                    f"the material has a tensor named {name!r}, which the simulator uses for "
+                    f"its own {name}; rename the material's attribute"
+                )
+            params[name] = torch.as_tensor(value, **as_t)
         return params
 
     def coefficients(self, params: dict[str, torch.Tensor] | None = None) -> Coefficients:
         """Material with bound parameters, masses, gravity and damping (differentiable)."""
         params = self.parameters() if params is None else params
-        names = self.material.parameter_names
-        material = self.material.replace(**{k: params[k] for k in names})
+        names = self.material.differentiable_tensors().keys()
+        material = self.material.with_tensors({k: params[k] for k in names})
         return Coefficients(
             material=material,
             mass=lumped_mass(self.model, params["density"]),
@@ -211,6 +239,9 @@ class Simulator:
     def initial_state(self, positions=None, velocities=None) -> State:
         """A state; positions default to the rest shape and velocities to zero.
 
+        Positions are float64 whatever the simulator's dtype (the precision rule, see
+        docs/how-it-works.md); velocities are in the simulator's dtype.
+
         Args:
             positions: ``[n, 3]`` or None.
             velocities: ``[n, 3]``, ``[3]`` (the same for every vertex) or None.
@@ -219,10 +250,10 @@ class Simulator:
         x = (
             self.model.rest_positions.clone()
             if positions is None
-            else self._vertex_tensor("positions", positions)
+            else self._vertex_tensor("positions", positions, POSITION_DTYPE)
         )
         if velocities is None:
-            v = torch.zeros_like(x)
+            v = torch.zeros((n, 3), dtype=self.dtype, device=self.device)
         else:
             v = torch.as_tensor(velocities, dtype=self.dtype, device=self.device)
             if v.shape == (3,):
@@ -237,11 +268,11 @@ class Simulator:
                 )
         return State(x, v)
 
-    def _vertex_tensor(self, name: str, value) -> torch.Tensor:
+    def _vertex_tensor(self, name: str, value, dtype: torch.dtype | None = None) -> torch.Tensor:
         t = torch.as_tensor(value, device=self.device)
         if not t.is_floating_point():
             raise ValueError(f"{name} must be floating point, got {t.dtype}")
-        t = t.to(self.dtype)
+        t = t.to(dtype or self.dtype)
         if t.shape != (self.model.n_vertices, 3):
             raise ValueError(
                 f"{name} must have shape [{self.model.n_vertices}, 3], got {list(t.shape)}"
@@ -259,7 +290,7 @@ class Simulator:
         t = torch.as_tensor(fixed_positions, device=self.device)
         if not t.is_floating_point():
             raise ValueError(f"fixed_positions must be floating point, got {t.dtype}")
-        t = t.to(self.dtype)
+        t = t.to(POSITION_DTYPE)
         if t.shape == (k, 3):
             return t.unsqueeze(0).expand(steps, k, 3)
         if t.dim() == 3 and t.shape[1:] == (k, 3) and t.shape[0] >= steps:
@@ -278,10 +309,9 @@ class Simulator:
             fixed_positions: ``[k, 3]`` positions of the fixed vertices at the end of the step
                 (default: where they are now).
         """
-        targets = self._fixed_targets(fixed_positions, 1, state.positions)
-        xs, vs = self._run(
-            state.positions, state.velocities, targets, list(self.parameters().values()), 0
-        )
+        x, v = self._state_tensors(state)
+        targets = self._fixed_targets(fixed_positions, 1, x)
+        xs, vs = self._run(x, v, targets, list(self.parameters().values()), 0)
         return State(xs[-1], vs[-1])
 
     def rollout(
@@ -312,7 +342,7 @@ class Simulator:
                 f"checkpoint_every must be a positive integer or None, got {checkpoint_every!r}"
             )
         state = self.initial_state() if state is None else state
-        x, v = state.positions, state.velocities
+        x, v = self._state_tensors(state)
         targets = self._fixed_targets(fixed_positions, steps, x)
         params = list(self.parameters().values())
         if not torch.is_grad_enabled() or not any(
@@ -342,6 +372,10 @@ class Simulator:
                 x, v = x.clone(), v.clone()
         return self._trajectory(torch.cat(positions), torch.cat(velocities))
 
+    def _state_tensors(self, state: State) -> tuple[torch.Tensor, torch.Tensor]:
+        """The state's positions (float64) and velocities (working dtype)."""
+        return state.positions.to(POSITION_DTYPE), state.velocities.to(self.dtype)
+
     def _trajectory(self, positions: torch.Tensor, velocities: torch.Tensor) -> Trajectory:
         return Trajectory(
             positions, velocities, self.model.dt, self.mesh.tets, self.mesh.surface_faces
@@ -366,14 +400,54 @@ class Simulator:
         if out is None:
             xs, vs = self.backend.advance(prepared, x, v, targets)
             self._check_finite(xs, first_step)
+            self._check_limiters(xs, vs)
             return xs, vs
         block = max(1, FINITE_CHECK_WORK // (self.model.n_tets * self.model.substeps))
         for b in range(0, len(targets), block):
             frames = (out[0][b : b + block], out[1][b : b + block])
             self.backend.advance(prepared, x, v, targets[b : b + block], out=frames)
             self._check_finite(frames[0], first_step + b)
+            self._check_limiters(*frames)
             x, v = frames[0][-1], frames[1][-1]
         return out
+
+    def _check_limiters(self, xs: torch.Tensor, vs: torch.Tensor) -> None:
+        """Warns (once per kind) where the speed clamp acts on a large share of vertices or
+        tets are strained far beyond any material's range: what an unclamped run would have
+        raised as a blow-up. Reads detached frames ``[K, n, 3]``; not part of the graph."""
+        if not len(xs):
+            return
+        m = self.model
+        with torch.no_grad():
+            if m.max_speed is not None and "clamp" not in self._warned:
+                fast = vs.detach().norm(dim=2) > CLAMP_NOTICE_SPEED * m.max_speed
+                share = float(fast.double().mean())
+                if share > CLAMP_NOTICE_SHARE:
+                    self._warn(
+                        "clamp",
+                        f"the tanh speed clamp (max_speed = {m.max_speed:g} m/s) is acting on "
+                        f"{100 * share:.0f}% of vertex-frames (speeds above "
+                        f"{CLAMP_NOTICE_SPEED * m.max_speed:g} m/s, changed by more than 8%); "
+                        f"this usually hides an unstable substep (h = {m.substep_dt:.3g} s): "
+                        f"use a smaller dt or more substeps, or raise max_speed",
+                    )
+            if "strain" not in self._warned:
+                J = volume_ratios(xs[-1].detach(), m.tets, m.dm_inv.double())
+                lo, hi = STRAIN_NOTICE_RANGE
+                bad = torch.nonzero((J < lo) | (J > hi)).flatten()
+                if len(bad):
+                    self._warn(
+                        "strain",
+                        f"{len(bad)} tets are strained far beyond the material's range "
+                        f"(volume ratios from {float(J.min()):.3g} to {float(J.max()):.3g}; "
+                        f"tets {bad[:8].tolist()}); an unstable substep (h = "
+                        f"{m.substep_dt:.3g} s) or a clamp hiding one is the usual cause: use "
+                        f"a smaller dt or more substeps",
+                    )
+
+    def _warn(self, kind: str, message: str) -> None:
+        self._warned.add(kind)
+        warnings.warn(message, StabilityWarning, stacklevel=4)
 
     def _check_finite(self, frames: torch.Tensor, first_step: int) -> None:
         """Raises SimulationError at the first of the frames ``[K, n, 3]`` that is not finite."""

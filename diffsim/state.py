@@ -168,10 +168,10 @@ class Trajectory:
         n = positions.shape[1]
         tets = _connectivity(tets, 4, "tets", n, path)
         faces = _connectivity(faces, 3, "surface_faces", n, path)
-        dtype = dtype or torch.get_default_dtype()
+        # Without a dtype, the file's own: float64 positions stay float64 (precision rule).
         traj = cls(
-            torch.as_tensor(positions, dtype=dtype),
-            torch.as_tensor(velocities, dtype=dtype),
+            torch.as_tensor(positions, dtype=dtype or _float_dtype(positions)),
+            torch.as_tensor(velocities, dtype=dtype or _float_dtype(velocities)),
             dt,
             tets,
             faces,
@@ -229,3 +229,10 @@ def _metadata(value: np.ndarray, path: Path) -> dict | None:
     if not isinstance(out, dict):
         raise ValueError(f"{path}: metadata must be a JSON object (a dict); write the file again")
     return out
+
+
+def _float_dtype(array: np.ndarray) -> torch.dtype:
+    """The torch dtype of a float array as stored (float64 stays float64), else the default."""
+    if array.dtype == np.float64:
+        return torch.float64
+    return torch.get_default_dtype()

@@ -127,6 +127,9 @@ def forward_launches(g: Geometry, w: WarpCoefficients, threads: int) -> SimpleNa
         # A descriptor of its own: RecordedLaunch.point mutates it in place.
         return wrap(t, k.vec3)
 
+    def position_slot(t: torch.Tensor) -> Any:
+        return wrap(t, k.position)
+
     bounds = [0, m] if threads == 1 or m < 2 * MIN_TETS_PER_WORKER else [0, m // 2, m]
     outputs = [s.f_a_w, s.f_b_w]
     tets = [
@@ -134,7 +137,7 @@ def forward_launches(g: Geometry, w: WarpCoefficients, threads: int) -> SimpleNa
             k.tet_forces_chunked[w.material],
             (stop - start + chunk - 1) // chunk,
             [
-                slot(s.out_x),
+                position_slot(s.out_x),
                 g.tets,
                 g.dm_inv,
                 g.volume,
@@ -155,9 +158,9 @@ def forward_launches(g: Geometry, w: WarpCoefficients, threads: int) -> SimpleNa
         k.step_fast,
         g.n_vertices,
         [
-            slot(s.out_x), slot(s.out_v), s.f_a_w, s.f_b_w, mass, gravity, damping,
-            g.fixed_slot, slot(s.dummy), *w.scalars, 0, slot(s.f_back), slot(s.out_x),
-            slot(s.out_v),
+            position_slot(s.out_x), slot(s.out_v), s.f_a_w, s.f_b_w, mass, gravity, damping,
+            g.fixed_slot, position_slot(s.dummy_position), *w.scalars, 0, slot(s.f_back),
+            position_slot(s.out_x), slot(s.out_v),
         ],
         g.device,
         g.stream(),
@@ -190,7 +193,7 @@ def substep_forward(g: Geometry, w: WarpCoefficients, x, v, x_fixed, launcher=No
     step.point(n - 2, x_new)
     step.point(n - 1, v_new)
     if save:
-        f_el = torch.empty_like(x)
+        f_el = torch.empty_like(v)
         step.launch.set_param_at_index_from_ctype(n - 4, 1)
         step.point(n - 3, f_el)
         step()
@@ -285,9 +288,11 @@ def _substep_adjoint(g, w, launcher, x, v, x_fixed, f_el, grad_x, grad_v, acc) -
     dummy where no vertex is fixed).
     """
     k, vec3, s = g.kernels, g.kernels.vec3, w.scratch
-    adj_x, adj_v = torch.empty_like(x), torch.empty_like(v)
-    adj_xf = torch.zeros_like(x_fixed) if g.n_fixed else s.dummy
-    xw = wrap(x, vec3)
+    # Cotangents are in the kernels' type, positions' too (torch casts them back).
+    adj_x, adj_v = torch.empty_like(v), torch.empty_like(v)
+    adj_xf = torch.zeros(x_fixed.shape, dtype=v.dtype) if g.n_fixed else s.dummy
+    grad_x = grad_x.to(v.dtype).contiguous()
+    xw = wrap(x, k.position)
     adj_f_w = wrap(s.adj_f, vec3)
     _, _, mass_w, gravity_w, damping_w = w.arrays
     wp.launch(
@@ -322,7 +327,7 @@ class Substep(torch.autograd.Function):
     def backward(ctx, grad_x, grad_v):
         g, w = ctx.g, ctx.w
         x, v, x_fixed, f_el = ctx.saved_tensors
-        grad_x = torch.zeros_like(x) if grad_x is None else grad_x.contiguous()
+        grad_x = torch.zeros_like(v) if grad_x is None else grad_x.contiguous()
         grad_v = torch.zeros_like(v) if grad_v is None else grad_v.contiguous()
         acc = _parameter_cotangents(w)
         adj_x, adj_v, adj_xf = _substep_adjoint(
@@ -342,9 +347,9 @@ class Forces(torch.autograd.Function):
         ctx.g, ctx.w, ctx.with_ground = g, w, with_ground
         ctx.save_for_backward(x)
         k, vec3, s = g.kernels, g.kernels.vec3, w.scratch
-        xw = wrap(x, vec3)
+        xw = wrap(x, k.position)
         f_el = _elastic_forces_into(g, w, xw, s.f_back)
-        f = torch.empty_like(x)
+        f = torch.empty(x.shape, dtype=k.dtype, device=x.device)
         has_ground, height, dhat, kappa = w.scalars[1:5]
         has_ground = has_ground if ctx.with_ground else 0
         wp.launch(
@@ -365,21 +370,22 @@ class Forces(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         k, vec3, s = g.kernels, g.kernels.vec3, w.scratch
         mu, lam, mass, gravity, _ = w.inputs
-        adj_x = torch.zeros_like(x)
+        adj_x_ground = torch.zeros_like(x)  # float64, like the positions Warp differentiates
+        adj_x = torch.zeros(x.shape, dtype=k.dtype, device=x.device)
         adj_mass, adj_g = torch.zeros_like(mass), torch.zeros_like(gravity)
         adj_mu, adj_lam = torch.zeros_like(mu), torch.zeros_like(lam)
-        xw = wrap(x, vec3)
+        xw = wrap(x, k.position)
         f_el = s.f_back_w  # any values: the adjoint of the linear f_el term does not read them
         grad_f = grad_f.contiguous()  # kept alive here: the launch holds only its pointer
         s.adj_f.zero_()
-        adj_x_w, adj_f_w = wrap(adj_x, vec3), wrap(s.adj_f, vec3)
+        adj_x_w, adj_f_w = wrap(adj_x_ground, k.position), wrap(s.adj_f, vec3)
         has_ground, height, dhat, kappa = w.scalars[1:5]
         has_ground = has_ground if ctx.with_ground else 0
         wp.launch(
             grad_kernels_for(k.dtype).total_forces,
             dim=g.n_vertices,
             inputs=[xw, f_el, w.arrays[2], w.arrays[3], has_ground, height, dhat, kappa],
-            outputs=[s.out_x_w],
+            outputs=[s.out_f_w],
             adj_inputs=[
                 adj_x_w, adj_f_w, wrap(adj_mass, k.scalar), wrap(adj_g.view(1, 3), vec3),
                 0, 0, 0, 0,
@@ -391,7 +397,7 @@ class Forces(torch.autograd.Function):
             record_tape=False,
         )  # fmt: skip
         _tet_adjoint(g, w, xw, adj_f_w, adj_x, adj_mu, adj_lam, None)
-        return None, None, None, adj_x, adj_mu, adj_lam, adj_mass, adj_g
+        return None, None, None, adj_x + adj_x_ground, adj_mu, adj_lam, adj_mass, adj_g
 
 
 class ElasticEnergy(torch.autograd.Function):
@@ -402,11 +408,11 @@ class ElasticEnergy(torch.autograd.Function):
         ctx.g, ctx.w = g, w
         ctx.save_for_backward(x)
         k = g.kernels
-        energy = x.new_empty(g.n_tets)
+        energy = torch.empty(g.n_tets, dtype=k.dtype, device=x.device)
         wp.launch(
             grad_kernels_for(k.dtype).tet_energy,
             dim=g.n_tets,
-            inputs=[wrap(x, k.vec3), g.tets, g.dm_inv, g.volume, *w.arrays[:2]],
+            inputs=[wrap(x, k.position), g.tets, g.dm_inv, g.volume, *w.arrays[:2]],
             outputs=[w.per_tet, w.material, wrap(energy, k.scalar)],
             device=g.device,
             stream=g.stream(),
@@ -422,14 +428,15 @@ class ElasticEnergy(torch.autograd.Function):
         k = g.kernels
         mu, lam = w.inputs[:2]
         adj_x, adj_mu, adj_lam = torch.zeros_like(x), torch.zeros_like(mu), torch.zeros_like(lam)
-        adj_energy = grad_e.to(x).expand(g.n_tets).contiguous()
+        adj_energy = grad_e.to(k.dtype).expand(g.n_tets).contiguous()
+        scratch = torch.empty(g.n_tets, dtype=k.dtype, device=x.device)
         wp.launch(
             grad_kernels_for(k.dtype).tet_energy,
             dim=g.n_tets,
-            inputs=[wrap(x, k.vec3), g.tets, g.dm_inv, g.volume, *w.arrays[:2], w.per_tet],
-            outputs=[w.material, wrap(x.new_empty(g.n_tets), k.scalar)],
+            inputs=[wrap(x, k.position), g.tets, g.dm_inv, g.volume, *w.arrays[:2], w.per_tet],
+            outputs=[w.material, wrap(scratch, k.scalar)],
             adj_inputs=[
-                wrap(adj_x, k.vec3), None, None, None, wrap(adj_mu, k.scalar),
+                wrap(adj_x, k.position), None, None, None, wrap(adj_mu, k.scalar),
                 wrap(adj_lam, k.scalar), 0,
             ],
             adj_outputs=[0, wrap(adj_energy, k.scalar)],

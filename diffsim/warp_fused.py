@@ -97,14 +97,16 @@ def advance_steps(
     fixed_start = targets.new_empty((max(g.n_fixed, 1), 3))
     mu, lam, mass, gravity, damping = w.arrays
     head = [
-        wrap(x_work, k.vec3), wrap(v_work, k.vec3), g.tets, g.dm_inv, g.volume, mu, lam,
-        w.per_tet, mass, gravity, damping, g.fixed_slot, wrap(fixed_start, k.vec3),
-        wrap(targets, k.vec3), *w.scalars, g.substeps,
+        wrap(x_work, k.position), wrap(v_work, k.vec3), g.tets, g.dm_inv, g.volume, mu, lam,
+        w.per_tet, mass, gravity, damping, g.fixed_slot, wrap(fixed_start, k.position),
+        wrap(targets, k.position), *w.scalars, g.substeps,
     ]  # fmt: skip
     forces = wrap(s.worker_forces[: _workers(g, launcher)], k.vec3)
+    save = int(saved is not None)
+    saved = saved or (s.dummy_position_rows, s.dummy_rows, s.dummy_rows)
     tail = [
-        wrap(out[0], k.vec3), wrap(out[1], k.vec3), int(saved is not None),
-        *(wrap(t, k.vec3) for t in (saved or [s.dummy_rows] * 3)),
+        wrap(out[0], k.position), wrap(out[1], k.vec3), save,
+        wrap(saved[0], k.position), wrap(saved[1], k.vec3), wrap(saved[2], k.vec3),
     ]  # fmt: skip
 
     def args(worker, workers, tets, vertices, sync):
@@ -130,7 +132,7 @@ def retreat_steps(g: Geometry, w: WarpCoefficients, saved, grad_x, grad_v, launc
     workers = _workers(g, launcher)
     n_steps = len(grad_x)
     mu, lam, mass, gravity, damping = w.arrays
-    zeros = dict(dtype=grad_x.dtype, device=grad_x.device)
+    zeros = dict(dtype=k.dtype, device=grad_x.device)
     adj = SimpleNamespace(
         x=torch.zeros((g.n_vertices, 3), **zeros),
         v=torch.zeros((g.n_vertices, 3), **zeros),
@@ -143,14 +145,15 @@ def retreat_steps(g: Geometry, w: WarpCoefficients, saved, grad_x, grad_v, launc
         targets=torch.zeros((n_steps, max(g.n_fixed, 1), 3), **zeros),
         start=torch.zeros((max(g.n_fixed, 1), 3), **zeros),
     )
-    grad_x, grad_v = grad_x.contiguous(), grad_v.contiguous()
+    grad_x, grad_v = grad_x.to(k.dtype).contiguous(), grad_v.to(k.dtype).contiguous()
     vec3, scalar = k.vec3, k.scalar
     head = [
         g.tets, g.dm_inv, g.volume, mu, lam, w.per_tet, mass, gravity, damping, g.fixed_slot,
         n_steps, *w.scalars, g.substeps,
     ]  # fmt: skip
     tail = [
-        *(wrap(t, vec3) for t in saved), wrap(grad_x, vec3), wrap(grad_v, vec3),
+        wrap(saved[0], k.position), wrap(saved[1], vec3), wrap(saved[2], vec3),
+        wrap(grad_x, vec3), wrap(grad_v, vec3),
         wrap(adj.x, vec3), wrap(adj.v, vec3), wrap(adj.f, vec3),
         wrap(s.worker_forces[:workers], vec3), wrap(adj.mass, scalar), wrap(adj.mu, scalar),
         wrap(adj.lam, scalar), wrap(adj.gravity, vec3), wrap(adj.damping, scalar),
@@ -181,8 +184,12 @@ class Steps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g, w, launcher, x, v, targets, mu, lam, mass, gravity, damping):
         n_sub = len(targets) * g.substeps
-        saved = tuple(x.new_empty((n_sub, *x.shape)) for _ in range(3))
-        out = (x.new_empty((len(targets), *x.shape)), x.new_empty((len(targets), *x.shape)))
+        saved = (
+            x.new_empty((n_sub, *x.shape)),  # float64 positions
+            v.new_empty((n_sub, *v.shape)),
+            v.new_empty((n_sub, *v.shape)),
+        )
+        out = (x.new_empty((len(targets), *x.shape)), v.new_empty((len(targets), *v.shape)))
         advance_steps(g, w, x, v, targets, out, launcher, saved)
         ctx.g, ctx.w, ctx.launcher, ctx.saved = g, w, launcher, saved
         ctx.save_for_backward(targets)
@@ -194,6 +201,6 @@ class Steps(torch.autograd.Function):
         (targets,) = ctx.saved_tensors
         shape = (len(targets), ctx.g.n_vertices, 3)
         grad_xs = grad_xs if grad_xs is not None else targets.new_zeros(shape)
-        grad_vs = grad_vs if grad_vs is not None else targets.new_zeros(shape)
+        grad_vs = grad_vs if grad_vs is not None else ctx.saved[1].new_zeros(shape)
         adjoints = retreat_steps(ctx.g, ctx.w, ctx.saved, grad_xs, grad_vs, ctx.launcher)
         return None, None, None, *adjoints

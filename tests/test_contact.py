@@ -241,7 +241,7 @@ def sliding_block(
         dtype=F64,
         contact=True,
         contact_dhat=0.005,
-        contact_stiffness=Ground.default_stiffness(0.005, 9.81),  # holds 4 g at dhat / 4
+        contact_stiffness=Ground.default_stiffness(0.005),  # holds 4 g at dhat / 4
         contact_friction=mu,
         contact_friction_velocity=1e-3,
     )

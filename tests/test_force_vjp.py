@@ -28,7 +28,8 @@ def _problem(dtype: torch.dtype, per_tet: bool, inverted: bool, seed: int) -> di
     m = mesh.n_tets
     n_par = m if per_tet else 1
     return {
-        "x": torch.tensor(x, dtype=dtype),
+        "x": torch.tensor(x, dtype=torch.float64),  # positions are float64 (precision rule)
+        "dtype": dtype,
         "tets": torch.tensor(mesh.tets, dtype=torch.int32),
         "dm_inv": torch.tensor(mesh.dm_inv, dtype=dtype),
         "volume": torch.tensor(mesh.rest_volumes, dtype=dtype),
@@ -52,7 +53,7 @@ def _args(p: dict, k) -> list:
 
     m = p["tets"].shape[0]
     return [
-        w(p["x"], k.vec3), wp.from_torch(p["tets"], dtype=wp.vec4i), w(p["dm_inv"], k.mat33),
+        w(p["x"], k.position), wp.from_torch(p["tets"], dtype=wp.vec4i), w(p["dm_inv"], k.mat33),
         w(p["volume"], k.scalar), w(p["mu"], k.scalar), w(p["lam"], k.scalar),
         p["per_tet"], 0, m, CHUNK,
     ]  # fmt: skip
@@ -61,8 +62,9 @@ def _args(p: dict, k) -> list:
 def hand_vjp(p: dict, material: int) -> tuple[torch.Tensor, ...]:
     """(adj_x, adj_mu, adj_lam) from ``tet_force_vjp``."""
     init_warp()
-    k = kernels_for(p["x"].dtype)
-    adj_x, adj_mu, adj_lam = (torch.zeros_like(p[n]) for n in ("x", "mu", "lam"))
+    k = kernels_for(p["dtype"])
+    adj_x = torch.zeros(p["x"].shape, dtype=p["dtype"])
+    adj_mu, adj_lam = (torch.zeros_like(p[n]) for n in ("mu", "lam"))
     m = p["tets"].shape[0]
     wp.launch(
         k.tet_force_vjp[material],
@@ -80,16 +82,17 @@ def hand_vjp(p: dict, material: int) -> tuple[torch.Tensor, ...]:
 def generated_adjoint(p: dict, material: int) -> tuple[torch.Tensor, ...]:
     """(adj_x, adj_mu, adj_lam) from Warp's adjoint of ``tet_forces`` (as warp_bridge runs it)."""
     init_warp()
-    k = kernels_for(p["x"].dtype)
-    adj_x, adj_mu, adj_lam = (torch.zeros_like(p[n]) for n in ("x", "mu", "lam"))
+    k = kernels_for(p["dtype"])
+    adj_x = torch.zeros_like(p["x"])  # Warp's adjoint of float64 positions is float64
+    adj_mu, adj_lam = (torch.zeros_like(p[n]) for n in ("mu", "lam"))
     m = p["tets"].shape[0]
     wp.launch(
-        grad_kernels_for(p["x"].dtype).tet_forces[material],
+        grad_kernels_for(p["dtype"]).tet_forces[material],
         dim=(m + CHUNK - 1) // CHUNK,
         inputs=_args(p, k),
-        outputs=[wp.from_torch(torch.zeros_like(p["x"]), dtype=k.vec3)],
+        outputs=[wp.from_torch(torch.zeros(p["x"].shape, dtype=p["dtype"]), dtype=k.vec3)],
         adj_inputs=[
-            wp.from_torch(adj_x, dtype=k.vec3), None, None, None,
+            wp.from_torch(adj_x, dtype=k.position), None, None, None,
             wp.from_torch(adj_mu, dtype=k.scalar), wp.from_torch(adj_lam, dtype=k.scalar),
             0, 0, 0, 0,
         ],
@@ -97,14 +100,14 @@ def generated_adjoint(p: dict, material: int) -> tuple[torch.Tensor, ...]:
         adjoint=True,
         device="cpu",
     )  # fmt: skip
-    return adj_x, adj_mu, adj_lam
+    return adj_x.to(p["dtype"]), adj_mu, adj_lam
 
 
 def forces(p: dict, material: int) -> torch.Tensor:
     """Elastic forces ``[n, 3]`` from the forward kernel."""
     init_warp()
-    k = kernels_for(p["x"].dtype)
-    f = torch.zeros_like(p["x"])
+    k = kernels_for(p["dtype"])
+    f = torch.zeros(p["x"].shape, dtype=p["dtype"])
     m = p["tets"].shape[0]
     wp.launch(
         k.tet_forces_chunked[material],

@@ -19,7 +19,7 @@ class TorchBackend(Backend):
         f = self._explicit_forces(c, x)
         ground = self.model.ground
         if ground is not None:
-            lift = c.mass * ground.normal_acceleration(x)
+            lift = c.mass * ground.normal_acceleration(ground.gap(x, c.mass.dtype))
             f = f + torch.stack([torch.zeros_like(lift), lift, torch.zeros_like(lift)], dim=1)
         return f
 

@@ -16,7 +16,7 @@ import torch
 
 from diffsim.backends.base import Backend
 from diffsim.integrator import symplectic_euler_update
-from diffsim.model import Coefficients, Model
+from diffsim.model import POSITION_DTYPE, Coefficients, Model
 
 try:
     import warp as wp
@@ -105,9 +105,7 @@ class WarpBackend(Backend):
                 f"{type(material).__name__} has no Warp kernel; use backend='torch' "
                 f"(Simulator(backend='warp') picks it automatically)"
             )
-        mu, lam = material.lame()
-        if material_id == 0:  # Stable Neo-Hookean's re-parameterisation (materials.py)
-            mu, lam = 4.0 / 3.0 * mu, lam + 5.0 / 6.0 * mu
+        mu, lam = material.kernel_lame()
         as_t = dict(dtype=m.dtype, device=m.device)
         mu, lam = torch.as_tensor(mu, **as_t), torch.as_tensor(lam, **as_t)
         per_tet = int(mu.dim() == 1 or lam.dim() == 1)
@@ -149,13 +147,21 @@ class WarpBackend(Backend):
         m, vec3 = self.model, self.kernels.vec3
         t = {
             name: torch.zeros((m.n_vertices, 3), dtype=m.dtype, device=m.device)
-            for name in ("f_a", "f_b", "f_back", "adj_f", "out_x", "out_v")
+            for name in ("f_a", "f_b", "f_back", "adj_f", "out_v", "out_f")
         }
         t["dummy"] = torch.zeros((1, 3), dtype=m.dtype, device=m.device)
         t["dummy_rows"] = torch.zeros((1, 1, 3), dtype=m.dtype, device=m.device)
+        positions = dict(dtype=POSITION_DTYPE, device=m.device)
+        t["out_x"] = torch.zeros((m.n_vertices, 3), **positions)
+        t["dummy_position"] = torch.zeros((1, 3), **positions)
+        t["dummy_position_rows"] = torch.zeros((1, 1, 3), **positions)
         # Per-worker force (and backward: HVP) buffers of the fused kernels.
         t["worker_forces"] = torch.zeros((threads, m.n_vertices, 3), dtype=m.dtype, device=m.device)
-        views = {f"{name}_w": bridge.wrap(value, vec3) for name, value in t.items()}
+        views = {
+            f"{name}_w": bridge.wrap(value, vec3)
+            for name, value in t.items()
+            if value.dtype == m.dtype
+        }
         return SimpleNamespace(**t, **views)
 
     # ----------------------------------------------------------------- physics
@@ -165,7 +171,7 @@ class WarpBackend(Backend):
         Differentiable in x and the coefficients; the VJP in x is a Hessian-vector product.
         """
         w, m = prepared, self.model
-        x = self._checked(x)
+        x = self._positions(x)
         mu, lam, mass, gravity, _ = w.inputs
         f = bridge.Forces.apply(self.geometry, w, True, x, mu, lam, mass, gravity)
         if m.contact is not None:
@@ -175,12 +181,12 @@ class WarpBackend(Backend):
     def elastic_energy(self, prepared: bridge.WarpCoefficients, x: torch.Tensor) -> torch.Tensor:
         """Total elastic energy (J), a differentiable scalar."""
         mu, lam = prepared.inputs[:2]
-        return bridge.ElasticEnergy.apply(self.geometry, prepared, self._checked(x), mu, lam)
+        return bridge.ElasticEnergy.apply(self.geometry, prepared, self._positions(x), mu, lam)
 
     def substep(self, prepared, x, v, x_fixed):
         w, m = prepared, self.model
-        x, v = self._checked(x), self._checked(v)
-        x_fixed = x_fixed.to(dtype=m.dtype).contiguous()
+        x, v = self._positions(x), self._checked(v)
+        x_fixed = x_fixed.to(dtype=POSITION_DTYPE).contiguous()
         if m.contact is not None:
             return self._substep_with_contact(w, x, v, x_fixed)
         if not torch.is_grad_enabled() or not any(
@@ -196,12 +202,12 @@ class WarpBackend(Backend):
         m, w = self.model, prepared
         if m.contact is not None or not self.geometry.device.is_cpu:
             return super().advance(prepared, x, v, targets, out)
-        x, v = self._checked(x), self._checked(v)
-        targets = targets.to(m.dtype).contiguous()
+        x, v = self._positions(x), self._checked(v)
+        targets = targets.to(POSITION_DTYPE).contiguous()
         if torch.is_grad_enabled() and any(t.requires_grad for t in (x, v, targets, *w.inputs)):
             return fused.Steps.apply(self.geometry, w, self.launcher, x, v, targets, *w.inputs)
         if out is None:
-            out = (x.new_empty((len(targets), *x.shape)), v.new_empty((len(targets), *x.shape)))
+            out = (x.new_empty((len(targets), *x.shape)), v.new_empty((len(targets), *v.shape)))
         fused.advance_steps(self.geometry, w, x, v, targets, out, self.launcher)
         return out
 
@@ -213,10 +219,13 @@ class WarpBackend(Backend):
         f = f + m.contact.forces(x, mass)
         return symplectic_euler_update(m, x, v, f, mass, w.coeffs.damping, x_fixed)
 
-    def _checked(self, t: torch.Tensor) -> torch.Tensor:
+    def _checked(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         m = self.model
         if t.shape != (m.n_vertices, 3):
             raise ValueError(f"expected a tensor of shape [{m.n_vertices}, 3], got {list(t.shape)}")
         if t.device != m.device:
             raise ValueError(f"tensor on {t.device}, but the simulator runs on {m.device}")
-        return t.to(m.dtype).contiguous()
+        return t.to(dtype or m.dtype).contiguous()
+
+    def _positions(self, x: torch.Tensor) -> torch.Tensor:
+        return self._checked(x, POSITION_DTYPE)

@@ -49,6 +49,11 @@ class SurfaceContact:
         broad_phase: ``"bvh"`` (Warp BVH) or ``"brute"`` (all pairs, small meshes).
         margin: candidate-cache margin (m); default dhat.
         device: torch device.
+        dtype: the working dtype of contact forces and distances (default: that of the
+            masses or velocities passed in, else of the positions). Positions (float64 in a
+            simulation) are taken relative to the rest shape's centroid and rounded to it,
+            so float32 contact resolves motion to the scene's size, not to the distance
+            from the origin.
     """
 
     def __init__(
@@ -63,6 +68,7 @@ class SurfaceContact:
         broad_phase: str = "bvh",
         margin: float | None = None,
         device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
     ) -> None:
         for name, value in (("contact_dhat", dhat), ("contact_stiffness", stiffness)):
             if not (value > 0 and math.isfinite(value)):
@@ -78,6 +84,9 @@ class SurfaceContact:
         if broad_phase not in ("bvh", "brute"):
             raise ValueError(f"unknown broad phase {broad_phase!r}; use 'bvh' or 'brute'")
         self.surface = SurfacePrimitives.from_mesh(mesh, device)
+        self.dtype = dtype
+        centroid = mesh.vertices.mean(axis=0)
+        self.origin = torch.as_tensor(centroid, dtype=torch.float64, device=device)
         self.scene_size = float(np.linalg.norm(np.ptp(mesh.vertices, axis=0)))
         self.dhat = float(dhat)
         self.stiffness = float(stiffness)
@@ -106,6 +115,7 @@ class SurfaceContact:
         friction_velocity: float,
         backend: str,
         device: str | torch.device,
+        dtype: torch.dtype = torch.float64,
     ) -> SurfaceContact:
         """The Simulator's contact: defaults from the scene, checked for a separated start.
 
@@ -116,6 +126,7 @@ class SurfaceContact:
             friction, friction_velocity: mu and eps_v.
             backend: the simulator's backend; ``"torch"`` selects the torch reference.
             device: torch device.
+            dtype: the simulator's working dtype.
         """
         dhat = cls.default_dhat(mesh) if dhat is None else float(dhat)
         stiffness = cls.default_stiffness(dhat, h) if stiffness is None else float(stiffness)
@@ -134,13 +145,15 @@ class SurfaceContact:
             implementation=implementation,
             broad_phase=broad_phase,
             device=device,
+            dtype=dtype,
         )
         contact.check_separated(torch.as_tensor(mesh.vertices, device=device))
         return contact
 
     def check_separated(self, x: torch.Tensor) -> None:
         """Raises ValueError if two non-adjacent surface primitives touch or nearly touch."""
-        c = self.candidates(x)
+        x = self.local(x.to(torch.float64))
+        c = self._candidates_at(x)
         d_pt, d_ee = potential.pair_distances(x.detach().to(torch.float64), c)
         d = torch.cat([d_pt, d_ee])
         floor = (potential.MIN_DISTANCE_FRACTION * self.dhat) ** 2
@@ -168,9 +181,18 @@ class SurfaceContact:
         """
         return STABLE_GAP_FRACTION**2 / (2.0 * h**2 * dhat**2)
 
+    def local(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Positions ``[n, 3]`` relative to the rest centroid, in the working dtype (the
+        contact terms depend only on differences, so gradients pass unchanged)."""
+        return (x - self.origin.to(x.dtype)).to(dtype or self.dtype or x.dtype)
+
     # ----------------------------------------------------------------- candidates
     def candidates(self, x: torch.Tensor, x_new: torch.Tensor | None = None) -> Candidates:
-        """Candidate pairs valid at x (and along the straight motion to x_new, if given)."""
+        """Candidate pairs valid at positions x (and along the straight motion to x_new)."""
+        return self._candidates_at(self.local(x), None if x_new is None else self.local(x_new))
+
+    def _candidates_at(self, x: torch.Tensor, x_new: torch.Tensor | None = None) -> Candidates:
+        """:meth:`candidates` for positions already in :meth:`local` coordinates."""
         with torch.no_grad():
             x = x.detach()
             moved = 0.0
@@ -208,12 +230,14 @@ class SurfaceContact:
     # ----------------------------------------------------------------- physics
     def energy(self, x: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
         """Barrier energy (J), a scalar, twice differentiable (torch formulas on both paths)."""
-        c = self.candidates(x)
+        x = self.local(x, mass.dtype)
+        c = self._candidates_at(x)
         return potential.barrier_energy(x, mass, c, self.dhat, self.stiffness)
 
     def forces(self, x: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
-        """Barrier forces ``[n, 3]`` in N, differentiable in x and mass."""
-        c = self.candidates(x)
+        """Barrier forces ``[n, 3]`` in N (working dtype), differentiable in x and mass."""
+        x = self.local(x, mass.dtype)
+        c = self._candidates_at(x)
         start = time.perf_counter()
         if self.implementation == "torch":
             f = potential.barrier_forces(x, mass, c, self.dhat, self.stiffness)
@@ -232,6 +256,7 @@ class SurfaceContact:
         """Velocities ``[n, 3]`` after surface friction over a substep of h seconds."""
         if self.friction <= 0.0:
             return v
+        x = self.local(x, v.dtype)
         c = self._active_pairs(x)
         start = time.perf_counter()
         v = friction.apply_friction(
@@ -241,8 +266,8 @@ class SurfaceContact:
         return v
 
     def _active_pairs(self, x: torch.Tensor) -> Candidates:
-        """The candidates within dhat at x (friction acts only there; a constant index set)."""
-        c = self.candidates(x)
+        """The candidates within dhat at local x (friction acts only there; constant indices)."""
+        c = self._candidates_at(x)
         cached = self._active
         if cached is not None and cached[1] is not None and cached[0].shape == x.shape:
             if torch.equal(cached[0], x.detach()):
@@ -253,35 +278,45 @@ class SurfaceContact:
         return c.subset(active)
 
     def limit(self, x: torch.Tensor, x_new: torch.Tensor) -> torch.Tensor:
-        """Positions after the conservative CCD limit (see :mod:`diffsim.contact.ccd`).
+        """Positions after the conservative CCD limit (see :mod:`diffsim.contact.ccd`):
+        ``x + alpha (x_new - x)`` with the scales of :meth:`step_scales` held constant."""
+        alpha = self.step_scales(x, x_new)
+        return ccd.limit_step(x, x_new, alpha.to(x.dtype))
+
+    def step_scales(self, x: torch.Tensor, x_new: torch.Tensor) -> torch.Tensor:
+        """Per-vertex step scales ``[n]`` in (0, 1] (detached) for the step x -> x_new.
 
         A step that moves some vertex farther than ``MAX_STEP_FRACTION`` of the mesh diagonal
         (a blow-up in dynamics, or a Newton step of the equilibrium solver) is first scaled
-        down as a whole, with the factor held constant in the backward pass.
+        down as a whole; then each vertex takes the CCD scale of its pairs.
         """
+        x, x_new = self.local(x).detach(), self.local(x_new).detach()
         with torch.no_grad():
             longest = float((x_new - x).norm(dim=1).max()) if len(x) else 0.0
-        cap = MAX_STEP_FRACTION * self.scene_size
-        if longest > cap:
-            x_new = x + (cap / longest) * (x_new - x)
-            self.timings["capped_steps"] += 1
-        c = self.candidates(x, x_new)
-        start = time.perf_counter()
-        if self.implementation == "torch":
-            alpha = ccd.step_scales(x, x_new, c)
-        else:
-            from diffsim.kernels.contact import step_scales
+            cap = MAX_STEP_FRACTION * self.scene_size
+            scale = 1.0
+            if longest > cap:
+                scale = cap / longest
+                x_new = x + scale * (x_new - x)
+                self.timings["capped_steps"] += 1
+            c = self._candidates_at(x, x_new)
+            start = time.perf_counter()
+            if self.implementation == "torch":
+                alpha = ccd.step_scales(x, x_new, c)
+            else:
+                from diffsim.kernels.contact import step_scales
 
-            alpha = step_scales(self._warp_arrays(x), x.detach(), (x_new - x).detach())
-        out = ccd.limit_step(x, x_new, alpha)
-        self.timings["limited_vertex_steps"] += int((alpha < 1).sum())
-        self._last_step = float((out.detach() - x.detach()).norm(dim=1).max())
-        self.timings["ccd"] += time.perf_counter() - start
-        return out
+                alpha = step_scales(self._warp_arrays(x), x, x_new - x)
+            self.timings["limited_vertex_steps"] += int((alpha < 1).sum())
+            moved = (x_new - x) * alpha[:, None]
+            self._last_step = float(moved.norm(dim=1).max()) if len(x) else 0.0
+            self.timings["ccd"] += time.perf_counter() - start
+        return alpha * scale
 
     def min_distance(self, x: torch.Tensor) -> float:
         """The smallest distance (m) between non-adjacent surface primitives within reach."""
-        c = self.candidates(x)
+        x = self.local(x)
+        c = self._candidates_at(x)
         if c.n_pairs == 0:
             return math.inf
         d_pt, d_ee = potential.pair_distances(x.detach(), c)

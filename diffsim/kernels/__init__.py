@@ -44,6 +44,7 @@ def kernels_for(dtype: torch.dtype) -> SimpleNamespace:
         dtype=dtype,
         scalar=scalar,
         vec3=wp.types.vector(3, scalar),
+        position=wp.vec3d,  # positions are float64 for every scalar type (precision rule)
         mat33=wp.types.matrix((3, 3), scalar),
         **vars(elastic),
         **vars(force_vjp),

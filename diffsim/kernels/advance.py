@@ -89,7 +89,7 @@ def build_advance(dtype, module: str, elastic, integrate, force_vjp) -> SimpleNa
     def advance_kernel(add_tet_forces):
         @wp.kernel(module=module, enable_backward=False)
         def advance(
-            x: wp.array(dtype=vec3),
+            x: wp.array(dtype=wp.vec3d),
             v: wp.array(dtype=vec3),
             tets: wp.array(dtype=wp.vec4i),
             dm_inv: wp.array(dtype=mat33),
@@ -101,11 +101,11 @@ def build_advance(dtype, module: str, elastic, integrate, force_vjp) -> SimpleNa
             gravity: wp.array(dtype=vec3),
             damping: wp.array(dtype=T),
             fixed_slot: wp.array(dtype=int),
-            fixed_start: wp.array(dtype=vec3),
-            targets: wp.array2d(dtype=vec3),
+            fixed_start: wp.array(dtype=wp.vec3d),
+            targets: wp.array2d(dtype=wp.vec3d),
             h: T,
             has_ground: int,
-            height: T,
+            height: wp.float64,
             dhat: T,
             kappa: T,
             friction: T,
@@ -121,10 +121,10 @@ def build_advance(dtype, module: str, elastic, integrate, force_vjp) -> SimpleNa
             forces: wp.array2d(dtype=vec3),
             sync: wp.array(dtype=wp.int32),
             spin_limit: wp.int64,
-            x_out: wp.array2d(dtype=vec3),
+            x_out: wp.array2d(dtype=wp.vec3d),
             v_out: wp.array2d(dtype=vec3),
             save: int,
-            x_saved: wp.array2d(dtype=vec3),
+            x_saved: wp.array2d(dtype=wp.vec3d),
             v_saved: wp.array2d(dtype=vec3),
             f_saved: wp.array2d(dtype=vec3),
         ):
@@ -146,7 +146,7 @@ def build_advance(dtype, module: str, elastic, integrate, force_vjp) -> SimpleNa
                         add_tet_forces(x, tets, dm_inv, volume, mu, lam, per_tet, e, own)
                     if barrier(sync, workers, spin_limit) != 0:
                         return
-                    fraction = T(j + 1) / T(substeps)
+                    fraction = wp.float64(j + 1) / wp.float64(substeps)
                     for i in range(vertex_start, vertex_stop):
                         f_el = forces[0, i]
                         forces[0, i] = vec3()
@@ -160,7 +160,7 @@ def build_advance(dtype, module: str, elastic, integrate, force_vjp) -> SimpleNa
                             f_saved[row, i] = f_el
                         m = mass[i]
                         slot = fixed_slot[i]
-                        xf = vec3()
+                        xf = wp.vec3d()
                         is_fixed = int(0)  # noqa: UP018 - a Warp variable, not a constant
                         if slot >= 0:
                             if j == 0:
@@ -198,7 +198,7 @@ def build_advance(dtype, module: str, elastic, integrate, force_vjp) -> SimpleNa
             steps: int,
             h: T,
             has_ground: int,
-            height: T,
+            height: wp.float64,
             dhat: T,
             kappa: T,
             friction: T,
@@ -213,7 +213,7 @@ def build_advance(dtype, module: str, elastic, integrate, force_vjp) -> SimpleNa
             vertex_stop: int,
             sync: wp.array(dtype=wp.int32),
             spin_limit: wp.int64,
-            x_saved: wp.array2d(dtype=vec3),
+            x_saved: wp.array2d(dtype=wp.vec3d),
             v_saved: wp.array2d(dtype=vec3),
             f_saved: wp.array2d(dtype=vec3),
             grad_x: wp.array2d(dtype=vec3),

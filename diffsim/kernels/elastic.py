@@ -3,9 +3,9 @@
 Each material's first Piola-Kirchhoff stress P = dpsi/dF is written analytically from the
 same psi as :mod:`diffsim.materials`. The backward pass of the forces is hand-derived in
 :mod:`diffsim.kernels.force_vjp`; Warp-generated adjoints serve the energy's gradient and,
-for the forces, as the reference the hand-derived kernels are tested against. Material ids follow
-``diffsim.materials.MATERIAL_KERNEL_IDS``. For Stable Neo-Hookean the kernels take the
-re-parameterised Lame constants (mu' = 4/3 mu, lambda' = lambda + 5/6 mu), which the torch
+for the forces, as the reference the hand-derived kernels are tested against. Material ids
+follow the ``kernel`` attribute of the classes in diffsim.materials. For Stable Neo-Hookean the
+kernels take the re-parameterised Lame constants (mu' = 4/3 mu, lambda' = lambda + 5/6 mu), which the torch
 side computes so that the (E, nu) chain stays in torch.
 """
 
@@ -141,16 +141,26 @@ def build_elastic(dtype, module: str, differentiable: bool) -> SimpleNamespace:
         return e
 
     @wp.func
-    def deformation_gradient(x: wp.array(dtype=vec3), tet: wp.vec4i, dm_inv: mat33) -> mat33:
-        # F = Ds Dm^-1, linear in x: the force VJP gathers dF from adj_f with it too.
+    def deformation_gradient(x: wp.array(dtype=wp.vec3d), tet: wp.vec4i, dm_inv: mat33) -> mat33:
+        # F = Ds Dm^-1. Positions are float64 (the precision rule, docs/how-it-works.md):
+        # the edges are differenced in float64, then rounded to the kernel's type.
         x0 = x[tet[0]]
-        ds = wp.matrix_from_cols(x[tet[1]] - x0, x[tet[2]] - x0, x[tet[3]] - x0)
-        return ds @ dm_inv
+        e1 = vec3(x[tet[1]] - x0)
+        e2 = vec3(x[tet[2]] - x0)
+        e3 = vec3(x[tet[3]] - x0)
+        return wp.matrix_from_cols(e1, e2, e3) @ dm_inv
+
+    @wp.func
+    def gradient_of_field(a: wp.array(dtype=vec3), tet: wp.vec4i, dm_inv: mat33) -> mat33:
+        # The same linear map on a vertex field of the kernel's type (the force VJP
+        # gathers dF from adj_f with it).
+        a0 = a[tet[0]]
+        return wp.matrix_from_cols(a[tet[1]] - a0, a[tet[2]] - a0, a[tet[3]] - a0) @ dm_inv
 
     def tet_force_func(stress):
         @wp.func
         def add_tet_forces(
-            x: wp.array(dtype=vec3),
+            x: wp.array(dtype=wp.vec3d),
             tets: wp.array(dtype=wp.vec4i),
             dm_inv: wp.array(dtype=mat33),
             volume: wp.array(dtype=T),
@@ -180,7 +190,7 @@ def build_elastic(dtype, module: str, differentiable: bool) -> SimpleNamespace:
     def forces_kernel(add_tet_forces, target_module: str, backward: bool):
         @wp.kernel(module=target_module, enable_backward=backward)
         def tet_forces(
-            x: wp.array(dtype=vec3),
+            x: wp.array(dtype=wp.vec3d),
             tets: wp.array(dtype=wp.vec4i),
             dm_inv: wp.array(dtype=mat33),
             volume: wp.array(dtype=T),
@@ -212,6 +222,7 @@ def build_elastic(dtype, module: str, differentiable: bool) -> SimpleNamespace:
         cofactor=cofactor,
         polar_rotation=polar_rotation,
         deformation_gradient=deformation_gradient,
+        gradient_of_field=gradient_of_field,
         add_tet_forces=add_tet_forces,
     )
     if not differentiable:
@@ -219,7 +230,7 @@ def build_elastic(dtype, module: str, differentiable: bool) -> SimpleNamespace:
 
     @wp.kernel(module=module)
     def tet_energy(
-        x: wp.array(dtype=vec3),
+        x: wp.array(dtype=wp.vec3d),
         tets: wp.array(dtype=wp.vec4i),
         dm_inv: wp.array(dtype=mat33),
         volume: wp.array(dtype=T),

@@ -41,6 +41,7 @@ def build_force_vjp(dtype, module: str, elastic: SimpleNamespace) -> SimpleNames
 
     cofactor, polar_rotation = elastic.cofactor, elastic.polar_rotation
     deformation_gradient = elastic.deformation_gradient
+    gradient_of_field = elastic.gradient_of_field
 
     @wp.func
     def cofactor_jvp(F: mat33, dF: mat33) -> mat33:
@@ -157,7 +158,7 @@ def build_force_vjp(dtype, module: str, elastic: SimpleNamespace) -> SimpleNames
     def vjp_func(dstress):
         @wp.func
         def add_tet_force_vjp(
-            x: wp.array(dtype=vec3),
+            x: wp.array(dtype=wp.vec3d),
             adj_f: wp.array(dtype=vec3),
             tets: wp.array(dtype=wp.vec4i),
             dm_inv: wp.array(dtype=mat33),
@@ -174,7 +175,7 @@ def build_force_vjp(dtype, module: str, elastic: SimpleNamespace) -> SimpleNames
             tet = tets[e]
             dmi = dm_inv[e]
             F = deformation_gradient(x, tet, dmi)
-            dF = deformation_gradient(adj_f, tet, dmi)
+            dF = gradient_of_field(adj_f, tet, dmi)
             p = e * per_tet
             dP, dmu, dlam = dstress(F, dF, mu[p], lam[p])
             v = volume[e]
@@ -196,7 +197,7 @@ def build_force_vjp(dtype, module: str, elastic: SimpleNamespace) -> SimpleNames
     def vjp_kernel(add_tet_force_vjp):
         @wp.kernel(module=module, enable_backward=False)
         def tet_force_vjp(
-            x: wp.array(dtype=vec3),
+            x: wp.array(dtype=wp.vec3d),
             tets: wp.array(dtype=wp.vec4i),
             dm_inv: wp.array(dtype=mat33),
             volume: wp.array(dtype=T),

@@ -47,9 +47,8 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
         return out
 
     @wp.func
-    def ground_acceleration(y: T, height: T, dhat: T, kappa: T) -> T:
-        # Barrier force per unit mass along +y (diffsim.ground.Ground.normal_acceleration).
-        d = y - height
+    def ground_acceleration(d: T, dhat: T, kappa: T) -> T:
+        # Barrier force per unit mass along +y at gap d (Ground.normal_acceleration).
         s = wp.max(d * d, (T(MIN_GAP_FRACTION) * dhat) * (T(MIN_GAP_FRACTION) * dhat))
         return -kappa * T(2.0) * d * barrier_derivative(s, dhat * dhat)
 
@@ -96,61 +95,55 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
         return d
 
     @wp.func
-    def ground_solve(y_pred: T, h: T, height: T, dhat: T, kappa: T) -> T:
-        """Height after the implicit barrier step (y_pred where the gap is >= dhat)."""
-        y = y_pred
-        d_pred = y_pred - height
-        if d_pred < dhat:
-            d = gap_root(d_pred, h, dhat, kappa)
-            slope = T(1.0) - h * h * gap_acceleration_slope(d, dhat, kappa)
-            accel = gap_acceleration(d, dhat, kappa)
-            d_new = d - (d - d_pred - h * h * accel) / slope
-            y = height + wp.max(d_new, T(MIN_GAP_FRACTION) * dhat)
-        return y
+    def ground_gap(d_pred: T, h: T, dhat: T, kappa: T) -> T:
+        """Gap after the implicit barrier step, for a predicted gap d_pred < dhat
+        (Ground.solve): the root refined by one Newton step, floored at the minimum gap."""
+        d = gap_root(d_pred, h, dhat, kappa)
+        slope = T(1.0) - h * h * gap_acceleration_slope(d, dhat, kappa)
+        accel = gap_acceleration(d, dhat, kappa)
+        d_new = d - (d - d_pred - h * h * accel) / slope
+        return wp.max(d_new, T(MIN_GAP_FRACTION) * dhat)
 
     @wp.func
-    def ground_solve_slope(y_pred: T, h: T, height: T, dhat: T, kappa: T) -> T:
-        """d ground_solve / d y_pred: the root is held fixed; one Newton step gives
-        dd'/dd_pred = 1 / (1 - h^2 a'(d')) (0 where the gap is clamped at its minimum)."""
-        out = T(1.0)
-        d_pred = y_pred - height
-        if d_pred < dhat:
-            d = gap_root(d_pred, h, dhat, kappa)
-            slope = T(1.0) - h * h * gap_acceleration_slope(d, dhat, kappa)
-            accel = gap_acceleration(d, dhat, kappa)
-            d_new = d - (d - d_pred - h * h * accel) / slope
-            out = T(0.0)
-            if d_new >= T(MIN_GAP_FRACTION) * dhat:
-                out = T(1.0) / slope
+    def ground_gap_slope(d_pred: T, h: T, dhat: T, kappa: T) -> T:
+        """d ground_gap / d d_pred: the root is held fixed; one Newton step gives
+        dd'/dd_pred = 1 / (1 - h^2 a'(d')) (0 where the gap is floored)."""
+        d = gap_root(d_pred, h, dhat, kappa)
+        slope = T(1.0) - h * h * gap_acceleration_slope(d, dhat, kappa)
+        accel = gap_acceleration(d, dhat, kappa)
+        d_new = d - (d - d_pred - h * h * accel) / slope
+        out = T(0.0)
+        if d_new >= T(MIN_GAP_FRACTION) * dhat:
+            out = T(1.0) / slope
         return out
 
-    def adj_ground_solve(y_pred: T, h: T, height: T, dhat: T, kappa: T, adj_ret: T):
-        wp.adjoint[y_pred] += adj_ret * ground_solve_slope(y_pred, h, height, dhat, kappa)
-
-    if differentiable:
-        wp.func_grad(ground_solve)(adj_ground_solve)
-
     @wp.func
-    def vertex_force(
-        f_el: vec3, m: T, g: vec3, y: T, has_ground: int, height: T, dhat: T, kappa: T
-    ) -> vec3:
+    def vertex_force(f_el: vec3, m: T, g: vec3, gap: T, has_ground: int, dhat: T, kappa: T) -> vec3:
         f = f_el + m * g
         if has_ground != 0:
-            f = f + vec3(T(0.0), m * ground_acceleration(y, height, dhat, kappa), T(0.0))
+            f = f + vec3(T(0.0), m * ground_acceleration(gap, dhat, kappa), T(0.0))
         return f
 
     @wp.func
+    def friction_slope(speed: T, eps_v: T) -> T:
+        # f1(|u|) / |u| of the IPC smoothing (Ground.apply_friction).
+        out = T(1.0) / speed
+        if speed < eps_v:
+            out = T(2.0) / eps_v - speed / (eps_v * eps_v)
+        return out
+
+    @wp.func
     def integrate_vertex(
-        x: vec3,
+        x: wp.vec3d,
         v: vec3,
         f: vec3,
         m: T,
         damping: T,
         is_fixed: int,
-        x_fixed: vec3,
+        x_fixed: wp.vec3d,
         h: T,
         has_ground: int,
-        height: T,
+        height: wp.float64,
         dhat: T,
         kappa: T,
         friction: T,
@@ -168,39 +161,33 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
             v1 = v1 * factor
         if is_fixed != 0:
             v1 = v1 * T(0.0)
-        xn = x + h * v1
+        # Positions are float64: the increment h v is added in float64, never lost.
+        xn = x + wp.vec3d(h * v1)
         if has_ground != 0:
-            y_new = ground_solve(xn[1], h, height, dhat, kappa)
-            v1 = vec3(v1[0], (y_new - x[1]) / h, v1[2])
-            if friction > T(0.0):
-                normal = ground_acceleration(y_new, height, dhat, kappa)
-                u = vec3(v1[0], T(0.0), v1[2])
-                tiny = T(1e-6) * eps_v
-                speed = wp.sqrt(wp.dot(u, u) + tiny * tiny)
-                slope = T(1.0) / speed
-                if speed < eps_v:
-                    slope = T(2.0) / eps_v - speed / (eps_v * eps_v)
-                scale = T(1.0) / (T(1.0) + h * friction * normal * slope)
-                v1 = v1 - (T(1.0) - scale) * u
-            # The height as solved, not x + h v, which could round onto the plane.
-            xn = vec3(x[0] + h * v1[0], y_new, x[2] + h * v1[2])
+            d_pred = T(x[1] - height) + h * v1[1]
+            if d_pred < dhat:
+                # The barrier's impulse changes the velocity; the height is the solved gap.
+                d_new = ground_gap(d_pred, h, dhat, kappa)
+                normal = gap_acceleration(d_new, dhat, kappa)
+                v1 = vec3(v1[0], v1[1] + h * normal, v1[2])
+                if friction > T(0.0):
+                    u = vec3(v1[0], T(0.0), v1[2])
+                    tiny = T(1e-6) * eps_v
+                    speed = wp.sqrt(wp.dot(u, u) + tiny * tiny)
+                    slope = friction_slope(speed, eps_v)
+                    scale = T(1.0) / (T(1.0) + h * friction * normal * slope)
+                    v1 = v1 - (T(1.0) - scale) * u
+                xn = wp.vec3d(
+                    x[0] + wp.float64(h * v1[0]), height + wp.float64(d_new),
+                    x[2] + wp.float64(h * v1[2]),
+                )  # fmt: skip
         if is_fixed != 0:
             xn = x_fixed
         return xn, v1
 
     @wp.func
-    def ground_acceleration_slope(y: T, height: T, dhat: T, kappa: T) -> T:
-        """d ground_acceleration / dy (the gap clamped at its minimum: d only)."""
-        d = y - height
-        s_min = (T(MIN_GAP_FRACTION) * dhat) * (T(MIN_GAP_FRACTION) * dhat)
-        out = -kappa * T(2.0) * barrier_derivative(s_min, dhat * dhat)
-        if d * d > s_min:
-            out = gap_acceleration_slope(d, dhat, kappa)
-        return out
-
-    @wp.func
     def integrate_vertex_vjp(
-        x: vec3,
+        x: wp.vec3d,
         v: vec3,
         f: vec3,
         m: T,
@@ -208,7 +195,7 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
         is_fixed: int,
         h: T,
         has_ground: int,
-        height: T,
+        height: wp.float64,
         dhat: T,
         kappa: T,
         friction: T,
@@ -220,7 +207,8 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
         """The adjoint of ``integrate_vertex``, derived by hand (reverse order of its steps).
 
         Returns the cotangents ``(x, v, f, m, damping, x_fixed)`` given those of the new
-        position and velocity; the mass term is the explicit h f / m dependence only.
+        position and velocity (in the kernel's type); the mass term is the explicit
+        h f / m dependence only.
         """
         # Replay: a = v + h f / m, b = a / q, w = b phi(|b|^2 / v_max^2), zero if fixed.
         a = v + h * f / m
@@ -247,23 +235,25 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
             adj_x_free = vec3()
         adj_x = adj_x_free
         adj_w = h * adj_x_free + adj_vn
+        d_pred = T(0.0)
         if has_ground != 0:
-            y_pred = x[1] + h * w[1]
-            y_new = ground_solve(y_pred, h, height, dhat, kappa)
-            # x_new = (x0 + h w''0, y_new, x2 + h w''2), v_new = w'' with w'1 = (y_new - x1)/h.
+            d_pred = T(x[1] - height) + h * w[1]
+        if has_ground != 0 and d_pred < dhat:
+            # Forward: d' = G(d_pred), d_pred = (x1 - height) + h w1, N = a(d');
+            # x_new = (x0 + h w''0, height + d', x2 + h w''2), v_new = (w''0, w1 + h N, w''2)
+            # with w''0,2 = scale w0,2, scale = 1 / (1 + h mu N sigma(|u|)).
+            d_new = ground_gap(d_pred, h, dhat, kappa)
+            normal = gap_acceleration(d_new, dhat, kappa)
+            normal_slope = gap_acceleration_slope(d_new, dhat, kappa)
             adj_w0 = h * adj_x_free[0] + adj_vn[0]
             adj_w2 = h * adj_x_free[2] + adj_vn[2]
-            adj_y = adj_x_free[1] + adj_vn[1] / h
-            adj_x1 = -adj_vn[1] / h
+            adj_d = adj_x_free[1] + adj_vn[1] * h * normal_slope
             if friction > T(0.0):
-                # w''0,2 = scale w0,2, scale = 1 / (1 + h mu N(y_new) sigma(|u|)).
-                normal = ground_acceleration(y_new, height, dhat, kappa)
                 tiny = T(1e-6) * eps_v
                 speed = wp.sqrt(w[0] * w[0] + w[2] * w[2] + tiny * tiny)
-                sigma = T(1.0) / speed
+                sigma = friction_slope(speed, eps_v)
                 dsigma = T(-1.0) / (speed * speed)
                 if speed < eps_v:
-                    sigma = T(2.0) / eps_v - speed / (eps_v * eps_v)
                     dsigma = T(-1.0) / (eps_v * eps_v)
                 k = h * friction
                 scale = T(1.0) / (T(1.0) + k * normal * sigma)
@@ -272,12 +262,10 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
                 adj_speed = common * normal * dsigma
                 adj_w0 = scale * adj_w0 + adj_speed * w[0] / speed
                 adj_w2 = scale * adj_w2 + adj_speed * w[2] / speed
-                adj_y = adj_y + common * sigma * ground_acceleration_slope(
-                    y_new, height, dhat, kappa
-                )
-            adj_y_pred = adj_y * ground_solve_slope(y_pred, h, height, dhat, kappa)
-            adj_x = vec3(adj_x_free[0], adj_x1 + adj_y_pred, adj_x_free[2])
-            adj_w = vec3(adj_w0, h * adj_y_pred, adj_w2)
+                adj_d = adj_d + common * sigma * normal_slope
+            adj_d_pred = adj_d * ground_gap_slope(d_pred, h, dhat, kappa)
+            adj_x = vec3(adj_x_free[0], adj_d_pred, adj_x_free[2])
+            adj_w = vec3(adj_w0, adj_vn[1] + h * adj_d_pred, adj_w2)
         if is_fixed != 0:
             adj_w = vec3()
         adj_b = phi * adj_w
@@ -292,7 +280,7 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
 
         @wp.kernel(module=module, enable_backward=False)
         def step_fast(
-            x: wp.array(dtype=vec3),
+            x: wp.array(dtype=wp.vec3d),
             v: wp.array(dtype=vec3),
             f_a: wp.array(dtype=vec3),
             f_b: wp.array(dtype=vec3),
@@ -300,10 +288,10 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
             gravity: wp.array(dtype=vec3),
             damping: wp.array(dtype=T),
             fixed_slot: wp.array(dtype=int),
-            x_fixed: wp.array(dtype=vec3),
+            x_fixed: wp.array(dtype=wp.vec3d),
             h: T,
             has_ground: int,
-            height: T,
+            height: wp.float64,
             dhat: T,
             kappa: T,
             friction: T,
@@ -311,7 +299,7 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
             max_speed: T,
             save: int,
             f_saved: wp.array(dtype=vec3),
-            x_new: wp.array(dtype=vec3),
+            x_new: wp.array(dtype=wp.vec3d),
             v_new: wp.array(dtype=vec3),
         ):
             """Forward-only update; reads the elastic forces f_a + f_b and zeroes them for reuse.
@@ -328,7 +316,7 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
             f_a[i] = vec3()
             f_b[i] = vec3()
             slot = fixed_slot[i]
-            xf = vec3()
+            xf = wp.vec3d()
             is_fixed = int(0)  # noqa: UP018 - a Warp variable, not a constant
             if slot >= 0:
                 xf = x_fixed[slot]
@@ -342,7 +330,7 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
 
         @wp.kernel(module=module, enable_backward=False)
         def step_vjp(
-            x: wp.array(dtype=vec3),
+            x: wp.array(dtype=wp.vec3d),
             v: wp.array(dtype=vec3),
             f_el: wp.array(dtype=vec3),
             mass: wp.array(dtype=T),
@@ -351,7 +339,7 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
             fixed_slot: wp.array(dtype=int),
             h: T,
             has_ground: int,
-            height: T,
+            height: wp.float64,
             dhat: T,
             kappa: T,
             friction: T,
@@ -401,18 +389,19 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
 
     @wp.kernel(module=module)
     def total_forces(
-        x: wp.array(dtype=vec3),
+        x: wp.array(dtype=wp.vec3d),
         f_el: wp.array(dtype=vec3),
         mass: wp.array(dtype=T),
         gravity: wp.array(dtype=vec3),
         has_ground: int,
-        height: T,
+        height: wp.float64,
         dhat: T,
         kappa: T,
         f: wp.array(dtype=vec3),
     ):
         """Elastic + gravity + ground barrier force per vertex (N)."""
         i = wp.tid()
-        f[i] = vertex_force(f_el[i], mass[i], gravity[0], x[i][1], has_ground, height, dhat, kappa)
+        gap = T(x[i][1] - height)
+        f[i] = vertex_force(f_el[i], mass[i], gravity[0], gap, has_ground, dhat, kappa)
 
     return SimpleNamespace(integrate_vertex=integrate_vertex, total_forces=total_forces)

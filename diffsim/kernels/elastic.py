@@ -4,9 +4,10 @@ Each material's first Piola-Kirchhoff stress P = dpsi/dF is written analytically
 same psi as :mod:`diffsim.materials`. The backward pass of the forces is hand-derived in
 :mod:`diffsim.kernels.force_vjp`; Warp-generated adjoints serve the energy's gradient and,
 for the forces, as the reference the hand-derived kernels are tested against. Material ids
-follow the ``kernel`` attribute of the classes in diffsim.materials. For Stable Neo-Hookean the
-kernels take the re-parameterised Lame constants (mu' = 4/3 mu, lambda' = lambda + 5/6 mu), which the torch
-side computes so that the (E, nu) chain stays in torch.
+follow the ``kernel`` attribute of the classes in diffsim.materials. For Stable Neo-Hookean
+the kernels take the re-parameterised Lame constants (mu' = 4/3 mu, lambda' = lambda +
+5/6 mu), which the torch side computes (``kernel_lame``) so that the (E, nu) chain stays in
+torch. Positions arrive as float64 (``wp.vec3d``) whatever the kernels' scalar type.
 """
 
 from types import SimpleNamespace

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import warp as wp
 
-# Keep in sync with diffsim.ground.
+# The same constant as diffsim.ground (kernels import nothing from diffsim; a test checks).
 MIN_GAP_FRACTION = 1e-6
 NEWTON_ITERATIONS = 80
 

@@ -10,6 +10,7 @@ It gives well-shaped tets of one size; it does not resolve features smaller than
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -82,12 +83,51 @@ def closest_points_on_surface(
     return out
 
 
+def load_surface(path: str | Path):
+    """Reads a triangle surface file with trimesh (.stl, .obj, .ply, .off, ...).
+
+    Args:
+        path: the surface file.
+
+    Returns:
+        A ``trimesh.Trimesh`` (the scene's meshes concatenated).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: trimesh cannot read it, or it holds no triangles.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"surface file not found: {path}")
+    if path.suffix.lower() in (".msh", ".npz"):
+        raise ValueError(f"{path} is a tet mesh file: load it with TetMesh.load({str(path)!r})")
+    import trimesh  # lazily: only surface input needs it
+
+    try:
+        surface = trimesh.load(path, force="mesh")
+    except Exception as exc:  # noqa: BLE001 - trimesh raises many types; re-raised clearly
+        raise ValueError(f"{path}: trimesh could not read it as a surface ({exc})") from exc
+    if len(getattr(surface, "faces", ())) == 0:
+        raise ValueError(f"{path}: the file holds no triangles")
+    return surface
+
+
 def tetrahedralize_surface(surface, resolution: int):
     """Grid tets inside a closed surface and the projection onto that surface.
+
+    Args:
+        surface: an object with ``vertices [n, 3]`` and triangle ``faces [f, 3]`` (a
+            ``trimesh.Trimesh``).
+        resolution: grid cells along the longest side of the bounding box.
 
     Returns:
         ``(vertices, tets, project)`` where ``project(points)`` gives closest surface points.
     """
+    if not (hasattr(surface, "vertices") and hasattr(surface, "faces")):
+        raise TypeError(
+            "surface must be a trimesh.Trimesh (or an object with vertices and faces) or the "
+            f"path of a surface file, got {type(surface).__name__}"
+        )
     vertices = np.asarray(surface.vertices, dtype=np.float64)
     faces = np.asarray(surface.faces, dtype=np.int64)
     if vertices.ndim != 2 or vertices.shape[1] != 3 or faces.ndim != 2 or faces.shape[1] != 3:

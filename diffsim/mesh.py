@@ -5,18 +5,25 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from diffsim import gmsh_io
+from diffsim.stable_step import tet_altitudes
 
 # Tets whose volume is below this fraction of the mean tet volume count as degenerate.
 DEGENERATE_VOLUME_FRACTION = 1e-9
 # Moving boundary vertices onto a curved surface may shrink a tet to at most this fraction
 # of its grid volume; smaller tets would force a much smaller explicit time step.
 MIN_PROJECTED_VOLUME_FRACTION = 0.25
+# A tet whose longest edge exceeds this many times its smallest altitude counts as a sliver
+# in TetMesh.quality() (a regular tet has sqrt(3/2) = 1.22, a box cell's tets sqrt(6) = 2.45).
+SLIVER_ASPECT_RATIO = 10.0
+# Triangle-surface file formats: TetMesh.from_surface reads them, TetMesh.load does not.
+SURFACE_SUFFIXES = (".stl", ".obj", ".ply", ".off", ".glb", ".gltf")
 
 
 class TetMesh:
@@ -287,7 +294,7 @@ class TetMesh:
 
     @classmethod
     def from_surface(cls, surface, resolution: int = 16) -> TetMesh:
-        """Tetrahedralizes a closed triangle surface (a ``trimesh.Trimesh``).
+        """Tetrahedralizes a closed triangle surface.
 
         The built-in method keeps the grid cells whose centres lie inside the surface
         (generalized winding number) and moves boundary vertices onto the surface where
@@ -295,11 +302,19 @@ class TetMesh:
 
         Args:
             surface: a closed ``trimesh.Trimesh`` (or any object with ``vertices`` and
-                ``faces``).
+                ``faces``), or the path of a surface file trimesh reads (.stl, .obj, .ply,
+                .off, ...).
             resolution: grid cells along the longest side of the bounding box.
-        """
-        from diffsim.tetrahedralize import tetrahedralize_surface
 
+        Raises:
+            FileNotFoundError: ``surface`` is a path to no file.
+            TypeError: ``surface`` is neither a path nor a surface.
+            ValueError: the surface is not closed, or the file holds no triangles.
+        """
+        from diffsim.tetrahedralize import load_surface, tetrahedralize_surface
+
+        if isinstance(surface, (str, Path)):
+            surface = load_surface(surface)
         vertices, tets, project = tetrahedralize_surface(surface, resolution)
         return cls(vertices, tets, fix_orientation=True)._project_surface(project)
 
@@ -320,12 +335,25 @@ class TetMesh:
 
     @classmethod
     def load(cls, path: str | Path, **kwargs) -> TetMesh:
-        """Loads a Gmsh ``.msh`` (ASCII 4.1 or 2.2) or a diffsim ``.npz`` mesh."""
+        """Loads a Gmsh ``.msh`` (ASCII 4.1 or 2.2) or a diffsim ``.npz`` tet mesh.
+
+        Body ids come back from ``.npz`` and from the volumes of a ``.msh`` (see
+        :func:`diffsim.gmsh_io.read_msh_bodies`). A triangle surface (.stl, .obj, ...) is
+        no tet mesh: tetrahedralize it with :meth:`from_surface`.
+        """
         path = Path(path)
+        if path.suffix.lower() in SURFACE_SUFFIXES:
+            raise ValueError(
+                f"{path}: unknown mesh format {path.suffix!r} for TetMesh.load, which reads "
+                f"tet meshes (.msh, .npz); {path.suffix!r} is a triangle surface: "
+                f"tetrahedralize it with TetMesh.from_surface({str(path)!r}, resolution=16)"
+            )
         if not path.is_file():
             raise FileNotFoundError(f"mesh file not found: {path}")
         if path.suffix == ".msh":
-            vertices, tets = gmsh_io.read_msh(path)
+            vertices, tets, body_ids = gmsh_io.read_msh_bodies(path)
+            if body_ids is not None and "body_ids" not in kwargs:
+                kwargs["body_ids"] = body_ids
             return cls(vertices, tets, **kwargs)
         if path.suffix == ".npz":
             with np.load(path) as data:
@@ -337,10 +365,14 @@ class TetMesh:
         raise ValueError(f"{path}: unknown mesh format {path.suffix!r}; use .msh or .npz")
 
     def save(self, path: str | Path) -> None:
-        """Saves as Gmsh 4.1 ASCII (``.msh``) or diffsim ``.npz`` (keeps body ids)."""
+        """Saves as Gmsh 4.1 ASCII (``.msh``, bodies as volumes) or diffsim ``.npz``.
+
+        Both keep the body ids (:meth:`load` reads them back).
+        """
         path = Path(path)
         if path.suffix == ".msh":
-            gmsh_io.write_msh(path, self.vertices, self.tets)
+            body_ids = self.body_ids if self.n_bodies > 1 else None
+            gmsh_io.write_msh(path, self.vertices, self.tets, body_ids)
         elif path.suffix == ".npz":
             np.savez(path, vertices=self.vertices, tets=self.tets, body_ids=self.body_ids)
         else:
@@ -363,6 +395,38 @@ class TetMesh:
             np.concatenate(vertices), np.concatenate(tets), body_ids=np.concatenate(body_ids)
         )
 
+    def quality(self, sliver_ratio: float = SLIVER_ASPECT_RATIO) -> MeshQuality:
+        """Shape measures of the rest tets: altitudes, aspect ratios and slivers.
+
+        The smallest altitude sets the explicit time step (see
+        :func:`diffsim.stable_step.stable_step` and docs/time-steps.md).
+
+        Args:
+            sliver_ratio: aspect ratio above which a tet counts as a sliver.
+
+        Returns:
+            A :class:`MeshQuality`; ``print`` it for a table.
+        """
+        altitudes = tet_altitudes(self.vertices, self.tets)
+        x = self.vertices[self.tets]
+        longest = np.max(
+            [
+                np.linalg.norm(x[:, i] - x[:, j], axis=1)
+                for i, j in itertools.combinations(range(4), 2)
+            ],
+            axis=0,
+        )
+        ratios = longest / altitudes
+        worst = int(np.argmin(altitudes))
+        return MeshQuality(
+            min_altitude=float(altitudes[worst]),
+            min_altitude_tet=worst,
+            altitudes=altitudes,
+            aspect_ratios=ratios,
+            slivers=np.flatnonzero(ratios > sliver_ratio),
+            sliver_ratio=float(sliver_ratio),
+        )
+
     def compact(self) -> TetMesh:
         """A copy without the vertices that no tet uses."""
         used = np.unique(self.tets)
@@ -374,6 +438,63 @@ class TetMesh:
         return (
             f"TetMesh(n_vertices={self.n_vertices}, n_tets={self.n_tets}, n_bodies={self.n_bodies})"
         )
+
+
+@dataclass(frozen=True)
+class MeshQuality:
+    """Tet shape measures from :meth:`TetMesh.quality`.
+
+    Attributes:
+        min_altitude: the smallest tet altitude (vertex to opposite face) in m.
+        min_altitude_tet: the tet that has it.
+        altitudes: ``[m]`` smallest altitude of each tet in m.
+        aspect_ratios: ``[m]`` longest edge / smallest altitude of each tet (a regular tet
+            has sqrt(3/2) = 1.22; flat and needle-like tets have large ones).
+        slivers: tets whose aspect ratio exceeds ``sliver_ratio``, ascending.
+        sliver_ratio: the threshold used.
+    """
+
+    min_altitude: float
+    min_altitude_tet: int
+    altitudes: np.ndarray = field(repr=False)
+    aspect_ratios: np.ndarray = field(repr=False)
+    slivers: np.ndarray = field(repr=False)
+    sliver_ratio: float = SLIVER_ASPECT_RATIO
+
+    @property
+    def n_tets(self) -> int:
+        return len(self.altitudes)
+
+    @property
+    def worst_tet(self) -> int:
+        """The tet with the largest aspect ratio."""
+        return int(np.argmax(self.aspect_ratios))
+
+    def __str__(self) -> str:
+        r = self.aspect_ratios
+        p50, p99 = np.percentile(r, [50, 99])
+        worst = self.worst_tet
+        n_s = len(self.slivers)
+        rows = [
+            ("tets", f"{self.n_tets}"),
+            (
+                "smallest altitude",
+                f"{self.min_altitude:.3g} m (tet {self.min_altitude_tet}); "
+                f"median {np.median(self.altitudes):.3g} m",
+            ),
+            (
+                "aspect ratio",
+                f"median {p50:.3g}, 99th percentile {p99:.3g}, max {r[worst]:.3g} (tet {worst})",
+            ),
+            (
+                f"slivers (ratio > {self.sliver_ratio:g})",
+                f"{n_s} ({100.0 * n_s / self.n_tets:.2g}%)"
+                + (f": tets {_first(self.slivers)}" if n_s else ""),
+            ),
+        ]
+        width = max(len(name) for name, _ in rows)
+        lines = ["mesh quality (aspect ratio = longest edge / smallest altitude; regular 1.22)"]
+        return "\n".join(lines + [f"  {name:<{width}}  {value}" for name, value in rows])
 
 
 def edge_matrices(vertices, tets):

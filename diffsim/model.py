@@ -34,6 +34,7 @@ class Model:
         ground: ground plane settings, or None.
         contact: surface contact between and within bodies (barrier, friction, continuous
             collision limit), or None. See :mod:`diffsim.contact`.
+        added_mass: ``[n]`` mass (kg) added to each vertex by mass scaling, or None.
     """
 
     mesh: TetMesh
@@ -48,6 +49,7 @@ class Model:
     max_speed: float | None
     ground: Ground | None
     contact: Any = None
+    added_mass: torch.Tensor | None = None
 
     @property
     def substep_dt(self) -> float:
@@ -93,4 +95,5 @@ def lumped_mass(model: Model, density) -> torch.Tensor:
     density = torch.as_tensor(density, dtype=model.dtype, device=model.device)
     share = (density * model.rest_volumes / 4.0).expand(model.n_tets)
     mass = torch.zeros(model.n_vertices, dtype=model.dtype, device=model.device)
-    return mass.index_add(0, model.tets.reshape(-1), share.repeat_interleave(4))
+    mass = mass.index_add(0, model.tets.reshape(-1), share.repeat_interleave(4))
+    return mass if model.added_mass is None else mass + model.added_mass

@@ -14,9 +14,10 @@ from diffsim.backends import BACKENDS
 from diffsim.checkpoint import run_segment
 from diffsim.elasticity import elastic_energy, volume_ratios
 from diffsim.ground import Ground
-from diffsim.materials import Material
+from diffsim.materials import Material, StableNeoHookean
 from diffsim.mesh import TetMesh
 from diffsim.model import POSITION_DTYPE, Coefficients, Model, lumped_mass
+from diffsim.stable_step import MassScaling, StableStep, mass_scaling, stable_step
 from diffsim.state import State, Trajectory
 from diffsim.warp_setup import check_device
 
@@ -55,7 +56,13 @@ class Simulator:
         mesh: the tet mesh (several bodies via :meth:`TetMesh.merge`).
         material: a :class:`Material`; its tensor parameters keep their graphs.
         dt: time per step (one recorded frame) in s.
-        substeps: substeps per step, each of dt / substeps.
+        substeps: substeps per step, each of dt / substeps; ``"auto"`` picks the fewest that
+            keep the substep below the mesh's estimated stable substep (:attr:`stable_dt`).
+            A fixed number above the estimate gives a :class:`StabilityWarning`.
+        mass_scaling: a target substep in s, or None. Adds mass to the vertices of tets whose
+            stable substep is below it, so that each meets it (:attr:`added_mass`; gravity
+            acts on the added mass and the scaled region's highest frequencies slow down;
+            see docs/time-steps.md). Off by default.
         gravity: ``(gx, gy, gz)`` in m/s^2, floats or a tensor ``[3]`` (differentiable).
         ground: height (m) of the ground plane y = ground, or None for no ground.
         fixed: prescribed vertices: a bool mask ``[n]`` or an index list.
@@ -84,7 +91,8 @@ class Simulator:
         material: Material,
         *,
         dt: float = 1e-3,
-        substeps: int = 1,
+        substeps: int | str = 1,
+        mass_scaling: float | None = None,
         gravity: Sequence[float] | torch.Tensor = (0.0, -9.81, 0.0),
         ground: float | None = 0.0,
         fixed=None,
@@ -110,14 +118,19 @@ class Simulator:
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
         _check_positive("dt", dt)
-        if not isinstance(substeps, int) or substeps < 1:
-            raise ValueError(f"substeps must be an integer >= 1, got {substeps!r}")
+        if substeps != "auto" and (not isinstance(substeps, int) or substeps < 1):
+            raise ValueError(f'substeps must be an integer >= 1 or "auto", got {substeps!r}')
+        if mass_scaling is not None:
+            _check_positive("mass_scaling", mass_scaling)
         if max_speed is not None:
             _check_positive("max_speed", max_speed)
         if friction < 0 or not math.isfinite(friction):
             raise ValueError(f"friction must be >= 0, got {friction}")
         _check_positive("friction_velocity", friction_velocity)
         material.validate(mesh.n_tets)
+        self.mass_scaling = _scaled_mass(mesh, material, mass_scaling)
+        self.stable_step = _stable_step(mesh, material, self.mass_scaling)
+        substeps = self._choose_substeps(dt, substeps, material)
         self.mesh = mesh
         self.material = material
         self.dtype = dtype
@@ -153,10 +166,38 @@ class Simulator:
             max_speed=None if max_speed is None else float(max_speed),
             ground=ground_model,
             contact=contact_model,
+            added_mass=None
+            if self.mass_scaling is None
+            else torch.as_tensor(self.mass_scaling.added_mass, **as_t),
         )
         self._warned: set[str] = set()
         self.backend_name = self._choose_backend(backend, material)
         self.backend = BACKENDS[self.backend_name](self.model)
+
+    # ----------------------------------------------------------------- time steps
+    @property
+    def stable_dt(self) -> float:
+        """The mesh's estimated stable substep in s (with any added mass); see
+        :attr:`stable_step` for the tets that set it. Not part of any graph."""
+        return self.stable_step.dt
+
+    @property
+    def added_mass(self) -> float:
+        """Mass added by ``mass_scaling`` in kg (0 without it)."""
+        return 0.0 if self.mass_scaling is None else self.mass_scaling.total_added
+
+    def _choose_substeps(self, dt: float, substeps, material: Material) -> int:
+        estimate = self.stable_step
+        if substeps == "auto":
+            return estimate.substeps(dt)
+        if material.kernel_id is not None and dt / substeps > estimate.dt:
+            warnings.warn(
+                f"the substep {dt / substeps:.3g} s (dt = {dt:g} s / {substeps} substeps) is "
+                f"above the mesh's {estimate.describe(dt)}",
+                StabilityWarning,
+                stacklevel=3,
+            )
+        return substeps
 
     # ----------------------------------------------------------------- set-up helpers
     def _make_ground(self, height, dhat, stiffness, friction, friction_velocity) -> Ground:
@@ -460,10 +501,22 @@ class Simulator:
         finite = torch.isfinite(frames).all(dim=2)
         k = int(torch.nonzero(~finite.all(dim=1))[0])
         bad = torch.nonzero(~finite[k]).flatten()[:8].tolist()
+        m = self.model
+        h = m.substep_dt
+        if h > self.stable_dt:
+            advice = f"the substep {h:.3g} s is above the {self.stable_step.describe(m.dt)}"
+        else:
+            advice = (
+                f"the substep {h:.3g} s is within the estimated stable substep "
+                f"{self.stable_dt:.3g} s, so large deformation or contact likely drove it: "
+                "try a smaller dt or more substeps"
+            )
+            if m.max_speed is None:
+                advice += ", or set max_speed"
+            if self.material.kernel_id != StableNeoHookean.kernel:
+                advice += ", or use StableNeoHookean, which tolerates inverted tets"
         raise SimulationError(
-            f"step {first_step + k} produced non-finite positions (vertices {bad}); the time "
-            f"step is likely too large for the material's stiffness (try a smaller dt or more "
-            f"substeps, set max_speed, or use StableNeoHookean, which tolerates inverted tets)"
+            f"step {first_step + k} produced non-finite positions (vertices {bad}); {advice}"
         )
 
     # ----------------------------------------------------------------- statics
@@ -551,3 +604,25 @@ def _fixed_mask(fixed, n: int) -> np.ndarray:
     mask = np.zeros(n, dtype=bool)
     mask[arr] = True
     return mask
+
+
+def _physical(material: Material) -> list:
+    """E, nu and density as detached numpy values (floats or per-tet arrays)."""
+    out = []
+    for name in ("youngs_modulus", "poissons_ratio", "density"):
+        value = material.physical_parameters()[name]
+        out.append(
+            value.detach().cpu().double().numpy() if isinstance(value, torch.Tensor) else value
+        )
+    return out
+
+
+def _scaled_mass(mesh: TetMesh, material: Material, target: float | None) -> MassScaling | None:
+    if target is None:
+        return None
+    return mass_scaling(mesh.vertices, mesh.tets, *_physical(material), target_dt=float(target))
+
+
+def _stable_step(mesh: TetMesh, material: Material, scaling: MassScaling | None) -> StableStep:
+    added = None if scaling is None else scaling.added_mass
+    return stable_step(mesh.vertices, mesh.tets, *_physical(material), added_mass=added)

@@ -1,0 +1,55 @@
+"""substeps="auto", mass scaling and the stable-step messages, through the Simulator."""
+
+import pytest
+
+import diffsim as ds
+
+from .helpers import asset
+
+MATERIAL = ds.StableNeoHookean(1e5, 0.4, 1000.0)
+
+
+def bunny() -> ds.TetMesh:
+    return ds.TetMesh.load(asset("bunny.msh")).centered().scaled_to(0.3).placed_on(0.0, gap=0.02)
+
+
+def test_bunny_with_auto_substeps_falls_at_g():
+    """The reference bunny (a sliver tet) runs at dt = 1e-3 with substeps="auto" in float32
+    and falls at g over the first 20 ms."""
+    sim = ds.Simulator(bunny(), MATERIAL, dt=1e-3, substeps="auto")
+    assert sim.model.substeps == -(-1e-3 // sim.stable_dt)
+    assert sim.model.substep_dt <= sim.stable_dt
+    traj = sim.rollout(20)
+    v = traj.velocities[-1, :, 1].double().mean().item()
+    err = abs(v / (-9.81 * 0.02) - 1)
+    print(
+        f"bunny: stable substep {sim.stable_dt:.3g} s, {sim.model.substeps} substeps, v error {err:.1e}"
+    )
+    assert err < 0.01
+
+
+def test_substep_above_the_estimate_warns_with_the_numbers():
+    with pytest.warns(ds.StabilityWarning, match=r"estimated stable substep .* set by tets \["):
+        ds.Simulator(bunny(), MATERIAL, dt=1e-3, substeps=4)
+
+
+def test_mass_scaling_reaches_the_target_and_gravity_acts_on_the_added_mass():
+    mesh = bunny()
+    sim = ds.Simulator(mesh, MATERIAL, dt=1e-3, substeps="auto", mass_scaling=1e-4)
+    assert sim.stable_dt >= 1e-4 * (1 - 1e-9)
+    assert sim.model.substeps == 10
+    assert 0 < sim.added_mass < 0.02 * sim.mass_scaling.mass
+    mass = sim.coefficients().mass.double()
+    assert float(mass.sum()) == pytest.approx(sim.mass_scaling.mass + sim.added_mass, rel=1e-5)
+    weight = sim.forces(sim.model.rest_positions)[:, 1].double().sum()
+    assert float(weight) == pytest.approx(-9.81 * float(mass.sum()), rel=1e-4)
+
+
+def test_blow_up_message_compares_the_substep_with_the_estimate():
+    mesh = ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=(2, 2, 2), origin=(0.0, 0.2, 0.0))
+    with pytest.warns(ds.StabilityWarning):
+        sim = ds.Simulator(mesh, ds.StableNeoHookean(1e8, 0.3, 1000.0), dt=3e-4, ground=None)
+    with pytest.raises(ds.SimulationError, match="above the estimated stable substep") as info:
+        sim.rollout(200, state=sim.initial_state(velocities=(0.0, -1.0, 0.0)))
+    assert "use StableNeoHookean" not in str(info.value)
+    assert 'substeps="auto"' in str(info.value)

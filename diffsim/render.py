@@ -32,7 +32,7 @@ SHADOW_DARKNESS = 0.4
 # A default video lasts at least this long (s): short motions play in slow motion ...
 MIN_VIDEO_SECONDS = 3.0
 # ... but at most this many times slower than real time.
-MAX_SLOW_MOTION = 4.0
+MAX_SLOW_MOTION = 10.0
 VIDEO_SUFFIXES = (".mp4", ".gif")
 SURFACE_FORMATS = ("obj", "ply")
 

@@ -143,6 +143,7 @@ def tet_stable_steps(
     youngs_modulus,
     poissons_ratio,
     density,
+    *,
     safety: float = SAFETY_FACTOR,
 ) -> np.ndarray:
     """Per-tet stable substep (the CFL estimate) ``safety * a_min / c`` in s.
@@ -185,6 +186,7 @@ def vertex_stable_steps(
     youngs_modulus,
     poissons_ratio,
     density,
+    *,
     safety: float = SAFETY_FACTOR,
     added_mass=None,
 ) -> np.ndarray:
@@ -207,7 +209,7 @@ def vertex_stable_steps(
         ``[n]`` stable substeps in s (inf for a vertex no tet uses).
     """
     v, t = _mesh_arrays(vertices, tets)
-    steps = tet_stable_steps(v, t, youngs_modulus, poissons_ratio, density, safety)
+    steps = tet_stable_steps(v, t, youngs_modulus, poissons_ratio, density, safety=safety)
     m_e = _tet_masses(v, t, density)
     mass = _vertex_sums(t, m_e / 4.0, len(v))
     if added_mass is not None:
@@ -293,6 +295,7 @@ def stable_step(
     youngs_modulus,
     poissons_ratio,
     density,
+    *,
     safety: float = SAFETY_FACTOR,
     method: str = "vertex",
     added_mass=None,
@@ -315,13 +318,15 @@ def stable_step(
     """
     _check_method(method)
     v, t = _mesh_arrays(vertices, tets)
-    steps = tet_stable_steps(v, t, youngs_modulus, poissons_ratio, density, safety)
+    steps = tet_stable_steps(v, t, youngs_modulus, poissons_ratio, density, safety=safety)
     if method == "tet":
         if added_mass is not None:
             raise ValueError('added_mass needs method="vertex"')
         few = _smallest(steps, N_LIMITING)
         return StableStep(float(steps[few[0]]), few, steps, "tet", safety=float(safety))
-    vsteps = vertex_stable_steps(v, t, youngs_modulus, poissons_ratio, density, safety, added_mass)
+    vsteps = vertex_stable_steps(
+        v, t, youngs_modulus, poissons_ratio, density, safety=safety, added_mass=added_mass
+    )
     verts = _smallest(vsteps, N_LIMITING)
     around = np.flatnonzero(np.isin(t, verts[:1]).any(axis=1))
     few = around[_smallest(steps[around], N_LIMITING)]
@@ -404,6 +409,7 @@ def mass_scaling(
     poissons_ratio,
     density,
     target_dt: float,
+    *,
     safety: float = SAFETY_FACTOR,
     method: str = "vertex",
 ) -> MassScaling:
@@ -433,7 +439,7 @@ def mass_scaling(
     if not (target_dt > 0 and math.isfinite(target_dt)):
         raise ValueError(f"target_dt must be finite and > 0, got {target_dt}")
     v, t = _mesh_arrays(vertices, tets)
-    steps = tet_stable_steps(v, t, youngs_modulus, poissons_ratio, density, safety)
+    steps = tet_stable_steps(v, t, youngs_modulus, poissons_ratio, density, safety=safety)
     m_e = _tet_masses(v, t, density)
     scaled_tets = np.flatnonzero(steps < target_dt)
     factor = None

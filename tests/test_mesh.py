@@ -197,3 +197,95 @@ def test_similarity_transforms_keep_the_mesh_valid_and_nan_still_raises():
     assert (moved.rest_volumes > 0).all() and mesh.vertices[:, 1].min() == 0.0
     with pytest.raises(ValueError, match="non-finite"):
         mesh.transformed(translation=(float("nan"), 0.0, 0.0))
+
+
+def test_quality_finds_a_constructed_sliver():
+    # tet 0: the unit corner tet; tet 1: a sliver, four nearly coplanar well-spaced corners
+    sliver = [[0, 0, 0], [1, 1, 0], [1, 0, 0.02], [0, 1, 0.02]]
+    mesh = ds.TetMesh(
+        np.vstack([UNIT, np.array(sliver) + 3.0]),
+        [[0, 1, 2, 3], [4, 5, 6, 7]],
+        fix_orientation=True,
+    )
+    q = mesh.quality()
+    assert list(q.slivers) == [1] and q.min_altitude_tet == 1 and q.worst_tet == 1
+    assert q.aspect_ratios[0] == pytest.approx(np.sqrt(2) * np.sqrt(3))  # edge sqrt 2, alt 1/sqrt 3
+    assert q.aspect_ratios[1] > 10 * q.aspect_ratios[0]
+    assert q.min_altitude == pytest.approx(q.altitudes[1]) and q.altitudes[1] < 0.05
+    text = str(q)
+    assert "slivers (ratio > 10)" in text and "tets [1]" in text and "smallest altitude" in text
+    assert len(ds.TetMesh.box(resolution=2).quality().slivers) == 0
+    assert len(mesh.quality(sliver_ratio=1.0).slivers) == 2
+
+
+def test_from_surface_accepts_a_path_and_load_points_surfaces_to_it(tmp_path):
+    path = tmp_path / "blob.stl"
+    trimesh.creation.icosphere(subdivisions=1, radius=0.1).export(path)
+    mesh = ds.TetMesh.from_surface(str(path), resolution=4)
+    assert mesh.n_tets > 0 and (mesh.rest_volumes > 0).all()
+    with pytest.raises(ValueError, match=r"blob.stl: unknown mesh format '.stl' for TetMesh.load"):
+        ds.TetMesh.load(path)
+    with pytest.raises(ValueError, match=r"TetMesh.from_surface\('x.stl'"):
+        ds.TetMesh.load("x.stl")  # the hint comes before any file check
+    with pytest.raises(FileNotFoundError, match="surface file not found"):
+        ds.TetMesh.from_surface(tmp_path / "nope.obj")
+    with pytest.raises(TypeError, match="surface must be a trimesh.Trimesh"):
+        ds.TetMesh.from_surface(42)
+    with pytest.raises(ValueError, match="is a tet mesh file: load it with TetMesh.load"):
+        ds.TetMesh.box(resolution=1).save(tmp_path / "m.msh")
+        ds.TetMesh.from_surface(tmp_path / "m.msh")
+
+
+def test_msh_keeps_body_ids_and_order(tmp_path):
+    a = ds.TetMesh.box(resolution=1)
+    b = ds.TetMesh.box(resolution=2, origin=(3, 0, 0))
+    c = ds.TetMesh.box(resolution=1, origin=(0, 3, 0))
+    mesh = ds.TetMesh.merge([a, b, c])
+    mesh.save(tmp_path / "three.msh")
+    back = ds.TetMesh.load(tmp_path / "three.msh")
+    assert back.n_bodies == 3 and (back.body_ids == mesh.body_ids).all()
+    assert (back.tets == mesh.tets).all() and np.allclose(back.vertices, mesh.vertices)
+    text = (tmp_path / "three.msh").read_text()
+    assert '3 2 "body1"' in text and "$Entities" in text
+    a.save(tmp_path / "one.msh")  # one body: no $Entities, one node and element block
+    assert "$Entities" not in (tmp_path / "one.msh").read_text()
+    assert ds.TetMesh.load(tmp_path / "one.msh").n_bodies == 1
+
+
+def test_msh_v22_physical_tags_become_bodies_unless_they_share_vertices(tmp_path):
+    nodes = "\n".join(
+        f"{i + 1} {x} {y} {z}"
+        for i, (x, y, z) in enumerate(np.vstack([UNIT, UNIT + 2, UNIT[1:] + [0, 0, 1]]))
+    )
+
+    def write(name, elements):
+        lines = [
+            "$MeshFormat",
+            "2.2 0 8",
+            "$EndMeshFormat",
+            "$Nodes",
+            "11",
+            nodes,
+            "$EndNodes",
+            "$Elements",
+            str(len(elements)),
+            *elements,
+            "$EndElements",
+        ]
+        (tmp_path / name).write_text("\n".join(lines))
+        return tmp_path / name
+
+    apart = write("apart.msh", ["1 4 2 7 1 1 2 3 4", "2 4 2 9 2 5 6 7 8"])
+    mesh = ds.TetMesh.load(apart, allow_unused_vertices=True)
+    assert mesh.body_ids[:8].tolist() == [0] * 4 + [1] * 4
+    # two physical volumes sharing vertex 4: one body
+    glued = write("glued.msh", ["1 4 2 7 1 1 2 3 4", "2 4 2 9 2 4 9 10 11", "3 4 2 9 2 5 6 7 8"])
+    assert ds.TetMesh.load(glued, allow_unused_vertices=True, fix_orientation=True).n_bodies == 1
+
+
+def test_surface_only_msh_says_to_tetrahedralize(tmp_path):
+    text = "$MeshFormat\n2.2 0 8\n$EndMeshFormat\n$Nodes\n3\n1 0 0 0\n2 1 0 0\n3 0 1 0\n$EndNodes\n"
+    text += "$Elements\n1\n1 2 2 0 1 1 2 3\n$EndElements\n"
+    (tmp_path / "tri.msh").write_text(text)
+    with pytest.raises(ValueError, match="no 4-node tetrahedra .* surface mesh, tetrahedralize"):
+        ds.TetMesh.load(tmp_path / "tri.msh")

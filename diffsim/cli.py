@@ -816,7 +816,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     from importlib import metadata
 
     print(f"python         {platform.python_version()} ({sys.executable})")
-    for package in ("diffsim", "torch", "warp-lang", "polyscope", "imageio", "imageio-ffmpeg"):
+    packages = ("diffsim", "torch", "warp-lang", "polyscope", "imageio", "imageio-ffmpeg", "tqdm")
+    for package in packages:
         try:
             version = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -830,8 +831,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             print(f"               cuda:{i} ({torch.cuda.get_device_name(i)})")
+    elif torch.version.cuda is None:
+        print("               no CUDA device (this torch is a CPU-only build)")
     else:
-        print("               no CUDA device")
+        print(f"               no CUDA device (torch built for CUDA {torch.version.cuda})")
     print(f"backends       {', '.join(sorted(BACKENDS))}")
     if "warp" in BACKENDS:
         from diffsim.backends.warp_backend import cpu_threads

@@ -73,6 +73,7 @@ class ViewerController:
         self.speed_index = 0
         self.frame = 0
         self.steps_done = 0
+        self.elapsed = 0.0  # simulated time in live mode (s), over time-step changes
         self.rebuilds = 0
         self.error: str | None = None
         self.field: str | None = None
@@ -120,7 +121,7 @@ class ViewerController:
         """Simulated time of the shown state (s)."""
         if self.trajectory is not None:
             return self.frame * self.trajectory.dt
-        return self.steps_done * self.sim.model.dt
+        return self.elapsed
 
     def fields(self) -> list[str]:
         """The colour fields available here."""
@@ -217,6 +218,7 @@ class ViewerController:
             return
         self.state = traj.state(-1)
         self.steps_done += count
+        self.elapsed += count * self.sim.model.dt
 
     def tick(self) -> None:
         """Called once per drawn frame: advances by the speed while playing."""
@@ -230,6 +232,7 @@ class ViewerController:
         """Back to the start (the scene's initial state, or frame 0)."""
         self.error = None
         self.steps_done = 0
+        self.elapsed = 0.0
         if self.trajectory is not None:
             self.set_frame(0)
         else:
@@ -292,8 +295,9 @@ class ViewerController:
         match = re.match(r"step (\d+) (.*)", message)
         if match is None:
             return f"t = {self.time:.3f} s: {message}"
-        step = self.steps_done + int(match.group(1)) + 1
-        return f"step {step} (t = {step * self.sim.model.dt:.3f} s) {match.group(2)}"
+        k = int(match.group(1)) + 1  # steps into the failed rollout
+        step, t = self.steps_done + k, self.elapsed + k * self.sim.model.dt
+        return f"step {step} (t = {t:.3f} s) {match.group(2)}"
 
     def _initial_state(self) -> State:
         if self.scene is not None:

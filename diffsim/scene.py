@@ -215,8 +215,8 @@ def mesh_scene(
 
     The body (soft rubber: Stable Neo-Hookean, E = 1e5 Pa, nu = 0.4, 1000 kg/m^3) is
     centred above the origin with its lowest point ``drop`` metres above the ground
-    (y = 0) and falls under gravity. The time step is 1 ms with enough substeps for the
-    mesh's smallest edge (explicit stability). ``build()`` takes ``youngs_modulus``,
+    (y = 0) and falls under gravity. The time step is 1 ms with ``substeps="auto"`` (the
+    simulator's stable-substep estimate for the mesh). ``build()`` takes ``youngs_modulus``,
     ``poissons_ratio``, ``density``, ``damping``, ``friction`` and ``dt`` as keywords.
 
     Args:
@@ -259,11 +259,6 @@ def mesh_scene(
     low, high = vertices.min(axis=0), vertices.max(axis=0)
     shift = np.array([-(low[0] + high[0]) / 2, drop - low[1], -(low[2] + high[2]) / 2])
     mesh = mesh.transformed(scale=scale, translation=shift)
-    edges = (
-        mesh.vertices[mesh.tets[:, [0, 0, 0, 1, 1, 2]]]
-        - mesh.vertices[mesh.tets[:, [1, 2, 3, 2, 3, 3]]]
-    )
-    shortest = float(np.linalg.norm(edges, axis=-1).min())
     fall = math.sqrt(2 * drop / 9.81)
     duration = fall + 1.0 if seconds is None else float(seconds)
 
@@ -278,9 +273,8 @@ def mesh_scene(
         material = materials.StableNeoHookean(
             youngs_modulus=youngs_modulus, poissons_ratio=poissons_ratio, density=density
         )
-        substeps = stable_substeps(shortest, youngs_modulus, poissons_ratio, density, dt)
         return Simulator(
-            mesh, material, dt=dt, substeps=substeps, ground=0.0, damping=damping,
+            mesh, material, dt=dt, substeps="auto", ground=0.0, damping=damping,
             friction=friction,
         )  # fmt: skip
 
@@ -290,17 +284,6 @@ def mesh_scene(
     module.STEPS = max(1, round(duration / 1e-3))
     module.FPS = DEFAULT_FPS
     return Scene(path=path, module=module, steps=module.STEPS, fps=DEFAULT_FPS, camera=None)
-
-
-def stable_substeps(
-    edge: float, youngs_modulus: float, poissons_ratio: float, density: float, dt: float
-) -> int:
-    """Substeps per step of ``dt`` for explicit stability on a mesh whose shortest edge is
-    ``edge`` (m): a substep of at most 0.4 edge / c, c the P-wave speed."""
-    nu = float(poissons_ratio)
-    lam_2mu = float(youngs_modulus) * (1 - nu) / ((1 + nu) * (1 - 2 * nu))
-    speed = math.sqrt(lam_2mu / float(density))
-    return max(1, math.ceil(float(dt) / (0.4 * edge / speed)))
 
 
 def load_scene(path: str | Path) -> Scene:

@@ -32,9 +32,11 @@ import torch
 # on each corner has omega <= 4 c / a_min (its stiffness is at most V (lambda + 2 mu)
 # sum_i |grad N_i|^2 and |grad N_i| = 1 / altitude_i), so 2 / omega >= a_min / (2 c). Measured
 # 2 / omega over a_min / c: 0.50..0.87 on 2.4 million random shapes (nu from -0.5 to 0.499)
-# and on the tets of four real meshes. The mesh's empirical blow-up substep was 1.9..2.1 x
-# the per-vertex estimate and up to 13.6 x the per-tet one (docs/time-steps.md). Linear
-# stability only: large deformations can stiffen a material (Neo-Hookean under compression).
+# and on the tets of four real meshes, so no larger constant is a bound. Measured blow-ups
+# (a box and four real meshes at 0.3 m, docs/time-steps.md): 1.85..2.3 x the per-vertex
+# estimate, up to 13.7 x the per-tet one. That margin is for large deformations, which the
+# linear bound does not cover: a compressed tet is thinner (measured: a box squeezed to half
+# its height blows up at 1.0 x the per-vertex estimate, to 0.7 at 1.2 x).
 SAFETY_FACTOR = 0.5
 # The stable-step report names at most this many tets (and vertices) that limit the step.
 N_LIMITING = 5
@@ -260,10 +262,8 @@ class StableStep:
                 substeps it needs.
         """
         tets = ", ".join(str(int(i)) for i in self.limiting_tets)
-        how = (
-            "smallest tet altitudes, each vertex's mass-weighted mean"
-            if self.method == "vertex"
-            else f"{self.safety:g} x smallest tet altitude / dilatational wave speed"
+        how = f"{self.safety:g} x tet altitude / dilatational wave speed" + (
+            ", mass-weighted per vertex" if self.method == "vertex" else ""
         )
         text = f"estimated stable substep {self.dt:.3g} s ({how}), set by tets [{tets}]"
         if dt is None:
@@ -273,7 +273,8 @@ class StableStep:
             )
         n = auto_substeps(dt, self.dt)
         return text + (
-            f'; a step of {dt:.3g} s needs {n} substeps: use substeps="auto" (or {n}), '
+            f"; a step of {dt:.3g} s needs {n} substep{'s' if n > 1 else ''}: "
+            f'use substeps="auto" (or {n}), '
             "mass_scaling=<target substep in s> to add mass around the small tets instead, "
             "or a smaller dt; see docs/time-steps.md"
         )
@@ -309,8 +310,8 @@ def stable_step(
         poissons_ratio: nu, likewise.
         density: rho in kg/m^3, likewise.
         safety: as in :func:`tet_stable_steps`.
-        method: ``"vertex"`` (default; :func:`vertex_stable_steps`, 2 to 7 x larger on real
-            meshes and still a bound) or ``"tet"`` (the smallest :func:`tet_stable_steps`).
+        method: ``"vertex"`` (default; :func:`vertex_stable_steps`, 1.2 to 6.8 x larger on
+            real meshes and still a bound) or ``"tet"`` (the smallest :func:`tet_stable_steps`).
         added_mass: ``[n]`` extra vertex masses in kg (``method="vertex"`` only), or None.
 
     Returns:

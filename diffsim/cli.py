@@ -285,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     _quiet_warp()
+    if not show_traceback:
+        _one_line_warnings(f"diffsim {args.command}")
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -296,6 +298,23 @@ def main(argv: list[str] | None = None) -> int:
         usage = isinstance(exc, (FileNotFoundError, UsageError))
         _error(f"diffsim {args.command}: error: {_one_line(exc)}")
         return EXIT_USAGE if usage else EXIT_FAILURE
+
+
+def _one_line_warnings(prog: str) -> None:
+    """Shows Python warnings as ``PROG: warning: message`` (one line, no source line),
+    above a running progress bar."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        text = str(message).strip().splitlines()
+        out = f"{prog}: {category.__name__}: {text[0] if text else ''}"
+        tqdm = sys.modules.get("tqdm")
+        if tqdm is not None and hasattr(tqdm, "tqdm"):
+            tqdm.tqdm.write(out, file=sys.stderr)
+        else:
+            print(out, file=sys.stderr)
+
+    warnings.showwarning = show
 
 
 def _error(message: str) -> None:

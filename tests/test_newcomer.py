@@ -558,3 +558,18 @@ def test_run_a_bare_mesh_file_dropped_on_the_ground(tmp_path, capsys):
     assert "must be >= 0" in one_error_line(capsys)
     assert cli.main(["run", str(tmp_path / "box.xyz")]) == 2
     assert "expected a scene script (.py) or a mesh file" in one_error_line(capsys)
+
+
+def test_warnings_are_one_line_naming_the_command(tmp_path, capsys):
+    path = tmp_path / "warn.py"
+    path.write_text(
+        SCENE.replace(
+            "def build(size=0.1):\n",
+            "def build(size=0.1):\n    import warnings\n"
+            "    warnings.warn('check the mesh\\nsecond line', UserWarning)\n",
+        )
+    )
+    assert cli.main(["run", str(path), "--steps", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "diffsim run: UserWarning: check the mesh" in err
+    assert "second line" not in err and "warnings.warn(" not in err

@@ -47,22 +47,19 @@ def symplectic_euler_update(
     if m.max_speed is not None:
         v = clamp_speed(v, m.max_speed)
     v = v * (~m.fixed_mask).to(v.dtype)[:, None]
+    if m.contact is not None:
+        # Surface friction (lagged: from the barrier at x) acts on all three components
+        # before the ground solve, so it does not depend on the scene's orientation.
+        v = m.contact.apply_friction(v, x, mass, h)
     x_new = x + h * v
     if m.ground is not None:
         x_new, v = _ground_contact(m.ground, x, v, h)
     if m.contact is not None:
-        # Surface friction on all three components, then the continuous collision limit:
-        # a vertex whose step is cut keeps the same fraction of its velocity.
-        v = m.contact.apply_friction(v, x, mass, h)
-        proposed = x + h * v
-        if m.ground is not None:
-            proposed = torch.stack([proposed[:, 0], x_new[:, 1], proposed[:, 2]], dim=1)
-        alpha = m.contact.step_scales(x, proposed)
-        if alpha is not None:
-            x_new = x + alpha[:, None] * (proposed - x)
-            v = v * alpha.to(v.dtype)[:, None]
-        else:
-            x_new = proposed
+        # The continuous collision limit: a vertex whose step is cut keeps the same
+        # fraction of its velocity.
+        alpha = m.contact.step_scales(x, x_new)
+        x_new = x + alpha.to(x.dtype)[:, None] * (x_new - x)
+        v = v * alpha.to(v.dtype)[:, None]
     return x_new.index_put((m.fixed_indices,), x_fixed.to(x_new.dtype)), v
 
 

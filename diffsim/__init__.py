@@ -14,12 +14,13 @@ from diffsim.materials import (
 )
 from diffsim.mesh import TetMesh
 from diffsim.observation import Observation, ObservationError
-from diffsim.simulator import SimulationError, Simulator, StabilityWarning
+from diffsim.simulator import BackendWarning, SimulationError, Simulator, StabilityWarning
 from diffsim.state import State, Trajectory
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackendWarning",
     "Corotated",
     "EquilibriumError",
     "EquilibriumInfo",

@@ -38,6 +38,10 @@ class StabilityWarning(UserWarning):
     """
 
 
+class BackendWarning(UserWarning):
+    """The simulator runs on another backend than the one asked for (and says why)."""
+
+
 # The speed clamp is reported when more than this share of vertex-frames move faster than
 # CLAMP_NOTICE_SPEED * max_speed (where tanh(r)/r < 0.92: velocities changed by > 8%).
 CLAMP_NOTICE_SHARE = 0.02
@@ -190,7 +194,7 @@ class Simulator:
         estimate = self.stable_step
         if substeps == "auto":
             return estimate.substeps(dt)
-        if material.kernel_id is not None and dt / substeps > estimate.dt:
+        if material.kernel_id is not None and dt / substeps > estimate.dt * (1 + 1e-9):
             warnings.warn(
                 f"the substep {dt / substeps:.3g} s (dt = {dt:g} s / {substeps} substeps) is "
                 f"above the mesh's {estimate.describe(dt)}",
@@ -226,16 +230,19 @@ class Simulator:
         if backend not in ("warp", "torch"):
             raise ValueError(f"unknown backend {backend!r}; use 'warp' or 'torch'")
         if backend == "warp" and "warp" not in BACKENDS:
-            print(
-                "diffsim: the Warp backend is unavailable; running on the torch backend",
-                file=sys.stderr,
+            warnings.warn(
+                "the Warp backend is unavailable (pip install warp-lang); running on the "
+                "torch backend",
+                BackendWarning,
+                stacklevel=3,
             )
             return "torch"
         if backend == "warp" and material.kernel_id is None:
-            print(
-                f"diffsim: {type(material).__name__} has no Warp kernel; "
-                "running on the torch backend",
-                file=sys.stderr,
+            warnings.warn(
+                f"{type(material).__name__} has no Warp kernel; running on the torch backend "
+                "(pass backend='torch' to say so and silence this)",
+                BackendWarning,
+                stacklevel=3,
             )
             return "torch"
         return backend

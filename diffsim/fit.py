@@ -417,7 +417,7 @@ def _fit_stage(
     if huber_delta is None:
         huber_delta = 0.01 * float(np.linalg.norm(np.ptp(sim.mesh.vertices, axis=0)))
 
-    base_material, base_damping = sim.material, sim.damping
+    base_material = sim.material
     fitted = _make_parameters(sim, names, per_tet, fields, initial or {}, bounds or {})
     trainables = [t for p in fitted for t in p.trainables()]
     material_names = [n for n in names if n != "damping"]
@@ -427,15 +427,16 @@ def _fit_stage(
         return {p.name: p.transform(p.unconstrained(centroids)) for p in fitted}
 
     def data_loss(current: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        sim.material = base_material.replace(**{n: current[n] for n in material_names})
-        if "damping" in current:
-            sim.damping = current["damping"]
+        # The simulator is never changed: the current values go in as rollout parameters.
+        params = {n: current[n] for n in names}
         if mode == "equilibrium":
-            x = sim.equilibrium(x0=warm[-1] if warm else None)
+            x = sim.equilibrium(params=params, x0=warm[-1] if warm else None)
             warm[:] = [x.detach()]
             positions = x.unsqueeze(0)
         else:
-            positions = sim.rollout(steps, state=start, checkpoint_every=checkpoint_every).positions
+            positions = sim.rollout(
+                steps, state=start, checkpoint_every=checkpoint_every, params=params
+            ).positions
         pred = positions[:1] if mode == "equilibrium" else obs.predict(positions, dt)
         if mode == "equilibrium" and obs.indices is not None:
             pred = pred[:, torch.as_tensor(obs.indices)]
@@ -451,27 +452,24 @@ def _fit_stage(
                     reg = reg + (th[pairs[:, 0]] - th[pairs[:, 1]]).square().mean()
         return data, smoothness * reg
 
-    try:
-        with torch.no_grad():
-            start_values = values()
-            loss0 = float(data_loss(start_values)[0])
-        scale = loss0 if loss0 > 0 else 1.0
-        run = _Run(fitted, trainables, values, data_loss, scale, timing)
-        t_start = time.perf_counter()
-        if optimizer == "adam":
-            history, it_times, value_hist, reason = run.adam(
-                iters, 0.05 if lr is None else lr, tol, patience, min_improvement, callback, log
-            )
-        else:
-            history, it_times, value_hist, reason = run.lbfgs(
-                iters, 1.0 if lr is None else lr, tol, patience, min_improvement, callback, log
-            )
-        total = time.perf_counter() - t_start
-        run.restore_best()
-        with torch.no_grad():
-            best = values()
-    finally:
-        sim.material, sim.damping = base_material, base_damping
+    with torch.no_grad():
+        start_values = values()
+        loss0 = float(data_loss(start_values)[0])
+    scale = loss0 if loss0 > 0 else 1.0
+    run = _Run(fitted, trainables, values, data_loss, scale, timing)
+    t_start = time.perf_counter()
+    if optimizer == "adam":
+        history, it_times, value_hist, reason = run.adam(
+            iters, 0.05 if lr is None else lr, tol, patience, min_improvement, callback, log
+        )
+    else:
+        history, it_times, value_hist, reason = run.lbfgs(
+            iters, 1.0 if lr is None else lr, tol, patience, min_improvement, callback, log
+        )
+    total = time.perf_counter() - t_start
+    run.restore_best()
+    with torch.no_grad():
+        best = values()
 
     def export(v: torch.Tensor):
         v = v.detach().cpu()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from collections.abc import Sequence
 
@@ -115,6 +114,8 @@ class Simulator:
         contact_friction: float = 0.0,
         contact_friction_velocity: float = 1e-3,
     ) -> None:
+        # The settings as given (a value: Simulator.replace builds a new one from them).
+        self.settings = {k: v for k, v in locals().items() if k not in ("self", "mesh", "material")}
         if not isinstance(mesh, TetMesh):
             raise TypeError(f"mesh must be a diffsim.TetMesh, got {type(mesh).__name__}")
         if not isinstance(material, Material):
@@ -177,6 +178,23 @@ class Simulator:
         self._warned: set[str] = set()
         self.backend_name = self._choose_backend(backend, material)
         self.backend = BACKENDS[self.backend_name](self.model)
+
+    def replace(self, **changes) -> Simulator:
+        """A new simulator with some constructor arguments changed (this one is unchanged).
+
+        Args:
+            **changes: any argument of :class:`Simulator`, ``mesh`` and ``material``
+                included, e.g. ``sim.replace(dt=5e-4, material=ds.NeoHookean(2e5, 0.3))``.
+        """
+        unknown = set(changes) - set(self.settings) - {"mesh", "material"}
+        if unknown:
+            raise ValueError(
+                f"unknown Simulator arguments {sorted(unknown)}; "
+                f"known: {sorted(['mesh', 'material', *self.settings])}"
+            )
+        mesh = changes.pop("mesh", self.mesh)
+        material = changes.pop("material", self.material)
+        return Simulator(mesh, material, **{**self.settings, **changes})
 
     # ----------------------------------------------------------------- time steps
     @property
@@ -248,10 +266,7 @@ class Simulator:
         return backend
 
     def _check_damping(self) -> None:
-        d = self.damping
-        data = d.detach() if isinstance(d, torch.Tensor) else torch.tensor(float(d))
-        if data.dim() != 0 or torch.isnan(data) or data < 0:
-            raise ValueError(f"damping must be a scalar >= 0 (1/s), got {d}")
+        _check_damping(self.damping)
 
     # ----------------------------------------------------------------- parameters
     def parameters(self) -> dict[str, torch.Tensor]:
@@ -269,6 +284,24 @@ class Simulator:
                     f"its own {name}; rename the material's attribute"
                 )
             params[name] = torch.as_tensor(value, **as_t)
+        return params
+
+    def _parameters_with(self, overrides: dict | None) -> dict[str, torch.Tensor]:
+        """:meth:`parameters` with some replaced by name (cast to the simulator's dtype)."""
+        params = self.parameters()
+        if not overrides:
+            return params
+        unknown = set(overrides) - set(params)
+        if unknown:
+            raise ValueError(f"unknown parameters {sorted(unknown)}; known: {sorted(params)}")
+        as_t = dict(dtype=self.dtype, device=self.device)
+        for name, value in overrides.items():
+            params[name] = torch.as_tensor(value, **as_t)
+        names = [n for n in overrides if n in self.material.parameter_names]
+        if names:
+            self.material.replace(**{n: params[n] for n in names}).validate(self.model.n_tets)
+        if "damping" in overrides:
+            _check_damping(params["damping"])
         return params
 
     def coefficients(self, params: dict[str, torch.Tensor] | None = None) -> Coefficients:
@@ -368,6 +401,7 @@ class Simulator:
         state: State | None = None,
         checkpoint_every: int | None = None,
         fixed_positions=None,
+        params: dict[str, torch.Tensor] | None = None,
     ) -> Trajectory:
         """Runs ``steps`` steps and records every frame; differentiable.
 
@@ -377,6 +411,9 @@ class Simulator:
             checkpoint_every: K > 0 to checkpoint segments of K steps (memory O(T/K + K)
                 steps instead of O(T); same gradients), or None.
             fixed_positions: ``[k, 3]`` or ``[steps, k, 3]`` prescribed positions.
+            params: overrides of :meth:`parameters` by name for this rollout only (tensors
+                keep their graphs; e.g. ``{"youngs_modulus": net(centroids)}``): the
+                simulator itself is never changed.
 
         Returns:
             A :class:`Trajectory` with positions and velocities ``[steps + 1, n, 3]``.
@@ -392,7 +429,7 @@ class Simulator:
         state = self.initial_state() if state is None else state
         x, v = self._state_tensors(state)
         targets = self._fixed_targets(fixed_positions, steps, x)
-        params = list(self.parameters().values())
+        params = list(self._parameters_with(params).values())
         if not torch.is_grad_enabled() or not any(
             t.requires_grad for t in (x, v, targets, *params)
         ):
@@ -442,7 +479,7 @@ class Simulator:
         preallocated ``[K, n, 3]`` buffers, no-grad runs only) writes them there instead,
         in blocks of steps, so that a blow-up stops the run early.
         """
-        names = list(self.parameters().keys())
+        names = list(self.parameters())
         coeffs = self.coefficients(dict(zip(names, params, strict=True)))
         prepared = self.backend.prepare(coeffs)
         if out is None:
@@ -572,6 +609,12 @@ class Simulator:
             f"Simulator({self.mesh!r}, {self.material!r}, dt={self.model.dt:g}, "
             f"substeps={self.model.substeps}, backend={self.backend_name!r}, dtype={self.dtype})"
         )
+
+
+def _check_damping(d) -> None:
+    data = d.detach() if isinstance(d, torch.Tensor) else torch.tensor(float(d))
+    if data.dim() != 0 or not torch.isfinite(data) or data < 0:
+        raise ValueError(f"damping must be a finite scalar >= 0 (1/s), got {d}")
 
 
 def _check_positive(name: str, value) -> None:

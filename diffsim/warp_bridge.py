@@ -410,10 +410,10 @@ class ElasticEnergy(torch.autograd.Function):
         k = g.kernels
         energy = torch.empty(g.n_tets, dtype=k.dtype, device=x.device)
         wp.launch(
-            grad_kernels_for(k.dtype).tet_energy,
+            grad_kernels_for(k.dtype).tet_energy[w.material],
             dim=g.n_tets,
             inputs=[wrap(x, k.position), g.tets, g.dm_inv, g.volume, *w.arrays[:2]],
-            outputs=[w.per_tet, w.material, wrap(energy, k.scalar)],
+            outputs=[w.per_tet, wrap(energy, k.scalar)],
             device=g.device,
             stream=g.stream(),
             record_tape=False,
@@ -431,15 +431,15 @@ class ElasticEnergy(torch.autograd.Function):
         adj_energy = grad_e.to(k.dtype).expand(g.n_tets).contiguous()
         scratch = torch.empty(g.n_tets, dtype=k.dtype, device=x.device)
         wp.launch(
-            grad_kernels_for(k.dtype).tet_energy,
+            grad_kernels_for(k.dtype).tet_energy[w.material],
             dim=g.n_tets,
             inputs=[wrap(x, k.position), g.tets, g.dm_inv, g.volume, *w.arrays[:2], w.per_tet],
-            outputs=[w.material, wrap(scratch, k.scalar)],
+            outputs=[wrap(scratch, k.scalar)],
             adj_inputs=[
                 wrap(adj_x, k.position), None, None, None, wrap(adj_mu, k.scalar),
                 wrap(adj_lam, k.scalar), 0,
             ],
-            adj_outputs=[0, wrap(adj_energy, k.scalar)],
+            adj_outputs=[wrap(adj_energy, k.scalar)],
             adjoint=True,
             device=g.device,
             stream=g.stream(),

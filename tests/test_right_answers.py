@@ -218,6 +218,11 @@ def test_builtin_kernels_match_their_torch_psi():
             forces[backend] = sim.forces(x)
         err = float((forces["warp"] - forces["torch"]).abs().max() / forces["torch"].abs().max())
         assert err < 1e-10, f"{cls.__name__}: warp vs torch forces {err:.1e}"
+        warp = ds.Simulator(mesh, cls(1e5, 0.3, 1000.0), ground=None, dtype=torch.float64)
+        prepared = warp.backend.prepare(warp.coefficients())
+        energy = float(warp.backend.elastic_energy(prepared, x))
+        reference = float(warp.energies(ds.State(x, torch.zeros_like(x)))["elastic"])
+        assert energy == pytest.approx(reference, rel=1e-10), f"{cls.__name__}: psi differs"
 
 
 def test_speed_clamp_that_hides_instability_warns():

@@ -10,7 +10,12 @@ Closest-point weights follow the same region tests and formulas as the torch ref
 import torch
 import warp as wp
 
-from diffsim.contact.ccd import MIN_GAP_FRACTION
+from diffsim.contact.ccd import (
+    ABSOLUTE_ROUNDS,
+    EQUALIZE_ROUNDS,
+    MIN_GAP_FRACTION,
+    SCALE_SLACK,
+)
 from diffsim.warp_setup import init_warp
 
 init_warp()
@@ -188,6 +193,23 @@ def _make_kernels(scalar):
         wp.atomic_sub(f, i3, c[3] * gd + g3)
         energy[k] = w * mol * bv
 
+    @wp.func
+    def side_reach(kind: int, y0: vec3, y1: vec3, y2: vec3, y3: vec3) -> scalar:
+        """max over side A of |y_i| + max over side B of |y_j| (see contact/ccd.py)."""
+        s0 = wp.length(y0)
+        s1 = wp.length(y1)
+        s2 = wp.length(y2)
+        s3 = wp.length(y3)
+        if kind == 1:
+            return wp.max(s0, s1) + wp.max(s2, s3)
+        return s0 + wp.max(s1, wp.max(s2, s3))
+
+    @wp.func
+    def relative_reach(kind: int, y0: vec3, y1: vec3, y2: vec3, y3: vec3) -> scalar:
+        """side_reach after subtracting the mean of the four displacements."""
+        c = scalar(0.25) * (y0 + y1 + y2 + y3)
+        return side_reach(kind, y0 - c, y1 - c, y2 - c, y3 - c)
+
     @wp.kernel
     def step_scales(
         x: wp.array(dtype=vec3),
@@ -195,9 +217,13 @@ def _make_kernels(scalar):
         pairs: wp.array2d(dtype=wp.int32),
         kinds: wp.array(dtype=wp.int32),
         keep: scalar,
+        slack: scalar,
         parallel_fraction: scalar,
         alpha: wp.array(dtype=scalar),
+        bound: wp.array(dtype=scalar),
+        t_abs: wp.array(dtype=scalar),
     ):
+        """Pass 1: each pair's relative limit t_k lowers its vertices' scales."""
         k = wp.tid()
         i0 = pairs[k, 0]
         i1 = pairs[k, 1]
@@ -206,20 +232,66 @@ def _make_kernels(scalar):
         kind = kinds[k]
         c = pair_weights(kind, x[i0], x[i1], x[i2], x[i3], parallel_fraction)
         diff = c[0] * x[i0] + c[1] * x[i1] + c[2] * x[i2] + c[3] * x[i3]
-        s0 = wp.length(dx[i0])
-        s1 = wp.length(dx[i1])
-        s2 = wp.length(dx[i2])
-        s3 = wp.length(dx[i3])
-        reach = s0 + wp.max(s1, wp.max(s2, s3))
-        if kind == 1:
-            reach = wp.max(s0, s1) + wp.max(s2, s3)
         limit = (one - keep) * wp.length(diff)
-        if reach > limit:
-            t = limit / reach
+        bound[k] = limit
+        aim = (one - slack) * limit
+        y0 = dx[i0]
+        y1 = dx[i1]
+        y2 = dx[i2]
+        y3 = dx[i3]
+        absolute = side_reach(kind, y0, y1, y2, y3)
+        ta = one
+        if absolute > aim:
+            ta = aim / absolute
+        t_abs[k] = ta
+        reach = relative_reach(kind, y0, y1, y2, y3)
+        if reach > aim:
+            t = aim / reach
             wp.atomic_min(alpha, i0, t)
             wp.atomic_min(alpha, i1, t)
             wp.atomic_min(alpha, i2, t)
             wp.atomic_min(alpha, i3, t)
+
+    @wp.kernel
+    def verify_scales(
+        dx: wp.array(dtype=vec3),
+        pairs: wp.array2d(dtype=wp.int32),
+        kinds: wp.array(dtype=wp.int32),
+        bound: wp.array(dtype=scalar),
+        t_abs: wp.array(dtype=scalar),
+        alpha_in: wp.array(dtype=scalar),
+        mode: int,
+        settled: wp.array(dtype=wp.int32),
+        alpha_out: wp.array(dtype=scalar),
+        failing: wp.array(dtype=wp.int32),
+    ):
+        """A verification round at the scaled displacements (mode 0: equalize a failing
+        pair's scales; 1: give it the absolute bound; 2: absolute bound for every pair left)."""
+        k = wp.tid()
+        if settled[k] != 0:
+            return
+        i0 = pairs[k, 0]
+        i1 = pairs[k, 1]
+        i2 = pairs[k, 2]
+        i3 = pairs[k, 3]
+        a0 = alpha_in[i0]
+        a1 = alpha_in[i1]
+        a2 = alpha_in[i2]
+        a3 = alpha_in[i3]
+        if mode != 2:
+            reach = relative_reach(kinds[k], a0 * dx[i0], a1 * dx[i1], a2 * dx[i2], a3 * dx[i3])
+            if reach <= bound[k]:
+                return
+            wp.atomic_add(failing, 0, 1)
+        t = t_abs[k]
+        if mode == 0:
+            t = wp.min(wp.min(a0, a1), wp.min(a2, a3))
+        else:
+            settled[k] = 1
+        wp.atomic_min(alpha_out, i0, t)
+        wp.atomic_min(alpha_out, i1, t)
+        wp.atomic_min(alpha_out, i2, t)
+        wp.atomic_min(alpha_out, i3, t)
 
     @wp.kernel
     def element_boxes(
@@ -244,6 +316,7 @@ def _make_kernels(scalar):
     return {
         "barrier_forces": barrier_forces,
         "step_scales": step_scales,
+        "verify_scales": verify_scales,
         "element_boxes": element_boxes,
     }
 
@@ -464,22 +537,66 @@ def forces_backward(
 
 
 def step_scales(arrays: PairArrays, x: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
-    """Per-vertex CCD step scales ``[n]`` (see :mod:`diffsim.contact.ccd`)."""
+    """Per-vertex CCD step scales ``[n]`` (the algorithm of :mod:`diffsim.contact.ccd`).
+
+    One kernel launch when no vertex is limited (the usual case); otherwise one more per
+    verification round, each followed by a read of the failing-pair count.
+    """
     alpha = torch.ones(len(x), dtype=x.dtype, device=x.device)
-    if arrays.n:
-        scalar = {torch.float32: wp.float32, torch.float64: wp.float64}[x.dtype]
+    if not arrays.n:
+        return alpha
+    device = str(x.device)
+    scalar = {torch.float32: wp.float32, torch.float64: wp.float64}[x.dtype]
+    kern = kernels(x.dtype)
+    dx_wp = _vec3(dx.detach())
+    bound = torch.empty(arrays.n, dtype=x.dtype, device=x.device)
+    t_abs = torch.empty_like(bound)
+    bound_wp, t_abs_wp = wp.from_torch(bound), wp.from_torch(t_abs)
+    wp.launch(
+        kern["step_scales"],
+        dim=arrays.n,
+        inputs=[
+            _vec3(x.detach()),
+            dx_wp,
+            arrays.wp_pairs,
+            arrays.wp_kinds,
+            scalar(MIN_GAP_FRACTION),
+            scalar(SCALE_SLACK),
+            scalar(_parallel_fraction(x.dtype)),
+        ],
+        outputs=[wp.from_torch(alpha), bound_wp, t_abs_wp],
+        device=device,
+    )
+    if bool((alpha == 1).all()):
+        return alpha
+    settled = torch.zeros(arrays.n, dtype=torch.int32, device=x.device)
+    failing = torch.zeros(1, dtype=torch.int32, device=x.device)
+    settled_wp, failing_wp = wp.from_torch(settled), wp.from_torch(failing)
+
+    def round_(mode: int) -> torch.Tensor:
+        out = alpha.clone()
+        failing.zero_()
         wp.launch(
-            kernels(x.dtype)["step_scales"],
+            kern["verify_scales"],
             dim=arrays.n,
             inputs=[
-                _vec3(x.detach()),
-                _vec3(dx.detach()),
+                dx_wp,
                 arrays.wp_pairs,
                 arrays.wp_kinds,
-                scalar(MIN_GAP_FRACTION),
-                scalar(_parallel_fraction(x.dtype)),
+                bound_wp,
+                t_abs_wp,
+                wp.from_torch(alpha),
+                mode,
+                settled_wp,
             ],
-            outputs=[wp.from_torch(alpha)],
-            device=str(x.device),
+            outputs=[wp.from_torch(out), failing_wp],
+            device=device,
         )
-    return alpha
+        return out
+
+    for r in range(EQUALIZE_ROUNDS + ABSOLUTE_ROUNDS):
+        out = round_(0 if r < EQUALIZE_ROUNDS else 1)
+        if int(failing[0]) == 0:
+            return alpha
+        alpha = out
+    return round_(2)

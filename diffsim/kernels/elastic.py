@@ -1,7 +1,8 @@
 """Per-tet elastic energy and forces of the built-in materials, as Warp kernels.
 
-Each material's first Piola-Kirchhoff stress P = dpsi/dF is written analytically from the
-same psi as :mod:`diffsim.materials`. The backward pass of the forces is hand-derived in
+The per-material laws (psi, its stress P = dpsi/dF and the stress's derivative) live in
+:mod:`diffsim.kernels.material_laws`; this file gathers F per tet and scatters forces. The
+backward pass of the forces is hand-derived in
 :mod:`diffsim.kernels.force_vjp`; Warp-generated adjoints serve the energy's gradient and,
 for the forces, as the reference the hand-derived kernels are tested against. Material ids
 follow the ``kernel`` attribute of the classes in diffsim.materials. For Stable Neo-Hookean
@@ -14,7 +15,7 @@ from types import SimpleNamespace
 
 import warp as wp
 
-SNH, NH, STVK, COROTATED, LINEAR = 0, 1, 2, 3, 4
+from diffsim.kernels.material_laws import build_material_laws
 
 
 def build_elastic(dtype, module: str, differentiable: bool) -> SimpleNamespace:
@@ -40,106 +41,8 @@ def build_elastic(dtype, module: str, differentiable: bool) -> SimpleNamespace:
     vec3 = wp.types.vector(3, T)
     mat33 = wp.types.matrix((3, 3), T)
 
-    @wp.func
-    def cofactor(F: mat33) -> mat33:
-        # dJ/dF: columns are cross products of the other two columns of F.
-        c0 = wp.cross(F[:, 1], F[:, 2])
-        c1 = wp.cross(F[:, 2], F[:, 0])
-        c2 = wp.cross(F[:, 0], F[:, 1])
-        return wp.matrix_from_cols(c0, c1, c2)
-
-    @wp.func
-    def polar_rotation(F: mat33) -> mat33:
-        U = mat33()
-        s = vec3()
-        V = mat33()
-        wp.svd3(F, U, s, V)
-        R = U @ wp.transpose(V)
-        if wp.determinant(R) < T(0.0):
-            # det R = +1: flip the direction of the smallest singular value.
-            k = int(0)  # noqa: UP018 - a Warp variable, not a constant
-            if wp.abs(s[1]) < wp.abs(s[k]):
-                k = 1
-            if wp.abs(s[2]) < wp.abs(s[k]):
-                k = 2
-            R = R - T(2.0) * wp.outer(U[:, k], V[:, k])
-        return R
-
-    def adj_polar_rotation(F: mat33, adj_ret: mat33):
-        # Closed form of the polar rotation's derivative (see materials.polar_rotation_vjp):
-        # smooth at repeated singular values, unlike the SVD's adjoint.
-        R = polar_rotation(F)
-        S = wp.transpose(R) @ F
-        S = T(0.5) * (S + wp.transpose(S))
-        A = wp.trace(S) * wp.identity(3, T) - S
-        M = wp.transpose(R) @ adj_ret
-        W = M - wp.transpose(M)
-        g = T(0.5) * vec3(W[2, 1] - W[1, 2], W[0, 2] - W[2, 0], W[1, 0] - W[0, 1])
-        y = wp.inverse(A) @ g
-        wp.adjoint[F] += R @ wp.skew(y)
-
-    if differentiable:
-        wp.func_grad(polar_rotation)(adj_polar_rotation)
-
-    @wp.func
-    def pk1_snh(F: mat33, mu: T, lam: T) -> mat33:
-        ic = wp.ddot(F, F)
-        C = cofactor(F)
-        J = wp.dot(F[:, 0], C[:, 0])
-        alpha = T(1.0) + T(0.75) * mu / lam
-        return mu * (T(1.0) - T(1.0) / (ic + T(1.0))) * F + lam * (J - alpha) * C
-
-    @wp.func
-    def pk1_nh(F: mat33, mu: T, lam: T) -> mat33:
-        J = wp.determinant(F)
-        return mu * F + (lam * wp.log(J) - mu) / J * cofactor(F)
-
-    @wp.func
-    def pk1_stvk(F: mat33, mu: T, lam: T) -> mat33:
-        E = T(0.5) * (wp.transpose(F) @ F - wp.identity(3, T))
-        return F @ (T(2.0) * mu * E + lam * wp.trace(E) * wp.identity(3, T))
-
-    @wp.func
-    def pk1_corotated(F: mat33, mu: T, lam: T) -> mat33:
-        J = wp.determinant(F)
-        R = polar_rotation(F)
-        return T(2.0) * mu * (F - R) + lam * (J - T(1.0)) * cofactor(F)
-
-    @wp.func
-    def pk1_linear(F: mat33, mu: T, lam: T) -> mat33:
-        eye = wp.identity(3, T)
-        eps = T(0.5) * (F + wp.transpose(F)) - eye
-        return T(2.0) * mu * eps + lam * wp.trace(eps) * eye
-
-    @wp.func
-    def psi(F: mat33, mu: T, lam: T, material: int) -> T:
-        eye = wp.identity(3, T)
-        e = T(0.0)
-        if material == SNH:
-            ic = wp.ddot(F, F)
-            J = wp.determinant(F)
-            alpha = T(1.0) + T(0.75) * mu / lam
-            vol = (J - alpha) * (J - alpha) - (T(1.0) - alpha) * (T(1.0) - alpha)
-            e = (
-                T(0.5) * mu * (ic - T(3.0))
-                - T(0.5) * mu * wp.log((ic + T(1.0)) / T(4.0))
-                + T(0.5) * lam * vol
-            )
-        elif material == NH:
-            ic = wp.ddot(F, F)
-            lj = wp.log(wp.determinant(F))
-            e = T(0.5) * mu * (ic - T(3.0)) - mu * lj + T(0.5) * lam * lj * lj
-        elif material == STVK:
-            E = T(0.5) * (wp.transpose(F) @ F - eye)
-            e = mu * wp.ddot(E, E) + T(0.5) * lam * wp.trace(E) * wp.trace(E)
-        elif material == COROTATED:
-            R = polar_rotation(F)
-            J = wp.determinant(F)
-            e = mu * wp.ddot(F - R, F - R) + T(0.5) * lam * (J - T(1.0)) * (J - T(1.0))
-        else:
-            eps = T(0.5) * (F + wp.transpose(F)) - eye
-            e = mu * wp.ddot(eps, eps) + T(0.5) * lam * wp.trace(eps) * wp.trace(eps)
-        return e
+    material_laws = build_material_laws(T, differentiable)
+    cofactor, polar_rotation = material_laws.cofactor, material_laws.polar_rotation
 
     @wp.func
     def deformation_gradient(x: wp.array(dtype=wp.vec3d), tet: wp.vec4i, dm_inv: mat33) -> mat33:
@@ -216,10 +119,11 @@ def build_elastic(dtype, module: str, differentiable: bool) -> SimpleNamespace:
 
         return tet_forces
 
-    stresses = (pk1_snh, pk1_nh, pk1_stvk, pk1_corotated, pk1_linear)
-    add_tet_forces = tuple(tet_force_func(stress) for stress in stresses)
+    laws = material_laws.laws
+    add_tet_forces = tuple(tet_force_func(law.stress) for law in laws)
     kernels = tuple(forces_kernel(add, module, differentiable) for add in add_tet_forces)
     shared = dict(
+        laws=laws,
         cofactor=cofactor,
         polar_rotation=polar_rotation,
         deformation_gradient=deformation_gradient,
@@ -229,22 +133,25 @@ def build_elastic(dtype, module: str, differentiable: bool) -> SimpleNamespace:
     if not differentiable:
         return SimpleNamespace(**shared, tet_forces_chunked=kernels)
 
-    @wp.kernel(module=module)
-    def tet_energy(
-        x: wp.array(dtype=wp.vec3d),
-        tets: wp.array(dtype=wp.vec4i),
-        dm_inv: wp.array(dtype=mat33),
-        volume: wp.array(dtype=T),
-        mu: wp.array(dtype=T),
-        lam: wp.array(dtype=T),
-        per_tet: int,
-        material: int,
-        energy: wp.array(dtype=T),
-    ):
-        """Elastic energy psi(F) V of each tet (J)."""
-        e = wp.tid()
-        F = deformation_gradient(x, tets[e], dm_inv[e])
-        p = e * per_tet
-        energy[e] = volume[e] * psi(F, mu[p], lam[p], material)
+    def energy_kernel(psi):
+        @wp.kernel(module=module)
+        def tet_energy(
+            x: wp.array(dtype=wp.vec3d),
+            tets: wp.array(dtype=wp.vec4i),
+            dm_inv: wp.array(dtype=mat33),
+            volume: wp.array(dtype=T),
+            mu: wp.array(dtype=T),
+            lam: wp.array(dtype=T),
+            per_tet: int,
+            energy: wp.array(dtype=T),
+        ):
+            """One material: elastic energy psi(F) V of each tet (J)."""
+            e = wp.tid()
+            F = deformation_gradient(x, tets[e], dm_inv[e])
+            p = e * per_tet
+            energy[e] = volume[e] * psi(F, mu[p], lam[p])
 
-    return SimpleNamespace(**shared, tet_forces=kernels, tet_energy=tet_energy)
+        return tet_energy
+
+    energies = tuple(energy_kernel(law.psi) for law in laws)
+    return SimpleNamespace(**shared, tet_forces=kernels, tet_energy=energies)

@@ -2,10 +2,11 @@
 
 Modules: :mod:`.distances` (closest features, mollifier), :mod:`.candidates` (surface
 primitives, exclusions, broad phase), :mod:`.potential` (barrier energy and forces),
-:mod:`.friction`, :mod:`.ccd` (conservative step limit) and :mod:`.surface_contact`
-(the :class:`SurfaceContact` the simulator uses). See docs/contact.md.
+:mod:`.friction`, :mod:`.ccd` (conservative step limit on relative motion) and
+:mod:`.surface_contact` (the :class:`SurfaceContact` the simulator uses, the default dhat
+from the rest gaps, :class:`ContactWarning`). See docs/contact.md.
 """
 
-from diffsim.contact.surface_contact import SurfaceContact
+from diffsim.contact.surface_contact import ContactWarning, RestGaps, SurfaceContact
 
-__all__ = ["SurfaceContact"]
+__all__ = ["ContactWarning", "RestGaps", "SurfaceContact"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections import defaultdict
 
 import numpy as np
@@ -13,16 +14,48 @@ from diffsim.contact import ccd, friction, potential
 from diffsim.contact.candidates import Candidates, SurfacePrimitives, find_candidates
 from diffsim.mesh import TetMesh
 
-# Default barrier activation distance, as a fraction of the bounding-box diagonal.
+# Default barrier activation distance, as a fraction of the bounding-box diagonal ...
 DHAT_FRACTION = 5e-3
+# ... and never more than this fraction of the smallest rest distance between non-adjacent
+# surface elements (a thin part's thickness, two bodies' gap), so that at rest every pair
+# is at least 1 / REST_GAP_FRACTION barrier widths apart and feels no force.
+REST_GAP_FRACTION = 0.5
+# Pairs named in the warning for an explicit dhat above the rest gaps.
+WARN_PAIRS = 3
 # The default stiffness makes the barrier's stiffness reach the explicit stability limit
 # (h^2 omega^2 = 1) at this fraction of dhat; see docs/contact.md.
 STABLE_GAP_FRACTION = 0.25
 # A candidate set is built with room for at least this many steps of the last step's size.
 REBUILD_STEPS = 4
 # limit() first scales a whole step down (one factor for all vertices) so that no vertex
-# moves farther than this fraction of the mesh diagonal, which bounds the broad phase's work.
+# moves farther than this fraction of the mesh diagonal relative to the others (the common
+# motion subtracted; see _offset) ...
 MAX_STEP_FRACTION = 0.1
+# ... nor farther than this fraction of it in absolute terms; together they bound the broad
+# phase's work.
+MAX_TRANSLATION_FRACTION = 1.0
+
+
+class ContactWarning(UserWarning):
+    """Surface contact is set up so that it changes the physics (e.g. surfaces start inside
+    the barrier, so a body at rest does not stay at rest); the message names the pairs.
+
+    Filter it like any warning: ``warnings.simplefilter("ignore", ContactWarning)``.
+    """
+
+
+def _offset(d: torch.Tensor) -> float:
+    """How far (m) displacements ``d [n, 3]`` move the vertices relative to each other.
+
+    ``min over c in {0, mean(d)} of max_i |d_i - c|``: every pair's distance changes by at
+    most twice this (translation invariance: any common c is valid), so a body moving as a
+    whole, however far, has offset ~0.
+    """
+    if not len(d):
+        return 0.0
+    absolute = d.norm(dim=1).max()
+    relative = (d - d.mean(dim=0)).norm(dim=1).max()
+    return float(torch.minimum(absolute, relative))
 
 
 class SurfaceContact:
@@ -33,10 +66,14 @@ class SurfaceContact:
     positions, velocities and masses, except that candidate sets and CCD step scales are
     held constant in the backward pass.
 
-    Candidates are cached: a set found at anchor positions x_a with radius ``dhat + 2 margin``
-    holds every pair that can come within dhat while no vertex is farther than ``margin``
-    from x_a, so it is reused until some vertex moves farther (or a proposed step would take
-    it farther). The cache changes only speed, never results.
+    Candidates are cached: a set found at anchor positions x_a with radius ``dhat + 2 R``
+    holds every pair that can come within dhat while the vertices' displacements from x_a,
+    less a common displacement c (0 or their mean, see :func:`_offset`), are at most R long,
+    and every pair that can meet along a straight motion whose ends both satisfy this
+    (the bound is convex along the motion). So it is reused until the vertices move farther
+    relative to each other (a body flying as a whole never needs a new set) or a step would
+    take them farther; R is at least ``margin`` and four times the last step's offset. The
+    cache changes only speed, never results.
 
     Args:
         mesh: the tet mesh (its boundary surface collides).
@@ -119,24 +156,36 @@ class SurfaceContact:
     ) -> SurfaceContact:
         """The Simulator's contact: defaults from the scene, checked for a separated start.
 
+        Raises ValueError where surfaces touch at rest; warns (:class:`ContactWarning`) where
+        an explicit dhat puts pairs inside the barrier at rest, naming them.
+
         Args:
             mesh: the mesh at rest (its rest shape must be intersection-free).
             h: substep length (s), for the default stiffness.
-            dhat, stiffness: None for the defaults.
-            friction, friction_velocity: mu and eps_v.
+            dhat, stiffness: None for the defaults (:meth:`default_dhat`,
+                :meth:`default_stiffness`).
+            friction, friction_velocity: mu and eps_v (m/s).
             backend: the simulator's backend; ``"torch"`` selects the torch reference.
             device: torch device.
             dtype: the simulator's working dtype.
         """
-        dhat = cls.default_dhat(mesh) if dhat is None else float(dhat)
-        stiffness = cls.default_stiffness(dhat, h) if stiffness is None else float(stiffness)
         implementation = "torch" if backend == "torch" else "warp"
         broad_phase = "bvh"
         try:
             import warp  # noqa: F401
         except ImportError:  # pragma: no cover - Warp is a dependency; degrade gracefully
             implementation, broad_phase = "torch", "brute"
-        contact = cls(
+        if dhat is not None and not (dhat > 0 and math.isfinite(dhat)):
+            raise ValueError(f"contact_dhat must be a positive finite number, got {dhat!r}")
+        gaps = RestGaps.of(mesh, None if dhat is None else float(dhat), device, broad_phase)
+        gaps.check_separated(gaps.scene_dhat if dhat is None else float(dhat))
+        if dhat is None:
+            dhat = gaps.dhat
+        else:
+            dhat = float(dhat)
+            gaps.warn_inside(dhat)
+        stiffness = cls.default_stiffness(dhat, h) if stiffness is None else float(stiffness)
+        return cls(
             mesh,
             dhat=dhat,
             stiffness=stiffness,
@@ -147,29 +196,26 @@ class SurfaceContact:
             device=device,
             dtype=dtype,
         )
-        contact.check_separated(torch.as_tensor(mesh.vertices, device=device))
-        return contact
 
     def check_separated(self, x: torch.Tensor) -> None:
         """Raises ValueError if two non-adjacent surface primitives touch or nearly touch."""
         x = self.local(x.to(torch.float64))
         c = self._candidates_at(x)
         d_pt, d_ee = potential.pair_distances(x.detach().to(torch.float64), c)
-        d = torch.cat([d_pt, d_ee])
-        floor = (potential.MIN_DISTANCE_FRACTION * self.dhat) ** 2
-        if len(d) and float(d.min()) <= floor:
-            k = int(d.argmin())
-            pair = torch.cat([c.point_triangle, c.edge_edge])[k].tolist()
-            kind = "point-triangle" if k < len(c.point_triangle) else "edge-edge"
-            raise ValueError(
-                f"surfaces touch at the start: {kind} pair {pair} is {float(d[k].sqrt()):.3g} m "
-                f"apart; separate the bodies (e.g. a gap of at least dhat = {self.dhat:.3g} m)"
-            )
+        gaps = RestGaps(
+            torch.cat([d_pt, d_ee]).clamp_min(0).sqrt(),
+            torch.cat([c.point_triangle, c.edge_edge]),
+            len(d_pt),
+            self.scene_size * DHAT_FRACTION,
+        )
+        gaps.check_separated(self.dhat)
 
     @staticmethod
-    def default_dhat(mesh: TetMesh) -> float:
-        """dhat = 0.5% of the bounding-box diagonal (m)."""
-        return DHAT_FRACTION * float(np.linalg.norm(np.ptp(mesh.vertices, axis=0)))
+    def default_dhat(mesh: TetMesh, device: str | torch.device = "cpu") -> float:
+        """The default dhat (m): 0.5% of the bounding-box diagonal, but never more than
+        ``REST_GAP_FRACTION`` of the smallest rest distance between non-adjacent surface
+        elements (one broad phase at rest; see :class:`RestGaps`)."""
+        return RestGaps.of(mesh, None, device).dhat
 
     @staticmethod
     def default_stiffness(dhat: float, h: float) -> float:
@@ -195,30 +241,34 @@ class SurfaceContact:
         """:meth:`candidates` for positions already in :meth:`local` coordinates."""
         with torch.no_grad():
             x = x.detach()
+            fresh = self._anchor is None or self._anchor.shape != x.shape
             moved = 0.0
-            if self._anchor is not None and self._anchor.shape == x.shape:
-                moved = float((x - self._anchor).norm(dim=1).max())
+            if not fresh:
+                moved = _offset(x - self._anchor)
                 if x_new is not None:
-                    moved = max(moved, float((x_new.detach() - self._anchor).norm(dim=1).max()))
-            step = 0.0 if x_new is None else float((x_new.detach() - x).norm(dim=1).max())
+                    moved = max(moved, _offset(x_new.detach() - self._anchor))
+            step = 0.0 if x_new is None else _offset(x_new.detach() - x)
             # Room for a few more steps of the last accepted step's size before a rebuild.
             wanted = max(self.margin, REBUILD_STEPS * self._last_step)
             stale = (
-                self._candidates is None
-                or self._anchor.shape != x.shape
+                fresh
                 or moved > self._reach
                 or (x_new is None and self._reach > 2.0 * wanted)  # shrink an oversized set
             )
             if stale:
-                start = time.perf_counter()
-                self._reach = max(wanted, 1.01 * step)
-                self._anchor = x.clone()
-                radius = self.dhat + 2.0 * self._reach
-                self._candidates = find_candidates(self.surface, x, radius, self.broad_phase)
-                self._arrays = None
-                self.timings["broad_phase"] += time.perf_counter() - start
-                self.timings["rebuilds"] += 1
+                self._rebuild(x, max(wanted, 1.01 * step))
         return self._candidates
+
+    def _rebuild(self, x: torch.Tensor, reach: float) -> None:
+        """A new candidate set anchored at local x, valid for offsets up to ``reach`` (m)."""
+        start = time.perf_counter()
+        self._reach = reach
+        self._anchor = x.detach().clone()
+        radius = self.dhat + 2.0 * self._reach
+        self._candidates = find_candidates(self.surface, self._anchor, radius, self.broad_phase)
+        self._arrays = None
+        self.timings["broad_phase"] += time.perf_counter() - start
+        self.timings["rebuilds"] += 1
 
     def _warp_arrays(self, x: torch.Tensor):
         from diffsim.kernels.contact import PairArrays
@@ -287,31 +337,53 @@ class SurfaceContact:
         """Per-vertex step scales ``[n]`` in (0, 1] (detached) for the step x -> x_new.
 
         A step that moves some vertex farther than ``MAX_STEP_FRACTION`` of the mesh diagonal
-        (a blow-up in dynamics, or a Newton step of the equilibrium solver) is first scaled
-        down as a whole; then each vertex takes the CCD scale of its pairs.
+        relative to the others, or ``MAX_TRANSLATION_FRACTION`` of it at all (a blow-up in
+        dynamics, or a Newton step of the equilibrium solver), is first scaled down as a
+        whole; then each vertex takes the CCD scale of its pairs (:mod:`.ccd`). Where the
+        limited motion leaves the candidate set's reach (vertices held back while others
+        move on), the set is rebuilt at x for it and the scales computed again.
         """
         x, x_new = self.local(x).detach(), self.local(x_new).detach()
         with torch.no_grad():
-            longest = float((x_new - x).norm(dim=1).max()) if len(x) else 0.0
-            cap = MAX_STEP_FRACTION * self.scene_size
+            dx = x_new - x
             scale = 1.0
-            if longest > cap:
-                scale = cap / longest
-                x_new = x + scale * (x_new - x)
+            if len(x):
+                relative, absolute = _offset(dx), float(dx.norm(dim=1).max())
+                scale = min(
+                    1.0,
+                    MAX_STEP_FRACTION * self.scene_size / max(relative, 1e-300),
+                    MAX_TRANSLATION_FRACTION * self.scene_size / max(absolute, 1e-300),
+                )
+            if scale < 1.0:
+                dx = scale * dx
                 self.timings["capped_steps"] += 1
-            c = self._candidates_at(x, x_new)
-            start = time.perf_counter()
-            if self.implementation == "torch":
-                alpha = ccd.step_scales(x, x_new, c)
-            else:
-                from diffsim.kernels.contact import step_scales
-
-                alpha = step_scales(self._warp_arrays(x), x, x_new - x)
+            self._candidates_at(x, x + dx)
+            alpha = self._scales(x, dx)
+            if bool((alpha < 1).any()):
+                # The limited motion must stay within the candidates' reach as well.
+                moved = _offset(x + alpha[:, None] * dx - self._anchor)
+                if moved > self._reach:
+                    self._rebuild(x, max(self._reach, 1.01 * _offset(alpha[:, None] * dx)))
+                    alpha = self._scales(x, dx)
+                    if _offset(alpha[:, None] * dx) > self._reach:
+                        # Covers any scales: |alpha_i dx_i| <= |dx_i| (c = 0).
+                        self._rebuild(x, 1.01 * float(dx.norm(dim=1).max()))
+                        alpha = self._scales(x, dx)
             self.timings["limited_vertex_steps"] += int((alpha < 1).sum())
-            moved = (x_new - x) * alpha[:, None]
-            self._last_step = float(moved.norm(dim=1).max()) if len(x) else 0.0
-            self.timings["ccd"] += time.perf_counter() - start
+            self._last_step = _offset(alpha[:, None] * dx)
         return alpha * scale
+
+    def _scales(self, x: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+        """The CCD scales ``[n]`` for the current candidates (local x, displacements dx)."""
+        start = time.perf_counter()
+        if self.implementation == "torch":
+            alpha = ccd.step_scales(x, x + dx, self._candidates)
+        else:
+            from diffsim.kernels.contact import step_scales
+
+            alpha = step_scales(self._warp_arrays(x), x, dx)
+        self.timings["ccd"] += time.perf_counter() - start
+        return alpha
 
     def min_distance(self, x: torch.Tensor) -> float:
         """The smallest distance (m) between non-adjacent surface primitives within reach."""
@@ -321,6 +393,94 @@ class SurfaceContact:
             return math.inf
         d_pt, d_ee = potential.pair_distances(x.detach(), c)
         return float(torch.cat([d_pt, d_ee]).min().sqrt())
+
+
+class RestGaps:
+    """The close pairs of non-adjacent surface elements at rest, and the dhat they allow.
+
+    Attributes:
+        distances: ``[k]`` float64 rest distances (m) of the pairs found, ascending.
+        pairs: ``[k, 4]`` their vertex ids (point-triangle ``(p, a, b, c)`` or edge-edge
+            ``(p0, p1, q0, q1)``).
+        kinds: ``[k]`` bool, True for point-triangle pairs.
+        scene_dhat: ``DHAT_FRACTION * diagonal`` (m), the bounding-box rule.
+        dhat: the default dhat (m): ``min(scene_dhat, REST_GAP_FRACTION * distances.min())``.
+    """
+
+    def __init__(
+        self,
+        distances: torch.Tensor,
+        pairs: torch.Tensor,
+        n_point_triangle: int,
+        scene_dhat: float,
+    ) -> None:
+        kinds = torch.arange(len(pairs), device=pairs.device) < n_point_triangle
+        order = torch.argsort(distances)
+        self.distances, self.pairs, self.kinds = distances[order], pairs[order], kinds[order]
+        self.scene_dhat = float(scene_dhat)
+        self.dhat = self.scene_dhat
+        if len(self.distances):
+            self.dhat = min(self.dhat, REST_GAP_FRACTION * float(self.distances[0]))
+
+    @classmethod
+    def of(
+        cls,
+        mesh: TetMesh,
+        dhat: float | None = None,
+        device: str | torch.device = "cpu",
+        broad_phase: str = "bvh",
+    ) -> RestGaps:
+        """The pairs closer than ``DHAT_FRACTION * diagonal / REST_GAP_FRACTION`` (the rest
+        gaps that can lower the default) or than an explicit ``dhat`` (m), at rest."""
+        diagonal = float(np.linalg.norm(np.ptp(mesh.vertices, axis=0)))
+        scene_dhat = DHAT_FRACTION * diagonal
+        radius = max(scene_dhat / REST_GAP_FRACTION, dhat or 0.0)
+        surface = SurfacePrimitives.from_mesh(mesh, device)
+        centroid = mesh.vertices.mean(axis=0)
+        x = torch.as_tensor(mesh.vertices - centroid, dtype=torch.float64, device=device)
+        c = find_candidates(surface, x, radius, broad_phase)
+        d_pt, d_ee = potential.pair_distances(x, c)
+        distances = torch.cat([d_pt, d_ee]).clamp_min(0).sqrt()
+        pairs = torch.cat([c.point_triangle, c.edge_edge])
+        near = distances < radius
+        n_pt = int(near[: len(d_pt)].sum())
+        return cls(distances[near], pairs[near], n_pt, scene_dhat)
+
+    def describe(self, count: int) -> str:
+        """The ``count`` closest pairs, e.g. ``point-triangle (3, 7, 8, 9) 0.04 mm apart``."""
+        parts = []
+        for k in range(min(count, len(self.distances))):
+            kind = "point-triangle" if bool(self.kinds[k]) else "edge-edge"
+            ids = tuple(self.pairs[k].tolist())
+            parts.append(f"{kind} {ids} {1e3 * float(self.distances[k]):.3g} mm apart")
+        return ", ".join(parts)
+
+    def check_separated(self, dhat: float) -> None:
+        """Raises ValueError if a pair is no farther apart than ``MIN_DISTANCE_FRACTION``
+        of dhat (m): touching surfaces."""
+        floor = potential.MIN_DISTANCE_FRACTION * dhat
+        if len(self.distances) and float(self.distances[0]) <= floor:
+            kind = "point-triangle" if bool(self.kinds[0]) else "edge-edge"
+            raise ValueError(
+                f"surfaces touch at the start: {kind} pair {self.pairs[0].tolist()} is "
+                f"{float(self.distances[0]):.3g} m apart; separate the bodies (e.g. a gap of "
+                f"at least dhat = {dhat:.3g} m)"
+            )
+
+    def warn_inside(self, dhat: float) -> None:
+        """Warns (:class:`ContactWarning`) if pairs start inside a barrier of width dhat (m)."""
+        inside = int((self.distances < dhat).sum())
+        if not inside:
+            return
+        warnings.warn(
+            f"contact_dhat = {dhat:.3g} m: {inside} pair(s) of non-adjacent surface elements "
+            f"start inside the barrier ({self.describe(WARN_PAIRS)}); the barrier pushes them "
+            f"apart, so a body at rest will not stay at rest. The default for this mesh is "
+            f"{self.dhat:.3g} m ({REST_GAP_FRACTION:g} of the closest rest gap); use it "
+            f"(contact_dhat=None) or a smaller one unless the squeeze is intended",
+            ContactWarning,
+            stacklevel=4,
+        )
 
 
 class _WarpBarrierForces(torch.autograd.Function):

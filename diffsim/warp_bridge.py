@@ -56,7 +56,6 @@ class Geometry:
     tets: Any
     dm_inv: Any
     volume: Any
-    fixed_slot: Any
     n_fixed: int
     fixed_indices: Any
     substeps: int
@@ -83,7 +82,10 @@ class WarpCoefficients:
         arrays: Warp views of the same five tensors (detached).
         per_tet: 1 where mu and lam are per tet, else 0.
         material: the kernel id of the material.
-        scalars: ``(h, has_ground, height, dhat, kappa, friction, eps_v, max_speed)``.
+        settings: the vertex update's settings (a ``VertexUpdate`` Warp struct: substep,
+            ground, friction, speed clamp).
+        vertex: the per-vertex coefficients (a ``VertexCoefficients`` Warp struct: masses,
+            gravity, damping, fixed slots), aliasing the same tensors as ``arrays``.
         scratch: the backend's reusable force buffers (torch tensors and Warp views).
         launches: the recorded forward launches, made on first use.
     """
@@ -93,7 +95,8 @@ class WarpCoefficients:
     arrays: tuple
     per_tet: int
     material: int
-    scalars: tuple
+    settings: Any
+    vertex: Any
     scratch: SimpleNamespace
     launches: SimpleNamespace | None = None
 
@@ -109,9 +112,16 @@ class RecordedLaunch:
         self.launch = wp.launch(kernel, dim=dim, inputs=args, device=device, record_cmd=True)
         self.stream = stream
 
-    def point(self, index: int, t: torch.Tensor) -> None:
-        """Points array argument ``index`` at tensor ``t`` (same shape and dtype as recorded)."""
-        self.launch.params[index + 1].data = t.data_ptr()
+    def point(self, name: str, t: torch.Tensor) -> None:
+        """Points array argument ``name`` at tensor ``t`` (same shape and dtype as recorded)."""
+        self.launch.params[self._index(name) + 1].data = t.data_ptr()
+
+    def set(self, name: str, value: int) -> None:
+        """Sets the scalar argument ``name``."""
+        self.launch.set_param_at_index_from_ctype(self._index(name), value)
+
+    def _index(self, name: str) -> int:
+        return [arg.label for arg in self.launch.kernel.adj.args].index(name)
 
     def __call__(self) -> None:
         self.launch.launch(self.stream)
@@ -158,14 +168,14 @@ def forward_launches(g: Geometry, w: WarpCoefficients, threads: int) -> SimpleNa
         k.step_fast,
         g.n_vertices,
         [
-            position_slot(s.out_x), slot(s.out_v), s.f_a_w, s.f_b_w, mass, gravity, damping,
-            g.fixed_slot, position_slot(s.dummy_position), *w.scalars, 0, slot(s.f_back),
+            position_slot(s.out_x), slot(s.out_v), s.f_a_w, s.f_b_w, w.vertex,
+            position_slot(s.dummy_position), w.settings, 0, slot(s.f_back),
             position_slot(s.out_x), slot(s.out_v),
         ],
         g.device,
         g.stream(),
     )  # fmt: skip
-    return SimpleNamespace(tets=tets, step=step, n_args=len(step.launch.kernel.adj.args))
+    return SimpleNamespace(tets=tets, step=step)
 
 
 def substep_forward(g: Geometry, w: WarpCoefficients, x, v, x_fixed, launcher=None, save=False):
@@ -180,24 +190,24 @@ def substep_forward(g: Geometry, w: WarpCoefficients, x, v, x_fixed, launcher=No
     x_new = torch.empty_like(x)
     v_new = torch.empty_like(v)
     for tet_launch in launches.tets:
-        tet_launch.point(0, x)
+        tet_launch.point("x", x)
     if len(launches.tets) == 1:
         launches.tets[0]()
     else:
         launcher.run(launches.tets[0], launches.tets[1])
-    step, n = launches.step, launches.n_args
-    step.point(0, x)
-    step.point(1, v)
+    step = launches.step
+    step.point("x", x)
+    step.point("v", v)
     if g.n_fixed:
-        step.point(8, x_fixed)
-    step.point(n - 2, x_new)
-    step.point(n - 1, v_new)
+        step.point("x_fixed", x_fixed)
+    step.point("x_new", x_new)
+    step.point("v_new", v_new)
     if save:
         f_el = torch.empty_like(v)
-        step.launch.set_param_at_index_from_ctype(n - 4, 1)
-        step.point(n - 3, f_el)
+        step.set("save", 1)
+        step.point("f_saved", f_el)
         step()
-        step.launch.set_param_at_index_from_ctype(n - 4, 0)
+        step.set("save", 0)
         return x_new, v_new, f_el
     step()
     return x_new, v_new
@@ -294,13 +304,12 @@ def _substep_adjoint(g, w, launcher, x, v, x_fixed, f_el, grad_x, grad_v, acc) -
     grad_x = grad_x.to(v.dtype).contiguous()
     xw = wrap(x, k.position)
     adj_f_w = wrap(s.adj_f, vec3)
-    _, _, mass_w, gravity_w, damping_w = w.arrays
     wp.launch(
         k.step_vjp,
         dim=g.n_vertices,
         inputs=[
-            xw, wrap(v, vec3), wrap(f_el, vec3), mass_w, gravity_w, damping_w, g.fixed_slot,
-            *w.scalars, wrap(grad_x, vec3), wrap(grad_v, vec3), wrap(adj_x, vec3),
+            xw, wrap(v, vec3), wrap(f_el, vec3), w.vertex, w.settings, wrap(grad_x, vec3),
+            wrap(grad_v, vec3), wrap(adj_x, vec3),
             wrap(adj_v, vec3), adj_f_w, wrap(acc.mass, k.scalar),
             wrap(acc.gravity.view(1, 3), vec3), wrap(acc.damping, k.scalar), wrap(adj_xf, vec3),
         ],
@@ -350,7 +359,8 @@ class Forces(torch.autograd.Function):
         xw = wrap(x, k.position)
         f_el = _elastic_forces_into(g, w, xw, s.f_back)
         f = torch.empty(x.shape, dtype=k.dtype, device=x.device)
-        has_ground, height, dhat, kappa = w.scalars[1:5]
+        st = w.settings
+        has_ground, height, dhat, kappa = st.has_ground, st.height, st.dhat, st.kappa
         has_ground = has_ground if ctx.with_ground else 0
         wp.launch(
             grad_kernels_for(k.dtype).total_forces,
@@ -379,7 +389,8 @@ class Forces(torch.autograd.Function):
         grad_f = grad_f.contiguous()  # kept alive here: the launch holds only its pointer
         s.adj_f.zero_()
         adj_x_w, adj_f_w = wrap(adj_x_ground, k.position), wrap(s.adj_f, vec3)
-        has_ground, height, dhat, kappa = w.scalars[1:5]
+        st = w.settings
+        has_ground, height, dhat, kappa = st.has_ground, st.height, st.dhat, st.kappa
         has_ground = has_ground if ctx.with_ground else 0
         wp.launch(
             grad_kernels_for(k.dtype).total_forces,

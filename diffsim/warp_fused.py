@@ -95,11 +95,11 @@ def advance_steps(
         targets = targets.new_zeros((len(targets), 1, 3))
     targets = targets.contiguous()  # kept alive here: the launch holds only its pointer
     fixed_start = targets.new_empty((max(g.n_fixed, 1), 3))
-    mu, lam, mass, gravity, damping = w.arrays
+    mu, lam = w.arrays[:2]
     head = [
         wrap(x_work, k.position), wrap(v_work, k.vec3), g.tets, g.dm_inv, g.volume, mu, lam,
-        w.per_tet, mass, gravity, damping, g.fixed_slot, wrap(fixed_start, k.position),
-        wrap(targets, k.position), *w.scalars, g.substeps,
+        w.per_tet, w.vertex, wrap(fixed_start, k.position), wrap(targets, k.position),
+        w.settings, g.substeps,
     ]  # fmt: skip
     forces = wrap(s.worker_forces[: _workers(g, launcher)], k.vec3)
     save = int(saved is not None)
@@ -131,7 +131,7 @@ def retreat_steps(g: Geometry, w: WarpCoefficients, saved, grad_x, grad_v, launc
     k, s = g.kernels, w.scratch
     workers = _workers(g, launcher)
     n_steps = len(grad_x)
-    mu, lam, mass, gravity, damping = w.arrays
+    mu, lam = w.arrays[:2]
     zeros = dict(dtype=k.dtype, device=grad_x.device)
     adj = SimpleNamespace(
         x=torch.zeros((g.n_vertices, 3), **zeros),
@@ -148,8 +148,8 @@ def retreat_steps(g: Geometry, w: WarpCoefficients, saved, grad_x, grad_v, launc
     grad_x, grad_v = grad_x.to(k.dtype).contiguous(), grad_v.to(k.dtype).contiguous()
     vec3, scalar = k.vec3, k.scalar
     head = [
-        g.tets, g.dm_inv, g.volume, mu, lam, w.per_tet, mass, gravity, damping, g.fixed_slot,
-        n_steps, *w.scalars, g.substeps,
+        g.tets, g.dm_inv, g.volume, mu, lam, w.per_tet, w.vertex, n_steps, w.settings,
+        g.substeps,
     ]  # fmt: skip
     tail = [
         wrap(saved[0], k.position), wrap(saved[1], vec3), wrap(saved[2], vec3),

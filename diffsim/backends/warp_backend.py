@@ -72,6 +72,7 @@ class WarpBackend(Backend):
         slot = torch.full((model.n_vertices,), -1, dtype=torch.int32, device=model.device)
         n_fixed = len(model.fixed_indices)
         slot[model.fixed_indices] = torch.arange(n_fixed, dtype=torch.int32, device=model.device)
+        self.fixed_slot = wp.from_torch(slot, dtype=wp.int32)  # VertexCoefficients.fixed_slot
         self.geometry = bridge.Geometry(
             kernels=k,
             device=device,
@@ -80,7 +81,6 @@ class WarpBackend(Backend):
             tets=bridge.wrap(tets, wp.vec4i),
             dm_inv=bridge.wrap(dm_inv, k.mat33),
             volume=bridge.wrap(volume, k.scalar),
-            fixed_slot=bridge.wrap(slot, wp.int32),
             n_fixed=n_fixed,
             fixed_indices=model.fixed_indices,
             substeps=model.substeps,
@@ -123,23 +123,28 @@ class WarpBackend(Backend):
             bridge.wrap(damping.detach(), k.scalar),
         )
         ground = m.ground
-        scalars = (
-            m.substep_dt,
-            int(ground is not None),
-            ground.height if ground else 0.0,
-            ground.dhat if ground else 1.0,
-            ground.stiffness if ground else 0.0,
-            ground.friction if ground else 0.0,
-            ground.friction_velocity if ground else 1.0,
-            m.max_speed if m.max_speed is not None else 0.0,
-        )
+        settings = k.VertexUpdate()
+        settings.h = m.substep_dt
+        settings.has_ground = int(ground is not None)
+        settings.height = ground.height if ground else 0.0
+        settings.dhat = ground.dhat if ground else 1.0
+        settings.kappa = ground.stiffness if ground else 0.0
+        settings.friction = ground.friction if ground else 0.0
+        settings.eps_v = ground.friction_velocity if ground else 1.0
+        settings.max_speed = m.max_speed if m.max_speed is not None else 0.0
+        vertex = k.VertexCoefficients()
+        vertex.mass = wp.from_torch(mass.detach(), dtype=k.scalar)
+        vertex.gravity = wp.from_torch(gravity.detach().view(1, 3), dtype=k.vec3)
+        vertex.damping = wp.from_torch(damping.detach(), dtype=k.scalar)
+        vertex.fixed_slot = self.fixed_slot
         return bridge.WarpCoefficients(
             coeffs=coeffs,
             inputs=(mu, lam, mass, gravity, damping),
             arrays=arrays,
             per_tet=per_tet,
             material=material_id,
-            scalars=scalars,
+            settings=settings,
+            vertex=vertex,
             scratch=self.scratch,
         )
 

@@ -82,6 +82,7 @@ def build_advance(dtype, module: str, elastic, integrate, force_vjp) -> SimpleNa
     mat33 = wp.types.matrix((3, 3), T)
     integrate_vertex = integrate.integrate_vertex
     integrate_vertex_vjp = integrate.integrate_vertex_vjp
+    VertexUpdate, VertexCoefficients = integrate.VertexUpdate, integrate.VertexCoefficients
 
     @wp.func_native(BARRIER)
     def barrier(sync: wp.array(dtype=wp.int32), workers: int, spin_limit: wp.int64) -> int: ...
@@ -97,20 +98,10 @@ def build_advance(dtype, module: str, elastic, integrate, force_vjp) -> SimpleNa
             mu: wp.array(dtype=T),
             lam: wp.array(dtype=T),
             per_tet: int,
-            mass: wp.array(dtype=T),
-            gravity: wp.array(dtype=vec3),
-            damping: wp.array(dtype=T),
-            fixed_slot: wp.array(dtype=int),
+            c: VertexCoefficients,
             fixed_start: wp.array(dtype=wp.vec3d),
             targets: wp.array2d(dtype=wp.vec3d),
-            h: T,
-            has_ground: int,
-            height: wp.float64,
-            dhat: T,
-            kappa: T,
-            friction: T,
-            eps_v: T,
-            max_speed: T,
+            s: VertexUpdate,
             substeps: int,
             worker: int,
             workers: int,
@@ -158,8 +149,8 @@ def build_advance(dtype, module: str, elastic, integrate, force_vjp) -> SimpleNa
                             x_saved[row, i] = x[i]
                             v_saved[row, i] = v[i]
                             f_saved[row, i] = f_el
-                        m = mass[i]
-                        slot = fixed_slot[i]
+                        m = c.mass[i]
+                        slot = c.fixed_slot[i]
                         xf = wp.vec3d()
                         is_fixed = int(0)  # noqa: UP018 - a Warp variable, not a constant
                         if slot >= 0:
@@ -169,9 +160,8 @@ def build_advance(dtype, module: str, elastic, integrate, force_vjp) -> SimpleNa
                             xf = start + (targets[step, slot] - start) * fraction
                             is_fixed = 1
                         xn, vn = integrate_vertex(
-                            x[i], v[i], f_el + m * gravity[0], m, damping[0], is_fixed, xf, h,
-                            has_ground, height, dhat, kappa, friction, eps_v, max_speed,
-                        )  # fmt: skip
+                            x[i], v[i], f_el + m * c.gravity[0], m, c.damping[0], is_fixed, xf, s
+                        )
                         x[i] = xn
                         v[i] = vn
                         if j == substeps - 1:
@@ -191,19 +181,9 @@ def build_advance(dtype, module: str, elastic, integrate, force_vjp) -> SimpleNa
             mu: wp.array(dtype=T),
             lam: wp.array(dtype=T),
             per_tet: int,
-            mass: wp.array(dtype=T),
-            gravity: wp.array(dtype=vec3),
-            damping: wp.array(dtype=T),
-            fixed_slot: wp.array(dtype=int),
+            c: VertexCoefficients,
             steps: int,
-            h: T,
-            has_ground: int,
-            height: wp.float64,
-            dhat: T,
-            kappa: T,
-            friction: T,
-            eps_v: T,
-            max_speed: T,
+            s: VertexUpdate,
             substeps: int,
             worker: int,
             workers: int,
@@ -247,7 +227,7 @@ def build_advance(dtype, module: str, elastic, integrate, force_vjp) -> SimpleNa
             hvp = adj_hvp[worker]
             amu = adj_mu[worker]
             alam = adj_lam[worker]
-            g = gravity[0]
+            g = c.gravity[0]
             for back in range(steps):
                 step = steps - 1 - back
                 for back_j in range(substeps):
@@ -262,15 +242,14 @@ def build_advance(dtype, module: str, elastic, integrate, force_vjp) -> SimpleNa
                         if j == substeps - 1:
                             ax = ax + grad_x[step, i]
                             av = av + grad_v[step, i]
-                        m = mass[i]
-                        slot = fixed_slot[i]
+                        m = c.mass[i]
+                        slot = c.fixed_slot[i]
                         is_fixed = int(0)  # noqa: UP018 - a Warp variable, not a constant
                         if slot >= 0:
                             is_fixed = 1
                         gx, gv, gf, gm, gd, gxf = integrate_vertex_vjp(
                             x_saved[row, i], v_saved[row, i], f_saved[row, i] + m * g, m,
-                            damping[0], is_fixed, h, has_ground, height, dhat, kappa, friction,
-                            eps_v, max_speed, ax, av,
+                            c.damping[0], is_fixed, s, ax, av,
                         )  # fmt: skip
                         adj_x[i] = gx
                         adj_v[i] = gv
@@ -302,7 +281,7 @@ def build_advance(dtype, module: str, elastic, integrate, force_vjp) -> SimpleNa
                         for w in range(workers):
                             total = total + adj_hvp[w, i]
                             adj_hvp[w, i] = vec3()
-                        slot = fixed_slot[i]
+                        slot = c.fixed_slot[i]
                         if j == 0 and slot >= 0:
                             total = total + adj_start[slot]  # start = x at the step's start
                         adj_x[i] = total

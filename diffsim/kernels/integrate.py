@@ -36,6 +36,29 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
     """
     T = dtype
     vec3 = wp.types.vector(3, T)
+
+    @wp.struct
+    class VertexUpdate:
+        """The settings of the vertex update (one substep), by name."""
+
+        h: T  # substep (s)
+        has_ground: int  # 1 with a ground plane
+        height: wp.float64  # the plane's y (m)
+        dhat: T  # ground barrier activation distance (m)
+        kappa: T  # ground barrier stiffness (1/(m^2 s^2))
+        friction: T  # Coulomb coefficient with the ground
+        eps_v: T  # friction smoothing speed (m/s)
+        max_speed: T  # tanh clamp v_max (m/s), 0 for none
+
+    @wp.struct
+    class VertexCoefficients:
+        """The per-vertex coefficients of the update: the differentiable ones and the mask."""
+
+        mass: wp.array(dtype=T)  # lumped masses [n] (kg)
+        gravity: wp.array(dtype=vec3)  # [1] (m/s^2)
+        damping: wp.array(dtype=T)  # [1] mass-proportional damping (1/s)
+        fixed_slot: wp.array(dtype=int)  # [n]: row in the prescribed positions, or -1
+
     tol = 8.0 * (1.1920929e-07 if dtype == wp.float32 else 2.220446049250313e-16)
 
     @wp.func
@@ -141,15 +164,16 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
         damping: T,
         is_fixed: int,
         x_fixed: wp.vec3d,
-        h: T,
-        has_ground: int,
-        height: wp.float64,
-        dhat: T,
-        kappa: T,
-        friction: T,
-        eps_v: T,
-        max_speed: T,
+        s: VertexUpdate,
     ):
+        h = s.h
+        has_ground = s.has_ground
+        height = s.height
+        dhat = s.dhat
+        kappa = s.kappa
+        friction = s.friction
+        eps_v = s.eps_v
+        max_speed = s.max_speed
         v1 = v + h * f / m
         v1 = v1 / (T(1.0) + h * damping)
         if max_speed > T(0.0):
@@ -193,14 +217,7 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
         m: T,
         damping: T,
         is_fixed: int,
-        h: T,
-        has_ground: int,
-        height: wp.float64,
-        dhat: T,
-        kappa: T,
-        friction: T,
-        eps_v: T,
-        max_speed: T,
+        s: VertexUpdate,
         adj_xn: vec3,
         adj_vn: vec3,
     ):
@@ -210,6 +227,14 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
         position and velocity (in the kernel's type); the mass term is the explicit
         h f / m dependence only.
         """
+        h = s.h
+        has_ground = s.has_ground
+        height = s.height
+        dhat = s.dhat
+        kappa = s.kappa
+        friction = s.friction
+        eps_v = s.eps_v
+        max_speed = s.max_speed
         # Replay: a = v + h f / m, b = a / q, w = b phi(|b|^2 / v_max^2), zero if fixed.
         a = v + h * f / m
         q = T(1.0) + h * damping
@@ -284,19 +309,9 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
             v: wp.array(dtype=vec3),
             f_a: wp.array(dtype=vec3),
             f_b: wp.array(dtype=vec3),
-            mass: wp.array(dtype=T),
-            gravity: wp.array(dtype=vec3),
-            damping: wp.array(dtype=T),
-            fixed_slot: wp.array(dtype=int),
+            c: VertexCoefficients,
             x_fixed: wp.array(dtype=wp.vec3d),
-            h: T,
-            has_ground: int,
-            height: wp.float64,
-            dhat: T,
-            kappa: T,
-            friction: T,
-            eps_v: T,
-            max_speed: T,
+            s: VertexUpdate,
             save: int,
             f_saved: wp.array(dtype=vec3),
             x_new: wp.array(dtype=wp.vec3d),
@@ -308,23 +323,20 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
             """
             i = wp.tid()
             xi = x[i]
-            m = mass[i]
+            m = c.mass[i]
             f_el = f_a[i] + f_b[i]
             if save != 0:
                 f_saved[i] = f_el
-            f = f_el + m * gravity[0]
+            f = f_el + m * c.gravity[0]
             f_a[i] = vec3()
             f_b[i] = vec3()
-            slot = fixed_slot[i]
+            slot = c.fixed_slot[i]
             xf = wp.vec3d()
             is_fixed = int(0)  # noqa: UP018 - a Warp variable, not a constant
             if slot >= 0:
                 xf = x_fixed[slot]
                 is_fixed = 1
-            xn, vn = integrate_vertex(
-                xi, v[i], f, m, damping[0], is_fixed, xf, h, has_ground, height, dhat, kappa,
-                friction, eps_v, max_speed,
-            )  # fmt: skip
+            xn, vn = integrate_vertex(xi, v[i], f, m, c.damping[0], is_fixed, xf, s)
             x_new[i] = xn
             v_new[i] = vn
 
@@ -333,18 +345,8 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
             x: wp.array(dtype=wp.vec3d),
             v: wp.array(dtype=vec3),
             f_el: wp.array(dtype=vec3),
-            mass: wp.array(dtype=T),
-            gravity: wp.array(dtype=vec3),
-            damping: wp.array(dtype=T),
-            fixed_slot: wp.array(dtype=int),
-            h: T,
-            has_ground: int,
-            height: wp.float64,
-            dhat: T,
-            kappa: T,
-            friction: T,
-            eps_v: T,
-            max_speed: T,
+            c: VertexCoefficients,
+            s: VertexUpdate,
             adj_x_new: wp.array(dtype=vec3),
             adj_v_new: wp.array(dtype=vec3),
             adj_x: wp.array(dtype=vec3),
@@ -361,15 +363,15 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
             positions); adds to adj_mass, and to adj_gravity[0] and adj_damping[0].
             """
             i = wp.tid()
-            m = mass[i]
-            g = gravity[0]
-            slot = fixed_slot[i]
+            m = c.mass[i]
+            g = c.gravity[0]
+            slot = c.fixed_slot[i]
             is_fixed = int(0)  # noqa: UP018 - a Warp variable, not a constant
             if slot >= 0:
                 is_fixed = 1
             gx, gv, gf, gm, gd, gxf = integrate_vertex_vjp(
-                x[i], v[i], f_el[i] + m * g, m, damping[0], is_fixed, h, has_ground, height,
-                dhat, kappa, friction, eps_v, max_speed, adj_x_new[i], adj_v_new[i],
+                x[i], v[i], f_el[i] + m * g, m, c.damping[0], is_fixed, s, adj_x_new[i],
+                adj_v_new[i],
             )  # fmt: skip
             adj_x[i] = gx
             adj_v[i] = gv
@@ -381,6 +383,8 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
                 adj_x_fixed[slot] = gxf
 
         return SimpleNamespace(
+            VertexUpdate=VertexUpdate,
+            VertexCoefficients=VertexCoefficients,
             integrate_vertex=integrate_vertex,
             integrate_vertex_vjp=integrate_vertex_vjp,
             step_fast=step_fast,

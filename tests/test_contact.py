@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import diffsim as ds
-from diffsim.contact import SurfaceContact
+from diffsim.contact import SurfaceContact, ccd
 from diffsim.contact.candidates import SurfacePrimitives, brute_force_candidates, find_candidates
 from diffsim.contact.distances import (
     edge_edge_cross_squared,
@@ -19,7 +19,7 @@ from diffsim.contact.distances import (
     point_triangle_distance,
     point_triangle_type,
 )
-from diffsim.contact.potential import barrier_energy, barrier_forces
+from diffsim.contact.potential import barrier_energy, barrier_forces, pair_distances
 from diffsim.ground import Ground
 from diffsim.state import State
 
@@ -207,6 +207,61 @@ def test_ccd_limit_keeps_random_steps_intersection_free(implementation):
         x = x_new
     assert limited > 0
     assert contact.min_distance(x) > 0
+
+
+def falling_box_step(drop: float = 0.25):
+    """Two boxes and a step in which the upper one falls ``drop`` m: 12 times the 2 cm gap
+    and more than the 19 cm between its own non-adjacent surface elements."""
+    mesh = two_boxes(res=3, rotation=0.3, gap=0.02)
+    x = torch.tensor(mesh.vertices)
+    dx = torch.tensor(np.random.default_rng(8).normal(scale=0.005, size=x.shape))
+    dx[torch.as_tensor(mesh.body_ids == 1), 1] -= drop
+    return mesh, x, dx
+
+
+def test_ccd_scales_are_verified_at_the_limited_motion_and_agree_on_both_paths():
+    mesh, x, dx = falling_box_step()
+    scales = {}
+    for implementation in ("torch", "warp"):
+        contact = SurfaceContact(
+            mesh, dhat=0.01, stiffness=1.0, implementation=implementation, broad_phase="brute"
+        )
+        scales[implementation] = contact.step_scales(x, x + dx)
+    torch.testing.assert_close(scales["warp"], scales["torch"], rtol=1e-9, atol=1e-12)
+    alpha = scales["torch"]
+    assert 0 < float(alpha.min()) < 0.2 and float(alpha.max()) == 1.0
+    c = contact.candidates(x)
+    pairs = torch.cat([c.point_triangle, c.edge_edge])
+    side = ccd._sides(c, "cpu")
+    bound = (1 - ccd.MIN_GAP_FRACTION) * torch.cat(pair_distances(x, c)).sqrt()
+    y = dx[pairs]
+    # Pass 1 alone (each vertex the smallest relative limit of its pairs) is not enough:
+    # vertices held by the lower box let their neighbours run into them.
+    t = ((1 - ccd.SCALE_SLACK) * bound / ccd.pair_reach(y, side)).clamp(max=1.0)
+    first = torch.ones(len(x), dtype=x.dtype).scatter_reduce(
+        0, pairs.reshape(-1), t.repeat_interleave(4), reduce="amin"
+    )
+    assert (ccd.pair_reach(first[pairs, None] * y, side) > bound).any()
+    # The verified scales keep every pair's bound, relative or absolute.
+    relative_ok = ccd.pair_reach(alpha[pairs, None] * y, side) <= bound
+    t_abs = ((1 - ccd.SCALE_SLACK) * bound / ccd.pair_reach(y, side, relative=False)).clamp(max=1)
+    absolute_ok = (alpha[pairs] <= t_abs[:, None]).all(dim=1)
+    assert (relative_ok | absolute_ok).all()
+    cmesh = ipctk.CollisionMesh.build_from_full_mesh(
+        mesh.vertices, mesh.surface_edges, mesh.surface_faces
+    )
+    x_new = x + alpha[:, None] * dx
+    assert ipctk.is_step_collision_free(
+        cmesh, cmesh.vertices(x.numpy()), cmesh.vertices(x_new.numpy())
+    )
+
+
+def test_ccd_leaves_a_common_translation_alone_however_fast():
+    mesh, x, _ = falling_box_step()
+    for implementation in ("torch", "warp"):
+        contact = SurfaceContact(mesh, dhat=0.01, stiffness=1.0, implementation=implementation)
+        step = torch.tensor([0.3, -0.2, 0.1], dtype=F64).expand_as(x)  # 15x the 2 cm gap
+        assert bool((contact.step_scales(x, x + step) == 1).all())
 
 
 def test_ccd_scale_is_held_constant_in_the_backward_pass():

@@ -77,14 +77,11 @@ def _without_cuda_warning(fn) -> None:
     The warning comes from C (``fprintf(stderr, ...)``), so redirecting ``sys.stderr`` is
     not enough: the descriptor itself is swapped for a temporary file during the call.
     """
-    try:
-        fd = sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):  # a replaced sys.stderr (pytest, IDEs)
-        fd = 2
+    fd = 2  # C's stderr, whatever Python's sys.stderr is now (pytest, IDEs replace it)
     try:
         sys.stderr.flush()
         saved = os.dup(fd)
-    except OSError:
+    except (OSError, ValueError):
         fn()
         return
     with tempfile.TemporaryFile(mode="w+b") as capture:

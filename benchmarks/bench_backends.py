@@ -133,7 +133,7 @@ def _env(**extra: str) -> dict:
 def _default_threads() -> int:
     """The Warp backend's default thread count on this machine."""
     env = {k: v for k, v in os.environ.items() if k != "DIFFSIM_WARP_THREADS"}
-    code = "from diffsim.backends.warp_backend import cpu_threads; print(cpu_threads())"
+    code = "from diffsim.backends.warp.backend import cpu_threads; print(cpu_threads())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     return int(out.stdout.strip() or 1)
 

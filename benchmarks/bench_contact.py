@@ -18,8 +18,8 @@ os.environ.setdefault("WARP_CACHE_PATH", str(Path(__file__).resolve().parents[1]
 
 import torch  # noqa: E402
 
-from diffsim.scene import load_scene, with_parameters  # noqa: E402
-from diffsim.state import State  # noqa: E402
+from diffsim.apps.scene import load_scene, with_parameters  # noqa: E402
+from diffsim.sim.state import State  # noqa: E402
 
 SCENE = Path(__file__).resolve().parents[1] / "scenes" / "mat_on_sphere.py"
 CONFIGS = [

@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import diffsim as ds  # noqa: E402
-from diffsim.scene import load_scene  # noqa: E402
+from diffsim.apps.scene import load_scene  # noqa: E402
 
 SCENE = Path(__file__).resolve().parents[1] / "scenes" / "spheres_collide.py"
 FRACTIONS = (1e-3, 2e-3, 5e-3, 1e-2)

@@ -49,14 +49,14 @@ def main() -> None:
     import warp as wp
 
     import diffsim as ds
+    from diffsim.backends.warp.setup import init_warp
     from diffsim.kernels import grad_kernels_for, kernels_for
-    from diffsim.materials import lame_parameters
-    from diffsim.warp_setup import init_warp
+    from diffsim.physics.materials import lame_parameters
 
     torch.set_num_threads(1)
     init_warp()
-    k = kernels_for(torch.float32)
-    reference = grad_kernels_for(torch.float32).tet_forces  # Warp-generated adjoints
+    k = kernels_for(wp.float32)
+    reference = grad_kernels_for(wp.float32).tet_forces  # Warp-generated adjoints
     mesh = ds.TetMesh.load(ASSETS / "bunny.msh").centered().scaled_to(0.3)
     m = mesh.n_tets
     rest = torch.tensor(mesh.vertices, dtype=torch.float64)

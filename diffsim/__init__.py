@@ -1,44 +1,71 @@
-"""diffsim: differentiable explicit-dynamics simulation of tetrahedral FEM solids."""
+"""diffsim: differentiable explicit-dynamics simulation of tetrahedral FEM solids.
 
-from diffsim.contact import SurfaceContact
-from diffsim.equilibrium import EquilibriumError, EquilibriumInfo
-from diffsim.fit import FitResult, fit
-from diffsim.materials import (
-    Corotated,
-    LinearElastic,
-    Material,
-    NeoHookean,
-    StableNeoHookean,
-    StVK,
-    lame_parameters,
-)
-from diffsim.mesh import TetMesh
-from diffsim.observation import Observation, ObservationError
-from diffsim.simulator import BackendWarning, SimulationError, Simulator, StabilityWarning
-from diffsim.state import State, Trajectory
+The public names load on first use (PEP 562), so ``import diffsim`` and ``diffsim --help``
+do not import torch or Warp until something needs them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BackendWarning",
-    "Corotated",
-    "EquilibriumError",
-    "EquilibriumInfo",
-    "FitResult",
-    "LinearElastic",
-    "Material",
-    "NeoHookean",
-    "Observation",
-    "ObservationError",
-    "SimulationError",
-    "Simulator",
-    "StabilityWarning",
-    "StVK",
-    "StableNeoHookean",
-    "State",
-    "SurfaceContact",
-    "TetMesh",
-    "Trajectory",
-    "fit",
-    "lame_parameters",
-]
+# Public name -> the module that defines it.
+_EXPORTS = {
+    "BackendWarning": "diffsim.simulator",
+    "Corotated": "diffsim.physics.materials",
+    "EquilibriumError": "diffsim.equilibrium",
+    "EquilibriumInfo": "diffsim.equilibrium",
+    "FitResult": "diffsim.fitting.fit",
+    "LinearElastic": "diffsim.physics.materials",
+    "Material": "diffsim.physics.materials",
+    "NeoHookean": "diffsim.physics.materials",
+    "Observation": "diffsim.fitting.observation",
+    "ObservationError": "diffsim.fitting.observation",
+    "SimulationError": "diffsim.simulator",
+    "Simulator": "diffsim.simulator",
+    "StabilityWarning": "diffsim.simulator",
+    "StVK": "diffsim.physics.materials",
+    "StableNeoHookean": "diffsim.physics.materials",
+    "State": "diffsim.sim.state",
+    "SurfaceContact": "diffsim.contact",
+    "TetMesh": "diffsim.mesh",
+    "Trajectory": "diffsim.sim.state",
+    "fit": "diffsim.fitting.fit",
+    "lame_parameters": "diffsim.physics.materials",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'diffsim' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs
+    from diffsim.contact import SurfaceContact
+    from diffsim.equilibrium import EquilibriumError, EquilibriumInfo
+    from diffsim.fitting.fit import FitResult, fit
+    from diffsim.fitting.observation import Observation, ObservationError
+    from diffsim.mesh import TetMesh
+    from diffsim.physics.materials import (
+        Corotated,
+        LinearElastic,
+        Material,
+        NeoHookean,
+        StableNeoHookean,
+        StVK,
+        lame_parameters,
+    )
+    from diffsim.sim.state import State, Trajectory
+    from diffsim.simulator import BackendWarning, SimulationError, Simulator, StabilityWarning

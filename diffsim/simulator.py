@@ -10,15 +10,15 @@ import numpy as np
 import torch
 
 from diffsim.backends import BACKENDS
+from diffsim.backends.warp.setup import check_device
 from diffsim.checkpoint import run_segment
-from diffsim.elasticity import elastic_energy, volume_ratios
-from diffsim.ground import Ground
-from diffsim.materials import Material, StableNeoHookean
 from diffsim.mesh import TetMesh
-from diffsim.model import POSITION_DTYPE, Coefficients, Model, lumped_mass
-from diffsim.stable_step import MassScaling, StableStep, mass_scaling, stable_step
-from diffsim.state import State, Trajectory
-from diffsim.warp_setup import check_device
+from diffsim.physics.elasticity import elastic_energy, volume_ratios
+from diffsim.physics.ground import Ground
+from diffsim.physics.materials import Material, StableNeoHookean
+from diffsim.physics.stable_step import MassScaling, StableStep, mass_scaling, stable_step
+from diffsim.sim.model import POSITION_DTYPE, Coefficients, Model, lumped_mass
+from diffsim.sim.state import State, Trajectory
 
 # Default ground barrier activation distance, as a fraction of the mesh's bounding-box diagonal.
 GROUND_DHAT_FRACTION = 5e-3

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WARP_CACHE_PATH", str(ROOT / ".warp_cache"))
 
 import diffsim as ds  # noqa: E402
-from diffsim import cli  # noqa: E402
+from diffsim.apps import cli  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -167,14 +167,14 @@ def test_fit_is_delegated_to_the_fit_command(monkeypatch, capsys):
     import types
 
     calls = {}
-    fake = types.ModuleType("diffsim.fit_command")
+    fake = types.ModuleType("diffsim.apps.cli.fit")
     fake.configure = lambda p: p.add_argument("--iters", type=int, default=3)
     fake.main = lambda args: calls.setdefault("iters", args.iters) and 0
     real_import = importlib.import_module
     monkeypatch.setattr(
         importlib,
         "import_module",
-        lambda name: fake if name == "diffsim.fit_command" else real_import(name),
+        lambda name: fake if name == "diffsim.apps.cli.fit" else real_import(name),
     )
     assert cli.main(["fit", "--iters", "7"]) == 0 and calls == {"iters": 7}
 
@@ -183,7 +183,7 @@ def test_fit_is_delegated_to_the_fit_command(monkeypatch, capsys):
 
     monkeypatch.setattr(importlib, "import_module", missing)
     assert cli.main(["fit", "anything", "--x"]) == 1
-    assert "diffsim.fit_command" in one_error_line(capsys)
+    assert "diffsim.apps.cli.fit" in one_error_line(capsys)
     assert isinstance(cli.build_parser(["run"]), argparse.ArgumentParser)
 
 

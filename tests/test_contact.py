@@ -20,8 +20,8 @@ from diffsim.contact.distances import (
     point_triangle_type,
 )
 from diffsim.contact.potential import barrier_energy, barrier_forces, pair_distances
-from diffsim.ground import Ground
-from diffsim.state import State
+from diffsim.physics.ground import Ground
+from diffsim.sim.state import State
 
 ipctk = pytest.importorskip("ipctk")
 F64 = torch.float64

@@ -11,7 +11,7 @@ import torch
 
 import diffsim as ds
 from diffsim.contact.potential import pair_distances
-from diffsim.scene import load_scene
+from diffsim.apps.scene import load_scene
 
 ipctk = pytest.importorskip("ipctk")
 SCENES = Path(__file__).resolve().parents[1] / "scenes"

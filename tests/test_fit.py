@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import diffsim as ds
-from diffsim.fit import fit, tet_adjacency
-from diffsim.fit_command import configure, loss_plot_image
-from diffsim.fit_command import main as fit_main
-from diffsim.observation import Observation, ObservationError
+from diffsim.apps.cli.fit import configure, loss_plot_image
+from diffsim.apps.cli.fit import main as fit_main
+from diffsim.fitting.fit import fit, tet_adjacency
+from diffsim.fitting.observation import Observation, ObservationError
 
 torch.set_num_threads(1)
 

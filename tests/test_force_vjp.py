@@ -8,8 +8,9 @@ import torch
 import warp as wp
 
 import diffsim as ds
+from diffsim.backends.warp.bridge import warp_scalar
+from diffsim.backends.warp.setup import init_warp
 from diffsim.kernels import grad_kernels_for, kernels_for
-from diffsim.warp_setup import init_warp
 
 MATERIALS = {"snh": 0, "nh": 1, "stvk": 2, "corotated": 3, "linear": 4}
 CHUNK = 4
@@ -62,7 +63,7 @@ def _args(p: dict, k) -> list:
 def hand_vjp(p: dict, material: int) -> tuple[torch.Tensor, ...]:
     """(adj_x, adj_mu, adj_lam) from ``tet_force_vjp``."""
     init_warp()
-    k = kernels_for(p["dtype"])
+    k = kernels_for(warp_scalar(p["dtype"]))
     adj_x = torch.zeros(p["x"].shape, dtype=p["dtype"])
     adj_mu, adj_lam = (torch.zeros_like(p[n]) for n in ("mu", "lam"))
     m = p["tets"].shape[0]
@@ -82,12 +83,12 @@ def hand_vjp(p: dict, material: int) -> tuple[torch.Tensor, ...]:
 def generated_adjoint(p: dict, material: int) -> tuple[torch.Tensor, ...]:
     """(adj_x, adj_mu, adj_lam) from Warp's adjoint of ``tet_forces`` (as warp_bridge runs it)."""
     init_warp()
-    k = kernels_for(p["dtype"])
+    k = kernels_for(warp_scalar(p["dtype"]))
     adj_x = torch.zeros_like(p["x"])  # Warp's adjoint of float64 positions is float64
     adj_mu, adj_lam = (torch.zeros_like(p[n]) for n in ("mu", "lam"))
     m = p["tets"].shape[0]
     wp.launch(
-        grad_kernels_for(p["dtype"]).tet_forces[material],
+        grad_kernels_for(warp_scalar(p["dtype"])).tet_forces[material],
         dim=(m + CHUNK - 1) // CHUNK,
         inputs=_args(p, k),
         outputs=[wp.from_torch(torch.zeros(p["x"].shape, dtype=p["dtype"]), dtype=k.vec3)],
@@ -106,7 +107,7 @@ def generated_adjoint(p: dict, material: int) -> tuple[torch.Tensor, ...]:
 def forces(p: dict, material: int) -> torch.Tensor:
     """Elastic forces ``[n, 3]`` from the forward kernel."""
     init_warp()
-    k = kernels_for(p["dtype"])
+    k = kernels_for(warp_scalar(p["dtype"]))
     f = torch.zeros(p["x"].shape, dtype=p["dtype"])
     m = p["tets"].shape[0]
     wp.launch(

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import diffsim as ds
-from diffsim.elasticity import elastic_energy, elastic_forces
-from diffsim.materials import polar_rotation
+from diffsim.physics.elasticity import elastic_energy, elastic_forces
+from diffsim.physics.materials import polar_rotation
 
 from .helpers import check_gradient
 

@@ -4,7 +4,7 @@ import torch
 import trimesh
 
 import diffsim as ds
-from diffsim.mesh import signed_volumes
+from diffsim.mesh.geometry import signed_volumes
 
 from .helpers import asset
 
@@ -30,7 +30,7 @@ def test_box_volume_surface_and_orientation():
 
 def test_dm_inv_maps_rest_edges_to_identity():
     mesh = ds.TetMesh.box(resolution=2)
-    from diffsim.mesh import edge_matrices
+    from diffsim.mesh.geometry import edge_matrices
 
     F = edge_matrices(mesh.vertices, mesh.tets) @ mesh.dm_inv
     assert np.allclose(F, np.eye(3))

@@ -19,9 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WARP_CACHE_PATH", str(ROOT / ".warp_cache"))
 
 import diffsim as ds  # noqa: E402
-from diffsim import cli, render  # noqa: E402
-from diffsim.scene import SceneError, load_scene, mesh_scene  # noqa: E402
-from diffsim.warp_setup import check_device  # noqa: E402
+from diffsim.apps import cli, render  # noqa: E402
+from diffsim.apps.scene import SceneError, load_scene, mesh_scene  # noqa: E402
+from diffsim.backends.warp.setup import check_device  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -147,7 +147,7 @@ def test_help_imports_neither_torch_nor_warp():
         pkg = types.ModuleType("diffsim")
         pkg.__path__ = [{str(ROOT / "diffsim")!r}]
         sys.modules["diffsim"] = pkg
-        from diffsim import cli
+        from diffsim.apps import cli
         for argv in (["--help"], ["run", "--help"], ["render", "--help"], ["--version"]):
             assert cli.main(argv) == 0, argv
         print(sorted(m for m in ("torch", "warp", "polyscope") if m in sys.modules))
@@ -162,7 +162,7 @@ def test_compile_notice_once_before_a_compile_and_not_for_a_cached_module(
 ):
     import warp as wp
 
-    from diffsim import warp_setup
+    from diffsim.backends.warp import setup as warp_setup
 
     warp_setup.init_warp()
     monkeypatch.setattr(warp_setup, "_announced", False)
@@ -187,7 +187,7 @@ def test_compile_notice_once_before_a_compile_and_not_for_a_cached_module(
 
 
 def test_no_cuda_driver_warning_and_info_reports_cuda():
-    code = "from diffsim.warp_setup import init_warp; init_warp()"
+    code = "from diffsim.backends.warp.setup import init_warp; init_warp()"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "Could not find or load the NVIDIA CUDA driver" not in out.stderr
     info = subprocess.run(
@@ -282,7 +282,7 @@ def test_fit_with_a_missing_output_folder_fails_before_fitting(
 ):
     import argparse
 
-    from diffsim import fit_command
+    from diffsim.apps.cli import fit as fit_command
 
     parser = argparse.ArgumentParser()
     fit_command.configure(parser)
@@ -293,7 +293,7 @@ def test_fit_with_a_missing_output_folder_fails_before_fitting(
     def never(*a, **k):
         raise AssertionError("the fit started")
 
-    monkeypatch.setattr(sys.modules["diffsim.fit"], "fit", never)
+    monkeypatch.setattr(sys.modules["diffsim.fitting.fit"], "fit", never)
     assert fit_command.main(args) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "missing" in err
@@ -392,7 +392,7 @@ def test_the_camera_frames_the_whole_motion(egl, tmp_path):
 
 
 def test_colour_bar_range_never_collapses_and_the_viewer_uses_it(tmp_path):
-    from diffsim.viewer import ViewerController
+    from diffsim.apps.viewer import ViewerController
 
     assert render.colour_range(0.4782, 0.4782) == (0.0, 0.4782)
     assert render.colour_range(0.0, 0.0) == (0.0, 1.0)
@@ -409,7 +409,7 @@ def test_colour_bar_range_never_collapses_and_the_viewer_uses_it(tmp_path):
 
 
 def test_viewer_floor_follows_the_ground_of_the_scene_or_trajectory(traj_file, tmp_path):
-    from diffsim.viewer import ViewerController
+    from diffsim.apps.viewer import ViewerController
 
     traj = ds.Trajectory.load(traj_file)
     assert ViewerController.for_trajectory(traj).ground_height() == 0.0  # from its metadata
@@ -422,7 +422,7 @@ def test_viewer_floor_follows_the_ground_of_the_scene_or_trajectory(traj_file, t
 
 
 def test_viewer_error_counts_steps_from_the_start(tmp_path):
-    from diffsim.viewer import ViewerController
+    from diffsim.apps.viewer import ViewerController
 
     path = tmp_path / "scene.py"
     path.write_text(SCENE.replace("origin=(0.0, 0.05, 0.0)", "origin=(0.0, 0.5, 0.0)"))
@@ -441,7 +441,7 @@ def test_viewer_error_counts_steps_from_the_start(tmp_path):
 def test_viewer_error_banner_wraps(tmp_path, egl):
     import polyscope as ps
 
-    from diffsim.viewer import PolyscopeViewer, ViewerController
+    from diffsim.apps.viewer import PolyscopeViewer, ViewerController
 
     path = tmp_path / "scene.py"
     path.write_text(SCENE)
@@ -465,7 +465,7 @@ def test_viewer_error_banner_wraps(tmp_path, egl):
 def test_fit_video_panels_are_labelled(egl, tmp_path):
     import imageio.v3 as iio
 
-    from diffsim.fit_command import write_comparison_video
+    from diffsim.apps.cli.fit import write_comparison_video
 
     path = tmp_path / "float.py"
     path.write_text(SCENE.replace('backend="torch")', 'backend="torch", ground=None)'))

@@ -12,9 +12,9 @@ import torch
 os.environ.setdefault("WARP_CACHE_PATH", str(Path(__file__).resolve().parents[1] / ".warp_cache"))
 
 import diffsim as ds  # noqa: E402
-from diffsim import render  # noqa: E402
-from diffsim.fields import FieldContext, tet_field, tets_to_vertices, vertex_field  # noqa: E402
-from diffsim.scene import load_scene  # noqa: E402
+from diffsim.apps import render  # noqa: E402
+from diffsim.apps.fields import FieldContext, tet_field, tets_to_vertices, vertex_field  # noqa: E402
+from diffsim.apps.scene import load_scene  # noqa: E402
 
 torch.set_num_threads(1)
 

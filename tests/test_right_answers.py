@@ -272,7 +272,7 @@ def test_float32_gradients_of_a_long_rollout_with_friction_match_float64():
 
 
 def test_kernel_constants_match_the_torch_ones():
-    from diffsim import ground
     from diffsim.kernels import integrate
+    from diffsim.physics import ground
 
     assert integrate.MIN_GAP_FRACTION == ground.MIN_GAP_FRACTION

@@ -12,7 +12,7 @@ import torch
 os.environ.setdefault("WARP_CACHE_PATH", str(Path(__file__).resolve().parents[1] / ".warp_cache"))
 
 import diffsim as ds  # noqa: E402
-from diffsim.scene import DEFAULT_FPS, DEFAULT_STEPS, SceneError, load_scene, with_parameters  # noqa: E402
+from diffsim.apps.scene import DEFAULT_FPS, DEFAULT_STEPS, SceneError, load_scene, with_parameters  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -112,7 +112,7 @@ def test_velocity_clamp_bounds_speeds():
 
 
 def test_clamp_is_smooth_at_zero_velocity():
-    from diffsim.velocity import clamp_speed
+    from diffsim.physics.velocity import clamp_speed
 
     v = torch.zeros(3, 3, dtype=torch.float64, requires_grad=True)
     out = clamp_speed(v, 1.0)

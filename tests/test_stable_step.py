@@ -1,4 +1,4 @@
-"""The stable-step estimate, auto substeps and mass scaling (diffsim.stable_step)."""
+"""The stable-step estimate, auto substeps and mass scaling (diffsim.physics.stable_step)."""
 
 import math
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import diffsim as ds
-from diffsim.materials import lame_parameters
-from diffsim.stable_step import (
+from diffsim.physics.materials import lame_parameters
+from diffsim.physics.stable_step import (
     SAFETY_FACTOR,
     auto_substeps,
     dilatational_wave_speed,

@@ -12,8 +12,8 @@ import torch
 os.environ.setdefault("WARP_CACHE_PATH", str(Path(__file__).resolve().parents[1] / ".warp_cache"))
 
 import diffsim as ds  # noqa: E402
-from diffsim.scene import load_scene  # noqa: E402
-from diffsim.viewer import SHORTCUTS, SPEEDS, ViewerController, contact_segments  # noqa: E402
+from diffsim.apps.scene import load_scene  # noqa: E402
+from diffsim.apps.viewer import SHORTCUTS, SPEEDS, ViewerController, contact_segments  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -189,7 +189,7 @@ def test_contact_segments_show_vertices_touching_the_ground():
 
 
 def test_polyscope_panel_runs_headless(controller):
-    from diffsim import render
+    from diffsim.apps import render
 
     try:
         render.init_headless()
@@ -197,7 +197,7 @@ def test_polyscope_panel_runs_headless(controller):
         pytest.skip(f"headless EGL rendering unavailable: {exc}")
     import polyscope as ps
 
-    from diffsim.viewer import PolyscopeViewer
+    from diffsim.apps.viewer import PolyscopeViewer
 
     c = controller
     c.set_field("von_mises")

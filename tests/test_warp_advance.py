@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import diffsim as ds
-from diffsim import warp_bridge, warp_fused
 from diffsim.backends import BACKENDS
 from diffsim.backends.base import Backend
+from diffsim.backends.warp import bridge as warp_bridge
+from diffsim.backends.warp import fused as warp_fused
 
 pytestmark = pytest.mark.skipif("warp" not in BACKENDS, reason="warp-lang is not installed")
 
@@ -211,7 +212,7 @@ def test_per_substep_gradients_match_torch(monkeypatch):
     """The Substep Function (the path CUDA takes) against torch, on the CPU."""
     monkeypatch.setenv("DIFFSIM_WARP_THREADS", "2")
     split_small_meshes(monkeypatch)
-    from diffsim.backends.warp_backend import WarpBackend
+    from diffsim.backends.warp.backend import WarpBackend
 
     monkeypatch.setattr(WarpBackend, "advance", Backend.advance)
     calls = []

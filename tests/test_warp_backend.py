@@ -224,15 +224,17 @@ def test_user_material_falls_back_to_torch():
 
 
 def test_kernels_are_not_rebuilt_for_new_meshes_or_parameters():
+    import warp as wp
+
     from diffsim.kernels import kernels_for
 
-    kernels = kernels_for(torch.float64)
+    kernels = kernels_for(wp.float64)
     module = kernels.tet_forces_chunked[2].module
     make_sims(ds.StVK(youngs_modulus=2e4))["warp"].rollout(2)
     loaded = dict(module.execs)
     other = ds.TetMesh.box(resolution=(1, 2, 1), origin=(0.0, 0.05, 0.0))
     make_sims(ds.StVK(youngs_modulus=3e4, poissons_ratio=0.2), mesh=other)["warp"].rollout(2)
-    assert kernels_for(torch.float64) is kernels
+    assert kernels_for(wp.float64) is kernels
     assert dict(module.execs) == loaded  # the same compiled module objects, nothing reloaded
 
 

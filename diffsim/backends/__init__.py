@@ -12,7 +12,7 @@ from diffsim.backends.torch_backend import TorchBackend
 BACKENDS: dict[str, type[Backend]] = {"torch": TorchBackend}
 
 try:  # the Warp backend registers itself when its module is present
-    from diffsim.backends.warp_backend import WarpBackend
+    from diffsim.backends.warp.backend import WarpBackend
 
     BACKENDS["warp"] = WarpBackend
 except ImportError:  # pragma: no cover - only while the Warp backend is not built

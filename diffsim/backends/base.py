@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from diffsim.model import Coefficients, Model
+from diffsim.sim.model import Coefficients, Model
 
 
 class Backend:

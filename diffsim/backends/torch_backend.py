@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from diffsim.backends.base import Backend
-from diffsim.elasticity import elastic_forces
-from diffsim.integrator import symplectic_euler_update
-from diffsim.model import Coefficients
+from diffsim.backends.integrator import symplectic_euler_update
+from diffsim.physics.elasticity import elastic_forces
+from diffsim.sim.model import Coefficients
 
 
 class TorchBackend(Backend):

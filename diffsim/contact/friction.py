@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from diffsim.barrier import barrier_derivative
+from diffsim.physics.barrier import barrier_derivative
 from diffsim.contact.candidates import Candidates
 from diffsim.contact.distances import (
     edge_edge_cross_squared,

@@ -2,7 +2,7 @@
 
 Pair k (point-triangle or edge-edge) at squared distance d_k^2 contributes
 ``kappa * w_k * m_k * b(d_k^2, dhat^2)``, with b the IPC log barrier
-(:func:`diffsim.barrier.barrier`), m_k the edge-edge mollifier (1 for point-triangle pairs)
+(:func:`diffsim.physics.barrier.barrier`), m_k the edge-edge mollifier (1 for point-triangle pairs)
 and w_k the smallest mass of the pair's four vertices, so that, as for the ground, the
 barrier's acceleration of any vertex, and so the explicit stability limit, does not depend
 on mesh resolution or density, even where a light vertex meets heavy ones.
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from diffsim.barrier import barrier
+from diffsim.physics.barrier import barrier
 from diffsim.contact.candidates import Candidates
 from diffsim.contact.distances import (
     edge_edge_cross_squared,

@@ -13,21 +13,18 @@ from __future__ import annotations
 import functools
 from types import SimpleNamespace
 
-import torch
 
-
-def _scalar(dtype: torch.dtype):
+def _scalar(scalar):
     import warp as wp
 
-    scalars = {torch.float32: wp.float32, torch.float64: wp.float64}
-    if dtype not in scalars:
-        raise ValueError(f"Warp kernels exist for float32 and float64, not {dtype}")
-    return scalars[dtype]
+    if scalar not in (wp.float32, wp.float64):
+        raise ValueError(f"Warp kernels exist for wp.float32 and wp.float64, not {scalar}")
+    return scalar
 
 
 @functools.cache
-def kernels_for(dtype: torch.dtype) -> SimpleNamespace:
-    """The forward kernels and Warp types for ``torch.float32`` or ``torch.float64``."""
+def kernels_for(scalar) -> SimpleNamespace:
+    """The forward kernels and Warp types for ``wp.float32`` or ``wp.float64``."""
     import warp as wp
 
     from diffsim.kernels.advance import build_advance
@@ -35,13 +32,12 @@ def kernels_for(dtype: torch.dtype) -> SimpleNamespace:
     from diffsim.kernels.force_vjp import build_force_vjp
     from diffsim.kernels.integrate import build_integrate
 
-    scalar = _scalar(dtype)
+    scalar = _scalar(scalar)
     module = f"diffsim_{scalar.__name__}"
     elastic = build_elastic(scalar, module, differentiable=False)
     integrate = build_integrate(scalar, module, differentiable=False)
     force_vjp = build_force_vjp(scalar, module, elastic)
     kernels = SimpleNamespace(
-        dtype=dtype,
         scalar=scalar,
         vec3=wp.types.vector(3, scalar),
         position=wp.vec3d,  # positions are float64 for every scalar type (precision rule)
@@ -56,14 +52,14 @@ def kernels_for(dtype: torch.dtype) -> SimpleNamespace:
 
 
 @functools.cache
-def grad_kernels_for(dtype: torch.dtype) -> SimpleNamespace:
+def grad_kernels_for(scalar) -> SimpleNamespace:
     """The kernels launched with ``adjoint=True``: ``total_forces``, ``tet_energy`` and the
     reference ``tet_forces`` the hand-derived force VJP is tested against (built on first
     use)."""
     from diffsim.kernels.elastic import build_elastic
     from diffsim.kernels.integrate import build_integrate
 
-    scalar = _scalar(dtype)
+    scalar = _scalar(scalar)
     module = f"diffsim_{scalar.__name__}_grad"
     return SimpleNamespace(
         **vars(build_elastic(scalar, module, differentiable=True)),

@@ -16,7 +16,7 @@ from diffsim.contact.ccd import (
     MIN_GAP_FRACTION,
     SCALE_SLACK,
 )
-from diffsim.warp_setup import init_warp
+from diffsim.backends.warp.setup import init_warp
 
 init_warp()
 

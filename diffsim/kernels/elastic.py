@@ -5,7 +5,7 @@ The per-material laws (psi, its stress P = dpsi/dF and the stress's derivative) 
 backward pass of the forces is hand-derived in
 :mod:`diffsim.kernels.force_vjp`; Warp-generated adjoints serve the energy's gradient and,
 for the forces, as the reference the hand-derived kernels are tested against. Material ids
-follow the ``kernel`` attribute of the classes in diffsim.materials. For Stable Neo-Hookean
+follow the ``kernel`` attribute of the classes in diffsim.physics.materials. For Stable Neo-Hookean
 the kernels take the re-parameterised Lame constants (mu' = 4/3 mu, lambda' = lambda +
 5/6 mu), which the torch side computes (``kernel_lame``) so that the (E, nu) chain stays in
 torch. Positions arrive as float64 (``wp.vec3d``) whatever the kernels' scalar type.

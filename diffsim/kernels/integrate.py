@@ -1,6 +1,6 @@
 """Per-vertex kernels: ground barrier and friction, and the fused symplectic Euler update.
 
-The formulas are those of :mod:`diffsim.ground`, :mod:`diffsim.velocity` and
+The formulas are those of :mod:`diffsim.physics.ground`, :mod:`diffsim.physics.velocity` and
 :class:`diffsim.backends.torch_backend.TorchBackend`, in the same order of operations:
 v += h (f_elastic + m g) / m, damping v / (1 + h c), tanh clamp, fixed mask, the ground
 barrier integrated implicitly per vertex (safeguarded Newton on
@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import warp as wp
 
-# The same constant as diffsim.ground (kernels import nothing from diffsim; a test checks).
+# The same constant as diffsim.physics.ground (kernels import nothing from diffsim; a test checks).
 MIN_GAP_FRACTION = 1e-6
 NEWTON_ITERATIONS = 80
 

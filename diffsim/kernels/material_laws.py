@@ -1,7 +1,7 @@
 """The constitutive laws of the built-in materials as Warp functions: one place per material.
 
 For each material, in the order of the kernel ids (the ``kernel`` attribute of the classes
-in ``diffsim.materials``): its energy density ``psi(F, mu, lam)``, its first Piola-Kirchhoff
+in ``diffsim.physics.materials``): its energy density ``psi(F, mu, lam)``, its first Piola-Kirchhoff
 stress ``stress(F, mu, lam) = dpsi/dF`` and the stress's directional derivative
 ``dstress(F, dF, mu, lam) -> (dP, dF : dP/dmu, dF : dP/dlam)`` (the force VJP's core). The
 formulas are those of the torch psi; a test checks every law against it. Adding a material

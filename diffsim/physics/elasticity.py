@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from diffsim.materials import Material
+from diffsim.physics.materials import Material
 
 
 def deformation_gradients(

@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from diffsim.ground import Ground
-from diffsim.materials import Material
 from diffsim.mesh import TetMesh
+from diffsim.physics.ground import Ground
+from diffsim.physics.materials import Material
 
 # Positions are float64 in every configuration: the precision rule (docs/how-it-works.md).
 # Forces, velocities and parameters use the simulator's dtype (float32 by default).

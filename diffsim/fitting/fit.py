@@ -1,7 +1,7 @@
 """Material-parameter fitting: recover E, nu, density or damping from observed motion.
 
 :func:`fit` runs the simulator from a start state, compares the rollout with an
-:class:`~diffsim.observation.Observation` at the observed frames and points, and descends
+:class:`~diffsim.fitting.observation.Observation` at the observed frames and points, and descends
 the gradient of that loss with Adam or L-BFGS. Each parameter is global, per tet (with an
 optional smoothness penalty over face-adjacent tets) or a neural field (a torch module of
 the rest tet centroids). Bounds are kept by construction: a parameter is a smooth map of an
@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffsim.materials import Material
-from diffsim.observation import Observation, ObservationError
+from diffsim.fitting.observation import Observation, ObservationError
+from diffsim.physics.materials import Material
+from diffsim.sim.state import State
 from diffsim.simulator import SimulationError, Simulator
-from diffsim.state import State
 
 # Default (lower, upper) bounds; the interval is open.
 DEFAULT_BOUNDS: dict[str, tuple[float, float]] = {

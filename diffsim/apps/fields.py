@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from diffsim.elasticity import deformation_gradients, von_mises_stress
-from diffsim.materials import Material
+from diffsim.physics.elasticity import deformation_gradients, von_mises_stress
+from diffsim.physics.materials import Material
 
 # Field name -> (unit, needs a material).
 FIELDS: dict[str, tuple[str, bool]] = {
@@ -45,7 +45,7 @@ class FieldContext:
     def __post_init__(self) -> None:
         self.rest_positions = np.asarray(self.rest_positions, dtype=np.float64)
         if self.tets is not None:
-            from diffsim.mesh import edge_matrices, signed_volumes
+            from diffsim.mesh.geometry import edge_matrices, signed_volumes
 
             self.tets = np.asarray(self.tets, dtype=np.int64)
             if self.dm_inv is None:

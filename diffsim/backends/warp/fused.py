@@ -15,8 +15,8 @@ import torch
 import warp as wp
 from torch.autograd.function import once_differentiable
 
-from diffsim.warp_bridge import Geometry, WarpCoefficients, wrap
-from diffsim.warp_threads import MIN_TETS_PER_WORKER
+from diffsim.backends.warp.bridge import Geometry, WarpCoefficients, torch_dtype, wrap
+from diffsim.backends.warp.threads import MIN_TETS_PER_WORKER
 
 # Barrier spins before a fused worker gives up on the others (several seconds).
 SPIN_LIMIT = 1 << 25
@@ -132,7 +132,7 @@ def retreat_steps(g: Geometry, w: WarpCoefficients, saved, grad_x, grad_v, launc
     workers = _workers(g, launcher)
     n_steps = len(grad_x)
     mu, lam = w.arrays[:2]
-    zeros = dict(dtype=k.dtype, device=grad_x.device)
+    zeros = dict(dtype=torch_dtype(k.scalar), device=grad_x.device)
     adj = SimpleNamespace(
         x=torch.zeros((g.n_vertices, 3), **zeros),
         v=torch.zeros((g.n_vertices, 3), **zeros),
@@ -145,7 +145,8 @@ def retreat_steps(g: Geometry, w: WarpCoefficients, saved, grad_x, grad_v, launc
         targets=torch.zeros((n_steps, max(g.n_fixed, 1), 3), **zeros),
         start=torch.zeros((max(g.n_fixed, 1), 3), **zeros),
     )
-    grad_x, grad_v = grad_x.to(k.dtype).contiguous(), grad_v.to(k.dtype).contiguous()
+    dtype = torch_dtype(k.scalar)
+    grad_x, grad_v = grad_x.to(dtype).contiguous(), grad_v.to(dtype).contiguous()
     vec3, scalar = k.vec3, k.scalar
     head = [
         g.tets, g.dm_inv, g.volume, mu, lam, w.per_tet, w.vertex, n_steps, w.settings,

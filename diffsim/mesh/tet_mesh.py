@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffsim import gmsh_io
-from diffsim.stable_step import tet_altitudes
+from diffsim.mesh import gmsh_io
+from diffsim.mesh.geometry import edge_matrices, grid_tets, signed_volumes, tet_altitudes
 
 # Tets whose volume is below this fraction of the mean tet volume count as degenerate.
 DEGENERATE_VOLUME_FRACTION = 1e-9
@@ -251,7 +251,7 @@ class TetMesh:
         axes = [np.linspace(0.0, s, r + 1) for s, r in zip(size_arr, res, strict=True)]
         grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
         cells = np.stack(np.meshgrid(*[np.arange(r) for r in res], indexing="ij"), -1)
-        tets = _grid_tets(cells.reshape(-1, 3), res)
+        tets = grid_tets(cells.reshape(-1, 3), res)
         return cls(grid + np.asarray(origin, dtype=np.float64), tets, fix_orientation=True)
 
     @classmethod
@@ -282,7 +282,7 @@ class TetMesh:
             resolution: cells across the diameter.
             center: the ball's centre.
         """
-        from diffsim.tetrahedralize import voxel_tets
+        from diffsim.mesh.tetrahedralize import voxel_tets
 
         def inside(points: np.ndarray) -> np.ndarray:
             return np.linalg.norm(points, axis=1) < radius
@@ -298,7 +298,7 @@ class TetMesh:
 
         The built-in method keeps the grid cells whose centres lie inside the surface
         (generalized winding number) and moves boundary vertices onto the surface where
-        that inverts no tet. See :mod:`diffsim.tetrahedralize`.
+        that inverts no tet. See :mod:`diffsim.mesh.tetrahedralize`.
 
         Args:
             surface: a closed ``trimesh.Trimesh`` (or any object with ``vertices`` and
@@ -311,7 +311,7 @@ class TetMesh:
             TypeError: ``surface`` is neither a path nor a surface.
             ValueError: the surface is not closed, or the file holds no triangles.
         """
-        from diffsim.tetrahedralize import load_surface, tetrahedralize_surface
+        from diffsim.mesh.tetrahedralize import load_surface, tetrahedralize_surface
 
         if isinstance(surface, (str, Path)):
             surface = load_surface(surface)
@@ -338,7 +338,7 @@ class TetMesh:
         """Loads a Gmsh ``.msh`` (ASCII 4.1 or 2.2) or a diffsim ``.npz`` tet mesh.
 
         Body ids come back from ``.npz`` and from the volumes of a ``.msh`` (see
-        :func:`diffsim.gmsh_io.read_msh_bodies`). A triangle surface (.stl, .obj, ...) is
+        :func:`diffsim.mesh.gmsh_io.read_msh_bodies`). A triangle surface (.stl, .obj, ...) is
         no tet mesh: tetrahedralize it with :meth:`from_surface`.
         """
         path = Path(path)
@@ -399,7 +399,7 @@ class TetMesh:
         """Shape measures of the rest tets: altitudes, aspect ratios and slivers.
 
         The smallest altitude sets the explicit time step (see
-        :func:`diffsim.stable_step.stable_step` and docs/time-steps.md).
+        :func:`diffsim.physics.stable_step.stable_step` and docs/time-steps.md).
 
         Args:
             sliver_ratio: aspect ratio above which a tet counts as a sliver.
@@ -495,36 +495,6 @@ class MeshQuality:
         width = max(len(name) for name, _ in rows)
         lines = ["mesh quality (aspect ratio = longest edge / smallest altitude; regular 1.22)"]
         return "\n".join(lines + [f"  {name:<{width}}  {value}" for name, value in rows])
-
-
-def edge_matrices(vertices, tets):
-    """Edge matrices ``[x1-x0, x2-x0, x3-x0]`` as columns, ``[m, 3, 3]`` (numpy or torch)."""
-    x = vertices[tets]
-    d = x[:, 1:] - x[:, :1]
-    return d.transpose(1, 2) if isinstance(d, torch.Tensor) else d.transpose(0, 2, 1)
-
-
-def signed_volumes(vertices: np.ndarray, tets: np.ndarray) -> np.ndarray:
-    """Signed volumes ``det(Dm) / 6``, ``[m]``; positive for positively oriented tets."""
-    return np.linalg.det(edge_matrices(vertices, tets)) / 6.0
-
-
-def _grid_tets(cells: np.ndarray, res: np.ndarray) -> np.ndarray:
-    """Six tets per grid cell (Freudenthal split along the main diagonal; conforming)."""
-    ny, nz = res[1] + 1, res[2] + 1
-
-    def vid(ijk):
-        return (ijk[..., 0] * ny + ijk[..., 1]) * nz + ijk[..., 2]
-
-    eye = np.eye(3, dtype=np.int64)
-    tets = []
-    for perm in itertools.permutations(range(3)):
-        c0 = cells
-        c1 = c0 + eye[perm[0]]
-        c2 = c1 + eye[perm[1]]
-        c3 = c2 + eye[perm[2]]
-        tets.append(np.stack([vid(c0), vid(c1), vid(c2), vid(c3)], axis=1))
-    return np.concatenate(tets)
 
 
 def _as_numpy(value, name: str) -> np.ndarray:

@@ -15,19 +15,18 @@ from types import SimpleNamespace
 import torch
 
 from diffsim.backends.base import Backend
-from diffsim.integrator import symplectic_euler_update
-from diffsim.model import POSITION_DTYPE, Coefficients, Model
+from diffsim.backends.integrator import symplectic_euler_update
+from diffsim.sim.model import POSITION_DTYPE, Coefficients, Model
 
 try:
     import warp as wp
 except ImportError as error:  # pragma: no cover - warp-lang is a dependency
     raise ImportError("the Warp backend needs warp-lang: pip install warp-lang") from error
 
-from diffsim import warp_bridge as bridge
-from diffsim import warp_fused as fused
+from diffsim.backends.warp import bridge, fused
+from diffsim.backends.warp.setup import init_warp
+from diffsim.backends.warp.threads import SplitLauncher
 from diffsim.kernels import kernels_for
-from diffsim.warp_setup import init_warp
-from diffsim.warp_threads import SplitLauncher
 
 # The default thread count is capped here: beyond it, memory bandwidth and the barriers
 # eat the gain on the meshes we measure (override with DIFFSIM_WARP_THREADS).
@@ -63,7 +62,7 @@ class WarpBackend(Backend):
     def __init__(self, model: Model) -> None:
         super().__init__(model)
         init_warp()
-        self.kernels = kernels_for(model.dtype)
+        self.kernels = kernels_for(bridge.warp_scalar(model.dtype))
         device = wp.device_from_torch(model.device)
         k = self.kernels
         tets = model.tets.to(torch.int32).contiguous()
@@ -202,8 +201,8 @@ class WarpBackend(Backend):
 
     def advance(self, prepared, x, v, targets, out=None):
         """Whole steps. On the CPU without surface contact they run in one launch of the
-        fused kernel per worker thread (:func:`diffsim.warp_fused.advance_steps`), through
-        the :class:`~diffsim.warp_fused.Steps` Function when a gradient is needed."""
+        fused kernel per worker thread (:func:`diffsim.backends.warp.fused.advance_steps`), through
+        the :class:`~diffsim.backends.warp.fused.Steps` Function when a gradient is needed."""
         m, w = self.model, prepared
         if m.contact is not None or not self.geometry.device.is_cpu:
             return super().advance(prepared, x, v, targets, out)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from diffsim.barrier import barrier, barrier_derivative
+from diffsim.physics.barrier import barrier, barrier_derivative
 
 # Gaps are floored at this fraction of dhat inside the barrier, so log() never sees 0.
 MIN_GAP_FRACTION = 1e-6

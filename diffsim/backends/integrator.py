@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from diffsim.model import Model
-from diffsim.velocity import clamp_speed
+from diffsim.physics.velocity import clamp_speed
+from diffsim.sim.model import Model
 
 
 def symplectic_euler_update(

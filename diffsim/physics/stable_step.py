@@ -1,8 +1,8 @@
 """Stable explicit time steps of a tet mesh: the CFL estimate, auto substeps, mass scaling.
 
 Pure numpy computations on the rest shape and the material's (E, nu, density); nothing here
-is part of an autograd graph (tensor inputs are detached). This module imports nothing from
-the rest of diffsim, so that :mod:`diffsim.mesh` can use :func:`tet_altitudes`.
+is part of an autograd graph (tensor inputs are detached). The geometry (tet
+altitudes) comes from :mod:`diffsim.mesh.geometry`.
 
 Symplectic Euler on a linear(ized) tet mesh with lumped masses is stable while the substep
 stays below ``2 / omega_max``, omega_max being the mesh's highest natural frequency. Two
@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from diffsim.mesh.geometry import tet_altitudes, tet_volumes_and_areas
+
 # Fraction of the CFL bound (smallest tet altitude / dilatational wave speed) in a tet's
 # stable substep. 0.5 is the provable constant: a lone linear tet with a quarter of its mass
 # on each corner has omega <= 4 c / a_min (its stiffness is at most V (lambda + 2 mu)
@@ -41,8 +43,6 @@ SAFETY_FACTOR = 0.5
 # The stable-step report names at most this many tets (and vertices) that limit the step.
 N_LIMITING = 5
 
-# The four faces opposite corners 0..3 of a tet.
-_OPPOSITE_FACES = ((1, 2, 3), (0, 2, 3), (0, 1, 3), (0, 1, 2))
 _METHODS = ("vertex", "tet")
 
 
@@ -69,43 +69,6 @@ def _mesh_arrays(vertices, tets) -> tuple[np.ndarray, np.ndarray]:
 def _check_method(method: str) -> None:
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
-
-
-def tet_volumes_and_areas(vertices, tets) -> tuple[np.ndarray, np.ndarray]:
-    """Unsigned volumes and face areas of tets.
-
-    Args:
-        vertices: ``[n, 3]`` positions in m (array or tensor).
-        tets: ``[m, 4]`` vertex indices.
-
-    Returns:
-        ``(volumes [m] in m^3, areas [m, 4] in m^2)``; ``areas[:, i]`` is the face opposite
-        corner i.
-    """
-    v, t = _mesh_arrays(vertices, tets)
-    x = v[t]
-    e1, e2, e3 = x[:, 1] - x[:, 0], x[:, 2] - x[:, 0], x[:, 3] - x[:, 0]
-    volumes = np.abs(np.einsum("mi,mi->m", e1, np.cross(e2, e3))) / 6.0
-    areas = np.empty((len(t), 4))
-    for i, (a, b, c) in enumerate(_OPPOSITE_FACES):
-        areas[:, i] = 0.5 * np.linalg.norm(np.cross(x[:, b] - x[:, a], x[:, c] - x[:, a]), axis=1)
-    return volumes, areas
-
-
-def tet_altitudes(vertices, tets) -> np.ndarray:
-    """Smallest altitude of each tet: ``min_i 3 V / A_i`` over its four faces.
-
-    Args:
-        vertices: ``[n, 3]`` positions in m (array or tensor; detached).
-        tets: ``[m, 4]`` vertex indices.
-
-    Returns:
-        ``[m]`` altitudes in m (0 for a degenerate tet).
-    """
-    volumes, areas = tet_volumes_and_areas(vertices, tets)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        alt = 3.0 * volumes[:, None] / areas
-    return np.nan_to_num(alt, nan=0.0, posinf=0.0).min(axis=1)
 
 
 def dilatational_wave_speed(youngs_modulus, poissons_ratio, density) -> float | np.ndarray:

@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffsim.sim.state import State
 from diffsim.simulator import Simulator
-from diffsim.state import State
 
 DEFAULT_STEPS = 200
 DEFAULT_FPS = 30
@@ -243,8 +243,8 @@ def mesh_scene(
         raise SceneError(f"--drop must be a height >= 0 (m), got {drop}")
     if not (math.isfinite(scale) and scale > 0):
         raise SceneError(f"--scale must be a factor > 0, got {scale}")
-    from diffsim import materials
     from diffsim.mesh import TetMesh
+    from diffsim.physics import materials
 
     try:
         if suffix in TET_MESH_SUFFIXES:

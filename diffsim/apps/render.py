@@ -600,9 +600,9 @@ def render_trajectory(
         ground: ground height to draw (m), or None for no floor.
         fixed: fixed vertex indices to mark, or None.
         body_ids: ``[n]`` body index per vertex (distinct colours per body), or None.
-        field: colour by this :data:`diffsim.fields.FIELDS` name (with a colour bar), or None.
+        field: colour by this :data:`diffsim.apps.fields.FIELDS` name (with a colour bar), or None.
         velocities: ``[T, n, 3]`` (m/s), needed for the ``"speed"`` field.
-        context: a :class:`diffsim.fields.FieldContext` for fields.
+        context: a :class:`diffsim.apps.fields.FieldContext` for fields.
         view_direction: for the framed camera, the direction from the target towards the
             camera, or None (:data:`FIT_DIRECTION`).
         shadows: shadows on the floor (when there is a ground).
@@ -625,7 +625,7 @@ def render_trajectory(
         picks = picks[-1:]
     values = None
     if field is not None:
-        from diffsim.fields import vertex_field
+        from diffsim.apps.fields import vertex_field
 
         if context is None:
             raise ValueError(f"field {field!r} needs a FieldContext")
@@ -654,12 +654,12 @@ def render_trajectory(
 
     label = None
     if field is not None:
-        from diffsim.fields import FIELDS
+        from diffsim.apps.fields import FIELDS
 
         label = f"{field} ({FIELDS[field][0]})"
 
     def frames():
-        from diffsim.apps_progress import progress_bar
+        from diffsim.apps.progress import progress_bar
 
         with progress_bar(len(picks), "render", "frame", enabled=progress) as bar:
             for k, i in enumerate(picks):

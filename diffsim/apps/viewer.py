@@ -14,11 +14,11 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from diffsim.fields import FIELDS, FieldContext, vertex_field
-from diffsim.render import body_palette, colour_range, surface_faces
-from diffsim.scene import Scene, with_parameters
+from diffsim.apps.fields import FIELDS, FieldContext, vertex_field
+from diffsim.apps.render import body_palette, colour_range, surface_faces
+from diffsim.apps.scene import Scene, with_parameters
+from diffsim.sim.state import State, Trajectory
 from diffsim.simulator import SimulationError, Simulator
-from diffsim.state import State, Trajectory
 
 # Key -> (action, description), as listed in the panel.
 SHORTCUTS: dict[str, tuple[str, str]] = {
@@ -47,7 +47,7 @@ class ViewerController:
     """What the viewer shows and how buttons, sliders and keys change it; no drawing.
 
     Live mode (a scene): ``tick()`` advances ``speed`` steps while playing; parameter
-    changes build a new simulator with :func:`diffsim.scene.with_parameters` and continue
+    changes build a new simulator with :func:`diffsim.apps.scene.with_parameters` and continue
     from the current state. Trajectory mode (a saved ``.npz``): ``tick()`` advances
     ``speed`` frames while playing and :meth:`set_frame` scrubs.
 
@@ -139,7 +139,7 @@ class ViewerController:
 
     def field_range(self) -> tuple[float, float] | None:
         """The colour bar's range for the shown field: never empty (see
-        :func:`diffsim.render.colour_range`), or None for plain colour."""
+        :func:`diffsim.apps.render.colour_range`), or None for plain colour."""
         values = self.field_values()
         if values is None:
             return None

@@ -4,7 +4,7 @@ Each Function runs Warp kernels forward on the tensors' memory and, in backward,
 their hand-derived adjoint kernels (``force_vjp.py``, ``integrate_vertex_vjp``; Warp's
 generated adjoints only for ``Forces`` and ``ElasticEnergy``). :class:`Substep` runs one
 substep (the CUDA path; on the CPU, blocks of steps run fused, see
-:mod:`diffsim.warp_fused`) and saves x, v and the elastic forces (no graph, no other
+:mod:`diffsim.backends.warp.fused`) and saves x, v and the elastic forces (no graph, no other
 intermediate). Parameters (Lame constants, masses, gravity, damping) are wrapped once
 per rollout segment in :class:`WarpCoefficients`.
 """
@@ -19,11 +19,24 @@ import torch
 import warp as wp
 from torch.autograd.function import once_differentiable
 
+from diffsim.backends.warp.threads import MIN_TETS_PER_WORKER
 from diffsim.kernels import grad_kernels_for
-from diffsim.model import Coefficients
-from diffsim.warp_threads import MIN_TETS_PER_WORKER
+from diffsim.sim.model import Coefficients
 
 _templates: dict = {}
+
+
+def warp_scalar(dtype: torch.dtype) -> Any:
+    """The Warp scalar type of a torch float dtype (the kernels' types)."""
+    scalars = {torch.float32: wp.float32, torch.float64: wp.float64}
+    if dtype not in scalars:
+        raise ValueError(f"Warp kernels exist for float32 and float64, not {dtype}")
+    return scalars[dtype]
+
+
+def torch_dtype(scalar: Any) -> torch.dtype:
+    """The torch dtype of a Warp scalar type."""
+    return {wp.float32: torch.float32, wp.float64: torch.float64}[scalar]
 
 
 def wrap(t: torch.Tensor, dtype: Any) -> Any:
@@ -358,12 +371,12 @@ class Forces(torch.autograd.Function):
         k, vec3, s = g.kernels, g.kernels.vec3, w.scratch
         xw = wrap(x, k.position)
         f_el = _elastic_forces_into(g, w, xw, s.f_back)
-        f = torch.empty(x.shape, dtype=k.dtype, device=x.device)
+        f = torch.empty(x.shape, dtype=torch_dtype(k.scalar), device=x.device)
         st = w.settings
         has_ground, height, dhat, kappa = st.has_ground, st.height, st.dhat, st.kappa
         has_ground = has_ground if ctx.with_ground else 0
         wp.launch(
-            grad_kernels_for(k.dtype).total_forces,
+            grad_kernels_for(k.scalar).total_forces,
             dim=g.n_vertices,
             inputs=[xw, f_el, w.arrays[2], w.arrays[3], has_ground, height, dhat, kappa],
             outputs=[wrap(f, vec3)],
@@ -381,7 +394,7 @@ class Forces(torch.autograd.Function):
         k, vec3, s = g.kernels, g.kernels.vec3, w.scratch
         mu, lam, mass, gravity, _ = w.inputs
         adj_x_ground = torch.zeros_like(x)  # float64, like the positions Warp differentiates
-        adj_x = torch.zeros(x.shape, dtype=k.dtype, device=x.device)
+        adj_x = torch.zeros(x.shape, dtype=torch_dtype(k.scalar), device=x.device)
         adj_mass, adj_g = torch.zeros_like(mass), torch.zeros_like(gravity)
         adj_mu, adj_lam = torch.zeros_like(mu), torch.zeros_like(lam)
         xw = wrap(x, k.position)
@@ -393,7 +406,7 @@ class Forces(torch.autograd.Function):
         has_ground, height, dhat, kappa = st.has_ground, st.height, st.dhat, st.kappa
         has_ground = has_ground if ctx.with_ground else 0
         wp.launch(
-            grad_kernels_for(k.dtype).total_forces,
+            grad_kernels_for(k.scalar).total_forces,
             dim=g.n_vertices,
             inputs=[xw, f_el, w.arrays[2], w.arrays[3], has_ground, height, dhat, kappa],
             outputs=[s.out_f_w],
@@ -419,9 +432,9 @@ class ElasticEnergy(torch.autograd.Function):
         ctx.g, ctx.w = g, w
         ctx.save_for_backward(x)
         k = g.kernels
-        energy = torch.empty(g.n_tets, dtype=k.dtype, device=x.device)
+        energy = torch.empty(g.n_tets, dtype=torch_dtype(k.scalar), device=x.device)
         wp.launch(
-            grad_kernels_for(k.dtype).tet_energy[w.material],
+            grad_kernels_for(k.scalar).tet_energy[w.material],
             dim=g.n_tets,
             inputs=[wrap(x, k.position), g.tets, g.dm_inv, g.volume, *w.arrays[:2]],
             outputs=[w.per_tet, wrap(energy, k.scalar)],
@@ -439,10 +452,10 @@ class ElasticEnergy(torch.autograd.Function):
         k = g.kernels
         mu, lam = w.inputs[:2]
         adj_x, adj_mu, adj_lam = torch.zeros_like(x), torch.zeros_like(mu), torch.zeros_like(lam)
-        adj_energy = grad_e.to(k.dtype).expand(g.n_tets).contiguous()
-        scratch = torch.empty(g.n_tets, dtype=k.dtype, device=x.device)
+        adj_energy = grad_e.to(torch_dtype(k.scalar)).expand(g.n_tets).contiguous()
+        scratch = torch.empty(g.n_tets, dtype=torch_dtype(k.scalar), device=x.device)
         wp.launch(
-            grad_kernels_for(k.dtype).tet_energy[w.material],
+            grad_kernels_for(k.scalar).tet_energy[w.material],
             dim=g.n_tets,
             inputs=[wrap(x, k.position), g.tets, g.dm_inv, g.volume, *w.arrays[:2], w.per_tet],
             outputs=[wrap(scratch, k.scalar)],

@@ -28,7 +28,7 @@ def voxel_tets(
     Returns:
         ``(vertices [n, 3], tets [m, 4])`` with unused grid vertices removed.
     """
-    from diffsim.mesh import _grid_tets
+    from diffsim.mesh.geometry import grid_tets
 
     if resolution < 1:
         raise ValueError(f"resolution must be >= 1, got {resolution}")
@@ -40,7 +40,7 @@ def voxel_tets(
     keep = inside(lo + (cells + 0.5) * h)
     if not keep.any():
         raise ValueError("no grid cell lies inside the surface; raise the resolution")
-    tets = _grid_tets(cells[keep], res)
+    tets = grid_tets(cells[keep], res)
     axes = [lo[i] + h * np.arange(res[i] + 1) for i in range(3)]
     grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
     used, tets = np.unique(tets, return_inverse=True)

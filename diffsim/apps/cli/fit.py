@@ -76,8 +76,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Runs the fit; returns the exit status (0 on success, 2 on bad input)."""
-    from diffsim.fit import fit
-    from diffsim.observation import Observation, ObservationError
+    from diffsim.fitting.fit import fit
+    from diffsim.fitting.observation import Observation, ObservationError
     from diffsim.simulator import SimulationError
 
     try:
@@ -167,7 +167,7 @@ def check_outputs(args: argparse.Namespace) -> Path:
 def _progress_log(args: argparse.Namespace):
     """``(bar, log)``: a progress bar over the iterations, and a log function that prints
     the fit's lines above it (or nothing with ``--quiet``)."""
-    from diffsim.apps_progress import progress_bar
+    from diffsim.apps.progress import progress_bar
 
     stages = 1 if args.mode == "equilibrium" else max(1, args.stages)
     # Shown after a second: an input error found at once leaves one line on stderr.
@@ -188,9 +188,9 @@ def _progress_log(args: argparse.Namespace):
 
 def _load_scene(args):
     try:
-        from diffsim.scene import load_scene
+        from diffsim.apps.scene import load_scene
     except ImportError as exc:  # pragma: no cover - scene.py is part of the package
-        raise ValueError("diffsim.scene is not available") from exc
+        raise ValueError("diffsim.apps.scene is not available") from exc
     import torch
 
     scene = load_scene(args.scene)
@@ -331,7 +331,7 @@ def write_comparison_video(scene, sim, observation, path, state, max_frames: int
     import torch
 
     try:
-        from diffsim.render import (
+        from diffsim.apps.render import (
             FrameRenderer,
             RenderError,
             fit_camera,
@@ -339,7 +339,7 @@ def write_comparison_video(scene, sim, observation, path, state, max_frames: int
             write_frames,
         )
     except ImportError:
-        return "video skipped: diffsim.render is not available"
+        return "video skipped: diffsim.apps.render is not available"
     dt = sim.model.dt
     steps = observation.steps(dt)
     with torch.no_grad():
@@ -408,7 +408,7 @@ def _render(renderer_cls, faces, frames, camera, ground, points) -> list[np.ndar
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """A stand-alone parser (``python -m diffsim.fit_command``)."""
+    """A stand-alone parser (``python -m diffsim.apps.cli.fit``)."""
     parser = argparse.ArgumentParser(prog="diffsim fit", description=__doc__.splitlines()[0])
     configure(parser)
     return parser

@@ -15,7 +15,7 @@ import torch
 _OPPOSITE_FACES = ((1, 2, 3), (0, 2, 3), (0, 1, 3), (0, 1, 2))
 
 
-def _mesh_arrays(vertices, tets) -> tuple[np.ndarray, np.ndarray]:
+def mesh_arrays(vertices, tets) -> tuple[np.ndarray, np.ndarray]:
     """float64 vertices ``[n, 3]`` and int64 tets ``[m, 4]`` from arrays or tensors."""
     if isinstance(vertices, torch.Tensor):
         vertices = vertices.detach().cpu().numpy()
@@ -69,7 +69,7 @@ def tet_volumes_and_areas(vertices, tets) -> tuple[np.ndarray, np.ndarray]:
         ``(volumes [m] in m^3, areas [m, 4] in m^2)``; ``areas[:, i]`` is the face opposite
         corner i.
     """
-    v, t = _mesh_arrays(vertices, tets)
+    v, t = mesh_arrays(vertices, tets)
     x = v[t]
     e1, e2, e3 = x[:, 1] - x[:, 0], x[:, 2] - x[:, 0], x[:, 3] - x[:, 0]
     volumes = np.abs(np.einsum("mi,mi->m", e1, np.cross(e2, e3))) / 6.0

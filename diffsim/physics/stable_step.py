@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from diffsim.mesh.geometry import tet_altitudes, tet_volumes_and_areas
+from diffsim.mesh.geometry import mesh_arrays, tet_altitudes, tet_volumes_and_areas
+from diffsim.physics.materials import PARAMETER_BOUNDS, lame_parameters
 
 # Fraction of the CFL bound (smallest tet altitude / dilatational wave speed) in a tet's
 # stable substep. 0.5 is the provable constant: a lone linear tet with a quarter of its mass
@@ -56,16 +57,6 @@ def _numpy(value, name: str) -> np.ndarray:
         raise ValueError(f"{name} must be a number, array or tensor: {exc}") from None
 
 
-def _mesh_arrays(vertices, tets) -> tuple[np.ndarray, np.ndarray]:
-    v = _numpy(vertices, "vertices")
-    t = tets.detach().cpu().numpy() if isinstance(tets, torch.Tensor) else np.asarray(tets)
-    if v.ndim != 2 or v.shape[1] != 3:
-        raise ValueError(f"vertices must have shape [n, 3], got {list(v.shape)}")
-    if t.ndim != 2 or t.shape[1] != 4 or not np.issubdtype(t.dtype, np.integer):
-        raise ValueError(f"tets must be integer indices of shape [m, 4], got {list(t.shape)}")
-    return v, t.astype(np.int64)
-
-
 def _check_method(method: str) -> None:
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
@@ -88,16 +79,13 @@ def dilatational_wave_speed(youngs_modulus, poissons_ratio, density) -> float | 
     E = _numpy(youngs_modulus, "youngs_modulus")
     nu = _numpy(poissons_ratio, "poissons_ratio")
     rho = _numpy(density, "density")
-    for name, value, ok, text in (
-        ("youngs_modulus", E, E > 0, "> 0 Pa"),
-        ("poissons_ratio", nu, (nu > -1) & (nu < 0.5), "in (-1, 0.5)"),
-        ("density", rho, rho > 0, "> 0 kg/m^3"),
-    ):
+    for name, value in (("youngs_modulus", E), ("poissons_ratio", nu), ("density", rho)):
+        lo, hi, text = PARAMETER_BOUNDS[name]
+        ok = (value > lo) & (value < hi)
         if not np.all(ok):
             bad = float(np.ravel(value[~ok] if value.ndim else value)[0])
             raise ValueError(f"{name} must be {text}, got {bad:g}")
-    mu = E / (2.0 * (1.0 + nu))
-    lam = E * nu / ((1.0 + nu) * (1.0 - 2.0 * nu))
+    mu, lam = lame_parameters(E, nu)
     c = np.sqrt((lam + 2.0 * mu) / rho)
     return float(c) if c.ndim == 0 else c
 
@@ -173,7 +161,7 @@ def vertex_stable_steps(
     Returns:
         ``[n]`` stable substeps in s (inf for a vertex no tet uses).
     """
-    v, t = _mesh_arrays(vertices, tets)
+    v, t = mesh_arrays(vertices, tets)
     steps = tet_stable_steps(v, t, youngs_modulus, poissons_ratio, density, safety=safety)
     m_e = _tet_masses(v, t, density)
     mass = _vertex_sums(t, m_e / 4.0, len(v))
@@ -281,7 +269,7 @@ def stable_step(
         A :class:`StableStep`.
     """
     _check_method(method)
-    v, t = _mesh_arrays(vertices, tets)
+    v, t = mesh_arrays(vertices, tets)
     steps = tet_stable_steps(v, t, youngs_modulus, poissons_ratio, density, safety=safety)
     if method == "tet":
         if added_mass is not None:
@@ -402,7 +390,7 @@ def mass_scaling(
     _check_method(method)
     if not (target_dt > 0 and math.isfinite(target_dt)):
         raise ValueError(f"target_dt must be finite and > 0, got {target_dt}")
-    v, t = _mesh_arrays(vertices, tets)
+    v, t = mesh_arrays(vertices, tets)
     steps = tet_stable_steps(v, t, youngs_modulus, poissons_ratio, density, safety=safety)
     m_e = _tet_masses(v, t, density)
     scaled_tets = np.flatnonzero(steps < target_dt)

@@ -1,10 +1,19 @@
-"""Contact benchmark: the mat dropped on a ball (scenes/mat_on_sphere.py), in contact.
+"""Contact benchmark: the cost of surface contact per substep, in one run.
 
-For each implementation, runs a warm-up until the mat lies on the ball, then times a
-forward rollout and reports the time share of the broad phase, the barrier forces, friction
-and the continuous-collision limit (the rest is elasticity and integration), and the time
-of a short forward+backward (loss: mean height of the last frame, gradient w.r.t. the
-initial velocities). Usage: ``python benchmarks/bench_contact.py [--steps 40]``.
+Three tables:
+
+1. The mat dropped on a ball (scenes/mat_on_sphere.py, timed after a warm-up that drapes
+   it) and two spheres colliding head-on (scenes/spheres_collide.py, timed through the
+   impact): the Warp path against the torch reference.
+2. The reference bunny (bunny.msh 0.3 m tall, float32, 1e-5 s substeps, ground at 0) falling
+   through the air from 2 cm, and lying on the ground: contact on against contact off.
+
+Each row gives the forward time per substep, the forward+backward time per substep (loss:
+mean height of the last frame, gradient w.r.t. the initial velocities), the shares of the
+forward time spent in each contact stage (``SurfaceContact.timings``: broad phase, barrier
+forces, friction, the continuous-collision limit; the rest is elasticity, integration and
+the candidate cache's checks), the candidate pairs at the end and the broad-phase rebuilds.
+One torch thread. Usage: ``python benchmarks/bench_contact.py [--steps 40] [--quick]``.
 """
 
 from __future__ import annotations
@@ -18,69 +27,130 @@ os.environ.setdefault("WARP_CACHE_PATH", str(Path(__file__).resolve().parents[1]
 
 import torch  # noqa: E402
 
+import diffsim as ds  # noqa: E402
 from diffsim.apps.scene import load_scene, with_parameters  # noqa: E402
 from diffsim.sim.state import State  # noqa: E402
 
-SCENE = Path(__file__).resolve().parents[1] / "scenes" / "mat_on_sphere.py"
-CONFIGS = [
-    ("warp", "warp", "bvh"),  # (simulator backend, contact implementation, broad phase)
-    ("torch", "torch", "bvh"),
-    ("torch", "torch", "brute"),
-]
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT.parent / "shared" / "assets"
 PHASES = ("broad_phase", "barrier", "friction", "ccd")
+# (name, scene file, warm-up steps, timed steps) at the scenes' own dt and substeps.
+SCENES = [
+    ("mat on sphere", "mat_on_sphere", 100, 40),
+    ("spheres collide", "spheres_collide", 15, 30),
+]
+CONFIGS = [("warp", "warp"), ("torch", "torch")]  # (simulator backend, contact implementation)
 
 
-def simulator(backend: str, implementation: str, broad_phase: str):
-    scene = load_scene(SCENE)
-    sim = with_parameters(scene.build(), backend=backend)
-    sim.model.contact.implementation = implementation
-    sim.model.contact.broad_phase = broad_phase
-    return scene, sim
+def timed(sim: ds.Simulator, state: State, steps: int, backward_steps: int) -> dict:
+    """Forward and forward+backward seconds per substep from ``state``, contact shares."""
+    contact = sim.model.contact
+    substeps = sim.model.substeps
+    with torch.no_grad():
+        if contact is not None:
+            contact.timings.clear()
+        start = time.perf_counter()
+        end = sim.rollout(steps, state).state(-1)
+        forward = time.perf_counter() - start
+    row = {"fwd": forward / (steps * substeps), "shares": {}, "pairs": 0, "rebuilds": 0}
+    if contact is not None:
+        row["shares"] = {p: contact.timings[p] / forward for p in PHASES}
+        row["pairs"] = contact.candidates(end.positions).n_pairs
+        row["rebuilds"] = int(contact.timings["rebuilds"])
+    v0 = state.velocities.clone().requires_grad_(True)
+    start = time.perf_counter()
+    traj = sim.rollout(backward_steps, State(state.positions, v0))
+    traj.positions[-1][:, 1].mean().backward()
+    row["fwd_bwd"] = (time.perf_counter() - start) / (backward_steps * substeps)
+    return row
+
+
+def scene_rows(file: str, warmup: int, steps: int, backward_steps: int) -> list:
+    rows = []
+    for backend, implementation in CONFIGS:
+        scene = load_scene(ROOT / "scenes" / f"{file}.py")
+        sim = with_parameters(scene.build(), backend=backend)
+        sim.model.contact.implementation = implementation
+        with torch.no_grad():
+            state = sim.rollout(warmup, scene.initial_state(sim)).state(-1)
+        rows.append((f"{backend}/{implementation}", timed(sim, state, steps, backward_steps)))
+    return rows, sim
+
+
+def bunny(contact: bool, gap: float) -> ds.Simulator:
+    """The reference bunny scene (as benchmarks/bench_fit.py), with or without contact."""
+    mesh = ds.TetMesh.load(ASSETS / "bunny.msh").centered().scaled_to(0.3).placed_on(0.0, gap=gap)
+    material = ds.StableNeoHookean(youngs_modulus=1e5, poissons_ratio=0.4, density=1000.0)
+    return ds.Simulator(
+        mesh, material, dt=1e-5, substeps=1, ground=0.0, dtype=torch.float32, contact=contact
+    )
+
+
+def bunny_rows(lying: bool, steps: int, backward_steps: int) -> list:
+    """Falling from 2 cm (timed from the start), or lying on the ground: dropped from 2 mm
+    at 0.5 m/s and timed after 600 substeps, squashed against the ground."""
+    rows = []
+    for contact in (False, True):
+        sim = bunny(contact, gap=0.002 if lying else 0.02)
+        v = torch.zeros((sim.mesh.n_vertices, 3))
+        v[:, 1] = -0.5 if lying else 0.0
+        state = sim.initial_state(velocities=v)
+        with torch.no_grad():
+            state = sim.rollout(600 if lying else 10, state).state(-1)
+        name = f"contact {'on' if contact else 'off'}"
+        rows.append((name, timed(sim, state, steps, backward_steps)))
+    return rows, sim
+
+
+def table(title: str, rows: list, reference: str) -> None:
+    print(f"\n{title}")
+    print(
+        f"{'':18s} {'fwd ms':>8s} {'ratio':>7s} {'fwd+bwd ms':>10s} {'ratio':>7s} "
+        + " ".join(f"{p:>11s}" for p in PHASES)
+        + f" {'pairs':>7s} {'rebuilds':>8s}"
+    )
+    base = dict(rows)[reference]
+    for name, r in rows:
+        shares = " ".join(
+            f"{100 * r['shares'][p]:10.1f}%" if r["shares"] else f"{'-':>11s}" for p in PHASES
+        )
+        print(
+            f"{name:18s} {1e3 * r['fwd']:8.2f} {r['fwd'] / base['fwd']:6.2f}x "
+            f"{1e3 * r['fwd_bwd']:10.2f} {r['fwd_bwd'] / base['fwd_bwd']:6.2f}x "
+            f"{shares} {r['pairs']:7d} {r['rebuilds']:8d}"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: per scene)")
     parser.add_argument("--backward-steps", type=int, default=10)
+    parser.add_argument("--bunny-substeps", type=int, default=200)
+    parser.add_argument("--quick", action="store_true", help="fewer steps, no bunny on the ground")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    rows = []
-    for backend, implementation, broad_phase in CONFIGS:
-        scene, sim = simulator(backend, implementation, broad_phase)
-        contact = sim.model.contact
-        with torch.no_grad():
-            state = sim.rollout(args.warmup, scene.initial_state(sim)).state(-1)
-            contact.timings.clear()
-            start = time.perf_counter()
-            sim.rollout(args.steps, state)
-            total = time.perf_counter() - start
-        shares = {p: contact.timings[p] / total for p in PHASES}
-        pairs = contact.candidates(state.positions).n_pairs
-        rebuilds = contact.timings["rebuilds"]
-        v0 = state.velocities.clone().requires_grad_(True)
-        start = time.perf_counter()
-        traj = sim.rollout(args.backward_steps, State(state.positions, v0))
-        traj.positions[-1][:, 1].mean().backward()
-        fwd_bwd = time.perf_counter() - start
-        rows.append((backend, implementation, broad_phase, total, shares, pairs, rebuilds, fwd_bwd))
-    substeps = args.steps * sim.model.substeps
-    print(
-        f"mat on sphere: {sim.mesh.n_vertices} vertices, {sim.mesh.n_tets} tets, "
-        f"{args.steps} steps x {sim.model.substeps} substeps after {args.warmup} warm-up steps"
-    )
-    print(
-        f"{'backend/contact/broad':24s} {'ms/substep':>10s} {'vs warp':>8s} "
-        + " ".join(f"{p:>11s}" for p in PHASES)
-        + f" {'pairs':>7s} {'rebuilds':>8s} {'fwd+bwd s':>10s}"
-    )
-    base = rows[0][3]
-    for backend, impl, bp, total, shares, pairs, rebuilds, fb in rows:
-        print(
-            f"{backend + '/' + impl + '/' + bp:24s} {1e3 * total / substeps:10.2f} "
-            f"{total / base:7.2f}x "
-            + " ".join(f"{100 * shares[p]:10.1f}%" for p in PHASES)
-            + f" {pairs:7d} {int(rebuilds):8d} {fb:10.2f}"
+    for name, file, warmup, steps in SCENES:
+        steps = args.steps or (steps // 4 if args.quick else steps)
+        rows, sim = scene_rows(file, warmup, steps, args.backward_steps)
+        table(
+            f"{name}: {sim.mesh.n_vertices} vertices, {sim.mesh.n_tets} tets, "
+            f"{steps} steps x {sim.model.substeps} substeps after {warmup} warm-up steps, "
+            f"dhat {1e3 * sim.model.contact.dhat:.3g} mm (ratio: to the Warp path)",
+            rows,
+            "warp/warp",
+        )
+    if not (ASSETS / "bunny.msh").is_file():
+        print(f"\n{ASSETS / 'bunny.msh'} not found: no bunny rows")
+        return
+    substeps = args.bunny_substeps // (4 if args.quick else 1)
+    for lying in (False,) if args.quick else (False, True):
+        rows, sim = bunny_rows(lying, substeps, args.backward_steps)
+        where = "lying on the ground" if lying else "falling through the air"
+        table(
+            f"reference bunny {where}: {sim.mesh.n_tets} tets, float32, {substeps} substeps of "
+            f"1e-5 s, dhat {1e3 * sim.model.contact.dhat:.3g} mm (ratio: to contact off)",
+            rows,
+            "contact off",
         )
 
 

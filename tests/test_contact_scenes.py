@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import diffsim as ds
-from diffsim.contact.potential import pair_distances
 from diffsim.apps.scene import load_scene
+from diffsim.contact.potential import pair_distances
 
 ipctk = pytest.importorskip("ipctk")
 SCENES = Path(__file__).resolve().parents[1] / "scenes"
@@ -65,7 +65,7 @@ def test_mat_on_sphere_full_run_is_intersection_free_and_folds_onto_itself():
     traj, sim = run_and_check("mat_on_sphere", None)
     contact, body = sim.model.contact, torch.as_tensor(sim.mesh.body_ids)
     self_contact = 0
-    for x in traj.positions[::10]:
+    for x in traj.positions[::2]:  # a fold can touch for only a few frames
         c = contact.candidates(x)
         d_pt, d_ee = pair_distances(x, c)
         pairs = torch.cat([c.point_triangle, c.edge_edge])

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 
-from diffsim.physics.barrier import barrier_derivative
 from diffsim.contact.candidates import Candidates
 from diffsim.contact.distances import (
     edge_edge_cross_squared,
@@ -27,6 +26,7 @@ from diffsim.contact.distances import (
     point_triangle_weights,
 )
 from diffsim.contact.potential import MIN_DISTANCE_FRACTION, smallest_mass
+from diffsim.physics.barrier import barrier_derivative
 
 
 def _pair_geometry(x: torch.Tensor, candidates: Candidates):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 
-from diffsim.physics.barrier import barrier
 from diffsim.contact.candidates import Candidates
 from diffsim.contact.distances import (
     edge_edge_cross_squared,
@@ -20,6 +19,7 @@ from diffsim.contact.distances import (
     edge_edge_mollifier,
     point_triangle_distance,
 )
+from diffsim.physics.barrier import barrier
 
 # Squared distances are floored at (this fraction of dhat)^2 so log() never sees 0.
 MIN_DISTANCE_FRACTION = 1e-6

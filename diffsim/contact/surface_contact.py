@@ -44,18 +44,32 @@ class ContactWarning(UserWarning):
     """
 
 
-def _offset(d: torch.Tensor) -> float:
+def _offset(d: torch.Tensor, with_zero: bool = False) -> float:
     """How far (m) displacements ``d [n, 3]`` move the vertices relative to each other.
 
-    ``min over c in {0, mean(d)} of max_i |d_i - c|``: every pair's distance changes by at
-    most twice this (translation invariance: any common c is valid), so a body moving as a
-    whole, however far, has offset ~0.
+    An upper bound on ``max_i |d_i - c|`` for c the centre of the displacements' bounding box
+    (half its diagonal): every pair's distance changes by at most twice this (translation
+    invariance: any common c is valid), so a body moving as a whole, however far, has
+    offset ~0. One reduction over d. With ``with_zero`` the box also holds 0, which bounds
+    the offset of any scaled displacements ``alpha_i d_i`` with alpha_i in [0, 1].
     """
     if not len(d):
         return 0.0
-    absolute = d.norm(dim=1).max()
-    relative = (d - d.mean(dim=0)).norm(dim=1).max()
-    return float(torch.minimum(absolute, relative))
+    lo, hi = torch.aminmax(d, dim=0)
+    if with_zero:
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+    return 0.5 * float((hi - lo).norm())
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True if b views the same memory as a (held, so not reused) with no write since."""
+    return (
+        a.data_ptr() == b.data_ptr()
+        and a._version == b._version
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.dtype == b.dtype
+    )
 
 
 class SurfaceContact:
@@ -68,7 +82,8 @@ class SurfaceContact:
 
     Candidates are cached: a set found at anchor positions x_a with radius ``dhat + 2 R``
     holds every pair that can come within dhat while the vertices' displacements from x_a,
-    less a common displacement c (0 or their mean, see :func:`_offset`), are at most R long,
+    less a common displacement c (the centre of their bounding box, see :func:`_offset`), are
+    at most R long,
     and every pair that can meet along a straight motion whose ends both satisfy this
     (the bound is convex along the motion). So it is reused until the vertices move farther
     relative to each other (a body flying as a whole never needs a new set) or a step would
@@ -84,7 +99,8 @@ class SurfaceContact:
         implementation: ``"warp"`` (kernels) or ``"torch"`` (reference) for the barrier
             forces and CCD scales.
         broad_phase: ``"bvh"`` (Warp BVH) or ``"brute"`` (all pairs, small meshes).
-        margin: candidate-cache margin (m); default dhat.
+        margin: candidate-cache margin (m); default the larger of dhat and the scene rule
+            ``DHAT_FRACTION * diagonal`` (a small dhat would otherwise rebuild often).
         device: torch device.
         dtype: the working dtype of contact forces and distances (default: that of the
             masses or velocities passed in, else of the positions). Positions (float64 in a
@@ -131,7 +147,9 @@ class SurfaceContact:
         self.friction_velocity = float(friction_velocity)
         self.implementation = implementation
         self.broad_phase = broad_phase
-        self.margin = float(dhat if margin is None else margin)
+        self.margin = float(
+            max(dhat, DHAT_FRACTION * self.scene_size) if margin is None else margin
+        )
         self.timings: dict[str, float] = defaultdict(float)
         self._anchor: torch.Tensor | None = None
         self._reach = 0.0
@@ -139,6 +157,9 @@ class SurfaceContact:
         self._candidates: Candidates | None = None
         self._arrays = None
         self._active: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (x, pair ids)
+        self._local = None  # (key, local positions) of the last local() call
+        self._moved = None  # (local x, its offset from the anchor)
+        self._closest = math.inf
 
     # ----------------------------------------------------------------- defaults
     @classmethod
@@ -229,25 +250,39 @@ class SurfaceContact:
 
     def local(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Positions ``[n, 3]`` relative to the rest centroid, in the working dtype (the
-        contact terms depend only on differences, so gradients pass unchanged)."""
-        return (x - self.origin.to(x.dtype)).to(dtype or self.dtype or x.dtype)
+        contact terms depend only on differences, so gradients pass unchanged).
+
+        The last result is reused for the same tensor (unchanged since, same grad mode), so
+        the forces and the step limit of one substep convert the positions once.
+        """
+        dtype = dtype or self.dtype or x.dtype
+        key = (x, x._version, dtype, torch.is_grad_enabled())
+        cached = self._local
+        if cached is not None and cached[0][0] is x and cached[0][1:] == key[1:]:
+            return cached[1]
+        out = (x - self.origin.to(x.dtype)).to(dtype)
+        self._local = (key, out)
+        return out
 
     # ----------------------------------------------------------------- candidates
     def candidates(self, x: torch.Tensor, x_new: torch.Tensor | None = None) -> Candidates:
         """Candidate pairs valid at positions x (and along the straight motion to x_new)."""
         return self._candidates_at(self.local(x), None if x_new is None else self.local(x_new))
 
-    def _candidates_at(self, x: torch.Tensor, x_new: torch.Tensor | None = None) -> Candidates:
-        """:meth:`candidates` for positions already in :meth:`local` coordinates."""
+    def _candidates_at(
+        self, x: torch.Tensor, x_new: torch.Tensor | None = None, step: float | None = None
+    ) -> Candidates:
+        """:meth:`candidates` for positions already in :meth:`local` coordinates (``step``:
+        the step's :func:`_offset` where the caller has it)."""
         with torch.no_grad():
             x = x.detach()
             fresh = self._anchor is None or self._anchor.shape != x.shape
-            moved = 0.0
-            if not fresh:
-                moved = _offset(x - self._anchor)
-                if x_new is not None:
-                    moved = max(moved, _offset(x_new.detach() - self._anchor))
-            step = 0.0 if x_new is None else _offset(x_new.detach() - x)
+            if x_new is None:
+                step = 0.0
+            elif step is None:
+                step = _offset(x_new.detach() - x)
+            # The offset of x_new is at most that of x plus the step's (boxes add).
+            moved = 0.0 if fresh else self._moved_from_anchor(x) + step
             # Room for a few more steps of the last accepted step's size before a rebuild.
             wanted = max(self.margin, REBUILD_STEPS * self._last_step)
             stale = (
@@ -259,16 +294,56 @@ class SurfaceContact:
                 self._rebuild(x, max(wanted, 1.01 * step))
         return self._candidates
 
+    def _moved_from_anchor(self, x: torch.Tensor) -> float:
+        """:func:`_offset` of local x from the anchor (m), reused while x is the same
+        unchanged tensor (the forces and the step limit of one substep)."""
+        cached = self._moved
+        if cached is not None and _same_tensor(cached[0], x):
+            return cached[1]
+        moved = _offset(x - self._anchor)
+        self._moved = (x, moved)
+        return moved
+
     def _rebuild(self, x: torch.Tensor, reach: float) -> None:
         """A new candidate set anchored at local x, valid for offsets up to ``reach`` (m)."""
         start = time.perf_counter()
         self._reach = reach
         self._anchor = x.detach().clone()
+        self._moved = None
+        self._closest = math.inf  # the candidates' smallest distance at the anchor (m)
         radius = self.dhat + 2.0 * self._reach
-        self._candidates = find_candidates(self.surface, self._anchor, radius, self.broad_phase)
+        c = find_candidates(self.surface, self._anchor, radius, self.broad_phase)
+        if c.n_pairs:
+            # Keep the pairs really closer than the radius (boxes of neighbouring elements
+            # overlap however far apart the elements are): the others cannot come within
+            # dhat, nor meet, while the offsets stay within reach. The slack covers rounding.
+            slack = 1e-6 * float(self._anchor.abs().max())
+            if self.broad_phase == "bvh":  # Warp is there: its kernel is the faster one
+                from diffsim.kernels.contact import PairArrays, squared_distances
+
+                d2 = squared_distances(PairArrays(c, x.dtype), self._anchor)
+            else:
+                d2 = torch.cat(potential.pair_distances(self._anchor, c))
+            keep = d2 < (radius + slack) ** 2
+            if not bool(keep.all()):
+                c, d2 = c.subset(torch.nonzero(keep).flatten()), d2[keep]
+            if len(d2):
+                self._closest = float(d2.min().clamp_min(0).sqrt()) - slack
+        self._candidates = c
         self._arrays = None
         self.timings["broad_phase"] += time.perf_counter() - start
         self.timings["rebuilds"] += 1
+
+    def _stage(self, name: str, start: float, broad_phase: float) -> None:
+        """Adds the seconds since ``start`` to ``timings[name]``, less any broad phase run
+        meanwhile (``broad_phase``: its total at start)."""
+        spent = time.perf_counter() - start
+        self.timings[name] += spent - (self.timings["broad_phase"] - broad_phase)
+
+    def _all_farther_than(self, x: torch.Tensor, distance: float) -> bool:
+        """True if every candidate pair is farther apart than ``distance`` (m) at local x:
+        the closest pair at the anchor, less twice the offset since (see :func:`_offset`)."""
+        return self._closest - 2.0 * self._moved_from_anchor(x.detach()) > distance
 
     def _warp_arrays(self, x: torch.Tensor):
         from diffsim.kernels.contact import PairArrays
@@ -286,10 +361,14 @@ class SurfaceContact:
 
     def forces(self, x: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
         """Barrier forces ``[n, 3]`` in N (working dtype), differentiable in x and mass."""
+        start, broad = time.perf_counter(), self.timings["broad_phase"]
         x = self.local(x, mass.dtype)
         c = self._candidates_at(x)
-        start = time.perf_counter()
-        if self.implementation == "torch":
+        if self._all_farther_than(x, self.dhat):
+            # Nothing within dhat: the barrier is zero near x (forces and their derivatives).
+            f = torch.zeros_like(x)
+            active = torch.zeros(0, dtype=torch.int64, device=x.device)
+        elif self.implementation == "torch":
             f = potential.barrier_forces(x, mass, c, self.dhat, self.stiffness)
             active = None
         else:
@@ -297,7 +376,7 @@ class SurfaceContact:
             f = _WarpBarrierForces.apply(x, mass, self, self._warp_arrays(x), energies)
             active = torch.nonzero(energies[0] != 0).flatten()
         self._active = (x.detach(), active)
-        self.timings["barrier"] += time.perf_counter() - start
+        self._stage("barrier", start, broad)
         return f
 
     def apply_friction(
@@ -306,13 +385,13 @@ class SurfaceContact:
         """Velocities ``[n, 3]`` after surface friction over a substep of h seconds."""
         if self.friction <= 0.0:
             return v
+        start, broad = time.perf_counter(), self.timings["broad_phase"]
         x = self.local(x, v.dtype)
         c = self._active_pairs(x)
-        start = time.perf_counter()
         v = friction.apply_friction(
             v, x, mass, h, c, self.dhat, self.stiffness, self.friction, self.friction_velocity
         )
-        self.timings["friction"] += time.perf_counter() - start
+        self._stage("friction", start, broad)
         return v
 
     def _active_pairs(self, x: torch.Tensor) -> Candidates:
@@ -343,47 +422,60 @@ class SurfaceContact:
         limited motion leaves the candidate set's reach (vertices held back while others
         move on), the set is rebuilt at x for it and the scales computed again.
         """
+        start, broad = time.perf_counter(), self.timings["broad_phase"]
         x, x_new = self.local(x).detach(), self.local(x_new).detach()
         with torch.no_grad():
             dx = x_new - x
-            scale = 1.0
+            scale, relative = 1.0, 0.0
             if len(x):
-                relative, absolute = _offset(dx), float(dx.norm(dim=1).max())
+                lo, hi = torch.aminmax(dx, dim=0)
+                relative = 0.5 * float((hi - lo).norm())  # _offset(dx)
+                absolute = float(torch.maximum(lo.abs(), hi.abs()).norm())  # >= max |dx_i|
                 scale = min(
                     1.0,
                     MAX_STEP_FRACTION * self.scene_size / max(relative, 1e-300),
                     MAX_TRANSLATION_FRACTION * self.scene_size / max(absolute, 1e-300),
                 )
             if scale < 1.0:
-                dx = scale * dx
+                dx, relative = scale * dx, scale * relative
                 self.timings["capped_steps"] += 1
-            self._candidates_at(x, x + dx)
-            alpha = self._scales(x, dx)
-            if bool((alpha < 1).any()):
+            self._candidates_at(x, x + dx, relative)
+            alpha = self._scales(x, dx, relative)
+            limited = 0 if alpha is None else int((alpha < 1).sum())
+            if limited:
                 # The limited motion must stay within the candidates' reach as well.
-                moved = _offset(x + alpha[:, None] * dx - self._anchor)
-                if moved > self._reach:
+                if _offset(x + alpha[:, None] * dx - self._anchor) > self._reach:
                     self._rebuild(x, max(self._reach, 1.01 * _offset(alpha[:, None] * dx)))
-                    alpha = self._scales(x, dx)
-                    if _offset(alpha[:, None] * dx) > self._reach:
-                        # Covers any scales: |alpha_i dx_i| <= |dx_i| (c = 0).
-                        self._rebuild(x, 1.01 * float(dx.norm(dim=1).max()))
-                        alpha = self._scales(x, dx)
-            self.timings["limited_vertex_steps"] += int((alpha < 1).sum())
-            self._last_step = _offset(alpha[:, None] * dx)
-        return alpha * scale
-
-    def _scales(self, x: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
-        """The CCD scales ``[n]`` for the current candidates (local x, displacements dx)."""
-        start = time.perf_counter()
-        if self.implementation == "torch":
-            alpha = ccd.step_scales(x, x + dx, self._candidates)
-        else:
-            from diffsim.kernels.contact import step_scales
-
-            alpha = step_scales(self._warp_arrays(x), x, dx)
-        self.timings["ccd"] += time.perf_counter() - start
+                    alpha = self._scales(x, dx, relative)
+                    if alpha is not None and _offset(alpha[:, None] * dx) > self._reach:
+                        # Covers any scales in [0, 1] (see _offset).
+                        self._rebuild(x, 1.01 * _offset(dx, with_zero=True))
+                        alpha = self._scales(x, dx, relative)
+                    limited = 0 if alpha is None else int((alpha < 1).sum())
+                if limited:
+                    relative = _offset(alpha[:, None] * dx)
+            self.timings["limited_vertex_steps"] += limited
+            self._last_step = relative
+            if alpha is None:
+                alpha = torch.ones(len(x), dtype=x.dtype, device=x.device)
+            if scale < 1.0:
+                alpha = alpha * scale
+        self._stage("ccd", start, broad)
         return alpha
+
+    def _scales(self, x: torch.Tensor, dx: torch.Tensor, step: float) -> torch.Tensor | None:
+        """The CCD scales ``[n]`` for the current candidates (local x, displacements dx whose
+        :func:`_offset` is ``step``), or None where no vertex is limited for sure."""
+        # Every pair's relative reach is at most 4 step (|dx_i - pair mean| <= 2 step);
+        # where that is within every pair's aim, pass 1 limits nothing: skip it.
+        keep = (1 - ccd.MIN_GAP_FRACTION) * (1 - ccd.SCALE_SLACK)
+        if self._all_farther_than(x, 4.0 * step / keep):
+            return None
+        if self.implementation == "torch":
+            return ccd.step_scales(x, x + dx, self._candidates)
+        from diffsim.kernels.contact import step_scales
+
+        return step_scales(self._warp_arrays(x), x, dx)
 
     def min_distance(self, x: torch.Tensor) -> float:
         """The smallest distance (m) between non-adjacent surface primitives within reach."""
@@ -403,6 +495,7 @@ class RestGaps:
         pairs: ``[k, 4]`` their vertex ids (point-triangle ``(p, a, b, c)`` or edge-edge
             ``(p0, p1, q0, q1)``).
         kinds: ``[k]`` bool, True for point-triangle pairs.
+        radius: the search radius (m): every pair closer than it is listed.
         scene_dhat: ``DHAT_FRACTION * diagonal`` (m), the bounding-box rule.
         dhat: the default dhat (m): ``min(scene_dhat, REST_GAP_FRACTION * distances.min())``.
     """
@@ -413,11 +506,13 @@ class RestGaps:
         pairs: torch.Tensor,
         n_point_triangle: int,
         scene_dhat: float,
+        radius: float = math.inf,
     ) -> None:
         kinds = torch.arange(len(pairs), device=pairs.device) < n_point_triangle
         order = torch.argsort(distances)
         self.distances, self.pairs, self.kinds = distances[order], pairs[order], kinds[order]
         self.scene_dhat = float(scene_dhat)
+        self.radius = float(radius)
         self.dhat = self.scene_dhat
         if len(self.distances):
             self.dhat = min(self.dhat, REST_GAP_FRACTION * float(self.distances[0]))
@@ -444,10 +539,12 @@ class RestGaps:
         pairs = torch.cat([c.point_triangle, c.edge_edge])
         near = distances < radius
         n_pt = int(near[: len(d_pt)].sum())
-        return cls(distances[near], pairs[near], n_pt, scene_dhat)
+        return cls(distances[near], pairs[near], n_pt, scene_dhat, radius)
 
     def describe(self, count: int) -> str:
         """The ``count`` closest pairs, e.g. ``point-triangle (3, 7, 8, 9) 0.04 mm apart``."""
+        if not len(self.distances):
+            return f"no pair closer than {1e3 * self.radius:.3g} mm"
         parts = []
         for k in range(min(count, len(self.distances))):
             kind = "point-triangle" if bool(self.kinds[k]) else "edge-edge"
@@ -476,8 +573,9 @@ class RestGaps:
             f"contact_dhat = {dhat:.3g} m: {inside} pair(s) of non-adjacent surface elements "
             f"start inside the barrier ({self.describe(WARN_PAIRS)}); the barrier pushes them "
             f"apart, so a body at rest will not stay at rest. The default for this mesh is "
-            f"{self.dhat:.3g} m ({REST_GAP_FRACTION:g} of the closest rest gap); use it "
-            f"(contact_dhat=None) or a smaller one unless the squeeze is intended",
+            f"{self.dhat:.3g} m (0.5% of its diagonal, at most {REST_GAP_FRACTION:g} of the "
+            f"closest rest gap); use it (contact_dhat=None) or a smaller one unless the "
+            f"squeeze is intended",
             ContactWarning,
             stacklevel=4,
         )

@@ -10,13 +10,13 @@ Closest-point weights follow the same region tests and formulas as the torch ref
 import torch
 import warp as wp
 
+from diffsim.backends.warp.setup import init_warp
 from diffsim.contact.ccd import (
     ABSOLUTE_ROUNDS,
     EQUALIZE_ROUNDS,
     MIN_GAP_FRACTION,
     SCALE_SLACK,
 )
-from diffsim.backends.warp.setup import init_warp
 
 init_warp()
 
@@ -193,6 +193,24 @@ def _make_kernels(scalar):
         wp.atomic_sub(f, i3, c[3] * gd + g3)
         energy[k] = w * mol * bv
 
+    @wp.kernel
+    def pair_distances(
+        x: wp.array(dtype=vec3),
+        pairs: wp.array2d(dtype=wp.int32),
+        kinds: wp.array(dtype=wp.int32),
+        parallel_fraction: scalar,
+        d2: wp.array(dtype=scalar),
+    ):
+        """Squared distance of each pair's closest points."""
+        k = wp.tid()
+        x0 = x[pairs[k, 0]]
+        x1 = x[pairs[k, 1]]
+        x2 = x[pairs[k, 2]]
+        x3 = x[pairs[k, 3]]
+        c = pair_weights(kinds[k], x0, x1, x2, x3, parallel_fraction)
+        diff = c[0] * x0 + c[1] * x1 + c[2] * x2 + c[3] * x3
+        d2[k] = wp.dot(diff, diff)
+
     @wp.func
     def side_reach(kind: int, y0: vec3, y1: vec3, y2: vec3, y3: vec3) -> scalar:
         """max over side A of |y_i| + max over side B of |y_j| (see contact/ccd.py)."""
@@ -317,6 +335,7 @@ def _make_kernels(scalar):
         "barrier_forces": barrier_forces,
         "step_scales": step_scales,
         "verify_scales": verify_scales,
+        "pair_distances": pair_distances,
         "element_boxes": element_boxes,
     }
 
@@ -534,6 +553,27 @@ def forces_backward(
             device=str(x.device),
         )
     return grad_x, grad_m
+
+
+def squared_distances(arrays: PairArrays, x: torch.Tensor) -> torch.Tensor:
+    """Squared distances ``[k]`` (m^2) of the pairs (as ``contact.potential.pair_distances``,
+    point-triangle pairs first; no autograd)."""
+    d2 = torch.empty(arrays.n, dtype=x.dtype, device=x.device)
+    if arrays.n:
+        scalar = {torch.float32: wp.float32, torch.float64: wp.float64}[x.dtype]
+        wp.launch(
+            kernels(x.dtype)["pair_distances"],
+            dim=arrays.n,
+            inputs=[
+                _vec3(x.detach()),
+                arrays.wp_pairs,
+                arrays.wp_kinds,
+                scalar(_parallel_fraction(x.dtype)),
+            ],
+            outputs=[wp.from_torch(d2)],
+            device=str(x.device),
+        )
+    return d2
 
 
 def step_scales(arrays: PairArrays, x: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:

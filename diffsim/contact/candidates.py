@@ -160,7 +160,7 @@ def find_candidates(
     if method == "brute":
         return brute_force_candidates(surface, x, radius)
     if method == "bvh":
-        from diffsim.kernels.contact import bvh_candidates
+        from diffsim.contact.warp_glue import bvh_candidates
 
         vf, ee = bvh_candidates(surface, x.detach(), radius)
         return Candidates.from_pairs(surface, vf, ee)

@@ -319,7 +319,7 @@ class SurfaceContact:
             # dhat, nor meet, while the offsets stay within reach. The slack covers rounding.
             slack = 1e-6 * float(self._anchor.abs().max())
             if self.broad_phase == "bvh":  # Warp is there: its kernel is the faster one
-                from diffsim.kernels.contact import PairArrays, squared_distances
+                from diffsim.contact.warp_glue import PairArrays, squared_distances
 
                 d2 = squared_distances(PairArrays(c, x.dtype), self._anchor)
             else:
@@ -346,7 +346,7 @@ class SurfaceContact:
         return self._closest - 2.0 * self._moved_from_anchor(x.detach()) > distance
 
     def _warp_arrays(self, x: torch.Tensor):
-        from diffsim.kernels.contact import PairArrays
+        from diffsim.contact.warp_glue import PairArrays
 
         if self._arrays is None or self._arrays.eps.dtype != x.dtype:
             self._arrays = PairArrays(self._candidates, x.dtype)
@@ -473,7 +473,7 @@ class SurfaceContact:
             return None
         if self.implementation == "torch":
             return ccd.step_scales(x, x + dx, self._candidates)
-        from diffsim.kernels.contact import step_scales
+        from diffsim.contact.warp_glue import step_scales
 
         return step_scales(self._warp_arrays(x), x, dx)
 
@@ -586,7 +586,7 @@ class _WarpBarrierForces(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, mass, contact: SurfaceContact, arrays, energies: list):
-        from diffsim.kernels.contact import forces_forward
+        from diffsim.contact.warp_glue import forces_forward
 
         ctx.save_for_backward(x, mass)
         ctx.contact, ctx.arrays = contact, arrays
@@ -596,7 +596,7 @@ class _WarpBarrierForces(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_f):
-        from diffsim.kernels.contact import forces_backward
+        from diffsim.contact.warp_glue import forces_backward
 
         x, mass = ctx.saved_tensors
         gx, gm = forces_backward(

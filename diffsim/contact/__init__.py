@@ -4,7 +4,8 @@ Modules: :mod:`.distances` (closest features, mollifier), :mod:`.candidates` (su
 primitives, exclusions, broad phase), :mod:`.potential` (barrier energy and forces),
 :mod:`.friction`, :mod:`.ccd` (conservative step limit on relative motion) and
 :mod:`.surface_contact` (the :class:`SurfaceContact` the simulator uses, the default dhat
-from the rest gaps, :class:`ContactWarning`). See docs/contact.md.
+from the rest gaps, :class:`ContactWarning`) and :mod:`.warp_glue` (the torch side of the
+Warp kernels in :mod:`diffsim.kernels.contact`). See docs/contact.md.
 """
 
 from diffsim.contact.surface_contact import ContactWarning, RestGaps, SurfaceContact

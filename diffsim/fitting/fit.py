@@ -7,6 +7,11 @@ optional smoothness penalty over face-adjacent tets) or a neural field (a torch 
 the rest tet centroids). Bounds are kept by construction: a parameter is a smooth map of an
 unconstrained variable theta (log for one-sided bounds, a sigmoid for two-sided ones). See
 docs/fitting.md for the maths and a guide.
+
+Several recordings (:class:`~diffsim.fitting.targets.Target`) fit together: the loss sums
+or averages theirs, parameters are shared or one per target (``per_target``), and the
+targets may be split over the processes of a torch.distributed job (``distributed``; see
+docs/distributed-fitting.md).
 """
 
 from __future__ import annotations
@@ -23,9 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffsim.fitting import distributed as dist
+from diffsim.fitting.objective import Objective, local_targets
 from diffsim.fitting.observation import Observation, ObservationError
+from diffsim.fitting.targets import StateSource, Target, as_targets, shares
+from diffsim.fitting.worlds import check_single_world, supports_worlds
 from diffsim.physics.materials import Material
-from diffsim.sim.state import State
 from diffsim.simulator import SimulationError, Simulator
 
 # Default (lower, upper) bounds; the interval is open.
@@ -87,6 +95,13 @@ class FitResult:
         fields: the neural fields by parameter name, holding their best weights.
         stages: per stage of a curriculum fit (``stages > 1``): frames used, iterations and
             best loss; the loss history then runs through the stages one after another.
+        target_names: the targets' names, in order.
+        target_losses: each target's data loss at ``values`` (m^2 for ``loss="mse"``).
+        per_target: the parameters fitted with one value per target; their ``values`` are
+            ``[n_targets]`` arrays and ``material``/``damping`` keep the scene's value
+            (see :meth:`material_for`).
+        processes: how many processes the fit ran in (torch.distributed), 1 without.
+        batched: whether a process ran its targets as worlds of one rollout.
     """
 
     values: dict[str, float | np.ndarray]
@@ -103,17 +118,40 @@ class FitResult:
     damping: float | None = None
     fields: dict[str, torch.nn.Module] = field(default_factory=dict)
     stages: list[dict] = field(default_factory=list)
+    target_names: list[str] = field(default_factory=list)
+    target_losses: list[float] = field(default_factory=list)
+    per_target: list[str] = field(default_factory=list)
+    processes: int = 1
+    batched: bool = False
 
     @property
     def rmse(self) -> float:
         """Root of the best data loss: the weighted RMS position error in m (``loss="mse"``)."""
         return math.sqrt(max(self.best_loss, 0.0))
 
-    def apply(self, simulator: Simulator) -> Simulator:
-        """Sets the recovered material (and damping) on ``simulator`` and returns it."""
-        simulator.material = self.material
+    def target_values(self, target: int) -> dict[str, float]:
+        """The per-target parameters' values of one target (0-based index)."""
+        return {n: float(self.values[n][target]) for n in self.per_target}
+
+    def material_for(self, target: int | None = None) -> Material:
+        """The recovered material, with one target's own values for per-target parameters
+        (``target=None``: the scene's values for them, as :attr:`material`)."""
+        own = {} if target is None else self.target_values(target)
+        own.pop("damping", None)
+        return self.material.replace(**own) if own else self.material
+
+    def apply(self, simulator: Simulator, target: int | None = None) -> Simulator:
+        """Sets the recovered material (and damping) on ``simulator`` and returns it.
+
+        Args:
+            simulator: the simulator to change.
+            target: with per-target parameters, whose values to set (0-based index).
+        """
+        simulator.material = self.material_for(target)
         if self.damping is not None:
             simulator.damping = self.damping
+        if target is not None and "damping" in self.per_target:
+            simulator.damping = self.target_values(target)["damping"]
         return simulator
 
     def to_dict(self) -> dict:
@@ -135,6 +173,20 @@ class FitResult:
             "iteration_seconds": self.iteration_seconds,
             "value_history": self.value_history,
             "stages": self.stages,
+            "targets": [
+                {
+                    "name": name,
+                    "loss": loss,
+                    "rmse_m": math.sqrt(max(loss, 0.0)),
+                    **self.target_values(i),
+                }
+                for i, (name, loss) in enumerate(
+                    zip(self.target_names, self.target_losses, strict=True)
+                )
+            ],
+            "per_target": self.per_target,
+            "processes": self.processes,
+            "batched": self.batched,
         }
 
     def save_json(self, path: str | Path) -> None:
@@ -212,14 +264,15 @@ class _Parameter:
 
 def fit(
     simulator: Simulator | Callable[[], Simulator],
-    observation: Observation | str | Path,
+    observation: Observation | str | Path | Target | Sequence[Observation | str | Path | Target],
     params: Sequence[str] = ("youngs_modulus", "poissons_ratio"),
     *,
     per_tet: Sequence[str] = (),
+    per_target: Sequence[str] = (),
     fields: Mapping[str, torch.nn.Module] | None = None,
     initial: Mapping[str, float | torch.Tensor | np.ndarray] | None = None,
     bounds: Mapping[str, tuple[float, float]] | None = None,
-    state: State | Callable[[Simulator], State] | None = None,
+    state: StateSource | Sequence[StateSource] = None,
     steps: int | None = None,
     optimizer: str = "auto",
     iters: int = 50,
@@ -227,6 +280,7 @@ def fit(
     smoothness: float = 0.0,
     loss: str = "mse",
     huber_delta: float | None = None,
+    reduction: str = "mean",
     checkpoint_every: int | None = None,
     mode: str = "dynamic",
     stages: int = 1,
@@ -235,23 +289,34 @@ def fit(
     min_improvement: float = 1e-4,
     callback: Callable[[FitProgress], bool | None] | None = None,
     log: Callable[[str], None] | None = None,
+    distributed: bool | None = None,
+    batch: bool | None = None,
 ) -> FitResult:
-    """Fits material parameters (and damping) so a rollout matches an observation.
+    """Fits material parameters (and damping) so rollouts match one or several observations.
 
     Args:
         simulator: the scene's simulator, or a zero-argument factory returning one. Its
             material's current values are the start values unless ``initial`` says otherwise.
-        observation: the target (an :class:`Observation` or the path of its ``.npz``).
+        observation: the target (an :class:`Observation` or the path of its ``.npz``), or
+            several: a list of them or of :class:`~diffsim.fitting.targets.Target` (each
+            with its own start state, frames and markers). The loss is then the weighted
+            mean (or sum, see ``reduction``) of the targets' losses.
         params: names to fit: material parameters (``youngs_modulus``, ``poissons_ratio``,
             ``density``, a custom material's own) and ``damping`` (1/s).
         per_tet: names fitted with one value per tet (a field ``[n_tets]``).
+        per_target: names fitted with one value per target (e.g. each specimen's own
+            ``density``); the others are shared by every target.
         fields: name -> torch module mapping rest tet centroids ``[n_tets, 3]`` (m) to
             ``[n_tets]`` unconstrained values; its output 0 means the start value.
-        initial: start values by name (floats, or ``[n_tets]`` for per-tet parameters).
+        initial: start values by name (floats, ``[n_tets]`` for per-tet parameters,
+            ``[n_targets]`` for per-target ones).
         bounds: ``(lower, upper)`` by name (open interval; ``math.inf`` for none). Defaults:
             E, density, damping > 0; nu in (-1, 0.5).
-        state: the start state, or a function of the simulator returning it (default: rest).
-        steps: rollout length; default: up to the observation's last frame.
+        state: the start state, or a function of the simulator returning it (``state(sim)``
+            or ``state(sim, index)``), or a list with one per target; targets that name
+            their own state keep it. Default: the observation's own start state
+            (``initial_positions``) where it has one, else rest.
+        steps: rollout length; default: up to each observation's last frame.
         optimizer: ``"adam"``, ``"lbfgs"`` or ``"auto"`` (Adam with a neural field, else L-BFGS).
         iters: maximum optimizer iterations.
         lr: step size (default 0.05 for Adam, 1 for L-BFGS); Adam's decays by a cosine to
@@ -261,6 +326,8 @@ def fit(
         loss: ``"mse"`` (weighted mean squared distance) or ``"huber"`` (pseudo-Huber with
             ``huber_delta`` in m; robust to outliers).
         huber_delta: the Huber transition distance in m (default 1% of the mesh's size).
+        reduction: how the targets' losses combine: ``"mean"`` (weighted by the targets'
+            weights) or ``"sum"``. One target: its loss either way.
         checkpoint_every: segment length for gradient checkpointing (saves memory on long
             rollouts), or None.
         mode: ``"dynamic"`` (compare a rollout with the frames) or ``"equilibrium"``
@@ -274,65 +341,93 @@ def fit(
         patience: stop after this many iterations without a relative improvement of the best
             loss by ``min_improvement``.
         min_improvement: see ``patience``.
-        callback: called with a :class:`FitProgress` after each iteration; return True to stop.
-        log: called with one progress line per iteration (e.g. ``print``), or None.
+        callback: called with a :class:`FitProgress` after each iteration; return True to
+            stop (in a distributed fit, any process returning True stops them all).
+        log: called with one progress line per iteration (e.g. ``print``), or None; in a
+            distributed fit only process 0 logs.
+        distributed: True splits the targets over the processes of a torch.distributed job
+            (started by ``torchrun``; the process group is made from its environment if
+            none exists): each runs its share, the gradients are all-reduced and every
+            process takes the same step and returns the same result. False: this process
+            alone. None: distributed when started by torchrun with more than one process
+            (``WORLD_SIZE`` > 1) or inside an initialised group of more than one.
+        batch: run a process's targets as worlds of one batched rollout: None (where the
+            simulator has batched worlds and a process has several targets), True or False.
 
     Returns:
-        A :class:`FitResult` holding the best values seen.
+        A :class:`FitResult` holding the best values seen (the same in every process).
 
     Raises:
-        ObservationError: the observation does not match the scene.
+        ObservationError: an observation does not match the scene.
         ValueError: an unknown parameter name, a start value outside its bounds, or a bad
             option.
     """
     sim = simulator if isinstance(simulator, Simulator) else simulator()
     if not isinstance(sim, Simulator):
         raise TypeError(f"simulator must be a Simulator or return one, got {type(sim).__name__}")
-    obs = observation if isinstance(observation, Observation) else Observation.load(observation)
+    check_single_world(sim)
+    targets = as_targets(observation, state, steps)
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if not isinstance(stages, int) or stages < 1:
+        raise ValueError(f"stages must be an integer >= 1, got {stages!r}")
+    reducer = dist.reducer(distributed, sim.device)
     options = dict(
         per_tet=per_tet,
+        per_target=per_target,
         fields=fields,
         bounds=bounds,
-        state=state,
         optimizer=optimizer,
         iters=iters,
         lr=lr,
         smoothness=smoothness,
         loss=loss,
         huber_delta=huber_delta,
+        reduction=reduction,
         checkpoint_every=checkpoint_every,
         tol=tol,
         patience=patience,
         min_improvement=min_improvement,
         callback=callback,
-        log=log,
+        log=log if reducer.rank == 0 else None,
         mode=mode,
+        reducer=reducer,
+        batch=batch,
     )
-    if not isinstance(stages, int) or stages < 1:
-        raise ValueError(f"stages must be an integer >= 1, got {stages!r}")
+    log = options["log"]
     if stages == 1 or mode == "equilibrium":
-        return _fit_stage(sim, obs, params, initial=initial, steps=steps, **options)
-    frame_steps = obs.steps(sim.model.dt)
+        return _fit_stage(sim, targets, params, initial=initial, **options)
+    dt = sim.model.dt
+    frame_steps = [t.observation.steps(dt) for t in targets]
     results, start_values = [], dict(initial or {})
     for stage in range(stages):
         last = stage == stages - 1
-        limit = frame_steps[-1] / 2 ** (stages - 1 - stage)
-        n = int((frame_steps <= limit * (1 + 1e-9)).sum())
-        if n < 2 and not last:
+        counts = []
+        for s in frame_steps:
+            limit = s[-1] / 2 ** (stages - 1 - stage)
+            counts.append(max(1, int((s <= limit * (1 + 1e-9)).sum())))
+        if max(counts) < 2 and not last:
             continue  # too short to say anything
         if log is not None:
-            log(
-                f"stage {stage + 1}/{stages}: the first {n} frames (to step {frame_steps[n - 1]:g})"
-            )
-        result = _fit_stage(
-            sim,
-            obs if last else obs.first_frames(n),
-            params,
-            initial=start_values,
-            steps=steps if last else None,
-            **options,
+            if len(targets) == 1:
+                n = counts[0]
+                log(
+                    f"stage {stage + 1}/{stages}: the first {n} frames "
+                    f"(to step {frame_steps[0][n - 1]:g})"
+                )
+            else:
+                log(
+                    f"stage {stage + 1}/{stages}: the first {min(counts)}..{max(counts)} frames "
+                    f"of {len(targets)} targets (1/{2 ** (stages - 1 - stage)} of each one's time)"
+                )
+        stage_targets = (
+            targets if last else [t.first_frames(n) for t, n in zip(targets, counts, strict=True)]
         )
-        result.stages = [{"frames": n, "iterations": result.iterations, "loss": result.best_loss}]
+        result = _fit_stage(sim, stage_targets, params, initial=start_values, **options)
+        frames = counts[0] if len(targets) == 1 else counts
+        result.stages = [
+            {"frames": frames, "iterations": result.iterations, "loss": result.best_loss}
+        ]
         results.append(result)
         # Fields keep training in place; their start value (theta_0) must not move.
         start_values = {k: v for k, v in result.values.items() if k not in (fields or {})}
@@ -361,21 +456,21 @@ def _merge(results: list[FitResult]) -> FitResult:
 
 def _fit_stage(
     sim: Simulator,
-    obs: Observation,
+    targets: list[Target],
     params: Sequence[str],
     *,
     per_tet,
+    per_target,
     fields,
     initial,
     bounds,
-    state,
-    steps,
     optimizer,
     iters,
     lr,
     smoothness,
     loss,
     huber_delta,
+    reduction,
     checkpoint_every,
     tol,
     patience,
@@ -383,34 +478,44 @@ def _fit_stage(
     callback,
     log,
     mode,
+    reducer,
+    batch,
 ) -> FitResult:
-    """One fit of ``obs`` from the start values; see :func:`fit` for the arguments."""
+    """One fit of ``targets`` from the start values; see :func:`fit` for the arguments."""
     fields = dict(fields or {})
-    names = list(dict.fromkeys([*params, *per_tet, *fields]))
-    _check_names(sim, names, per_tet, fields)
+    per_target = list(dict.fromkeys(per_target))
+    names = list(dict.fromkeys([*params, *per_tet, *per_target, *fields]))
+    _check_names(sim, names, per_tet, fields, per_target)
     optimizer = _choose_optimizer(optimizer, fields)
     if mode not in ("dynamic", "equilibrium"):
         raise ValueError(f"mode must be 'dynamic' or 'equilibrium', got {mode!r}")
-    if mode == "equilibrium" and obs.n_frames != 1:
-        raise ObservationError(
-            f"an equilibrium target is one frame of the body at rest, got {obs.n_frames} frames"
-        )
+    for t in targets:
+        if mode == "equilibrium" and t.observation.n_frames != 1:
+            raise ObservationError(
+                f"an equilibrium target is one frame of the body at rest, got "
+                f"{t.observation.n_frames} frames"
+            )
     if loss not in ("mse", "huber"):
         raise ValueError(f"loss must be 'mse' or 'huber', got {loss!r}")
     if iters < 0 or patience < 1:
         raise ValueError("iters must be >= 0 and patience >= 1")
 
+    # Every process checks every target, so that a bad one stops them all alike.
     dt = sim.model.dt
-    if mode == "equilibrium":
-        steps, start = 0, None
-        obs.check(sim.model.n_vertices, dt)
-    else:
-        steps = obs.steps_needed(dt) if steps is None else steps
-        obs.check(sim.model.n_vertices, dt, steps)
-        start = state(sim) if callable(state) else (state or sim.initial_state())
-    warm: list[torch.Tensor] = []  # the last equilibrium, the next Newton solve's start
-    as_t = dict(dtype=sim.dtype, device=sim.device)
-    target, weights = obs.targets(**as_t)
+    lengths = []
+    for t in targets:
+        if mode == "equilibrium":
+            t.observation.check(sim.model.n_vertices, dt)
+            lengths.append(0)
+        else:
+            n_steps = t.observation.steps_needed(dt) if t.steps is None else t.steps
+            t.observation.check(sim.model.n_vertices, dt, n_steps)
+            lengths.append(n_steps)
+    mine = shares(len(targets), reducer.size)[reducer.rank]
+    local = local_targets(sim, targets, mine, mode, lengths)
+    batched = _use_worlds(batch, sim, mode, len(local))
+    weights = torch.tensor([t.weight for t in targets], dtype=torch.float64)
+    coefficients = weights / weights.sum() if reduction == "mean" else weights
     tets = sim.model.tets
     centroids = sim.model.rest_positions[tets].mean(dim=1)
     pairs = torch.as_tensor(tet_adjacency(sim.mesh.tets), device=sim.device)
@@ -418,45 +523,46 @@ def _fit_stage(
         huber_delta = 0.01 * float(np.linalg.norm(np.ptp(sim.mesh.vertices, axis=0)))
 
     base_material = sim.material
-    fitted = _make_parameters(sim, names, per_tet, fields, initial or {}, bounds or {})
+    fitted = _make_parameters(
+        sim, names, per_tet, fields, per_target, len(targets), initial or {}, bounds or {}
+    )
     trainables = [t for p in fitted for t in p.trainables()]
-    material_names = [n for n in names if n != "damping"]
-    timing = {"forward": 0.0, "backward": 0.0}
+    material_names = [n for n in names if n != "damping" and n not in per_target]
+    objective = Objective(
+        sim,
+        local,
+        coefficients,
+        per_target,
+        loss,
+        huber_delta,
+        checkpoint_every,
+        mode,
+        batched,
+        reducer,
+    )
 
     def values() -> dict[str, torch.Tensor]:
         return {p.name: p.transform(p.unconstrained(centroids)) for p in fitted}
 
-    def data_loss(current: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        # The simulator is never changed: the current values go in as rollout parameters.
-        params = {n: current[n] for n in names}
-        if mode == "equilibrium":
-            x = sim.equilibrium(params=params, x0=warm[-1] if warm else None)
-            warm[:] = [x.detach()]
-            positions = x.unsqueeze(0)
-        else:
-            positions = sim.rollout(
-                steps, state=start, checkpoint_every=checkpoint_every, params=params
-            ).positions
-        pred = positions[:1] if mode == "equilibrium" else obs.predict(positions, dt)
-        if mode == "equilibrium" and obs.indices is not None:
-            pred = pred[:, torch.as_tensor(obs.indices)]
-        d2 = (pred - target).square().sum(-1)
-        if loss == "huber":
-            d2 = 2.0 * huber_delta**2 * (torch.sqrt(1.0 + d2 / huber_delta**2) - 1.0)
-        data = (weights * d2).sum() / weights.sum()
-        reg = data.new_zeros(())
-        if smoothness > 0 and len(pairs):
-            for p in fitted:
-                if p.kind != "global":
-                    th = p.unconstrained(centroids)
-                    reg = reg + (th[pairs[:, 0]] - th[pairs[:, 1]]).square().mean()
-        return data, smoothness * reg
+    def regulariser() -> torch.Tensor | None:
+        """The smoothness term (the same in every process), or None."""
+        if smoothness <= 0 or not len(pairs):
+            return None
+        reg = None
+        for p in fitted:
+            if p.kind in ("per_tet", "field"):
+                th = p.unconstrained(centroids)
+                term = (th[pairs[:, 0]] - th[pairs[:, 1]]).square().mean()
+                reg = term if reg is None else reg + term
+        return None if reg is None else smoothness * reg
 
     with torch.no_grad():
         start_values = values()
-        loss0 = float(data_loss(start_values)[0])
+    losses0 = objective.losses(values)
+    loss0 = float((coefficients * losses0).sum())
     scale = loss0 if loss0 > 0 else 1.0
-    run = _Run(fitted, trainables, values, data_loss, scale, timing)
+    run = _Run(fitted, trainables, values, objective, regulariser, coefficients, scale, reducer)
+    run.best_targets = losses0
     t_start = time.perf_counter()
     if optimizer == "adam":
         history, it_times, value_hist, reason = run.adam(
@@ -489,27 +595,64 @@ def _fit_stage(
         timings={
             "total": total,
             "per_iteration": total / max(len(it_times), 1),
-            "forward": timing["forward"],
-            "backward": timing["backward"],
+            "forward": objective.timing["forward"],
+            "backward": objective.timing["backward"],
         },
         iteration_seconds=it_times,
         value_history=value_hist,
         material=material,
-        damping=float(best["damping"]) if "damping" in best else None,
+        damping=(
+            float(best["damping"]) if "damping" in best and "damping" not in per_target else None
+        ),
         fields=fields,
+        target_names=[t.name for t in targets],
+        target_losses=[float(x) for x in run.best_targets],
+        per_target=per_target,
+        processes=reducer.size,
+        batched=batched,
     )
 
 
-class _Run:
-    """The optimisation loop state: best values, evaluation counting, stopping rules."""
+def _use_worlds(batch: bool | None, sim: Simulator, mode: str, n_local: int) -> bool:
+    """Whether a process runs its targets as worlds of one rollout."""
+    if batch is False:
+        return False
+    available = supports_worlds(sim) and mode == "dynamic"
+    if batch is True and not available:
+        raise ValueError(
+            "batch=True needs a simulator with batched worlds (a 'worlds' argument) and "
+            f"mode='dynamic'; {type(sim).__name__} has none here, use batch=None or False"
+        )
+    return available and (batch is True or n_local > 1)
 
-    def __init__(self, fitted, trainables, values, data_loss, scale, timing) -> None:
+
+class _Run:
+    """The optimisation loop state: best values, evaluation counting, stopping rules.
+
+    Every process of a distributed fit holds the same state: the losses and gradients come
+    summed over processes from the objective, and stop decisions are shared.
+    """
+
+    def __init__(
+        self, fitted, trainables, values, objective, regulariser, coefficients, scale, reducer
+    ) -> None:
         self.fitted, self.trainables, self.values = fitted, trainables, values
-        self.data_loss, self.scale, self.timing = data_loss, scale, timing
+        self.objective, self.regulariser = objective, regulariser
+        self.coefficients, self.scale, self.reducer = coefficients, scale, reducer
         self.best_loss, self.best = math.inf, [p.snapshot() for p in fitted]
+        self.best_targets: torch.Tensor | None = None
         self.evaluations = 0
         self.failures = 0
         self._cache: tuple[torch.Tensor, float, float, list[torch.Tensor]] | None = None
+
+    def _data(self, losses: torch.Tensor) -> float:
+        """The data loss from the targets' losses, added up in one fixed order."""
+        return float((self.coefficients * losses).sum())
+
+    def _note(self, data: float, losses: torch.Tensor) -> None:
+        if data < self.best_loss:
+            self.best_loss, self.best = data, [p.snapshot() for p in self.fitted]
+            self.best_targets = losses.clone()
 
     def evaluate(self) -> tuple[float, float]:
         """Loss and gradient at the current theta; returns (normalised total, data loss)."""
@@ -519,26 +662,24 @@ class _Run:
             for t, g in zip(self.trainables, grads, strict=True):
                 t.grad = g.clone()
             return total, data
-        for t in self.trainables:
-            t.grad = None
-        t0 = time.perf_counter()
-        data, reg = self.data_loss(self.values())
-        total = data / self.scale + reg
-        t1 = time.perf_counter()
-        total.backward()
-        self.timing["forward"] += t1 - t0
-        self.timing["backward"] += time.perf_counter() - t1
+        losses, grad = self.objective.gradients(self.values, self.trainables, self.scale)
         self.evaluations += 1
+        data = self._data(losses)
+        total = data / self.scale
+        reg = self.regulariser()
+        if reg is not None:  # the same in every process: added after the sum over them
+            reg.backward()
+            total += float(reg.detach())
+        offset = 0
         for t in self.trainables:
-            if t.grad is None:
-                t.grad = torch.zeros_like(t)
-            elif not torch.isfinite(t.grad).all():
+            g = grad[offset : offset + t.numel()].reshape(t.shape).to(t.dtype)
+            offset += t.numel()
+            t.grad = g if t.grad is None else t.grad + g
+            if not torch.isfinite(t.grad).all():
                 raise SimulationError("the loss gradient is not finite")
-        d = float(data.detach())
-        if d < self.best_loss:
-            self.best_loss, self.best = d, [p.snapshot() for p in self.fitted]
-        self._cache = (flat, float(total.detach()), d, [t.grad.clone() for t in self.trainables])
-        return float(total.detach()), d
+        self._note(data, losses)
+        self._cache = (flat, total, data, [t.grad.clone() for t in self.trainables])
+        return total, data
 
     def restore_best(self) -> None:
         for p, snap in zip(self.fitted, self.best, strict=True):
@@ -546,13 +687,12 @@ class _Run:
 
     def _final_loss(self) -> float:
         try:
-            with torch.no_grad():
-                d = float(self.data_loss(self.values())[0])
+            losses = self.objective.losses(self.values)
         except SimulationError:
             self.restore_best()
             return self.best_loss
-        if d < self.best_loss:
-            self.best_loss, self.best = d, [p.snapshot() for p in self.fitted]
+        d = self._data(losses)
+        self._note(d, losses)
         return d
 
     def current(self) -> dict[str, torch.Tensor]:
@@ -567,9 +707,8 @@ class _Run:
         if log is not None:
             shown = "  ".join(_describe(k, v) for k, v in current.items())
             log(f"iter {it:4d}  loss {data:.4e}  {shown}  ({seconds:.2f} s)")
-        if callback is not None:
-            return bool(callback(FitProgress(it, data, current, seconds)))
-        return False
+        stop = callback is not None and bool(callback(FitProgress(it, data, current, seconds)))
+        return self.reducer.any(stop) if self.reducer.distributed else stop
 
     def _stalled(self, bests: list[float], tol, patience, min_improvement) -> str | None:
         if self.best_loss <= tol * self.scale:
@@ -688,7 +827,7 @@ def tet_adjacency(tets: np.ndarray) -> np.ndarray:
     return owners
 
 
-def _check_names(sim: Simulator, names, per_tet, fields) -> None:
+def _check_names(sim: Simulator, names, per_tet, fields, per_target=()) -> None:
     known = [*sim.material.parameter_names, "damping"]
     for name in names:
         if name not in known:
@@ -699,6 +838,12 @@ def _check_names(sim: Simulator, names, per_tet, fields) -> None:
     both = set(per_tet) & set(fields)
     if both:
         raise ValueError(f"{sorted(both)} given both per_tet and as a field; choose one")
+    both = set(per_target) & (set(per_tet) | set(fields))
+    if both:
+        raise ValueError(
+            f"{sorted(both)} given per_target and per_tet or as a field; a per-target "
+            "parameter is one number per target"
+        )
     if not names:
         raise ValueError("nothing to fit: give at least one parameter name")
 
@@ -711,7 +856,9 @@ def _choose_optimizer(optimizer: str, fields) -> str:
     return optimizer
 
 
-def _make_parameters(sim, names, per_tet, fields, initial, bounds) -> list[_Parameter]:
+def _make_parameters(
+    sim, names, per_tet, fields, per_target, n_targets, initial, bounds
+) -> list[_Parameter]:
     as_t = dict(dtype=sim.dtype, device=sim.device)
     m = sim.model.n_tets
     out = []
@@ -724,9 +871,27 @@ def _make_parameters(sim, names, per_tet, fields, initial, bounds) -> list[_Para
                 init = torch.tensor(DEFAULT_DAMPING_START, **as_t)
         else:
             init = torch.as_tensor(getattr(sim.material, name), **as_t).detach()
-        kind = "per_tet" if name in per_tet else "field" if name in fields else "global"
+        kind = (
+            "per_tet"
+            if name in per_tet
+            else "field"
+            if name in fields
+            else "per_target"
+            if name in per_target
+            else "global"
+        )
         if kind == "per_tet":
             init = init.expand(m).clone()
+        elif kind == "per_target":
+            if name in initial and init.dim() == 1 and init.shape == (n_targets,):
+                init = init.clone()
+            elif init.dim() == 0 or (name not in initial and init.shape == (m,)):
+                init = init.mean().expand(n_targets).clone()
+            else:
+                raise ValueError(
+                    f"initial {name} must be a number or one per target ([{n_targets}]), "
+                    f"got shape {list(init.shape)}"
+                )
         elif kind == "global" and init.dim() != 0:
             if init.shape != (m,):
                 raise ValueError(f"initial {name} must be a number, got shape {list(init.shape)}")

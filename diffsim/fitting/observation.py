@@ -15,6 +15,9 @@ The ``.npz`` file has these arrays (only ``positions`` is required):
   ``dt`` float, frame ``i`` is at time ``i * dt`` (s). Default: stride 1.
 - ``weights`` ``[k]`` or ``[F, k]`` float >= 0: per-point (and per-frame) loss weights,
   e.g. inverse variances of a tracker.
+- ``initial_positions`` ``[n, 3]`` and ``initial_velocities`` ``[n, 3]`` float (optional): the
+  start state of the recorded motion (every vertex of the scene, m and m/s), for fits to
+  several recordings that each start differently. Velocities default to zero.
 
 What :meth:`diffsim.Trajectory.save` writes (``positions``, ``times``, ``dt``, ...) is a
 valid observation of every vertex at every step, so ``diffsim run --out traj.npz`` makes a
@@ -35,6 +38,10 @@ import torch
 STEP_SNAP = 1e-6
 
 
+# Optional arrays of the ``.npz`` besides the frame timing (read and written as they are).
+_OPTIONAL = ("indices", "weights", "initial_positions", "initial_velocities")
+
+
 class ObservationError(ValueError):
     """An observation is malformed or does not match the scene; the message says how to fix it."""
 
@@ -50,6 +57,10 @@ class Observation:
         times: ``[F]`` frame times in s, or None.
         stride: simulation steps between frames when neither frames nor times are given.
         weights: ``[k]`` or ``[F, k]`` non-negative loss weights, or None (all 1).
+        initial_positions: ``[n, 3]`` positions (m) of every vertex at step 0, or None: the
+            recording's own start state (a fit uses it unless it is given a state).
+        initial_velocities: ``[n, 3]`` velocities (m/s) at step 0, or None (zero); only
+            with ``initial_positions``.
     """
 
     positions: np.ndarray
@@ -58,6 +69,8 @@ class Observation:
     times: np.ndarray | None = None
     stride: int = 1
     weights: np.ndarray | None = None
+    initial_positions: np.ndarray | None = None
+    initial_velocities: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.positions = _as_float(self.positions, "positions")
@@ -108,6 +121,36 @@ class Observation:
                 raise ObservationError("weights must be finite and >= 0")
             if not (self.weights > 0).any():
                 raise ObservationError("all weights are 0: nothing to fit")
+        self._check_start()
+
+    def _check_start(self) -> None:
+        if self.initial_velocities is not None and self.initial_positions is None:
+            raise ObservationError("initial_velocities need initial_positions (the start state)")
+        for name in ("initial_positions", "initial_velocities"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            value = _as_float(value, name)
+            if value.ndim != 2 or value.shape[1] != 3:
+                raise ObservationError(
+                    f"{name} must have shape [vertices, 3] (every vertex of the scene), "
+                    f"got {list(value.shape)}"
+                )
+            if not np.isfinite(value).all():
+                raise ObservationError(f"{name} must be finite")
+            setattr(self, name, value)
+        if self.initial_velocities is not None and (
+            self.initial_velocities.shape != self.initial_positions.shape
+        ):
+            raise ObservationError(
+                f"initial_velocities {list(self.initial_velocities.shape)} and initial_positions "
+                f"{list(self.initial_positions.shape)} differ in shape"
+            )
+
+    @property
+    def has_start(self) -> bool:
+        """Whether the observation carries its own start state (``initial_positions``)."""
+        return self.initial_positions is not None
 
     # ----------------------------------------------------------------- shape
     @property
@@ -154,6 +197,11 @@ class Observation:
             raise ObservationError(
                 f"marker indices {bad[:8].tolist()} are out of range for a scene with "
                 f"{n_vertices} vertices (valid: 0..{n_vertices - 1})"
+            )
+        if self.has_start and self.initial_positions.shape[0] != n_vertices:
+            raise ObservationError(
+                f"the target's start state has {self.initial_positions.shape[0]} vertices but "
+                f"the scene has {n_vertices}; initial_positions must cover every vertex"
             )
         last = self.steps(dt)[-1]
         if steps is not None and last > steps:
@@ -212,6 +260,8 @@ class Observation:
             times=None if self.times is None else self.times[:n],
             stride=self.stride,
             weights=weights,
+            initial_positions=self.initial_positions,
+            initial_velocities=self.initial_velocities,
         )
 
     # ----------------------------------------------------------------- construction
@@ -223,6 +273,7 @@ class Observation:
         stride: int = 1,
         noise: float = 0.0,
         seed: int = 0,
+        with_start: bool = False,
     ) -> Observation:
         """An observation of a (simulated) trajectory: synthetic targets for tests and demos.
 
@@ -232,7 +283,15 @@ class Observation:
             stride: keep every ``stride``-th frame.
             noise: standard deviation (m) of Gaussian noise added to every coordinate.
             seed: random seed of the noise.
+            with_start: also keep the trajectory's first state (every vertex, without
+                noise) as the observation's start state.
         """
+        start = {}
+        if with_start:
+            start = {
+                "initial_positions": trajectory.positions[0].detach().cpu().double().numpy(),
+                "initial_velocities": trajectory.velocities[0].detach().cpu().double().numpy(),
+            }
         x = trajectory.positions.detach().cpu().double().numpy()[::stride]
         if indices is not None:
             indices = _as_int(indices, "indices")
@@ -240,7 +299,7 @@ class Observation:
         if noise > 0:
             x = x + np.random.default_rng(seed).normal(0.0, noise, x.shape)
         frames = np.arange(0, trajectory.positions.shape[0], stride)
-        return cls(x, indices=indices, frames=frames)
+        return cls(x, indices=indices, frames=frames, **start)
 
     @classmethod
     def load(cls, path: str | Path) -> Observation:
@@ -269,9 +328,7 @@ class Observation:
                     f"needs positions [frames, points, 3]"
                 )
             try:
-                arrays = {
-                    k: data[k] for k in ("indices", "frames", "times", "weights") if k in data
-                }
+                arrays = {k: data[k] for k in (*_OPTIONAL, "frames", "times") if k in data}
                 stride = data["stride"] if "stride" in data.files else 1
                 positions = data["positions"]
                 dt = data["dt"] if "dt" in data.files else None
@@ -296,7 +353,7 @@ class Observation:
     def save(self, path: str | Path) -> None:
         """Writes the ``.npz`` described in this module's docstring."""
         arrays: dict[str, np.ndarray] = {"positions": self.positions}
-        for name in ("indices", "frames", "times", "weights"):
+        for name in (*_OPTIONAL, "frames", "times"):
             value = getattr(self, name)
             if value is not None:
                 arrays[name] = value

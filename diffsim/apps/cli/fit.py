@@ -4,12 +4,20 @@
 prints one line per iteration and a final report, and writes a loss-curve PNG, a video of
 the fitted against the observed motion and (with ``--out``) a JSON result. The scene's
 material values are the start values of the fit.
+
+``--target`` repeats for several recordings fitted at once (``--per-target NAME`` gives
+each its own value of NAME). Each starts from the state stored in its file
+(``initial_positions``), else from the scene's ``initial_state(sim, index)`` (or
+``initial_state(sim)``), else at rest. Under ``torchrun --nproc-per-node N -m diffsim fit
+...`` the targets are split over the N processes and process 0 prints and writes the
+results (docs/distributed-fitting.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -23,7 +31,13 @@ PLOT_MARGINS = (56, 16, 16, 28)
 def configure(parser: argparse.ArgumentParser) -> None:
     """Adds the ``fit`` subcommand's arguments to ``parser``."""
     parser.add_argument("scene", help="scene script (.py) defining build()")
-    parser.add_argument("--target", required=True, help="observed trajectory (.npz)")
+    parser.add_argument(
+        "--target",
+        action="append",
+        required=True,
+        metavar="FILE.npz",
+        help="observed trajectory (.npz); repeat to fit several recordings at once",
+    )
     parser.add_argument(
         "--param",
         action="append",
@@ -34,6 +48,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--per-tet", action="append", default=[], metavar="NAME", help="fit NAME per tet"
+    )
+    parser.add_argument(
+        "--per-target",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="fit NAME with one value per target (e.g. each specimen's density)",
+    )
+    parser.add_argument(
+        "--reduction",
+        choices=("mean", "sum"),
+        default="mean",
+        help="how the targets' losses combine (default mean)",
     )
     parser.add_argument(
         "--initial", action="append", default=[], metavar="NAME=VALUE", help="start value"
@@ -75,32 +102,44 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Runs the fit; returns the exit status (0 on success, 2 on bad input)."""
+    """Runs the fit; returns the exit status (0 on success, 2 on bad input).
+
+    Under torchrun every process runs this; process 0 prints and writes the outputs.
+    """
+    from diffsim.fitting import distributed
     from diffsim.fitting.fit import fit
-    from diffsim.fitting.observation import Observation, ObservationError
+    from diffsim.fitting.observation import ObservationError
     from diffsim.simulator import SimulationError
 
+    rank = distributed.rank()
+    lead = rank == 0
     try:
         stem = check_outputs(args)
         scene, sim = _load_scene(args)
-        observation = Observation.load(args.target)
+        targets = _targets(args, scene)
         initial = _pairs(args.initial, "--initial", float)
         bounds = _pairs(args.bounds, "--bounds", _bound_pair)
         params = args.params or ["youngs_modulus", "poissons_ratio"]
-        print(
-            f"fitting {', '.join(params)} of {Path(args.scene).name} to {observation} "
-            f"(backend {sim.backend_name}, {str(sim.dtype).replace('torch.', '')})"
-        )
-        bar, log = _progress_log(args)
+        what = targets[0].observation if len(targets) == 1 else f"{len(targets)} targets"
+        processes = int(os.environ.get("WORLD_SIZE", "1")) if distributed.launched() else 1
+        spread = f", {processes} processes" if processes > 1 else ""
+        if lead:
+            print(
+                f"fitting {', '.join([*params, *args.per_target])} of {Path(args.scene).name} "
+                f"to {what} (backend {sim.backend_name}, "
+                f"{str(sim.dtype).replace('torch.', '')}{spread})"
+            )
+        bar, log = _progress_log(args, enabled=lead)
         try:
             result = fit(
                 sim,
-                observation,
+                targets,
                 params,
                 per_tet=args.per_tet,
+                per_target=args.per_target,
+                reduction=args.reduction,
                 initial=initial,
                 bounds=bounds,
-                state=scene.initial_state,
                 optimizer=args.optimizer,
                 iters=args.iters,
                 lr=args.lr,
@@ -116,11 +155,15 @@ def main(args: argparse.Namespace) -> int:
         finally:
             bar.close()
     except (ObservationError, ValueError, FileNotFoundError, TypeError) as exc:
-        print(f"diffsim fit: error: {exc}", file=sys.stderr)
+        print(f"diffsim fit{_where(rank)}: error: {exc}", file=sys.stderr)
         return 2
     except SimulationError as exc:
-        print(f"diffsim fit: simulation failed: {exc}", file=sys.stderr)
+        print(f"diffsim fit{_where(rank)}: simulation failed: {exc}", file=sys.stderr)
         return 1
+    finally:
+        distributed.finish()
+    if not lead:
+        return 0
     _report(result)
     if args.out:
         result.save_json(args.out)
@@ -130,11 +173,67 @@ def main(args: argparse.Namespace) -> int:
     print(f"loss curve: {plot}")
     if not args.no_video and args.mode == "dynamic":
         video = args.video or f"{stem}.mp4"
-        note = write_comparison_video(
-            scene, result.apply(sim), observation, video, scene.initial_state(sim)
-        )
+        first = targets[0]
+        fitted = result.apply(sim, target=0 if result.per_target else None)
+        start = first.start(fitted, 0) or fitted.initial_state()
+        note = write_comparison_video(scene, fitted, first.observation, video, start)
+        if len(targets) > 1:
+            note += f" of the first target, {first.name}"
         print(note)
     return 0
+
+
+def _where(rank: int) -> str:
+    return f" (process {rank})" if rank else ""
+
+
+def _targets(args: argparse.Namespace, scene) -> list:
+    """The ``--target`` files as targets, each with its start state (see the module doc)."""
+    from diffsim.fitting.observation import Observation
+    from diffsim.fitting.targets import Target
+
+    targets = []
+    for i, path in enumerate(args.target):
+        observation = Observation.load(path)
+        state = None if observation.has_start else _scene_start(scene, i)
+        targets.append(Target(observation, state=state, name=Path(path).name))
+    return targets
+
+
+def _scene_start(scene, index: int):
+    """The scene's start state for target ``index``: ``initial_state(sim, index)`` where the
+    script's function takes two arguments, else ``initial_state(sim)`` (or rest)."""
+    import inspect
+
+    from diffsim.apps.scene import SceneError, describe_exception
+    from diffsim.sim.state import State
+
+    make = getattr(scene.module, "initial_state", None)
+    try:
+        positional = [
+            p
+            for p in inspect.signature(make).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+        ]
+    except (TypeError, ValueError):
+        positional = []
+    if make is None or len(positional) < 2:
+        return scene.initial_state
+
+    def start(sim):
+        try:
+            state = make(sim, index)
+        except Exception as exc:
+            where = describe_exception(exc, scene.path)
+            raise SceneError(f"{where} (in initial_state(sim, {index}))") from exc
+        if not isinstance(state, State):
+            raise SceneError(
+                f"{scene.path}: initial_state(sim, index) must return a diffsim.State, "
+                f"got {type(state).__name__}"
+            )
+        return state
+
+    return start
 
 
 def check_outputs(args: argparse.Namespace) -> Path:
@@ -164,14 +263,14 @@ def check_outputs(args: argparse.Namespace) -> Path:
     return stem
 
 
-def _progress_log(args: argparse.Namespace):
+def _progress_log(args: argparse.Namespace, enabled: bool = True):
     """``(bar, log)``: a progress bar over the iterations, and a log function that prints
     the fit's lines above it (or nothing with ``--quiet``)."""
     from diffsim.apps.progress import progress_bar
 
     stages = 1 if args.mode == "equilibrium" else max(1, args.stages)
     # Shown after a second: an input error found at once leaves one line on stderr.
-    bar = progress_bar((args.iters + 1) * stages, "fit", "iteration", delay=1.0)
+    bar = progress_bar((args.iters + 1) * stages, "fit", "iteration", enabled, delay=1.0)
 
     def log(line: str) -> None:
         if line.startswith("iter"):
@@ -193,9 +292,17 @@ def _load_scene(args):
         raise ValueError("diffsim.apps.scene is not available") from exc
     import torch
 
+    from diffsim.fitting import distributed
+
     scene = load_scene(args.scene)
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
-    return scene, scene.build(backend=args.backend, dtype=dtype)
+    sim = scene.build(backend=args.backend, dtype=dtype)
+    if distributed.launched() and sim.device.type == "cuda":
+        # One GPU per process: this process's own (cuda:LOCAL_RANK on its machine).
+        sim = scene.build(
+            backend=args.backend, dtype=dtype, device=distributed.local_device(sim.device)
+        )
+    return scene, sim
 
 
 def _pairs(items, flag: str, convert) -> dict:
@@ -222,7 +329,16 @@ def _report(result) -> None:
     print("\nparameter            start          fitted")
     for name, value in result.values.items():
         start = result.initial[name]
-        print(f"  {name:18s} {_show(start):>12s}   {_show(value):>12s}")
+        shown = "per target" if name in result.per_target else _show(value)
+        print(f"  {name:18s} {_show(start):>12s}   {shown:>12s}")
+    if len(result.target_names) > 1:
+        own = "".join(f"  {n:>14s}" for n in result.per_target)
+        print(f"\ntarget                     RMS error (m){own}")
+        for i, (name, loss) in enumerate(
+            zip(result.target_names, result.target_losses, strict=True)
+        ):
+            values = "".join(f"  {v:14.6g}" for v in result.target_values(i).values())
+            print(f"  {name[:24]:24s} {math.sqrt(max(loss, 0.0)):13.3e}{values}")
     first, last = result.loss_history[0], result.best_loss
     print(f"loss {first:.4e} -> {last:.4e}  (RMS position error {result.rmse:.3e} m)")
     t = result.timings

@@ -1,4 +1,4 @@
-"""Tet geometry on arrays: edge matrices, signed volumes, altitudes, grid tets.
+"""Tet geometry on arrays: edge matrices, signed volumes, altitudes, grid tets, body ids.
 
 Numpy (and torch where noted); the mesh layer's shared formulas, used by TetMesh, the
 tetrahedralizer and the stable-step estimates.
@@ -93,3 +93,29 @@ def tet_altitudes(vertices, tets) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         alt = 3.0 * volumes[:, None] / areas
     return np.nan_to_num(alt, nan=0.0, posinf=0.0).min(axis=1)
+
+
+def vertex_bodies(tets: np.ndarray, keys: np.ndarray, n: int) -> np.ndarray | None:
+    """Vertex body ids from per-tet body keys, or None (one body, or bodies sharing vertices).
+
+    Args:
+        tets: ``[m, 4]`` vertex indices.
+        keys: ``[m]`` any integer label of each tet's body (a region or volume tag).
+        n: the number of vertices.
+
+    Returns:
+        ``[n]`` bodies numbered 0, 1, ... in the order of the keys, or None where there is
+        one key or a vertex is used by tets of two keys.
+    """
+    unique, body = np.unique(keys, return_inverse=True)
+    if len(unique) < 2:
+        return None
+    body = body.reshape(-1)
+    lo = np.full(n, len(unique), dtype=np.int64)
+    hi = np.full(n, -1, dtype=np.int64)
+    np.minimum.at(lo, tets, body[:, None])
+    np.maximum.at(hi, tets, body[:, None])
+    used = hi >= 0
+    if np.any(lo[used] != hi[used]):
+        return None
+    return np.where(used, lo, 0)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from diffsim.mesh.geometry import vertex_bodies
+
 _TET4 = 4  # Gmsh element type of the 4-node tetrahedron
 
 
@@ -72,23 +74,7 @@ def read_msh_bodies(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarra
     if tets.max() >= len(lookup) or np.any(lookup[tets] < 0):
         raise ValueError(f"{path}: an element refers to a node tag that is not defined")
     tets = lookup[tets]
-    return coords, tets, _vertex_bodies(tets, keys, len(coords))
-
-
-def _vertex_bodies(tets: np.ndarray, keys: np.ndarray, n: int) -> np.ndarray | None:
-    """Vertex body ids from per-tet body keys, or None (one body, or bodies sharing vertices)."""
-    unique, body = np.unique(keys, return_inverse=True)
-    if len(unique) < 2:
-        return None
-    body = body.reshape(-1)
-    lo = np.full(n, len(unique), dtype=np.int64)
-    hi = np.full(n, -1, dtype=np.int64)
-    np.minimum.at(lo, tets, body[:, None])
-    np.maximum.at(hi, tets, body[:, None])
-    used = hi >= 0
-    if np.any(lo[used] != hi[used]):
-        return None
-    return np.where(used, lo, 0)
+    return coords, tets, vertex_bodies(tets, keys, len(coords))
 
 
 def write_msh(

@@ -22,7 +22,7 @@ MIN_PROJECTED_VOLUME_FRACTION = 0.25
 # A tet whose longest edge exceeds this many times its smallest altitude counts as a sliver
 # in TetMesh.quality() (a regular tet has sqrt(3/2) = 1.22, a box cell's tets sqrt(6) = 2.45).
 SLIVER_ASPECT_RATIO = 10.0
-# Triangle-surface file formats: TetMesh.from_surface reads them, TetMesh.load does not.
+# Triangle-surface file formats: TetMesh.load tetrahedralizes them (TetMesh.from_surface).
 SURFACE_SUFFIXES = (".stl", ".obj", ".ply", ".off", ".glb", ".gltf")
 
 
@@ -293,30 +293,53 @@ class TetMesh:
         return mesh.transformed(translation=center)
 
     @classmethod
-    def from_surface(cls, surface, resolution: int = 16) -> TetMesh:
+    def from_surface(cls, surface, resolution: int = 16, method: str = "voxel") -> TetMesh:
         """Tetrahedralizes a closed triangle surface.
 
-        The built-in method keeps the grid cells whose centres lie inside the surface
-        (generalized winding number) and moves boundary vertices onto the surface where
-        that inverts no tet. See :mod:`diffsim.mesh.tetrahedralize`.
+        Methods (:mod:`diffsim.mesh.meshers`; compared in docs/time-steps.md):
+
+        - ``"voxel"`` (default, no dependency): the grid cells whose centres lie inside the
+          surface (generalized winding number), boundary vertices moved onto the surface
+          where that inverts no tet (:mod:`diffsim.mesh.tetrahedralize`). Well-shaped tets
+          of one size; features below a cell are lost.
+        - ``"tetwild"``: fTetWild (package ``pytetwild``): remeshes the surface within a
+          small envelope, so skinny input triangles give no slivers; the slowest.
+        - ``"tetgen"``: TetGen (package ``tetgen``): fast, keeps the input triangles, so
+          skinny ones become slivers; for clean surfaces.
+
+        The optional packages install with ``pip install diffsim[meshing]`` (pytetwild) and
+        ``pip install diffsim[tetgen]``.
 
         Args:
             surface: a closed ``trimesh.Trimesh`` (or any object with ``vertices`` and
                 ``faces``), or the path of a surface file trimesh reads (.stl, .obj, .ply,
                 .off, ...).
-            resolution: grid cells along the longest side of the bounding box.
+            resolution: grid cells (voxel) or target tet edges (tetwild, tetgen) along the
+                longest side of the bounding box.
+            method: ``"voxel"``, ``"tetwild"`` or ``"tetgen"``.
 
         Raises:
             FileNotFoundError: ``surface`` is a path to no file.
             TypeError: ``surface`` is neither a path nor a surface.
-            ValueError: the surface is not closed, or the file holds no triangles.
+            ValueError: an unknown method, the surface is not closed, or the file holds no
+                triangles.
+            ImportError: the method's optional package is not installed (the message
+                names the ``pip install`` that adds it).
         """
+        from diffsim.mesh import meshers
         from diffsim.mesh.tetrahedralize import load_surface, tetrahedralize_surface
 
+        meshers.check_method(method)
         if isinstance(surface, (str, Path)):
             surface = load_surface(surface)
-        vertices, tets, project = tetrahedralize_surface(surface, resolution)
-        return cls(vertices, tets, fix_orientation=True)._project_surface(project)
+        if method == "voxel":
+            vertices, tets, project = tetrahedralize_surface(surface, resolution)
+            return cls(vertices, tets, fix_orientation=True)._project_surface(project)
+        vertices, faces = meshers.surface_arrays(surface)
+        make = meshers.tetgen_tets if method == "tetgen" else meshers.tetwild_tets
+        vertices, tets = make(vertices, faces, resolution)
+        used, tets = np.unique(tets, return_inverse=True)  # drop unused (input) vertices
+        return cls(vertices[used], tets.reshape(-1, 4), fix_orientation=True)
 
     def _project_surface(self, project) -> TetMesh:
         """Moves boundary vertices to ``project(points)`` where no tet inverts."""
@@ -334,49 +357,111 @@ class TetMesh:
         return self
 
     @classmethod
-    def load(cls, path: str | Path, **kwargs) -> TetMesh:
-        """Loads a Gmsh ``.msh`` (ASCII 4.1 or 2.2) or a diffsim ``.npz`` tet mesh.
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        resolution: int | None = None,
+        method: str | None = None,
+        **kwargs,
+    ) -> TetMesh:
+        """Loads a tet mesh file, or tetrahedralizes a surface file.
 
-        Body ids come back from ``.npz`` and from the volumes of a ``.msh`` (see
-        :func:`diffsim.mesh.gmsh_io.read_msh_bodies`). A triangle surface (.stl, .obj, ...) is
-        no tet mesh: tetrahedralize it with :meth:`from_surface`.
+        Formats, by suffix:
+
+        - ``.msh``: Gmsh ASCII 4.1 or 2.2; its volumes become bodies
+          (:func:`diffsim.mesh.gmsh_io.read_msh_bodies`).
+        - ``.npz``: diffsim's own (vertices, tets, body ids).
+        - ``.vtu``, ``.vtk`` (VTK), ``.mesh`` (Medit), ``.node``/``.ele`` (TetGen): through
+          meshio, an optional package (``pip install diffsim[meshing]``).
+        - ``.stl``, ``.obj``, ``.ply``, ``.off``, ... (a closed triangle surface):
+          tetrahedralized by :meth:`from_surface` (``resolution`` 16 and ``method``
+          ``"voxel"`` unless given).
+
+        Args:
+            path: the file.
+            resolution: for a surface file, as in :meth:`from_surface`.
+            method: for a surface file, as in :meth:`from_surface`.
+            **kwargs: for a tet mesh file, passed to the constructor (``fix_orientation``,
+                ``allow_unused_vertices``, ``body_ids``).
+
+        Raises:
+            FileNotFoundError: no such file.
+            ValueError: an unknown format, a malformed file, or ``resolution``/``method``
+                for a tet mesh file.
+            ImportError: meshio (or the meshing method's package) is not installed.
         """
+        from diffsim.mesh.meshio_io import MESHIO_SUFFIXES, read_meshio
+
         path = Path(path)
-        if path.suffix.lower() in SURFACE_SUFFIXES:
+        suffix = path.suffix.lower()
+        if suffix in SURFACE_SUFFIXES:
+            if kwargs:
+                raise ValueError(
+                    f"{path} is a surface: TetMesh.load takes resolution= and method= for it, "
+                    f"not {sorted(kwargs)}"
+                )
+            return cls.from_surface(
+                path,
+                resolution=16 if resolution is None else resolution,
+                method="voxel" if method is None else method,
+            )
+        if resolution is not None or method is not None:
             raise ValueError(
-                f"{path}: unknown mesh format {path.suffix!r} for TetMesh.load, which reads "
-                f"tet meshes (.msh, .npz); {path.suffix!r} is a triangle surface: "
-                f"tetrahedralize it with TetMesh.from_surface({str(path)!r}, resolution=16)"
+                f"{path}: resolution= and method= apply to surface files "
+                f"({', '.join(SURFACE_SUFFIXES)}), not to a tet mesh"
+            )
+        if suffix not in (".msh", ".npz", *MESHIO_SUFFIXES):
+            raise ValueError(
+                f"{path}: unknown mesh format {path.suffix!r}; use a tet mesh "
+                f"({', '.join(('.msh', '.npz', *MESHIO_SUFFIXES))}) or a closed surface "
+                f"({', '.join(SURFACE_SUFFIXES)})"
             )
         if not path.is_file():
             raise FileNotFoundError(f"mesh file not found: {path}")
-        if path.suffix == ".msh":
-            vertices, tets, body_ids = gmsh_io.read_msh_bodies(path)
-            if body_ids is not None and "body_ids" not in kwargs:
-                kwargs["body_ids"] = body_ids
-            return cls(vertices, tets, **kwargs)
-        if path.suffix == ".npz":
+        if suffix == ".npz":
             with np.load(path) as data:
                 missing = {"vertices", "tets"} - set(data.files)
                 if missing:
                     raise ValueError(f"{path}: not a diffsim mesh file, missing {sorted(missing)}")
                 body_ids = data["body_ids"] if "body_ids" in data.files else None
                 return cls(data["vertices"], data["tets"], body_ids=body_ids, **kwargs)
-        raise ValueError(f"{path}: unknown mesh format {path.suffix!r}; use .msh or .npz")
+        if suffix == ".msh":
+            vertices, tets, body_ids = gmsh_io.read_msh_bodies(path)
+        else:
+            vertices, tets, body_ids = read_meshio(path)
+        if body_ids is not None and "body_ids" not in kwargs:
+            kwargs["body_ids"] = body_ids
+        return cls(vertices, tets, **kwargs)
 
     def save(self, path: str | Path) -> None:
-        """Saves as Gmsh 4.1 ASCII (``.msh``, bodies as volumes) or diffsim ``.npz``.
+        """Saves the mesh; the format comes from the suffix.
 
-        Both keep the body ids (:meth:`load` reads them back).
+        ``.msh`` (Gmsh 4.1 ASCII, bodies as volumes) and ``.npz`` (diffsim's own) need
+        nothing more; ``.vtu``, ``.vtk``, ``.mesh`` and ``.node``/``.ele`` need meshio
+        (``pip install diffsim[meshing]``). All keep the body ids (:meth:`load` reads them
+        back).
+
+        Raises:
+            ValueError: an unknown suffix.
+            ImportError: meshio is needed and not installed.
         """
+        from diffsim.mesh.meshio_io import MESHIO_SUFFIXES, write_meshio
+
         path = Path(path)
-        if path.suffix == ".msh":
-            body_ids = self.body_ids if self.n_bodies > 1 else None
+        suffix = path.suffix.lower()
+        body_ids = self.body_ids if self.n_bodies > 1 else None
+        if suffix == ".msh":
             gmsh_io.write_msh(path, self.vertices, self.tets, body_ids)
-        elif path.suffix == ".npz":
+        elif suffix == ".npz":
             np.savez(path, vertices=self.vertices, tets=self.tets, body_ids=self.body_ids)
+        elif suffix in MESHIO_SUFFIXES:
+            write_meshio(path, self.vertices, self.tets, body_ids)
         else:
-            raise ValueError(f"{path}: unknown mesh format {path.suffix!r}; use .msh or .npz")
+            raise ValueError(
+                f"{path}: unknown mesh format {path.suffix!r}; use "
+                f"{', '.join(('.msh', '.npz', *MESHIO_SUFFIXES))}"
+            )
 
     @staticmethod
     def merge(meshes: Sequence[TetMesh]) -> TetMesh:

@@ -99,7 +99,7 @@ def load_surface(path: str | Path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"surface file not found: {path}")
-    if path.suffix.lower() in (".msh", ".npz"):
+    if path.suffix.lower() in (".msh", ".npz", ".vtu", ".vtk", ".mesh", ".node", ".ele"):
         raise ValueError(f"{path} is a tet mesh file: load it with TetMesh.load({str(path)!r})")
     import trimesh  # lazily: only surface input needs it
 
@@ -122,22 +122,14 @@ def tetrahedralize_surface(surface, resolution: int):
 
     Returns:
         ``(vertices, tets, project)`` where ``project(points)`` gives closest surface points.
+
+    Raises:
+        TypeError: not a surface.
+        ValueError: the surface is not closed.
     """
-    if not (hasattr(surface, "vertices") and hasattr(surface, "faces")):
-        raise TypeError(
-            "surface must be a trimesh.Trimesh (or an object with vertices and faces) or the "
-            f"path of a surface file, got {type(surface).__name__}"
-        )
-    vertices = np.asarray(surface.vertices, dtype=np.float64)
-    faces = np.asarray(surface.faces, dtype=np.int64)
-    if vertices.ndim != 2 or vertices.shape[1] != 3 or faces.ndim != 2 or faces.shape[1] != 3:
-        raise ValueError("surface must have vertices [n, 3] and triangle faces [f, 3]")
-    is_watertight = getattr(surface, "is_watertight", True)
-    if not is_watertight:
-        raise ValueError(
-            "the surface is not closed (watertight); repair it first, e.g. with "
-            "trimesh.repair.fill_holes"
-        )
+    from diffsim.mesh.meshers import surface_arrays
+
+    vertices, faces = surface_arrays(surface)
     bounds = np.stack([vertices.min(axis=0), vertices.max(axis=0)])
 
     def inside(points: np.ndarray) -> np.ndarray:

@@ -10,8 +10,11 @@ from diffsim.apps.cli.run import _render_options, _render_out, _summary, _view_d
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    """``diffsim render TRAJ.npz|SCENE.py --out FILE.mp4|.gif|.png|DIR/ [--export obj|ply]``."""
-    if args.export is None:
+    """``diffsim render TRAJ.npz|SCENE.py --out FILE.mp4|.gif|.png|.pvd|DIR/ [--export ...]``."""
+    pvd = Path(args.out).suffix.lower() == ".pvd"
+    if pvd and not Path(args.out).parent.is_dir():
+        raise UsageError(f"{args.out}: folder {Path(args.out).parent} does not exist")
+    if args.export is None and not pvd:
         _output_kind(args.out, allow_npz=False)
     path = Path(args.path)
     if path.suffix.lower() == ".py":
@@ -26,6 +29,8 @@ def cmd_render(args: argparse.Namespace) -> int:
         options, faces = _trajectory_render_options(args, traj, scene, sim)
     if args.export is not None:
         return _export(args, traj, faces, options)
+    if pvd:
+        return _export_vtu(args, traj, sim)
     _render_out(args, traj, faces, options)
     return EXIT_OK
 
@@ -115,4 +120,23 @@ def _export(args, traj, faces, options) -> int:
     picks = frame_indices(traj.n_frames, stride, options["max_frames"])
     paths = export_surfaces(traj.positions.cpu().numpy()[picks], faces, out, args.export)
     print(f"wrote {len(paths)} {args.export.upper()} files to {out}/")
+    return EXIT_OK
+
+
+def _export_vtu(args, traj, sim) -> int:
+    """Writes ``--out X.pvd`` and its VTU frames (every ``--stride``-th, at most ``--frames``)
+    for ParaView; the stress and energy fields need the material (a scene)."""
+    from diffsim.apps.export import export_vtu_series
+
+    material = None if sim is None else sim.material
+    rest = None if sim is None else sim.mesh.vertices
+    frames = export_vtu_series(
+        traj, args.out, material, rest_positions=rest, stride=args.stride or 1,
+        max_frames=args.frames,
+    )  # fmt: skip
+    fields = "velocity, displacement, speed"
+    if material is not None:
+        fields += ", von_mises (Pa), energy_density (J/m^3)"
+    note = "" if material is not None else "; add --scene SCENE.py for stress and energy"
+    print(f"wrote {args.out} ({len(frames)} VTU frames in {frames[0].parent}/: {fields}{note})")
     return EXIT_OK

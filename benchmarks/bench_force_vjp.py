@@ -49,7 +49,7 @@ def main() -> None:
     import warp as wp
 
     import diffsim as ds
-    from diffsim.backends.warp.setup import init_warp
+    from diffsim.kernels.runtime import init_warp
     from diffsim.kernels import grad_kernels_for, kernels_for
     from diffsim.physics.materials import lame_parameters
 

@@ -9,7 +9,7 @@ import warp as wp
 
 import diffsim as ds
 from diffsim.backends.warp.bridge import warp_scalar
-from diffsim.backends.warp.setup import init_warp
+from diffsim.kernels.runtime import init_warp
 from diffsim.kernels import grad_kernels_for, kernels_for
 
 MATERIALS = {"snh": 0, "nh": 1, "stvk": 2, "corotated": 3, "linear": 4}

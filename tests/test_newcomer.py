@@ -162,7 +162,7 @@ def test_compile_notice_once_before_a_compile_and_not_for_a_cached_module(
 ):
     import warp as wp
 
-    from diffsim.backends.warp import setup as warp_setup
+    from diffsim.kernels import runtime as warp_setup
 
     warp_setup.init_warp()
     monkeypatch.setattr(warp_setup, "_announced", False)
@@ -187,7 +187,7 @@ def test_compile_notice_once_before_a_compile_and_not_for_a_cached_module(
 
 
 def test_no_cuda_driver_warning_and_info_reports_cuda():
-    code = "from diffsim.backends.warp.setup import init_warp; init_warp()"
+    code = "from diffsim.kernels.runtime import init_warp; init_warp()"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "Could not find or load the NVIDIA CUDA driver" not in out.stderr
     info = subprocess.run(

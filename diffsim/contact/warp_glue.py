@@ -8,7 +8,7 @@ distances and the CCD step scales (the algorithm of :mod:`diffsim.contact.ccd`).
 import torch
 import warp as wp
 
-from diffsim.backends.warp.setup import init_warp
+from diffsim.kernels.runtime import init_warp
 from diffsim.contact.ccd import (
     ABSOLUTE_ROUNDS,
     EQUALIZE_ROUNDS,

@@ -188,7 +188,7 @@ def _one_line_warnings(prog: str) -> None:
 def _quiet_warp() -> None:
     """Silences Warp's start-up banner and CPU-only notices (`diffsim info` lists devices)."""
     try:
-        from diffsim.backends.warp.setup import quiet_warp
+        from diffsim.kernels.runtime import quiet_warp
 
         quiet_warp()
     except Exception:  # Warp missing or broken: the simulator reports it when it matters

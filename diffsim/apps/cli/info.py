@@ -47,7 +47,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"backends       {', '.join(sorted(BACKENDS))}")
     if "warp" in BACKENDS:
         from diffsim.backends.warp.backend import cpu_threads
-        from diffsim.backends.warp.setup import cuda_driver_present
+        from diffsim.kernels.runtime import cuda_driver_present
 
         print(f"warp threads   {cpu_threads()} on the CPU (DIFFSIM_WARP_THREADS to change)")
         if cuda_driver_present():

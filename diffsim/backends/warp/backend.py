@@ -24,7 +24,7 @@ except ImportError as error:  # pragma: no cover - warp-lang is a dependency
     raise ImportError("the Warp backend needs warp-lang: pip install warp-lang") from error
 
 from diffsim.backends.warp import bridge, fused
-from diffsim.backends.warp.setup import init_warp
+from diffsim.kernels.runtime import init_warp
 from diffsim.backends.warp.threads import SplitLauncher
 from diffsim.kernels import kernels_for
 

@@ -13,10 +13,11 @@ from diffsim.backends import BACKENDS
 from diffsim.backends.warp.setup import check_device
 from diffsim.checkpoint import run_segment
 from diffsim.mesh import TetMesh
-from diffsim.physics.elasticity import elastic_energy, volume_ratios
+from diffsim.physics.elasticity import deformation_gradients, elastic_energy, volume_ratios
 from diffsim.physics.ground import Ground
 from diffsim.physics.materials import Material, StableNeoHookean
 from diffsim.physics.stable_step import MassScaling, StableStep, mass_scaling, stable_step
+from diffsim.sim import worlds as layout
 from diffsim.sim.model import POSITION_DTYPE, Coefficients, Model, lumped_mass
 from diffsim.sim.state import State, Trajectory
 
@@ -86,6 +87,12 @@ class Simulator:
             substeps down to dhat/4 (:meth:`SurfaceContact.default_stiffness`).
         contact_friction: Coulomb coefficient between surfaces (>= 0).
         contact_friction_velocity: eps_v in m/s for surface friction.
+        worlds: W > 0 to simulate W worlds at once (one replicated mesh, every kernel over
+            all of them), or None for one world with no world axis. With worlds, E, nu and
+            density may be ``[]``, ``[W]``, ``[m]`` or ``[W, m]``, gravity ``[3]`` or
+            ``[W, 3]``, damping ``[]`` or ``[W]``; states are ``[W, n, 3]`` and trajectories
+            ``[T + 1, W, n, 3]``; each world equals the same world simulated alone, and
+            contact acts within a world only. See docs/worlds.md.
     """
 
     def __init__(
@@ -113,6 +120,7 @@ class Simulator:
         contact_stiffness: float | None = None,
         contact_friction: float = 0.0,
         contact_friction_velocity: float = 1e-3,
+        worlds: int | None = None,
     ) -> None:
         # The settings as given (a value: Simulator.replace builds a new one from them).
         self.settings = {k: v for k, v in locals().items() if k not in ("self", "mesh", "material")}
@@ -132,15 +140,21 @@ class Simulator:
         if friction < 0 or not math.isfinite(friction):
             raise ValueError(f"friction must be >= 0, got {friction}")
         _check_positive("friction_velocity", friction_velocity)
-        material.validate(mesh.n_tets)
-        self.mass_scaling = _scaled_mass(mesh, material, mass_scaling)
-        self.stable_step = _stable_step(mesh, material, self.mass_scaling)
-        substeps = self._choose_substeps(dt, substeps, material)
+        self.worlds = layout.check_worlds(worlds)
         self.mesh = mesh
+        _validate_material(material, mesh.n_tets, self.worlds)
+        # Per world: the mass scaling and stable-step estimate of its parameters; the
+        # substep follows the smallest estimate (that of the replicated mesh).
+        per_world = _per_world(mesh, material, self.worlds, mass_scaling)
+        self.world_mass_scalings = tuple(scaling for scaling, _ in per_world)
+        self.world_stable_steps = tuple(estimate for _, estimate in per_world)
+        self.mass_scaling = self.world_mass_scalings[0] if self.worlds is None else None
+        self.stable_step = min(self.world_stable_steps, key=lambda s: s.dt)
+        substeps = self._choose_substeps(dt, substeps, material)
         self.material = material
         self.dtype = dtype
         self.device = check_device(device)
-        self.gravity = _as_vector("gravity", gravity, dtype, self.device)
+        self.gravity = _as_vector("gravity", gravity, dtype, self.device, self.worlds)
         self.damping = damping
         self._check_damping()
         fixed_mask = _fixed_mask(fixed, mesh.n_vertices)
@@ -157,27 +171,51 @@ class Simulator:
                 mesh, dt / substeps, contact_dhat, contact_stiffness, contact_friction,
                 contact_friction_velocity, backend, self.device, dtype,
             )  # fmt: skip
-        as_t = dict(dtype=dtype, device=self.device)
-        self.model = Model(
-            mesh=mesh,
-            rest_positions=torch.as_tensor(mesh.vertices, dtype=POSITION_DTYPE, device=self.device),
-            tets=torch.as_tensor(mesh.tets, device=self.device),
-            dm_inv=torch.as_tensor(mesh.dm_inv, **as_t),
-            rest_volumes=torch.as_tensor(mesh.rest_volumes, **as_t),
-            fixed_mask=torch.as_tensor(fixed_mask, device=self.device),
-            fixed_indices=torch.as_tensor(np.flatnonzero(fixed_mask), device=self.device),
-            dt=float(dt),
-            substeps=substeps,
-            max_speed=None if max_speed is None else float(max_speed),
-            ground=ground_model,
-            contact=contact_model,
-            added_mass=None
-            if self.mass_scaling is None
-            else torch.as_tensor(self.mass_scaling.added_mass, **as_t),
+            if self.worlds is not None:
+                from diffsim.backends.worlds import WorldContact
+
+                contact_model = WorldContact.replicated(contact_model, self.worlds, mesh.n_vertices)
+        self.model = self._build_model(
+            fixed_mask, dt, substeps, max_speed, ground_model, contact_model
         )
         self._warned: set[str] = set()
         self.backend_name = self._choose_backend(backend, material)
         self.backend = BACKENDS[self.backend_name](self.model)
+
+    def _build_model(self, fixed_mask, dt, substeps, max_speed, ground, contact) -> Model:
+        """The model; with worlds, of the replicated mesh (:mod:`diffsim.sim.worlds`)."""
+        mesh, worlds, device = self.mesh, self.worlds, self.device
+        as_t = dict(dtype=self.dtype, device=device)
+        added = None
+        if any(s is not None for s in self.world_mass_scalings):
+            added = torch.cat(
+                [
+                    torch.as_tensor(s.added_mass, **as_t)
+                    if s is not None
+                    else torch.zeros(mesh.n_vertices, **as_t)
+                    for s in self.world_mass_scalings
+                ]
+            )
+        fixed = torch.as_tensor(np.flatnonzero(fixed_mask), device=device)
+        tets = torch.as_tensor(mesh.tets, device=device)
+        return Model(
+            mesh=mesh,
+            rest_positions=layout.replicate(
+                torch.as_tensor(mesh.vertices, dtype=POSITION_DTYPE, device=device), worlds
+            ),
+            tets=layout.replicate_indices(tets, worlds, mesh.n_vertices),
+            dm_inv=layout.replicate(torch.as_tensor(mesh.dm_inv, **as_t), worlds),
+            rest_volumes=layout.replicate(torch.as_tensor(mesh.rest_volumes, **as_t), worlds),
+            fixed_mask=layout.replicate(torch.as_tensor(fixed_mask, device=device), worlds),
+            fixed_indices=layout.replicate_indices(fixed, worlds, mesh.n_vertices),
+            dt=float(dt),
+            substeps=substeps,
+            max_speed=None if max_speed is None else float(max_speed),
+            ground=ground,
+            contact=contact,
+            added_mass=added,
+            worlds=worlds,
+        )
 
     def replace(self, **changes) -> Simulator:
         """A new simulator with some constructor arguments changed (this one is unchanged).
@@ -205,8 +243,8 @@ class Simulator:
 
     @property
     def added_mass(self) -> float:
-        """Mass added by ``mass_scaling`` in kg (0 without it)."""
-        return 0.0 if self.mass_scaling is None else self.mass_scaling.total_added
+        """Mass added by ``mass_scaling`` in kg (0 without it), summed over the worlds."""
+        return sum(0.0 if s is None else s.total_added for s in self.world_mass_scalings)
 
     def _choose_substeps(self, dt: float, substeps, material: Material) -> int:
         estimate = self.stable_step
@@ -266,7 +304,36 @@ class Simulator:
         return backend
 
     def _check_damping(self) -> None:
-        _check_damping(self.damping)
+        _check_damping(self.damping, self.worlds)
+
+    @property
+    def n_worlds(self) -> int:
+        """W, the worlds simulated at once (1 without a world axis)."""
+        return 1 if self.worlds is None else self.worlds
+
+    def world(self, index: int) -> Simulator:
+        """A single-world simulator of world ``index`` (no world axis): its material
+        parameters, gravity and damping (graphs kept), and this simulator's substeps.
+
+        What does not batch runs there (:meth:`equilibrium`), and each world's result equals
+        that simulator's (docs/worlds.md).
+        """
+        if self.worlds is None:
+            raise ValueError("this simulator has no worlds (worlds=None); it is its own world")
+        if not 0 <= index < self.worlds:
+            raise ValueError(f"world index {index} is outside [0, {self.worlds})")
+        material = _world_materials(self.mesh, self.material, self.worlds)[index]
+        gravity, damping = self.gravity, torch.as_tensor(self.damping)
+        settings = {**self.settings, "worlds": None, "substeps": self.model.substeps}
+        return Simulator(
+            self.mesh,
+            material,
+            **{
+                **settings,
+                "gravity": gravity[index] if gravity.dim() == 2 else gravity,
+                "damping": damping[index] if damping.dim() == 1 else self.damping,
+            },
+        )
 
     # ----------------------------------------------------------------- parameters
     def parameters(self) -> dict[str, torch.Tensor]:
@@ -299,9 +366,12 @@ class Simulator:
             params[name] = torch.as_tensor(value, **as_t)
         names = [n for n in overrides if n in self.material.parameter_names]
         if names:
-            self.material.replace(**{n: params[n] for n in names}).validate(self.model.n_tets)
+            material = self.material.replace(**{n: params[n] for n in names})
+            _validate_material(material, self.mesh.n_tets, self.worlds)
         if "damping" in overrides:
-            _check_damping(params["damping"])
+            _check_damping(params["damping"], self.worlds)
+        if "gravity" in overrides:
+            layout.world_vector("gravity", params["gravity"], self.worlds, 3)
         return params
 
     def coefficients(self, params: dict[str, torch.Tensor] | None = None) -> Coefficients:
@@ -309,11 +379,26 @@ class Simulator:
         params = self.parameters() if params is None else params
         names = self.material.differentiable_tensors().keys()
         material = self.material.with_tensors({k: params[k] for k in names})
+        if self.worlds is None:
+            return Coefficients(
+                material=material,
+                mass=lumped_mass(self.model, params["density"]),
+                gravity=params["gravity"],
+                damping=params["damping"],
+            )
+        # Worlds: the parameters on the replicated mesh (per tet, or one value for all).
+        W, m = self.worlds, self.mesh.n_tets
+        spread = {}
+        for name in material.parameter_names:
+            value = getattr(material, name)
+            if isinstance(value, torch.Tensor) and value.dim():
+                spread[name] = layout.tet_values(name, value, W, m)
+        material = material.replace(**spread) if spread else material
         return Coefficients(
             material=material,
-            mass=lumped_mass(self.model, params["density"]),
-            gravity=params["gravity"],
-            damping=params["damping"],
+            mass=lumped_mass(self.model, material.density),
+            gravity=params["gravity"].expand(W, 3),
+            damping=params["damping"].expand(W),
         )
 
     # ----------------------------------------------------------------- states
@@ -324,9 +409,16 @@ class Simulator:
         docs/how-it-works.md); velocities are in the simulator's dtype.
 
         Args:
-            positions: ``[n, 3]`` or None.
-            velocities: ``[n, 3]``, ``[3]`` (the same for every vertex) or None.
+            positions: ``[n, 3]`` or None; with worlds also ``[W, n, 3]`` (``[n, 3]``: the
+                same in every world).
+            velocities: ``[n, 3]``, ``[3]`` (the same for every vertex) or None; with worlds
+                also ``[W, n, 3]``.
+
+        Returns:
+            A :class:`State`, ``[n, 3]`` each, or ``[W, n, 3]`` with worlds.
         """
+        if self.worlds is not None:
+            return self._world_initial_state(positions, velocities)
         n = self.model.n_vertices
         x = (
             self.model.rest_positions.clone()
@@ -349,6 +441,43 @@ class Simulator:
                 )
         return State(x, v)
 
+    def _world_initial_state(self, positions, velocities) -> State:
+        W, n = self.worlds, self.mesh.n_vertices
+        if positions is None:
+            x = self.model.rest_positions.view(W, n, 3).clone()
+        else:
+            x = self._world_tensor("positions", positions, POSITION_DTYPE)
+        if velocities is None:
+            v = torch.zeros((W, n, 3), dtype=self.dtype, device=self.device)
+        else:
+            v = self._world_tensor("velocities", velocities, self.dtype, vector=True)
+        ground = self.model.ground
+        if ground is not None:
+            below = torch.nonzero(x.detach()[..., 1].flatten() <= ground.height).flatten()
+            if len(below):
+                world, vertices = layout.locate(below, n)
+                raise ValueError(
+                    f"vertices {vertices[:8]} of world {world} start at or below the ground "
+                    f"(y = {ground.height:g}); lift them"
+                )
+        return State(x, v)
+
+    def _world_tensor(self, name: str, value, dtype: torch.dtype, vector: bool = False):
+        """``[W, n, 3]`` from ``[W, n, 3]``, ``[n, 3]`` (every world) or, with ``vector``,
+        ``[3]`` (every vertex of every world); checked, graph kept."""
+        W, n = self.worlds, self.mesh.n_vertices
+        t = torch.as_tensor(value, device=self.device)
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be floating point, got {t.dtype}")
+        t = t.to(dtype)
+        allowed = [(W, n, 3), (n, 3)] + ([(3,)] if vector else [])
+        if tuple(t.shape) not in allowed:
+            text = ", ".join(str(list(a)) for a in allowed)
+            raise ValueError(f"{name} must have shape {text} (worlds={W}), got {list(t.shape)}")
+        if not torch.isfinite(t.detach()).all():
+            raise ValueError(f"{name} contain NaN or inf")
+        return t if t.shape == (W, n, 3) else t.expand(W, n, 3).contiguous()
+
     def _vertex_tensor(self, name: str, value, dtype: torch.dtype | None = None) -> torch.Tensor:
         t = torch.as_tensor(value, device=self.device)
         if not t.is_floating_point():
@@ -363,7 +492,8 @@ class Simulator:
         return t
 
     def _fixed_targets(self, fixed_positions, steps: int, x0: torch.Tensor) -> torch.Tensor:
-        """Prescribed positions at the end of each step, ``[steps, k, 3]``."""
+        """Prescribed positions at the end of each step, ``[steps, k, 3]`` (with worlds,
+        ``[steps, W * k, 3]``, world by world, from ``x0 [W * n, 3]``)."""
         idx = self.model.fixed_indices
         k = len(idx)
         if fixed_positions is None:
@@ -372,6 +502,8 @@ class Simulator:
         if not t.is_floating_point():
             raise ValueError(f"fixed_positions must be floating point, got {t.dtype}")
         t = t.to(POSITION_DTYPE)
+        if self.worlds is not None:
+            return self._world_targets(t, steps)
         if t.shape == (k, 3):
             return t.unsqueeze(0).expand(steps, k, 3)
         if t.dim() == 3 and t.shape[1:] == (k, 3) and t.shape[0] >= steps:
@@ -381,19 +513,33 @@ class Simulator:
             f"(one per step, for the {k} fixed vertices), got {list(t.shape)}"
         )
 
+    def _world_targets(self, t: torch.Tensor, steps: int) -> torch.Tensor:
+        """``[steps, W * k, 3]`` from ``[k, 3]``, ``[W, k, 3]`` or ``[steps', W, k, 3]``."""
+        W = self.worlds
+        k = len(self.model.fixed_indices) // W
+        if t.shape in ((k, 3), (W, k, 3)):
+            return t.expand(W, k, 3).reshape(1, W * k, 3).expand(steps, W * k, 3)
+        if t.dim() == 4 and t.shape[1:] == (W, k, 3) and t.shape[0] >= steps:
+            return t[:steps].reshape(steps, W * k, 3)
+        raise ValueError(
+            f"fixed_positions must have shape [{k}, 3] (constant, every world), [{W}, {k}, 3] "
+            f"(constant, per world) or [{steps}, {W}, {k}, 3] (one per step and world, for "
+            f"the {k} fixed vertices), got {list(t.shape)}"
+        )
+
     # ----------------------------------------------------------------- time stepping
     def step(self, state: State, fixed_positions=None) -> State:
         """Advances one step (``substeps`` substeps); differentiable.
 
         Args:
-            state: the current state.
+            state: the current state (``[W, n, 3]`` with worlds).
             fixed_positions: ``[k, 3]`` positions of the fixed vertices at the end of the step
-                (default: where they are now).
+                (default: where they are now); with worlds also ``[W, k, 3]``.
         """
         x, v = self._state_tensors(state)
         targets = self._fixed_targets(fixed_positions, 1, x)
         xs, vs = self._run(x, v, targets, list(self.parameters().values()), 0)
-        return State(xs[-1], vs[-1])
+        return State(self._unflatten(xs[-1]), self._unflatten(vs[-1]))
 
     def rollout(
         self,
@@ -410,13 +556,16 @@ class Simulator:
             state: start state (default: :meth:`initial_state`).
             checkpoint_every: K > 0 to checkpoint segments of K steps (memory O(T/K + K)
                 steps instead of O(T); same gradients), or None.
-            fixed_positions: ``[k, 3]`` or ``[steps, k, 3]`` prescribed positions.
+            fixed_positions: ``[k, 3]`` or ``[steps, k, 3]`` prescribed positions; with
+                worlds ``[k, 3]``, ``[W, k, 3]`` or ``[steps, W, k, 3]``.
             params: overrides of :meth:`parameters` by name for this rollout only (tensors
                 keep their graphs; e.g. ``{"youngs_modulus": net(centroids)}``): the
-                simulator itself is never changed.
+                simulator itself is never changed. With worlds, the shapes the constructor
+                takes (e.g. ``{"youngs_modulus": E}`` with E ``[W]``).
 
         Returns:
-            A :class:`Trajectory` with positions and velocities ``[steps + 1, n, 3]``.
+            A :class:`Trajectory` with positions and velocities ``[steps + 1, n, 3]``, or
+            ``[steps + 1, W, n, 3]`` with worlds.
         """
         if not isinstance(steps, int) or steps < 0:
             raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
@@ -458,12 +607,35 @@ class Simulator:
         return self._trajectory(torch.cat(positions), torch.cat(velocities))
 
     def _state_tensors(self, state: State) -> tuple[torch.Tensor, torch.Tensor]:
-        """The state's positions (float64) and velocities (working dtype)."""
-        return state.positions.to(POSITION_DTYPE), state.velocities.to(self.dtype)
+        """The state's positions (float64) and velocities (working dtype); with worlds,
+        flattened to the replicated mesh's ``[W * n, 3]``."""
+        x, v = state.positions.to(POSITION_DTYPE), state.velocities.to(self.dtype)
+        if self.worlds is None:
+            return x, v
+        if not torch.is_grad_enabled():  # a view made without grad mode confuses autograd
+            x, v = x.detach(), v.detach()
+        shape = (self.worlds, self.mesh.n_vertices, 3)
+        for name, t in (("positions", x), ("velocities", v)):
+            if tuple(t.shape) != shape:
+                raise ValueError(
+                    f"state {name} must have shape {list(shape)} (worlds={self.worlds}), got "
+                    f"{list(t.shape)}; make states with initial_state"
+                )
+        return x.reshape(-1, 3), v.reshape(-1, 3)
+
+    def _unflatten(self, t: torch.Tensor) -> torch.Tensor:
+        """``[..., W * n, 3]`` as ``[..., W, n, 3]`` with worlds (a view); else unchanged."""
+        if self.worlds is None:
+            return t
+        return t.view(*t.shape[:-2], self.worlds, self.mesh.n_vertices, 3)
 
     def _trajectory(self, positions: torch.Tensor, velocities: torch.Tensor) -> Trajectory:
         return Trajectory(
-            positions, velocities, self.model.dt, self.mesh.tets, self.mesh.surface_faces
+            self._unflatten(positions),
+            self._unflatten(velocities),
+            self.model.dt,
+            self.mesh.tets,
+            self.mesh.surface_faces,
         )
 
     def _segment_runner(self, first_step: int):
@@ -525,7 +697,8 @@ class Simulator:
                         "strain",
                         f"{len(bad)} tets are strained far beyond the material's range "
                         f"(volume ratios from {float(J.min()):.3g} to {float(J.max()):.3g}; "
-                        f"tets {bad[:8].tolist()}); an unstable substep (h = "
+                        f"{self._name_items('tets', bad, self.mesh.n_tets)}); an unstable "
+                        f"substep (h = "
                         f"{m.substep_dt:.3g} s) or a clamp hiding one is the usual cause: use "
                         f"a smaller dt or more substeps",
                     )
@@ -544,7 +717,8 @@ class Simulator:
             return
         finite = torch.isfinite(frames).all(dim=2)
         k = int(torch.nonzero(~finite.all(dim=1))[0])
-        bad = torch.nonzero(~finite[k]).flatten()[:8].tolist()
+        bad = torch.nonzero(~finite[k]).flatten()
+        bad = self._name_items("vertices", bad, self.mesh.n_vertices)
         m = self.model
         h = m.substep_dt
         if h > self.stable_dt:
@@ -560,36 +734,65 @@ class Simulator:
             if self.material.kernel_id != StableNeoHookean.kernel:
                 advice += ", or use StableNeoHookean, which tolerates inverted tets"
         raise SimulationError(
-            f"step {first_step + k} produced non-finite positions (vertices {bad}); {advice}"
+            f"step {first_step + k} produced non-finite positions ({bad}); {advice}"
         )
+
+    def _name_items(self, kind: str, indices: torch.Tensor, per_world: int) -> str:
+        """``"tets [3, 5]"`` (at most 8), with worlds ``"tets [3, 5] of world 2"`` (the
+        first world named, in its own numbering), for messages."""
+        if self.worlds is None:
+            return f"{kind} {indices[:8].tolist()}"
+        world, local = layout.locate(indices, per_world)
+        return f"{kind} {local[:8]} of world {world}"
 
     # ----------------------------------------------------------------- statics
     def equilibrium(self, **kwargs) -> torch.Tensor | tuple:
         """Static equilibrium ``[n, 3]``, differentiable by one adjoint solve.
 
-        See :func:`diffsim.equilibrium.equilibrium` for the options.
+        See :func:`diffsim.equilibrium.equilibrium` for the options. Does not batch over
+        worlds: with worlds, solve each with ``sim.world(w).equilibrium(...)``.
         """
         from diffsim.equilibrium import equilibrium
 
+        self._single_world("equilibrium")
         return equilibrium(self, **kwargs)
 
     def quasi_static(self, **kwargs) -> torch.Tensor | tuple:
         """Equilibria ``[T, n, 3]`` along a stepped loading path (warm-started, differentiable).
 
-        See :func:`diffsim.equilibrium.quasi_static` for the options.
+        See :func:`diffsim.equilibrium.quasi_static` for the options. Does not batch over
+        worlds (see :meth:`equilibrium`).
         """
         from diffsim.equilibrium import quasi_static
 
+        self._single_world("quasi_static")
         return quasi_static(self, **kwargs)
+
+    def _single_world(self, what: str) -> None:
+        if self.worlds is not None:
+            raise ValueError(
+                f"{what} does not batch over worlds (worlds={self.worlds}); solve each world "
+                f"with its own simulator: sim.world(w).{what}(...) for w in range(sim.n_worlds)"
+            )
 
     # ----------------------------------------------------------------- diagnostics
     def forces(self, positions: torch.Tensor) -> torch.Tensor:
-        """Total conservative force ``[n, 3]`` in N (elastic + gravity + ground barrier)."""
+        """Total conservative force ``[n, 3]`` in N (elastic + gravity + ground barrier);
+        with worlds, of positions ``[W, n, 3]``, ``[W, n, 3]``."""
         prepared = self.backend.prepare(self.coefficients())
-        return self.backend.forces(prepared, positions)
+        if self.worlds is None:
+            return self.backend.forces(prepared, positions)
+        x = torch.as_tensor(positions, device=self.device).to(POSITION_DTYPE)
+        shape = (self.worlds, self.mesh.n_vertices, 3)
+        if tuple(x.shape) != shape:
+            raise ValueError(f"positions must have shape {list(shape)}, got {list(x.shape)}")
+        return self._unflatten(self.backend.forces(prepared, x.reshape(-1, 3)))
 
     def energies(self, state: State) -> dict[str, torch.Tensor]:
-        """Kinetic, elastic, gravitational, barrier (and surface "contact") energies (J), total."""
+        """Kinetic, elastic, gravitational, barrier (and surface "contact") energies (J), total;
+        with worlds, ``[W]`` each (one per world)."""
+        if self.worlds is not None:
+            return self._world_energies(state)
         c = self.coefficients()
         m = self.model
         x, v = state.positions, state.velocities
@@ -604,17 +807,47 @@ class Simulator:
         out["total"] = sum(out.values())
         return out
 
+    def _world_energies(self, state: State) -> dict[str, torch.Tensor]:
+        c, m = self.coefficients(), self.model
+        W, n = self.worlds, self.mesh.n_vertices
+        x, v = self._state_tensors(state)
+        x = x.to(POSITION_DTYPE)
+        F = deformation_gradients(x, m.tets, m.dm_inv)
+        density = c.material.energy_density(F) * m.rest_volumes
+        g = m.per_vertex(c.gravity)
+        out = {
+            "kinetic": 0.5 * (c.mass * v.square().sum(dim=1)).view(W, n).sum(1),
+            "elastic": density.view(W, -1).sum(1),
+            "gravitational": -(c.mass[:, None] * x * g).view(W, -1).sum(1),
+        }
+        if m.ground is not None:
+            parts = zip(x.split(n), c.mass.split(n), strict=True)
+            out["barrier"] = torch.stack([m.ground.energy(xw, mw) for xw, mw in parts])
+        else:
+            out["barrier"] = c.mass.new_zeros(W)
+        if m.contact is not None:
+            out["contact"] = m.contact.energies(x, c.mass)
+        out["total"] = sum(out.values())
+        return out
+
     def __repr__(self) -> str:
+        worlds = "" if self.worlds is None else f", worlds={self.worlds}"
         return (
             f"Simulator({self.mesh!r}, {self.material!r}, dt={self.model.dt:g}, "
-            f"substeps={self.model.substeps}, backend={self.backend_name!r}, dtype={self.dtype})"
+            f"substeps={self.model.substeps}, backend={self.backend_name!r}, "
+            f"dtype={self.dtype}{worlds})"
         )
 
 
-def _check_damping(d) -> None:
+def _check_damping(d, worlds: int | None = None) -> None:
     data = d.detach() if isinstance(d, torch.Tensor) else torch.tensor(float(d))
+    if worlds is not None and data.shape == (worlds,):
+        if not bool(torch.isfinite(data).all()) or bool((data < 0).any()):
+            raise ValueError(f"damping must be finite and >= 0 (1/s) in every world, got {d}")
+        return
     if data.dim() != 0 or not torch.isfinite(data) or data < 0:
-        raise ValueError(f"damping must be a finite scalar >= 0 (1/s), got {d}")
+        shapes = "a finite scalar" if worlds is None else f"a finite scalar or [{worlds}] tensor"
+        raise ValueError(f"damping must be {shapes} >= 0 (1/s), got {d}")
 
 
 def _check_positive(name: str, value) -> None:
@@ -626,10 +859,13 @@ def _check_positive(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
 
-def _as_vector(name: str, value, dtype, device) -> torch.Tensor:
+def _as_vector(name: str, value, dtype, device, worlds: int | None = None) -> torch.Tensor:
     t = value if isinstance(value, torch.Tensor) else torch.tensor(value, dtype=torch.float64)
-    if t.shape != (3,):
-        raise ValueError(f"{name} must have 3 components, got shape {list(t.shape)}")
+    if worlds is not None and t.shape == (worlds, 3):
+        pass  # one vector per world
+    elif t.shape != (3,):
+        per_world = "" if worlds is None else f" (or [{worlds}, 3], one per world)"
+        raise ValueError(f"{name} must have 3 components{per_world}, got shape {list(t.shape)}")
     if not torch.isfinite(t.detach()).all():
         raise ValueError(f"{name} must be finite, got {t.tolist()}")
     return t.to(dtype=dtype, device=device)
@@ -654,6 +890,67 @@ def _fixed_mask(fixed, n: int) -> np.ndarray:
     mask = np.zeros(n, dtype=bool)
     mask[arr] = True
     return mask
+
+
+def _validate_material(material: Material, n_tets: int, worlds: int | None) -> None:
+    """:meth:`Material.validate`, with worlds for each world's share of the parameters."""
+    if worlds is None:
+        material.validate(n_tets)
+        return
+    for name in material.parameter_names:
+        value = getattr(material, name)
+        if isinstance(value, torch.Tensor):
+            layout.parameter_kind(name, value.shape, worlds, n_tets)
+    if not _varies(material, n_tets, worlds):
+        material.validate(n_tets)
+        return
+    for w in range(worlds):
+        try:
+            _world_material(material, w, worlds, n_tets).validate(n_tets)
+        except ValueError as error:
+            raise ValueError(f"world {w}: {error}") from None
+
+
+def _varies(material: Material, n_tets: int, worlds: int | None) -> bool:
+    """True if some physical parameter has a world axis."""
+    if worlds is None:
+        return False
+    return any(
+        layout.has_world_axis(name, value, worlds, n_tets)
+        for name, value in material.physical_parameters().items()
+    )
+
+
+def _world_material(material: Material, w: int, worlds: int, n_tets: int) -> Material:
+    """World w's material: its share of each physical parameter (graphs kept)."""
+    values = {
+        name: layout.world_value(name, value, w, worlds, n_tets)
+        for name, value in material.physical_parameters().items()
+        if layout.has_world_axis(name, value, worlds, n_tets)
+    }
+    return material.replace(**values) if values else material
+
+
+def _world_materials(mesh: TetMesh, material: Material, worlds: int | None) -> list[Material]:
+    """One material per world (the material itself without worlds)."""
+    if not _varies(material, mesh.n_tets, worlds):
+        return [material] * (1 if worlds is None else worlds)
+    return [_world_material(material, w, worlds, mesh.n_tets) for w in range(worlds)]
+
+
+def _per_world(
+    mesh: TetMesh, material: Material, worlds: int | None, target: float | None
+) -> tuple[tuple[MassScaling | None, StableStep], ...]:
+    """(mass scaling, stable-step estimate) of each world, computed once where no
+    parameter has a world axis."""
+
+    def estimate(m: Material) -> tuple[MassScaling | None, StableStep]:
+        scaling = _scaled_mass(mesh, m, target)
+        return scaling, _stable_step(mesh, m, scaling)
+
+    if not _varies(material, mesh.n_tets, worlds):
+        return (estimate(material),) * (1 if worlds is None else worlds)
+    return tuple(estimate(m) for m in _world_materials(mesh, material, worlds))
 
 
 def _physical(material: Material) -> list:

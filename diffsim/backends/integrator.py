@@ -34,7 +34,7 @@ def symplectic_euler_update(
         v: velocities ``[n, 3]`` (m/s), working dtype.
         forces: explicit forces ``[n, 3]`` (N): elastic + gravity + surface contact.
         mass: lumped masses ``[n]`` (kg).
-        damping: mass-proportional damping rate (1/s).
+        damping: mass-proportional damping rate (1/s): ``[]``, or ``[n]`` per vertex (worlds).
         x_fixed: positions ``[k, 3]`` of the fixed vertices at the end of the substep.
 
     Returns:
@@ -43,6 +43,8 @@ def symplectic_euler_update(
     m = model
     h = m.substep_dt
     v = v + h * forces / mass[:, None]
+    if isinstance(damping, torch.Tensor) and damping.dim() == 1:
+        damping = damping[:, None]
     v = v / (1.0 + h * damping)
     if m.max_speed is not None:
         v = clamp_speed(v, m.max_speed)

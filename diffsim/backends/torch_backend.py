@@ -1,4 +1,8 @@
-"""The torch reference backend: forces by autograd of the energy, any material."""
+"""The torch reference backend: forces by autograd of the energy, any material.
+
+Worlds (``model.worlds``) need nothing of their own: the model is one replicated mesh, and
+per-world gravity and damping are repeated per vertex (:meth:`Model.per_vertex`).
+"""
 
 from __future__ import annotations
 
@@ -27,11 +31,12 @@ class TorchBackend(Backend):
         """Elastic + gravity + surface contact: every force except the ground barrier."""
         m = self.model
         f = elastic_forces(c.material, x, m.tets, m.dm_inv, m.rest_volumes)
-        f = f + c.mass[:, None] * c.gravity
+        f = f + c.mass[:, None] * m.per_vertex(c.gravity)
         if m.contact is not None:
             f = f + m.contact.forces(x, c.mass)
         return f
 
     def substep(self, c: Coefficients, x, v, x_fixed):
         forces = self._explicit_forces(c, x)
-        return symplectic_euler_update(self.model, x, v, forces, c.mass, c.damping, x_fixed)
+        damping = self.model.per_vertex(c.damping)
+        return symplectic_euler_update(self.model, x, v, forces, c.mass, damping, x_fixed)

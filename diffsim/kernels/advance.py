@@ -150,6 +150,7 @@ def build_advance(dtype, module: str, elastic, integrate, force_vjp) -> SimpleNa
                             v_saved[row, i] = v[i]
                             f_saved[row, i] = f_el
                         m = c.mass[i]
+                        world = i // c.world_size
                         slot = c.fixed_slot[i]
                         xf = wp.vec3d()
                         is_fixed = int(0)  # noqa: UP018 - a Warp variable, not a constant
@@ -160,8 +161,9 @@ def build_advance(dtype, module: str, elastic, integrate, force_vjp) -> SimpleNa
                             xf = start + (targets[step, slot] - start) * fraction
                             is_fixed = 1
                         xn, vn = integrate_vertex(
-                            x[i], v[i], f_el + m * c.gravity[0], m, c.damping[0], is_fixed, xf, s
-                        )
+                            x[i], v[i], f_el + m * c.gravity[world], m, c.damping[world],
+                            is_fixed, xf, s,
+                        )  # fmt: skip
                         x[i] = xn
                         v[i] = vn
                         if j == substeps - 1:
@@ -205,8 +207,8 @@ def build_advance(dtype, module: str, elastic, integrate, force_vjp) -> SimpleNa
             adj_mass: wp.array(dtype=T),
             adj_mu: wp.array2d(dtype=T),
             adj_lam: wp.array2d(dtype=T),
-            adj_gravity: wp.array(dtype=vec3),
-            adj_damping: wp.array(dtype=T),
+            adj_gravity: wp.array2d(dtype=vec3),
+            adj_damping: wp.array2d(dtype=T),
             adj_targets: wp.array2d(dtype=vec3),
             adj_start: wp.array(dtype=vec3),
         ):
@@ -218,7 +220,9 @@ def build_advance(dtype, module: str, elastic, integrate, force_vjp) -> SimpleNa
             adds those of the masses to ``adj_mass`` ``[n]``, of mu and lambda to row
             ``worker`` of ``adj_mu``, ``adj_lam`` (index e * per_tet; rows at least a cache
             line long, or the workers' adds to index 0 contend for one line), of gravity and
-            damping to entry ``worker``, of the targets to ``adj_targets`` ``[steps, k]``.
+            damping to row ``worker`` of ``adj_gravity``, ``adj_damping`` ``[workers, W]``
+            (column: the world, vertex i in world ``i // c.world_size``), of the targets to
+            ``adj_targets`` ``[steps, k]``.
             ``adj_hvp`` ``[workers, n]`` must be zero and is left zero; ``adj_f`` and
             ``adj_start`` ``[k]`` are scratch. Per substep: each worker runs the vertex
             adjoint of its vertices, waits, adds the force VJP of its tets into its own row
@@ -227,16 +231,27 @@ def build_advance(dtype, module: str, elastic, integrate, force_vjp) -> SimpleNa
             hvp = adj_hvp[worker]
             amu = adj_mu[worker]
             alam = adj_lam[worker]
-            g = c.gravity[0]
+            first_world = vertex_start // c.world_size
             for back in range(steps):
                 step = steps - 1 - back
                 for back_j in range(substeps):
                     j = substeps - 1 - back_j
                     row = step * substeps + j
                     fraction = T(j + 1) / T(substeps)
+                    # Gravity and damping cotangents are summed per world over this
+                    # worker's vertices (consecutive, so the world changes at most W times).
                     sum_gravity = vec3()
                     sum_damping = T(0.0)
+                    world = first_world
                     for i in range(vertex_start, vertex_stop):
+                        vertex_world = i // c.world_size
+                        if vertex_world != world:
+                            adj_gravity[worker, world] = adj_gravity[worker, world] + sum_gravity
+                            adj_damping[worker, world] = adj_damping[worker, world] + sum_damping
+                            sum_gravity = vec3()
+                            sum_damping = T(0.0)
+                            world = vertex_world
+                        g = c.gravity[world]
                         ax = adj_x[i]
                         av = adj_v[i]
                         if j == substeps - 1:
@@ -249,7 +264,7 @@ def build_advance(dtype, module: str, elastic, integrate, force_vjp) -> SimpleNa
                             is_fixed = 1
                         gx, gv, gf, gm, gd, gxf = integrate_vertex_vjp(
                             x_saved[row, i], v_saved[row, i], f_saved[row, i] + m * g, m,
-                            c.damping[0], is_fixed, s, ax, av,
+                            c.damping[world], is_fixed, s, ax, av,
                         )  # fmt: skip
                         adj_x[i] = gx
                         adj_v[i] = gv
@@ -265,8 +280,9 @@ def build_advance(dtype, module: str, elastic, integrate, force_vjp) -> SimpleNa
                                 adj_start[slot] = toward_start
                             else:
                                 adj_start[slot] = adj_start[slot] + toward_start
-                    adj_gravity[worker] = adj_gravity[worker] + sum_gravity
-                    adj_damping[worker] = adj_damping[worker] + sum_damping
+                    if vertex_stop > vertex_start:
+                        adj_gravity[worker, world] = adj_gravity[worker, world] + sum_gravity
+                        adj_damping[worker, world] = adj_damping[worker, world] + sum_damping
                     if barrier(sync, workers, spin_limit) != 0:
                         return
                     x = x_saved[row]

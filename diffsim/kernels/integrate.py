@@ -55,9 +55,10 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
         """The per-vertex coefficients of the update: the differentiable ones and the mask."""
 
         mass: wp.array(dtype=T)  # lumped masses [n] (kg)
-        gravity: wp.array(dtype=vec3)  # [1] (m/s^2)
-        damping: wp.array(dtype=T)  # [1] mass-proportional damping (1/s)
+        gravity: wp.array(dtype=vec3)  # [W] one per world (m/s^2)
+        damping: wp.array(dtype=T)  # [W] mass-proportional damping per world (1/s)
         fixed_slot: wp.array(dtype=int)  # [n]: row in the prescribed positions, or -1
+        world_size: int  # vertices per world: vertex i is in world i // world_size
 
     tol = 8.0 * (1.1920929e-07 if dtype == wp.float32 else 2.220446049250313e-16)
 
@@ -322,12 +323,13 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
             With ``save`` set, the elastic forces are also written to ``f_saved`` (for backward).
             """
             i = wp.tid()
+            world = i // c.world_size
             xi = x[i]
             m = c.mass[i]
             f_el = f_a[i] + f_b[i]
             if save != 0:
                 f_saved[i] = f_el
-            f = f_el + m * c.gravity[0]
+            f = f_el + m * c.gravity[world]
             f_a[i] = vec3()
             f_b[i] = vec3()
             slot = c.fixed_slot[i]
@@ -336,7 +338,7 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
             if slot >= 0:
                 xf = x_fixed[slot]
                 is_fixed = 1
-            xn, vn = integrate_vertex(xi, v[i], f, m, c.damping[0], is_fixed, xf, s)
+            xn, vn = integrate_vertex(xi, v[i], f, m, c.damping[world], is_fixed, xf, s)
             x_new[i] = xn
             v_new[i] = vn
 
@@ -360,25 +362,27 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
             """The adjoint of ``step_fast`` per vertex, from the saved x, v and elastic forces.
 
             Writes adj_x, adj_v, adj_f (elastic forces) and adj_x_fixed (prescribed
-            positions); adds to adj_mass, and to adj_gravity[0] and adj_damping[0].
+            positions); adds to adj_mass, and to the vertex's world's entries of adj_gravity
+            and adj_damping ``[W]``.
             """
             i = wp.tid()
+            world = i // c.world_size
             m = c.mass[i]
-            g = c.gravity[0]
+            g = c.gravity[world]
             slot = c.fixed_slot[i]
             is_fixed = int(0)  # noqa: UP018 - a Warp variable, not a constant
             if slot >= 0:
                 is_fixed = 1
             gx, gv, gf, gm, gd, gxf = integrate_vertex_vjp(
-                x[i], v[i], f_el[i] + m * g, m, c.damping[0], is_fixed, s, adj_x_new[i],
+                x[i], v[i], f_el[i] + m * g, m, c.damping[world], is_fixed, s, adj_x_new[i],
                 adj_v_new[i],
             )  # fmt: skip
             adj_x[i] = gx
             adj_v[i] = gv
             adj_f[i] = gf
             adj_mass[i] = adj_mass[i] + gm + wp.dot(gf, g)
-            wp.atomic_add(adj_gravity, 0, m * gf)
-            wp.atomic_add(adj_damping, 0, gd)
+            wp.atomic_add(adj_gravity, world, m * gf)
+            wp.atomic_add(adj_damping, world, gd)
             if slot >= 0:
                 adj_x_fixed[slot] = gxf
 
@@ -397,15 +401,18 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
         f_el: wp.array(dtype=vec3),
         mass: wp.array(dtype=T),
         gravity: wp.array(dtype=vec3),
+        world_size: int,
         has_ground: int,
         height: wp.float64,
         dhat: T,
         kappa: T,
         f: wp.array(dtype=vec3),
     ):
-        """Elastic + gravity + ground barrier force per vertex (N)."""
+        """Elastic + gravity + ground barrier force per vertex (N); gravity ``[W]`` per
+        world, vertex i in world ``i // world_size``."""
         i = wp.tid()
         gap = T(x[i][1] - height)
-        f[i] = vertex_force(f_el[i], mass[i], gravity[0], gap, has_ground, dhat, kappa)
+        g = gravity[i // world_size]
+        f[i] = vertex_force(f_el[i], mass[i], g, gap, has_ground, dhat, kappa)
 
     return SimpleNamespace(integrate_vertex=integrate_vertex, total_forces=total_forces)

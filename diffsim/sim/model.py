@@ -35,6 +35,12 @@ class Model:
         contact: surface contact between and within bodies (barrier, friction, continuous
             collision limit), or None. See :mod:`diffsim.contact`.
         added_mass: ``[n]`` mass (kg) added to each vertex by mass scaling, or None.
+        worlds: the number of worlds W simulated at once, or None (one world, no world
+            axis). With worlds, the arrays above describe one replicated mesh: W copies of
+            ``mesh``, world-major (world w owns vertices ``w * n_w .. (w + 1) * n_w - 1`` and
+            tets ``w * m_w .. (w + 1) * m_w - 1``, n_w and m_w those of ``mesh``), so
+            ``n_vertices`` is ``W * n_w`` and the prescribed vertices are listed world by
+            world. See docs/worlds.md.
     """
 
     mesh: TetMesh
@@ -50,6 +56,30 @@ class Model:
     ground: Ground | None
     contact: Any = None
     added_mass: torch.Tensor | None = None
+    worlds: int | None = None
+
+    @property
+    def n_worlds(self) -> int:
+        """W: the number of worlds (1 without a world axis)."""
+        return 1 if self.worlds is None else self.worlds
+
+    @property
+    def world_vertices(self) -> int:
+        """Vertices per world (all of them without a world axis)."""
+        return self.n_vertices // self.n_worlds
+
+    @property
+    def world_tets(self) -> int:
+        """Tets per world (all of them without a world axis)."""
+        return self.n_tets // self.n_worlds
+
+    def per_vertex(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-world values ``[W, ...]`` repeated for each world's vertices, ``[n, ...]``;
+        without a world axis, the values unchanged (a single gravity ``[3]`` or damping
+        ``[]`` broadcasts). Differentiable: gradients sum back to the worlds."""
+        if self.worlds is None:
+            return values
+        return values.repeat_interleave(self.world_vertices, dim=0)
 
     @property
     def substep_dt(self) -> float:
@@ -80,8 +110,8 @@ class Coefficients:
     Attributes:
         material: the material with its parameters as tensors (graphs kept).
         mass: ``[n]`` lumped vertex masses in kg.
-        gravity: ``[3]`` in m/s^2.
-        damping: ``[]`` mass-proportional damping rate in 1/s.
+        gravity: ``[3]`` in m/s^2; with worlds ``[W, 3]``, one row per world.
+        damping: ``[]`` mass-proportional damping rate in 1/s; with worlds ``[W]``.
     """
 
     material: Material

@@ -17,8 +17,8 @@ class State:
     """Positions and velocities of all vertices.
 
     Attributes:
-        positions: ``[n, 3]`` in m.
-        velocities: ``[n, 3]`` in m/s.
+        positions: ``[n, 3]`` in m; ``[W, n, 3]`` for a simulator with W worlds.
+        velocities: ``[n, 3]`` in m/s; ``[W, n, 3]`` with worlds.
     """
 
     positions: torch.Tensor
@@ -33,8 +33,9 @@ class Trajectory:
     """A recorded rollout: one frame per step, the initial state first.
 
     Attributes:
-        positions: ``[T + 1, n, 3]`` in m (keeps its autograd graph).
-        velocities: ``[T + 1, n, 3]`` in m/s.
+        positions: ``[T + 1, n, 3]`` in m (keeps its autograd graph); ``[T + 1, W, n, 3]``
+            for a simulator with W worlds (:meth:`world` takes one out).
+        velocities: ``[T + 1, n, 3]`` in m/s; ``[T + 1, W, n, 3]`` with worlds.
         dt: time between frames in s.
         tets: ``[m, 4]`` mesh connectivity (for viewing and rendering), or None.
         surface_faces: ``[f, 3]`` boundary triangles, or None.
@@ -55,9 +56,31 @@ class Trajectory:
         """Frame times in s, ``[T + 1]``."""
         return np.arange(self.n_frames) * self.dt
 
+    @property
+    def n_worlds(self) -> int | None:
+        """W for a trajectory of W worlds (positions ``[T + 1, W, n, 3]``), else None."""
+        return self.positions.shape[1] if self.positions.dim() == 4 else None
+
     def state(self, frame: int = -1) -> State:
-        """The state at one frame."""
+        """The state at one frame (``[W, n, 3]`` each with worlds)."""
         return State(self.positions[frame], self.velocities[frame])
+
+    def world(self, index: int) -> Trajectory:
+        """World ``index`` of a trajectory of worlds, as a single-world trajectory
+        ``[T + 1, n, 3]`` (views; graph kept). Raises ValueError without worlds."""
+        if self.n_worlds is None:
+            raise ValueError("this trajectory has no worlds (positions are [T + 1, n, 3])")
+        if not -self.n_worlds <= index < self.n_worlds:
+            raise ValueError(f"world index {index} is outside [0, {self.n_worlds})")
+        out = Trajectory(
+            self.positions[:, index],
+            self.velocities[:, index],
+            self.dt,
+            self.tets,
+            self.surface_faces,
+        )
+        out.metadata = self.metadata
+        return out
 
     # Provenance read by :meth:`load` (scene, parameters, diffsim version, ...), or None.
     # A plain class attribute, not a dataclass field: the constructor is unchanged.
@@ -147,17 +170,17 @@ class Trajectory:
         tets = arrays.get("tets")
         faces = arrays.get("surface_faces")
         metadata = _metadata(arrays["metadata"], path) if "metadata" in arrays else None
-        if positions.ndim != 3 or positions.shape[2] != 3 or positions.shape[0] == 0:
+        if positions.ndim not in (3, 4) or positions.shape[-1] != 3 or positions.shape[0] == 0:
             raise ValueError(
-                f"{path}: positions must be [frames, n, 3] with at least one frame, "
-                f"got {list(positions.shape)}"
+                f"{path}: positions must be [frames, n, 3] (or [frames, worlds, n, 3]) with at "
+                f"least one frame, got {list(positions.shape)}"
             )
         if velocities.shape != positions.shape:
             raise ValueError(
                 f"{path}: velocities {velocities.shape} differ from positions {positions.shape}"
             )
         for name, values in (("positions", positions), ("velocities", velocities)):
-            bad = ~np.isfinite(values).all(axis=(1, 2))
+            bad = ~np.isfinite(values).reshape(len(values), -1).all(axis=1)
             if bad.any():
                 frame = int(np.flatnonzero(bad)[0])
                 raise ValueError(
@@ -165,7 +188,7 @@ class Trajectory:
                     f"{frame * dt:.4g} s) on; the run that wrote it blew up: run it again "
                     "with a smaller dt or more substeps"
                 )
-        n = positions.shape[1]
+        n = positions.shape[-2]
         tets = _connectivity(tets, 4, "tets", n, path)
         faces = _connectivity(faces, 3, "surface_faces", n, path)
         # Without a dtype, the file's own: float64 positions stay float64 (precision rule).

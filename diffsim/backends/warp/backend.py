@@ -24,9 +24,9 @@ except ImportError as error:  # pragma: no cover - warp-lang is a dependency
     raise ImportError("the Warp backend needs warp-lang: pip install warp-lang") from error
 
 from diffsim.backends.warp import bridge, fused
-from diffsim.kernels.runtime import init_warp
 from diffsim.backends.warp.threads import SplitLauncher
 from diffsim.kernels import kernels_for
+from diffsim.kernels.runtime import init_warp
 
 # The default thread count is capped here: beyond it, memory bandwidth and the barriers
 # eat the gain on the meshes we measure (override with DIFFSIM_WARP_THREADS).
@@ -95,7 +95,11 @@ class WarpBackend(Backend):
 
     # ----------------------------------------------------------------- coefficients
     def prepare(self, coeffs: Coefficients) -> bridge.WarpCoefficients:
-        """Lame constants, masses, gravity and damping as tensors and Warp views."""
+        """Lame constants, masses, gravity and damping as tensors and Warp views.
+
+        With worlds (``model.worlds``), gravity ``[W, 3]`` and damping ``[W]`` are one row per
+        world; the kernels find vertex i's world as ``i // model.world_vertices``.
+        """
         m = self.model
         material = coeffs.material
         material_id = material.kernel_id
@@ -111,14 +115,15 @@ class WarpBackend(Backend):
         shape = (m.n_tets,) if per_tet else (1,)
         mu, lam = mu.expand(shape).contiguous(), lam.expand(shape).contiguous()
         mass = coeffs.mass.contiguous()
+        # One gravity [3] and damping rate per world (one world without a world axis).
         gravity = coeffs.gravity.to(**as_t).contiguous()
-        damping = torch.as_tensor(coeffs.damping, **as_t).reshape(1)
+        damping = torch.as_tensor(coeffs.damping, **as_t).reshape(-1)
         k = self.kernels
         arrays = (
             bridge.wrap(mu.detach(), k.scalar),
             bridge.wrap(lam.detach(), k.scalar),
             bridge.wrap(mass.detach(), k.scalar),
-            bridge.wrap(gravity.detach().view(1, 3), k.vec3),
+            bridge.wrap(gravity.detach().view(-1, 3), k.vec3),
             bridge.wrap(damping.detach(), k.scalar),
         )
         ground = m.ground
@@ -133,9 +138,10 @@ class WarpBackend(Backend):
         settings.max_speed = m.max_speed if m.max_speed is not None else 0.0
         vertex = k.VertexCoefficients()
         vertex.mass = wp.from_torch(mass.detach(), dtype=k.scalar)
-        vertex.gravity = wp.from_torch(gravity.detach().view(1, 3), dtype=k.vec3)
+        vertex.gravity = wp.from_torch(gravity.detach().view(-1, 3), dtype=k.vec3)
         vertex.damping = wp.from_torch(damping.detach(), dtype=k.scalar)
         vertex.fixed_slot = self.fixed_slot
+        vertex.world_size = m.world_vertices
         return bridge.WarpCoefficients(
             coeffs=coeffs,
             inputs=(mu, lam, mass, gravity, damping),
@@ -221,7 +227,8 @@ class WarpBackend(Backend):
         mu, lam, mass, gravity, _ = w.inputs
         f = bridge.Forces.apply(self.geometry, w, False, x, mu, lam, mass, gravity)
         f = f + m.contact.forces(x, mass)
-        return symplectic_euler_update(m, x, v, f, mass, w.coeffs.damping, x_fixed)
+        damping = m.per_vertex(w.coeffs.damping)
+        return symplectic_euler_update(m, x, v, f, mass, damping, x_fixed)
 
     def _checked(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         m = self.model

@@ -91,7 +91,8 @@ class WarpCoefficients:
     Attributes:
         coeffs: the torch coefficients they came from.
         inputs: ``(mu, lam, mass, gravity, damping)`` torch tensors (graphs kept) that the
-            autograd Functions take as inputs; mu and lam are ``[1]`` or ``[m]``.
+            autograd Functions take as inputs; mu and lam are ``[1]`` or ``[m]``, gravity
+            ``[3]`` (one world) or ``[W, 3]``, damping ``[1]`` or ``[W]``.
         arrays: Warp views of the same five tensors (detached).
         per_tet: 1 where mu and lam are per tet, else 0.
         material: the kernel id of the material.
@@ -299,7 +300,7 @@ def _parameter_cotangents(w: WarpCoefficients) -> SimpleNamespace:
         lam=torch.zeros_like(lam),
         mass=torch.zeros_like(mass),
         gravity=torch.zeros_like(gravity),
-        damping=torch.zeros(1, dtype=damping.dtype, device=damping.device),
+        damping=torch.zeros_like(damping),
     )
 
 
@@ -324,7 +325,7 @@ def _substep_adjoint(g, w, launcher, x, v, x_fixed, f_el, grad_x, grad_v, acc) -
             xw, wrap(v, vec3), wrap(f_el, vec3), w.vertex, w.settings, wrap(grad_x, vec3),
             wrap(grad_v, vec3), wrap(adj_x, vec3),
             wrap(adj_v, vec3), adj_f_w, wrap(acc.mass, k.scalar),
-            wrap(acc.gravity.view(1, 3), vec3), wrap(acc.damping, k.scalar), wrap(adj_xf, vec3),
+            wrap(acc.gravity.view(-1, 3), vec3), wrap(acc.damping, k.scalar), wrap(adj_xf, vec3),
         ],
         device=g.device,
         stream=g.stream(),
@@ -357,7 +358,7 @@ class Substep(torch.autograd.Function):
         )
         return (
             None, None, None, adj_x, adj_v, adj_xf if g.n_fixed else torch.zeros_like(x_fixed),
-            acc.mu, acc.lam, acc.mass, acc.gravity, acc.damping.view(w.inputs[4].shape),
+            acc.mu, acc.lam, acc.mass, acc.gravity, acc.damping,
         )  # fmt: skip
 
 
@@ -375,10 +376,12 @@ class Forces(torch.autograd.Function):
         st = w.settings
         has_ground, height, dhat, kappa = st.has_ground, st.height, st.dhat, st.kappa
         has_ground = has_ground if ctx.with_ground else 0
+        world_size = w.vertex.world_size
+        inputs = [xw, f_el, w.arrays[2], w.arrays[3], world_size, has_ground, height, dhat, kappa]
         wp.launch(
             grad_kernels_for(k.scalar).total_forces,
             dim=g.n_vertices,
-            inputs=[xw, f_el, w.arrays[2], w.arrays[3], has_ground, height, dhat, kappa],
+            inputs=inputs,
             outputs=[wrap(f, vec3)],
             device=g.device,
             stream=g.stream(),
@@ -405,14 +408,16 @@ class Forces(torch.autograd.Function):
         st = w.settings
         has_ground, height, dhat, kappa = st.has_ground, st.height, st.dhat, st.kappa
         has_ground = has_ground if ctx.with_ground else 0
+        world_size = w.vertex.world_size
+        inputs = [xw, f_el, w.arrays[2], w.arrays[3], world_size, has_ground, height, dhat, kappa]
         wp.launch(
             grad_kernels_for(k.scalar).total_forces,
             dim=g.n_vertices,
-            inputs=[xw, f_el, w.arrays[2], w.arrays[3], has_ground, height, dhat, kappa],
+            inputs=inputs,
             outputs=[s.out_f_w],
             adj_inputs=[
-                adj_x_w, adj_f_w, wrap(adj_mass, k.scalar), wrap(adj_g.view(1, 3), vec3),
-                0, 0, 0, 0,
+                adj_x_w, adj_f_w, wrap(adj_mass, k.scalar), wrap(adj_g.view(-1, 3), vec3),
+                0, 0, 0, 0, 0,
             ],
             adj_outputs=[wrap(grad_f, vec3)],
             adjoint=True,

@@ -140,8 +140,8 @@ def retreat_steps(g: Geometry, w: WarpCoefficients, saved, grad_x, grad_v, launc
         mass=torch.zeros(g.n_vertices, **zeros),
         mu=torch.zeros((workers, max(len(w.inputs[0]), CACHE_LINE_VALUES)), **zeros),
         lam=torch.zeros((workers, max(len(w.inputs[1]), CACHE_LINE_VALUES)), **zeros),
-        gravity=torch.zeros((workers, 3), **zeros),
-        damping=torch.zeros(workers, **zeros),
+        gravity=torch.zeros((workers, *w.inputs[3].view(-1, 3).shape), **zeros),
+        damping=torch.zeros((workers, len(w.inputs[4])), **zeros),
         targets=torch.zeros((n_steps, max(g.n_fixed, 1), 3), **zeros),
         start=torch.zeros((max(g.n_fixed, 1), 3), **zeros),
     )
@@ -168,7 +168,7 @@ def retreat_steps(g: Geometry, w: WarpCoefficients, saved, grad_x, grad_v, launc
     return (
         adj.x, adj.v, adj.targets[:, : g.n_fixed], adj.mu[:, : len(w.inputs[0])].sum(0),
         adj.lam[:, : len(w.inputs[1])].sum(0), adj.mass,
-        adj.gravity.sum(0), adj.damping.sum(0).view(w.inputs[4].shape),
+        adj.gravity.sum(0).view(w.inputs[3].shape), adj.damping.sum(0),
     )  # fmt: skip
 
 

@@ -8,7 +8,6 @@ distances and the CCD step scales (the algorithm of :mod:`diffsim.contact.ccd`).
 import torch
 import warp as wp
 
-from diffsim.kernels.runtime import init_warp
 from diffsim.contact.ccd import (
     ABSOLUTE_ROUNDS,
     EQUALIZE_ROUNDS,
@@ -23,6 +22,7 @@ from diffsim.kernels.contact import (
     query_edge_edge,
     query_vertex_face,
 )
+from diffsim.kernels.runtime import init_warp
 
 init_warp()
 

@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 # Public name -> the module that defines it.
 _EXPORTS = {
     "BackendWarning": "diffsim.simulator",
+    "ContactWarning": "diffsim.contact",
     "Corotated": "diffsim.physics.materials",
     "EquilibriumError": "diffsim.equilibrium",
     "EquilibriumInfo": "diffsim.equilibrium",
@@ -53,7 +54,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs
-    from diffsim.contact import SurfaceContact
+    from diffsim.contact import ContactWarning, SurfaceContact
     from diffsim.equilibrium import EquilibriumError, EquilibriumInfo
     from diffsim.fitting.fit import FitResult, fit
     from diffsim.fitting.observation import Observation, ObservationError

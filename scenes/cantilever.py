@@ -19,5 +19,5 @@ def build() -> ds.Simulator:
     clamped = np.flatnonzero(np.isclose(mesh.vertices[:, 0], 0.0))
     material = ds.StableNeoHookean(youngs_modulus=1e6, poissons_ratio=0.3, density=1000.0)
     return ds.Simulator(
-        mesh, material, dt=1e-3, substeps=2, ground=None, fixed=clamped, damping=5.0
+        mesh, material, dt=1e-3, substeps="auto", ground=None, fixed=clamped, damping=5.0
     )

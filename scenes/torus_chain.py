@@ -33,7 +33,7 @@ def build() -> ds.Simulator:
         mesh,
         material,
         dt=1e-3,
-        substeps=6,
+        substeps="auto",
         ground=None,
         fixed=np.flatnonzero(mesh.body_ids == 0),
         damping=2.0,

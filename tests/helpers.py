@@ -18,6 +18,20 @@ def asset(name: str) -> Path:
     return path
 
 
+def build_scene(scene):
+    """``scene.build()``, or skip the test where the scene needs ../shared/assets and that
+    folder is absent (the scene says so in a SceneError caused by a FileNotFoundError)."""
+    from diffsim.apps.scene import SceneError
+
+    try:
+        return scene.build()
+    except SceneError as exc:
+        missing = isinstance(exc.__cause__, FileNotFoundError)
+        if missing and "shared/assets" in str(exc) and not ASSETS.is_dir():
+            pytest.skip(f"{scene.path.name} needs {ASSETS}")
+        raise
+
+
 def directional_fd(fn, x: torch.Tensor, direction: torch.Tensor, eps: float) -> float:
     """Central finite difference of scalar fn along direction at x (float64)."""
     with torch.no_grad():

@@ -16,6 +16,8 @@ from diffsim.apps import render  # noqa: E402
 from diffsim.apps.fields import FieldContext, tet_field, tets_to_vertices, vertex_field  # noqa: E402
 from diffsim.apps.scene import load_scene  # noqa: E402
 
+from .helpers import build_scene  # noqa: E402
+
 torch.set_num_threads(1)
 
 SCENES = sorted((Path(__file__).resolve().parents[1] / "scenes").glob("*.py"))
@@ -89,7 +91,7 @@ def test_video_of_each_scene_decodes_with_the_requested_frames_and_size(egl, tmp
     import imageio.v3 as iio
 
     scene = load_scene(path)
-    sim = scene.build()
+    sim = build_scene(scene)  # skips a scene whose assets are absent
     with torch.no_grad():
         traj = sim.rollout(6, scene.initial_state(sim))
     out = tmp_path / f"{path.stem}.mp4"

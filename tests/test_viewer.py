@@ -126,8 +126,11 @@ def test_fields_and_keyboard_shortcuts(controller):
 
 def test_a_blow_up_pauses_with_a_message(controller):
     c = controller
-    c.set_parameter("dt", 1e-2)
-    c.set_parameter("youngs_modulus", 1e8)
+    # Slider rebuilds choose stable substeps (substeps="auto"; tests/test_real_meshes.py), so
+    # force a blow-up: one fixed substep of 10 ms, far above the stable substep at E = 1e8.
+    stiff = c.sim.material.replace(youngs_modulus=1e8)
+    with pytest.warns(ds.StabilityWarning):
+        c.sim = c.sim.replace(dt=1e-2, material=stiff)
     c.play()
     for _ in range(10):
         c.step(20)

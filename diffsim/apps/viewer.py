@@ -8,7 +8,9 @@ controller's state and its ImGui panel; :func:`run_viewer` opens the window.
 
 from __future__ import annotations
 
+import math
 import re
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -18,7 +20,7 @@ from diffsim.apps.fields import FIELDS, FieldContext, vertex_field
 from diffsim.apps.render import body_palette, colour_range, surface_faces
 from diffsim.apps.scene import Scene, with_parameters
 from diffsim.sim.state import State, Trajectory
-from diffsim.simulator import SimulationError, Simulator
+from diffsim.simulator import SimulationError, Simulator, StabilityWarning
 
 # Key -> (action, description), as listed in the panel.
 SHORTCUTS: dict[str, tuple[str, str]] = {
@@ -91,6 +93,9 @@ class ViewerController:
             self.context = FieldContext.from_simulator(sim)
             self.parameters = _parameters_of(sim)
             self.state = self._initial_state()
+            # The scene's own substep (s) where it fixed the count: rebuilds never go coarser.
+            fixed_count = sim.settings.get("substeps") != "auto"
+            self.scene_substep = sim.model.dt / sim.model.substeps if fixed_count else None
 
     @classmethod
     def for_scene(cls, scene: Scene, sim: Simulator | None = None) -> ViewerController:
@@ -253,6 +258,10 @@ class ViewerController:
                 or ``gravity`` (m/s^2, the magnitude; the direction stays the scene's).
             value: the new value.
 
+        The new simulator's substeps follow ``substeps="auto"`` (see
+        :meth:`_stable_substeps`), so a stiffer or nearly incompressible material, or a
+        larger ``dt``, gets more substeps instead of blowing up.
+
         Raises:
             ValueError: not live, an unknown name, or a value the simulator rejects (the
                 simulator is then left unchanged).
@@ -263,14 +272,19 @@ class ViewerController:
             raise ValueError(f"unknown parameter {name!r}; choose from {list(PARAMETER_RANGES)}")
         values = dict(self.parameters, **{name: float(value)})
         direction = _gravity_direction(self.sim)
-        sim = with_parameters(
-            self.sim,
-            youngs_modulus=values["youngs_modulus"] if name == "youngs_modulus" else None,
-            poissons_ratio=values["poissons_ratio"] if name == "poissons_ratio" else None,
-            damping=values["damping"],
-            dt=values["dt"],
-            gravity=tuple((direction * values["gravity"]).tolist()),
-        )
+        with warnings.catch_warnings():
+            # The old substep count may be above the new values' stable substep: the
+            # rebuild below chooses the count again.
+            warnings.simplefilter("ignore", StabilityWarning)
+            sim = with_parameters(
+                self.sim,
+                youngs_modulus=values["youngs_modulus"] if name == "youngs_modulus" else None,
+                poissons_ratio=values["poissons_ratio"] if name == "poissons_ratio" else None,
+                damping=values["damping"],
+                dt=values["dt"],
+                gravity=tuple((direction * values["gravity"]).tolist()),
+            )
+        sim = self._stable_substeps(sim)
         self.sim = sim
         self.parameters = values
         self.context = FieldContext.from_simulator(sim)
@@ -281,6 +295,18 @@ class ViewerController:
         )
         self.error = None
         self.rebuilds += 1
+
+    def _stable_substeps(self, sim: Simulator) -> Simulator:
+        """``sim`` with the substep rule of ``Simulator(substeps="auto")``: the fewest
+        substeps per step below the new stable substep estimate, with the scene's mass
+        scaling kept, and never a longer substep than the scene's own fixed one (a scene may
+        fix it for contact), so that no slider value makes the scene blow up."""
+        sim = sim.replace(substeps="auto", mass_scaling=self.sim.settings.get("mass_scaling"))
+        if self.scene_substep is not None:
+            n = math.ceil(sim.model.dt / self.scene_substep * (1.0 - 1e-12))
+            if n > sim.model.substeps:
+                sim = sim.replace(substeps=n)
+        return sim
 
     def handle_key(self, key: str) -> bool:
         """Runs the shortcut bound to ``key`` (see :data:`SHORTCUTS`); True if there is one."""

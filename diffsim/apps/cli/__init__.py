@@ -27,7 +27,8 @@ from diffsim.apps.cli.arguments import (
     _Parser,
     _positive_float,
 )
-from diffsim.apps.cli.info import _version_line, cmd_info
+from diffsim.apps.cli.info import _version_line
+from diffsim.apps.cli.info import configure as _configure_info
 from diffsim.apps.cli.render import cmd_render
 from diffsim.apps.cli.run import cmd_run
 from diffsim.apps.cli.view import cmd_view
@@ -83,7 +84,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     render = sub.add_parser("render", help="render a trajectory or scene to video/PNG/OBJ/PLY")
     render.add_argument("path", help="saved trajectory (.npz) or scene script (.py)")
-    render.add_argument("--out", required=True, help="output: .mp4, .gif, .png or DIR/")
+    render.add_argument(
+        "--out", required=True, help="output: .mp4, .gif, .png, DIR/ or .pvd (VTU series)"
+    )
     render.add_argument(
         "--steps",
         type=_nonnegative_int,
@@ -101,8 +104,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     _add_render_options(render)
     render.set_defaults(func=cmd_render)
 
-    info = sub.add_parser("info", help="versions, devices and the rendering backend")
-    info.set_defaults(func=cmd_info)
+    info = sub.add_parser(
+        "info", help="versions, devices and rendering; or a mesh's quality and stable time step"
+    )
+    _configure_info(info)
 
     fit = sub.add_parser("fit", help="fit material parameters of a scene to a trajectory")
     if _wants(argv, "fit"):

@@ -84,8 +84,10 @@ def _summary(scene, sim, traj, timing: dict) -> str:
         f"{scene.name}: {steps} steps of {sim.model.dt:g} s ({steps * sim.model.dt:.3f} s "
         f"simulated) in {timing['elapsed']:.2f} s wall",
         f"  {_si(rate)} tet-substeps/s{warm}",
-        f"  {sim.mesh.n_vertices} vertices, {sim.mesh.n_tets} tets, {sim.model.substeps} "
-        f"substep(s), backend {sim.backend_name}, {dtype}",
+        f"  {sim.mesh.n_vertices} vertices, {sim.mesh.n_tets} tets, backend "
+        f"{sim.backend_name}, {dtype}",
+        _time_step_line(sim),
+        _added_mass_line(sim),
         "  energy (J)      start        end",
     ]
     for key in first:
@@ -93,6 +95,27 @@ def _summary(scene, sim, traj, timing: dict) -> str:
     y = traj.positions[..., 1]
     lines.append(f"  lowest vertex height {float(y.min()):.4g} m")
     return "\n".join(lines)
+
+
+def _time_step_line(sim) -> str:
+    """The substeps used per step and the estimated stable substep (``sim.stable_dt``)."""
+    n, h = sim.model.substeps, sim.model.dt / sim.model.substeps
+    return (
+        f"  {n} substep{'s' if n > 1 else ''} of {h:.3g} s per step; estimated stable substep "
+        f"{sim.stable_dt:.3g} s"
+    )
+
+
+def _added_mass_line(sim) -> str:
+    """The mass ``mass_scaling`` added (``sim.added_mass``, kg), or that there is none."""
+    scaling = sim.mass_scaling
+    if scaling is None:
+        return "  added mass 0 kg (no mass scaling)"
+    return (
+        f"  added mass {sim.added_mass:.3g} kg ({100.0 * scaling.fraction:.2g}% of "
+        f"{scaling.mass:.3g} kg) by mass_scaling={scaling.target_dt:g} s, at "
+        f"{len(scaling.scaled_vertices)} of {len(scaling.added_mass)} vertices"
+    )
 
 
 def _view_direction(camera: dict | None):

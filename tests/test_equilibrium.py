@@ -425,3 +425,11 @@ def test_quasi_static_load_ramp():
     assert (grad < 0).all()  # pushing harder lowers every step
     with pytest.raises(ValueError, match="steps"):
         sim.quasi_static(external_forces=unit)
+
+
+@pytest.mark.parametrize("tol", [-1.0, 0.0, float("nan")])
+def test_a_tolerance_that_cannot_be_met_is_refused_at_once(tol):
+    mesh = ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=(1, 1, 1))
+    sim = ds.Simulator(mesh, ds.StableNeoHookean(1e5, 0.3), ground=None, fixed=[0, 1, 2, 3])
+    with pytest.raises(ValueError, match="tol must be a positive"):
+        sim.equilibrium(tol=tol)

@@ -17,6 +17,7 @@ density, gravity, prescribed positions, external forces). See docs/equilibrium.m
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -80,6 +81,11 @@ def equilibrium(
         raise ValueError("strict=False needs return_info=True, so the convergence flag is seen")
     if not isinstance(max_iter, int) or max_iter < 0:
         raise ValueError(f"max_iter must be an integer >= 0, got {max_iter!r}")
+    for name, value in (("tol", tol), ("adjoint_tol", adjoint_tol)):
+        if value is not None and not (float(value) > 0 and math.isfinite(float(value))):
+            raise ValueError(
+                f"{name} must be a positive relative residual (e.g. 1e-8), got {value!r}"
+            )
     model = sim.model
     f64 = sim.dtype == torch.float64
     if linear_solver == "auto":

@@ -2,7 +2,10 @@
 
 Each test starts torchrun as a subprocess on 127.0.0.1 with a free port and a timeout, and
 compares what process 0 wrote (and, from Python, what every process returned) with the
-same fit in this process. Skipped only where torch.distributed or gloo is missing.
+same fit in this process. With one rollout per target (``batch=False``) the results are
+equal bit for bit; where the simulator has batched worlds, the default runs each process's
+targets as worlds, so the split changes the rounding and the results agree to 1e-8 (the
+fit's own convergence). Skipped only where torch.distributed or gloo is missing.
 """
 
 from __future__ import annotations
@@ -57,8 +60,8 @@ from scene import build
 torch.set_num_threads(1)
 rank = int(os.environ["RANK"])
 targets = [f"drop{i}.npz" for i in range(3)]
-# Auto-detected from torchrun's environment (distributed=None).
-three = ds.fit(build, targets, iters=int(sys.argv[1]))
+# Auto-detected from torchrun's environment (distributed=None); one rollout per target.
+three = ds.fit(build, targets, iters=int(sys.argv[1]), batch=False)
 # One target for two processes: process 1 has none and still takes every step.
 one = ds.fit(build, targets[:1], iters=3, distributed=True)
 out = {"three": three.to_dict(), "one": one.to_dict()}
@@ -114,11 +117,11 @@ def folder(tmp_path_factory) -> Path:
     return folder
 
 
-def one_process(folder: Path, files: list[str], iters: int) -> ds.FitResult:
+def one_process(folder: Path, files: list[str], iters: int, batch=None) -> ds.FitResult:
     namespace: dict = {}
     exec((folder / "scene.py").read_text(), namespace)
     targets = [Target(str(folder / f)) for f in files]
-    return ds.fit(namespace["build"], targets, iters=iters, distributed=False)
+    return ds.fit(namespace["build"], targets, iters=iters, distributed=False, batch=batch)
 
 
 def test_two_process_command_equals_one_process(folder):
@@ -131,10 +134,12 @@ def test_two_process_command_equals_one_process(folder):
     two = json.loads((folder / "two.json").read_text())
     one = one_process(folder, files, ITERS)
     assert two["processes"] == 2 and one.processes == 1
+    # Bit for bit without batched worlds; to the fit's convergence with them (see above).
+    rel = 1e-8 if one.batched or two["batched"] else 1e-12
     for name, value in one.values.items():
-        assert two["values"][name] == pytest.approx(value, rel=1e-12, abs=0)
-    np.testing.assert_allclose(two["loss_history"], one.loss_history, rtol=1e-12)
-    assert two["iterations"] == one.iterations
+        assert two["values"][name] == pytest.approx(value, rel=rel, abs=0)
+    assert two["best_loss"] == pytest.approx(one.best_loss, rel=rel)
+    assert two["loss_history"][0] == pytest.approx(one.loss_history[0], rel=1e-12)
     for name, value in {"youngs_modulus": 5e4, "poissons_ratio": 0.35}.items():
         assert abs(two["values"][name] - value) < 0.02 * value
 
@@ -147,11 +152,12 @@ def test_two_processes_from_python_agree_with_one(folder):
         assert ranks[1][fit]["values"] == ranks[0][fit]["values"]
         assert ranks[1][fit]["loss_history"] == ranks[0][fit]["loss_history"]
     files = ["drop0.npz", "drop1.npz", "drop2.npz"]
-    three, one = one_process(folder, files, ITERS), one_process(folder, files[:1], 3)
+    three = one_process(folder, files, ITERS, batch=False)
+    one = one_process(folder, files[:1], 3)
     for got, want in ((ranks[0]["three"], three), (ranks[0]["one"], one)):
         assert got["processes"] == 2
-        for name, value in want.values.items():
-            assert got["values"][name] == pytest.approx(value, rel=1e-12, abs=0)
+        assert got["values"] == want.values  # bit for bit
+        assert got["loss_history"] == want.loss_history
         np.testing.assert_allclose(
             [t["loss"] for t in got["targets"]], want.target_losses, rtol=1e-12
         )

@@ -2,9 +2,9 @@
 
 Float64, forward and gradients with respect to every per-world input (E, nu, density,
 gravity, damping, initial positions and velocities, prescribed positions), with and
-without checkpointing, on the torch backend, the Warp fused CPU path (one worker, and two
-whose vertex ranges span worlds) and the Warp per-substep path (what CUDA runs). Contact
-acts within a world only. See docs/worlds.md.
+without checkpointing, on the torch backend, the Warp fused CPU path (one worker; two whose
+vertex ranges span worlds; three that run a world each) and the Warp per-substep path (what
+CUDA runs). Contact acts within a world only. See docs/worlds.md.
 """
 
 from __future__ import annotations
@@ -35,22 +35,32 @@ SETTINGS = dict(
     ground_stiffness=1e6,
     fixed=FIXED,
 )
-PATHS = ["torch", "warp", "warp-split", "warp-substep"]
+PATHS = ["torch", "warp", "warp-split", "warp-worlds", "warp-substep"]
 needs_warp = pytest.mark.skipif("warp" not in BACKENDS, reason="warp-lang is not installed")
 
 
-def use_path(path: str, monkeypatch) -> str:
-    """The backend of a path, with the monkeypatches that select it."""
+def use_path(path: str, monkeypatch, splits: list | None = None) -> str:
+    """The backend of a path, with the monkeypatches that select it; ``splits`` receives
+    whether each fused launch split whole worlds between its workers."""
     if path == "torch":
         return "torch"
     if "warp" not in BACKENDS:
         pytest.skip("warp-lang is not installed")
     if path == "warp":
         monkeypatch.setenv("DIFFSIM_WARP_THREADS", "1")
-    if path == "warp-split":  # two workers whose vertex and tet ranges span worlds
-        monkeypatch.setenv("DIFFSIM_WARP_THREADS", "2")
+    if path in ("warp-split", "warp-worlds"):
+        # Two workers whose vertex and tet ranges span worlds (meeting at barriers), or
+        # three that run a whole world each, independently.
+        monkeypatch.setenv("DIFFSIM_WARP_THREADS", "2" if path == "warp-split" else "3")
         monkeypatch.setattr(warp_fused, "MIN_TETS_PER_WORKER", 1)
         monkeypatch.setattr(warp_bridge, "MIN_TETS_PER_WORKER", 1)
+    if splits is not None:
+        by_world = warp_fused._by_world
+        monkeypatch.setattr(
+            warp_fused,
+            "_by_world",
+            lambda g, n: splits.append((n, by_world(g, n))) or by_world(g, n),
+        )
     if path == "warp-substep":  # one Substep Function per substep, as on CUDA
         monkeypatch.setattr(BACKENDS["warp"], "advance", Backend.advance)
     return "warp"
@@ -119,8 +129,17 @@ def batched_and_alone(backend: str, checkpoint_every=None, steps: int = STEPS):
 def test_each_world_equals_the_world_alone_forward_and_gradients(
     path, checkpoint_every, monkeypatch
 ):
-    backend = use_path(path, monkeypatch)
+    splits = []
+    backend = use_path(path, monkeypatch, splits)
     traj, alone, batched, single = batched_and_alone(backend, checkpoint_every)
+    # The fused launches split as intended (the worlds alone split their tets).
+    expected = {
+        "warp": {(1, False)},
+        "warp-split": {(2, False)},
+        "warp-worlds": {(3, True), (3, False)},
+    }
+    if path in expected:
+        assert set(splits) == expected[path]
     assert traj.positions.shape == (STEPS + 1, W, MESH.n_vertices, 3)
     assert traj.positions.dtype == F64 and traj.n_worlds == W
     for w in range(W):

@@ -86,6 +86,7 @@ class WarpBackend(Backend):
             chunk=64 if device.is_cpu else 1,
             torch_device=model.device,
             owners=[tets, dm_inv, volume, slot],
+            worlds=model.n_worlds,
         )
         # Buffers every prepared set of coefficients shares: step_fast leaves f_a and f_b at
         # zero, the others are scratch within one call.

@@ -75,6 +75,7 @@ class Geometry:
     chunk: int = 1
     torch_device: Any = None
     owners: list = field(default_factory=list)
+    worlds: int = 1  # W copies of one mesh, world-major (diffsim.sim.worlds)
 
     def stream(self) -> Any:
         """The Warp stream of torch's current CUDA stream (None on the CPU), so Warp

@@ -4,6 +4,10 @@
 :mod:`diffsim.kernels.advance` once per worker (the workers meet at a spinning barrier
 inside them); :class:`Steps` is the autograd Function over a block of steps built on the
 two. See docs/backends.md.
+
+With several worlds (:mod:`diffsim.sim.worlds`) the workers split the worlds instead, where
+that balances: each worker runs whole worlds with accumulators of its own, as a launch of
+one worker, so the workers never wait for each other (worlds share nothing).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ SPIN_LIMIT = 1 << 25
 # Per-worker accumulators are padded to this many values (64 bytes of float32 or more),
 # so that two workers adding to their own entries do not contend for one line.
 CACHE_LINE_VALUES = 16
+# Workers split whole worlds where each gets at least this many (or all the same number).
+BALANCED_WORLDS = 4
 
 
 def _run_workers(g: Geometry, kernel, launcher, args) -> None:
@@ -32,17 +38,24 @@ def _run_workers(g: Geometry, kernel, launcher, args) -> None:
         g: the geometry.
         kernel: ``advance[material]`` or ``retreat[material]``.
         launcher: the SplitLauncher, or None for one worker.
-        args: ``args(worker, workers, tet_range, vertex_range, sync)``: the kernel's
-            argument list for one worker.
+        args: ``args(worker, workers, tet_range, vertex_range, sync, alone)``: the kernel's
+            argument list for one worker; with ``alone`` the worker runs whole worlds as a
+            launch of one worker (``workers`` 1 in the kernel), on accumulators of its own.
     """
     workers = _workers(g, launcher)
+    alone = _by_world(g, workers)
     sync = torch.zeros(4, dtype=torch.int32)
     sync_w = wrap(sync, wp.int32)
     launches = []
     for worker in range(workers):
-        tets = [g.n_tets * worker // workers, g.n_tets * (worker + 1) // workers]
-        vertices = [g.n_vertices * worker // workers, g.n_vertices * (worker + 1) // workers]
-        inputs = args(worker, workers, tets, vertices, sync_w)
+        if alone:  # whole worlds: the tets of a world touch that world's vertices only
+            first, stop = g.worlds * worker // workers, g.worlds * (worker + 1) // workers
+            tets = [g.n_tets // g.worlds * first, g.n_tets // g.worlds * stop]
+            vertices = [g.n_vertices // g.worlds * first, g.n_vertices // g.worlds * stop]
+        else:
+            tets = [g.n_tets * worker // workers, g.n_tets * (worker + 1) // workers]
+            vertices = [g.n_vertices * worker // workers, g.n_vertices * (worker + 1) // workers]
+        inputs = args(worker, workers, tets, vertices, sync_w, alone)
         launches.append(wp.launch(kernel, dim=1, inputs=inputs, device=g.device, record_cmd=True))
 
     def job(launch) -> Callable[[], None]:
@@ -71,7 +84,16 @@ def _workers(g: Geometry, launcher) -> int:
     MIN_TETS_PER_WORKER tets (below that, the barriers cost more than the split saves)."""
     if launcher is None:
         return 1
-    return max(1, min(launcher.threads, g.n_tets // MIN_TETS_PER_WORKER))
+    workers = max(1, min(launcher.threads, g.n_tets // MIN_TETS_PER_WORKER))
+    return min(workers, g.worlds) if _by_world(g, workers) else workers
+
+
+def _by_world(g: Geometry, workers: int) -> bool:
+    """Whether workers split whole worlds: several workers and worlds, and an even split
+    (a multiple) or at least BALANCED_WORLDS worlds per worker (at most 1 in 4 idle)."""
+    if workers < 2 or g.worlds < 2:
+        return False
+    return g.worlds % min(workers, g.worlds) == 0 or g.worlds >= BALANCED_WORLDS * workers
 
 
 def advance_steps(
@@ -109,7 +131,10 @@ def advance_steps(
         wrap(saved[0], k.position), wrap(saved[1], k.vec3), wrap(saved[2], k.vec3),
     ]  # fmt: skip
 
-    def args(worker, workers, tets, vertices, sync):
+    def args(worker, workers, tets, vertices, sync, alone):
+        if alone:  # its own force row, as the only worker of its launch
+            own = wrap(s.worker_forces[worker : worker + 1], k.vec3)
+            return [*head, 0, 1, *tets, *vertices, own, sync, SPIN_LIMIT, *tail]
         return [*head, worker, workers, *tets, *vertices, forces, sync, SPIN_LIMIT, *tail]
 
     _run_workers(g, k.advance[w.material], launcher, args)
@@ -152,17 +177,29 @@ def retreat_steps(g: Geometry, w: WarpCoefficients, saved, grad_x, grad_v, launc
         g.tets, g.dm_inv, g.volume, mu, lam, w.per_tet, w.vertex, n_steps, w.settings,
         g.substeps,
     ]  # fmt: skip
-    tail = [
+    states = [
         wrap(saved[0], k.position), wrap(saved[1], vec3), wrap(saved[2], vec3),
-        wrap(grad_x, vec3), wrap(grad_v, vec3),
-        wrap(adj.x, vec3), wrap(adj.v, vec3), wrap(adj.f, vec3),
-        wrap(s.worker_forces[:workers], vec3), wrap(adj.mass, scalar), wrap(adj.mu, scalar),
-        wrap(adj.lam, scalar), wrap(adj.gravity, vec3), wrap(adj.damping, scalar),
-        wrap(adj.targets, vec3), wrap(adj.start, vec3),
+        wrap(grad_x, vec3), wrap(grad_v, vec3), wrap(adj.x, vec3), wrap(adj.v, vec3),
+        wrap(adj.f, vec3),
     ]  # fmt: skip
+    ends = [wrap(adj.targets, vec3), wrap(adj.start, vec3)]
 
-    def args(worker, workers, tets, vertices, sync):
-        return [*head, worker, workers, *tets, *vertices, sync, SPIN_LIMIT, *tail]
+    def rows(start: int, stop: int) -> list:
+        """The per-worker accumulators of workers start..stop - 1."""
+        return [
+            wrap(s.worker_forces[start:stop], vec3), wrap(adj.mass, scalar),
+            wrap(adj.mu[start:stop], scalar), wrap(adj.lam[start:stop], scalar),
+            wrap(adj.gravity[start:stop], vec3), wrap(adj.damping[start:stop], scalar),
+        ]  # fmt: skip
+
+    def args(worker, workers, tets, vertices, sync, alone):
+        if alone:  # its own rows, as the only worker of its launch
+            own = rows(worker, worker + 1)
+            return [*head, 0, 1, *tets, *vertices, sync, SPIN_LIMIT, *states, *own, *ends]
+        return [
+            *head, worker, workers, *tets, *vertices, sync, SPIN_LIMIT, *states,
+            *rows(0, workers), *ends,
+        ]  # fmt: skip
 
     _run_workers(g, k.retreat[w.material], launcher, args)
     return (

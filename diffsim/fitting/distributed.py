@@ -139,6 +139,28 @@ def local_device(device: str | torch.device) -> torch.device:
     return _local_device(device) if device.type == "cuda" else device
 
 
+def share_cores() -> int | None:
+    """Splits this machine's cores between the processes torchrun started on it.
+
+    Sets ``DIFFSIM_WARP_THREADS`` (the Warp backend's CPU threads) to the cores this process
+    may use divided by ``LOCAL_WORLD_SIZE``, unless it is set already or this process was
+    not started by torchrun with several processes. Call it before building the simulator.
+
+    Returns:
+        The threads per process it set, or None if it set nothing.
+    """
+    if not launched() or "DIFFSIM_WARP_THREADS" in os.environ:
+        return None
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = max(1, (cores or 1) // local)
+    os.environ["DIFFSIM_WARP_THREADS"] = str(threads)
+    return threads
+
+
 def finish() -> None:
     """Destroys the process group if :func:`reducer` created it (the command line calls this
     at its end; from Python, leave the group for the next fit or destroy it yourself)."""

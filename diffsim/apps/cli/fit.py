@@ -294,6 +294,7 @@ def _load_scene(args):
 
     from diffsim.fitting import distributed
 
+    distributed.share_cores()  # under torchrun: the machine's cores split between processes
     scene = load_scene(args.scene)
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
     sim = scene.build(backend=args.backend, dtype=dtype)

@@ -342,3 +342,35 @@ def test_sweep_as_worlds_equals_one_by_one(cls):
 def test_sweep_rejects_unknown_names():
     with pytest.raises(ValueError, match="unknown parameters"):
         sweep(build(), {"stiffness": [1.0]}, 2, progress=False)
+
+
+# --------------------------------------------------------------------- other modes
+def test_equilibrium_targets_with_per_target_density():
+    """Two cantilevers at rest, sagging under their own weight: each one's density."""
+
+    def cantilever(density):
+        mesh = ds.TetMesh.beam(length=0.2, width=0.05, height=0.05, origin=(0, 0.2, -0.025))
+        fixed = np.flatnonzero(mesh.vertices[:, 0] < 1e-9)
+        material = ds.StableNeoHookean(youngs_modulus=2e6, poissons_ratio=0.3, density=density)
+        return ds.Simulator(
+            mesh, material, substeps="auto", fixed=fixed, ground=None, backend="torch",
+            dtype=torch.float64,
+        )  # fmt: skip
+
+    targets = []
+    for density in (1000.0, 2000.0):
+        truth = cantilever(density)
+        tip = np.flatnonzero(truth.mesh.vertices[:, 0] > 0.2 - 1e-9)
+        sag = truth.equilibrium().detach()
+        targets.append(Observation(sag[tip].numpy()[None], indices=tip))
+    result = ds.fit(
+        cantilever(1400.0), targets, [], per_target=["density"], mode="equilibrium", iters=20
+    )
+    np.testing.assert_allclose(result.values["density"], [1000.0, 2000.0], rtol=1e-3)
+
+
+def test_stages_run_over_every_target(drops):
+    result = ds.fit(build(), drops, iters=4, stages=2)
+    assert [len(s["frames"]) for s in result.stages] == [3, 3]
+    assert result.stages[0]["frames"] == [21, 21, 21]  # the first half of each drop
+    assert result.stages[1]["frames"] == [41, 41, 41]

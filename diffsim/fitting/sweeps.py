@@ -176,6 +176,7 @@ def sweep(
     as_t = dict(dtype=sim.dtype, device=sim.device)
     trajectories: list[Trajectory] = []
     losses: list[float] = []
+    made: dict[int, Simulator] = {}  # batched simulators by world count, reused
     bar = _bar(len(sets), progress)
     t0 = time.perf_counter()
     try:
@@ -185,7 +186,7 @@ def sweep(
                 group = sets[first : first + chunk]
                 try:
                     if batched and len(group) > 1:
-                        done = _batched(sim, group, names, known, start, steps, as_t)
+                        done = _batched(sim, made, group, names, known, start, steps, as_t)
                     else:
                         params = {n: torch.as_tensor(v, **as_t) for n, v in group[0].items()}
                         done = [sim.rollout(steps, state=start, params=params)]
@@ -212,15 +213,15 @@ def sweep(
     )
 
 
-def _batched(sim, group, names, known, start, steps, as_t) -> list[Trajectory]:
+def _batched(sim, made, group, names, known, start, steps, as_t) -> list[Trajectory]:
     """One rollout of ``len(group)`` worlds; a set's missing names take the simulator's."""
     worlds = len(group)
+    if worlds not in made:
+        made[worlds] = world_simulator(sim, worlds)
     params = {
         n: torch.stack([torch.as_tensor(s.get(n, known[n]), **as_t) for s in group]) for n in names
     }
-    trajectory = world_simulator(sim, worlds).rollout(
-        steps, state=stack_states([start] * worlds), params=params
-    )
+    trajectory = made[worlds].rollout(steps, state=stack_states([start] * worlds), params=params)
     return [world_trajectory(trajectory, j) for j in range(worlds)]
 
 

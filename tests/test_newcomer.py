@@ -429,7 +429,11 @@ def test_viewer_error_counts_steps_from_the_start(tmp_path):
     c = ViewerController.for_scene(load_scene(path))
     c.step(30)
     c.set_parameter("dt", 1e-2)
-    c.set_parameter("youngs_modulus", 1e8)
+    # Slider rebuilds choose stable substeps, so force a blow-up: one fixed 10 ms substep
+    # at E = 1e8 (far above its stable substep).
+    stiff = c.sim.material.replace(youngs_modulus=1e8)
+    with pytest.warns(ds.StabilityWarning):
+        c.sim = c.sim.replace(material=stiff, substeps=1)
     for _ in range(10):
         c.step(20)
     assert c.error is not None and c.error.startswith("step ")

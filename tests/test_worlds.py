@@ -2,9 +2,9 @@
 
 Float64, forward and gradients with respect to every per-world input (E, nu, density,
 gravity, damping, initial positions and velocities, prescribed positions), with and
-without checkpointing, on the torch backend, the Warp fused CPU path (one worker; two whose
-vertex ranges span worlds; three that run a world each) and the Warp per-substep path (what
-CUDA runs). Contact acts within a world only. See docs/worlds.md.
+without checkpointing, on the torch backend, the Warp fused CPU path (one worker running
+one world after another; two whose vertex ranges span worlds; three that run a world each)
+and the Warp per-substep path (what CUDA runs). Contact acts within a world only. See docs/worlds.md.
 """
 
 from __future__ import annotations
@@ -46,8 +46,9 @@ def use_path(path: str, monkeypatch, splits: list | None = None) -> str:
         return "torch"
     if "warp" not in BACKENDS:
         pytest.skip("warp-lang is not installed")
-    if path == "warp":
+    if path == "warp":  # one worker, one launch per world (one after another)
         monkeypatch.setenv("DIFFSIM_WARP_THREADS", "1")
+        monkeypatch.setattr(warp_fused, "WORLD_GROUP_TETS", 1)
     if path in ("warp-split", "warp-worlds"):
         # Two workers whose vertex and tet ranges span worlds (meeting at barriers), or
         # three that run a whole world each, independently.
@@ -134,7 +135,7 @@ def test_each_world_equals_the_world_alone_forward_and_gradients(
     traj, alone, batched, single = batched_and_alone(backend, checkpoint_every)
     # The fused launches split as intended (the worlds alone split their tets).
     expected = {
-        "warp": {(1, False)},
+        "warp": {(1, True), (1, False)},
         "warp-split": {(2, False)},
         "warp-worlds": {(3, True), (3, False)},
     }
@@ -378,3 +379,12 @@ def test_rollout_params_take_world_axes():
     assert E.grad.shape == (2,) and abs(float(E.grad[0])) > 1e6 * abs(float(E.grad[1]))
     assert float((traj.positions[:, 1] - traj.positions[0, 1]).abs().max()) < 1e-15  # at rest
     assert float(traj.positions[-1, 0, :, 1].mean()) < float(traj.positions[0, 0, :, 1].mean())
+
+
+def test_the_clamp_notice_counts_each_world_and_names_it():
+    """One world of 64 clamped throughout: 1.6% of all vertex-frames, but all of its own."""
+    sim = ds.Simulator(MESH, ds.StableNeoHookean(1e4, 0.3), worlds=64, max_speed=2.0, ground=None)
+    v0 = torch.zeros((64, MESH.n_vertices, 3))
+    v0[17, :, 0] = 1.5
+    with pytest.warns(ds.StabilityWarning, match=r"100% of vertex-frames of world 17"):
+        sim.rollout(3, sim.initial_state(velocities=v0))

@@ -29,10 +29,17 @@ SPIN_LIMIT = 1 << 25
 CACHE_LINE_VALUES = 16
 # Workers split whole worlds where each gets at least this many (or all the same number).
 BALANCED_WORLDS = 4
+# A worker running whole worlds launches them in groups of about this many tets (at least
+# one world): the data of one launch (tets, rest shapes, state) stays in the core's cache.
+WORLD_GROUP_TETS = 4096
 
 
 def _run_workers(g: Geometry, kernel, launcher, args) -> None:
     """Launches a fused kernel once per worker (dim 1) and waits for all of them.
+
+    With worlds split between the workers (:func:`_by_world`), a worker runs its worlds a
+    few at a time (at most ``WORLD_GROUP_TETS`` tets per launch, so that a launch's data
+    stays in the core's cache over its whole block of steps), one launch after another.
 
     Args:
         g: the geometry.
@@ -46,22 +53,41 @@ def _run_workers(g: Geometry, kernel, launcher, args) -> None:
     alone = _by_world(g, workers)
     sync = torch.zeros(4, dtype=torch.int32)
     sync_w = wrap(sync, wp.int32)
-    launches = []
+    per_world_tets, per_world_vertices = g.n_tets // g.worlds, g.n_vertices // g.worlds
+    group = max(1, WORLD_GROUP_TETS // max(per_world_tets, 1))
+    launches: list[list] = []
     for worker in range(workers):
         if alone:  # whole worlds: the tets of a world touch that world's vertices only
             first, stop = g.worlds * worker // workers, g.worlds * (worker + 1) // workers
-            tets = [g.n_tets // g.worlds * first, g.n_tets // g.worlds * stop]
-            vertices = [g.n_vertices // g.worlds * first, g.n_vertices // g.worlds * stop]
+            ranges = [
+                (
+                    [per_world_tets * a, per_world_tets * min(a + group, stop)],
+                    [per_world_vertices * a, per_world_vertices * min(a + group, stop)],
+                )
+                for a in range(first, stop, group)
+            ]
         else:
             tets = [g.n_tets * worker // workers, g.n_tets * (worker + 1) // workers]
             vertices = [g.n_vertices * worker // workers, g.n_vertices * (worker + 1) // workers]
-        inputs = args(worker, workers, tets, vertices, sync_w, alone)
-        launches.append(wp.launch(kernel, dim=1, inputs=inputs, device=g.device, record_cmd=True))
+            ranges = [(tets, vertices)]
+        launches.append(
+            [
+                wp.launch(
+                    kernel,
+                    dim=1,
+                    inputs=args(worker, workers, tets, vertices, sync_w, alone),
+                    device=g.device,
+                    record_cmd=True,
+                )
+                for tets, vertices in ranges
+            ]
+        )
 
-    def job(launch) -> Callable[[], None]:
+    def job(mine: list) -> Callable[[], None]:
         def run() -> None:
             try:
-                launch.launch()
+                for launch in mine:
+                    launch.launch()
             except BaseException:
                 sync[2] = 1  # tells the spinning workers to give up instead of waiting
                 raise
@@ -69,9 +95,9 @@ def _run_workers(g: Geometry, kernel, launcher, args) -> None:
         return run
 
     if workers == 1:
-        launches[0].launch()
+        job(launches[0])()
     else:
-        launcher.run(*(job(launch) for launch in launches))
+        launcher.run(*(job(mine) for mine in launches))
     if int(sync[2]):
         raise RuntimeError(
             "a Warp worker thread stopped waiting for the others (a hang of several "
@@ -89,10 +115,12 @@ def _workers(g: Geometry, launcher) -> int:
 
 
 def _by_world(g: Geometry, workers: int) -> bool:
-    """Whether workers split whole worlds: several workers and worlds, and an even split
-    (a multiple) or at least BALANCED_WORLDS worlds per worker (at most 1 in 4 idle)."""
-    if workers < 2 or g.worlds < 2:
+    """Whether the workers run whole worlds: several worlds, and one worker, or an even
+    split (a multiple) or at least BALANCED_WORLDS worlds per worker (at most 1 in 4 idle)."""
+    if g.worlds < 2:
         return False
+    if workers < 2:
+        return True
     return g.worlds % min(workers, g.worlds) == 0 or g.worlds >= BALANCED_WORLDS * workers
 
 

@@ -28,13 +28,16 @@ _EXPORTS = {
     "Simulator": "diffsim.simulator",
     "StabilityWarning": "diffsim.simulator",
     "StVK": "diffsim.physics.materials",
+    "SweepResult": "diffsim.fitting.sweeps",
     "StableNeoHookean": "diffsim.physics.materials",
     "State": "diffsim.sim.state",
     "SurfaceContact": "diffsim.contact",
+    "Target": "diffsim.fitting.targets",
     "TetMesh": "diffsim.mesh",
     "Trajectory": "diffsim.sim.state",
     "fit": "diffsim.fitting.fit",
     "lame_parameters": "diffsim.physics.materials",
+    "sweep": "diffsim.fitting.sweeps",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -58,6 +61,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from diffsim.equilibrium import EquilibriumError, EquilibriumInfo
     from diffsim.fitting.fit import FitResult, fit
     from diffsim.fitting.observation import Observation, ObservationError
+    from diffsim.fitting.sweeps import SweepResult, sweep
+    from diffsim.fitting.targets import Target
     from diffsim.mesh import TetMesh
     from diffsim.physics.materials import (
         Corotated,

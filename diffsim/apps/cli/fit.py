@@ -23,10 +23,6 @@ from pathlib import Path
 
 import numpy as np
 
-PLOT_SIZE = (640, 400)
-# Pixel margins of the loss plot: left, right, top, bottom.
-PLOT_MARGINS = (56, 16, 16, 28)
-
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Adds the ``fit`` subcommand's arguments to ``parser``."""
@@ -168,9 +164,14 @@ def main(args: argparse.Namespace) -> int:
     if args.out:
         result.save_json(args.out)
         print(f"result: {args.out}")
+    from diffsim.apps.plots import INSTALL_HINT, plotting_available
+
     plot = args.plot or f"{stem}_loss.png"
-    write_loss_plot(result.loss_history, plot)
-    print(f"loss curve: {plot}")
+    if plotting_available():
+        write_loss_plot(result.loss_history, plot)
+        print(f"loss curve: {plot}")
+    else:
+        print(f"loss curve skipped: matplotlib is not installed ({INSTALL_HINT})")
     if not args.no_video and args.mode == "dynamic":
         video = args.video or f"{stem}.mp4"
         first = targets[0]
@@ -249,6 +250,11 @@ def check_outputs(args: argparse.Namespace) -> Path:
     ]
     if not args.no_video and args.mode == "dynamic":
         outputs.append(("--video", args.video or f"{stem}.mp4", (".mp4", ".gif")))
+    if args.plot:
+        from diffsim.apps.plots import INSTALL_HINT, plotting_available
+
+        if not plotting_available():
+            raise ValueError(f"--plot {args.plot}: the loss plot needs matplotlib; {INSTALL_HINT}")
     for flag, path, suffixes in outputs:
         if path is None:
             continue
@@ -357,85 +363,22 @@ def _show(value) -> str:
 
 
 # --------------------------------------------------------------------- the loss curve
-# A 3x5 pixel font for the axis labels (rows top to bottom, 3 bits each).
-_GLYPHS = {
-    "0": (7, 5, 5, 5, 7),
-    "1": (2, 6, 2, 2, 7),
-    "2": (7, 1, 7, 4, 7),
-    "3": (7, 1, 7, 1, 7),
-    "4": (5, 5, 7, 1, 1),
-    "5": (7, 4, 7, 1, 7),
-    "6": (7, 4, 7, 5, 7),
-    "7": (7, 1, 1, 1, 1),
-    "8": (7, 5, 7, 5, 7),
-    "9": (7, 5, 7, 1, 7),
-    ".": (0, 0, 0, 0, 2),
-    "-": (0, 0, 7, 0, 0),
-    "+": (0, 2, 7, 2, 0),
-    "e": (0, 7, 7, 4, 7),
-}
-
-
-def _text(img: np.ndarray, text: str, x: int, y: int, scale: int = 2) -> None:
-    """Draws ``text`` with its top-left corner at pixel (x, y), in black."""
-    for ch in text:
-        rows = _GLYPHS.get(ch)
-        if rows is not None:
-            for r, bits in enumerate(rows):
-                for c in range(3):
-                    if bits >> (2 - c) & 1:
-                        y0, x0 = y + r * scale, x + c * scale
-                        img[y0 : y0 + scale, x0 : x0 + scale] = 0
-        x += 4 * scale
-
-
-def loss_plot_image(losses, size: tuple[int, int] = PLOT_SIZE) -> np.ndarray:
-    """A loss curve (log y axis) as an RGB picture ``[h, w, 3]`` uint8, drawn with numpy.
-
-    Args:
-        losses: loss per iteration (the first at the start values).
-        size: ``(width, height)`` in pixels.
-    """
-    width, height = size
-    left, right, top, bottom = PLOT_MARGINS
-    img = np.full((height, width, 3), 255, dtype=np.uint8)
-    y = np.log10(np.maximum(np.asarray(losses, dtype=np.float64), 1e-300))
-    lo, hi = math.floor(float(y.min())), math.ceil(float(y.max()))
-    hi = max(hi, lo + 1)
-    pw, ph = width - left - right, height - top - bottom
-    for decade in range(lo, hi + 1):  # grid lines at each power of ten
-        row = top + round((hi - decade) / (hi - lo) * (ph - 1))
-        img[row, left : left + pw] = 215
-        if (decade - lo) % max(1, (hi - lo) // 6) == 0:
-            _text(img, f"1e{decade}", 4, max(0, row - 5))
-    img[top : top + ph, left] = 0
-    img[top + ph - 1, left : left + pw] = 0
-    n = len(y)
-    xs = left + np.arange(n) * (pw - 1) / max(n - 1, 1)
-    ys = top + (hi - y) / (hi - lo) * (ph - 1)
-    # Dense samples along each segment stand in for a line rasteriser.
-    t = np.linspace(0.0, 1.0, 64)[:, None]
-    if n > 1:
-        px = (xs[:-1] * (1 - t) + xs[1:] * t).ravel()
-        py = (ys[:-1] * (1 - t) + ys[1:] * t).ravel()
-    else:
-        px, py = xs, ys
-    for dx in (0, 1):
-        for dy in (0, 1):
-            r = np.clip(np.round(py).astype(int) + dy, 0, height - 1)
-            c = np.clip(np.round(px).astype(int) + dx, 0, width - 1)
-            img[r, c] = (31, 119, 180)
-    _text(img, "0", left - 3, top + ph + 6)
-    label = str(n - 1)
-    _text(img, label, left + pw - 8 * len(label), top + ph + 6)
-    return img
-
-
 def write_loss_plot(losses, path: str | Path) -> None:
-    """Writes :func:`loss_plot_image` of ``losses`` as a PNG."""
-    import imageio.v3 as iio
+    """The loss per iteration (log scale) as a PNG (:func:`diffsim.apps.plots.line_plot`).
 
-    iio.imwrite(path, loss_plot_image(losses))
+    Raises:
+        ImportError: matplotlib is not installed.
+    """
+    from diffsim.apps.plots import line_plot
+
+    line_plot(
+        path,
+        list(range(len(losses))),
+        {"loss": [max(float(v), 1e-300) for v in losses]},
+        xlabel="iteration",
+        ylabel="loss (mean squared position error, m^2)",
+        log_y=True,
+    )
 
 
 # --------------------------------------------------------------------- the comparison video

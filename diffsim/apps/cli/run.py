@@ -207,41 +207,27 @@ def write_energy(sim, traj, path: str, max_rows: int = 500) -> None:
         for i, t, values in rows:
             f.write(",".join([str(i), f"{t:.9g}", *(f"{values[k]:.9g}" for k in keys)]) + "\n")
     print(f"wrote {path} (energies in J at {len(rows)} instants)")
+    from diffsim.apps import plots
+
     plot = Path(path).with_suffix(".png")
-    try:
-        write_energy_plot(rows, keys, plot)
-    except ImportError:
-        print(
-            f"energy plot skipped: matplotlib is not installed (pip install matplotlib for {plot})"
-        )
+    if not plots.plotting_available():
+        print(f"energy plot skipped: matplotlib is not installed ({plots.INSTALL_HINT})")
         return
+    write_energy_plot(rows, keys, plot)
     print(f"wrote {plot}")
 
 
 def write_energy_plot(rows, keys: list[str], path: Path) -> None:
-    """The energies over time as a PNG (matplotlib, without a display).
+    """The energies over time as a PNG (:func:`diffsim.apps.plots.line_plot`).
 
     Raises:
         ImportError: matplotlib is not installed.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from diffsim.apps.plots import line_plot
 
     t = [r[1] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    try:
-        for key in keys:
-            ax.plot(t, [r[2][key] for r in rows], label=key, lw=2.2 if key == "total" else 1.4)
-        ax.set_xlabel("time (s)")
-        ax.set_ylabel("energy (J)")
-        ax.grid(alpha=0.3)
-        ax.legend(loc="best", fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path)
-    finally:
-        plt.close(fig)
+    series = {key: [r[2][key] for r in rows] for key in keys}
+    line_plot(path, t, series, xlabel="time (s)", ylabel="energy (J)", emphasise="total")
 
 
 def _render_out(args, traj, faces, options: dict) -> None:

@@ -49,8 +49,8 @@ def main() -> None:
     import warp as wp
 
     import diffsim as ds
-    from diffsim.kernels.runtime import init_warp
     from diffsim.kernels import grad_kernels_for, kernels_for
+    from diffsim.kernels.runtime import init_warp
     from diffsim.physics.materials import lame_parameters
 
     torch.set_num_threads(1)

@@ -9,8 +9,8 @@ import warp as wp
 
 import diffsim as ds
 from diffsim.backends.warp.bridge import warp_scalar
-from diffsim.kernels.runtime import init_warp
 from diffsim.kernels import grad_kernels_for, kernels_for
+from diffsim.kernels.runtime import init_warp
 
 MATERIALS = {"snh": 0, "nh": 1, "stvk": 2, "corotated": 3, "linear": 4}
 CHUNK = 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Sequence
 
@@ -15,7 +16,7 @@ from diffsim.checkpoint import run_segment
 from diffsim.mesh import TetMesh
 from diffsim.physics.elasticity import deformation_gradients, elastic_energy, volume_ratios
 from diffsim.physics.ground import Ground
-from diffsim.physics.materials import Material, StableNeoHookean
+from diffsim.physics.materials import PARAMETER_BOUNDS, Material, StableNeoHookean
 from diffsim.physics.stable_step import MassScaling, StableStep, mass_scaling, stable_step
 from diffsim.sim import worlds as layout
 from diffsim.sim.model import POSITION_DTYPE, Coefficients, Model, lumped_mass
@@ -46,6 +47,9 @@ class BackendWarning(UserWarning):
     """The simulator runs on another backend than the one asked for (and says why)."""
 
 
+# A start state whose closest surface pair is nearer than this fraction of contact dhat is
+# refused (surfaces touching or overlapping).
+MIN_START_GAP_FRACTION = 1e-3
 # The speed clamp is reported when more than this share of vertex-frames move faster than
 # CLAMP_NOTICE_SPEED * max_speed (where tanh(r)/r < 0.92: velocities changed by > 8%).
 CLAMP_NOTICE_SHARE = 0.02
@@ -571,18 +575,22 @@ class Simulator:
             A :class:`Trajectory` with positions and velocities ``[steps + 1, n, 3]``, or
             ``[steps + 1, W, n, 3]`` with worlds.
         """
-        if not isinstance(steps, int) or steps < 0:
+        if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 0:
             raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+        steps = int(steps)
         if checkpoint_every is not None and (
-            not isinstance(checkpoint_every, int) or checkpoint_every < 1
+            not isinstance(checkpoint_every, numbers.Integral) or checkpoint_every < 1
         ):
             raise ValueError(
                 f"checkpoint_every must be a positive integer or None, got {checkpoint_every!r}"
             )
+        checkpoint_every = None if checkpoint_every is None else int(checkpoint_every)
         state = self.initial_state() if state is None else state
         x, v = self._state_tensors(state)
         targets = self._fixed_targets(fixed_positions, steps, x)
-        params = list(self._parameters_with(params).values())
+        named = self._parameters_with(params)
+        self._check_start(x, v, targets, named)
+        params = list(named.values())
         if not torch.is_grad_enabled() or not any(
             t.requires_grad for t in (x, v, targets, *params)
         ):
@@ -609,6 +617,56 @@ class Simulator:
             if use_checkpoint:  # the next segment saves a copy, not a view keeping xs alive
                 x, v = x.clone(), v.clone()
         return self._trajectory(torch.cat(positions), torch.cat(velocities))
+
+    def _check_start(self, x, v, targets, params: dict[str, torch.Tensor]) -> None:
+        """Checks a rollout's inputs before any step runs (detached values, not the graph):
+        finite start state and prescribed positions above the ground, surfaces apart with
+        contact on, and material values in range (an optimiser step can push a leaf out of
+        range in place), so that trouble is named here instead of blamed on the time step."""
+        m = self.model
+        with torch.no_grad():
+            for name, t in (("positions", x), ("velocities", v)):
+                bad = torch.nonzero(~torch.isfinite(t.detach()).all(dim=-1)).flatten()
+                if len(bad):
+                    raise ValueError(
+                        f"the start state's {name} contain NaN or inf (vertices "
+                        f"{bad[:8].tolist()}); make states with sim.initial_state()"
+                    )
+            if len(m.fixed_indices) and not bool(torch.isfinite(targets.detach()).all()):
+                raise ValueError("fixed_positions contain NaN or inf")
+            if m.ground is not None:
+                below = torch.nonzero(x.detach()[:, 1] <= m.ground.height).flatten()
+                if len(below):
+                    raise ValueError(
+                        f"vertices {below[:8].tolist()} of the start state are at or below "
+                        f"the ground (y = {m.ground.height:g}); lift them above it"
+                    )
+                if len(m.fixed_indices) and bool(
+                    (targets.detach()[..., 1] <= m.ground.height).any()
+                ):
+                    raise ValueError(
+                        f"fixed_positions go at or below the ground (y = {m.ground.height:g}); "
+                        "keep prescribed vertices above it"
+                    )
+            if m.contact is not None:
+                gap = m.contact.min_distance(x.detach())
+                if gap <= MIN_START_GAP_FRACTION * m.contact.dhat:
+                    raise ValueError(
+                        f"surfaces touch or overlap in the start state (closest pair "
+                        f"{gap:.3g} m apart, contact dhat {m.contact.dhat:.3g} m); separate "
+                        "the bodies before the rollout"
+                    )
+            for name in self.material.parameter_names:
+                value = params[name].detach()
+                lo, hi, text = PARAMETER_BOUNDS[name]
+                bad = ~((value > lo) & (value < hi))
+                if bool(bad.any()):
+                    raise ValueError(
+                        f"{name} must be {text}, got {float(value[bad].flatten()[0]):g} "
+                        "(changed after the simulator was built? an optimiser step can push a "
+                        "parameter out of range: clamp it or fit its logarithm)"
+                    )
+            _check_damping(params["damping"], self.worlds)
 
     def _state_tensors(self, state: State) -> tuple[torch.Tensor, torch.Tensor]:
         """The state's positions (float64) and velocities (working dtype); with worlds,

@@ -261,3 +261,39 @@ def test_replace_builds_a_new_simulator():
     assert faster.model.ground.height == sim.model.ground.height
     with pytest.raises(ValueError, match="unknown Simulator arguments"):
         sim.replace(stiffness=1.0)
+
+
+def test_rollout_inputs_are_checked_before_any_step():
+    sim = make_sim(ground=0.0)
+    state = sim.initial_state()
+    below = ds.State(state.positions.clone(), state.velocities)
+    below.positions[0, 1] = -1e-3
+    with pytest.raises(ValueError, match="vertices \\[0\\] of the start state are at or below"):
+        sim.rollout(2, state=below)
+    bad = ds.State(state.positions, state.velocities.clone())
+    bad.velocities[3, 0] = float("nan")
+    with pytest.raises(ValueError, match="the start state's velocities contain NaN"):
+        sim.rollout(2, state=bad)
+    fixed = make_sim(ground=0.0, fixed=[0])
+    x0 = fixed.initial_state().positions[[0]]
+    with pytest.raises(ValueError, match="fixed_positions go at or below the ground"):
+        fixed.rollout(2, fixed_positions=x0 - torch.tensor([0.0, 1.0, 0.0]))
+    with pytest.raises(ValueError, match="fixed_positions contain NaN"):
+        fixed.rollout(2, fixed_positions=x0 * float("nan"))
+    E = torch.tensor(2e4, requires_grad=True)
+    leaf = make_sim(BOX, ds.StableNeoHookean(E, 0.3, 1000.0))
+    with torch.no_grad():
+        E.fill_(-5.0)  # an optimiser step gone wrong, in place
+    with pytest.raises(ValueError, match="youngs_modulus must be > 0 Pa, got -5"):
+        leaf.rollout(2)
+    assert len(sim.rollout(np.int64(3)).positions) == 4  # numpy integers are integers
+
+
+def test_overlapping_bodies_are_refused_at_the_start():
+    a = ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=(1, 1, 1), origin=(0.0, 0.2, 0.0))
+    b = ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=(1, 1, 1), origin=(0.0, 0.35, 0.0))
+    sim = ds.Simulator(ds.TetMesh.merge([a, b]), ds.StableNeoHookean(1e5, 0.3), contact=True)
+    x = sim.initial_state().positions.clone()
+    x[a.n_vertices :, 1] -= 0.1  # the upper box sunk 5 cm into the lower one
+    with pytest.raises(ValueError, match="surfaces touch or overlap in the start state"):
+        sim.rollout(1, state=sim.initial_state(positions=x))

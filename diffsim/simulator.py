@@ -89,8 +89,9 @@ class Simulator:
         friction_velocity: eps_v in m/s, the friction smoothing speed.
         contact: if True, surfaces collide with each other and themselves (IPC barrier,
             friction and a CCD step limit; see docs/contact.md).
-        contact_dhat: surface barrier activation distance (m); default 0.5% of the
-            bounding-box diagonal.
+        contact_dhat: surface barrier activation distance (m); default the smaller of 0.5%
+            of the bounding-box diagonal and half the smallest rest distance between
+            non-adjacent surface elements (docs/contact.md).
         contact_stiffness: surface barrier kappa (1/(m^2 s^2)); default stable for explicit
             substeps down to dhat/4 (:meth:`SurfaceContact.default_stiffness`).
         contact_friction: Coulomb coefficient between surfaces (>= 0).

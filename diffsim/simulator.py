@@ -180,6 +180,16 @@ class Simulator:
                 mesh, dt / substeps, contact_dhat, contact_stiffness, contact_friction,
                 contact_friction_velocity, backend, self.device, dtype,
             )  # fmt: skip
+            h_contact = contact_model.stable_substep()
+            if dt / substeps > h_contact * (1 + 1e-9):  # only a stiffness the user set
+                warnings.warn(
+                    f"the substep {dt / substeps:.3g} s is above the surface barrier's stable "
+                    f"substep {h_contact:.3g} s (contact_stiffness = {contact_model.stiffness:.3g}"
+                    f", dhat = {contact_model.dhat:.3g} m): lower contact_stiffness, leave it "
+                    "at its default (sized from the substep), or use more substeps",
+                    StabilityWarning,
+                    stacklevel=2,
+                )
             if self.worlds is not None:
                 from diffsim.backends.worlds import WorldContact
 

@@ -1,5 +1,7 @@
 """substeps="auto", mass scaling and the stable-step messages, through the Simulator."""
 
+import warnings
+
 import pytest
 
 import diffsim as ds
@@ -52,3 +54,18 @@ def test_blow_up_message_compares_the_substep_with_the_estimate():
         sim.rollout(200, state=sim.initial_state(velocities=(0.0, -1.0, 0.0)))
     assert "use StableNeoHookean" not in str(info.value)
     assert 'substeps="auto"' in str(info.value)
+
+
+def test_surface_barrier_limit_warns_only_for_a_stiffness_set_by_hand():
+    a = ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=(2, 2, 2), origin=(0.0, 0.2, 0.0))
+    b = ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=(2, 2, 2), origin=(0.0, 0.35, 0.0))
+    scene = ds.TetMesh.merge([a, b])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ds.StabilityWarning)
+        sim = ds.Simulator(scene, MATERIAL, dt=1e-3, substeps="auto", contact=True)
+    h = sim.model.substep_dt
+    assert sim.model.contact.stable_substep() == pytest.approx(h)  # the default is sized to h
+    with pytest.warns(ds.StabilityWarning, match="surface barrier's stable substep"):
+        ds.Simulator(
+            scene, MATERIAL, dt=1e-3, substeps="auto", contact=True, contact_stiffness=1e12
+        )

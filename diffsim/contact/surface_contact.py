@@ -248,6 +248,12 @@ class SurfaceContact:
         """
         return STABLE_GAP_FRACTION**2 / (2.0 * h**2 * dhat**2)
 
+    def stable_substep(self) -> float:
+        """The longest explicit substep (s) this barrier's stiffness bears down to gaps of
+        dhat/4: ``STABLE_GAP_FRACTION / (dhat sqrt(2 kappa))``, the inverse of
+        :meth:`default_stiffness` (so the default stiffness never sets a tighter limit)."""
+        return STABLE_GAP_FRACTION / (self.dhat * math.sqrt(2.0 * self.stiffness))
+
     def local(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Positions ``[n, 3]`` relative to the rest centroid, in the working dtype (the
         contact terms depend only on differences, so gradients pass unchanged).

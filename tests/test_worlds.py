@@ -4,7 +4,8 @@ Float64, forward and gradients with respect to every per-world input (E, nu, den
 gravity, damping, initial positions and velocities, prescribed positions), with and
 without checkpointing, on the torch backend, the Warp fused CPU path (one worker running
 one world after another; two whose vertex ranges span worlds; three that run a world each)
-and the Warp per-substep path (what CUDA runs). Contact acts within a world only. See docs/worlds.md.
+and the Warp per-substep path (what CUDA runs). Contact acts within a world only. See
+docs/worlds.md.
 """
 
 from __future__ import annotations

@@ -33,14 +33,13 @@ from diffsim.fitting.objective import Objective, local_targets
 from diffsim.fitting.observation import Observation, ObservationError
 from diffsim.fitting.targets import StateSource, Target, as_targets, shares
 from diffsim.fitting.worlds import check_single_world, supports_worlds
-from diffsim.physics.materials import Material
+from diffsim.physics.materials import PARAMETER_BOUNDS, Material
 from diffsim.simulator import SimulationError, Simulator
 
-# Default (lower, upper) bounds; the interval is open.
+# Default (lower, upper) bounds, open intervals: the material's own (PARAMETER_BOUNDS), and
+# damping's.
 DEFAULT_BOUNDS: dict[str, tuple[float, float]] = {
-    "youngs_modulus": (0.0, math.inf),
-    "poissons_ratio": (-1.0, 0.5),
-    "density": (0.0, math.inf),
+    **{name: (lo, hi) for name, (lo, hi, _) in PARAMETER_BOUNDS.items()},
     "damping": (0.0, math.inf),
 }
 # Start value of damping when the scene has none (a log parameterisation cannot start at 0).

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -261,6 +262,32 @@ class _Parameter:
                 self.theta.copy_(snap)
 
 
+@dataclass(frozen=True)
+class FitOptions:
+    """How one fit runs: the keyword arguments of :func:`fit`, checked, as one value."""
+
+    per_tet: Sequence[str] = ()
+    per_target: Sequence[str] = ()
+    fields: Mapping[str, torch.nn.Module] | None = None
+    bounds: Mapping[str, tuple[float, float]] | None = None
+    optimizer: str = "auto"
+    iters: int = 50
+    lr: float | None = None
+    smoothness: float = 0.0
+    loss: str = "mse"
+    huber_delta: float | None = None
+    reduction: str = "mean"
+    checkpoint_every: int | None = None
+    tol: float = 1e-12
+    patience: int = 10
+    min_improvement: float = 1e-4
+    callback: Callable | None = None
+    log: Callable[[str], None] | None = None
+    mode: str = "dynamic"
+    reducer: Any = None
+    batch: bool | None = None
+
+
 def fit(
     simulator: Simulator | Callable[[], Simulator],
     observation: Observation | str | Path | Target | Sequence[Observation | str | Path | Target],
@@ -371,7 +398,7 @@ def fit(
     if not isinstance(stages, int) or stages < 1:
         raise ValueError(f"stages must be an integer >= 1, got {stages!r}")
     reducer = dist.reducer(distributed, sim.device)
-    options = dict(
+    options = FitOptions(
         per_tet=per_tet,
         per_target=per_target,
         fields=fields,
@@ -393,9 +420,9 @@ def fit(
         reducer=reducer,
         batch=batch,
     )
-    log = options["log"]
+    log = options.log
     if stages == 1 or mode == "equilibrium":
-        return _fit_stage(sim, targets, params, initial=initial, **options)
+        return _fit_stage(sim, targets, params, initial=initial, options=options)
     dt = sim.model.dt
     frame_steps = [t.observation.steps(dt) for t in targets]
     results, start_values = [], dict(initial or {})
@@ -422,7 +449,7 @@ def fit(
         stage_targets = (
             targets if last else [t.first_frames(n) for t, n in zip(targets, counts, strict=True)]
         )
-        result = _fit_stage(sim, stage_targets, params, initial=start_values, **options)
+        result = _fit_stage(sim, stage_targets, params, initial=start_values, options=options)
         frames = counts[0] if len(targets) == 1 else counts
         result.stages = [
             {"frames": frames, "iterations": result.iterations, "loss": result.best_loss}
@@ -454,33 +481,16 @@ def _merge(results: list[FitResult]) -> FitResult:
 
 
 def _fit_stage(
-    sim: Simulator,
-    targets: list[Target],
-    params: Sequence[str],
-    *,
-    per_tet,
-    per_target,
-    fields,
-    initial,
-    bounds,
-    optimizer,
-    iters,
-    lr,
-    smoothness,
-    loss,
-    huber_delta,
-    reduction,
-    checkpoint_every,
-    tol,
-    patience,
-    min_improvement,
-    callback,
-    log,
-    mode,
-    reducer,
-    batch,
+    sim: Simulator, targets: list[Target], params: Sequence[str], *, initial, options: FitOptions
 ) -> FitResult:
     """One fit of ``targets`` from the start values; see :func:`fit` for the arguments."""
+    o = options
+    per_tet, per_target, fields, bounds = o.per_tet, o.per_target, o.fields, o.bounds
+    optimizer, iters, lr, smoothness = o.optimizer, o.iters, o.lr, o.smoothness
+    loss, huber_delta, reduction = o.loss, o.huber_delta, o.reduction
+    checkpoint_every, tol, patience = o.checkpoint_every, o.tol, o.patience
+    min_improvement, callback, log = o.min_improvement, o.callback, o.log
+    mode, reducer, batch = o.mode, o.reducer, o.batch
     fields = dict(fields or {})
     per_target = list(dict.fromkeys(per_target))
     names = list(dict.fromkeys([*params, *per_tet, *per_target, *fields]))

@@ -19,6 +19,8 @@ method is used.
 from __future__ import annotations
 
 import importlib
+import os
+import tempfile
 
 import numpy as np
 
@@ -142,13 +144,21 @@ def tetwild_tets(vertices: np.ndarray, faces: np.ndarray, resolution: int, threa
     """
     pytetwild = import_optional("pytetwild", 'from_surface(method="tetwild")')
     edge = target_edge(vertices, resolution)
-    v, t = pytetwild.tetrahedralize(
-        vertices,
-        np.ascontiguousarray(faces, dtype=np.int32),
-        edge_length_abs=edge,
-        epsilon=TETWILD_EPSILON,
-        num_threads=threads,
-    )
+    # fTetWild writes a scratch file (__tracked_surface.stl) into the working directory:
+    # run it in a temporary one so that nothing is left beside the user's files.
+    here = os.getcwd()
+    with tempfile.TemporaryDirectory() as scratch:
+        os.chdir(scratch)
+        try:
+            v, t = pytetwild.tetrahedralize(
+                vertices,
+                np.ascontiguousarray(faces, dtype=np.int32),
+                edge_length_abs=edge,
+                epsilon=TETWILD_EPSILON,
+                num_threads=threads,
+            )
+        finally:
+            os.chdir(here)
     if len(t) == 0:
         raise ValueError("fTetWild produced no tets; is the surface closed?")
     return np.asarray(v, dtype=np.float64), np.asarray(t, dtype=np.int64)

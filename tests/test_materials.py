@@ -155,7 +155,7 @@ def test_tensor_parameters_keep_their_graph(mesh):
         ({"density": 0.0}, "density must be > 0"),
         ({"youngs_modulus": float("nan")}, "NaN"),
         ({"youngs_modulus": torch.tensor([1e5, -2.0])}, "at tets \\[1\\]"),
-        ({"youngs_modulus": torch.ones(2, 2)}, "shape"),
+        ({"youngs_modulus": torch.ones(2, 2, 2)}, "shape"),  # [W, m] is allowed (worlds)
         ({"youngs_modulus": torch.tensor(3)}, "floating-point"),
         ({"youngs_modulus": "soft"}, "float or a tensor"),
     ],

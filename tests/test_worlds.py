@@ -389,3 +389,14 @@ def test_the_clamp_notice_counts_each_world_and_names_it():
     v0[17, :, 0] = 1.5
     with pytest.warns(ds.StabilityWarning, match=r"100% of vertex-frames of world 17"):
         sim.rollout(3, sim.initial_state(velocities=v0))
+
+
+def test_a_world_by_tet_material_field_can_be_passed_as_2d():
+    mesh = ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=(1, 1, 1), origin=(0.0, 0.2, 0.0))
+    E = torch.full((3, mesh.n_tets), 1e5, dtype=torch.float64)
+    E[1] *= 2.0
+    material = ds.StableNeoHookean(E, 0.3, 1000.0)  # [W, m] accepted at construction
+    sim = ds.Simulator(mesh, material, worlds=3, dtype=torch.float64)
+    assert sim.rollout(3).positions.shape == (4, 3, mesh.n_vertices, 3)
+    with pytest.raises(ValueError, match=r"youngs_modulus must have shape \[\] or \[6\]"):
+        ds.Simulator(mesh, material)  # without worlds a [W, m] field is refused

@@ -185,10 +185,15 @@ class Material(torch.nn.Module):
             if isinstance(value, torch.Tensor):
                 if not value.is_floating_point():
                     raise ValueError(f"{name} must be a floating-point tensor, got {value.dtype}")
-                if value.dim() > 1 or (
-                    n_tets is not None and value.dim() == 1 and len(value) != n_tets
-                ):
-                    expected = f"[] or [{n_tets}]" if n_tets is not None else "[] or [n_tets]"
+                # Without n_tets (at construction) a leading world axis is allowed too:
+                # [W] or [W, n_tets], checked against the mesh by Simulator(worlds=W).
+                too_many = value.dim() > (1 if n_tets is not None else 2)
+                if too_many or (n_tets is not None and value.dim() == 1 and len(value) != n_tets):
+                    expected = (
+                        f"[] or [{n_tets}]"
+                        if n_tets is not None
+                        else "[] or [n_tets] (or [W] / [W, n_tets] for Simulator(worlds=W))"
+                    )
                     raise ValueError(f"{name} must have shape {expected}, got {list(value.shape)}")
                 data = value.detach()
             elif isinstance(value, (int, float)):

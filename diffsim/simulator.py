@@ -943,9 +943,8 @@ def _check_positive(name: str, value) -> None:
 
 def _as_vector(name: str, value, dtype, device, worlds: int | None = None) -> torch.Tensor:
     t = value if isinstance(value, torch.Tensor) else torch.tensor(value, dtype=torch.float64)
-    if worlds is not None and t.shape == (worlds, 3):
-        pass  # one vector per world
-    elif t.shape != (3,):
+    one_per_world = worlds is not None and t.shape == (worlds, 3)
+    if t.shape != (3,) and not one_per_world:
         per_world = "" if worlds is None else f" (or [{worlds}, 3], one per world)"
         raise ValueError(f"{name} must have 3 components{per_world}, got shape {list(t.shape)}")
     if not torch.isfinite(t.detach()).all():

@@ -12,12 +12,11 @@ from the folder that DIFFSIM_ASSETS names.
 """
 
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 
 import diffsim as ds
+from diffsim.apps.scene import shared_asset
 
 STEPS = 800  # 0.8 s at dt = 1 ms
 FPS = 30
@@ -26,27 +25,12 @@ MESH = "Armadillo13K.msh"
 TILT = math.radians(20.0)
 
 
-def asset(name: str) -> Path:
-    """The path of a shared mesh, or a FileNotFoundError saying where it was looked for."""
-    folders = [Path(__file__).resolve().parents[2] / "shared" / "assets"]
-    if os.environ.get("DIFFSIM_ASSETS"):
-        folders.insert(0, Path(os.environ["DIFFSIM_ASSETS"]))
-    for folder in folders:
-        if (folder / name).is_file():
-            return folder / name
-    raise FileNotFoundError(
-        f"this scene needs ../shared/assets/{name} (the shared meshes beside the checkout), "
-        f"not found in {', '.join(str(f) for f in folders)}; set DIFFSIM_ASSETS to the "
-        "folder that holds it"
-    )
-
-
 def build(damping: float = 1.0, mass_scaling: float | None = 5e-5) -> ds.Simulator:
     """The simulator; ``--set mass_scaling=None`` runs without mass scaling (83 substeps
     per frame)."""
     c, s = math.cos(TILT), math.sin(TILT)
     tilt = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
-    mesh = ds.TetMesh.load(asset(MESH)).centered().scaled_to(0.3)
+    mesh = ds.TetMesh.load(shared_asset(MESH, __file__)).centered().scaled_to(0.3)
     mesh = mesh.transformed(rotation=tilt).placed_on(0.0, gap=0.03)
     material = ds.StableNeoHookean(youngs_modulus=1e5, poissons_ratio=0.4, density=1000.0)
     return ds.Simulator(

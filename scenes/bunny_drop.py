@@ -11,10 +11,8 @@ The mesh is not part of diffsim: it is read from ../shared/assets beside the che
 from the folder that DIFFSIM_ASSETS names.
 """
 
-import os
-from pathlib import Path
-
 import diffsim as ds
+from diffsim.apps.scene import shared_asset
 
 STEPS = 1000  # 1 s at dt = 1 ms
 FPS = 30
@@ -22,25 +20,15 @@ CAMERA = {"position": (0.5, 0.3, 0.75), "target": (0.0, 0.12, 0.0)}
 MESH = "bunny.msh"
 
 
-def asset(name: str) -> Path:
-    """The path of a shared mesh, or a FileNotFoundError saying where it was looked for."""
-    folders = [Path(__file__).resolve().parents[2] / "shared" / "assets"]
-    if os.environ.get("DIFFSIM_ASSETS"):
-        folders.insert(0, Path(os.environ["DIFFSIM_ASSETS"]))
-    for folder in folders:
-        if (folder / name).is_file():
-            return folder / name
-    raise FileNotFoundError(
-        f"this scene needs ../shared/assets/{name} (the shared meshes beside the checkout), "
-        f"not found in {', '.join(str(f) for f in folders)}; set DIFFSIM_ASSETS to the "
-        "folder that holds it"
-    )
-
-
 def build(damping: float = 1.0, mass_scaling: float | None = 1e-4) -> ds.Simulator:
     """The simulator; ``--set mass_scaling=None`` runs without mass scaling (146 substeps
     per frame), ``--set damping=0`` without damping."""
-    mesh = ds.TetMesh.load(asset(MESH)).centered().scaled_to(0.3).placed_on(0.0, gap=0.02)
+    mesh = (
+        ds.TetMesh.load(shared_asset(MESH, __file__))
+        .centered()
+        .scaled_to(0.3)
+        .placed_on(0.0, gap=0.02)
+    )
     material = ds.StableNeoHookean(youngs_modulus=1e5, poissons_ratio=0.4, density=1000.0)
     return ds.Simulator(
         mesh,

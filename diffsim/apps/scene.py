@@ -24,6 +24,7 @@ import dataclasses
 import importlib.util
 import inspect
 import math
+import os
 import sys
 import types
 from collections.abc import Sequence
@@ -438,3 +439,24 @@ def with_parameters(
         kwargs["gravity"] = kwargs["gravity"].detach()
     new = Simulator(sim.mesh, material, **kwargs)
     return new
+
+
+def shared_asset(name: str, scene_file: str | Path) -> Path:
+    """The path of a shared mesh for a scene: ``$DIFFSIM_ASSETS/name``, else
+    ``../shared/assets/name`` beside the checkout that holds ``scene_file``.
+
+    Raises:
+        FileNotFoundError: not found; the message says where it looked and how to point
+            DIFFSIM_ASSETS at the folder.
+    """
+    folders = [Path(scene_file).resolve().parents[2] / "shared" / "assets"]
+    if os.environ.get("DIFFSIM_ASSETS"):
+        folders.insert(0, Path(os.environ["DIFFSIM_ASSETS"]))
+    for folder in folders:
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(
+        f"this scene needs ../shared/assets/{name} (the shared meshes beside the checkout), "
+        f"not found in {', '.join(str(f) for f in folders)}; set DIFFSIM_ASSETS to the "
+        "folder that holds it"
+    )

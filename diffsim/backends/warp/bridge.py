@@ -363,6 +363,16 @@ class Substep(torch.autograd.Function):
         )  # fmt: skip
 
 
+def _total_forces_inputs(w: WarpCoefficients, xw, f_el, with_ground: bool) -> list:
+    """The input list of the ``total_forces`` kernel (its forward launch and its adjoint)."""
+    st = w.settings
+    has_ground = st.has_ground if with_ground else 0
+    return [
+        xw, f_el, w.arrays[2], w.arrays[3], w.vertex.world_size, has_ground, st.height,
+        st.dhat, st.kappa,
+    ]  # fmt: skip
+
+
 class Forces(torch.autograd.Function):
     """(x, mu, lam, mass, gravity) -> elastic + gravity (+ ground barrier) forces ``[n, 3]``."""
 
@@ -374,11 +384,7 @@ class Forces(torch.autograd.Function):
         xw = wrap(x, k.position)
         f_el = _elastic_forces_into(g, w, xw, s.f_back)
         f = torch.empty(x.shape, dtype=torch_dtype(k.scalar), device=x.device)
-        st = w.settings
-        has_ground, height, dhat, kappa = st.has_ground, st.height, st.dhat, st.kappa
-        has_ground = has_ground if ctx.with_ground else 0
-        world_size = w.vertex.world_size
-        inputs = [xw, f_el, w.arrays[2], w.arrays[3], world_size, has_ground, height, dhat, kappa]
+        inputs = _total_forces_inputs(w, xw, f_el, ctx.with_ground)
         wp.launch(
             grad_kernels_for(k.scalar).total_forces,
             dim=g.n_vertices,
@@ -406,11 +412,7 @@ class Forces(torch.autograd.Function):
         grad_f = grad_f.contiguous()  # kept alive here: the launch holds only its pointer
         s.adj_f.zero_()
         adj_x_w, adj_f_w = wrap(adj_x_ground, k.position), wrap(s.adj_f, vec3)
-        st = w.settings
-        has_ground, height, dhat, kappa = st.has_ground, st.height, st.dhat, st.kappa
-        has_ground = has_ground if ctx.with_ground else 0
-        world_size = w.vertex.world_size
-        inputs = [xw, f_el, w.arrays[2], w.arrays[3], world_size, has_ground, height, dhat, kappa]
+        inputs = _total_forces_inputs(w, xw, f_el, ctx.with_ground)
         wp.launch(
             grad_kernels_for(k.scalar).total_forces,
             dim=g.n_vertices,

@@ -58,8 +58,12 @@ def apply_friction(
     stiffness: float,
     mu: float,
     eps_v: float,
+    implementation: str = "torch",
 ) -> torch.Tensor:
-    """Velocities ``[n, 3]`` after one substep h (s) of surface friction; differentiable."""
+    """Velocities ``[n, 3]`` after one substep h (s) of surface friction; differentiable.
+
+    ``implementation`` is ``"torch"`` (these formulas) or ``"warp"`` (for now the same).
+    """
     if mu <= 0.0 or candidates.n_pairs == 0:
         return v
     ids, c, sep, mol = _pair_geometry(x, candidates)

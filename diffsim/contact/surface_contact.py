@@ -395,7 +395,16 @@ class SurfaceContact:
         x = self.local(x, v.dtype)
         c = self._active_pairs(x)
         v = friction.apply_friction(
-            v, x, mass, h, c, self.dhat, self.stiffness, self.friction, self.friction_velocity
+            v,
+            x,
+            mass,
+            h,
+            c,
+            self.dhat,
+            self.stiffness,
+            self.friction,
+            self.friction_velocity,
+            implementation=self.implementation,
         )
         self._stage("friction", start, broad)
         return v

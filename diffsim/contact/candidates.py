@@ -14,7 +14,7 @@ and as the reference). Candidate sets are integer data: constant in the backward
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -60,11 +60,14 @@ class Candidates:
         point_triangle: ``[k1, 4]`` int64 rows ``(p, a, b, c)``.
         edge_edge: ``[k2, 4]`` int64 rows ``(p0, p1, q0, q1)``.
         mollifier_eps: ``[k2]`` float64 mollifier thresholds eps_x from rest positions.
+        warp_cache: the set's Warp arrays per dtype (:func:`diffsim.contact.warp_glue.
+            pair_arrays`), built on first use; not part of the set's value.
     """
 
     point_triangle: torch.Tensor
     edge_edge: torch.Tensor
     mollifier_eps: torch.Tensor
+    warp_cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def n_pairs(self) -> int:

@@ -62,10 +62,23 @@ def apply_friction(
 ) -> torch.Tensor:
     """Velocities ``[n, 3]`` after one substep h (s) of surface friction; differentiable.
 
-    ``implementation`` is ``"torch"`` (these formulas) or ``"warp"`` (for now the same).
+    ``implementation`` is ``"torch"`` (these formulas, the reference) or ``"warp"`` (the
+    same formulas in Warp kernels over every candidate pair, inactive ones skipped in the
+    kernel; backward by their Warp adjoints; x and mass are taken in v's dtype).
     """
+    if implementation not in ("torch", "warp"):
+        raise ValueError(
+            f"unknown friction implementation {implementation!r}; use 'torch' or 'warp'"
+        )
     if mu <= 0.0 or candidates.n_pairs == 0:
         return v
+    if implementation == "warp":
+        from diffsim.contact.warp_glue import friction, pair_arrays
+
+        floor = (MIN_DISTANCE_FRACTION * dhat) ** 2
+        arrays = pair_arrays(candidates, v.dtype)
+        x, mass = x.to(v.dtype), mass.to(v.dtype)
+        return friction(v, x, mass, arrays, h, dhat, floor, stiffness, mu, eps_v)
     ids, c, sep, mol = _pair_geometry(x, candidates)
     d2 = sep.square().sum(dim=1)
     active = d2 < dhat**2

@@ -1,8 +1,9 @@
 """The torch side of the Warp contact kernels (:mod:`diffsim.kernels.contact`).
 
 Converts tensors to Warp arrays and launches the kernels: the BVH broad phase, the barrier
-forces and their vector-Jacobian products (the kernel's Warp adjoint), the pairs' squared
-distances and the CCD step scales (the algorithm of :mod:`diffsim.contact.ccd`).
+forces and their vector-Jacobian products (the kernel's Warp adjoint), surface friction (a
+``torch.autograd.Function`` whose backward runs the kernels' Warp adjoints), the pairs'
+squared distances and the CCD step scales (the algorithm of :mod:`diffsim.contact.ccd`).
 """
 
 import torch
@@ -37,6 +38,11 @@ def kernels(dtype: torch.dtype):
 def _vec3(t: torch.Tensor):
     vec3 = {torch.float32: wp.vec3f, torch.float64: wp.vec3d}[t.dtype]
     return wp.from_torch(t.contiguous(), dtype=vec3)
+
+
+def _vec4(t: torch.Tensor):
+    vec4 = {torch.float32: wp.vec4f, torch.float64: wp.vec4d}[t.dtype]
+    return wp.from_torch(t.contiguous(), dtype=vec4)
 
 
 def _int32(t: torch.Tensor):
@@ -119,6 +125,16 @@ class PairArrays:
         self.wp_pairs = wp.from_torch(self.pairs)
         self.wp_kinds = wp.from_torch(self.kinds)
         self.wp_eps = wp.from_torch(self.eps)
+
+
+def pair_arrays(candidates, dtype: torch.dtype) -> PairArrays:
+    """The :class:`PairArrays` of a candidate set, built once per set and dtype (kept in
+    ``candidates.warp_cache``)."""
+    cache = candidates.warp_cache
+    arrays = cache.get(dtype)
+    if arrays is None:
+        arrays = cache[dtype] = PairArrays(candidates, dtype)
+    return arrays
 
 
 def _parallel_fraction(dtype: torch.dtype) -> float:
@@ -273,3 +289,133 @@ def step_scales(arrays: PairArrays, x: torch.Tensor, dx: torch.Tensor) -> torch.
             return alpha
         alpha = out
     return round_(2)
+
+
+def friction(
+    v: torch.Tensor,
+    x: torch.Tensor,
+    mass: torch.Tensor,
+    arrays: PairArrays,
+    h: float,
+    dhat: float,
+    floor: float,
+    kappa: float,
+    mu: float,
+    eps_v: float,
+) -> torch.Tensor:
+    """Velocities ``[n, 3]`` after one substep h of surface friction over the pairs of
+    ``arrays`` within dhat (the formulas of :mod:`diffsim.contact.friction`); differentiable
+    in v, x and mass (backward: the kernels' Warp adjoints). x, v and mass share one dtype;
+    ``floor`` is the squared-distance floor (m^2)."""
+    return _WarpFriction.apply(v, x, mass, arrays, (h * mu, dhat, floor, kappa, eps_v))
+
+
+def _friction_inputs(arrays: PairArrays, x, v, mass, constants) -> list:
+    h_mu, dhat, floor, kappa, eps_v = constants
+    scalar = SCALARS[x.dtype]
+    return [
+        _vec3(x),
+        _vec3(v),
+        wp.from_torch(mass.contiguous()),
+        arrays.wp_pairs,
+        arrays.wp_kinds,
+        arrays.wp_eps,
+        scalar(dhat**2),
+        scalar(floor),
+        scalar(kappa),
+        scalar(_parallel_fraction(x.dtype)),
+        scalar(h_mu),
+        scalar(eps_v),
+    ]
+
+
+def _friction_buffers(arrays: PairArrays, v: torch.Tensor) -> tuple:
+    """Zeroed pass-1 outputs: load ``[n]``, coef ``[k, 4]``, impulse ``[k, 3]``, active ``[k]``."""
+    return (
+        torch.zeros(len(v), dtype=v.dtype, device=v.device),
+        torch.zeros((arrays.n, 4), dtype=v.dtype, device=v.device),
+        torch.zeros((arrays.n, 3), dtype=v.dtype, device=v.device),
+        torch.zeros(arrays.n, dtype=torch.int32, device=v.device),
+    )
+
+
+def _friction_outputs(load, coef, impulse, active) -> list:
+    return [wp.from_torch(load), _vec4(coef), _vec3(impulse), wp.from_torch(active)]
+
+
+class _WarpFriction(torch.autograd.Function):
+    """Surface friction by two kernels (per-pair impulses and loads, then the relaxed
+    shares); backward by their Warp adjoints, in reverse order."""
+
+    @staticmethod
+    def forward(ctx, v, x, mass, arrays: PairArrays, constants: tuple):
+        v, x, mass = v.detach(), x.detach(), mass.detach()
+        if not (v.dtype == x.dtype == mass.dtype):
+            raise TypeError(
+                f"friction: v, x and mass dtypes differ: {v.dtype}, {x.dtype}, {mass.dtype}"
+            )
+        out = v.clone()
+        ctx.empty = not arrays.n
+        if ctx.empty:
+            return out
+        kern = kernels(v.dtype)
+        device = str(v.device)
+        buffers = _friction_buffers(arrays, v)
+        wp.launch(
+            kern.friction_pairs,
+            dim=arrays.n,
+            inputs=_friction_inputs(arrays, x, v, mass, constants),
+            outputs=_friction_outputs(*buffers),
+            device=device,
+        )
+        load, coef, impulse, active = buffers
+        wp.launch(
+            kern.friction_apply,
+            dim=arrays.n,
+            inputs=[arrays.wp_pairs, wp.from_torch(active), _vec4(coef), _vec3(impulse)]
+            + [wp.from_torch(load)],
+            outputs=[_vec3(out)],
+            device=device,
+        )
+        ctx.arrays, ctx.constants = arrays, constants
+        ctx.save_for_backward(v, x, mass, *buffers)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.empty:
+            return grad_out, None, None, None, None
+        v, x, mass, load, coef, impulse, active = ctx.saved_tensors
+        arrays = ctx.arrays
+        kern = kernels(v.dtype)
+        device = str(v.device)
+        grad_out = grad_out.contiguous()
+        # Pass 2's adjoint: cotangents of the impulses, share weights and loads.
+        adj_load, adj_coef, adj_impulse, _ = _friction_buffers(arrays, v)
+        scratch = torch.zeros_like(v)
+        wp.launch(
+            kern.friction_apply,
+            dim=arrays.n,
+            inputs=[arrays.wp_pairs, wp.from_torch(active), _vec4(coef), _vec3(impulse)]
+            + [wp.from_torch(load)],
+            outputs=[_vec3(scratch)],
+            adj_inputs=[None, None, _vec4(adj_coef), _vec3(adj_impulse), wp.from_torch(adj_load)],
+            adj_outputs=[_vec3(grad_out)],
+            adjoint=True,
+            device=device,
+        )
+        # Pass 1's adjoint (its forward replay writes into scratch buffers).
+        grad_x, grad_v, grad_m = torch.zeros_like(x), torch.zeros_like(v), torch.zeros_like(mass)
+        inputs = _friction_inputs(arrays, x, v, mass, ctx.constants)
+        wp.launch(
+            kern.friction_pairs,
+            dim=arrays.n,
+            inputs=inputs,
+            outputs=_friction_outputs(*_friction_buffers(arrays, v)),
+            adj_inputs=[_vec3(grad_x), _vec3(grad_v), wp.from_torch(grad_m), None, None, None]
+            + inputs[6:],
+            adj_outputs=[wp.from_torch(adj_load), _vec4(adj_coef), _vec3(adj_impulse), None],
+            adjoint=True,
+            device=device,
+        )
+        return grad_v + grad_out, grad_x, grad_m, None, None

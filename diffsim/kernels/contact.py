@@ -188,6 +188,102 @@ def _build(scalar):
         energy[k] = w * mol * bv
 
     @wp.kernel
+    def friction_pairs(
+        x: wp.array(dtype=vec3),
+        v: wp.array(dtype=vec3),
+        mass: wp.array(dtype=scalar),
+        pairs: wp.array2d(dtype=wp.int32),
+        kinds: wp.array(dtype=wp.int32),
+        eps: wp.array(dtype=scalar),
+        s_hat: scalar,
+        floor: scalar,
+        kappa: scalar,
+        parallel_fraction: scalar,
+        h_mu: scalar,
+        eps_v: scalar,
+        load: wp.array(dtype=scalar),
+        coef: wp.array(dtype=vec4),
+        impulse: wp.array(dtype=vec3),
+        active: wp.array(dtype=wp.int32),
+    ):
+        """Friction, pass 1 (see contact/friction.py): per pair within dhat, the slip
+        impulse ``m_eff stop u`` (kg m/s), the weights ``c_i / m_i`` of its shares and, added
+        to ``load`` at its four vertices, the fraction ``stop`` of the slip it removes."""
+        k = wp.tid()
+        i0 = pairs[k, 0]
+        i1 = pairs[k, 1]
+        i2 = pairs[k, 2]
+        i3 = pairs[k, 3]
+        x0 = x[i0]
+        x1 = x[i1]
+        x2 = x[i2]
+        x3 = x[i3]
+        kind = kinds[k]
+        c = pair_weights(kind, x0, x1, x2, x3, parallel_fraction)
+        sep = c[0] * x0 + c[1] * x1 + c[2] * x2 + c[3] * x3
+        d2 = wp.dot(sep, sep)
+        if d2 >= s_hat:
+            active[k] = 0
+            return
+        active[k] = 1
+        d2 = wp.max(d2, floor)
+        m0 = mass[i0]
+        m1 = mass[i1]
+        m2 = mass[i2]
+        m3 = mass[i3]
+        w = wp.min(wp.min(m0, m1), wp.min(m2, m3))
+        mol = one
+        if kind == 1:
+            cr = wp.cross(x1 - x0, x3 - x2)
+            cs = wp.dot(cr, cr)
+            if cs < eps[k]:
+                r = cs / eps[k]
+                mol = (two - r) * r
+        d = wp.sqrt(d2)
+        normal_force = -kappa * w * mol * two * d * barrier_d(d2, s_hat)
+        n = sep / d
+        v_rel = c[0] * v[i0] + c[1] * v[i1] + c[2] * v[i2] + c[3] * v[i3]
+        u = v_rel - wp.dot(v_rel, n) * n
+        tiny = scalar(1e-6) * eps_v
+        speed = wp.sqrt(wp.dot(u, u) + tiny * tiny)
+        slope = one / speed
+        if speed < eps_v:
+            slope = two / eps_v - speed / (eps_v * eps_v)
+        w0 = c[0] / m0
+        w1 = c[1] / m1
+        w2 = c[2] / m2
+        w3 = c[3] / m3
+        m_eff = one / (c[0] * w0 + c[1] * w1 + c[2] * w2 + c[3] * w3)
+        gamma = h_mu * normal_force * slope / m_eff
+        stop = one - one / (one + gamma)
+        impulse[k] = (m_eff * stop) * u
+        coef[k] = vec4(w0, w1, w2, w3)
+        wp.atomic_add(load, i0, stop)
+        wp.atomic_add(load, i1, stop)
+        wp.atomic_add(load, i2, stop)
+        wp.atomic_add(load, i3, stop)
+
+    @wp.kernel
+    def friction_apply(
+        pairs: wp.array2d(dtype=wp.int32),
+        active: wp.array(dtype=wp.int32),
+        coef: wp.array(dtype=vec4),
+        impulse: wp.array(dtype=vec3),
+        load: wp.array(dtype=scalar),
+        v_out: wp.array(dtype=vec3),
+    ):
+        """Friction, pass 2: each vertex takes ``-c_i / m_i`` of its pairs' impulses, divided
+        by its load where the load exceeds 1 (sticking)."""
+        k = wp.tid()
+        if active[k] == 0:
+            return
+        p = impulse[k]
+        cf = coef[k]
+        for j in range(4):
+            i = pairs[k, j]
+            wp.atomic_sub(v_out, i, (cf[j] * (one / wp.max(load[i], one))) * p)
+
+    @wp.kernel
     def pair_distances(
         x: wp.array(dtype=vec3),
         pairs: wp.array2d(dtype=wp.int32),
@@ -327,6 +423,8 @@ def _build(scalar):
 
     return SimpleNamespace(
         barrier_forces=barrier_forces,
+        friction_pairs=friction_pairs,
+        friction_apply=friction_apply,
         step_scales=step_scales,
         verify_scales=verify_scales,
         pair_distances=pair_distances,

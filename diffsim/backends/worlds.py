@@ -80,6 +80,12 @@ class WorldContact:
         """Barrier energy of all worlds (J), a scalar."""
         return self.energies(x, mass).sum()
 
+    def clear_over(self, frames: torch.Tensor, record: bool = True) -> bool:
+        """Whether no world's contact would have acted over ``frames [S + 1, W * n, 3]``
+        (see :meth:`SurfaceContact.clear_over`)."""
+        parts = zip(self.contacts, frames.split(self.world_vertices, dim=1), strict=True)
+        return all(c.clear_over(f, record) for c, f in parts)
+
     def min_distance(self, x: torch.Tensor) -> float:
         """The smallest distance (m) between surface primitives of one world, any world."""
         parts = zip(self.contacts, self._split(x), strict=True)

@@ -34,6 +34,8 @@ MAX_STEP_FRACTION = 0.1
 # ... nor farther than this fraction of it in absolute terms; together they bound the broad
 # phase's work.
 MAX_TRANSLATION_FRACTION = 1.0
+# clear_over measures at most this many pairs near contact per frame; more: not clear.
+MAX_NEAR_PAIRS = 20_000
 
 
 class ContactWarning(UserWarning):
@@ -160,6 +162,7 @@ class SurfaceContact:
         self._local = None  # (key, local positions) of the last local() call
         self._moved = None  # (local x, its offset from the anchor)
         self._closest = math.inf
+        self._anchor_d2 = torch.zeros(0, dtype=torch.float64)
 
     # ----------------------------------------------------------------- defaults
     @classmethod
@@ -317,6 +320,7 @@ class SurfaceContact:
         self._anchor = x.detach().clone()
         self._moved = None
         self._closest = math.inf  # the candidates' smallest distance at the anchor (m)
+        self._anchor_d2 = torch.zeros(0, dtype=torch.float64)  # their squared distances there
         radius = self.dhat + 2.0 * self._reach
         c = find_candidates(self.surface, self._anchor, radius, self.broad_phase)
         if c.n_pairs:
@@ -333,6 +337,7 @@ class SurfaceContact:
             keep = d2 < (radius + slack) ** 2
             if not bool(keep.all()):
                 c, d2 = c.subset(torch.nonzero(keep).flatten()), d2[keep]
+            self._anchor_d2 = d2.to(torch.float64)
             if len(d2):
                 self._closest = float(d2.min().clamp_min(0).sqrt()) - slack
         self._candidates = c
@@ -492,6 +497,103 @@ class SurfaceContact:
 
         return step_scales(self._warp_arrays(x), x, dx)
 
+    def clear_over(self, frames: torch.Tensor, record: bool = True) -> bool:
+        """Whether contact would have changed nothing over substeps computed without it.
+
+        True if at every frame no pair of non-adjacent surface primitives is within dhat (so
+        no barrier force and no friction acted), no step between frames could have been cut
+        by the continuous collision limit (:meth:`step_scales` would have returned all ones)
+        and no step was large enough to be capped: the substeps with contact would have
+        moved the vertices the same way. A fused contact-free run is then exact.
+
+        The bound: pair k is at least ``D_k - 2 offset(x - anchor)`` apart (see
+        :func:`_offset`), D_k its distance at the anchor (pairs not listed are farther than
+        the broad phase's radius). Pairs for which that does not settle it are measured at
+        every frame, and their steps bounded as :mod:`.ccd` does.
+
+        Args:
+            frames: positions ``[S + 1, n, 3]`` (m) at the start of each of S substeps and
+                after the last.
+            record: take the steps' size as the last step's (it sizes the next broad
+                phase); False for a prediction.
+        """
+        if len(frames) < 2:
+            return True
+        with torch.no_grad():
+            local = frames.detach().to(torch.float64) - self.origin
+            self._candidates_at(self.local(frames[0]))
+            lo, hi = torch.aminmax(local - local[0], dim=1)
+            block_moved = 0.5 * float((hi - lo).norm(dim=1).max())
+            steps = local[1:] - local[:-1]
+            lo, hi = torch.aminmax(steps, dim=1)
+            step = 0.5 * float((hi - lo).norm(dim=1).max())
+            absolute = float(torch.maximum(lo.abs(), hi.abs()).norm(dim=1).max())
+            if step > MAX_STEP_FRACTION * self.scene_size:
+                return False
+            if absolute > MAX_TRANSLATION_FRACTION * self.scene_size:
+                return False
+            keep = (1 - ccd.MIN_GAP_FRACTION) * (1 - ccd.SCALE_SLACK)
+            # Pairs farther apart than this are neither active nor limited (|y_i - mean| is
+            # at most 2 step); 1% and rounding to the scene's size as safety.
+            slack = 0.01 * self.dhat + 1e-6 * self.scene_size
+            needed = max(self.dhat, 4.0 * step / keep) + slack
+            lo, hi = torch.aminmax(local - self._anchor.to(torch.float64), dim=1)
+            moved = 0.5 * float((hi - lo).norm(dim=1).max())
+            if self._listed_radius() - 2.0 * moved <= needed:
+                # The set does not reach that far: a new one at the first frame that does.
+                wanted = max(self.margin, REBUILD_STEPS * self._last_step)
+                self._rebuild(self.local(frames[0]), max(wanted, 1.01 * block_moved))
+                lo, hi = torch.aminmax(local - self._anchor.to(torch.float64), dim=1)
+                moved = 0.5 * float((hi - lo).norm(dim=1).max())
+            if self._closest_listed() - 2.0 * moved > needed:
+                self._last_step = step if record else self._last_step
+                return True
+            # The pairs near enough to matter, by their distances at the first frame (the
+            # block's own motion is small next to the anchor's): measured at every frame.
+            near = self._near_pairs(needed + 2.0 * block_moved, local[0])
+            if near is None:
+                return False
+            if not near.n_pairs:
+                self._last_step = step if record else self._last_step
+                return True
+            distances = _frame_distances(local, near)  # [S + 1, k]
+            if float(distances.min()) <= (1.01 * self.dhat + 1e-6 * self.scene_size):
+                return False
+            # Each step's L_k, the most it can close the pair (see .ccd), [S, k].
+            ids = torch.cat([near.point_triangle, near.edge_edge])
+            sides = ccd._sides(near, ids.device).repeat(len(steps), 1)
+            reach = ccd.pair_reach(steps[:, ids].reshape(-1, 4, 3), sides).view(len(steps), -1)
+            if bool((reach > 0.99 * keep * distances[:-1]).any()):
+                return False
+            self._last_step = step if record else self._last_step
+            return True
+
+    def _listed_radius(self) -> float:
+        """The broad phase's radius (m), less rounding: pairs farther apart at the anchor
+        are not listed."""
+        return (self.dhat + 2.0 * self._reach) * (1.0 - 1e-6)
+
+    def _closest_listed(self) -> float:
+        """The smallest distance (m) of any pair at the anchor."""
+        return min(self._closest, self._listed_radius())
+
+    def _near_pairs(self, within: float, x: torch.Tensor | None = None) -> Candidates | None:
+        """The candidates closer than ``within`` (m) at local x (default: at the anchor), or
+        None if there are more than ``MAX_NEAR_PAIRS`` (measuring them every frame would
+        cost more than it saves)."""
+        if x is None:
+            d2 = self._anchor_d2
+        elif self.broad_phase == "bvh":  # Warp is there: its kernel is the faster one
+            from diffsim.contact.warp_glue import PairArrays, squared_distances
+
+            d2 = squared_distances(PairArrays(self._candidates, x.dtype), x.contiguous())
+        else:
+            d2 = torch.cat(potential.pair_distances(x, self._candidates))
+        index = torch.nonzero(d2 < within**2).flatten()
+        if len(index) > MAX_NEAR_PAIRS:
+            return None
+        return self._candidates.subset(index)
+
     def min_distance(self, x: torch.Tensor) -> float:
         """The smallest distance (m) between non-adjacent surface primitives within reach."""
         x = self.local(x)
@@ -500,6 +602,21 @@ class SurfaceContact:
             return math.inf
         d_pt, d_ee = potential.pair_distances(x.detach(), c)
         return float(torch.cat([d_pt, d_ee]).min().sqrt())
+
+
+def _frame_distances(frames: torch.Tensor, pairs: Candidates) -> torch.Tensor:
+    """Distances (m) ``[F, k]`` of the pairs (point-triangle, then edge-edge) in each of the
+    frames ``[F, n, 3]``, in one call on the frames stacked as one set of F n vertices."""
+    f, n = frames.shape[:2]
+    shift = (torch.arange(f, device=frames.device) * n)[:, None, None]
+    stacked = Candidates(
+        (pairs.point_triangle[None] + shift).reshape(-1, 4),
+        (pairs.edge_edge[None] + shift).reshape(-1, 4),
+        pairs.mollifier_eps.repeat(f),
+    )
+    d_pt, d_ee = potential.pair_distances(frames.reshape(-1, 3), stacked)
+    d2 = torch.cat([d_pt.view(f, -1), d_ee.view(f, -1)], dim=1)
+    return d2.clamp_min(0).sqrt()
 
 
 class RestGaps:

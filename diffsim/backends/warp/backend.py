@@ -24,6 +24,7 @@ except ImportError as error:  # pragma: no cover - warp-lang is a dependency
     raise ImportError("the Warp backend needs warp-lang: pip install warp-lang") from error
 
 from diffsim.backends.warp import bridge, fused
+from diffsim.backends.warp.contact_free import ContactFreeBlocks
 from diffsim.backends.warp.threads import SplitLauncher
 from diffsim.kernels import kernels_for
 from diffsim.kernels.runtime import init_warp
@@ -93,6 +94,7 @@ class WarpBackend(Backend):
         threads = cpu_threads() if device.is_cpu else 1
         self.launcher = SplitLauncher.shared(threads) if threads > 1 else None
         self.scratch = self._scratch(threads)
+        self.contact_free = ContactFreeBlocks(self)
 
     # ----------------------------------------------------------------- coefficients
     def prepare(self, coeffs: Coefficients) -> bridge.WarpCoefficients:
@@ -207,12 +209,16 @@ class WarpBackend(Backend):
         return bridge.Substep.apply(self.geometry, w, self.launcher, x, v, x_fixed, *w.inputs)
 
     def advance(self, prepared, x, v, targets, out=None):
-        """Whole steps. On the CPU without surface contact they run in one launch of the
-        fused kernel per worker thread (:func:`diffsim.backends.warp.fused.advance_steps`), through
-        the :class:`~diffsim.backends.warp.fused.Steps` Function when a gradient is needed."""
+        """Whole steps. On the CPU they run in one launch of the fused kernel per worker
+        thread (:func:`diffsim.backends.warp.fused.advance_steps`), through the
+        :class:`~diffsim.backends.warp.fused.Steps` Function when a gradient is needed; with
+        surface contact, wherever contact does not act (:mod:`.contact_free`)."""
         m, w = self.model, prepared
-        if m.contact is not None or not self.geometry.device.is_cpu:
+        if not self.geometry.device.is_cpu:
             return super().advance(prepared, x, v, targets, out)
+        if m.contact is not None:
+            # Fused where contact turns out not to act, else substep by substep with it.
+            return self.contact_free.advance(prepared, x, v, targets, out)
         x, v = self._positions(x), self._checked(v)
         targets = targets.to(POSITION_DTYPE).contiguous()
         if torch.is_grad_enabled() and any(t.requires_grad for t in (x, v, targets, *w.inputs)):

@@ -244,11 +244,12 @@ class Steps(torch.autograd.Function):
     and elastic forces at the start of every substep; backward runs the substeps' adjoints
     in reverse. Prescribed positions interpolate linearly from the start of each step to
     its target (as in ``Backend.advance``), so their cotangents flow to the targets and to
-    the fixed vertices' positions at the start of the step.
+    the fixed vertices' positions at the start of the step. An optional last argument, a
+    list, receives the saved positions ``[K * substeps, n, 3]`` (read-only, for checks).
     """
 
     @staticmethod
-    def forward(ctx, g, w, launcher, x, v, targets, mu, lam, mass, gravity, damping):
+    def forward(ctx, g, w, launcher, x, v, targets, mu, lam, mass, gravity, damping, seen=None):
         n_sub = len(targets) * g.substeps
         saved = (
             x.new_empty((n_sub, *x.shape)),  # float64 positions
@@ -259,6 +260,8 @@ class Steps(torch.autograd.Function):
         advance_steps(g, w, x, v, targets, out, launcher, saved)
         ctx.g, ctx.w, ctx.launcher, ctx.saved = g, w, launcher, saved
         ctx.save_for_backward(targets)
+        if seen is not None:
+            seen.append(saved[0])
         return out
 
     @staticmethod
@@ -269,4 +272,4 @@ class Steps(torch.autograd.Function):
         grad_xs = grad_xs if grad_xs is not None else targets.new_zeros(shape)
         grad_vs = grad_vs if grad_vs is not None else ctx.saved[1].new_zeros(shape)
         adjoints = retreat_steps(ctx.g, ctx.w, ctx.saved, grad_xs, grad_vs, ctx.launcher)
-        return None, None, None, *adjoints
+        return None, None, None, *adjoints, None

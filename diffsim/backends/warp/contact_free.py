@@ -1,0 +1,117 @@
+"""Steps with surface contact on, run fused where contact turns out not to act.
+
+Surface contact costs nothing where nothing is near anything, if the steps do not have to
+ask it every substep. So with contact on, the CPU Warp backend runs blocks of steps with the
+fused contact-free kernels (:mod:`diffsim.backends.warp.fused`), keeping the position at the
+start of every substep, and then asks the contact whether it would have acted anywhere in
+the block (:meth:`~diffsim.contact.SurfaceContact.clear_over`: no pair within dhat, no step
+the continuous collision limit would cut). If not, the block is exact: the barrier and the
+friction are zero and the step limit is one, forward and backward. If so, the block is run
+again substep by substep with contact. A block is tried fused only when the start state
+looks clear for the whole block (contact would not act along its velocities' relative
+part over twice the block's duration), so scenes in contact do not pay for many failed
+tries; block lengths double while they pass and halve until the prediction does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffsim.backends.base import Backend
+from diffsim.backends.warp import fused
+
+# The largest block tried fused: its saved substeps hold at most this many values per array.
+MAX_SAVED_VALUES = 6_000_000
+# A block is tried fused only if the start state is clear of contact by this factor times
+# the distance its velocities could close over the block.
+PREDICTION_FACTOR = 2.0
+
+
+class ContactFreeBlocks:
+    """Runs ``Backend.advance`` for the Warp backend on the CPU with contact on.
+
+    Args:
+        backend: the :class:`~diffsim.backends.warp.backend.WarpBackend`.
+    """
+
+    def __init__(self, backend) -> None:
+        self.backend = backend
+        self.block = 1  # steps of the next fused try
+        self.counts = {"fused_steps": 0, "contact_steps": 0, "failed_tries": 0}
+
+    def advance(self, prepared, x, v, targets, out=None):
+        """As :meth:`Backend.advance`; differentiable through either path."""
+        b, m = self.backend, self.backend.model
+        grad = torch.is_grad_enabled() and any(
+            t.requires_grad for t in (x, v, targets, *prepared.inputs)
+        )
+        n_steps = len(targets)
+        per_step = m.substeps * m.n_vertices * 3
+        longest = max(1, MAX_SAVED_VALUES // per_step)
+        xs, vs = [], []
+        i = 0
+        while i < n_steps:
+            k = min(self.block, longest, n_steps - i)
+            while k > 1 and not self._looks_clear(x, v, k):
+                k //= 2
+            part = targets[i : i + k]
+            frames = None
+            if self._looks_clear(x, v, k):
+                frames = self._fused(prepared, x, v, part, grad)
+            if frames is None:
+                k, part = 1, targets[i : i + 1]
+                frames = Backend.advance(b, prepared, x, v, part)
+                self.counts["contact_steps"] += 1
+                self.block = 1
+            else:
+                self.counts["fused_steps"] += k
+                self.block = min(2 * k, longest)
+            if out is not None:
+                out[0][i : i + k].copy_(frames[0])
+                out[1][i : i + k].copy_(frames[1])
+            else:
+                xs.append(frames[0])
+                vs.append(frames[1])
+            x, v = frames[0][-1], frames[1][-1]
+            i += k
+        if out is not None:
+            return out
+        if not xs:
+            empty = x.new_zeros((0, *x.shape))
+            return empty, empty.to(v.dtype)
+        return torch.cat(xs), torch.cat(vs)
+
+    def _looks_clear(self, x: torch.Tensor, v: torch.Tensor, steps: int) -> bool:
+        """Whether a fused try of ``steps`` steps from (x, v) is likely to pass: contact
+        would not act along the straight motion at the velocities' relative part for
+        ``PREDICTION_FACTOR`` times the steps' duration."""
+        m = self.backend.model
+        with torch.no_grad():
+            x = x.detach()
+            v = v.detach().to(x.dtype)
+            ahead = x + (PREDICTION_FACTOR * steps * m.dt) * (v - v.mean(dim=0))
+            return m.contact.clear_over(torch.stack([x, ahead]), record=False)
+
+    def _fused(self, prepared, x, v, targets, grad: bool):
+        """The fused frames ``([k, n, 3], [k, n, 3])`` if contact did not act, else None."""
+        b, m = self.backend, self.backend.model
+        g, launcher = b.geometry, b.launcher
+        x, v = b._positions(x), b._checked(v)
+        targets = targets.to(x.dtype).contiguous()
+        if grad:
+            seen: list = []
+            frames = fused.Steps.apply(g, prepared, launcher, x, v, targets, *prepared.inputs, seen)
+            saved_x = seen[0]
+        else:
+            n_sub = len(targets) * m.substeps
+            saved_x = x.new_empty((n_sub, *x.shape))
+            saved_v = v.new_empty((n_sub, *v.shape))
+            frames = (x.new_empty((len(targets), *x.shape)), v.new_empty((len(targets), *v.shape)))
+            fused.advance_steps(
+                g, prepared, x, v, targets, frames, launcher, (saved_x, saved_v, saved_v.clone())
+            )
+        path = torch.cat([saved_x, frames[0][-1:].detach()])
+        if not m.contact.clear_over(path):
+            self.counts["failed_tries"] += 1
+            return None
+        return frames

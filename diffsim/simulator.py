@@ -6,6 +6,7 @@ import math
 import numbers
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -56,6 +57,203 @@ CLAMP_NOTICE_SHARE = 0.02
 CLAMP_NOTICE_SPEED = 0.5
 # Tets whose volume ratio J leaves this range are "strained far beyond the material's range".
 STRAIN_NOTICE_RANGE = (0.1, 10.0)
+# Inverted tets are counted at every frame, exactly, but only the tets that may have
+# inverted are evaluated: those with a corner that moved (after removing each body's
+# translation) by more than INVERSION_SAFETY times the distance that could invert them,
+# from a reference frame that moves on when more than INVERSION_RESET_SHARE of the tets
+# need evaluating. Frames are taken in windows of about INVERSION_WINDOW tet-frames (at
+# least one frame), small enough for the temporaries to stay in cache.
+INVERSION_SAFETY = 0.5
+INVERSION_RESET_SHARE = 0.02
+INVERSION_WINDOW = 16384
+
+
+@dataclass(frozen=True)
+class Inversions:
+    """Inverted tets (volume ratio J = det F <= 0) in the frames of a simulator's last
+    rollout or step (:attr:`Simulator.inversions`), or of several joined (:meth:`join`).
+
+    Frame k is the state after step k (``trajectory.positions[k]``); frame 0, the start
+    state, is not counted. Tet indices are in a world's own numbering (``[0, m)``).
+
+    Attributes:
+        counts: inverted tets at frames 1..T, ``[T]`` int64, or ``[T, W]`` with worlds.
+        dt: time per frame in s.
+        first_frame: the first frame with an inverted tet, or None if there is none.
+        first_world: the world inverted at ``first_frame`` (the first of them; 0 without
+            worlds), or None.
+        first_tets: the tets inverted at ``first_frame`` in ``first_world``.
+        min_volume_ratio: the most negative J (<= 0) seen, or None.
+        worst_frame: the frame of ``min_volume_ratio``, or None.
+        worst_world: its world, or None.
+        worst_tet: its tet, or None.
+    """
+
+    counts: torch.Tensor
+    dt: float
+    first_frame: int | None = None
+    first_world: int | None = None
+    first_tets: list[int] = field(default_factory=list)
+    min_volume_ratio: float | None = None
+    worst_frame: int | None = None
+    worst_world: int | None = None
+    worst_tet: int | None = None
+
+    def __bool__(self) -> bool:
+        return self.first_frame is not None
+
+    @property
+    def frames(self) -> int:
+        """T, the frames counted."""
+        return len(self.counts)
+
+    @property
+    def max_per_frame(self) -> int:
+        """The most tets inverted at one frame in one world (0 if none)."""
+        return int(self.counts.max()) if self.counts.numel() else 0
+
+    @property
+    def frames_affected(self) -> int:
+        """Frames with an inverted tet in some world."""
+        return int((self.counts.reshape(self.frames, -1) > 0).any(dim=1).sum())
+
+    @property
+    def worlds_affected(self) -> list[int]:
+        """The worlds with an inverted tet at some frame (``[0]`` or ``[]`` without worlds)."""
+        per_world = self.counts.reshape(self.frames, -1).sum(dim=0)
+        return torch.nonzero(per_world).flatten().tolist()
+
+    def summary(self) -> str:
+        """One line for a report: ``"none"``, or the most per frame, the frames affected,
+        the first (time, tets, world) and the most negative J."""
+        if not self:
+            return "none"
+        world = "" if self.counts.dim() == 1 else f" of world {self.first_world}"
+        return (
+            f"up to {self.max_per_frame} per frame in {self.frames_affected} of {self.frames} "
+            f"frames, first at frame {self.first_frame} (t = {self.first_frame * self.dt:.4g} s;"
+            f" tets {self.first_tets[:8]}{world}), most negative J {self.min_volume_ratio:.3g}"
+        )
+
+    @classmethod
+    def join(cls, records: Sequence[Inversions]) -> Inversions:
+        """The record of consecutive rollouts (each starting where the last ended) as one."""
+        if not records:
+            raise ValueError("join needs at least one record")
+        offset, first, worst = 0, None, None
+        for r in records:
+            if r and first is None:
+                first = (r.first_frame + offset, r.first_world, r.first_tets)
+            if r and (worst is None or r.min_volume_ratio < worst[0]):
+                worst = (r.min_volume_ratio, r.worst_frame + offset, r.worst_world, r.worst_tet)
+            offset += r.frames
+        out = cls(torch.cat([r.counts for r in records]), records[0].dt)
+        if first is None:
+            return out
+        return cls(out.counts, out.dt, *first, *worst)
+
+
+class _InversionLog:
+    """The record being written during a rollout (counts by frame; first and worst)."""
+
+    def __init__(self, frames: int, worlds: int | None, dt: float) -> None:
+        self.counts = torch.zeros(
+            (frames, *(() if worlds is None else (worlds,))), dtype=torch.long
+        )
+        self.dt = dt
+        self.first: tuple[int, int, list[int]] | None = None
+        self.worst: tuple[float, int, int, int] | None = None
+
+    def record(self) -> Inversions:
+        first = (None, None, []) if self.first is None else self.first
+        worst = (None, None, None, None) if self.worst is None else self.worst
+        return Inversions(self.counts.clone(), self.dt, *first, *worst)
+
+
+class _InversionCheck:
+    """Counts the inverted tets of frames ``[K, N, 3]`` exactly, evaluating J only where a
+    tet may have inverted since a reference frame.
+
+    A tet with edges e_i (reference frame) keeps det > 0 while each corner moves by less
+    than rho = ((L^3 + det)^(1/3) - L) / 2 with L = max |e_i|: det is trilinear in the
+    edges, each edge changes by at most 2 rho, and Hadamard's bound gives
+    |det(E + D) - det(E)| <= (L + 2 rho)^3 - L^3. Motions are measured after subtracting
+    each body's centroid (edges do not change under a translation); a vertex is "at risk"
+    when it moved by INVERSION_SAFETY * rho of some tet it belongs to, and every tet with
+    an at-risk vertex is evaluated exactly at every frame.
+    """
+
+    def __init__(self, model: Model, body_ids: np.ndarray) -> None:
+        self.tets = model.tets  # [M, 4], the replicated mesh with worlds
+        self.n_tets = len(model.tets)
+        self.n_worlds = model.n_worlds
+        self.det_dm_inv = torch.linalg.det(model.dm_inv.detach().double())  # 1 / (6 V0) [M]
+        bodies = torch.as_tensor(body_ids, device=self.tets.device)
+        n_bodies = int(bodies.max()) + 1
+        world = torch.arange(self.n_worlds, device=bodies.device).repeat_interleave(len(bodies))
+        self.groups = world * n_bodies + bodies.repeat(self.n_worlds)  # [N]
+        self.n_groups = self.n_worlds * n_bodies
+        self.group_sizes = torch.bincount(self.groups, minlength=self.n_groups).double()
+        self.reference: torch.Tensor | None = None  # centred positions [N, 3]
+        self.safe_radius: torch.Tensor | None = None  # [N] m
+
+    def _centred(self, xs: torch.Tensor) -> torch.Tensor:
+        """Frames ``[K, N, 3]`` less each body's centroid."""
+        if self.n_groups == 1:
+            return xs - xs.mean(dim=1, keepdim=True)
+        sums = xs.new_zeros((len(xs), self.n_groups, 3)).index_add_(1, self.groups, xs)
+        return xs - (sums / self.group_sizes[:, None])[:, self.groups]
+
+    @staticmethod
+    def _edges(xs: torch.Tensor, tets: torch.Tensor) -> torch.Tensor:
+        """Edges x1 - x0, x2 - x0, x3 - x0 of the given tets, ``[3 (coordinate), K, 3
+        (edge), S]`` (coordinates first: the arithmetic runs on contiguous rows)."""
+        corners = xs.permute(2, 0, 1).index_select(2, tets.T.flatten())
+        corners = corners.view(3, len(xs), 4, len(tets))
+        return corners[:, :, 1:] - corners[:, :, :1]
+
+    @staticmethod
+    def _det(e: torch.Tensor) -> torch.Tensor:
+        """det [e0 e1 e2] of edges ``[3, K, 3, S]``: six times the signed volume, ``[K, S]``."""
+        (ax, bx, cx), (ay, by, cy), (az, bz, cz) = (e[i].unbind(1) for i in range(3))
+        return ax * (by * cz - bz * cy) + ay * (bz * cx - bx * cz) + az * (bx * cy - by * cx)
+
+    def _reset(self, x: torch.Tensor, e: torch.Tensor | None = None) -> None:
+        """Makes frame ``x [N, 3]`` the reference (each vertex's safe radius), from the
+        edges of all tets there ``[3, 1, 3, M]`` where they are known."""
+        e = self._edges(x[None], self.tets) if e is None else e
+        det = self._det(e)[0]
+        longest = e[:, 0].square().sum(dim=0).amax(dim=0).sqrt()
+        rho = torch.where(
+            det > 0, 0.5 * ((longest**3 + det.clamp(min=0)) ** (1 / 3) - longest), 0.0
+        )
+        radius = torch.full((len(x),), math.inf, dtype=torch.float64, device=x.device)
+        radius.scatter_reduce_(0, self.tets.flatten(), rho.repeat_interleave(4), "amin")
+        self.safe_radius = INVERSION_SAFETY * radius
+        self.reference = self._centred(x[None])[0]
+
+    def __call__(self, xs: torch.Tensor):
+        """Inverted tets of frames ``[K, N, 3]`` (float64, detached).
+
+        Returns:
+            ``(candidates [S], J [K, S])``: the tets evaluated (all the inverted ones among
+            them) and their volume ratios; S may be 0.
+        """
+        if self.reference is None:
+            self._reset(xs[0])
+        moved = (self._centred(xs) - self.reference).square().sum(dim=2).amax(dim=0)
+        at_risk = moved >= self.safe_radius.square()
+        if not bool(at_risk.any()):
+            return self.tets.new_zeros(0), xs.new_zeros((len(xs), 0))
+        candidates = torch.nonzero(at_risk[self.tets].any(dim=1)).flatten()
+        if len(candidates) <= INVERSION_RESET_SHARE * self.n_tets:
+            e = self._edges(xs, self.tets[candidates])
+            return candidates, self._det(e) * self.det_dm_inv[candidates]
+        # Many tets moved: evaluate them all, and take the last frame as the new reference.
+        e = self._edges(xs, self.tets)
+        J = self._det(e) * self.det_dm_inv
+        self._reset(xs[-1], e[:, -1:])
+        return torch.arange(self.n_tets, device=xs.device), J
 
 
 class Simulator:
@@ -198,6 +396,8 @@ class Simulator:
             fixed_mask, dt, substeps, max_speed, ground_model, contact_model
         )
         self._warned: set[str] = set()
+        self._inversion_check: _InversionCheck | None = None  # built at the first check
+        self._inversion_log = _InversionLog(0, self.worlds, self.model.dt)
         self.backend_name = self._choose_backend(backend, material)
         self.backend = BACKENDS[self.backend_name](self.model)
 
@@ -557,6 +757,7 @@ class Simulator:
         """
         x, v = self._state_tensors(state)
         targets = self._fixed_targets(fixed_positions, 1, x)
+        self._inversion_log = _InversionLog(1, self.worlds, self.model.dt)
         xs, vs = self._run(x, v, targets, list(self.parameters().values()), 0)
         return State(self._unflatten(xs[-1]), self._unflatten(vs[-1]))
 
@@ -601,6 +802,7 @@ class Simulator:
         targets = self._fixed_targets(fixed_positions, steps, x)
         named = self._parameters_with(params)
         self._check_start(x, v, targets, named)
+        self._inversion_log = _InversionLog(steps, self.worlds, self.model.dt)
         params = list(named.values())
         if not torch.is_grad_enabled() or not any(
             t.requires_grad for t in (x, v, targets, *params)
@@ -730,7 +932,7 @@ class Simulator:
         if out is None:
             xs, vs = self.backend.advance(prepared, x, v, targets)
             self._check_finite(xs, first_step)
-            self._check_limiters(xs, vs)
+            self._check_limiters(xs, vs, first_step=first_step)
             return xs, vs
         block = max(1, FINITE_CHECK_WORK // (self.model.n_tets * self.model.substeps))
         since = 0  # substeps since the last strain check
@@ -740,20 +942,25 @@ class Simulator:
             self._check_finite(frames[0], first_step + b)
             since += len(frames[0]) * self.model.substeps
             strain = since >= STRAIN_CHECK_SUBSTEPS or b + block >= len(targets)
-            self._check_limiters(*frames, strain=strain)
+            self._check_limiters(*frames, strain=strain, first_step=first_step + b)
             since = 0 if strain else since
             x, v = frames[0][-1], frames[1][-1]
         return out
 
-    def _check_limiters(self, xs: torch.Tensor, vs: torch.Tensor, strain: bool = True) -> None:
+    def _check_limiters(
+        self, xs: torch.Tensor, vs: torch.Tensor, strain: bool = True, first_step: int = 0
+    ) -> None:
         """Warns (once per kind) where the speed clamp acts on a large share of vertices or
         tets are strained far beyond any material's range: what an unclamped run would have
         raised as a blow-up. Reads detached frames ``[K, n, 3]``; not part of the graph.
-        The strain is read at the last frame, and only with ``strain``."""
+        The strain is read at the last frame, and only with ``strain``. Inverted tets are
+        counted at every frame (frames ``first_step + 1 ..`` of the rollout; see
+        :attr:`inversions`)."""
         if not len(xs):
             return
         m = self.model
         with torch.no_grad():
+            self._count_inversions(xs.detach(), first_step)
             if m.max_speed is not None and "clamp" not in self._warned:
                 fast = vs.detach().norm(dim=2) > CLAMP_NOTICE_SPEED * m.max_speed
                 # The share of each world's vertex-frames (one world without worlds).
@@ -784,6 +991,56 @@ class Simulator:
                         f"{m.substep_dt:.3g} s) or a clamp hiding one is the usual cause: use "
                         f"a smaller dt or more substeps",
                     )
+
+    def _count_inversions(self, xs: torch.Tensor, first_step: int) -> None:
+        """Counts the inverted tets of frames ``[K, N, 3]`` (steps ``first_step + 1 ..``)
+        into the rollout's record, and warns once per simulator when there are some."""
+        if self._inversion_check is None:
+            self._inversion_check = _InversionCheck(self.model, self.mesh.body_ids)
+        log, m_tets, W = self._inversion_log, self.mesh.n_tets, self.n_worlds
+        chunk = max(1, INVERSION_WINDOW // self.model.n_tets)
+        for c in range(0, len(xs), chunk):
+            candidates, J = self._inversion_check(xs[c : c + chunk].to(POSITION_DTYPE))
+            if not J.numel() or bool((J > 0).all()):
+                continue
+            inverted = J <= 0
+            counts = inverted.new_zeros((len(J), W), dtype=torch.long)
+            counts.index_add_(1, candidates // m_tets, inverted.long())
+            start = first_step + c  # the frame of J's first row is start + 1
+            if start < len(log.counts):
+                rows = counts[: len(log.counts) - start].cpu()
+                log.counts[start : start + len(rows)] = rows if self.worlds else rows[:, 0]
+            k = int(torch.nonzero(inverted.any(dim=1))[0])
+            if log.first is None or start + k + 1 < log.first[0]:
+                world, tets = layout.locate(candidates[inverted[k]], m_tets)
+                log.first = (start + k + 1, world, tets)
+            i = int(J.argmin())
+            low = float(J.flatten()[i])
+            if log.worst is None or low < log.worst[0]:
+                tet = int(candidates[i % J.shape[1]])
+                log.worst = (low, start + i // J.shape[1] + 1, tet // m_tets, tet % m_tets)
+        if log.first is not None and "inversion" not in self._warned:
+            self._warn_inversions(log)
+
+    def _warn_inversions(self, log: _InversionLog) -> None:
+        frame, world, tets = log.first
+        m = self.model
+        where = "" if self.worlds is None else f" of world {world}"
+        counts = log.counts.reshape(len(log.counts), -1)
+        if self.material.kernel_id == StableNeoHookean.kernel:
+            tolerant = "StableNeoHookean (this material) tolerates inverted tets, but"
+        else:
+            tolerant = "StableNeoHookean tolerates inverted tets (others may blow up), but"
+        self._warn(
+            "inversion",
+            f"{int(counts[frame - 1].max())} tets inverted (volume ratio J <= 0) at frame "
+            f"{frame} (t = {frame * m.dt:.4g} s) of the rollout (tets {tets[:8]}{where}); the "
+            f"most negative J so far is {log.worst[0]:.3g}. Inverted tets are not physical: "
+            f"use a smaller dt or more substeps (now {m.substeps} of {m.substep_dt:.3g} s; "
+            f'substeps="auto" picks enough for the mesh), a stiffer material or a gentler '
+            f"impact; {tolerant} its results there are not physical. Counts per frame: "
+            "sim.inversions",
+        )
 
     def _warn(self, kind: str, message: str) -> None:
         self._warned.add(kind)
@@ -869,6 +1126,31 @@ class Simulator:
         if tuple(x.shape) != shape:
             raise ValueError(f"positions must have shape {list(shape)}, got {list(x.shape)}")
         return self._unflatten(self.backend.forces(prepared, x.reshape(-1, 3)))
+
+    @property
+    def inversions(self) -> Inversions:
+        """Inverted tets (J <= 0) at every frame of the last :meth:`rollout` or :meth:`step`
+        (an :class:`Inversions`: counts per frame, ``[T]`` or ``[T, W]``, the first frame,
+        world and tets, the most negative J). Not part of any graph."""
+        return self._inversion_log.record()
+
+    def inverted_tets(self, state: State) -> torch.Tensor | list[torch.Tensor]:
+        """Tets whose volume ratio J = det F is <= 0 in ``state`` (inverted or flat).
+
+        Args:
+            state: a state, ``[n, 3]`` (``[W, n, 3]`` with worlds).
+
+        Returns:
+            Their indices ``[k]`` (int64), or with worlds a list of W such tensors, each in
+            its world's numbering (``len(...)`` counts them). Not part of any graph.
+        """
+        x, _ = self._state_tensors(state)
+        m = self.model
+        with torch.no_grad():
+            J = volume_ratios(x.detach().to(POSITION_DTYPE), m.tets, m.dm_inv.double())
+        if self.worlds is None:
+            return torch.nonzero(J <= 0).flatten()
+        return [torch.nonzero(Jw <= 0).flatten() for Jw in J.view(self.worlds, -1)]
 
     def energies(self, state: State) -> dict[str, torch.Tensor]:
         """Kinetic, elastic, gravitational, barrier (and surface "contact") energies (J), total;

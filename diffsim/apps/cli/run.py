@@ -14,14 +14,16 @@ def simulate(scene, sim, steps: int, progress: bool = True):
     """Runs ``steps`` steps without gradients, with a progress bar on stderr.
 
     Returns:
-        ``(trajectory, timing)`` with timing ``{"elapsed": s, "warmup": s, "warmup_steps": n}``:
-        the wall time of all steps and of the first chunk (which includes Warp's kernel
-        loading or compilation).
+        ``(trajectory, timing)`` with timing ``{"elapsed": s, "warmup": s, "warmup_steps": n,
+        "inversions": Inversions}``: the wall time of all steps and of the first chunk (which
+        includes Warp's kernel loading or compilation), and the inverted tets of all steps
+        (:attr:`Simulator.inversions` of each chunk, joined).
     """
     import torch
 
     from diffsim.apps.progress import progress_bar
     from diffsim.sim.state import Trajectory
+    from diffsim.simulator import Inversions
 
     state = scene.initial_state(sim)
     positions = [state.positions.detach().unsqueeze(0)]
@@ -30,10 +32,12 @@ def simulate(scene, sim, steps: int, progress: bool = True):
     done = 0
     start = time.perf_counter()
     timing = {"elapsed": 0.0, "warmup": 0.0, "warmup_steps": 0}
+    inversions = []
     with torch.no_grad(), progress_bar(steps, "run", "step", enabled=progress) as bar:
         while done < steps:
             n = min(chunk, steps - done)
             part = sim.rollout(n, state)
+            inversions.append(sim.inversions)
             positions.append(part.positions[1:])
             velocities.append(part.velocities[1:])
             state = part.state(-1)
@@ -46,6 +50,7 @@ def simulate(scene, sim, steps: int, progress: bool = True):
             )
             bar.update(n)
     timing["elapsed"] = time.perf_counter() - start
+    timing["inversions"] = Inversions.join(inversions) if inversions else sim.inversions
     traj = Trajectory(
         torch.cat(positions),
         torch.cat(velocities),
@@ -94,7 +99,13 @@ def _summary(scene, sim, traj, timing: dict) -> str:
         lines.append(f"  {key:<13} {first[key]:>10.4g} {last[key]:>10.4g}")
     y = traj.positions[..., 1]
     lines.append(f"  lowest vertex height {float(y.min()):.4g} m")
+    lines.append(_inversion_line(timing.get("inversions", sim.inversions)))
     return "\n".join(lines)
+
+
+def _inversion_line(record) -> str:
+    """The inverted tets (J <= 0) of the run (an :class:`Inversions`), or that there are none."""
+    return f"  inverted tets: {record.summary()}"
 
 
 def _time_step_line(sim) -> str:

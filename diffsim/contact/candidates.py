@@ -60,14 +60,16 @@ class Candidates:
         point_triangle: ``[k1, 4]`` int64 rows ``(p, a, b, c)``.
         edge_edge: ``[k2, 4]`` int64 rows ``(p0, p1, q0, q1)``.
         mollifier_eps: ``[k2]`` float64 mollifier thresholds eps_x from rest positions.
-        warp_cache: the set's Warp arrays per dtype (:func:`diffsim.contact.warp_glue.
-            pair_arrays`), built on first use; not part of the set's value.
+        derived: values derived from the set, kept with it and not part of its value: its
+            Warp arrays per dtype (:func:`diffsim.contact.warp_glue.pair_arrays`), and for a
+            :meth:`subset` its ``"parent"`` and ``"index"`` (so the Warp kernels can run
+            over the parent's arrays instead of building new ones).
     """
 
     point_triangle: torch.Tensor
     edge_edge: torch.Tensor
     mollifier_eps: torch.Tensor
-    warp_cache: dict = field(default_factory=dict, compare=False, repr=False)
+    derived: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def n_pairs(self) -> int:
@@ -77,7 +79,9 @@ class Candidates:
         """The pairs at ``index`` (into the point-triangle pairs, then the edge-edge pairs)."""
         k1 = len(self.point_triangle)
         pt, ee = index[index < k1], index[index >= k1] - k1
-        return Candidates(self.point_triangle[pt], self.edge_edge[ee], self.mollifier_eps[ee])
+        subset = Candidates(self.point_triangle[pt], self.edge_edge[ee], self.mollifier_eps[ee])
+        subset.derived.update(parent=self, index=index)
+        return subset
 
     @classmethod
     def from_pairs(

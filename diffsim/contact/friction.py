@@ -73,12 +73,12 @@ def apply_friction(
     if mu <= 0.0 or candidates.n_pairs == 0:
         return v
     if implementation == "warp":
-        from diffsim.contact.warp_glue import friction, pair_arrays
+        from diffsim.contact.warp_glue import friction, pair_selection
 
         floor = (MIN_DISTANCE_FRACTION * dhat) ** 2
-        arrays = pair_arrays(candidates, v.dtype)
+        arrays, index = pair_selection(candidates, v.dtype)
         x, mass = x.to(v.dtype), mass.to(v.dtype)
-        return friction(v, x, mass, arrays, h, dhat, floor, stiffness, mu, eps_v)
+        return friction(v, x, mass, arrays, h, dhat, floor, stiffness, mu, eps_v, index)
     ids, c, sep, mol = _pair_geometry(x, candidates)
     d2 = sep.square().sum(dim=1)
     active = d2 < dhat**2

@@ -40,11 +40,6 @@ def _vec3(t: torch.Tensor):
     return wp.from_torch(t.contiguous(), dtype=vec3)
 
 
-def _vec4(t: torch.Tensor):
-    vec4 = {torch.float32: wp.vec4f, torch.float64: wp.vec4d}[t.dtype]
-    return wp.from_torch(t.contiguous(), dtype=vec4)
-
-
 def _int32(t: torch.Tensor):
     return wp.from_torch(t.to(torch.int32).contiguous())
 
@@ -125,16 +120,137 @@ class PairArrays:
         self.wp_pairs = wp.from_torch(self.pairs)
         self.wp_kinds = wp.from_torch(self.kinds)
         self.wp_eps = wp.from_torch(self.eps)
+        self._launches: dict = {}
+        self._active = None  # (key, x, (list, count)) of the last active_at call
+
+    def active_at(
+        self, x: torch.Tensor, s_hat: float, index: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pairs closer than ``sqrt(s_hat)`` (m) at positions x, among the rows ``index``
+        (int64, default all): ``(list [k], count [1])`` int32 tensors, the pair ids in
+        ``list[:count]``, written by one kernel pass (no sync).
+
+        The last result is reused for the same unchanged tensors (the barrier forces and
+        the friction of one substep, and the forces' backward right after).
+        """
+        x = x.detach().contiguous()
+        key = (x.data_ptr(), x._version, x.shape, x.stride(), x.dtype, float(s_hat))
+        if index is not None:
+            index = index.contiguous()
+            key += (index.data_ptr(), index._version, index.shape)
+        cached = self._active
+        if cached is not None and cached[0] == key:
+            return cached[2]
+        rows = self.n if index is None else len(index)
+        count = torch.zeros(1, dtype=torch.int32, device=x.device)
+        active = torch.empty(max(rows, 1), dtype=torch.int32, device=x.device)
+        if rows:
+            inputs = [x, self.wp_pairs, self.wp_kinds, float(s_hat), _parallel_fraction(x.dtype)]
+            kern = kernels(x.dtype)
+            if index is None:
+                self.launch(kern.active_pairs, rows, inputs, [count, active])
+            else:
+                self.launch(kern.active_pairs_in, rows, [*inputs, index], [count, active])
+        # x and index are held so that their memory, and so the key, is not reused.
+        self._active = (key, (x, index), (active, count))
+        return active, count
+
+    def launch(
+        self,
+        kernel,
+        dim: int,
+        inputs: list,
+        outputs: list,
+        adj_inputs: list | None = None,
+        adj_outputs: list | None = None,
+    ) -> None:
+        """Launches ``kernel`` (its adjoint where ``adj_inputs`` is given) on arguments that
+        may be torch tensors (contiguous; wrapped as the kernel's argument type), Warp
+        arrays, None or Python numbers.
+
+        The launch is recorded on first use for its signature (the tensors' dtypes and shapes
+        but their first dimension, the arrays and numbers themselves); later calls only
+        re-point the recorded tensor arguments at the new tensors' memory and length (and
+        set the launch's dim), a microsecond each instead of the tens of microseconds that
+        wrapping and packing every argument costs.
+        """
+        if dim == 0:
+            return
+        adjoint = adj_inputs is not None
+        args = [*inputs, *outputs, *((adj_inputs or []) + (adj_outputs or []))]
+        key = (kernel, adjoint, *map(_signature, args))
+        recorded = self._launches.get(key)
+        if recorded is None:
+            recorded = self._record(kernel, dim, args, adjoint, len(inputs) + len(outputs))
+            self._launches[key] = recorded
+        launch, slots, recorded_dim = recorded
+        for slot in slots:
+            param, t = launch.params[slot + 1], args[slot]
+            param.data = t.data_ptr()
+            param.shape[0] = t.shape[0]
+        if recorded_dim != dim:
+            launch.set_dim(dim)
+            recorded[2] = dim
+        launch.launch()
+
+    def _record(self, kernel, dim: int, args: list, adjoint: bool, n_forward: int):
+        types = [a.type for a in kernel.adj.args]
+        types = types + types if adjoint else types
+        wrapped = [
+            wp.from_torch(a, dtype=t.dtype) if isinstance(a, torch.Tensor) else a
+            for a, t in zip(args, types, strict=True)
+        ]
+        launch = wp.launch(
+            kernel,
+            dim=dim,
+            inputs=wrapped[:n_forward],
+            adj_inputs=wrapped[n_forward:],
+            adjoint=adjoint,
+            device=str(self.pairs.device),
+            record_cmd=True,
+        )
+        slots = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        return [launch, slots, dim]
+
+
+def _listed(count: torch.Tensor, arrays: PairArrays) -> int:
+    """Threads for a kernel over an active list: its length on the CPU (read for free), so
+    no thread runs for nothing (an adjoint thread zeroes all its adjoint variables first,
+    whether or not it exits early); on a GPU every row, so nothing waits for the count."""
+    return int(count[0]) if count.device.type == "cpu" else arrays.n
+
+
+def _signature(arg):
+    """What a recorded launch fixes about an argument (tensors: their dtype and shape but
+    the first dimension)."""
+    if isinstance(arg, torch.Tensor):
+        if not arg.is_contiguous() or arg.dim() == 0:
+            raise ValueError("Warp launch arguments must be contiguous tensors of dim >= 1")
+        return (arg.shape[1:], arg.dtype, arg.device)
+    if arg is None or isinstance(arg, (int, float)):
+        return arg
+    return id(arg)
 
 
 def pair_arrays(candidates, dtype: torch.dtype) -> PairArrays:
     """The :class:`PairArrays` of a candidate set, built once per set and dtype (kept in
-    ``candidates.warp_cache``)."""
-    cache = candidates.warp_cache
+    ``candidates.derived``)."""
+    cache = candidates.derived
     arrays = cache.get(dtype)
     if arrays is None:
         arrays = cache[dtype] = PairArrays(candidates, dtype)
     return arrays
+
+
+def pair_selection(candidates, dtype: torch.dtype) -> tuple[PairArrays, torch.Tensor | None]:
+    """``(arrays, index)``: the pairs of a candidate set as rows ``index`` of the arrays of
+    its parent set, where it is a subset (``Candidates.subset``; the kernels then run over
+    the parent's arrays, recorded once, instead of new ones per subset), else its own arrays
+    and None (all rows)."""
+    parent = candidates.derived.get("parent")
+    if parent is None:
+        return pair_arrays(candidates, dtype), None
+    return pair_arrays(parent, dtype), candidates.derived["index"]
 
 
 def _parallel_fraction(dtype: torch.dtype) -> float:
@@ -142,17 +258,17 @@ def _parallel_fraction(dtype: torch.dtype) -> float:
 
 
 def _force_inputs(arrays: "PairArrays", x, mass, dhat: float, floor: float, kappa: float) -> list:
-    scalar = SCALARS[x.dtype]
     return [
-        _vec3(x),
-        wp.from_torch(mass.contiguous()),
+        x.detach().contiguous(),
+        mass.detach().contiguous(),
         arrays.wp_pairs,
         arrays.wp_kinds,
         arrays.wp_eps,
-        scalar(dhat**2),
-        scalar(floor),
-        scalar(kappa),
-        scalar(_parallel_fraction(x.dtype)),
+        *arrays.active_at(x, dhat**2),
+        float(dhat**2),
+        float(floor),
+        float(kappa),
+        _parallel_fraction(x.dtype),
     ]
 
 
@@ -163,13 +279,9 @@ def forces_forward(
     f = torch.zeros_like(x)
     energy = torch.zeros(arrays.n, dtype=x.dtype, device=x.device)
     if arrays.n:
-        wp.launch(
-            kernels(x.dtype).barrier_forces,
-            dim=arrays.n,
-            inputs=_force_inputs(arrays, x, mass, dhat, floor, kappa),
-            outputs=[_vec3(f), wp.from_torch(energy)],
-            device=str(x.device),
-        )
+        inputs = _force_inputs(arrays, x, mass, dhat, floor, kappa)
+        dim = _listed(inputs[6], arrays)
+        arrays.launch(kernels(x.dtype).barrier_forces, dim, inputs, [f, energy])
     return f, energy
 
 
@@ -187,20 +299,12 @@ def forces_backward(
     grad_m = torch.zeros_like(mass)
     if arrays.n:
         inputs = _force_inputs(arrays, x, mass, dhat, floor, kappa)
-        adj_inputs = [_vec3(grad_x), wp.from_torch(grad_m), None, None, None, *inputs[5:]]
-        f = torch.zeros_like(x)
-        energy = torch.zeros(arrays.n, dtype=x.dtype, device=x.device)
-        adj_energy = torch.zeros_like(energy)
-        wp.launch(
-            kernels(x.dtype).barrier_forces,
-            dim=arrays.n,
-            inputs=inputs,
-            outputs=[_vec3(f), wp.from_torch(energy)],
-            adj_inputs=adj_inputs,
-            adj_outputs=[_vec3(grad_f.contiguous()), wp.from_torch(adj_energy)],
-            adjoint=True,
-            device=str(x.device),
-        )
+        adj_inputs = [grad_x, grad_m, None, None, None, None, None, *inputs[7:]]
+        scratch = [torch.zeros_like(x), torch.zeros(arrays.n, dtype=x.dtype, device=x.device)]
+        adj_outputs = [grad_f.contiguous(), torch.zeros_like(scratch[1])]
+        kernel = kernels(x.dtype).barrier_forces
+        dim = _listed(inputs[6], arrays)
+        arrays.launch(kernel, dim, inputs, scratch, adj_inputs, adj_outputs)
     return grad_x, grad_m
 
 
@@ -209,19 +313,9 @@ def squared_distances(arrays: PairArrays, x: torch.Tensor) -> torch.Tensor:
     point-triangle pairs first; no autograd)."""
     d2 = torch.empty(arrays.n, dtype=x.dtype, device=x.device)
     if arrays.n:
-        scalar = SCALARS[x.dtype]
-        wp.launch(
-            kernels(x.dtype).pair_distances,
-            dim=arrays.n,
-            inputs=[
-                _vec3(x.detach()),
-                arrays.wp_pairs,
-                arrays.wp_kinds,
-                scalar(_parallel_fraction(x.dtype)),
-            ],
-            outputs=[wp.from_torch(d2)],
-            device=str(x.device),
-        )
+        inputs = [x.detach().contiguous(), arrays.wp_pairs, arrays.wp_kinds]
+        inputs.append(_parallel_fraction(x.dtype))
+        arrays.launch(kernels(x.dtype).pair_distances, arrays.n, inputs, [d2])
     return d2
 
 
@@ -234,53 +328,23 @@ def step_scales(arrays: PairArrays, x: torch.Tensor, dx: torch.Tensor) -> torch.
     alpha = torch.ones(len(x), dtype=x.dtype, device=x.device)
     if not arrays.n:
         return alpha
-    device = str(x.device)
-    scalar = SCALARS[x.dtype]
     kern = kernels(x.dtype)
-    dx_wp = _vec3(dx.detach())
+    dx = dx.detach().contiguous()
     bound = torch.empty(arrays.n, dtype=x.dtype, device=x.device)
     t_abs = torch.empty_like(bound)
-    bound_wp, t_abs_wp = wp.from_torch(bound), wp.from_torch(t_abs)
-    wp.launch(
-        kern.step_scales,
-        dim=arrays.n,
-        inputs=[
-            _vec3(x.detach()),
-            dx_wp,
-            arrays.wp_pairs,
-            arrays.wp_kinds,
-            scalar(MIN_GAP_FRACTION),
-            scalar(SCALE_SLACK),
-            scalar(_parallel_fraction(x.dtype)),
-        ],
-        outputs=[wp.from_torch(alpha), bound_wp, t_abs_wp],
-        device=device,
-    )
+    inputs = [x.detach().contiguous(), dx, arrays.wp_pairs, arrays.wp_kinds]
+    inputs += [float(MIN_GAP_FRACTION), float(SCALE_SLACK), _parallel_fraction(x.dtype)]
+    arrays.launch(kern.step_scales, arrays.n, inputs, [alpha, bound, t_abs])
     if bool((alpha == 1).all()):
         return alpha
     settled = torch.zeros(arrays.n, dtype=torch.int32, device=x.device)
     failing = torch.zeros(1, dtype=torch.int32, device=x.device)
-    settled_wp, failing_wp = wp.from_torch(settled), wp.from_torch(failing)
 
     def round_(mode: int) -> torch.Tensor:
         out = alpha.clone()
         failing.zero_()
-        wp.launch(
-            kern.verify_scales,
-            dim=arrays.n,
-            inputs=[
-                dx_wp,
-                arrays.wp_pairs,
-                arrays.wp_kinds,
-                bound_wp,
-                t_abs_wp,
-                wp.from_torch(alpha),
-                mode,
-                settled_wp,
-            ],
-            outputs=[wp.from_torch(out), failing_wp],
-            device=device,
-        )
+        inputs = [dx, arrays.wp_pairs, arrays.wp_kinds, bound, t_abs, alpha, mode, settled]
+        arrays.launch(kern.verify_scales, arrays.n, inputs, [out, failing])
         return out
 
     for r in range(EQUALIZE_ROUNDS + ABSOLUTE_ROUNDS):
@@ -302,45 +366,44 @@ def friction(
     kappa: float,
     mu: float,
     eps_v: float,
+    index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Velocities ``[n, 3]`` after one substep h of surface friction over the pairs of
-    ``arrays`` within dhat (the formulas of :mod:`diffsim.contact.friction`); differentiable
-    in v, x and mass (backward: the kernels' Warp adjoints). x, v and mass share one dtype;
-    ``floor`` is the squared-distance floor (m^2)."""
-    return _WarpFriction.apply(v, x, mass, arrays, (h * mu, dhat, floor, kappa, eps_v))
+    ``arrays`` (its rows ``index``, default all) within dhat (the formulas of
+    :mod:`diffsim.contact.friction`); differentiable in v, x and mass (backward: the
+    kernels' Warp adjoints). x, v and mass share one dtype; ``floor`` is the squared-distance
+    floor (m^2)."""
+    constants = (h * mu, dhat, floor, kappa, eps_v)
+    return _WarpFriction.apply(v, x, mass, arrays, index, constants)
 
 
-def _friction_inputs(arrays: PairArrays, x, v, mass, constants) -> list:
+def _friction_inputs(arrays: PairArrays, x, v, mass, active, constants) -> list:
     h_mu, dhat, floor, kappa, eps_v = constants
-    scalar = SCALARS[x.dtype]
     return [
-        _vec3(x),
-        _vec3(v),
-        wp.from_torch(mass.contiguous()),
+        x.contiguous(),
+        v.contiguous(),
+        mass.contiguous(),
         arrays.wp_pairs,
         arrays.wp_kinds,
         arrays.wp_eps,
-        scalar(dhat**2),
-        scalar(floor),
-        scalar(kappa),
-        scalar(_parallel_fraction(x.dtype)),
-        scalar(h_mu),
-        scalar(eps_v),
+        *active,
+        float(dhat**2),
+        float(floor),
+        float(kappa),
+        _parallel_fraction(x.dtype),
+        float(h_mu),
+        float(eps_v),
     ]
 
 
-def _friction_buffers(arrays: PairArrays, v: torch.Tensor) -> tuple:
-    """Zeroed pass-1 outputs: load ``[n]``, coef ``[k, 4]``, impulse ``[k, 3]``, active ``[k]``."""
-    return (
+def _friction_buffers(arrays: PairArrays, v: torch.Tensor) -> list:
+    """Zeroed pass-1 outputs: load ``[n]``, coef ``[k, 4]``, impulse ``[k, 3]`` (rows: the
+    listed pairs in the order of the active list)."""
+    return [
         torch.zeros(len(v), dtype=v.dtype, device=v.device),
         torch.zeros((arrays.n, 4), dtype=v.dtype, device=v.device),
         torch.zeros((arrays.n, 3), dtype=v.dtype, device=v.device),
-        torch.zeros(arrays.n, dtype=torch.int32, device=v.device),
-    )
-
-
-def _friction_outputs(load, coef, impulse, active) -> list:
-    return [wp.from_torch(load), _vec4(coef), _vec3(impulse), wp.from_torch(active)]
+    ]
 
 
 class _WarpFriction(torch.autograd.Function):
@@ -348,7 +411,7 @@ class _WarpFriction(torch.autograd.Function):
     shares); backward by their Warp adjoints, in reverse order."""
 
     @staticmethod
-    def forward(ctx, v, x, mass, arrays: PairArrays, constants: tuple):
+    def forward(ctx, v, x, mass, arrays: PairArrays, index, constants: tuple):
         v, x, mass = v.detach(), x.detach(), mass.detach()
         if not (v.dtype == x.dtype == mass.dtype):
             raise TypeError(
@@ -359,63 +422,46 @@ class _WarpFriction(torch.autograd.Function):
         if ctx.empty:
             return out
         kern = kernels(v.dtype)
-        device = str(v.device)
+        active = arrays.active_at(x, constants[1] ** 2, index)
         buffers = _friction_buffers(arrays, v)
-        wp.launch(
-            kern.friction_pairs,
-            dim=arrays.n,
-            inputs=_friction_inputs(arrays, x, v, mass, constants),
-            outputs=_friction_outputs(*buffers),
-            device=device,
-        )
-        load, coef, impulse, active = buffers
-        wp.launch(
-            kern.friction_apply,
-            dim=arrays.n,
-            inputs=[arrays.wp_pairs, wp.from_torch(active), _vec4(coef), _vec3(impulse)]
-            + [wp.from_torch(load)],
-            outputs=[_vec3(out)],
-            device=device,
-        )
+        inputs = _friction_inputs(arrays, x, v, mass, active, constants)
+        dim = _listed(active[1], arrays)
+        arrays.launch(kern.friction_pairs, dim, inputs, buffers)
+        load, coef, impulse = buffers
+        apply_inputs = [arrays.wp_pairs, *active, coef, impulse, load]
+        arrays.launch(kern.friction_apply, dim, apply_inputs, [out])
         ctx.arrays, ctx.constants = arrays, constants
-        ctx.save_for_backward(v, x, mass, *buffers)
+        ctx.save_for_backward(v, x, mass, *active, *buffers)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         if ctx.empty:
-            return grad_out, None, None, None, None
-        v, x, mass, load, coef, impulse, active = ctx.saved_tensors
+            return grad_out, None, None, None, None, None
+        v, x, mass, active, count, load, coef, impulse = ctx.saved_tensors
         arrays = ctx.arrays
         kern = kernels(v.dtype)
-        device = str(v.device)
         grad_out = grad_out.contiguous()
         # Pass 2's adjoint: cotangents of the impulses, share weights and loads.
-        adj_load, adj_coef, adj_impulse, _ = _friction_buffers(arrays, v)
-        scratch = torch.zeros_like(v)
-        wp.launch(
+        adj_load, adj_coef, adj_impulse = _friction_buffers(arrays, v)
+        dim = _listed(count, arrays)
+        arrays.launch(
             kern.friction_apply,
-            dim=arrays.n,
-            inputs=[arrays.wp_pairs, wp.from_torch(active), _vec4(coef), _vec3(impulse)]
-            + [wp.from_torch(load)],
-            outputs=[_vec3(scratch)],
-            adj_inputs=[None, None, _vec4(adj_coef), _vec3(adj_impulse), wp.from_torch(adj_load)],
-            adj_outputs=[_vec3(grad_out)],
-            adjoint=True,
-            device=device,
+            dim,
+            [arrays.wp_pairs, active, count, coef, impulse, load],
+            [torch.zeros_like(v)],  # the forward replay's scratch
+            [None, None, None, adj_coef, adj_impulse, adj_load],
+            [grad_out],
         )
         # Pass 1's adjoint (its forward replay writes into scratch buffers).
         grad_x, grad_v, grad_m = torch.zeros_like(x), torch.zeros_like(v), torch.zeros_like(mass)
-        inputs = _friction_inputs(arrays, x, v, mass, ctx.constants)
-        wp.launch(
+        inputs = _friction_inputs(arrays, x, v, mass, (active, count), ctx.constants)
+        arrays.launch(
             kern.friction_pairs,
-            dim=arrays.n,
-            inputs=inputs,
-            outputs=_friction_outputs(*_friction_buffers(arrays, v)),
-            adj_inputs=[_vec3(grad_x), _vec3(grad_v), wp.from_torch(grad_m), None, None, None]
-            + inputs[6:],
-            adj_outputs=[wp.from_torch(adj_load), _vec4(adj_coef), _vec3(adj_impulse), None],
-            adjoint=True,
-            device=device,
+            dim,
+            inputs,
+            _friction_buffers(arrays, v),
+            [grad_x, grad_v, grad_m, None, None, None, None, None, *inputs[8:]],
+            [adj_load, adj_coef, adj_impulse],
         )
-        return grad_v + grad_out, grad_x, grad_m, None, None
+        return grad_v + grad_out, grad_x, grad_m, None, None, None

@@ -130,6 +130,73 @@ def _build(scalar):
             return pt_weights(x0, x1, x2, x3)
         return ee_weights(x0, x1, x2, x3, parallel_fraction)
 
+    @wp.func
+    def box_gap2(kind: int, x0: vec3, x1: vec3, x2: vec3, x3: vec3) -> scalar:
+        """Squared gap between the bounding boxes of the pair's two sides (0 where they
+        overlap): a cheap lower bound on the squared distance."""
+        lo_a = x0
+        hi_a = x0
+        lo_b = wp.min(x2, x3)
+        hi_b = wp.max(x2, x3)
+        if kind == 1:
+            lo_a = wp.min(x0, x1)
+            hi_a = wp.max(x0, x1)
+        else:
+            lo_b = wp.min(lo_b, x1)
+            hi_b = wp.max(hi_b, x1)
+        g = wp.max(wp.max(lo_b - hi_a, lo_a - hi_b), vec3(zero, zero, zero))
+        return wp.dot(g, g)
+
+    @wp.kernel
+    def active_pairs(
+        x: wp.array(dtype=vec3),
+        pairs: wp.array2d(dtype=wp.int32),
+        kinds: wp.array(dtype=wp.int32),
+        s_hat: scalar,
+        parallel_fraction: scalar,
+        count: wp.array(dtype=wp.int32),
+        active: wp.array(dtype=wp.int32),
+    ):
+        """Lists the pairs closer than sqrt(s_hat) (``active[:count[0]]``, pair ids): the
+        only ones the barrier and friction kernels visit."""
+        k = wp.tid()
+        x0 = x[pairs[k, 0]]
+        x1 = x[pairs[k, 1]]
+        x2 = x[pairs[k, 2]]
+        x3 = x[pairs[k, 3]]
+        kind = kinds[k]
+        if box_gap2(kind, x0, x1, x2, x3) >= s_hat:
+            return
+        c = pair_weights(kind, x0, x1, x2, x3, parallel_fraction)
+        diff = c[0] * x0 + c[1] * x1 + c[2] * x2 + c[3] * x3
+        if wp.dot(diff, diff) < s_hat:
+            active[wp.atomic_add(count, 0, 1)] = k
+
+    @wp.kernel
+    def active_pairs_in(
+        x: wp.array(dtype=vec3),
+        pairs: wp.array2d(dtype=wp.int32),
+        kinds: wp.array(dtype=wp.int32),
+        s_hat: scalar,
+        parallel_fraction: scalar,
+        rows: wp.array(dtype=wp.int64),
+        count: wp.array(dtype=wp.int32),
+        active: wp.array(dtype=wp.int32),
+    ):
+        """:func:`active_pairs` among the pairs ``rows``."""
+        k = wp.int32(rows[wp.tid()])
+        x0 = x[pairs[k, 0]]
+        x1 = x[pairs[k, 1]]
+        x2 = x[pairs[k, 2]]
+        x3 = x[pairs[k, 3]]
+        kind = kinds[k]
+        if box_gap2(kind, x0, x1, x2, x3) >= s_hat:
+            return
+        c = pair_weights(kind, x0, x1, x2, x3, parallel_fraction)
+        diff = c[0] * x0 + c[1] * x1 + c[2] * x2 + c[3] * x3
+        if wp.dot(diff, diff) < s_hat:
+            active[wp.atomic_add(count, 0, 1)] = k
+
     @wp.kernel
     def barrier_forces(
         x: wp.array(dtype=vec3),
@@ -137,6 +204,8 @@ def _build(scalar):
         pairs: wp.array2d(dtype=wp.int32),
         kinds: wp.array(dtype=wp.int32),
         eps: wp.array(dtype=scalar),
+        active: wp.array(dtype=wp.int32),
+        count: wp.array(dtype=wp.int32),
         s_hat: scalar,
         floor: scalar,
         kappa: scalar,
@@ -144,7 +213,12 @@ def _build(scalar):
         f: wp.array(dtype=vec3),
         energy: wp.array(dtype=scalar),
     ):
-        k = wp.tid()
+        """Forces ``f = -dE/dx`` (added) and energies of the listed pairs
+        (``active[:count[0]]``, from :func:`active_pairs`)."""
+        t = wp.tid()
+        if t >= count[0]:
+            return
+        k = active[t]
         i0 = pairs[k, 0]
         i1 = pairs[k, 1]
         i2 = pairs[k, 2]
@@ -195,6 +269,8 @@ def _build(scalar):
         pairs: wp.array2d(dtype=wp.int32),
         kinds: wp.array(dtype=wp.int32),
         eps: wp.array(dtype=scalar),
+        active: wp.array(dtype=wp.int32),
+        count: wp.array(dtype=wp.int32),
         s_hat: scalar,
         floor: scalar,
         kappa: scalar,
@@ -204,12 +280,15 @@ def _build(scalar):
         load: wp.array(dtype=scalar),
         coef: wp.array(dtype=vec4),
         impulse: wp.array(dtype=vec3),
-        active: wp.array(dtype=wp.int32),
     ):
-        """Friction, pass 1 (see contact/friction.py): per pair within dhat, the slip
-        impulse ``m_eff stop u`` (kg m/s), the weights ``c_i / m_i`` of its shares and, added
-        to ``load`` at its four vertices, the fraction ``stop`` of the slip it removes."""
-        k = wp.tid()
+        """Friction, pass 1 (see contact/friction.py): per listed pair t (``active[t]``,
+        within dhat), the slip impulse ``m_eff stop u`` (kg m/s), the weights ``c_i / m_i``
+        of its shares and, added to ``load`` at its four vertices, the fraction ``stop`` of
+        the slip it removes."""
+        t = wp.tid()
+        if t >= count[0]:
+            return
+        k = active[t]
         i0 = pairs[k, 0]
         i1 = pairs[k, 1]
         i2 = pairs[k, 2]
@@ -223,9 +302,7 @@ def _build(scalar):
         sep = c[0] * x0 + c[1] * x1 + c[2] * x2 + c[3] * x3
         d2 = wp.dot(sep, sep)
         if d2 >= s_hat:
-            active[k] = 0
             return
-        active[k] = 1
         d2 = wp.max(d2, floor)
         m0 = mass[i0]
         m1 = mass[i1]
@@ -256,8 +333,8 @@ def _build(scalar):
         m_eff = one / (c[0] * w0 + c[1] * w1 + c[2] * w2 + c[3] * w3)
         gamma = h_mu * normal_force * slope / m_eff
         stop = one - one / (one + gamma)
-        impulse[k] = (m_eff * stop) * u
-        coef[k] = vec4(w0, w1, w2, w3)
+        impulse[t] = (m_eff * stop) * u
+        coef[t] = vec4(w0, w1, w2, w3)
         wp.atomic_add(load, i0, stop)
         wp.atomic_add(load, i1, stop)
         wp.atomic_add(load, i2, stop)
@@ -267,6 +344,7 @@ def _build(scalar):
     def friction_apply(
         pairs: wp.array2d(dtype=wp.int32),
         active: wp.array(dtype=wp.int32),
+        count: wp.array(dtype=wp.int32),
         coef: wp.array(dtype=vec4),
         impulse: wp.array(dtype=vec3),
         load: wp.array(dtype=scalar),
@@ -274,11 +352,12 @@ def _build(scalar):
     ):
         """Friction, pass 2: each vertex takes ``-c_i / m_i`` of its pairs' impulses, divided
         by its load where the load exceeds 1 (sticking)."""
-        k = wp.tid()
-        if active[k] == 0:
+        t = wp.tid()
+        if t >= count[0]:
             return
-        p = impulse[k]
-        cf = coef[k]
+        k = active[t]
+        p = impulse[t]
+        cf = coef[t]
         for j in range(4):
             i = pairs[k, j]
             wp.atomic_sub(v_out, i, (cf[j] * (one / wp.max(load[i], one))) * p)
@@ -422,6 +501,8 @@ def _build(scalar):
         uppers[k] = hi
 
     return SimpleNamespace(
+        active_pairs=active_pairs,
+        active_pairs_in=active_pairs_in,
         barrier_forces=barrier_forces,
         friction_pairs=friction_pairs,
         friction_apply=friction_apply,
@@ -486,9 +567,10 @@ def query_edge_edge(
 @functools.cache
 def contact_kernels(scalar) -> SimpleNamespace:
     """The contact kernels for ``wp.float32`` or ``wp.float64``, built on first use:
-    ``barrier_forces``, ``step_scales``, ``verify_scales``, ``pair_distances`` and
-    ``element_boxes`` (the BVH queries :func:`query_vertex_face` and :func:`query_edge_edge`
-    do not depend on the scalar type)."""
+    ``active_pairs``, ``active_pairs_in``, ``barrier_forces``, ``friction_pairs``,
+    ``friction_apply``, ``step_scales``, ``verify_scales``, ``pair_distances`` and
+    ``element_boxes`` (the BVH queries :func:`query_vertex_face` and
+    :func:`query_edge_edge` do not depend on the scalar type)."""
     if scalar not in (wp.float32, wp.float64):
         raise ValueError(f"contact kernels exist for wp.float32 and wp.float64, not {scalar}")
     return _build(scalar)

@@ -126,3 +126,15 @@ def test_warp_friction_without_pairs_in_reach_is_the_identity():
     assert torch.equal(out, v)
     (g,) = torch.autograd.grad(out.sum(), vr)
     assert torch.equal(g, torch.ones_like(v))
+
+
+def test_warp_friction_on_a_subset_runs_on_the_parents_arrays():
+    x, v, mass, c = configuration()
+    index = torch.randperm(c.n_pairs, generator=torch.Generator().manual_seed(3))[: c.n_pairs // 2]
+    sub = c.subset(index)
+    ref = run("torch", v, x, mass, sub)
+    fast = run("warp", v, x, mass, sub)
+    assert (ref - run("torch", v, x, mass, c)).abs().max() > 1e-3  # a different problem
+    assert float((fast - ref).abs().max() / (ref - v).abs().max()) < 1e-12
+    assert sub.derived["parent"] is c and F64 in c.derived  # no arrays of its own
+    assert F64 not in sub.derived

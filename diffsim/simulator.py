@@ -1031,8 +1031,8 @@ class Simulator:
             tolerant = "StableNeoHookean (this material) tolerates inverted tets, but"
         else:
             tolerant = "StableNeoHookean tolerates inverted tets (others may blow up), but"
-        self._warn(
-            "inversion",
+        self._warned.add("inversion")
+        warnings.warn(
             f"{int(counts[frame - 1].max())} tets inverted (volume ratio J <= 0) at frame "
             f"{frame} (t = {frame * m.dt:.4g} s) of the rollout (tets {tets[:8]}{where}); the "
             f"most negative J so far is {log.worst[0]:.3g}. Inverted tets are not physical: "
@@ -1040,6 +1040,8 @@ class Simulator:
             f'substeps="auto" picks enough for the mesh), a stiffer material or a gentler '
             f"impact; {tolerant} its results there are not physical. Counts per frame: "
             "sim.inversions",
+            StabilityWarning,
+            stacklevel=6,  # the caller of rollout or step
         )
 
     def _warn(self, kind: str, message: str) -> None:

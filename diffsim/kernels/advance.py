@@ -29,6 +29,9 @@ SPINS_BEFORE_YIELD = 2000
 # sync[0]: workers arrived at the current barrier; sync[1]: the barrier's generation;
 # sync[2]: set to 1 when a worker gave up (the launch then ends early on every worker).
 BARRIER = f"""
+#if defined(__CUDA_ARCH__)
+return 0;  // CPU only: the module is also compiled for CUDA, where these kernels never run
+#else
 if (workers < 2) return 0;
 int* s = (int*)sync.data;
 if (__atomic_load_n(s + 2, __ATOMIC_ACQUIRE)) return 1;
@@ -60,6 +63,7 @@ while (__atomic_load_n(s + 1, __ATOMIC_ACQUIRE) == generation) {{
 #endif
 }}
 return 0;
+#endif
 """
 
 

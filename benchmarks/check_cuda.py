@@ -1,0 +1,199 @@
+"""CUDA check: the Warp backend on a GPU against the torch reference, then its speed.
+
+For a session with a GPU (CI has none): one short script that says whether the CUDA path
+gives the reference's numbers and how fast it runs.
+
+1. Parity, float64, on the GPU: the Warp backend against the torch backend (same device)
+   for a box dropped on the ground with friction and a fixed corner (positions), the
+   gradient of a loss w.r.t. Young's modulus and the initial velocities, 4 batched worlds
+   against each world alone, and two cubes colliding with surface contact.
+2. float32 (the default) free fall against g t on the GPU.
+3. Speed: the reference bunny (../shared/assets/bunny.msh, float32, 1e-5 s substeps)
+   forward and forward+backward per substep, Warp on the GPU against Warp on this CPU
+   where Warp's CPU compiler is present, and against the torch backend on the GPU.
+
+Usage: ``python benchmarks/check_cuda.py [--device cuda] [--steps 200]``; exits 1 if a
+parity check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("WARP_CACHE_PATH", str(Path(__file__).resolve().parents[1] / ".warp_cache"))
+
+import torch  # noqa: E402
+
+import diffsim as ds  # noqa: E402
+from diffsim.sim.state import State  # noqa: E402
+
+ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+FAILED: list[str] = []
+
+
+def check(name: str, error: float, limit: float) -> None:
+    ok = error <= limit
+    print(f"{'ok  ' if ok else 'FAIL'} {name}: {error:.3g} (limit {limit:g})", flush=True)
+    if not ok:
+        FAILED.append(name)
+
+
+def box_drop(backend: str, device: str, dtype=torch.float64, worlds=None) -> ds.Simulator:
+    mesh = ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=4).placed_on(0.0, gap=0.01)
+    material = ds.StableNeoHookean(youngs_modulus=1e5, poissons_ratio=0.35, density=1000.0)
+    return ds.Simulator(
+        mesh, material, dt=2e-3, substeps=8, ground=0.0, friction=0.4, damping=1.0,
+        fixed=[0], backend=backend, device=device, dtype=dtype, worlds=worlds, contact=False,
+    )  # fmt: skip
+
+
+def parity(device: str) -> None:
+    steps = 60
+    trajs = {}
+    for backend in ("warp", "torch"):
+        sim = box_drop(backend, device)
+        v = torch.zeros((sim.mesh.n_vertices, 3), dtype=sim.dtype, device=device)
+        v[:, 0] = 0.5
+        trajs[backend] = sim.rollout(steps, sim.initial_state(velocities=v))
+    landed = float(trajs["torch"].positions[:, :, 1].min())
+    error = float((trajs["warp"].positions - trajs["torch"].positions).abs().max())
+    check(
+        f"box drop positions, warp vs torch on {device} (landed: min y {landed:.2e} m)", error, 1e-9
+    )
+
+    grads = {}
+    for backend in ("warp", "torch"):
+        sim = box_drop(backend, device)
+        E = torch.tensor(1e5, dtype=sim.dtype, device=device, requires_grad=True)
+        v0 = torch.zeros((sim.mesh.n_vertices, 3), dtype=sim.dtype, device=device)
+        v0[:, 0] = 0.5
+        v0.requires_grad_(True)
+        traj = sim.rollout(
+            30, State(sim.initial_state().positions, v0), params={"youngs_modulus": E}
+        )
+        (traj.positions[-1][:, 1].mean() + traj.positions[-1][:, 0].square().mean()).backward()
+        grads[backend] = (E.grad.clone(), v0.grad.clone())
+    for i, name in enumerate(("d/dE", "d/dv0")):
+        a, b = grads["warp"][i], grads["torch"][i]
+        check(f"gradient {name}, warp vs torch on {device}", float((a - b).norm() / b.norm()), 1e-9)
+
+    W = 4
+    batched = box_drop("warp", device, worlds=W)
+    moduli = torch.linspace(5e4, 2e5, W, dtype=torch.float64, device=device)
+    together = batched.rollout(40, params={"youngs_modulus": moduli}).positions
+    alone = box_drop("warp", device)
+    worst = 0.0
+    for w in range(W):
+        one = alone.rollout(40, params={"youngs_modulus": moduli[w]}).positions
+        worst = max(worst, float((together[:, w] - one).abs().max()))
+    check(f"{W} batched worlds vs each alone on {device}", worst, 1e-12)
+
+    out = {}
+    for backend in ("warp", "torch"):
+        a = ds.TetMesh.box(size=(0.05,) * 3, resolution=2, origin=(-0.075, 0.1, 0.0))
+        b = ds.TetMesh.box(size=(0.05,) * 3, resolution=2, origin=(0.025, 0.11, 0.01))
+        sim = ds.Simulator(
+            ds.TetMesh.merge([a, b]),
+            ds.StableNeoHookean(youngs_modulus=2e5, poissons_ratio=0.3, density=1000.0),
+            dt=2e-3, substeps=8, gravity=(0, 0, 0), backend=backend, device=device,
+            dtype=torch.float64, contact=True, contact_friction=0.3,
+        )  # fmt: skip
+        v = torch.zeros((sim.mesh.n_vertices, 3), dtype=sim.dtype, device=device)
+        half = sim.mesh.n_vertices // 2
+        v[:half, 0], v[half:, 0] = 1.0, -1.0
+        traj = sim.rollout(50, sim.initial_state(velocities=v))
+        out[backend] = traj
+    bounced = float(out["torch"].velocities[-1][:half, 0].mean())
+    error = float((out["warp"].positions - out["torch"].positions).abs().max())
+    check(f"two cubes with surface contact, warp vs torch on {device} (left cube now "
+          f"{bounced:+.2f} m/s, was +1)", error, 1e-8)  # fmt: skip
+    check("the cubes bounced (left cube's x velocity, m/s)", max(bounced, 0.0), 0.0)
+
+
+def free_fall(device: str) -> None:
+    mesh = ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=3).placed_on(0.0, gap=10.0)
+    material = ds.StableNeoHookean(youngs_modulus=1e5, poissons_ratio=0.3, density=1000.0)
+    sim = ds.Simulator(mesh, material, dt=1e-3, substeps=100, ground=0.0, device=device)
+    traj = sim.rollout(500)
+    v = float(traj.velocities[-1][:, 1].mean())
+    check(
+        f"float32 free fall on {device}: v(0.5 s) vs -g t, relative",
+        abs(v / (-9.81 * 0.5) - 1),
+        1e-4,
+    )
+
+
+def bunny(backend: str, device: str) -> ds.Simulator:
+    mesh = ds.TetMesh.load(ASSETS / "bunny.msh").centered().scaled_to(0.3).placed_on(0.0, gap=0.02)
+    material = ds.StableNeoHookean(youngs_modulus=1e5, poissons_ratio=0.4, density=1000.0)
+    return ds.Simulator(
+        mesh, material, dt=1e-5, substeps=1, ground=0.0, backend=backend, device=device,
+        contact=False,
+    )  # fmt: skip
+
+
+def timed(sim: ds.Simulator, steps: int) -> tuple[float, float]:
+    """Seconds per substep, forward (no graph) and forward+backward."""
+
+    def sync() -> None:
+        if sim.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    state = sim.initial_state()
+    with torch.no_grad():
+        sim.rollout(5, state)
+        sync()
+        start = time.perf_counter()
+        sim.rollout(steps, state)
+        sync()
+        forward = (time.perf_counter() - start) / steps
+    v0 = state.velocities.clone().requires_grad_(True)
+    sim.rollout(3, State(state.positions, v0)).positions[-1][:, 1].mean().backward()
+    sync()
+    v0 = state.velocities.clone().requires_grad_(True)
+    start = time.perf_counter()
+    sim.rollout(steps // 4, State(state.positions, v0)).positions[-1][:, 1].mean().backward()
+    sync()
+    return forward, (time.perf_counter() - start) / (steps // 4)
+
+
+def speed(device: str, steps: int) -> None:
+    rows = []
+    configs = [("warp", device), ("torch", device)]
+    if os.environ.get("CHECK_CUDA_CPU", "1") == "1":
+        configs.append(("warp", "cpu"))
+    for backend, dev in configs:
+        try:
+            sim = bunny(backend, dev)
+            rows.append((f"{backend} on {dev}", *timed(sim, steps), sim.mesh.n_tets))
+        except Exception as error:  # noqa: BLE001 - report and go on
+            rows.append((f"{backend} on {dev}", float("nan"), float("nan"), repr(error)[:80]))
+    print(f"\nbunny, float32, 1e-5 s substeps, {steps} substeps timed ({torch.__version__})")
+    print("| path | forward ms/substep | M tet-substeps/s | fwd+bwd ms/substep |")
+    print("|---|---|---|---|")
+    for name, fwd, both, tets in rows:
+        rate = tets / fwd / 1e6 if isinstance(tets, int) else float("nan")
+        print(f"| {name} | {1e3 * fwd:.3f} | {rate:.1f} | {1e3 * both:.3f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--steps", type=int, default=200)
+    args = parser.parse_args()
+    if args.device.startswith("cuda"):
+        print(torch.cuda.get_device_name(), flush=True)
+    parity(args.device)
+    free_fall(args.device)
+    speed(args.device, args.steps)
+    if FAILED:
+        print(f"\n{len(FAILED)} check(s) failed: {FAILED}")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -315,7 +315,7 @@ def _substep_adjoint(g, w, launcher, x, v, x_fixed, f_el, grad_x, grad_v, acc) -
     k, vec3, s = g.kernels, g.kernels.vec3, w.scratch
     # Cotangents are in the kernels' type, positions' too (torch casts them back).
     adj_x, adj_v = torch.empty_like(v), torch.empty_like(v)
-    adj_xf = torch.zeros(x_fixed.shape, dtype=v.dtype) if g.n_fixed else s.dummy
+    adj_xf = torch.zeros(x_fixed.shape, dtype=v.dtype, device=v.device) if g.n_fixed else s.dummy
     grad_x = grad_x.to(v.dtype).contiguous()
     xw = wrap(x, k.position)
     adj_f_w = wrap(s.adj_f, vec3)

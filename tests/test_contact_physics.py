@@ -1,0 +1,141 @@
+"""Contact physics over time: a resting stack stays put, an elastic impact keeps its energy.
+
+(A body flying freely with contact on keeps its speed to 1e-6 relative at 30 and 40 m/s,
+on both backends, with no limited step: tests/test_contact_defaults.py
+``test_a_cube_flying_freely_keeps_its_speed``.)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import diffsim as ds
+
+# ----------------------------------------------------------------- a resting stack
+SETTLE_STEPS, HOLD_STEPS = 1000, 1000  # 1 s to settle, then 1 s held (dt = 1 ms)
+
+
+def cube_stack(dtype: torch.dtype) -> ds.Simulator:
+    """Three 0.1 m cubes in a column on the ground, 4 mm apart at the start (they settle
+    onto each other within the first 0.1 s), friction on everywhere."""
+    size, gap = 0.1, 0.004
+    cubes = [
+        ds.TetMesh.box(
+            size=(size, size, size),
+            resolution=3,
+            origin=(-size / 2, gap / 2 + i * (size + gap), -size / 2),
+        )
+        for i in range(3)
+    ]
+    return ds.Simulator(
+        ds.TetMesh.merge(cubes),
+        ds.StableNeoHookean(youngs_modulus=5e4, poissons_ratio=0.4, density=500.0),
+        dt=1e-3,
+        substeps="auto",
+        ground=0.0,
+        damping=5.0,
+        friction=0.5,
+        contact=True,
+        contact_friction=0.5,
+        dtype=dtype,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="measured drift 0.08, 1.57, 2.56 mm (float32; float64 0.08, 0.85, 1.88 mm): the "
+    "upper cubes creep at 1-2.4 mm/s. Barrier pairs at the coincident edges of the aligned "
+    "cubes push the top cube sideways with 0.13 N (2.6% of its weight); one Jacobi friction "
+    "pass removes only 64% of a sticking slip per substep whatever mu and eps_v, so a "
+    "steady load leaves a steady slip (4 passes per substep: 0.07, 0.20, 0.42 mm). See "
+    "docs/contact.md, 'Scenes and guarantees'",
+)
+def test_a_stack_of_three_cubes_stays_within_a_millimetre_once_settled():
+    sim = cube_stack(torch.float32)
+    with torch.no_grad():
+        traj = sim.rollout(SETTLE_STEPS + HOLD_STEPS, sim.initial_state())
+    x = traj.positions.double()
+    assert torch.isfinite(x).all()
+    body = torch.as_tensor(sim.mesh.body_ids)
+    drifts = []
+    for k in range(3):
+        centroid = x[:, body == k].mean(dim=1)[SETTLE_STEPS:]
+        drifts.append(float((centroid - centroid[0]).norm(dim=1).max()))
+    print("centroid drift over 1 s after settling (mm):", [f"{d * 1e3:.3f}" for d in drifts])
+    # settled: the column stands (each cube about one size above the last)
+    heights = [float(x[-1, body == k, 1].mean()) for k in range(3)]
+    assert heights[0] < heights[1] < heights[2] < 0.3
+    assert max(drifts) < 1e-3
+
+
+# ----------------------------------------------------------------- an elastic impact
+RADIUS, GAP, SPEED = 0.1, 0.03, 2.5  # m, m, m/s each (5 m/s relative)
+IMPACT_STEPS = 80  # the balls meet at 6 ms, part by 55 ms, and are 0.1 m apart at 80 ms
+
+
+def head_on_spheres(dtype: torch.dtype, substeps) -> tuple[ds.Simulator, ds.State]:
+    """Two elastic balls thrown head-on at each other: no damping, no friction, no
+    gravity, no ground."""
+    mesh = ds.TetMesh.merge(
+        [
+            ds.TetMesh.sphere(RADIUS, 5, (-RADIUS - GAP / 2, 0.0, 0.0)),
+            ds.TetMesh.sphere(RADIUS, 5, (RADIUS + GAP / 2, 0.0, 0.0)),
+        ]
+    )
+    sim = ds.Simulator(
+        mesh,
+        ds.StableNeoHookean(youngs_modulus=1e5, poissons_ratio=0.4, density=1000.0),
+        dt=1e-3,
+        substeps=substeps,
+        gravity=(0.0, 0.0, 0.0),
+        ground=None,
+        contact=True,
+        contact_friction=0.0,
+        dtype=dtype,
+    )
+    v = torch.zeros((mesh.n_vertices, 3), dtype=dtype)
+    v[:, 0] = torch.where(torch.as_tensor(mesh.body_ids == 0), SPEED, -SPEED)
+    return sim, sim.initial_state(velocities=v)
+
+
+def energy_kept(dtype: torch.dtype, substeps) -> float:
+    """Total energy (kinetic + elastic + contact) after the impact over before it."""
+    sim, state = head_on_spheres(dtype, substeps)
+    before = float(sim.energies(state)["total"])
+    with torch.no_grad():
+        traj = sim.rollout(IMPACT_STEPS, state)
+    assert torch.isfinite(traj.positions).all()
+    contact = sim.model.contact
+    assert min(contact.min_distance(x) for x in traj.positions) < contact.dhat  # they met
+    after = sim.energies(ds.State(traj.positions[-1], traj.velocities[-1]))
+    assert float(after["contact"]) == 0.0  # and parted
+    ratio = float(after["total"]) / before
+    h = sim.model.substep_dt
+    print(
+        f"{dtype}, h = {h:.3g} s (0.4 dhat/h = {0.4 * contact.dhat / h:.2f} m/s against "
+        f"{2 * SPEED} m/s): energy after/before {ratio:.4f}, "
+        f"{contact.timings['limited_vertex_steps']:.0f} limited vertex-steps"
+    )
+    return ratio
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="measured 0.756 (float64) and 0.753 (float32) with substeps='auto' (2, h = 0.5 "
+    "ms): 5 m/s relative is above the barrier's 0.4 dhat/h = 2.0 m/s, so the CCD step "
+    "limit stops the approach and scales velocities by its step fraction (inelastic); "
+    "see docs/contact.md, 'Scenes and guarantees'",
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_head_on_elastic_spheres_keep_their_energy_at_the_automatic_substep(dtype):
+    assert energy_kept(dtype, "auto") >= 0.95
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_head_on_elastic_spheres_keep_their_energy_when_the_barrier_can_stop_them(dtype):
+    # 10 substeps (h = 0.1 ms): 0.4 dhat/h = 10 m/s, twice the approach speed, so the
+    # barrier, not the step limit, stops the balls (docs/contact.md, choosing parameters).
+    ratio = energy_kept(dtype, 10)
+    assert 0.95 <= ratio <= 1.05

@@ -37,9 +37,11 @@ def substep_by_substep(sim: ds.Simulator) -> ds.Simulator:
     return plain
 
 
-@pytest.mark.parametrize("speed", [0.5, 2.0])
-def test_fused_blocks_give_the_motion_of_contact_substeps(speed):
+@pytest.mark.parametrize("speed,per_substep", [(0.5, False), (2.0, False), (2.0, True)])
+def test_fused_blocks_give_the_motion_of_contact_substeps(speed, per_substep):
+    """per_substep: the CUDA path's contact-free blocks (one kernel launch per substep)."""
     sim = two_cubes(speed)
+    sim.backend.contact_free.per_substep = per_substep
     steps = int(0.05 / speed / sim.model.dt) + 25  # they meet, and press for 25 steps
     fused = sim.rollout(steps, approaching(sim, speed))
     counts = sim.backend.contact_free.counts
@@ -54,8 +56,10 @@ def test_fused_blocks_give_the_motion_of_contact_substeps(speed):
     assert error < 1e-10
 
 
-def test_fused_blocks_give_the_gradients_of_contact_substeps():
+@pytest.mark.parametrize("per_substep", [False, True])
+def test_fused_blocks_give_the_gradients_of_contact_substeps(per_substep):
     sim = two_cubes(1.0)
+    sim.backend.contact_free.per_substep = per_substep
     plain = substep_by_substep(sim)
     grads = []
     for s in (sim, plain):

@@ -214,11 +214,11 @@ class WarpBackend(Backend):
         :class:`~diffsim.backends.warp.fused.Steps` Function when a gradient is needed; with
         surface contact, wherever contact does not act (:mod:`.contact_free`)."""
         m, w = self.model, prepared
+        if m.contact is not None:
+            # Without contact where it turns out not to act, else substep by substep with it.
+            return self.contact_free.advance(prepared, x, v, targets, out)
         if not self.geometry.device.is_cpu:
             return super().advance(prepared, x, v, targets, out)
-        if m.contact is not None:
-            # Fused where contact turns out not to act, else substep by substep with it.
-            return self.contact_free.advance(prepared, x, v, targets, out)
         x, v = self._positions(x), self._checked(v)
         targets = targets.to(POSITION_DTYPE).contiguous()
         if torch.is_grad_enabled() and any(t.requires_grad for t in (x, v, targets, *w.inputs)):

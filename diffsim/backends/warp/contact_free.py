@@ -1,16 +1,17 @@
-"""Steps with surface contact on, run fused where contact turns out not to act.
+"""Steps with surface contact on, run without it where contact turns out not to act.
 
 Surface contact costs nothing where nothing is near anything, if the steps do not have to
-ask it every substep. So with contact on, the CPU Warp backend runs blocks of steps with the
-fused contact-free kernels (:mod:`diffsim.backends.warp.fused`), keeping the position at the
-start of every substep, and then asks the contact whether it would have acted anywhere in
-the block (:meth:`~diffsim.contact.SurfaceContact.clear_over`: no pair within dhat, no step
-the continuous collision limit would cut). If not, the block is exact: the barrier and the
+ask it every substep. So with contact on, the Warp backend runs blocks of steps with the
+contact-free kernels (on the CPU the fused ones of :mod:`diffsim.backends.warp.fused`; on
+CUDA the per-substep ones), keeping the positions at the start of every substep, and then
+asks the contact whether it would have acted anywhere in the block
+(:meth:`~diffsim.contact.SurfaceContact.clear_over`: no pair within dhat, no step the
+continuous collision limit would cut). If not, the block is exact: the barrier and the
 friction are zero and the step limit is one, forward and backward. If so, the block is run
-again substep by substep with contact. A block is tried fused only when the start state
-looks clear for the whole block (contact would not act along its velocities' relative
-part over twice the block's duration), so scenes in contact do not pay for many failed
-tries; block lengths double while they pass and halve until the prediction does.
+again substep by substep with contact. A block is tried only when the start state looks
+clear for the whole block (contact would not act along its velocities' relative part over
+twice the block's duration), so scenes in contact do not pay for many failed tries; block
+lengths double while they pass and halve until the prediction does.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from diffsim.backends.base import Backend
-from diffsim.backends.warp import fused
+from diffsim.backends.warp import bridge, fused
 
 # The largest block tried fused: its saved substeps hold at most this many values per array.
 MAX_SAVED_VALUES = 6_000_000
@@ -37,6 +38,8 @@ class ContactFreeBlocks:
     def __init__(self, backend) -> None:
         self.backend = backend
         self.block = 1  # steps of the next fused try
+        # The per-substep kernels (CUDA), else the fused multi-step ones (CPU).
+        self.per_substep = not backend.geometry.device.is_cpu
         self.counts = {"fused_steps": 0, "contact_steps": 0, "failed_tries": 0}
 
     def advance(self, prepared, x, v, targets, out=None):
@@ -98,10 +101,12 @@ class ContactFreeBlocks:
         g, launcher = b.geometry, b.launcher
         x, v = b._positions(x), b._checked(v)
         targets = targets.to(x.dtype).contiguous()
-        if grad:
+        if self.per_substep:  # CUDA: the contact-free substep kernels, one by one
+            frames, path = self._substeps(prepared, x, v, targets, grad)
+        elif grad:
             seen: list = []
             frames = fused.Steps.apply(g, prepared, launcher, x, v, targets, *prepared.inputs, seen)
-            saved_x = seen[0]
+            path = torch.cat([seen[0], frames[0][-1:].detach()])
         else:
             n_sub = len(targets) * m.substeps
             saved_x = x.new_empty((n_sub, *x.shape))
@@ -110,8 +115,30 @@ class ContactFreeBlocks:
             fused.advance_steps(
                 g, prepared, x, v, targets, frames, launcher, (saved_x, saved_v, saved_v.clone())
             )
-        path = torch.cat([saved_x, frames[0][-1:].detach()])
+            path = torch.cat([saved_x, frames[0][-1:]])
         if not m.contact.clear_over(path):
             self.counts["failed_tries"] += 1
             return None
         return frames
+
+    def _substeps(self, prepared, x, v, targets, grad: bool):
+        """The steps as contact-free substeps of the per-substep kernels (the CUDA path):
+        the frames ``([k, n, 3], [k, n, 3])`` and the positions at every substep's start
+        and after the last, ``[k * substeps + 1, n, 3]`` (detached)."""
+        b, m = self.backend, self.backend.model
+        g, idx = b.geometry, m.fixed_indices
+        path, xs, vs = [x.detach()], [], []
+        for target in targets:
+            start = x[idx]
+            for j in range(m.substeps):
+                x_fixed = (start + (target - start) * ((j + 1) / m.substeps)).contiguous()
+                if grad:
+                    x, v = bridge.Substep.apply(
+                        g, prepared, b.launcher, x, v, x_fixed, *prepared.inputs
+                    )
+                else:
+                    x, v = bridge.substep_forward(g, prepared, x, v, x_fixed, b.launcher)
+                path.append(x.detach())
+            xs.append(x)
+            vs.append(v)
+        return (torch.stack(xs), torch.stack(vs)), torch.stack(path)

@@ -480,6 +480,10 @@ class SurfaceContact:
                 alpha = torch.ones(len(x), dtype=x.dtype, device=x.device)
             if scale < 1.0:
                 alpha = alpha * scale
+        # The active pairs found by forces() may index a set rebuilt since (here, or by a
+        # shrink at the next call): friction for a step tried again from the same x (a
+        # time-of-impact split) finds them anew. (Otherwise forces() comes next anyway.)
+        self._active = None
         self._stage("ccd", start, broad)
         return alpha
 

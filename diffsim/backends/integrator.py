@@ -1,15 +1,37 @@
-"""The symplectic Euler update given explicit forces: the one torch definition of a substep.
+"""The symplectic Euler update: the one torch definition of a substep.
 
 The torch backend uses it for every substep; the Warp backend fuses the same update into a
-kernel and falls back to this function when surface contact is on.
+kernel and falls back to :func:`substep` when surface contact acts.
+
+Time of impact. With surface contact, a substep whose step the continuous collision limit
+would cut (:meth:`SurfaceContact.step_scales` below 1 for some vertex) is not truncated: it
+is taken again as two half substeps, forces recomputed at the middle, and each half the
+same way, recursively, down to ``1 / 2**SPLIT_LEVELS`` of the substep; only a step of that
+length is truncated as the limit says (``v *= alpha``, the inelastic correction). The
+splits are discrete decisions, taken on detached values and held constant in the backward
+pass, so the gradient is the exact derivative of the sequence of steps actually taken
+(docs/contact.md, "The guarantee"). With worlds, each world splits its own substep: a world
+takes the same steps as it does alone.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+from diffsim.backends.worlds import WorldContact
 from diffsim.physics.velocity import clamp_speed
 from diffsim.sim.model import Model
+
+# A substep the step limit would cut is split in halves at most this many times, so the
+# shortest step is 1/64 of the substep: 64 times the speed the step limit lets through
+# untouched, which takes the barrier about twice as deep as the substep alone can (its
+# energy grows like log(dhat/d)), and at most 127 updates for a substep (a handful where
+# a few vertices meet: each level splits only what is left of the substep). Steps of the
+# shortest length are truncated as before and counted in
+# ``contact.timings["truncated_vertex_steps"]``; splits in ``["split_substeps"]``.
+SPLIT_LEVELS = 6
 
 
 def symplectic_euler_update(
@@ -20,8 +42,10 @@ def symplectic_euler_update(
     mass: torch.Tensor,
     damping: torch.Tensor | float,
     x_fixed: torch.Tensor,
+    h: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One substep from the explicit forces (everything but the ground barrier).
+    """One step of length h from the explicit forces (everything but the ground barrier),
+    with the continuous collision limit truncating it where it would cut it (no split).
 
     Precision rule: positions are float64 and the increment ``h v`` (in the working dtype)
     is added to them in float64, so no increment is lost however small the substep or far
@@ -29,19 +53,189 @@ def symplectic_euler_update(
     they change by the forces, and where a contact acts, by its own impulse.
 
     Args:
-        model: the static model (substep, clamp, fixed vertices, ground, contact).
+        model: the static model (clamp, fixed vertices, ground, contact).
         x: positions ``[n, 3]`` (m), float64.
         v: velocities ``[n, 3]`` (m/s), working dtype.
         forces: explicit forces ``[n, 3]`` (N): elastic + gravity + surface contact.
         mass: lumped masses ``[n]`` (kg).
         damping: mass-proportional damping rate (1/s): ``[]``, or ``[n]`` per vertex (worlds).
-        x_fixed: positions ``[k, 3]`` of the fixed vertices at the end of the substep.
+        x_fixed: positions ``[k, 3]`` of the fixed vertices at the end of the step.
+        h: the step (s); default ``model.substep_dt``.
 
     Returns:
         ``(x_new, v_new)``, each ``[n, 3]`` (float64 and working dtype).
     """
     m = model
-    h = m.substep_dt
+    h = m.substep_dt if h is None else h
+    contacts = _world_contacts(m.contact, len(x))
+    x_new, v = _propose(m, x, v, forces, mass, damping, h, contacts, range(len(contacts)))
+    if contacts:
+        # The continuous collision limit: a vertex whose step is cut keeps the same
+        # fraction of its velocity.
+        alpha = torch.cat([c.step_scales(_at(x, rows), _at(x_new, rows)) for c, rows in contacts])
+        x_new = x + alpha.to(x.dtype)[:, None] * (x_new - x)
+        v = v * alpha.to(v.dtype)[:, None]
+    return x_new.index_put((m.fixed_indices,), x_fixed.to(x_new.dtype)), v
+
+
+def substep(
+    model: Model,
+    x: torch.Tensor,
+    v: torch.Tensor,
+    x_fixed: torch.Tensor,
+    forces: Callable[[torch.Tensor], torch.Tensor],
+    mass: torch.Tensor,
+    damping: torch.Tensor | float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One substep of ``model.substep_dt``, split at times of impact (module docstring).
+
+    The steps of a substep: the first tries the whole substep; a step the limit would cut
+    (and longer than the shortest) is dropped and tried again at half its length; after a
+    step is taken at time t (in units of the shortest step), the next tries the largest
+    power of two that t is an odd multiple of, which is the recursion "two halves, each
+    split the same way" written as a loop. Worlds (``model.worlds``) each follow their own
+    steps: a step of one world never moves another, and the surface contact of a world is
+    called exactly as it is for the world alone.
+
+    Args:
+        model: the static model.
+        x: positions ``[n, 3]`` (m), float64.
+        v: velocities ``[n, 3]`` (m/s), working dtype.
+        x_fixed: positions ``[k, 3]`` of the fixed vertices at the end of the substep; within
+            it they move on the straight line from their positions in x.
+        forces: explicit forces ``[n, 3]`` (N) at positions x: elastic + gravity, without
+            surface contact (added here) and the ground barrier (implicit, in the update).
+        mass: lumped masses ``[n]`` (kg).
+        damping: mass-proportional damping rate (1/s): ``[]``, or ``[n]`` per vertex.
+
+    Returns:
+        ``(x_new, v_new)``, each ``[n, 3]``.
+    """
+    m = model
+    contacts = _world_contacts(m.contact, len(x))
+    if not contacts:
+        return symplectic_euler_update(m, x, v, forces(x), mass, damping, x_fixed)
+    n_worlds, steps = len(contacts), 2**SPLIT_LEVELS
+    done = [0] * n_worlds  # time taken, in shortest steps
+    size = [steps] * n_worlds  # the length of the next step tried
+    f_other: torch.Tensor | None = None  # forces at x (reused after a dropped step)
+    f_contact: list[torch.Tensor | None] = [None] * n_worlds
+    start_fixed = x[m.fixed_indices]
+    vertex_world = fixed_world = None
+    if n_worlds > 1:
+        per_world = len(x) // n_worlds
+        vertex_world = torch.arange(len(x), device=x.device) // per_world
+        fixed_world = m.fixed_indices // per_world
+    while True:
+        active = [w for w in range(n_worlds) if done[w] < steps]
+        if not active:
+            return x, v
+        if f_other is None:
+            f_other = forces(x)
+        for w in active:
+            if f_contact[w] is None:
+                c, rows = contacts[w]
+                f_contact[w] = c.forces(_at(x, rows), _at(mass, rows))
+        if n_worlds == 1:
+            f = f_other + f_contact[0]
+        else:
+            zero = torch.zeros_like(f_other[: len(x) // n_worlds])
+            f = f_other + torch.cat(
+                [zero if p is None or done[w] >= steps else p for w, p in enumerate(f_contact)]
+            )
+        moved: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] = []
+        for length in sorted({size[w] for w in active}, reverse=True):
+            group = [w for w in active if size[w] == length]
+            h = m.substep_dt * length / steps
+            x_new, v_new = _propose(m, x, v, f, mass, damping, h, contacts, group)
+            taken, scales = [], []
+            for w in group:
+                c, rows = contacts[w]
+                alpha = c.step_scales(_at(x, rows), _at(x_new, rows))
+                limited = int((alpha < 1).sum())
+                if limited and length > 1:
+                    c.timings["split_substeps"] += 1
+                    size[w] = length // 2
+                    continue
+                if limited:
+                    c.timings["truncated_vertex_steps"] += limited
+                    scales.append((rows, alpha))
+                taken.append(w)
+            if not taken:
+                continue
+            if scales:
+                alpha = torch.ones(len(x), dtype=x.dtype, device=x.device)
+                for rows, a in scales:
+                    alpha[rows if rows is not None else slice(None)] = a.to(x.dtype)
+                x_new = x + alpha[:, None] * (x_new - x)
+                v_new = v_new * alpha.to(v_new.dtype)[:, None]
+            # Prescribed vertices at their place on the line at the step's end.
+            end = [(done[w] + length) / steps for w in range(n_worlds)]
+            x_new = x_new.index_put(
+                (m.fixed_indices,),
+                _fixed_at(start_fixed, x_fixed, end, fixed_world).to(x_new.dtype),
+            )
+            mask = None
+            if n_worlds > 1:
+                mask = torch.isin(vertex_world, torch.tensor(taken, device=x.device))[:, None]
+            moved.append((mask, x_new, v_new))
+            for w in taken:
+                done[w] += length
+                size[w] = done[w] & -done[w]
+                f_contact[w] = None
+        for mask, x_new, v_new in moved:
+            if mask is None:
+                x, v = x_new, v_new
+            else:
+                x, v = torch.where(mask, x_new, x), torch.where(mask, v_new, v)
+        if moved:
+            f_other = None
+
+
+def _fixed_at(
+    start: torch.Tensor, end: torch.Tensor, fraction: list[float], world: torch.Tensor | None
+) -> torch.Tensor:
+    """Fixed vertices ``[k, 3]`` at ``fraction`` (of their world) of the way from start to
+    end: exactly ``end`` at 1."""
+    if world is None:
+        if fraction[0] == 1.0:
+            return end
+        return start + (end.to(start.dtype) - start) * fraction[0]
+    f = torch.tensor(fraction, dtype=start.dtype, device=start.device)[world][:, None]
+    return torch.where(f == 1.0, end.to(start.dtype), start + (end.to(start.dtype) - start) * f)
+
+
+def _world_contacts(contact, n: int) -> list[tuple[object, slice | None]]:
+    """The surface contact of each world with its vertex rows (None: all rows; an empty
+    list without contact)."""
+    if contact is None:
+        return []
+    if isinstance(contact, WorldContact):
+        k = contact.world_vertices
+        return [(c, slice(w * k, (w + 1) * k)) for w, c in enumerate(contact.contacts)]
+    return [(contact, None)]
+
+
+def _at(t: torch.Tensor, rows: slice | None) -> torch.Tensor:
+    """The rows of t (t itself for None, so the contact's caches keyed on it apply)."""
+    return t if rows is None else t[rows]
+
+
+def _propose(
+    m: Model,
+    x: torch.Tensor,
+    v: torch.Tensor,
+    forces: torch.Tensor,
+    mass: torch.Tensor,
+    damping: torch.Tensor | float,
+    h: float,
+    contacts: list[tuple[object, slice | None]],
+    group,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step of length h before the continuous collision limit and the prescribed
+    positions: forces, damping, clamp, fixed mask, the surface friction of the worlds in
+    ``group`` (those taking this step; of ``contacts``, every world's), ground. Returns
+    ``(x_new, v_new)``; rows of worlds outside ``group`` are not meant to be used."""
     v = v + h * forces / mass[:, None]
     if isinstance(damping, torch.Tensor) and damping.dim() == 1:
         damping = damping[:, None]
@@ -49,20 +243,22 @@ def symplectic_euler_update(
     if m.max_speed is not None:
         v = clamp_speed(v, m.max_speed)
     v = v * (~m.fixed_mask).to(v.dtype)[:, None]
-    if m.contact is not None:
+    if len(contacts) == 1:
         # Surface friction (lagged: from the barrier at x) acts on all three components
         # before the ground solve, so it does not depend on the scene's orientation.
-        v = m.contact.apply_friction(v, x, mass, h)
+        v = contacts[0][0].apply_friction(v, x, mass, h)
+    elif contacts:
+        taking = set(group)
+        v = torch.cat(
+            [
+                c.apply_friction(v[rows], x[rows], mass[rows], h) if w in taking else v[rows]
+                for w, (c, rows) in enumerate(contacts)
+            ]
+        )
     x_new = x + h * v
     if m.ground is not None:
         x_new, v = _ground_contact(m.ground, x, v, h)
-    if m.contact is not None:
-        # The continuous collision limit: a vertex whose step is cut keeps the same
-        # fraction of its velocity.
-        alpha = m.contact.step_scales(x, x_new)
-        x_new = x + alpha.to(x.dtype)[:, None] * (x_new - x)
-        v = v * alpha.to(v.dtype)[:, None]
-    return x_new.index_put((m.fixed_indices,), x_fixed.to(x_new.dtype)), v
+    return x_new, v
 
 
 def _ground_contact(ground, x: torch.Tensor, v: torch.Tensor, h: float):

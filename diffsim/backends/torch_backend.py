@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from diffsim.backends import integrator
 from diffsim.backends.base import Backend
-from diffsim.backends.integrator import symplectic_euler_update
 from diffsim.physics.elasticity import elastic_forces
 from diffsim.sim.model import Coefficients
 
@@ -29,14 +29,19 @@ class TorchBackend(Backend):
 
     def _explicit_forces(self, c: Coefficients, x: torch.Tensor) -> torch.Tensor:
         """Elastic + gravity + surface contact: every force except the ground barrier."""
-        m = self.model
-        f = elastic_forces(c.material, x, m.tets, m.dm_inv, m.rest_volumes)
-        f = f + c.mass[:, None] * m.per_vertex(c.gravity)
-        if m.contact is not None:
-            f = f + m.contact.forces(x, c.mass)
+        f = self._body_forces(c, x)
+        if self.model.contact is not None:
+            f = f + self.model.contact.forces(x, c.mass)
         return f
 
+    def _body_forces(self, c: Coefficients, x: torch.Tensor) -> torch.Tensor:
+        """Elastic + gravity."""
+        m = self.model
+        f = elastic_forces(c.material, x, m.tets, m.dm_inv, m.rest_volumes)
+        return f + c.mass[:, None] * m.per_vertex(c.gravity)
+
     def substep(self, c: Coefficients, x, v, x_fixed):
-        forces = self._explicit_forces(c, x)
+        # Surface contact (and its time-of-impact splits) is the integrator's.
         damping = self.model.per_vertex(c.damping)
-        return symplectic_euler_update(self.model, x, v, forces, c.mass, damping, x_fixed)
+        forces = lambda y: self._body_forces(c, y)  # noqa: E731
+        return integrator.substep(self.model, x, v, x_fixed, forces, c.mass, damping)

@@ -42,8 +42,14 @@ apart than the broad-phase radius allows the limited motion to close (see
 :class:`~diffsim.contact.surface_contact.SurfaceContact`), so they cannot meet. This is
 the first iteration of additive CCD (Li et al. 2021) with per-vertex scales.
 
+What the simulator does with the scales: a substep whose step would be cut is not
+truncated but taken again in halves, recursively (time of impact,
+:func:`diffsim.backends.integrator.substep`); only a step of the shortest length is
+truncated to ``x + alpha * (x_proposed - x)``, with ``v *= alpha``.
+
 Backward pass: the scales are held constant (computed from detached values), so
-``x_new = x + alpha * (x_proposed - x)`` is differentiated as a fixed linear blend.
+``x_new = x + alpha * (x_proposed - x)`` is differentiated as a fixed linear blend; the
+splits, decided from the same detached values, are constant too (docs/contact.md).
 """
 
 from __future__ import annotations

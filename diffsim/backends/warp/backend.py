@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import torch
 
 from diffsim.backends.base import Backend
-from diffsim.backends.integrator import symplectic_euler_update
+from diffsim.backends.integrator import substep as integrator_substep
 from diffsim.sim.model import POSITION_DTYPE, Coefficients, Model
 
 try:
@@ -229,13 +229,16 @@ class WarpBackend(Backend):
         return out
 
     def _substep_with_contact(self, w, x, v, x_fixed):
-        # Torch ops around the Warp forces: the same update as TorchBackend.substep.
+        # Torch ops around the Warp forces: the same update as TorchBackend.substep, with
+        # its time-of-impact splits (integrator.substep adds the surface contact forces).
         m = self.model
         mu, lam, mass, gravity, _ = w.inputs
-        f = bridge.Forces.apply(self.geometry, w, False, x, mu, lam, mass, gravity)
-        f = f + m.contact.forces(x, mass)
+
+        def forces(y: torch.Tensor) -> torch.Tensor:
+            return bridge.Forces.apply(self.geometry, w, False, y, mu, lam, mass, gravity)
+
         damping = m.per_vertex(w.coeffs.damping)
-        return symplectic_euler_update(m, x, v, f, mass, damping, x_fixed)
+        return integrator_substep(m, x, v, x_fixed, forces, mass, damping)
 
     def _checked(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         m = self.model

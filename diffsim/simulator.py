@@ -57,15 +57,13 @@ CLAMP_NOTICE_SHARE = 0.02
 CLAMP_NOTICE_SPEED = 0.5
 # Tets whose volume ratio J leaves this range are "strained far beyond the material's range".
 STRAIN_NOTICE_RANGE = (0.1, 10.0)
-# Inverted tets are counted at every frame, exactly, but only the tets that may have
-# inverted are evaluated: those with a corner that moved (after removing each body's
-# translation) by more than INVERSION_SAFETY times the distance that could invert them,
-# from a reference frame that moves on when more than INVERSION_RESET_SHARE of the tets
-# need evaluating. Frames are taken in windows of about INVERSION_WINDOW tet-frames (at
-# least one frame), small enough for the temporaries to stay in cache.
-INVERSION_SAFETY = 0.5
-INVERSION_RESET_SHARE = 0.02
-INVERSION_WINDOW = 16384
+# Inverted tets are counted at every frame, exactly: one Warp launch per block of frames
+# evaluates J of every tet at every frame (cheaper than one elastic force pass, so a few
+# percent of a frame's substeps), INVERSION_CHUNK tets per Warp thread on the CPU (which
+# amortises Warp's per-thread call overhead). On a device Warp does not run on, torch
+# counts them, in windows of about INVERSION_WINDOW tet-frames.
+INVERSION_CHUNK = 256
+INVERSION_WINDOW = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -171,38 +169,69 @@ class _InversionLog:
 
 
 class _InversionCheck:
-    """Counts the inverted tets of frames ``[K, N, 3]`` exactly, evaluating J only where a
-    tet may have inverted since a reference frame.
+    """Inverted tets (J = det F <= 0) of frames ``[K, N, 3]`` (float64, detached): how many
+    per frame and world, and the lowest J per frame, by the Warp kernel
+    :func:`diffsim.kernels.inversion.count_inverted` (torch where Warp does not run on the
+    device); and J of every tet at one frame, in torch by the same formula (the triple
+    product of the edges, in the kernel's order, times det Dm^-1)."""
 
-    A tet with edges e_i (reference frame) keeps det > 0 while each corner moves by less
-    than rho = ((L^3 + det)^(1/3) - L) / 2 with L = max |e_i|: det is trilinear in the
-    edges, each edge changes by at most 2 rho, and Hadamard's bound gives
-    |det(E + D) - det(E)| <= (L + 2 rho)^3 - L^3. Motions are measured after subtracting
-    each body's centroid (edges do not change under a translation); a vertex is "at risk"
-    when it moved by INVERSION_SAFETY * rho of some tet it belongs to, and every tet with
-    an at-risk vertex is evaluated exactly at every frame.
-    """
-
-    def __init__(self, model: Model, body_ids: np.ndarray) -> None:
+    def __init__(self, model: Model) -> None:
         self.tets = model.tets  # [M, 4], the replicated mesh with worlds
         self.n_tets = len(model.tets)
         self.n_worlds = model.n_worlds
         self.det_dm_inv = torch.linalg.det(model.dm_inv.detach().double())  # 1 / (6 V0) [M]
-        bodies = torch.as_tensor(body_ids, device=self.tets.device)
-        n_bodies = int(bodies.max()) + 1
-        world = torch.arange(self.n_worlds, device=bodies.device).repeat_interleave(len(bodies))
-        self.groups = world * n_bodies + bodies.repeat(self.n_worlds)  # [N]
-        self.n_groups = self.n_worlds * n_bodies
-        self.group_sizes = torch.bincount(self.groups, minlength=self.n_groups).double()
-        self.reference: torch.Tensor | None = None  # centred positions [N, 3]
-        self.safe_radius: torch.Tensor | None = None  # [N] m
+        self.device = model.device
+        self.kernel = None
+        if self.device.type in ("cpu", "cuda"):
+            import warp as wp
 
-    def _centred(self, xs: torch.Tensor) -> torch.Tensor:
-        """Frames ``[K, N, 3]`` less each body's centroid."""
-        if self.n_groups == 1:
-            return xs - xs.mean(dim=1, keepdim=True)
-        sums = xs.new_zeros((len(xs), self.n_groups, 3)).index_add_(1, self.groups, xs)
-        return xs - (sums / self.group_sizes[:, None])[:, self.groups]
+            from diffsim.kernels.inversion import count_inverted
+            from diffsim.kernels.runtime import init_warp
+
+            init_warp()
+            self.kernel = count_inverted
+            self.tets_i32 = self.tets.to(torch.int32).contiguous()  # the owners of the views
+            self.det_dm_inv = self.det_dm_inv.contiguous()
+            self.wp_device = wp.device_from_torch(self.device)
+            self.static = (
+                wp.from_torch(self.tets_i32, dtype=wp.vec4i),
+                wp.from_torch(self.det_dm_inv, dtype=wp.float64),
+            )
+
+    def __call__(self, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(counts [K, W] int64, lowest [K] float64)`` of frames ``xs [K, N, 3]``: the
+        inverted tets per frame and world, the lowest J of an inverted tet per frame (+inf
+        at frames without one); on the frames' device."""
+        if self.kernel is None or xs.device != self.device:
+            return self._torch_counts(xs)
+        import warp as wp
+
+        K, M, W = len(xs), self.n_tets, self.n_worlds
+        xs = xs.contiguous()
+        counts = torch.zeros((K, W), dtype=torch.int32, device=xs.device)
+        lowest = torch.full((K,), math.inf, dtype=torch.float64, device=xs.device)
+        cpu = self.device.type == "cpu"
+        stream = None if cpu else wp.stream_from_torch(self.device)
+        chunk = INVERSION_CHUNK if cpu else 1
+        inputs = [wp.from_torch(xs, dtype=wp.vec3d), *self.static, M // W, chunk]
+        outputs = [wp.from_torch(counts), wp.from_torch(lowest)]
+        dim = (K, (M + chunk - 1) // chunk)
+        wp.launch(self.kernel, dim, inputs + outputs, device=self.wp_device, stream=stream)
+        return counts.long(), lowest
+
+    def _torch_counts(self, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        window = max(1, INVERSION_WINDOW // self.n_tets)
+        counts, lowest = [], []
+        for c in range(0, len(xs), window):
+            J = self._det(self._edges(xs[c : c + window], self.tets)) * self.det_dm_inv
+            inverted = J <= 0
+            counts.append(inverted.view(len(J), self.n_worlds, -1).sum(dim=2))
+            lowest.append(torch.where(inverted, J, math.inf).amin(dim=1))
+        return torch.cat(counts), torch.cat(lowest)
+
+    def volume_ratios(self, x: torch.Tensor) -> torch.Tensor:
+        """J of every tet at positions ``x [N, 3]`` (float64), ``[M]``."""
+        return self._det(self._edges(x[None], self.tets))[0] * self.det_dm_inv
 
     @staticmethod
     def _edges(xs: torch.Tensor, tets: torch.Tensor) -> torch.Tensor:
@@ -217,43 +246,6 @@ class _InversionCheck:
         """det [e0 e1 e2] of edges ``[3, K, 3, S]``: six times the signed volume, ``[K, S]``."""
         (ax, bx, cx), (ay, by, cy), (az, bz, cz) = (e[i].unbind(1) for i in range(3))
         return ax * (by * cz - bz * cy) + ay * (bz * cx - bx * cz) + az * (bx * cy - by * cx)
-
-    def _reset(self, x: torch.Tensor, e: torch.Tensor | None = None) -> None:
-        """Makes frame ``x [N, 3]`` the reference (each vertex's safe radius), from the
-        edges of all tets there ``[3, 1, 3, M]`` where they are known."""
-        e = self._edges(x[None], self.tets) if e is None else e
-        det = self._det(e)[0]
-        longest = e[:, 0].square().sum(dim=0).amax(dim=0).sqrt()
-        rho = torch.where(
-            det > 0, 0.5 * ((longest**3 + det.clamp(min=0)) ** (1 / 3) - longest), 0.0
-        )
-        radius = torch.full((len(x),), math.inf, dtype=torch.float64, device=x.device)
-        radius.scatter_reduce_(0, self.tets.flatten(), rho.repeat_interleave(4), "amin")
-        self.safe_radius = INVERSION_SAFETY * radius
-        self.reference = self._centred(x[None])[0]
-
-    def __call__(self, xs: torch.Tensor):
-        """Inverted tets of frames ``[K, N, 3]`` (float64, detached).
-
-        Returns:
-            ``(candidates [S], J [K, S])``: the tets evaluated (all the inverted ones among
-            them) and their volume ratios; S may be 0.
-        """
-        if self.reference is None:
-            self._reset(xs[0])
-        moved = (self._centred(xs) - self.reference).square().sum(dim=2).amax(dim=0)
-        at_risk = moved >= self.safe_radius.square()
-        if not bool(at_risk.any()):
-            return self.tets.new_zeros(0), xs.new_zeros((len(xs), 0))
-        candidates = torch.nonzero(at_risk[self.tets].any(dim=1)).flatten()
-        if len(candidates) <= INVERSION_RESET_SHARE * self.n_tets:
-            e = self._edges(xs, self.tets[candidates])
-            return candidates, self._det(e) * self.det_dm_inv[candidates]
-        # Many tets moved: evaluate them all, and take the last frame as the new reference.
-        e = self._edges(xs, self.tets)
-        J = self._det(e) * self.det_dm_inv
-        self._reset(xs[-1], e[:, -1:])
-        return torch.arange(self.n_tets, device=xs.device), J
 
 
 class Simulator:
@@ -996,29 +988,31 @@ class Simulator:
         """Counts the inverted tets of frames ``[K, N, 3]`` (steps ``first_step + 1 ..``)
         into the rollout's record, and warns once per simulator when there are some."""
         if self._inversion_check is None:
-            self._inversion_check = _InversionCheck(self.model, self.mesh.body_ids)
-        log, m_tets, W = self._inversion_log, self.mesh.n_tets, self.n_worlds
-        chunk = max(1, INVERSION_WINDOW // self.model.n_tets)
-        for c in range(0, len(xs), chunk):
-            candidates, J = self._inversion_check(xs[c : c + chunk].to(POSITION_DTYPE))
-            if not J.numel() or bool((J > 0).all()):
-                continue
-            inverted = J <= 0
-            counts = inverted.new_zeros((len(J), W), dtype=torch.long)
-            counts.index_add_(1, candidates // m_tets, inverted.long())
-            start = first_step + c  # the frame of J's first row is start + 1
-            if start < len(log.counts):
-                rows = counts[: len(log.counts) - start].cpu()
-                log.counts[start : start + len(rows)] = rows if self.worlds else rows[:, 0]
-            k = int(torch.nonzero(inverted.any(dim=1))[0])
-            if log.first is None or start + k + 1 < log.first[0]:
-                world, tets = layout.locate(candidates[inverted[k]], m_tets)
-                log.first = (start + k + 1, world, tets)
-            i = int(J.argmin())
-            low = float(J.flatten()[i])
+            self._inversion_check = _InversionCheck(self.model)
+        check, log, m_tets = self._inversion_check, self._inversion_log, self.mesh.n_tets
+        xs = xs.to(POSITION_DTYPE)
+        counts, lowest = check(xs)
+        counts = counts.cpu()
+        if first_step < len(log.counts):
+            rows = counts[: len(log.counts) - first_step]
+            log.counts[first_step : first_step + len(rows)] = rows if self.worlds else rows[:, 0]
+        hit = torch.nonzero(counts.sum(dim=1)).flatten()
+        if not len(hit):
+            return
+        # The tets themselves, in torch, at the first frame with some and at the worst.
+        k = int(hit[0])
+        if log.first is None or first_step + k + 1 < log.first[0]:
+            J = check.volume_ratios(xs[k])
+            world, tets = layout.locate(torch.nonzero(J <= 0).flatten(), m_tets)
+            log.first = (first_step + k + 1, world, tets)
+        lowest = lowest.cpu()
+        k = int(lowest.argmin())
+        if log.worst is None or float(lowest[k]) < log.worst[0]:
+            J = check.volume_ratios(xs[k])
+            tet = int(J.argmin())
+            low = float(J[tet])
             if log.worst is None or low < log.worst[0]:
-                tet = int(candidates[i % J.shape[1]])
-                log.worst = (low, start + i // J.shape[1] + 1, tet // m_tets, tet % m_tets)
+                log.worst = (low, first_step + k + 1, tet // m_tets, tet % m_tets)
         if log.first is not None and "inversion" not in self._warned:
             self._warn_inversions(log)
 

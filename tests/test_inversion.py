@@ -141,6 +141,57 @@ def test_worlds_name_the_world_that_inverts():
     assert record.first_tets == per_world[1].tolist()
 
 
+@pytest.mark.parametrize("worlds", [None, 3], ids=["one_world", "worlds"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_the_kernel_counts_what_torch_counts_on_a_deformed_mesh(dtype, worlds):
+    """The Warp count (and the torch fallback) equals J <= 0 computed directly, per frame
+    and world, with the lowest J per frame; the record names the first tets and the worst."""
+    from diffsim.simulator import _InversionCheck, _InversionLog
+
+    mesh = ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=5, origin=(0.0, 0.1, 0.0))  # 750 tets
+    material = ds.StableNeoHookean(youngs_modulus=1e5, poissons_ratio=0.3)
+    sim = ds.Simulator(mesh, material, substeps="auto", dtype=dtype, worlds=worlds, contact=False)
+    m, W = sim.model, sim.n_worlds
+    rest = m.rest_positions.double()
+    gen = torch.Generator().manual_seed(0)
+    K = 6
+    noise = torch.randn((K, *rest.shape), generator=gen, dtype=torch.float64)
+    amplitude = 0.005 + 0.004 * torch.rand((K, 1, 1), generator=gen, dtype=torch.float64)
+    xs = rest + amplitude * noise  # m, edges of 2 cm
+    xs[1] = rest  # a frame with none
+    J = torch.stack([volume_ratios(x, m.tets, m.dm_inv.double()) for x in xs])
+    expected = (J <= 0).view(K, W, -1).sum(dim=2)
+    lowest = torch.where(J <= 0, J, torch.inf).amin(dim=1)
+    assert int(expected[1].sum()) == 0 and int((expected.sum(dim=1) > 0).sum()) == K - 1
+    assert bool((expected.sum(dim=0) > 0).all())  # in every world
+    check = _InversionCheck(m)
+    assert check.kernel is not None
+    for path in ("warp", "torch"):
+        if path == "torch":
+            check.kernel = None
+        counts, low = check(xs)
+        assert torch.equal(counts, expected), path
+        torch.testing.assert_close(low, lowest, rtol=1e-12, atol=0.0)
+    # The record of these frames as a rollout's (frames 1..K).
+    sim._inversion_log = _InversionLog(K, sim.worlds, m.dt)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sim._count_inversions(xs, 0)
+    record = sim.inversions
+    assert torch.equal(record.counts, expected if worlds else expected[:, 0])
+    assert len(caught) == 1 and "inverted" in str(caught[0].message)
+    k = int(torch.nonzero(expected.sum(dim=1))[0])
+    world = int(torch.nonzero(expected[k])[0])
+    per_world = J[k].view(W, -1)[world]
+    assert (record.first_frame, record.first_world) == (k + 1, world)
+    assert record.first_tets == torch.nonzero(per_world <= 0).flatten().tolist()
+    worst = int(J.argmin())
+    assert record.min_volume_ratio == pytest.approx(float(J.min()), rel=1e-12)
+    assert record.worst_frame == worst // J.shape[1] + 1
+    tet = worst % J.shape[1]
+    assert (record.worst_world, record.worst_tet) == (tet // mesh.n_tets, tet % mesh.n_tets)
+
+
 SOFT_SCENE = """
 import diffsim as ds
 

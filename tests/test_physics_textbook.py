@@ -588,3 +588,77 @@ def test_free_fall_matches_g_t_at_every_substep(backend, dtype, h, ground):
     assert abs(d_err) < 2e-3, msg
     if dtype == F64:
         assert abs(v_err) < 1e-5 and abs(discrete_d_err) < 1e-5, msg
+
+
+# --------------------------------------------------------------------------------------------
+# 5b. Surface friction: a block sliding on a fixed slab decelerates at mu g in every direction
+# --------------------------------------------------------------------------------------------
+SURFACE_FRICTION_CASES = [case("warp", d) for d in (F64, F32)]
+
+
+@pytest.mark.filterwarnings("ignore::diffsim.contact.surface_contact.ContactWarning")
+@pytest.mark.parametrize("backend, dtype", SURFACE_FRICTION_CASES)
+def test_block_sliding_on_a_slab_decelerates_at_mu_g_in_every_direction(backend, dtype):
+    # Section 5 with surface contact instead of the ground: the 10 cm block is set down
+    # 0.5 dhat above a fixed 0.6 m slab (one cell, so its top is two triangles), no ground,
+    # contact friction mu, and thrown at 1 m/s; it stops after 0.17 m, on the slab. The
+    # friction passes (contact/friction.py) cap each pair's impulse at h mu lambda, so sliding
+    # contact is Coulomb however many passes run. Measured (substeps 'auto': 1): +0.9% in x
+    # and z, -0.9% diagonally, in float64 and float32 (+1.3% x). Held to 3%. (The error
+    # depends on the substep through the block's bounce on the stiff barrier: -5.4% and -4.0%
+    # at 2 substeps; -12.9% and -10.8% there with the former single friction pass.) The
+    # block starts inside the barrier on purpose (ContactWarning).
+    slab = ds.TetMesh.box(size=(0.6, 0.05, 0.6), resolution=1, origin=(-0.3, -0.05, -0.3))
+    block = ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=2, origin=(-0.05, 0.5 * DHAT, -0.05))
+    mesh = ds.TetMesh.merge([slab, block])
+    on_block = np.asarray(mesh.body_ids) == 1
+    sim = ds.Simulator(
+        mesh,
+        ds.StableNeoHookean(1e5, 0.3, RHO),
+        dt=1e-3,
+        substeps="auto",
+        gravity=(0.0, -G, 0.0),
+        ground=None,
+        fixed=~on_block,
+        contact=True,
+        contact_dhat=DHAT,
+        contact_friction=MU,
+        backend=backend,
+        dtype=dtype,
+    )
+    m = masses(mesh)[on_block]
+    failures = []
+    for name, direction in SLIDE_DIRECTIONS.items():
+        d = np.asarray(direction) / np.linalg.norm(direction)
+        v = np.zeros((mesh.n_vertices, 3))
+        v[on_block] = d
+        with torch.no_grad():
+            traj = sim.rollout(260, state=sim.initial_state(velocities=v))
+        xs = traj.positions.double()[:, on_block]
+        centers = ((m[None, :, None] * xs).sum(dim=1) / m.sum()).numpy()
+        t = traj.times
+        window = (t >= 0.02) & (t <= 0.25)
+        along = (centers - centers[0]) @ d
+        decel = -2.0 * np.polyfit(t[window], along[window], 2)[0]
+        err = (decel - MU * G) / (MU * G)
+        lateral = centers[:, [0, 2]] - centers[0, [0, 2]] - along[:, None] * d[[0, 2]]
+        lateral_max = float(np.linalg.norm(lateral[window], axis=1).max())
+        lowest = xs[:, :, 1].min(dim=1).values.numpy()
+        msg = report(
+            f"surface friction {backend} {dtype} {name}",
+            decel=decel,
+            mu_g=MU * G,
+            rel_err=err,
+            lateral_drift_m=lateral_max,
+            max_lowest_gap_over_dhat=float(lowest[window].max() / DHAT),
+            min_gap_m=float(lowest.min()),
+        )
+        if not (lowest[window] < DHAT).all():
+            failures.append("no contact: " + msg)
+        if not (lowest > 0).all():
+            failures.append("below the slab: " + msg)
+        if abs(err) > 0.03:
+            failures.append(msg)
+        if lateral_max > 2e-3:
+            failures.append("sideways: " + msg)
+    assert not failures, "\n".join(failures)

@@ -367,21 +367,21 @@ def friction(
     mu: float,
     eps_v: float,
     index: torch.Tensor | None = None,
+    passes: int = 1,
 ) -> torch.Tensor:
     """Velocities ``[n, 3]`` after one substep h of surface friction over the pairs of
-    ``arrays`` (its rows ``index``, default all) within dhat (the formulas of
-    :mod:`diffsim.contact.friction`); differentiable in v, x and mass (backward: the
-    kernels' Warp adjoints). x, v and mass share one dtype; ``floor`` is the squared-distance
-    floor (m^2)."""
-    constants = (h * mu, dhat, floor, kappa, eps_v)
+    ``arrays`` (its rows ``index``, default all) within dhat, in ``passes`` passes (the
+    formulas of :mod:`diffsim.contact.friction`); differentiable in v, x and mass (backward:
+    the kernels' Warp adjoints, in reverse). x, v and mass share one dtype; ``floor`` is the
+    squared-distance floor (m^2)."""
+    constants = (h * mu, dhat, floor, kappa, eps_v, int(passes))
     return _WarpFriction.apply(v, x, mass, arrays, index, constants)
 
 
-def _friction_inputs(arrays: PairArrays, x, v, mass, active, constants) -> list:
-    h_mu, dhat, floor, kappa, eps_v = constants
+def _geometry_inputs(arrays: PairArrays, x, mass, active, constants) -> list:
+    h_mu, dhat, floor, kappa = constants[:4]
     return [
         x.contiguous(),
-        v.contiguous(),
         mass.contiguous(),
         arrays.wp_pairs,
         arrays.wp_kinds,
@@ -392,23 +392,31 @@ def _friction_inputs(arrays: PairArrays, x, v, mass, active, constants) -> list:
         float(kappa),
         _parallel_fraction(x.dtype),
         float(h_mu),
-        float(eps_v),
     ]
 
 
-def _friction_buffers(arrays: PairArrays, v: torch.Tensor) -> list:
-    """Zeroed pass-1 outputs: load ``[n]``, coef ``[k, 4]``, impulse ``[k, 3]`` (rows: the
-    listed pairs in the order of the active list)."""
+def _per_pair(arrays: PairArrays, v: torch.Tensor, width: int = 0) -> torch.Tensor:
+    """A zeroed per-pair buffer ``[k]`` or ``[k, width]`` (rows: the active list's order)."""
+    shape = (arrays.n, width) if width else (arrays.n,)
+    return torch.zeros(shape, dtype=v.dtype, device=v.device)
+
+
+def _geometry_buffers(arrays: PairArrays, v: torch.Tensor) -> list:
+    """Zeroed lagged pair terms: weights ``[k, 4]``, coef ``[k, 4]``, normal ``[k, 3]``,
+    m_eff ``[k]``, limit ``[k]``."""
     return [
-        torch.zeros(len(v), dtype=v.dtype, device=v.device),
-        torch.zeros((arrays.n, 4), dtype=v.dtype, device=v.device),
-        torch.zeros((arrays.n, 3), dtype=v.dtype, device=v.device),
+        _per_pair(arrays, v, 4),
+        _per_pair(arrays, v, 4),
+        _per_pair(arrays, v, 3),
+        _per_pair(arrays, v),
+        _per_pair(arrays, v),
     ]
 
 
 class _WarpFriction(torch.autograd.Function):
-    """Surface friction by two kernels (per-pair impulses and loads, then the relaxed
-    shares); backward by their Warp adjoints, in reverse order."""
+    """Surface friction by kernels: the lagged pair terms once, then per pass the pairs'
+    impulses and vertex loads and the capped, relaxed update; backward by their Warp
+    adjoints, in reverse order (every pass's inputs are kept)."""
 
     @staticmethod
     def forward(ctx, v, x, mass, arrays: PairArrays, index, constants: tuple):
@@ -417,51 +425,96 @@ class _WarpFriction(torch.autograd.Function):
             raise TypeError(
                 f"friction: v, x and mass dtypes differ: {v.dtype}, {x.dtype}, {mass.dtype}"
             )
-        out = v.clone()
         ctx.empty = not arrays.n
         if ctx.empty:
-            return out
+            return v.clone()
         kern = kernels(v.dtype)
+        eps_v, passes = constants[4], constants[5]
         active = arrays.active_at(x, constants[1] ** 2, index)
-        buffers = _friction_buffers(arrays, v)
-        inputs = _friction_inputs(arrays, x, v, mass, active, constants)
         dim = _listed(active[1], arrays)
-        arrays.launch(kern.friction_pairs, dim, inputs, buffers)
-        load, coef, impulse = buffers
-        apply_inputs = [arrays.wp_pairs, *active, coef, impulse, load]
-        arrays.launch(kern.friction_apply, dim, apply_inputs, [out])
-        ctx.arrays, ctx.constants = arrays, constants
-        ctx.save_for_backward(v, x, mass, *active, *buffers)
-        return out
+        geometry = _geometry_buffers(arrays, v)
+        inputs = _geometry_inputs(arrays, x, mass, active, constants)
+        arrays.launch(kern.friction_geometry, dim, inputs, geometry)
+        weights, coef, normal, m_eff, limit = geometry
+        velocities, totals, loads, impulses = [v.contiguous()], [_per_pair(arrays, v, 3)], [], []
+        for _ in range(passes):
+            load, impulse = (
+                torch.zeros(len(v), dtype=v.dtype, device=v.device),
+                _per_pair(arrays, v, 3),
+            )
+            slip_inputs = [arrays.wp_pairs, *active, weights, normal, m_eff, limit]
+            arrays.launch(
+                kern.friction_slip, dim, [*slip_inputs, velocities[-1], eps_v], [load, impulse]
+            )
+            out, total = velocities[-1].clone(), _per_pair(arrays, v, 3)
+            apply_inputs = [arrays.wp_pairs, *active, coef, limit, impulse, load, totals[-1]]
+            arrays.launch(kern.friction_apply, dim, apply_inputs, [total, out])
+            velocities.append(out)
+            totals.append(total)
+            loads.append(load)
+            impulses.append(impulse)
+        ctx.arrays, ctx.constants, ctx.passes = arrays, constants, passes
+        ctx.save_for_backward(
+            x, mass, *active, *geometry, *velocities[:-1], *totals[:-1], *loads, *impulses
+        )
+        return velocities[-1]
 
     @staticmethod
     def backward(ctx, grad_out):
         if ctx.empty:
             return grad_out, None, None, None, None, None
-        v, x, mass, active, count, load, coef, impulse = ctx.saved_tensors
-        arrays = ctx.arrays
-        kern = kernels(v.dtype)
-        grad_out = grad_out.contiguous()
-        # Pass 2's adjoint: cotangents of the impulses, share weights and loads.
-        adj_load, adj_coef, adj_impulse = _friction_buffers(arrays, v)
-        dim = _listed(count, arrays)
-        arrays.launch(
-            kern.friction_apply,
-            dim,
-            [arrays.wp_pairs, active, count, coef, impulse, load],
-            [torch.zeros_like(v)],  # the forward replay's scratch
-            [None, None, None, adj_coef, adj_impulse, adj_load],
-            [grad_out],
+        passes, arrays, constants = ctx.passes, ctx.arrays, ctx.constants
+        saved = list(ctx.saved_tensors)
+        x, mass, active, count = saved[:4]
+        geometry = saved[4:9]
+        weights, coef, normal, m_eff, limit = geometry
+        velocities, totals, loads, impulses = (
+            saved[9 + p * passes : 9 + (p + 1) * passes] for p in range(4)
         )
-        # Pass 1's adjoint (its forward replay writes into scratch buffers).
-        grad_x, grad_v, grad_m = torch.zeros_like(x), torch.zeros_like(v), torch.zeros_like(mass)
-        inputs = _friction_inputs(arrays, x, v, mass, (active, count), ctx.constants)
+        kern = kernels(x.dtype)
+        dim = _listed(count, arrays)
+        adj_v = grad_out.contiguous().clone()
+        adj_total = _per_pair(arrays, adj_v, 3)
+        adj_geometry = _geometry_buffers(arrays, adj_v)  # accumulated over the passes
+        adj_weights, adj_coef, adj_normal, adj_m_eff, adj_limit = adj_geometry
+        scratch_total, scratch_v = _per_pair(arrays, adj_v, 3), torch.zeros_like(adj_v)
+        scratch_load = torch.zeros(len(adj_v), dtype=x.dtype, device=x.device)
+        scratch_impulse = _per_pair(arrays, adj_v, 3)
+        eps_v = constants[4]
+        for p in reversed(range(passes)):
+            # The update's adjoint (its forward replay writes into scratch buffers); the
+            # velocities pass through it (v_out starts as a copy of v).
+            adj_impulse, adj_total_in = _per_pair(arrays, adj_v, 3), _per_pair(arrays, adj_v, 3)
+            adj_load = torch.zeros(len(adj_v), dtype=x.dtype, device=x.device)
+            arrays.launch(
+                kern.friction_apply,
+                dim,
+                [arrays.wp_pairs, active, count, coef, limit, impulses[p], loads[p], totals[p]],
+                [scratch_total, scratch_v],
+                [None, None, None, adj_coef, adj_limit, adj_impulse, adj_load, adj_total_in],
+                [adj_total, adj_v],
+            )
+            # The slip's adjoint adds to the velocities' cotangent.
+            adj_v_in = adj_v.clone()
+            arrays.launch(
+                kern.friction_slip,
+                dim,
+                [arrays.wp_pairs, active, count, weights, normal, m_eff, limit, velocities[p]]
+                + [eps_v],
+                [scratch_load, scratch_impulse],
+                [None, None, None, adj_weights, adj_normal, adj_m_eff, adj_limit, adj_v_in]
+                + [eps_v],
+                [adj_load, adj_impulse],
+            )
+            adj_v, adj_total = adj_v_in, adj_total_in
+        grad_x, grad_m = torch.zeros_like(x), torch.zeros_like(mass)
+        inputs = _geometry_inputs(arrays, x, mass, (active, count), constants)
         arrays.launch(
-            kern.friction_pairs,
+            kern.friction_geometry,
             dim,
             inputs,
-            _friction_buffers(arrays, v),
-            [grad_x, grad_v, grad_m, None, None, None, None, None, *inputs[8:]],
-            [adj_load, adj_coef, adj_impulse],
+            _geometry_buffers(arrays, adj_v),
+            [grad_x, grad_m, None, None, None, None, None, *inputs[7:]],
+            adj_geometry,
         )
-        return grad_v + grad_out, grad_x, grad_m, None, None, None
+        return adj_v, grad_x, grad_m, None, None, None

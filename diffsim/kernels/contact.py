@@ -1,10 +1,13 @@
-"""Warp kernels for surface contact: BVH queries, closest features, barrier forces, CCD.
+"""Warp kernels for surface contact: BVH queries, closest features, barrier forces,
+friction, CCD.
 
 Pure Warp (no torch, nothing of diffsim outside kernels/): the torch side, which launches
 them, is :mod:`diffsim.contact.warp_glue`. Kernels are generated once per scalar type
 (float32, float64) by :func:`contact_kernels`. The force kernel writes ``f = -dE/dx`` from
 closed-form gradients of the barrier; its Warp adjoint (the kernel differentiated by Warp)
-gives the Hessian-vector products of the backward pass. Closest-point weights follow the
+gives the Hessian-vector products of the backward pass. Friction (the formulas of
+:mod:`diffsim.contact.friction`) is one kernel for the lagged pair terms and two per pass;
+its backward runs their Warp adjoints in reverse. Closest-point weights follow the
 same region tests and formulas as the torch reference in :mod:`diffsim.contact.distances`.
 The CCD kernels implement the algorithm of :mod:`diffsim.contact.ccd` (its constants are
 kernel arguments).
@@ -262,9 +265,8 @@ def _build(scalar):
         energy[k] = w * mol * bv
 
     @wp.kernel
-    def friction_pairs(
+    def friction_geometry(
         x: wp.array(dtype=vec3),
-        v: wp.array(dtype=vec3),
         mass: wp.array(dtype=scalar),
         pairs: wp.array2d(dtype=wp.int32),
         kinds: wp.array(dtype=wp.int32),
@@ -276,15 +278,16 @@ def _build(scalar):
         kappa: scalar,
         parallel_fraction: scalar,
         h_mu: scalar,
-        eps_v: scalar,
-        load: wp.array(dtype=scalar),
+        weights: wp.array(dtype=vec4),
         coef: wp.array(dtype=vec4),
-        impulse: wp.array(dtype=vec3),
+        normal: wp.array(dtype=vec3),
+        m_eff: wp.array(dtype=scalar),
+        limit: wp.array(dtype=scalar),
     ):
-        """Friction, pass 1 (see contact/friction.py): per listed pair t (``active[t]``,
-        within dhat), the slip impulse ``m_eff stop u`` (kg m/s), the weights ``c_i / m_i``
-        of its shares and, added to ``load`` at its four vertices, the fraction ``stop`` of
-        the slip it removes."""
+        """Friction's lagged pair terms (see contact/friction.py), per listed pair t
+        (``active[t]``, within dhat): the closest-point weights c, the shares ``c_i / m_i``,
+        the unit normal, ``m_eff = 1 / sum_i c_i^2 / m_i`` and the Coulomb limit of the
+        pair's impulse per substep, ``h mu lambda`` (kg m/s)."""
         t = wp.tid()
         if t >= count[0]:
             return
@@ -318,7 +321,44 @@ def _build(scalar):
                 mol = (two - r) * r
         d = wp.sqrt(d2)
         normal_force = -kappa * w * mol * two * d * barrier_d(d2, s_hat)
-        n = sep / d
+        w0 = c[0] / m0
+        w1 = c[1] / m1
+        w2 = c[2] / m2
+        w3 = c[3] / m3
+        weights[t] = c
+        coef[t] = vec4(w0, w1, w2, w3)
+        normal[t] = sep / d
+        m_eff[t] = one / (c[0] * w0 + c[1] * w1 + c[2] * w2 + c[3] * w3)
+        limit[t] = h_mu * normal_force
+
+    @wp.kernel
+    def friction_slip(
+        pairs: wp.array2d(dtype=wp.int32),
+        active: wp.array(dtype=wp.int32),
+        count: wp.array(dtype=wp.int32),
+        weights: wp.array(dtype=vec4),
+        normal: wp.array(dtype=vec3),
+        m_eff: wp.array(dtype=scalar),
+        limit: wp.array(dtype=scalar),
+        v: wp.array(dtype=vec3),
+        eps_v: scalar,
+        load: wp.array(dtype=scalar),
+        impulse: wp.array(dtype=vec3),
+    ):
+        """One friction pass, part 1: per listed pair, the impulse ``m_eff stop u`` (kg m/s)
+        that removes the fraction ``stop = 1 - 1/(1 + gamma)`` of its slip u at velocities
+        v, and ``stop`` added to ``load`` at its four vertices."""
+        t = wp.tid()
+        if t >= count[0]:
+            return
+        k = active[t]
+        i0 = pairs[k, 0]
+        i1 = pairs[k, 1]
+        i2 = pairs[k, 2]
+        i3 = pairs[k, 3]
+        c = weights[t]
+        n = normal[t]
+        me = m_eff[t]
         v_rel = c[0] * v[i0] + c[1] * v[i1] + c[2] * v[i2] + c[3] * v[i3]
         u = v_rel - wp.dot(v_rel, n) * n
         tiny = scalar(1e-6) * eps_v
@@ -326,15 +366,9 @@ def _build(scalar):
         slope = one / speed
         if speed < eps_v:
             slope = two / eps_v - speed / (eps_v * eps_v)
-        w0 = c[0] / m0
-        w1 = c[1] / m1
-        w2 = c[2] / m2
-        w3 = c[3] / m3
-        m_eff = one / (c[0] * w0 + c[1] * w1 + c[2] * w2 + c[3] * w3)
-        gamma = h_mu * normal_force * slope / m_eff
+        gamma = limit[t] * slope / me
         stop = one - one / (one + gamma)
-        impulse[t] = (m_eff * stop) * u
-        coef[t] = vec4(w0, w1, w2, w3)
+        impulse[t] = (me * stop) * u
         wp.atomic_add(load, i0, stop)
         wp.atomic_add(load, i1, stop)
         wp.atomic_add(load, i2, stop)
@@ -346,21 +380,39 @@ def _build(scalar):
         active: wp.array(dtype=wp.int32),
         count: wp.array(dtype=wp.int32),
         coef: wp.array(dtype=vec4),
+        limit: wp.array(dtype=scalar),
         impulse: wp.array(dtype=vec3),
         load: wp.array(dtype=scalar),
+        total_in: wp.array(dtype=vec3),
+        total_out: wp.array(dtype=vec3),
         v_out: wp.array(dtype=vec3),
     ):
-        """Friction, pass 2: each vertex takes ``-c_i / m_i`` of its pairs' impulses, divided
-        by its load where the load exceeds 1 (sticking)."""
+        """One friction pass, part 2: the pair's impulse, divided by the largest load of its
+        vertices where that exceeds 1, is added to its impulse so far, which is capped at the
+        Coulomb limit; each vertex takes ``-c_i / m_i`` of the change."""
         t = wp.tid()
         if t >= count[0]:
             return
         k = active[t]
-        p = impulse[t]
+        i0 = pairs[k, 0]
+        i1 = pairs[k, 1]
+        i2 = pairs[k, 2]
+        i3 = pairs[k, 3]
+        most = wp.max(wp.max(load[i0], load[i1]), wp.max(load[i2], load[i3]))
+        before = total_in[t]
+        trial = before + (one / wp.max(most, one)) * impulse[t]
+        q2 = wp.dot(trial, trial)
+        cap = limit[t]
+        after = trial
+        if q2 > cap * cap:
+            after = (cap / wp.sqrt(q2)) * trial
+        total_out[t] = after
+        step = after - before
         cf = coef[t]
-        for j in range(4):
-            i = pairs[k, j]
-            wp.atomic_sub(v_out, i, (cf[j] * (one / wp.max(load[i], one))) * p)
+        wp.atomic_sub(v_out, i0, cf[0] * step)
+        wp.atomic_sub(v_out, i1, cf[1] * step)
+        wp.atomic_sub(v_out, i2, cf[2] * step)
+        wp.atomic_sub(v_out, i3, cf[3] * step)
 
     @wp.kernel
     def pair_distances(
@@ -504,7 +556,8 @@ def _build(scalar):
         active_pairs=active_pairs,
         active_pairs_in=active_pairs_in,
         barrier_forces=barrier_forces,
-        friction_pairs=friction_pairs,
+        friction_geometry=friction_geometry,
+        friction_slip=friction_slip,
         friction_apply=friction_apply,
         step_scales=step_scales,
         verify_scales=verify_scales,
@@ -567,9 +620,9 @@ def query_edge_edge(
 @functools.cache
 def contact_kernels(scalar) -> SimpleNamespace:
     """The contact kernels for ``wp.float32`` or ``wp.float64``, built on first use:
-    ``active_pairs``, ``active_pairs_in``, ``barrier_forces``, ``friction_pairs``,
-    ``friction_apply``, ``step_scales``, ``verify_scales``, ``pair_distances`` and
-    ``element_boxes`` (the BVH queries :func:`query_vertex_face` and
+    ``active_pairs``, ``active_pairs_in``, ``barrier_forces``, ``friction_geometry``,
+    ``friction_slip``, ``friction_apply``, ``step_scales``, ``verify_scales``,
+    ``pair_distances`` and ``element_boxes`` (the BVH queries :func:`query_vertex_face` and
     :func:`query_edge_edge` do not depend on the scalar type)."""
     if scalar not in (wp.float32, wp.float64):
         raise ValueError(f"contact kernels exist for wp.float32 and wp.float64, not {scalar}")

@@ -487,6 +487,16 @@ class SurfaceContact:
         self._stage("ccd", start, broad)
         return alpha
 
+    def scales_with_gradient(
+        self, x: torch.Tensor, x_new: torch.Tensor, alpha: torch.Tensor
+    ) -> torch.Tensor:
+        """The scales of the last :meth:`step_scales` call (for x -> x_new), the same
+        values, differentiable in x and x_new where a vertex is limited by a pair's bound
+        (:func:`.ccd.scales_with_gradient`); unchanged without a gradient to take."""
+        if not torch.is_grad_enabled() or not (x.requires_grad or x_new.requires_grad):
+            return alpha
+        return ccd.scales_with_gradient(self.local(x), self.local(x_new), self._candidates, alpha)
+
     def _scales(self, x: torch.Tensor, dx: torch.Tensor, step: float) -> torch.Tensor | None:
         """The CCD scales ``[n]`` for the current candidates (local x, displacements dx whose
         :func:`_offset` is ``step``), or None where no vertex is limited for sure."""

@@ -7,10 +7,11 @@ Time of impact. With surface contact, a substep whose step the continuous collis
 would cut (:meth:`SurfaceContact.step_scales` below 1 for some vertex) is not truncated: it
 is taken again as two half substeps, forces recomputed at the middle, and each half the
 same way, recursively, down to ``1 / 2**SPLIT_LEVELS`` of the substep; only a step of that
-length is truncated as the limit says (``v *= alpha``, the inelastic correction). The
-splits are discrete decisions, taken on detached values and held constant in the backward
-pass, so the gradient is the exact derivative of the sequence of steps actually taken
-(docs/contact.md, "The guarantee"). With worlds, each world splits its own substep: a world
+length is truncated as the limit says (``v *= alpha``, the inelastic correction; its scales
+carry the gradient of the pair bounds that set them). The splits are discrete decisions,
+taken on detached values and held constant in the backward pass, so the gradient is the
+exact derivative of the sequence of steps actually taken (docs/contact.md, "The
+guarantee"). With worlds, each world splits its own substep: a world
 takes the same steps as it does alone.
 """
 
@@ -72,7 +73,14 @@ def symplectic_euler_update(
     if contacts:
         # The continuous collision limit: a vertex whose step is cut keeps the same
         # fraction of its velocity.
-        alpha = torch.cat([c.step_scales(_at(x, rows), _at(x_new, rows)) for c, rows in contacts])
+        alpha = torch.cat(
+            [
+                c.scales_with_gradient(
+                    _at(x, rows), _at(x_new, rows), c.step_scales(_at(x, rows), _at(x_new, rows))
+                )
+                for c, rows in contacts
+            ]
+        )
         x_new = x + alpha.to(x.dtype)[:, None] * (x_new - x)
         v = v * alpha.to(v.dtype)[:, None]
     return x_new.index_put((m.fixed_indices,), x_fixed.to(x_new.dtype)), v
@@ -158,7 +166,10 @@ def substep(
                     size[w] = length // 2
                     continue
                 if limited:
+                    # Truncated: the scales' values, with the gradient of the bounds that
+                    # set them (constant only where no bound matches, a capped step).
                     c.timings["truncated_vertex_steps"] += limited
+                    alpha = c.scales_with_gradient(_at(x, rows), _at(x_new, rows), alpha)
                     scales.append((rows, alpha))
                 taken.append(w)
             if not taken:

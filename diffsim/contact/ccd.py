@@ -47,9 +47,10 @@ truncated but taken again in halves, recursively (time of impact,
 :func:`diffsim.backends.integrator.substep`); only a step of the shortest length is
 truncated to ``x + alpha * (x_proposed - x)``, with ``v *= alpha``.
 
-Backward pass: the scales are held constant (computed from detached values), so
-``x_new = x + alpha * (x_proposed - x)`` is differentiated as a fixed linear blend; the
-splits, decided from the same detached values, are constant too (docs/contact.md).
+Backward pass: the scales are computed from detached values; :func:`scales_with_gradient`
+gives each limited vertex the derivative of the pair bound whose value it took, so the
+truncated step is differentiated exactly while the same pairs bind. The splits, decided
+from the same detached values, are constant (docs/contact.md).
 """
 
 from __future__ import annotations
@@ -137,6 +138,58 @@ def step_scales(x: torch.Tensor, x_new: torch.Tensor, candidates: Candidates) ->
                 settled |= failing
         left = ~settled
         return _lower(alpha, pairs[left], t_abs[left])
+
+
+def scales_with_gradient(
+    x: torch.Tensor, x_new: torch.Tensor, candidates: Candidates, alpha: torch.Tensor
+) -> torch.Tensor:
+    """The scales alpha ``[n]`` (from :func:`step_scales` or its Warp kernel), the same
+    values, differentiable in x and x_new where a vertex is limited.
+
+    Every scale below 1 is some pair's bound, ``t_k = (1 - s)(1 - slack) d_k / L_k`` with the
+    relative or the absolute L_k (pass 1 gives a vertex its pairs' smallest; the rounds copy
+    such values or set absolute ones), and stays that pair's while the same pairs bind. So
+    each limited vertex takes, by value, the bound of a pair that has a limited vertex,
+    recomputed with autograd (the distance at x and the displacements); a vertex whose value
+    no bound matches to rounding (a step capped as a whole) keeps a constant scale.
+
+    Args:
+        x: positions ``[n, 3]`` at the step's start (m), differentiable.
+        x_new: proposed positions ``[n, 3]`` (m), differentiable.
+        candidates: the pairs the scales were computed from.
+        alpha: the scales ``[n]`` (detached).
+    """
+    alpha = alpha.detach()
+    limited = alpha < 1
+    if candidates.n_pairs == 0 or not bool(limited.any()):
+        return alpha
+    pairs = torch.cat([candidates.point_triangle, candidates.edge_edge])
+    binding = torch.nonzero(limited[pairs].any(dim=1)).flatten()
+    near = candidates.subset(binding)
+    pairs = torch.cat([near.point_triangle, near.edge_edge])
+    side_a = _sides(near, x.device)
+    d2 = torch.cat(pair_distances(x, near))
+    tiny = torch.finfo(x.dtype).tiny
+    aim = (1 - MIN_GAP_FRACTION) * (1 - SCALE_SLACK) * d2.clamp_min(tiny).sqrt()
+    y = (x_new - x)[pairs]
+    t = torch.cat(
+        [
+            aim / pair_reach(y, side_a).clamp_min(tiny),
+            aim / pair_reach(y, side_a, relative=False).clamp_min(tiny),
+        ]
+    )
+    values, order = torch.sort(t.detach())
+    vertices = torch.nonzero(limited).flatten()
+    a = alpha[vertices].to(values.dtype)
+    at = torch.searchsorted(values, a).clamp(max=len(values) - 1)
+    below = (at - 1).clamp(min=0)
+    closer = (values[below] - a).abs() < (values[at] - a).abs()
+    at = torch.where(closer, below, at)
+    tolerance = 1e3 * torch.finfo(values.dtype).eps
+    match = (values[at] - a).abs() <= tolerance * a
+    # The values stay exactly those given (t - t.detach() is zero); the gradient is the bound's.
+    out = alpha.to(t.dtype).index_add(0, vertices[match], (t - t.detach())[order[at[match]]])
+    return out.to(alpha.dtype)
 
 
 def limit_step(x: torch.Tensor, x_new: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:

@@ -235,8 +235,9 @@ def test_contact_acts_within_a_world_never_across(backend):
             assert closest < one.model.contact.dhat  # the boxes of worlds 0 and 2 met
     # (World 1's boxes never meet: E does not change its motion, its gradient is round-off.)
     assert rel(grad, single) <= 1e-12
-    # Worlds 0 and 2 overlap exactly at every frame and never repel each other.
-    assert torch.equal(traj.positions[:, 0], traj.positions[:, 2])
+    # Worlds 0 and 2 overlap at every frame (to round-off: where contact does not act, the
+    # fused kernels may split their tets between threads differently) and never repel.
+    assert rel(traj.positions[:, 0], traj.positions[:, 2]) <= 1e-12
     assert contact.min_distance(traj.positions[-1].reshape(-1, 3)) > 0
     # World 1's boxes move apart at their speed however close world 0's bodies come.
     assert float((traj.velocities[:, 1, :, 0] - speeds[1]).abs().max()) < 1e-9

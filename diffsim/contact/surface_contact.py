@@ -162,7 +162,7 @@ class SurfaceContact:
         self._local = None  # (key, local positions) of the last local() call
         self._moved = None  # (local x, its offset from the anchor)
         self._closest = math.inf
-        self._anchor_d2 = torch.zeros(0, dtype=torch.float64)
+        self._anchor_d2 = torch.zeros(0, dtype=torch.float64, device=self.origin.device)
 
     # ----------------------------------------------------------------- defaults
     @classmethod
@@ -320,7 +320,8 @@ class SurfaceContact:
         self._anchor = x.detach().clone()
         self._moved = None
         self._closest = math.inf  # the candidates' smallest distance at the anchor (m)
-        self._anchor_d2 = torch.zeros(0, dtype=torch.float64)  # their squared distances there
+        # The candidates' squared distances at the anchor.
+        self._anchor_d2 = torch.zeros(0, dtype=torch.float64, device=self.origin.device)
         radius = self.dhat + 2.0 * self._reach
         c = find_candidates(self.surface, self._anchor, radius, self.broad_phase)
         if c.n_pairs:

@@ -185,11 +185,12 @@ class _InversionCheck:
         if self.device.type in ("cpu", "cuda"):
             import warp as wp
 
-            from diffsim.kernels.inversion import count_inverted
+            from diffsim.kernels import inversion
             from diffsim.kernels.runtime import init_warp
 
             init_warp()
-            self.kernel = count_inverted
+            self.kernel = inversion.count_inverted
+            self.ratio_kernel = inversion.volume_ratios
             self.tets_i32 = self.tets.to(torch.int32).contiguous()  # the owners of the views
             self.det_dm_inv = self.det_dm_inv.contiguous()
             self.wp_device = wp.device_from_torch(self.device)
@@ -210,14 +211,20 @@ class _InversionCheck:
         xs = xs.contiguous()
         counts = torch.zeros((K, W), dtype=torch.int32, device=xs.device)
         lowest = torch.full((K,), math.inf, dtype=torch.float64, device=xs.device)
-        cpu = self.device.type == "cpu"
-        stream = None if cpu else wp.stream_from_torch(self.device)
-        chunk = INVERSION_CHUNK if cpu else 1
+        chunk, stream = self._launch_settings()
         inputs = [wp.from_torch(xs, dtype=wp.vec3d), *self.static, M // W, chunk]
         outputs = [wp.from_torch(counts), wp.from_torch(lowest)]
         dim = (K, (M + chunk - 1) // chunk)
         wp.launch(self.kernel, dim, inputs + outputs, device=self.wp_device, stream=stream)
         return counts.long(), lowest
+
+    def _launch_settings(self) -> tuple[int, object]:
+        """Tets per thread and the Warp stream (torch's current one on a GPU)."""
+        import warp as wp
+
+        if self.device.type == "cpu":
+            return INVERSION_CHUNK, None
+        return 1, wp.stream_from_torch(self.device)
 
     def _torch_counts(self, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         window = max(1, INVERSION_WINDOW // self.n_tets)
@@ -230,8 +237,21 @@ class _InversionCheck:
         return torch.cat(counts), torch.cat(lowest)
 
     def volume_ratios(self, x: torch.Tensor) -> torch.Tensor:
-        """J of every tet at positions ``x [N, 3]`` (float64), ``[M]``."""
-        return self._det(self._edges(x[None], self.tets))[0] * self.det_dm_inv
+        """J of every tet at positions ``x [N, 3]`` (float64), ``[M]``, by the arithmetic
+        that counted them."""
+        if self.kernel is None or x.device != self.device:
+            return self._det(self._edges(x[None], self.tets))[0] * self.det_dm_inv
+        import warp as wp
+
+        J = torch.empty(self.n_tets, dtype=torch.float64, device=x.device)
+        chunk, stream = self._launch_settings()
+        inputs = [wp.from_torch(x.contiguous(), dtype=wp.vec3d), *self.static, chunk]
+        dim = (self.n_tets + chunk - 1) // chunk
+        wp.launch(
+            self.ratio_kernel, dim, [*inputs, wp.from_torch(J)], device=self.wp_device,
+            stream=stream,
+        )  # fmt: skip
+        return J
 
     @staticmethod
     def _edges(xs: torch.Tensor, tets: torch.Tensor) -> torch.Tensor:

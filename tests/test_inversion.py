@@ -172,6 +172,7 @@ def test_the_kernel_counts_what_torch_counts_on_a_deformed_mesh(dtype, worlds):
         counts, low = check(xs)
         assert torch.equal(counts, expected), path
         torch.testing.assert_close(low, lowest, rtol=1e-12, atol=0.0)
+        torch.testing.assert_close(check.volume_ratios(xs[3]), J[3], rtol=1e-10, atol=1e-12)
     # The record of these frames as a rollout's (frames 1..K).
     sim._inversion_log = _InversionLog(K, sim.worlds, m.dt)
     with warnings.catch_warnings(record=True) as caught:

@@ -4,15 +4,30 @@ One launch covers frames ``[K, N]`` (float64 positions, ``wp.vec3d``) and all te
 thread ``(k, c)`` evaluates ``chunk`` consecutive tets at frame k
 (chunks amortise Warp's per-thread call overhead on the CPU; 1 on a GPU). J is
 ``det [x1 - x0, x2 - x0, x3 - x0] * det Dm^-1`` with the determinant as the triple product
-``e0 . (e1 x e2)`` in the order of the torch check in :mod:`diffsim.simulator` (which lists
-the tets of the frames this reports). A thread touches the outputs only where it found an
-inverted tet, once per world it found some in, so the atomics stay uncontended.
+``e0 . (e1 x e2)`` in the order of the torch fallback in :mod:`diffsim.simulator`;
+:func:`volume_ratios` evaluates the same at one frame (to list the tets counted). A thread
+touches the outputs only where it found an inverted tet, once per world it found some in,
+so the atomics stay uncontended.
 
 World w owns tets ``w * tets_per_world .. (w + 1) * tets_per_world - 1``
 (:mod:`diffsim.sim.worlds`).
 """
 
 import warp as wp
+
+
+@wp.func
+def volume_ratio(
+    x0: wp.vec3d, x1: wp.vec3d, x2: wp.vec3d, x3: wp.vec3d, det_dm_inv: wp.float64
+) -> wp.float64:
+    """J = det [x1 - x0, x2 - x0, x3 - x0] * det Dm^-1 (the triple product, in torch's order)."""
+    a = x1 - x0
+    b = x2 - x0
+    e = x3 - x0
+    det = a[0] * (b[1] * e[2] - b[2] * e[1])
+    det += a[1] * (b[2] * e[0] - b[0] * e[2])
+    det += a[2] * (b[0] * e[1] - b[1] * e[0])
+    return det * det_dm_inv
 
 
 @wp.kernel(enable_backward=False)
@@ -46,14 +61,7 @@ def count_inverted(
     any_found = int(0)  # noqa: UP018
     for t in range(first, last):
         tet = tets[t]
-        x0 = xs[k, tet[0]]
-        a = xs[k, tet[1]] - x0
-        b = xs[k, tet[2]] - x0
-        e = xs[k, tet[3]] - x0
-        det = a[0] * (b[1] * e[2] - b[2] * e[1])
-        det += a[1] * (b[2] * e[0] - b[0] * e[2])
-        det += a[2] * (b[0] * e[1] - b[1] * e[0])
-        J = det * det_dm_inv[t]
+        J = volume_ratio(xs[k, tet[0]], xs[k, tet[1]], xs[k, tet[2]], xs[k, tet[3]], det_dm_inv[t])
         if J <= wp.float64(0.0):
             w = t // tets_per_world
             if w != world:
@@ -69,3 +77,20 @@ def count_inverted(
         wp.atomic_add(counts, k, world, found)
     if any_found > 0:
         wp.atomic_min(lowest, k, low)
+
+
+@wp.kernel(enable_backward=False)
+def volume_ratios(
+    x: wp.array(dtype=wp.vec3d),
+    tets: wp.array(dtype=wp.vec4i),
+    det_dm_inv: wp.array(dtype=wp.float64),
+    chunk: int,
+    J: wp.array(dtype=wp.float64),
+):
+    """J of every tet at one frame ``x [N]`` into ``J [M]`` (``chunk`` tets per thread), by
+    the same arithmetic as :func:`count_inverted`: the tets that it counts."""
+    first = wp.tid() * chunk
+    last = wp.min(first + chunk, tets.shape[0])
+    for t in range(first, last):
+        tet = tets[t]
+        J[t] = volume_ratio(x[tet[0]], x[tet[1]], x[tet[2]], x[tet[3]], det_dm_inv[t])

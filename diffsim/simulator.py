@@ -297,8 +297,10 @@ class Simulator:
         ground_stiffness: barrier stiffness kappa (1/(m^2 s^2)); default holds 4 g at dhat/4.
         friction: Coulomb coefficient with the ground (>= 0).
         friction_velocity: eps_v in m/s, the friction smoothing speed.
-        contact: if True, surfaces collide with each other and themselves (IPC barrier,
-            friction and a CCD step limit; see docs/contact.md).
+        contact: surfaces collide with each other and themselves (IPC barrier, friction
+            and a continuous collision check), on by default: every simulation is
+            intersection-free unless ``contact=False``. Where nothing is near anything it
+            costs little (see docs/contact.md).
         contact_dhat: surface barrier activation distance (m); default the smaller of 0.5%
             of the bounding-box diagonal and half the smallest rest distance between
             non-adjacent surface elements (docs/contact.md).
@@ -334,7 +336,7 @@ class Simulator:
         ground_stiffness: float | None = None,
         friction: float = 0.0,
         friction_velocity: float = 1e-3,
-        contact: bool = False,
+        contact: bool = True,
         contact_dhat: float | None = None,
         contact_stiffness: float | None = None,
         contact_friction: float = 0.0,
@@ -942,7 +944,7 @@ class Simulator:
         coeffs = self.coefficients(dict(zip(names, params, strict=True)))
         prepared = self.backend.prepare(coeffs)
         if out is None:
-            xs, vs = self.backend.advance(prepared, x, v, targets)
+            xs, vs = self._advance(prepared, x, v, targets, first_step)
             self._check_finite(xs, first_step)
             self._check_limiters(xs, vs, first_step=first_step)
             return xs, vs
@@ -950,7 +952,7 @@ class Simulator:
         since = 0  # substeps since the last strain check
         for b in range(0, len(targets), block):
             frames = (out[0][b : b + block], out[1][b : b + block])
-            self.backend.advance(prepared, x, v, targets[b : b + block], out=frames)
+            self._advance(prepared, x, v, targets[b : b + block], first_step + b, frames)
             self._check_finite(frames[0], first_step + b)
             since += len(frames[0]) * self.model.substeps
             strain = since >= STRAIN_CHECK_SUBSTEPS or b + block >= len(targets)
@@ -958,6 +960,26 @@ class Simulator:
             since = 0 if strain else since
             x, v = frames[0][-1], frames[1][-1]
         return out
+
+    def _advance(self, prepared, x, v, targets, first_step: int, out=None):
+        """``backend.advance``, with a step the surface contact would cap as a whole (a
+        blow-up, :class:`~diffsim.contact.CappedStep`) raised as a SimulationError."""
+        from diffsim.contact.surface_contact import CappedStep
+
+        try:
+            return self.backend.advance(prepared, x, v, targets, out)
+        except CappedStep as capped:
+            m = self.model
+            where = "" if capped.world is None else f" of world {capped.world}"
+            last = first_step + len(targets)
+            raise SimulationError(
+                f"a substep{where} in steps {first_step + 1}..{last} moved surface vertices "
+                f"{capped.relative:.3g} m relative to each other ({capped.absolute:.3g} m at "
+                f"most), more than the scene's size ({capped.scene_size:.3g} m): the motion of "
+                f"an unstable substep (h = {m.substep_dt:.3g} s; the estimated stable substep "
+                f"is {self.stable_dt:.3g} s). Use a smaller dt or more substeps "
+                '(substeps="auto")'
+            ) from None
 
     def _check_limiters(
         self, xs: torch.Tensor, vs: torch.Tensor, strain: bool = True, first_step: int = 0

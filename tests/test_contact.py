@@ -365,7 +365,8 @@ def test_simulator_builds_contact_with_scene_defaults_and_overrides():
         mesh, mat, ground=None, contact=True, contact_dhat=0.01, contact_stiffness=5.0
     )
     assert (sim.model.contact.dhat, sim.model.contact.stiffness) == (0.01, 5.0)
-    assert ds.Simulator(mesh, mat, ground=None).model.contact is None
+    assert ds.Simulator(mesh, mat, ground=None).model.contact is not None  # on by default
+    assert ds.Simulator(mesh, mat, ground=None, contact=False).model.contact is None
 
 
 def test_bad_contact_settings_raise_clear_errors():

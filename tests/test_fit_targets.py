@@ -133,8 +133,10 @@ def test_one_target_in_a_list_is_the_plain_fit(drops):
     sim = build()
     plain = ds.fit(sim, drops[0], iters=3)
     listed = ds.fit(sim, [Target(drops[0])], iters=3)
-    assert listed.values == plain.values
-    assert listed.loss_history == plain.loss_history
+    # To round-off: with contact on (the default) the two run their steps in blocks of
+    # different lengths (fused where contact does not act), in another order of roundings.
+    assert listed.values == pytest.approx(plain.values, rel=1e-9)
+    assert listed.loss_history == pytest.approx(plain.loss_history, rel=1e-9)
 
 
 def test_sum_is_the_weighted_mean_times_the_weights(drops):

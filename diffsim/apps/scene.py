@@ -405,6 +405,7 @@ def with_parameters(
         substeps=model.substeps,
         gravity=sim.gravity if gravity is None else tuple(float(g) for g in gravity),
         ground=None,
+        contact=False,
         fixed=model.fixed_mask.cpu().numpy(),
         damping=sim.damping if damping is None else float(damping),
         max_speed=model.max_speed,

@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 
 from diffsim.backends.worlds import WorldContact
+from diffsim.contact.surface_contact import BLOW_UP_FRACTION, CappedStep
 from diffsim.physics.velocity import clamp_speed
 from diffsim.sim.model import Model
 
@@ -160,6 +161,10 @@ def substep(
             for w in group:
                 c, rows = contacts[w]
                 alpha = c.step_scales(_at(x, rows), _at(x_new, rows))
+                scale, relative, absolute = c.last_cap
+                if scale < 1.0 and relative > BLOW_UP_FRACTION * c.scene_size:  # a blow-up
+                    world = w if n_worlds > 1 else None
+                    raise CappedStep(world, relative, absolute, c.scene_size)
                 limited = int((alpha < 1).sum())
                 if limited and length > 1:
                     c.timings["split_substeps"] += 1

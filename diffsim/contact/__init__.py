@@ -8,6 +8,6 @@ from the rest gaps, :class:`ContactWarning`) and :mod:`.warp_glue` (the torch si
 Warp kernels in :mod:`diffsim.kernels.contact`). See docs/contact.md.
 """
 
-from diffsim.contact.surface_contact import ContactWarning, RestGaps, SurfaceContact
+from diffsim.contact.surface_contact import CappedStep, ContactWarning, RestGaps, SurfaceContact
 
-__all__ = ["ContactWarning", "RestGaps", "SurfaceContact"]
+__all__ = ["CappedStep", "ContactWarning", "RestGaps", "SurfaceContact"]

@@ -34,8 +34,33 @@ MAX_STEP_FRACTION = 0.1
 # ... nor farther than this fraction of it in absolute terms; together they bound the broad
 # phase's work.
 MAX_TRANSLATION_FRACTION = 1.0
+# A dynamics step moving vertices farther than this fraction of the scene's size relative to
+# each other is a blow-up (CappedStep), not an impact: a stiff barrier's kick at deep
+# penetration moves them a little beyond MAX_STEP_FRACTION, where the cap is a safety net.
+BLOW_UP_FRACTION = 1.0
 # clear_over measures at most this many pairs near contact per frame; more: not clear.
 MAX_NEAR_PAIRS = 20_000
+
+
+class CappedStep(RuntimeError):
+    """A dynamics step moved surface vertices farther than ``BLOW_UP_FRACTION`` of the
+    scene's size relative to each other in one substep: the motion of a blow-up. The step
+    limit would cap it as a whole, which would hide the instability, so the integrator
+    raises this instead (the simulator turns it into a ``SimulationError``).
+
+    Attributes:
+        world: the world it happened in (None without worlds).
+        relative: the step's relative offset (m), see :func:`_offset`.
+        absolute: its largest displacement (m), an upper bound.
+        scene_size: the scene's bounding-box diagonal at rest (m).
+    """
+
+    def __init__(
+        self, world: int | None, relative: float, absolute: float, scene_size: float
+    ) -> None:
+        super().__init__("a substep moved surface vertices too far for the step limit")
+        self.world, self.relative, self.absolute = world, relative, absolute
+        self.scene_size = scene_size
 
 
 class ContactWarning(UserWarning):
@@ -163,6 +188,7 @@ class SurfaceContact:
         self._moved = None  # (local x, its offset from the anchor)
         self._closest = math.inf
         self._anchor_d2 = torch.zeros(0, dtype=torch.float64, device=self.origin.device)
+        self.last_cap = (1.0, 0.0, 0.0)  # step_scales' (scale, relative, absolute)
 
     # ----------------------------------------------------------------- defaults
     @classmethod
@@ -457,6 +483,8 @@ class SurfaceContact:
                     MAX_STEP_FRACTION * self.scene_size / max(relative, 1e-300),
                     MAX_TRANSLATION_FRACTION * self.scene_size / max(absolute, 1e-300),
                 )
+            # (scale, relative, absolute) of this call, for CappedStep.
+            self.last_cap = (scale, relative, absolute if len(x) else 0.0)
             if scale < 1.0:
                 dx, relative = scale * dx, scale * relative
                 self.timings["capped_steps"] += 1

@@ -127,12 +127,12 @@ def free_fall(device: str) -> None:
     )
 
 
-def bunny(backend: str, device: str) -> ds.Simulator:
+def bunny(backend: str, device: str, contact: bool = False) -> ds.Simulator:
     mesh = ds.TetMesh.load(ASSETS / "bunny.msh").centered().scaled_to(0.3).placed_on(0.0, gap=0.02)
     material = ds.StableNeoHookean(youngs_modulus=1e5, poissons_ratio=0.4, density=1000.0)
     return ds.Simulator(
         mesh, material, dt=1e-5, substeps=1, ground=0.0, backend=backend, device=device,
-        contact=False,
+        contact=contact,
     )  # fmt: skip
 
 
@@ -163,15 +163,16 @@ def timed(sim: ds.Simulator, steps: int) -> tuple[float, float]:
 
 def speed(device: str, steps: int) -> None:
     rows = []
-    configs = [("warp", device), ("torch", device)]
+    configs = [("warp", device, False), ("warp", device, True), ("torch", device, False)]
     if os.environ.get("CHECK_CUDA_CPU", "1") == "1":
-        configs.append(("warp", "cpu"))
-    for backend, dev in configs:
+        configs += [("warp", "cpu", False), ("warp", "cpu", True)]
+    for backend, dev, contact in configs:
+        name = f"{backend} on {dev}, contact {'on' if contact else 'off'}"
         try:
-            sim = bunny(backend, dev)
-            rows.append((f"{backend} on {dev}", *timed(sim, steps), sim.mesh.n_tets))
+            sim = bunny(backend, dev, contact)
+            rows.append((name, *timed(sim, steps), sim.mesh.n_tets))
         except Exception as error:  # noqa: BLE001 - report and go on
-            rows.append((f"{backend} on {dev}", float("nan"), float("nan"), repr(error)[:80]))
+            rows.append((name, float("nan"), float("nan"), repr(error)[:80]))
     print(f"\nbunny, float32, 1e-5 s substeps, {steps} substeps timed ({torch.__version__})")
     print("| path | forward ms/substep | M tet-substeps/s | fwd+bwd ms/substep |")
     print("|---|---|---|---|")

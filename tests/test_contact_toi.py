@@ -54,8 +54,14 @@ def record_limits(contact) -> list[int]:
     return log
 
 
+@pytest.fixture(autouse=True)
+def splits(monkeypatch):
+    """Time-of-impact splits on (off by default, see diffsim.backends.integrator)."""
+    monkeypatch.setattr(integrator, "SPLIT_LEVELS", 6)
+
+
 @pytest.fixture
-def no_splits(monkeypatch):
+def no_splits(splits, monkeypatch):
     """Truncate at the whole substep, as before time-of-impact splits."""
     monkeypatch.setattr(integrator, "SPLIT_LEVELS", 0)
 

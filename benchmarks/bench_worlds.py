@@ -15,6 +15,9 @@ docs/backends.md), stable substeps ("auto").
 
     .venv/bin/python benchmarks/bench_worlds.py              # B = 1, 4, 16, 64
     .venv/bin/python benchmarks/bench_worlds.py --quick      # B = 1, 4, 16, fewer steps
+
+Then, unless ``--no-fit``, the fit of three recorded drops in one process against two
+(torchrun), time per iteration (the rows of benchmarks/bench_fit_targets.py).
 """
 
 from __future__ import annotations
@@ -127,6 +130,8 @@ def main() -> None:
     parser.add_argument("--backend", default="warp", choices=["warp", "torch"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-fit", action="store_true", help="skip the 1- vs 2-process fit")
+    parser.add_argument("--fit-iters", type=int, default=6, help="fit iterations per run")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -148,6 +153,33 @@ def main() -> None:
         rows.append(row)
         print(f"  B = {B} done", file=sys.stderr, flush=True)
     _print(rows, args, steps)
+    if not args.no_fit:
+        _print_fit(args.fit_iters, steps=40 if args.quick else 80)
+
+
+def _print_fit(iters: int, steps: int) -> None:
+    """The fit of three drops (benchmarks/bench_fit_targets.py, its 1296-tet cube, each
+    process running its targets as worlds) in 1 process and in 2 (torchrun, gloo)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_fit_targets as fits
+
+    print()
+    print(
+        f"Fitting three drops (bench_fit_targets.py, {steps} steps each, Adam, float64, Warp, "
+        f"targets as worlds): seconds per iteration, median after the first of {iters}"
+    )
+    print()
+    print("| processes | tets | s/iter | ratio to 1 process |")
+    print("|---|---|---|---|")
+    base = None
+    for processes in (1, 2):
+        row = fits.run(6, steps, iters, processes, "auto")
+        base = base or row["iteration_s"]
+        print(
+            f"| {processes} | {row['tets']} | {row['iteration_s']:.4f} "
+            f"| {row['iteration_s'] / base:.2f} |",
+            flush=True,
+        )
 
 
 def _print(rows: list[dict], args, steps: int) -> None:

@@ -135,11 +135,13 @@ def test_two_process_command_equals_one_process(folder):
     one = one_process(folder, files, ITERS)
     assert two["processes"] == 2 and one.processes == 1
     # Bit for bit without batched worlds; to the fit's convergence with them (see above).
-    rel = 1e-8 if one.batched or two["batched"] else 1e-12
+    # To round-off: worlds and thread splits differ between the runs (contact on: blocks
+    # of fused steps of other lengths too).
+    rel = 1e-8
     for name, value in one.values.items():
         assert two["values"][name] == pytest.approx(value, rel=rel, abs=0)
     assert two["best_loss"] == pytest.approx(one.best_loss, rel=rel)
-    assert two["loss_history"][0] == pytest.approx(one.loss_history[0], rel=1e-12)
+    assert two["loss_history"][0] == pytest.approx(one.loss_history[0], rel=1e-9)
     for name, value in {"youngs_modulus": 5e4, "poissons_ratio": 0.35}.items():
         assert abs(two["values"][name] - value) < 0.02 * value
 

@@ -182,7 +182,6 @@ class SurfaceContact:
         self._reach = 0.0
         self._last_step = 0.0
         self._candidates: Candidates | None = None
-        self._arrays = None
         self._active: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (x, pair ids)
         self._local = None  # (key, local positions) of the last local() call
         self._moved = None  # (local x, its offset from the anchor)
@@ -356,9 +355,9 @@ class SurfaceContact:
             # dhat, nor meet, while the offsets stay within reach. The slack covers rounding.
             slack = 1e-6 * float(self._anchor.abs().max())
             if self.broad_phase == "bvh":  # Warp is there: its kernel is the faster one
-                from diffsim.contact.warp_glue import PairArrays, squared_distances
+                from diffsim.contact.warp_glue import pair_arrays, squared_distances
 
-                d2 = squared_distances(PairArrays(c, x.dtype), self._anchor)
+                d2 = squared_distances(pair_arrays(c, x.dtype), self._anchor)
             else:
                 d2 = torch.cat(potential.pair_distances(self._anchor, c))
             keep = d2 < (radius + slack) ** 2
@@ -368,7 +367,6 @@ class SurfaceContact:
             if len(d2):
                 self._closest = float(d2.min().clamp_min(0).sqrt()) - slack
         self._candidates = c
-        self._arrays = None
         self.timings["broad_phase"] += time.perf_counter() - start
         self.timings["rebuilds"] += 1
 
@@ -384,11 +382,11 @@ class SurfaceContact:
         return self._closest - 2.0 * self._moved_from_anchor(x.detach()) > distance
 
     def _warp_arrays(self, x: torch.Tensor):
-        from diffsim.contact.warp_glue import PairArrays
+        """The Warp arrays of the current candidate set (one per set and dtype, shared by
+        the barrier, friction and the step limit, with their recorded launches)."""
+        from diffsim.contact.warp_glue import pair_arrays
 
-        if self._arrays is None or self._arrays.eps.dtype != x.dtype:
-            self._arrays = PairArrays(self._candidates, x.dtype)
-        return self._arrays
+        return pair_arrays(self._candidates, x.dtype)
 
     # ----------------------------------------------------------------- physics
     def energy(self, x: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
@@ -410,9 +408,10 @@ class SurfaceContact:
             f = potential.barrier_forces(x, mass, c, self.dhat, self.stiffness)
             active = None
         else:
-            energies = []
-            f = _WarpBarrierForces.apply(x, mass, self, self._warp_arrays(x), energies)
-            active = torch.nonzero(energies[0] != 0).flatten()
+            # Friction on this path takes every candidate and skips the inactive ones
+            # itself (the kernels' active list at x), so no list is kept here.
+            f = _WarpBarrierForces.apply(x, mass, self, self._warp_arrays(x), [])
+            active = None
         self._active = (x.detach(), active)
         self._stage("barrier", start, broad)
         return f
@@ -425,7 +424,9 @@ class SurfaceContact:
             return v
         start, broad = time.perf_counter(), self.timings["broad_phase"]
         x = self.local(x, v.dtype)
-        c = self._active_pairs(x)
+        # The Warp kernels select the pairs within dhat themselves (reusing the barrier's
+        # active list at the same x); the torch reference takes them selected.
+        c = self._candidates_at(x) if self.implementation == "warp" else self._active_pairs(x)
         v = friction.apply_friction(
             v,
             x,
@@ -627,9 +628,9 @@ class SurfaceContact:
         if x is None:
             d2 = self._anchor_d2
         elif self.broad_phase == "bvh":  # Warp is there: its kernel is the faster one
-            from diffsim.contact.warp_glue import PairArrays, squared_distances
+            from diffsim.contact.warp_glue import pair_arrays, squared_distances
 
-            d2 = squared_distances(PairArrays(self._candidates, x.dtype), x.contiguous())
+            d2 = squared_distances(pair_arrays(self._candidates, x.dtype), x.contiguous())
         else:
             d2 = torch.cat(potential.pair_distances(x, self._candidates))
         index = torch.nonzero(d2 < within**2).flatten()

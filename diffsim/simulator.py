@@ -969,16 +969,12 @@ class Simulator:
         try:
             return self.backend.advance(prepared, x, v, targets, out)
         except CappedStep as capped:
-            m = self.model
-            where = "" if capped.world is None else f" of world {capped.world}"
-            last = first_step + len(targets)
+            where = "" if capped.world is None else f" in world {capped.world}"
             raise SimulationError(
-                f"a substep{where} in steps {first_step + 1}..{last} moved surface vertices "
-                f"{capped.relative:.3g} m relative to each other ({capped.absolute:.3g} m at "
-                f"most), more than the scene's size ({capped.scene_size:.3g} m): the motion of "
-                f"an unstable substep (h = {m.substep_dt:.3g} s; the estimated stable substep "
-                f"is {self.stable_dt:.3g} s). Use a smaller dt or more substeps "
-                '(substeps="auto")'
+                f"step {first_step + capped.step} blew up{where}: a substep moved surface "
+                f"vertices {capped.relative:.3g} m relative to each other ({capped.absolute:.3g}"
+                f" m at most; the scene is {capped.scene_size:.3g} m across), the motion of "
+                f"an instability, not of contact; {self._blow_up_advice()}"
             ) from None
 
     def _check_limiters(
@@ -1096,23 +1092,27 @@ class Simulator:
         k = int(torch.nonzero(~finite.all(dim=1))[0])
         bad = torch.nonzero(~finite[k]).flatten()
         bad = self._name_items("vertices", bad, self.mesh.n_vertices)
-        m = self.model
-        h = m.substep_dt
-        if h > self.stable_dt:
-            advice = f"the substep {h:.3g} s is above the {self.stable_step.describe(m.dt)}"
-        else:
-            advice = (
-                f"the substep {h:.3g} s is within the estimated stable substep "
-                f"{self.stable_dt:.3g} s, so large deformation or contact likely drove it: "
-                "try a smaller dt or more substeps"
-            )
-            if m.max_speed is None:
-                advice += ", or set max_speed"
-            if self.material.kernel_id != StableNeoHookean.kernel:
-                advice += ", or use StableNeoHookean, which tolerates inverted tets"
+        advice = self._blow_up_advice()
         raise SimulationError(
             f"step {first_step + k} produced non-finite positions ({bad}); {advice}"
         )
+
+    def _blow_up_advice(self) -> str:
+        """What to change after a blow-up: the substep against the stable estimate."""
+        m = self.model
+        h = m.substep_dt
+        if h > self.stable_dt:
+            return f"the substep {h:.3g} s is above the {self.stable_step.describe(m.dt)}"
+        advice = (
+            f"the substep {h:.3g} s is within the estimated stable substep "
+            f"{self.stable_dt:.3g} s, so large deformation or contact likely drove it: "
+            "try a smaller dt or more substeps"
+        )
+        if m.max_speed is None:
+            advice += ", or set max_speed"
+        if self.material.kernel_id != StableNeoHookean.kernel:
+            advice += ", or use StableNeoHookean, which tolerates inverted tets"
+        return advice
 
     def _name_items(self, kind: str, indices: torch.Tensor, per_world: int) -> str:
         """``"tets [3, 5]"`` (at most 8), with worlds ``"tets [3, 5] of world 2"`` (the

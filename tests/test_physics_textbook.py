@@ -598,7 +598,25 @@ SURFACE_FRICTION_CASES = [case("warp", d) for d in (F64, F32)]
 
 @pytest.mark.filterwarnings("ignore::diffsim.contact.surface_contact.ContactWarning")
 @pytest.mark.parametrize("backend, dtype", SURFACE_FRICTION_CASES)
-def test_block_sliding_on_a_slab_decelerates_at_mu_g_in_every_direction(backend, dtype):
+@pytest.mark.parametrize(
+    "splits",
+    [
+        6,
+        pytest.param(
+            0,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="the default (no time-of-impact splits): the step limit bounds relative "
+                "motion by its length, not its direction, so a block sliding 1 mm per substep "
+                "over a gap of about dhat/2 is truncated and braked (stops after 11 mm, not "
+                "0.17 m); docs/contact.md, Known limits",
+            ),
+        ),
+    ],
+)
+def test_block_sliding_on_a_slab_decelerates_at_mu_g_in_every_direction(
+    backend, dtype, splits, monkeypatch
+):
     # Section 5 with surface contact instead of the ground: the 10 cm block is set down
     # 0.5 dhat above a fixed 0.6 m slab (one cell, so its top is two triangles), no ground,
     # contact friction mu, and thrown at 1 m/s; it stops after 0.17 m, on the slab. The
@@ -608,6 +626,9 @@ def test_block_sliding_on_a_slab_decelerates_at_mu_g_in_every_direction(backend,
     # depends on the substep through the block's bounce on the stiff barrier: -5.4% and -4.0%
     # at 2 substeps; -12.9% and -10.8% there with the former single friction pass.) The
     # block starts inside the barrier on purpose (ContactWarning).
+    from diffsim.backends import integrator
+
+    monkeypatch.setattr(integrator, "SPLIT_LEVELS", splits)
     slab = ds.TetMesh.box(size=(0.6, 0.05, 0.6), resolution=1, origin=(-0.3, -0.05, -0.3))
     block = ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=2, origin=(-0.05, 0.5 * DHAT, -0.05))
     mesh = ds.TetMesh.merge([slab, block])

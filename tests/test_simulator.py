@@ -168,7 +168,9 @@ def test_model_is_not_mutated_by_steps():
 def test_energies_report_every_term():
     sim = make_sim(mesh=BOX.placed_on(0.0, gap=1e-4))
     energies = sim.energies(sim.initial_state())
-    assert set(energies) == {"kinetic", "elastic", "gravitational", "barrier", "total"}
+    # "contact": the surface barrier, on by default (zero here: nothing is near anything).
+    assert set(energies) == {"kinetic", "elastic", "gravitational", "barrier", "contact", "total"}
+    assert energies["contact"] == 0
     assert energies["barrier"] > 0 and energies["kinetic"] == 0
 
 

@@ -143,7 +143,8 @@ def test_estimate_is_below_the_measured_blow_up_on_a_box(backend):
         backend=backend,
     )
     v0 = 1e-3 * torch.randn(mesh.n_vertices, 3, generator=torch.Generator().manual_seed(0))
-    with pytest.raises(ds.SimulationError, match="non-finite"):
+    # Contact on (the default) sees the blow-up first, as steps it would have to cap.
+    with pytest.raises(ds.SimulationError, match="non-finite|blew up"):
         sim.rollout(steps=300, state=sim.initial_state(velocities=v0))
 
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from diffsim.contact.surface_contact import CappedStep
 from diffsim.sim.model import Coefficients, Model
 
 
@@ -76,7 +77,11 @@ class Backend:
             start = x[idx]
             for j in range(substeps):
                 x_fixed = start + (targets[i] - start) * ((j + 1) / substeps)
-                x, v = self.substep(prepared, x, v, x_fixed)
+                try:
+                    x, v = self.substep(prepared, x, v, x_fixed)
+                except CappedStep as capped:
+                    capped.step = i  # the step it blew up in, for the message
+                    raise
             if out is not None:
                 out[0][i].copy_(x)
                 out[1][i].copy_(v)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 
 from diffsim.backends.worlds import WorldContact
-from diffsim.contact.surface_contact import BLOW_UP_FRACTION, CappedStep
+from diffsim.contact.surface_contact import BLOW_UP_CAPS, BLOW_UP_FRACTION, CappedStep
 from diffsim.physics.velocity import clamp_speed
 from diffsim.sim.model import Model
 
@@ -164,7 +164,11 @@ def substep(
                 c, rows = contacts[w]
                 alpha = c.step_scales(_at(x, rows), _at(x_new, rows))
                 scale, relative, absolute = c.last_cap
-                if scale < 1.0 and relative > BLOW_UP_FRACTION * c.scene_size:  # a blow-up
+                c.caps_in_a_row = c.caps_in_a_row + 1 if scale < 1.0 else 0
+                if c.caps_in_a_row >= BLOW_UP_CAPS or (
+                    scale < 1.0 and relative > BLOW_UP_FRACTION * c.scene_size
+                ):  # a blow-up, which the cap would hide
+                    c.caps_in_a_row = 0
                     world = w if n_worlds > 1 else None
                     raise CappedStep(world, relative, absolute, c.scene_size)
                 limited = int((alpha < 1).sum())

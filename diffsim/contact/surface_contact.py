@@ -38,17 +38,24 @@ MAX_TRANSLATION_FRACTION = 1.0
 # each other is a blow-up (CappedStep), not an impact: a stiff barrier's kick at deep
 # penetration moves them a little beyond MAX_STEP_FRACTION, where the cap is a safety net.
 BLOW_UP_FRACTION = 1.0
+# ... and so are this many capped substeps in a row.
+BLOW_UP_CAPS = 3
 # clear_over measures at most this many pairs near contact per frame; more: not clear.
 MAX_NEAR_PAIRS = 20_000
 
 
 class CappedStep(RuntimeError):
-    """A dynamics step moved surface vertices farther than ``BLOW_UP_FRACTION`` of the
-    scene's size relative to each other in one substep: the motion of a blow-up. The step
-    limit would cap it as a whole, which would hide the instability, so the integrator
-    raises this instead (the simulator turns it into a ``SimulationError``).
+    """A blow-up seen by the step limit: in dynamics, the limit would cap a substep as a
+    whole (vertices moving farther than ``MAX_STEP_FRACTION`` of the scene's size relative
+    to each other) ``BLOW_UP_CAPS`` substeps in a row, or one moving them farther than
+    ``BLOW_UP_FRACTION`` of it. Capping it would hide the instability (the cap slows the
+    motion), so the integrator raises this instead; the simulator turns it into a
+    ``SimulationError``. A single capped substep (a stiff barrier's kick at deep
+    penetration) is taken capped.
 
     Attributes:
+        step: the step it happened in, counted from the first of the ``advance`` call
+            that raised it.
         world: the world it happened in (None without worlds).
         relative: the step's relative offset (m), see :func:`_offset`.
         absolute: its largest displacement (m), an upper bound.
@@ -59,6 +66,7 @@ class CappedStep(RuntimeError):
         self, world: int | None, relative: float, absolute: float, scene_size: float
     ) -> None:
         super().__init__("a substep moved surface vertices too far for the step limit")
+        self.step = 0
         self.world, self.relative, self.absolute = world, relative, absolute
         self.scene_size = scene_size
 
@@ -188,6 +196,7 @@ class SurfaceContact:
         self._closest = math.inf
         self._anchor_d2 = torch.zeros(0, dtype=torch.float64, device=self.origin.device)
         self.last_cap = (1.0, 0.0, 0.0)  # step_scales' (scale, relative, absolute)
+        self.caps_in_a_row = 0  # dynamics substeps capped as a whole, consecutively
 
     # ----------------------------------------------------------------- defaults
     @classmethod

@@ -20,6 +20,7 @@ import torch
 
 from diffsim.backends.base import Backend
 from diffsim.backends.warp import bridge, fused
+from diffsim.contact.surface_contact import CappedStep
 
 # The largest block tried fused: its saved substeps hold at most this many values per array.
 MAX_SAVED_VALUES = 6_000_000
@@ -63,7 +64,11 @@ class ContactFreeBlocks:
                 frames = self._fused(prepared, x, v, part, grad)
             if frames is None:
                 k, part = 1, targets[i : i + 1]
-                frames = Backend.advance(b, prepared, x, v, part)
+                try:
+                    frames = Backend.advance(b, prepared, x, v, part)
+                except CappedStep as capped:
+                    capped.step += i  # counted from this call's first step
+                    raise
                 self.counts["contact_steps"] += 1
                 self.block = 1
             else:

@@ -567,8 +567,10 @@ class SurfaceContact:
         Args:
             frames: positions ``[S + 1, n, 3]`` (m) at the start of each of S substeps and
                 after the last.
-            record: take the steps' size as the last step's (it sizes the next broad
-                phase); False for a prediction.
+            record: a real run of substeps: take their size as the last step's (it sizes
+                the next broad phase). False for a prediction (a guessed straight motion
+                over a block): only the distances to dhat are asked, and no broad phase
+                runs where pairs are near already.
         """
         if len(frames) < 2:
             return True
@@ -589,13 +591,19 @@ class SurfaceContact:
             # Pairs farther apart than this are neither active nor limited (|y_i - mean| is
             # at most 2 step); 1% and rounding to the scene's size as safety.
             slack = 0.01 * self.dhat + 1e-6 * self.scene_size
-            needed = max(self.dhat, 4.0 * step / keep) + slack
+            # A prediction (record=False, a straight guess of a whole block's motion) asks
+            # only for the pairs to stay beyond dhat: its "step" is no substep.
+            needed = (max(self.dhat, 4.0 * step / keep) if record else self.dhat) + slack
             lo, hi = torch.aminmax(local - self._anchor.to(torch.float64), dim=1)
             moved = 0.5 * float((hi - lo).norm(dim=1).max())
             if self._listed_radius() - 2.0 * moved <= needed:
-                # The set does not reach that far: a new one at the first frame that does.
+                now = 0.5 * float((hi[0] - lo[0]).norm())
+                if not record and self._closest_listed() - 2.0 * now <= needed:
+                    return False  # a prediction where pairs are near now: no broad phase
+                # The set does not reach that far: a new one at the first frame that does
+                # (with room for twice that motion, so that growing blocks rebuild rarely).
                 wanted = max(self.margin, REBUILD_STEPS * self._last_step)
-                self._rebuild(self.local(frames[0]), max(wanted, 1.01 * block_moved))
+                self._rebuild(self.local(frames[0]), max(wanted, 2.0 * block_moved))
                 lo, hi = torch.aminmax(local - self._anchor.to(torch.float64), dim=1)
                 moved = 0.5 * float((hi - lo).norm(dim=1).max())
             if self._closest_listed() - 2.0 * moved > needed:
@@ -616,7 +624,7 @@ class SurfaceContact:
             ids = torch.cat([near.point_triangle, near.edge_edge])
             sides = ccd._sides(near, ids.device).repeat(len(steps), 1)
             reach = ccd.pair_reach(steps[:, ids].reshape(-1, 4, 3), sides).view(len(steps), -1)
-            if bool((reach > 0.99 * keep * distances[:-1]).any()):
+            if record and bool((reach > 0.99 * keep * distances[:-1]).any()):
                 return False
             self._last_step = step if record else self._last_step
             return True

@@ -402,6 +402,9 @@ class SurfaceContact:
         """Barrier energy (J), a scalar, twice differentiable (torch formulas on both paths)."""
         x = self.local(x, mass.dtype)
         c = self._candidates_at(x)
+        if self._all_farther_than(x, self.dhat):
+            # Nothing within dhat: the energy is zero near x, and so are its derivatives.
+            return torch.zeros((), dtype=x.dtype, device=x.device)
         return potential.barrier_energy(x, mass, c, self.dhat, self.stiffness)
 
     def forces(self, x: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
@@ -450,6 +453,16 @@ class SurfaceContact:
         )
         self._stage("friction", start, broad)
         return v
+
+    def active_pairs(self, x: torch.Tensor) -> Candidates:
+        """The candidate pairs within dhat at positions ``x [n, 3]`` (m): the only pairs
+        whose barrier (and its derivatives) is not zero there."""
+        x = self.local(x.detach())
+        with torch.no_grad():
+            c = self._candidates_at(x)
+            if self._all_farther_than(x, self.dhat):
+                return c.subset(torch.zeros(0, dtype=torch.int64, device=x.device))
+            return self._active_pairs(x)
 
     def _active_pairs(self, x: torch.Tensor) -> Candidates:
         """The candidates within dhat at local x (friction acts only there; constant indices)."""

@@ -105,11 +105,13 @@ class _Problem:
         return products[idx, :, rows, :].transpose(1, 2)
 
     def sparsity(self, x: torch.Tensor) -> tuple[Any, np.ndarray]:
-        """The pattern of K at x (mesh + surface-contact candidates) and its distance-2 colours."""
+        """The pattern of K at x (mesh + the surface-contact pairs within dhat, the only ones
+        whose barrier has a Hessian there) and its distance-2 colours."""
         contact = getattr(self.model, "contact", None)
-        if contact is None:
+        active = None if contact is None else contact.active_pairs(x)
+        if active is None or active.n_pairs == 0:
             return self.structure.adjacency, self.structure.colors_distance2
-        return self.structure.with_contact(contact.candidates(x))
+        return self.structure.with_contact(active)
 
     def assemble(self, hvp: _Hessian):
         """K over the free DOFs as a scipy CSC matrix (float64), symmetrised."""

@@ -123,7 +123,7 @@ def free_fall(device: str) -> None:
     check(
         f"float32 free fall on {device}: v(0.5 s) vs -g t, relative",
         abs(v / (-9.81 * 0.5) - 1),
-        1e-4,
+        1e-3,  # float32 sums of 50,000 increments
     )
 
 

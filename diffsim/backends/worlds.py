@@ -17,8 +17,11 @@ from typing import Any
 
 import torch
 
-from diffsim.contact import ccd
-from diffsim.contact.surface_contact import MAX_STEP_FRACTION, MAX_TRANSLATION_FRACTION
+from diffsim.contact.surface_contact import (
+    MAX_STEP_FRACTION,
+    MAX_TRANSLATION_FRACTION,
+    clear_distance,
+)
 
 
 class WorldContact:
@@ -105,9 +108,7 @@ class WorldContact:
             lo, hi = torch.aminmax(f[1:] - f[:-1], dim=2)
             step = 0.5 * (hi - lo).norm(dim=2).amax(dim=0)
             absolute = torch.maximum(lo.abs(), hi.abs()).norm(dim=2).amax(dim=0)
-            keep = (1 - ccd.MIN_GAP_FRACTION) * (1 - ccd.SCALE_SLACK)
-            slack = 0.01 * first.dhat + 1e-6 * first.scene_size
-            needed = (4.0 * step / keep).clamp(min=first.dhat) + slack
+            needed = clear_distance(step, first.dhat, first.scene_size)
             closest = moved.new_tensor([c._closest_listed() for c in contacts])
             radius = moved.new_tensor([c._listed_radius() for c in contacts])
             clear = (

@@ -601,12 +601,9 @@ class SurfaceContact:
             if absolute > MAX_TRANSLATION_FRACTION * self.scene_size:
                 return False
             keep = (1 - ccd.MIN_GAP_FRACTION) * (1 - ccd.SCALE_SLACK)
-            # Pairs farther apart than this are neither active nor limited (|y_i - mean| is
-            # at most 2 step); 1% and rounding to the scene's size as safety.
-            slack = 0.01 * self.dhat + 1e-6 * self.scene_size
             # A prediction (record=False, a straight guess of a whole block's motion) asks
             # only for the pairs to stay beyond dhat: its "step" is no substep.
-            needed = (max(self.dhat, 4.0 * step / keep) if record else self.dhat) + slack
+            needed = clear_distance(step if record else 0.0, self.dhat, self.scene_size)
             lo, hi = torch.aminmax(local - self._anchor.to(torch.float64), dim=1)
             moved = 0.5 * float((hi - lo).norm(dim=1).max())
             if self._listed_radius() - 2.0 * moved <= needed:
@@ -676,6 +673,17 @@ class SurfaceContact:
             return math.inf
         d_pt, d_ee = potential.pair_distances(x.detach(), c)
         return float(torch.cat([d_pt, d_ee]).min().sqrt())
+
+
+def clear_distance(step, dhat: float, scene_size: float):
+    """The distance (m) beyond which a pair is neither within the barrier nor limited by a
+    step whose :func:`_offset` is ``step`` (m; a float or a tensor of them): every pair's
+    relative reach is at most 4 step (see :mod:`.ccd`). Plus 1% of dhat and rounding to the
+    scene's size as safety. Used by :meth:`SurfaceContact.clear_over` and its worlds form."""
+    keep = (1 - ccd.MIN_GAP_FRACTION) * (1 - ccd.SCALE_SLACK)
+    reach = 4.0 * step / keep
+    floor = reach.clamp(min=dhat) if isinstance(reach, torch.Tensor) else max(dhat, reach)
+    return floor + 0.01 * dhat + 1e-6 * scene_size
 
 
 def _frame_distances(frames: torch.Tensor, pairs: Candidates) -> torch.Tensor:

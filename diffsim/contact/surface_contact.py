@@ -589,7 +589,10 @@ class SurfaceContact:
             return True
         with torch.no_grad():
             local = frames.detach().to(torch.float64) - self.origin
-            self._candidates_at(self.local(frames[0]))
+            if self._anchor is None or self._anchor.shape != frames[0].shape:
+                self._candidates_at(self.local(frames[0]))
+            # Otherwise the set is kept as it is (no shrink: the next contact substep does
+            # that where needed); it is rebuilt below only where it does not reach.
             lo, hi = torch.aminmax(local - local[0], dim=1)
             block_moved = 0.5 * float((hi - lo).norm(dim=1).max())
             steps = local[1:] - local[:-1]

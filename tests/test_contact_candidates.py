@@ -1,14 +1,79 @@
-"""The contact broad phase: the candidate cache's rebuild policy on the Warp path."""
+"""The contact broad phase: the measured BVH queries against the box candidates and the
+torch reference, and the candidate cache's rebuild policy on the Warp path."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 
+import diffsim as ds
 from diffsim.apps.scene import load_scene
+from diffsim.contact.candidates import SurfacePrimitives, find_candidates, near_candidates
+from diffsim.contact.distances import mollifier_threshold
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def two_bodies() -> ds.TetMesh:
+    """A box and a sphere just above it, turned so that no box edges are axis-aligned."""
+    box = ds.TetMesh.box(size=(0.4, 0.1, 0.4), resolution=(4, 2, 4))
+    c, s = np.cos(0.3), np.sin(0.3)
+    rotation = np.array([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])
+    box = box.transformed(rotation=rotation)
+    ball = ds.TetMesh.sphere(0.08, 4, (0.02, 0.14, 0.01))
+    return ds.TetMesh.merge([box, ball])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_measured_queries_equal_the_box_candidates_filtered_by_distance(dtype):
+    from diffsim.contact.warp_glue import pair_arrays, squared_distances
+
+    mesh = two_bodies()
+    surface = SurfacePrimitives.from_mesh(mesh)
+    x = torch.tensor(mesh.vertices - mesh.vertices.mean(axis=0), dtype=dtype)
+    cache: dict = {}
+    for radius in (0.01, 0.05, 0.3):  # the last one grows the outputs
+        within = radius * (1 + 1e-6)
+        c, d2 = near_candidates(surface, x, radius, within, "bvh", cache)
+        # The same rows in the same order, the same distances and mollifier thresholds as
+        # the box candidates measured by the pair-distance kernel and filtered.
+        boxes = find_candidates(surface, x, radius, "bvh")
+        all_d2 = squared_distances(pair_arrays(boxes, dtype), x)
+        keep = all_d2 < within**2
+        k1 = len(boxes.point_triangle)
+        assert torch.equal(c.point_triangle, boxes.point_triangle[keep[:k1]])
+        assert torch.equal(c.edge_edge, boxes.edge_edge[keep[k1:]])
+        assert torch.equal(d2, all_d2[keep])
+        assert torch.equal(c.mollifier_eps, boxes.mollifier_eps[keep[k1:]])
+        eps = mollifier_threshold(*surface.rest_positions[c.edge_edge].unbind(1))
+        assert torch.equal(c.mollifier_eps, eps)
+        assert d2.dtype == dtype and len(c.point_triangle) and len(c.edge_edge)
+        # The same set as the torch reference (which measures with the torch formulas).
+        ref, ref_d2 = near_candidates(surface, x, radius, within, "brute")
+        for name in ("point_triangle", "edge_edge"):
+            a = {tuple(r) for r in getattr(ref, name).tolist()}
+            b = {tuple(r) for r in getattr(c, name).tolist()}
+            assert a == b
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        torch.testing.assert_close(d2.sort().values, ref_d2.sort().values, rtol=tol, atol=0.0)
+    assert list(cache) == [dtype]  # one broad phase per dtype, reused
+
+
+def test_outputs_grow_until_every_pair_fits():
+    mesh = two_bodies()
+    surface = SurfacePrimitives.from_mesh(mesh)
+    x = torch.tensor(mesh.vertices)
+    cache: dict = {}
+    first, d2 = near_candidates(surface, x, 0.3, 0.3, "bvh", cache)
+    for _, query in cache[torch.float64]._queries:
+        query._allocate(3)  # far too small: the queries run again with room for all
+    again, d2_again = near_candidates(surface, x, 0.3, 0.3, "bvh", cache)
+    assert torch.equal(first.point_triangle, again.point_triangle)
+    assert torch.equal(first.edge_edge, again.edge_edge)
+    assert torch.equal(d2, d2_again)
 
 
 def test_warp_path_rebuilds_its_candidates_about_as_often_as_the_torch_path():

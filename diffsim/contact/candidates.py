@@ -9,7 +9,11 @@ The broad phase returns every pair whose axis-aligned bounding boxes lie closer 
 radius r along every axis, a superset of the pairs closer than r. Two implementations:
 ``"bvh"`` (Warp BVHs over the triangle and edge boxes, queried per vertex and per edge;
 scales to large meshes) and ``"brute"`` (all pairs in blocked torch ops, for small meshes
-and as the reference). Candidate sets are integer data: constant in the backward pass.
+and as the reference). :func:`near_candidates` keeps only the pairs really closer than a
+distance, with their squared distances: on the ``"bvh"`` path the queries measure the
+pairs they find (:mod:`diffsim.contact.warp_broad_phase`), so the box overlaps, most of
+them far apart, are never listed. Candidate sets are integer data: constant in the
+backward pass.
 """
 
 from __future__ import annotations
@@ -18,7 +22,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from diffsim.contact.distances import mollifier_threshold
+from diffsim.contact.distances import (
+    edge_edge_distance,
+    mollifier_threshold,
+    point_triangle_distance,
+)
 from diffsim.mesh import TetMesh
 
 # Rows of the all-pairs test processed at a time by the brute-force broad phase.
@@ -84,6 +92,15 @@ class Candidates:
         return subset
 
     @classmethod
+    def from_rows(
+        cls, surface: SurfacePrimitives, point_triangle: torch.Tensor, edge_edge: torch.Tensor
+    ) -> Candidates:
+        """Candidates from ``[k1, 4]`` rows ``(p, a, b, c)`` and ``[k2, 4]`` rows
+        ``(p0, p1, q0, q1)`` of vertex ids (int64), with the edge pairs' mollifier eps."""
+        eps = mollifier_threshold(*surface.rest_positions[edge_edge].unbind(1))
+        return cls(point_triangle, edge_edge, eps)
+
+    @classmethod
     def from_pairs(
         cls, surface: SurfacePrimitives, vertex_face: torch.Tensor, edge_edge: torch.Tensor
     ) -> Candidates:
@@ -98,8 +115,7 @@ class Candidates:
             [surface.vertices[vertex_face[:, 0], None], surface.faces[vertex_face[:, 1]]], 1
         )
         ee = torch.cat([surface.edges[edge_edge[:, 0]], surface.edges[edge_edge[:, 1]]], 1)
-        eps = mollifier_threshold(*surface.rest_positions[ee].unbind(1))
-        return cls(pt.reshape(-1, 4), ee.reshape(-1, 4), eps)
+        return cls.from_rows(surface, pt.reshape(-1, 4), ee.reshape(-1, 4))
 
 
 def excluded_vertex_face(surface: SurfacePrimitives, vertex_face: torch.Tensor) -> torch.Tensor:
@@ -172,3 +188,40 @@ def find_candidates(
         vf, ee = bvh_candidates(surface, x.detach(), radius)
         return Candidates.from_pairs(surface, vf, ee)
     raise ValueError(f"unknown broad phase {method!r}; use 'bvh' or 'brute'")
+
+
+def near_candidates(
+    surface: SurfacePrimitives,
+    x: torch.Tensor,
+    radius: float,
+    within: float,
+    method: str = "bvh",
+    cache: dict | None = None,
+) -> tuple[Candidates, torch.Tensor]:
+    """The candidate pairs (:func:`find_candidates` with ``radius``) closer than ``within``
+    (m) at ``x``, and their squared distances ``[k]`` (x's dtype, point-triangle first).
+
+    The ``"bvh"`` method measures the pairs inside its queries (:class:`.warp_broad_phase.
+    BroadPhase`, kept in ``cache`` per dtype between calls), with the formulas of the
+    ``pair_distances`` kernel; ``"brute"`` measures them with the torch reference.
+    """
+    x = x.detach()
+    if method == "bvh":
+        from diffsim.contact.warp_broad_phase import BroadPhase
+
+        cache = {} if cache is None else cache
+        broad = cache.get(x.dtype)
+        if broad is None:
+            broad = cache[x.dtype] = BroadPhase(surface, x.dtype)
+        scale = float(x.abs().max()) if len(x) else 1.0
+        pt, ee, d2_pt, d2_ee, eps = broad.near(x, float(radius) + 1e-6 * scale, within)
+        return Candidates(pt, ee, eps), torch.cat([d2_pt, d2_ee])
+    c = find_candidates(surface, x, radius, method)
+    pt, ee = c.point_triangle, c.edge_edge
+    d2 = torch.cat(
+        [point_triangle_distance(*x[pt].unbind(1)), edge_edge_distance(*x[ee].unbind(1))]
+    )
+    keep = d2 < within**2
+    if not bool(keep.all()):
+        c, d2 = c.subset(torch.nonzero(keep).flatten()), d2[keep]
+    return c, d2

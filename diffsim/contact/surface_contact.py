@@ -11,7 +11,12 @@ import numpy as np
 import torch
 
 from diffsim.contact import ccd, friction, potential
-from diffsim.contact.candidates import Candidates, SurfacePrimitives, find_candidates
+from diffsim.contact.candidates import (
+    Candidates,
+    SurfacePrimitives,
+    find_candidates,
+    near_candidates,
+)
 from diffsim.mesh import TetMesh
 
 # Default barrier activation distance, as a fraction of the bounding-box diagonal ...
@@ -190,6 +195,7 @@ class SurfaceContact:
         self._reach = 0.0
         self._last_step = 0.0
         self._candidates: Candidates | None = None
+        self._broad: dict = {}  # the broad phase's state per dtype (see near_candidates)
         self._active: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (x, pair ids)
         self._local = None  # (key, local positions) of the last local() call
         self._moved = None  # (local x, its offset from the anchor)
@@ -357,24 +363,16 @@ class SurfaceContact:
         # The candidates' squared distances at the anchor.
         self._anchor_d2 = torch.zeros(0, dtype=torch.float64, device=self.origin.device)
         radius = self.dhat + 2.0 * self._reach
-        c = find_candidates(self.surface, self._anchor, radius, self.broad_phase)
-        if c.n_pairs:
-            # Keep the pairs really closer than the radius (boxes of neighbouring elements
-            # overlap however far apart the elements are): the others cannot come within
-            # dhat, nor meet, while the offsets stay within reach. The slack covers rounding.
-            slack = 1e-6 * float(self._anchor.abs().max())
-            if self.broad_phase == "bvh":  # Warp is there: its kernel is the faster one
-                from diffsim.contact.warp_glue import pair_arrays, squared_distances
-
-                d2 = squared_distances(pair_arrays(c, x.dtype), self._anchor)
-            else:
-                d2 = torch.cat(potential.pair_distances(self._anchor, c))
-            keep = d2 < (radius + slack) ** 2
-            if not bool(keep.all()):
-                c, d2 = c.subset(torch.nonzero(keep).flatten()), d2[keep]
+        # The pairs really closer than the radius (boxes of neighbouring elements overlap
+        # however far apart the elements are): the others cannot come within dhat, nor
+        # meet, while the offsets stay within reach. The slack covers rounding.
+        slack = 1e-6 * float(self._anchor.abs().max()) if len(x) else 0.0
+        c, d2 = near_candidates(
+            self.surface, self._anchor, radius, radius + slack, self.broad_phase, self._broad
+        )
+        if len(d2):
             self._anchor_d2 = d2.to(torch.float64)
-            if len(d2):
-                self._closest = float(d2.min().clamp_min(0).sqrt()) - slack
+            self._closest = float(d2.min().clamp_min(0).sqrt()) - slack
         self._candidates = c
         self.timings["broad_phase"] += time.perf_counter() - start
         self.timings["rebuilds"] += 1

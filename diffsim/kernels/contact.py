@@ -563,6 +563,7 @@ def _build(scalar):
         verify_scales=verify_scales,
         pair_distances=pair_distances,
         element_boxes=element_boxes,
+        pair_weights=pair_weights,
     )
 
 
@@ -622,8 +623,9 @@ def contact_kernels(scalar) -> SimpleNamespace:
     """The contact kernels for ``wp.float32`` or ``wp.float64``, built on first use:
     ``active_pairs``, ``active_pairs_in``, ``barrier_forces``, ``friction_geometry``,
     ``friction_slip``, ``friction_apply``, ``step_scales``, ``verify_scales``,
-    ``pair_distances`` and ``element_boxes`` (the BVH queries :func:`query_vertex_face` and
-    :func:`query_edge_edge` do not depend on the scalar type)."""
+    ``pair_distances``, ``element_boxes`` and the function ``pair_weights`` (the BVH
+    queries :func:`query_vertex_face` and :func:`query_edge_edge` do not depend on the
+    scalar type)."""
     if scalar not in (wp.float32, wp.float64):
         raise ValueError(f"contact kernels exist for wp.float32 and wp.float64, not {scalar}")
     return _build(scalar)

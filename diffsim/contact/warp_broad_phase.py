@@ -1,0 +1,184 @@
+"""The torch side of the broad-phase kernels (:mod:`diffsim.kernels.broad_phase`).
+
+:class:`BroadPhase` finds the candidate pairs of one contact surface closer than a distance,
+with their squared distances, in two BVH queries that measure the pairs they find (so no
+list of box overlaps is built, converted and measured in torch). It keeps everything that
+does not change between calls: the element index arrays, the element box arrays, the
+positions buffer, the outputs (grown when a query finds more rows than they hold) and the
+recorded kernel launches. A call copies the positions in, computes the boxes, builds the
+two trees and runs the two queries: a few launches, no argument packing.
+
+The trees are built anew at every call, not refit: a refit tree finds a vertex's pairs in
+another order, and the order of a set's pairs is the order in which the barrier, friction
+and their adjoints sum into the vertices. Rounding differences in those sums are enough to
+move a truncated step's binding pair (a kink of the rollout), so the order is kept as the
+fresh tree gives it (the sets, and the results, are those of ``bvh_candidates`` followed by
+the distance filter, bit for bit).
+"""
+
+from __future__ import annotations
+
+import torch
+import warp as wp
+
+from diffsim.contact.distances import MOLLIFIER_FRACTION, PARALLEL_FRACTION
+from diffsim.kernels.broad_phase import broad_phase_kernels
+from diffsim.kernels.contact import contact_kernels
+from diffsim.kernels.runtime import init_warp
+
+init_warp()
+
+SCALARS = {torch.float32: wp.float32, torch.float64: wp.float64}
+VEC3 = {torch.float32: wp.vec3f, torch.float64: wp.vec3d}
+
+
+class _Query:
+    """One pair-writing query: its output buffers and recorded launch."""
+
+    def __init__(
+        self,
+        kernel,
+        dim: int,
+        inputs: list,
+        dtype: torch.dtype,
+        device,
+        capacity: int,
+        with_eps: bool = False,
+    ) -> None:
+        self.kernel, self.dim, self.inputs, self.with_eps = kernel, dim, inputs, with_eps
+        self.dtype, self.device = dtype, device
+        self.count = torch.zeros(1, dtype=torch.int32, device=device)
+        self.launch = None
+        self._allocate(capacity)
+
+    def _allocate(self, capacity: int) -> None:
+        self.pairs = torch.empty((capacity, 4), dtype=torch.int32, device=self.device)
+        self.d2 = torch.empty(capacity, dtype=self.dtype, device=self.device)
+        outputs = [wp.from_torch(self.count), wp.from_torch(self.pairs)]
+        outputs.append(wp.from_torch(self.d2, dtype=SCALARS[self.dtype]))
+        self.eps = None
+        if self.with_eps:
+            self.eps = torch.empty(capacity, dtype=torch.float64, device=self.device)
+            outputs.append(wp.from_torch(self.eps))
+        self.launch = wp.launch(
+            self.kernel,
+            dim=self.dim,
+            inputs=self.inputs,
+            outputs=outputs,
+            device=str(self.device),
+            record_cmd=True,
+        )
+
+    def run(self, params: dict[int, object]) -> tuple:
+        """Rows ``[k, 4]`` (int64), squared distances ``[k]`` and, with eps, mollifier
+        thresholds ``[k]``; ``params``: the inputs that changed since the last call, by
+        index."""
+        for index, value in params.items():
+            self.inputs[index] = value
+        while True:
+            for index, value in params.items():
+                self.launch.set_param_at_index(index, value)
+            self.count.zero_()
+            self.launch.launch()
+            found = int(self.count[0])
+            if found <= len(self.pairs):
+                rows, d2 = self.pairs[:found].to(torch.int64), self.d2[:found].clone()
+                return (rows, d2, self.eps[:found].clone()) if self.with_eps else (rows, d2)
+            self._allocate(max(found + found // 2, 2 * len(self.pairs)))
+            params = {}
+
+
+class BroadPhase:
+    """The candidate pairs of a contact surface closer than a distance (Warp BVH queries).
+
+    Args:
+        surface: the :class:`~diffsim.contact.candidates.SurfacePrimitives`.
+        dtype: the positions' dtype (float32 or float64); distances are measured in it.
+    """
+
+    def __init__(self, surface, dtype: torch.dtype) -> None:
+        device = surface.rest_positions.device
+        self.surface, self.dtype, self.device = surface, dtype, device
+        n = len(surface.rest_positions)
+        self.x = torch.zeros((n, 3), dtype=dtype, device=device)
+        x_wp = wp.from_torch(self.x, dtype=VEC3[dtype])
+        self._held = []  # int32 copies the Warp arrays point into
+        vertices = self._int32(surface.vertices)
+        faces, edges = self._int32(surface.faces), self._int32(surface.edges)
+        boxes = contact_kernels(SCALARS[dtype]).element_boxes
+        kern = broad_phase_kernels(SCALARS[dtype])
+        fraction = PARALLEL_FRACTION[dtype]
+        self._box_launches, self._trees, self._queries = [], [], []
+        guess = max(1024, 8 * n)
+        self._face_tree = self._edge_tree = None
+        if len(surface.faces) and len(surface.vertices):
+            lowers, uppers = self._boxes(boxes, x_wp, faces, 3)
+            self._face_tree = [None, lowers, uppers]
+            inputs = [0, x_wp, vertices, faces, 0.0, 0.0, fraction]
+            query = _Query(
+                kern.near_vertex_face, len(surface.vertices), inputs, dtype, device, guess
+            )
+            self._queries.append((self._face_tree, query))
+        if len(surface.edges) > 1:
+            lowers, uppers = self._boxes(boxes, x_wp, edges, 2)
+            self._edge_tree = [None, lowers, uppers]
+            # Mollifier thresholds eps = (MOLLIFIER_FRACTION l_a^2) l_b^2 from rest lengths,
+            # the products of contact.distances.mollifier_threshold.
+            rest = surface.rest_positions[surface.edges]
+            length2 = (rest[:, 1] - rest[:, 0]).square().sum(-1).contiguous()
+            scaled = (MOLLIFIER_FRACTION * length2).contiguous()
+            self._held += [length2, scaled]
+            inputs = [0, x_wp, lowers, uppers, edges, wp.from_torch(scaled)]
+            inputs += [wp.from_torch(length2), 0.0, 0.0, fraction]
+            query = _Query(
+                kern.near_edge_edge, len(surface.edges), inputs, dtype, device, guess, True
+            )
+            self._queries.append((self._edge_tree, query))
+
+    def _int32(self, t: torch.Tensor):
+        t = t.to(torch.int32).contiguous()
+        self._held.append(t)
+        return wp.from_torch(t)
+
+    def _boxes(self, kernel, x_wp, elements, corners: int):
+        """Box arrays of the elements and the recorded launch that fills them from x."""
+        n = elements.shape[0]
+        lowers = wp.empty(n, dtype=wp.vec3, device=str(self.device))
+        uppers = wp.empty(n, dtype=wp.vec3, device=str(self.device))
+        launch = wp.launch(
+            kernel,
+            dim=n,
+            inputs=[x_wp, elements, corners],
+            outputs=[lowers, uppers],
+            device=str(self.device),
+            record_cmd=True,
+        )
+        self._box_launches.append(launch)
+        return lowers, uppers
+
+    def near(
+        self, x: torch.Tensor, pad: float, within: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The point-triangle rows ``(p, a, b, c)`` and edge-edge rows ``(p0, p1, q0, q1)``
+        (``[k, 4]`` int64) of the pairs whose boxes lie within ``pad`` (m) along every
+        axis (boxes in float32) and whose squared distance at ``x`` is below ``within**2``,
+        their squared distances (x's dtype) and the edge pairs' mollifier thresholds
+        (float64, as :func:`~diffsim.contact.distances.mollifier_threshold`): ``(pt, ee,
+        d2_pt, d2_ee, eps)``."""
+        self.x.copy_(x)
+        for launch in self._box_launches:
+            launch.launch()
+        empty = torch.zeros((0, 4), dtype=torch.int64, device=self.device)
+        none = torch.zeros(0, dtype=torch.float64, device=self.device)
+        found = [(empty, self.x.new_zeros(0)), (empty, self.x.new_zeros(0), none)]
+        within2 = float(within) ** 2
+        for tree, query in self._queries:
+            tree[0] = bvh = wp.Bvh(tree[1], tree[2])
+            params = {0: bvh.id}
+            slot = 0 if tree is self._face_tree else 1
+            offset = 0 if slot == 0 else 3  # near_edge_edge: boxes, rest lengths first
+            params[4 + offset] = float(pad)
+            params[5 + offset] = within2
+            found[slot] = query.run(params)
+        (pt, d2_pt), (ee, d2_ee, eps) = found
+        return pt, ee, d2_pt, d2_ee, eps

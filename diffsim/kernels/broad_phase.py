@@ -1,0 +1,122 @@
+"""Warp kernels of the contact broad phase: BVH queries that measure what they find.
+
+Each query thread takes one surface vertex (against a BVH over the boundary triangles) or
+one boundary edge (against a BVH over the edges, pairs ``j > i``), skips the pairs that
+share a vertex, and measures the squared distance of every pair whose boxes come within
+the pad, with the closest-point weights and the formula of the ``pair_distances`` kernel
+of :mod:`diffsim.kernels.contact` (the same values, bit for bit). Only pairs closer than a
+given distance are written: rows ``(p, a, b, c)`` or ``(p0, p1, q0, q1)`` of vertex ids and
+their squared distances (and an edge pair's mollifier threshold, the product of the two
+edges' rest terms, the first scaled), at slots taken with an atomic counter (rows past the
+output's length are counted, not written, so the caller can size the output and run
+again). On the CPU threads run in order, so the rows come in the order of the query
+elements, each element's in the order its tree query finds them.
+
+Pure Warp: the torch side is :mod:`diffsim.contact.warp_broad_phase`.
+"""
+
+import functools
+from types import SimpleNamespace
+
+import warp as wp
+
+from diffsim.kernels.contact import contact_kernels
+
+
+def _build(scalar):
+    vec3 = {wp.float32: wp.vec3f, wp.float64: wp.vec3d}[scalar]
+    pair_weights = contact_kernels(scalar).pair_weights
+
+    @wp.func
+    def squared_distance(kind: int, x0: vec3, x1: vec3, x2: vec3, x3: vec3, pf: scalar) -> scalar:
+        c = pair_weights(kind, x0, x1, x2, x3, pf)
+        diff = c[0] * x0 + c[1] * x1 + c[2] * x2 + c[3] * x3
+        return wp.dot(diff, diff)
+
+    @wp.func
+    def f32(p: vec3) -> wp.vec3:
+        return wp.vec3(float(p[0]), float(p[1]), float(p[2]))
+
+    @wp.kernel
+    def near_vertex_face(
+        bvh: wp.uint64,
+        x: wp.array(dtype=vec3),
+        vertices: wp.array(dtype=wp.int32),
+        faces: wp.array2d(dtype=wp.int32),
+        pad: float,
+        within2: scalar,
+        parallel_fraction: scalar,
+        count: wp.array(dtype=wp.int32),
+        pairs: wp.array2d(dtype=wp.int32),
+        d2: wp.array(dtype=scalar),
+    ):
+        i = wp.tid()
+        v = vertices[i]
+        p = x[v]
+        pad3 = wp.vec3(pad, pad, pad)
+        query = wp.bvh_query_aabb(bvh, f32(p) - pad3, f32(p) + pad3)
+        j = int(0)  # noqa: UP018 - a mutable Warp variable
+        while wp.bvh_query_next(query, j):
+            a = faces[j, 0]
+            b = faces[j, 1]
+            c = faces[j, 2]
+            if a != v and b != v and c != v:
+                s = squared_distance(0, p, x[a], x[b], x[c], parallel_fraction)
+                if s < within2:
+                    slot = wp.atomic_add(count, 0, 1)
+                    if slot < pairs.shape[0]:
+                        pairs[slot, 0] = v
+                        pairs[slot, 1] = a
+                        pairs[slot, 2] = b
+                        pairs[slot, 3] = c
+                        d2[slot] = s
+
+    @wp.kernel
+    def near_edge_edge(
+        bvh: wp.uint64,
+        x: wp.array(dtype=vec3),
+        lowers: wp.array(dtype=wp.vec3),
+        uppers: wp.array(dtype=wp.vec3),
+        edges: wp.array2d(dtype=wp.int32),
+        scaled_length2: wp.array(dtype=wp.float64),
+        length2: wp.array(dtype=wp.float64),
+        pad: float,
+        within2: scalar,
+        parallel_fraction: scalar,
+        count: wp.array(dtype=wp.int32),
+        pairs: wp.array2d(dtype=wp.int32),
+        d2: wp.array(dtype=scalar),
+        eps: wp.array(dtype=wp.float64),
+    ):
+        i = wp.tid()
+        a0 = edges[i, 0]
+        a1 = edges[i, 1]
+        pad3 = wp.vec3(pad, pad, pad)
+        query = wp.bvh_query_aabb(bvh, lowers[i] - pad3, uppers[i] + pad3)
+        j = int(0)  # noqa: UP018 - a mutable Warp variable
+        while wp.bvh_query_next(query, j):
+            if j > i:
+                b0 = edges[j, 0]
+                b1 = edges[j, 1]
+                if a0 != b0 and a0 != b1 and a1 != b0 and a1 != b1:
+                    s = squared_distance(1, x[a0], x[a1], x[b0], x[b1], parallel_fraction)
+                    if s < within2:
+                        slot = wp.atomic_add(count, 0, 1)
+                        if slot < pairs.shape[0]:
+                            pairs[slot, 0] = a0
+                            pairs[slot, 1] = a1
+                            pairs[slot, 2] = b0
+                            pairs[slot, 3] = b1
+                            d2[slot] = s
+                            eps[slot] = scaled_length2[i] * length2[j]
+
+    return SimpleNamespace(near_vertex_face=near_vertex_face, near_edge_edge=near_edge_edge)
+
+
+@functools.cache
+def broad_phase_kernels(scalar) -> SimpleNamespace:
+    """The broad-phase kernels for ``wp.float32`` or ``wp.float64``, built on first use:
+    ``near_vertex_face`` and ``near_edge_edge``."""
+    if scalar not in (wp.float32, wp.float64):
+        raise ValueError(f"broad-phase kernels exist for wp.float32 and wp.float64, not {scalar}")
+    return _build(scalar)

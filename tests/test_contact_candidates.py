@@ -88,3 +88,20 @@ def test_warp_path_rebuilds_its_candidates_about_as_often_as_the_torch_path():
             sim.rollout(25, scene.initial_state(sim))
         rebuilds[backend] = sim.model.contact.timings["rebuilds"]
     assert rebuilds["warp"] <= rebuilds["torch"] + 5, rebuilds
+
+
+def test_frame_distances_kernel_matches_the_torch_formulas():
+    from diffsim.contact.surface_contact import _frame_distances
+
+    mesh = two_bodies()
+    surface = SurfacePrimitives.from_mesh(mesh)
+    x = torch.tensor(mesh.vertices)
+    c, d2 = near_candidates(surface, x, 0.05, 0.05, "bvh")
+    rng = np.random.default_rng(3)
+    frames = x + torch.tensor(rng.normal(scale=0.01, size=(5, *x.shape)))
+    frames[0] = x
+    fast = _frame_distances(frames, c, warp=True)
+    ref = _frame_distances(frames, c, warp=False)
+    assert fast.shape == (5, c.n_pairs)
+    torch.testing.assert_close(fast, ref, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(fast[0], d2.sqrt(), rtol=1e-15, atol=0.0)

@@ -628,7 +628,7 @@ class SurfaceContact:
             if not near.n_pairs:
                 self._last_step = step if record else self._last_step
                 return True
-            distances = _frame_distances(local, near)  # [S + 1, k]
+            distances = _frame_distances(local, near, self.broad_phase == "bvh")  # [S + 1, k]
             if float(distances.min()) <= (1.01 * self.dhat + 1e-6 * self.scene_size):
                 return False
             # Each step's L_k, the most it can close the pair (see .ccd), [S, k].
@@ -687,9 +687,15 @@ def clear_distance(step, dhat: float, scene_size: float):
     return floor + 0.01 * dhat + 1e-6 * scene_size
 
 
-def _frame_distances(frames: torch.Tensor, pairs: Candidates) -> torch.Tensor:
+def _frame_distances(frames: torch.Tensor, pairs: Candidates, warp: bool = False) -> torch.Tensor:
     """Distances (m) ``[F, k]`` of the pairs (point-triangle, then edge-edge) in each of the
-    frames ``[F, n, 3]``, in one call on the frames stacked as one set of F n vertices."""
+    frames ``[F, n, 3]``: one Warp kernel (``warp``, where Warp is there), else one call of
+    the torch formulas on the frames stacked as one set of F n vertices."""
+    if warp:
+        from diffsim.contact.warp_broad_phase import frame_distances
+
+        rows = torch.cat([pairs.point_triangle, pairs.edge_edge])
+        return frame_distances(frames, rows, len(pairs.point_triangle))
     f, n = frames.shape[:2]
     shift = (torch.arange(f, device=frames.device) * n)[:, None, None]
     stacked = Candidates(

@@ -23,7 +23,7 @@ import warp as wp
 
 from diffsim.contact.distances import MOLLIFIER_FRACTION, PARALLEL_FRACTION
 from diffsim.kernels.broad_phase import broad_phase_kernels
-from diffsim.kernels.contact import contact_kernels
+from diffsim.kernels.contact import EDGE_EDGE, POINT_TRIANGLE, contact_kernels
 from diffsim.kernels.runtime import init_warp
 
 init_warp()
@@ -182,3 +182,30 @@ class BroadPhase:
             found[slot] = query.run(params)
         (pt, d2_pt), (ee, d2_ee, eps) = found
         return pt, ee, d2_pt, d2_ee, eps
+
+
+def frame_distances(frames: torch.Tensor, pairs: torch.Tensor, n_point_triangle: int):
+    """Distances (m) ``[F, k]`` of the pairs ``[k, 4]`` (the first ``n_point_triangle``
+    point-triangle rows, then edge-edge rows) in each of the frames ``[F, n, 3]``, by the
+    formulas of the ``pair_distances`` kernel."""
+    f, n = frames.shape[:2]
+    dtype = frames.dtype
+    out = torch.empty((f, len(pairs)), dtype=dtype, device=frames.device)
+    if not len(pairs) or not f:
+        return out
+    kinds = torch.full((len(pairs),), EDGE_EDGE, dtype=torch.int32, device=frames.device)
+    kinds[:n_point_triangle] = POINT_TRIANGLE
+    wp.launch(
+        broad_phase_kernels(SCALARS[dtype]).frame_distances,
+        dim=(f, len(pairs)),
+        inputs=[
+            wp.from_torch(frames.reshape(-1, 3).contiguous(), dtype=VEC3[dtype]),
+            n,
+            wp.from_torch(pairs.to(torch.int32).contiguous()),
+            wp.from_torch(kinds),
+            PARALLEL_FRACTION[dtype],
+        ],
+        outputs=[wp.from_torch(out, dtype=SCALARS[dtype])],
+        device=str(frames.device),
+    )
+    return out

@@ -12,6 +12,9 @@ output's length are counted, not written, so the caller can size the output and 
 again). On the CPU threads run in order, so the rows come in the order of the query
 elements, each element's in the order its tree query finds them.
 
+``frame_distances`` measures given pairs in each of a run of frames (the check that a run of
+contact-free substeps stayed clear of contact).
+
 Pure Warp: the torch side is :mod:`diffsim.contact.warp_broad_phase`.
 """
 
@@ -110,13 +113,36 @@ def _build(scalar):
                             d2[slot] = s
                             eps[slot] = scaled_length2[i] * length2[j]
 
-    return SimpleNamespace(near_vertex_face=near_vertex_face, near_edge_edge=near_edge_edge)
+    @wp.kernel
+    def frame_distances(
+        x: wp.array(dtype=vec3),
+        n: int,
+        pairs: wp.array2d(dtype=wp.int32),
+        kinds: wp.array(dtype=wp.int32),
+        parallel_fraction: scalar,
+        out: wp.array2d(dtype=scalar),
+    ):
+        """Distance of pair k in frame f (frames stacked as one array of F n vertices)."""
+        f, k = wp.tid()
+        shift = f * n
+        x0 = x[shift + pairs[k, 0]]
+        x1 = x[shift + pairs[k, 1]]
+        x2 = x[shift + pairs[k, 2]]
+        x3 = x[shift + pairs[k, 3]]
+        s = squared_distance(kinds[k], x0, x1, x2, x3, parallel_fraction)
+        out[f, k] = wp.sqrt(wp.max(s, scalar(0.0)))
+
+    return SimpleNamespace(
+        near_vertex_face=near_vertex_face,
+        near_edge_edge=near_edge_edge,
+        frame_distances=frame_distances,
+    )
 
 
 @functools.cache
 def broad_phase_kernels(scalar) -> SimpleNamespace:
     """The broad-phase kernels for ``wp.float32`` or ``wp.float64``, built on first use:
-    ``near_vertex_face`` and ``near_edge_edge``."""
+    ``near_vertex_face``, ``near_edge_edge`` and ``frame_distances``."""
     if scalar not in (wp.float32, wp.float64):
         raise ValueError(f"broad-phase kernels exist for wp.float32 and wp.float64, not {scalar}")
     return _build(scalar)

@@ -11,9 +11,11 @@ Three tables:
 Each row gives the forward time per substep, the forward+backward time per substep (loss:
 mean height of the last frame, gradient w.r.t. the initial velocities), the shares of the
 forward time spent in each contact stage (``SurfaceContact.timings``: broad phase, barrier
-forces, friction, the continuous-collision limit; the rest is elasticity, integration and
-the candidate cache's checks), the candidate pairs at the end and the broad-phase rebuilds.
-One torch thread. Usage: ``python benchmarks/bench_contact.py [--steps 40] [--quick]``.
+forces, friction, the continuous-collision limit, the checks of contact-free blocks and
+their predictions (``clear_over``); the rest is elasticity, integration and the candidate
+cache's checks), the candidate pairs at the end and the broad-phase rebuilds.
+One torch thread. Usage: ``python benchmarks/bench_contact.py [--steps 40] [--quick]
+[--repeat 3] [--only spheres_collide bunny]`` (``--repeat``: the fastest of several runs).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from diffsim.sim.state import State  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT.parent / "shared" / "assets"
-PHASES = ("broad_phase", "barrier", "friction", "ccd")
+PHASES = ("broad_phase", "barrier", "friction", "ccd", "checks")
 # (name, scene file, warm-up steps, timed steps) at the scenes' own dt and substeps.
 SCENES = [
     ("mat on sphere", "mat_on_sphere", 100, 40),
@@ -42,30 +44,37 @@ SCENES = [
 CONFIGS = [("warp", "warp"), ("torch", "torch")]  # (simulator backend, contact implementation)
 
 
-def timed(sim: ds.Simulator, state: State, steps: int, backward_steps: int) -> dict:
-    """Forward and forward+backward seconds per substep from ``state``, contact shares."""
+def timed(sim: ds.Simulator, state: State, steps: int, backward_steps: int, repeat: int) -> dict:
+    """Forward and forward+backward seconds per substep from ``state``, contact shares: the
+    fastest of ``repeat`` runs of each (the shares, pairs and rebuilds of the fastest
+    forward run)."""
     contact = sim.model.contact
     substeps = sim.model.substeps
-    with torch.no_grad():
-        if contact is not None:
-            contact.timings.clear()
+    row = {"fwd": float("inf"), "fwd_bwd": float("inf"), "shares": {}, "pairs": 0, "rebuilds": 0}
+    for _ in range(repeat):
+        with torch.no_grad():
+            if contact is not None:
+                contact.timings.clear()
+            start = time.perf_counter()
+            end = sim.rollout(steps, state).state(-1)
+            forward = time.perf_counter() - start
+        if forward / (steps * substeps) < row["fwd"]:
+            row["fwd"] = forward / (steps * substeps)
+            if contact is not None:
+                row["shares"] = {p: contact.timings[p] / forward for p in PHASES}
+                row["pairs"] = contact.candidates(end.positions).n_pairs
+                row["rebuilds"] = int(contact.timings["rebuilds"])
+    for _ in range(repeat):
+        v0 = state.velocities.clone().requires_grad_(True)
         start = time.perf_counter()
-        end = sim.rollout(steps, state).state(-1)
-        forward = time.perf_counter() - start
-    row = {"fwd": forward / (steps * substeps), "shares": {}, "pairs": 0, "rebuilds": 0}
-    if contact is not None:
-        row["shares"] = {p: contact.timings[p] / forward for p in PHASES}
-        row["pairs"] = contact.candidates(end.positions).n_pairs
-        row["rebuilds"] = int(contact.timings["rebuilds"])
-    v0 = state.velocities.clone().requires_grad_(True)
-    start = time.perf_counter()
-    traj = sim.rollout(backward_steps, State(state.positions, v0))
-    traj.positions[-1][:, 1].mean().backward()
-    row["fwd_bwd"] = (time.perf_counter() - start) / (backward_steps * substeps)
+        traj = sim.rollout(backward_steps, State(state.positions, v0))
+        traj.positions[-1][:, 1].mean().backward()
+        seconds = (time.perf_counter() - start) / (backward_steps * substeps)
+        row["fwd_bwd"] = min(row["fwd_bwd"], seconds)
     return row
 
 
-def scene_rows(file: str, warmup: int, steps: int, backward_steps: int) -> list:
+def scene_rows(file: str, warmup: int, steps: int, backward_steps: int, repeat: int) -> list:
     rows = []
     for backend, implementation in CONFIGS:
         scene = load_scene(ROOT / "scenes" / f"{file}.py")
@@ -73,7 +82,8 @@ def scene_rows(file: str, warmup: int, steps: int, backward_steps: int) -> list:
         sim.model.contact.implementation = implementation
         with torch.no_grad():
             state = sim.rollout(warmup, scene.initial_state(sim)).state(-1)
-        rows.append((f"{backend}/{implementation}", timed(sim, state, steps, backward_steps)))
+        row = timed(sim, state, steps, backward_steps, repeat)
+        rows.append((f"{backend}/{implementation}", row))
     return rows, sim
 
 
@@ -86,7 +96,7 @@ def bunny(contact: bool, gap: float) -> ds.Simulator:
     )
 
 
-def bunny_rows(lying: bool, steps: int, backward_steps: int) -> list:
+def bunny_rows(lying: bool, steps: int, backward_steps: int, repeat: int) -> list:
     """Falling from 2 cm (timed from the start), or lying on the ground: dropped from 2 mm
     at 0.5 m/s and timed after 600 substeps, squashed against the ground."""
     rows = []
@@ -98,7 +108,7 @@ def bunny_rows(lying: bool, steps: int, backward_steps: int) -> list:
         with torch.no_grad():
             state = sim.rollout(600 if lying else 10, state).state(-1)
         name = f"contact {'on' if contact else 'off'}"
-        rows.append((name, timed(sim, state, steps, backward_steps)))
+        rows.append((name, timed(sim, state, steps, backward_steps, repeat)))
     return rows, sim
 
 
@@ -127,11 +137,22 @@ def main() -> None:
     parser.add_argument("--backward-steps", type=int, default=10)
     parser.add_argument("--bunny-substeps", type=int, default=200)
     parser.add_argument("--quick", action="store_true", help="fewer steps, no bunny on the ground")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs per row, the fastest kept (noisy machines)"
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=[file for _, file, _, _ in SCENES] + ["bunny"],
+        help="these tables only",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     for name, file, warmup, steps in SCENES:
+        if args.only and file not in args.only:
+            continue
         steps = args.steps or (steps // 4 if args.quick else steps)
-        rows, sim = scene_rows(file, warmup, steps, args.backward_steps)
+        rows, sim = scene_rows(file, warmup, steps, args.backward_steps, args.repeat)
         table(
             f"{name}: {sim.mesh.n_vertices} vertices, {sim.mesh.n_tets} tets, "
             f"{steps} steps x {sim.model.substeps} substeps after {warmup} warm-up steps, "
@@ -139,12 +160,14 @@ def main() -> None:
             rows,
             "warp/warp",
         )
+    if args.only and "bunny" not in args.only:
+        return
     if not (ASSETS / "bunny.msh").is_file():
         print(f"\n{ASSETS / 'bunny.msh'} not found: no bunny rows")
         return
     substeps = args.bunny_substeps // (4 if args.quick else 1)
     for lying in (False,) if args.quick else (False, True):
-        rows, sim = bunny_rows(lying, substeps, args.backward_steps)
+        rows, sim = bunny_rows(lying, substeps, args.backward_steps, args.repeat)
         where = "lying on the ground" if lying else "falling through the air"
         table(
             f"reference bunny {where}: {sim.mesh.n_tets} tets, float32, {substeps} substeps of "

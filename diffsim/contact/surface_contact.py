@@ -582,63 +582,73 @@ class SurfaceContact:
                 the next broad phase). False for a prediction (a guessed straight motion
                 over a block): only the distances to dhat are asked, and no broad phase
                 runs where pairs are near already.
+
+        Its seconds, less any broad phase run within, accumulate in ``timings["checks"]``.
         """
         if len(frames) < 2:
             return True
-        with torch.no_grad():
-            local = frames.detach().to(torch.float64) - self.origin
-            if self._anchor is None or self._anchor.shape != frames[0].shape:
-                self._candidates_at(self.local(frames[0]))
-            # Otherwise the set is kept as it is (no shrink: the next contact substep does
-            # that where needed); it is rebuilt below only where it does not reach.
-            lo, hi = torch.aminmax(local - local[0], dim=1)
-            block_moved = 0.5 * float((hi - lo).norm(dim=1).max())
-            steps = local[1:] - local[:-1]
-            lo, hi = torch.aminmax(steps, dim=1)
-            step = 0.5 * float((hi - lo).norm(dim=1).max())
-            absolute = float(torch.maximum(lo.abs(), hi.abs()).norm(dim=1).max())
-            if step > MAX_STEP_FRACTION * self.scene_size:
-                return False
-            if absolute > MAX_TRANSLATION_FRACTION * self.scene_size:
-                return False
-            keep = (1 - ccd.MIN_GAP_FRACTION) * (1 - ccd.SCALE_SLACK)
-            # A prediction (record=False, a straight guess of a whole block's motion) asks
-            # only for the pairs to stay beyond dhat: its "step" is no substep.
-            needed = clear_distance(step if record else 0.0, self.dhat, self.scene_size)
+        start, broad = time.perf_counter(), self.timings["broad_phase"]
+        try:
+            with torch.no_grad():
+                return self._clear_over(frames, record)
+        finally:
+            self._stage("checks", start, broad)
+
+    def _clear_over(self, frames: torch.Tensor, record: bool) -> bool:
+        """:meth:`clear_over` (no autograd, at least two frames)."""
+        local = frames.detach().to(torch.float64) - self.origin
+        if self._anchor is None or self._anchor.shape != frames[0].shape:
+            self._candidates_at(self.local(frames[0]))
+        # Otherwise the set is kept as it is (no shrink: the next contact substep does
+        # that where needed); it is rebuilt below only where it does not reach.
+        lo, hi = torch.aminmax(local - local[0], dim=1)
+        block_moved = 0.5 * float((hi - lo).norm(dim=1).max())
+        steps = local[1:] - local[:-1]
+        lo, hi = torch.aminmax(steps, dim=1)
+        step = 0.5 * float((hi - lo).norm(dim=1).max())
+        absolute = float(torch.maximum(lo.abs(), hi.abs()).norm(dim=1).max())
+        if step > MAX_STEP_FRACTION * self.scene_size:
+            return False
+        if absolute > MAX_TRANSLATION_FRACTION * self.scene_size:
+            return False
+        keep = (1 - ccd.MIN_GAP_FRACTION) * (1 - ccd.SCALE_SLACK)
+        # A prediction (record=False, a straight guess of a whole block's motion) asks
+        # only for the pairs to stay beyond dhat: its "step" is no substep.
+        needed = clear_distance(step if record else 0.0, self.dhat, self.scene_size)
+        lo, hi = torch.aminmax(local - self._anchor.to(torch.float64), dim=1)
+        moved = 0.5 * float((hi - lo).norm(dim=1).max())
+        if self._listed_radius() - 2.0 * moved <= needed:
+            now = 0.5 * float((hi[0] - lo[0]).norm())
+            if not record and self._closest_listed() - 2.0 * now <= needed:
+                return False  # a prediction where pairs are near now: no broad phase
+            # The set does not reach that far: a new one at the first frame that does
+            # (with room for twice that motion, so that growing blocks rebuild rarely).
+            wanted = max(self.margin, REBUILD_STEPS * self._last_step)
+            self._rebuild(self.local(frames[0]), max(wanted, 2.0 * block_moved))
             lo, hi = torch.aminmax(local - self._anchor.to(torch.float64), dim=1)
             moved = 0.5 * float((hi - lo).norm(dim=1).max())
-            if self._listed_radius() - 2.0 * moved <= needed:
-                now = 0.5 * float((hi[0] - lo[0]).norm())
-                if not record and self._closest_listed() - 2.0 * now <= needed:
-                    return False  # a prediction where pairs are near now: no broad phase
-                # The set does not reach that far: a new one at the first frame that does
-                # (with room for twice that motion, so that growing blocks rebuild rarely).
-                wanted = max(self.margin, REBUILD_STEPS * self._last_step)
-                self._rebuild(self.local(frames[0]), max(wanted, 2.0 * block_moved))
-                lo, hi = torch.aminmax(local - self._anchor.to(torch.float64), dim=1)
-                moved = 0.5 * float((hi - lo).norm(dim=1).max())
-            if self._closest_listed() - 2.0 * moved > needed:
-                self._last_step = step if record else self._last_step
-                return True
-            # The pairs near enough to matter, by their distances at the first frame (the
-            # block's own motion is small next to the anchor's): measured at every frame.
-            near = self._near_pairs(needed + 2.0 * block_moved, local[0])
-            if near is None:
-                return False
-            if not near.n_pairs:
-                self._last_step = step if record else self._last_step
-                return True
-            distances = _frame_distances(local, near, self.broad_phase == "bvh")  # [S + 1, k]
-            if float(distances.min()) <= (1.01 * self.dhat + 1e-6 * self.scene_size):
-                return False
-            # Each step's L_k, the most it can close the pair (see .ccd), [S, k].
-            ids = torch.cat([near.point_triangle, near.edge_edge])
-            sides = ccd._sides(near, ids.device).repeat(len(steps), 1)
-            reach = ccd.pair_reach(steps[:, ids].reshape(-1, 4, 3), sides).view(len(steps), -1)
-            if record and bool((reach > 0.99 * keep * distances[:-1]).any()):
-                return False
+        if self._closest_listed() - 2.0 * moved > needed:
             self._last_step = step if record else self._last_step
             return True
+        # The pairs near enough to matter, by their distances at the first frame (the
+        # block's own motion is small next to the anchor's): measured at every frame.
+        near = self._near_pairs(needed + 2.0 * block_moved, local[0])
+        if near is None:
+            return False
+        if not near.n_pairs:
+            self._last_step = step if record else self._last_step
+            return True
+        distances = _frame_distances(local, near, self.broad_phase == "bvh")  # [S + 1, k]
+        if float(distances.min()) <= (1.01 * self.dhat + 1e-6 * self.scene_size):
+            return False
+        # Each step's L_k, the most it can close the pair (see .ccd), [S, k].
+        ids = torch.cat([near.point_triangle, near.edge_edge])
+        sides = ccd._sides(near, ids.device).repeat(len(steps), 1)
+        reach = ccd.pair_reach(steps[:, ids].reshape(-1, 4, 3), sides).view(len(steps), -1)
+        if record and bool((reach > 0.99 * keep * distances[:-1]).any()):
+            return False
+        self._last_step = step if record else self._last_step
+        return True
 
     def _listed_radius(self) -> float:
         """The broad phase's radius (m), less rounding: pairs farther apart at the anchor

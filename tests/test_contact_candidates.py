@@ -105,3 +105,29 @@ def test_frame_distances_kernel_matches_the_torch_formulas():
     assert fast.shape == (5, c.n_pairs)
     torch.testing.assert_close(fast, ref, rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(fast[0], d2.sqrt(), rtol=1e-15, atol=0.0)
+
+
+@pytest.mark.parametrize("broad_phase", ["bvh", "brute"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_set_shrunk_at_its_anchor_is_the_set_built_there(broad_phase, dtype):
+    from diffsim.contact import SurfaceContact
+
+    mesh = two_bodies()
+    x = torch.tensor(mesh.vertices - mesh.vertices.mean(axis=0), dtype=dtype)
+    kwargs = {"dhat": 0.004, "stiffness": 1.0, "broad_phase": broad_phase}
+    shrunk, fresh = SurfaceContact(mesh, **kwargs), SurfaceContact(mesh, **kwargs)
+    shrunk._rebuild(x, 0.05)
+    big = shrunk._candidates.n_pairs
+    shrunk._rebuild(x.clone(), 0.01)  # the same positions: filtered, no broad phase
+    fresh._rebuild(x, 0.01)
+    assert shrunk.timings["filtered_rebuilds"] == 1 and "filtered_rebuilds" not in fresh.timings
+    a, b = shrunk._candidates, fresh._candidates
+    assert big > a.n_pairs > 0
+    for name in ("point_triangle", "edge_edge", "mollifier_eps"):
+        assert torch.equal(getattr(a, name), getattr(b, name))
+    assert torch.equal(shrunk._anchor_d2, fresh._anchor_d2)
+    assert shrunk._closest == fresh._closest
+    # Elsewhere, or larger, it is a broad phase again.
+    shrunk._rebuild(x + 1e-3, 0.01)
+    shrunk._rebuild(x + 1e-3, 0.02)
+    assert shrunk.timings["filtered_rebuilds"] == 1

@@ -201,6 +201,7 @@ class SurfaceContact:
         self._moved = None  # (local x, its offset from the anchor)
         self._closest = math.inf
         self._anchor_d2 = torch.zeros(0, dtype=torch.float64, device=self.origin.device)
+        self._anchor_d2_measured = self._anchor_d2
         self.last_cap = (1.0, 0.0, 0.0)  # step_scales' (scale, relative, absolute)
         self.caps_in_a_row = 0  # dynamics substeps capped as a whole, consecutively
 
@@ -354,28 +355,60 @@ class SurfaceContact:
         return moved
 
     def _rebuild(self, x: torch.Tensor, reach: float) -> None:
-        """A new candidate set anchored at local x, valid for offsets up to ``reach`` (m)."""
+        """A new candidate set anchored at local x, valid for offsets up to ``reach`` (m).
+
+        A smaller set at the very positions of the current anchor (a contact substep
+        shrinking the set a prediction just built there) is the current one filtered by
+        distance, without a broad phase: the same pairs in the same order (a tree query
+        finds the pairs of a smaller box in the order it finds them for a larger one).
+        """
         start = time.perf_counter()
-        self._reach = reach
-        self._anchor = x.detach().clone()
-        self._moved = None
-        self._closest = math.inf  # the candidates' smallest distance at the anchor (m)
-        # The candidates' squared distances at the anchor.
-        self._anchor_d2 = torch.zeros(0, dtype=torch.float64, device=self.origin.device)
-        radius = self.dhat + 2.0 * self._reach
+        x = x.detach()
+        radius = self.dhat + 2.0 * reach
         # The pairs really closer than the radius (boxes of neighbouring elements overlap
         # however far apart the elements are): the others cannot come within dhat, nor
         # meet, while the offsets stay within reach. The slack covers rounding.
-        slack = 1e-6 * float(self._anchor.abs().max()) if len(x) else 0.0
-        c, d2 = near_candidates(
-            self.surface, self._anchor, radius, radius + slack, self.broad_phase, self._broad
-        )
+        slack = 1e-6 * float(x.abs().max()) if len(x) else 0.0
+        if self._same_anchor(x) and radius <= self.dhat + 2.0 * self._reach:
+            c, d2 = self._filtered(radius + slack)
+            self.timings["filtered_rebuilds"] += 1
+        else:
+            c, d2 = near_candidates(
+                self.surface, x, radius, radius + slack, self.broad_phase, self._broad
+            )
+            self._anchor = x.clone()
+        self._reach = reach
+        self._moved = None
+        self._closest = math.inf  # the candidates' smallest distance at the anchor (m)
+        # The candidates' squared distances at the anchor (as measured, and in float64).
+        self._anchor_d2_measured = d2
+        self._anchor_d2 = d2.to(torch.float64)
         if len(d2):
-            self._anchor_d2 = d2.to(torch.float64)
             self._closest = float(d2.min().clamp_min(0).sqrt()) - slack
         self._candidates = c
         self.timings["broad_phase"] += time.perf_counter() - start
         self.timings["rebuilds"] += 1
+
+    def _same_anchor(self, x: torch.Tensor) -> bool:
+        """Whether local x holds exactly the current anchor's positions (and dtype)."""
+        a = self._anchor
+        return (
+            a is not None
+            and self._candidates is not None
+            and a.shape == x.shape
+            and a.dtype == x.dtype
+            and a.device == x.device
+            and bool(torch.equal(a, x))
+        )
+
+    def _filtered(self, within: float) -> tuple[Candidates, torch.Tensor]:
+        """The current candidates closer than ``within`` (m) at the anchor, and their squared
+        distances there, compared as the broad phase compares them (in the anchor's dtype)."""
+        c, d2 = self._candidates, self._anchor_d2_measured
+        keep = d2 < d2.new_tensor(within**2)
+        k1 = len(c.point_triangle)
+        pt, ee = keep[:k1], keep[k1:]
+        return Candidates(c.point_triangle[pt], c.edge_edge[ee], c.mollifier_eps[ee]), d2[keep]
 
     def _stage(self, name: str, start: float, broad_phase: float) -> None:
         """Adds the seconds since ``start`` to ``timings[name]``, less any broad phase run

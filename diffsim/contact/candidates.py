@@ -201,9 +201,10 @@ def near_candidates(
     """The candidate pairs (:func:`find_candidates` with ``radius``) closer than ``within``
     (m) at ``x``, and their squared distances ``[k]`` (x's dtype, point-triangle first).
 
-    The ``"bvh"`` method measures the pairs inside its queries (:class:`.warp_broad_phase.
-    BroadPhase`, kept in ``cache`` per dtype between calls), with the formulas of the
-    ``pair_distances`` kernel; ``"brute"`` measures them with the torch reference.
+    The ``"bvh"`` method measures the pairs inside its queries
+    (:class:`~diffsim.contact.warp_broad_phase.BroadPhase`, kept in ``cache`` per dtype
+    between calls), with the formulas of the ``pair_distances`` kernel; ``"brute"``
+    measures them with the torch reference.
     """
     x = x.detach()
     if method == "bvh":

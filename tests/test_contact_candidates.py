@@ -131,3 +131,20 @@ def test_a_set_shrunk_at_its_anchor_is_the_set_built_there(broad_phase, dtype):
     shrunk._rebuild(x + 1e-3, 0.01)
     shrunk._rebuild(x + 1e-3, 0.02)
     assert shrunk.timings["filtered_rebuilds"] == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_subset_is_measured_as_the_whole_set_is(dtype):
+    from diffsim.contact.warp_broad_phase import squared_distances
+    from diffsim.contact.warp_glue import pair_arrays
+    from diffsim.contact.warp_glue import squared_distances as all_squared_distances
+
+    mesh = two_bodies()
+    surface = SurfacePrimitives.from_mesh(mesh)
+    x = torch.tensor(mesh.vertices, dtype=dtype)
+    c, _ = near_candidates(surface, x, 0.05, 0.05)
+    y = x + torch.tensor(np.random.default_rng(4).normal(scale=0.01, size=x.shape), dtype=dtype)
+    arrays = pair_arrays(c, dtype)
+    rows = torch.arange(0, c.n_pairs, 3)
+    d2 = squared_distances(y, arrays.pairs[rows], arrays.kinds[rows])
+    assert torch.equal(d2, all_squared_distances(arrays, y)[rows])

@@ -665,7 +665,8 @@ class SurfaceContact:
             return True
         # The pairs near enough to matter, by their distances at the first frame (the
         # block's own motion is small next to the anchor's): measured at every frame.
-        near = self._near_pairs(needed + 2.0 * block_moved, local[0])
+        now = 0.5 * float((hi[0] - lo[0]).norm())  # the first frame's offset from the anchor
+        near = self._near_pairs(needed + 2.0 * block_moved, local[0], now)
         if near is None:
             return False
         if not near.n_pairs:
@@ -692,16 +693,29 @@ class SurfaceContact:
         """The smallest distance (m) of any pair at the anchor."""
         return min(self._closest, self._listed_radius())
 
-    def _near_pairs(self, within: float, x: torch.Tensor | None = None) -> Candidates | None:
+    def _near_pairs(
+        self, within: float, x: torch.Tensor | None = None, now: float = 0.0
+    ) -> Candidates | None:
         """The candidates closer than ``within`` (m) at local x (default: at the anchor), or
         None if there are more than ``MAX_NEAR_PAIRS`` (measuring them every frame would
-        cost more than it saves)."""
+        cost more than it saves). ``now``: x's :func:`_offset` from the anchor (m)."""
         if x is None:
             d2 = self._anchor_d2
-        elif self.broad_phase == "bvh":  # Warp is there: its kernel is the faster one
-            from diffsim.contact.warp_glue import pair_arrays, squared_distances
+        elif self.broad_phase == "bvh":  # Warp is there: its kernels are the faster ones
+            from diffsim.contact.warp_broad_phase import squared_distances
+            from diffsim.contact.warp_glue import pair_arrays
 
-            d2 = squared_distances(pair_arrays(self._candidates, x.dtype), x.contiguous())
+            # Pair k is at least D_k - 2 now apart at x (D_k at the anchor, see _offset):
+            # only the pairs that bound lets within are measured (with room for rounding,
+            # the anchor's distances being in the working dtype); the same ones are found.
+            limit = (within + 2.0 * now) * (1.0 + 1e-5) + 1e-12
+            maybe = torch.nonzero(self._anchor_d2 < limit**2).flatten()
+            arrays = pair_arrays(self._candidates, x.dtype)
+            d2 = squared_distances(x, arrays.pairs[maybe], arrays.kinds[maybe])
+            index = maybe[d2 < within**2]
+            if len(index) > MAX_NEAR_PAIRS:
+                return None
+            return self._candidates.subset(index)
         else:
             d2 = torch.cat(potential.pair_distances(x, self._candidates))
         index = torch.nonzero(d2 < within**2).flatten()

@@ -205,8 +205,33 @@ def frame_distances(frames: torch.Tensor, pairs: torch.Tensor, n_point_triangle:
             wp.from_torch(pairs.to(torch.int32).contiguous()),
             wp.from_torch(kinds),
             PARALLEL_FRACTION[dtype],
+            1,
         ],
         outputs=[wp.from_torch(out, dtype=SCALARS[dtype])],
         device=str(frames.device),
     )
     return out
+
+
+def squared_distances(x: torch.Tensor, pairs: torch.Tensor, kinds: torch.Tensor):
+    """Squared distances ``[k]`` (m^2) of the pairs ``[k, 4]`` (int32 vertex ids, int32
+    kinds) at ``x [n, 3]``, by the formulas of the ``pair_distances`` kernel (the same
+    values: a subset of a set's pairs measured without the others)."""
+    dtype = x.dtype
+    out = torch.empty((1, len(pairs)), dtype=dtype, device=x.device)
+    if len(pairs):
+        wp.launch(
+            broad_phase_kernels(SCALARS[dtype]).frame_distances,
+            dim=(1, len(pairs)),
+            inputs=[
+                wp.from_torch(x.contiguous(), dtype=VEC3[dtype]),
+                0,
+                wp.from_torch(pairs.contiguous()),
+                wp.from_torch(kinds.contiguous()),
+                PARALLEL_FRACTION[dtype],
+                0,
+            ],
+            outputs=[wp.from_torch(out, dtype=SCALARS[dtype])],
+            device=str(x.device),
+        )
+    return out[0]

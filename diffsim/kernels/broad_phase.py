@@ -12,8 +12,8 @@ output's length are counted, not written, so the caller can size the output and 
 again). On the CPU threads run in order, so the rows come in the order of the query
 elements, each element's in the order its tree query finds them.
 
-``frame_distances`` measures given pairs in each of a run of frames (the check that a run of
-contact-free substeps stayed clear of contact).
+``frame_distances`` measures given pairs (their distances or squared distances) in each of a
+run of frames (the check that a run of contact-free substeps stayed clear of contact).
 
 Pure Warp: the torch side is :mod:`diffsim.contact.warp_broad_phase`.
 """
@@ -120,9 +120,11 @@ def _build(scalar):
         pairs: wp.array2d(dtype=wp.int32),
         kinds: wp.array(dtype=wp.int32),
         parallel_fraction: scalar,
+        root: int,
         out: wp.array2d(dtype=scalar),
     ):
-        """Distance of pair k in frame f (frames stacked as one array of F n vertices)."""
+        """Distance of pair k in frame f (frames stacked as one array of F n vertices), or
+        its square where ``root`` is 0."""
         f, k = wp.tid()
         shift = f * n
         x0 = x[shift + pairs[k, 0]]
@@ -130,7 +132,9 @@ def _build(scalar):
         x2 = x[shift + pairs[k, 2]]
         x3 = x[shift + pairs[k, 3]]
         s = squared_distance(kinds[k], x0, x1, x2, x3, parallel_fraction)
-        out[f, k] = wp.sqrt(wp.max(s, scalar(0.0)))
+        if root != 0:
+            s = wp.sqrt(wp.max(s, scalar(0.0)))
+        out[f, k] = s
 
     return SimpleNamespace(
         near_vertex_face=near_vertex_face,

@@ -109,28 +109,31 @@ def test_frame_distances_kernel_matches_the_torch_formulas():
 
 @pytest.mark.parametrize("broad_phase", ["bvh", "brute"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_a_set_shrunk_at_its_anchor_is_the_set_built_there(broad_phase, dtype):
+def test_a_set_filtered_at_its_anchor_is_the_set_built_there(broad_phase, dtype):
     from diffsim.contact import SurfaceContact
 
     mesh = two_bodies()
     x = torch.tensor(mesh.vertices - mesh.vertices.mean(axis=0), dtype=dtype)
     kwargs = {"dhat": 0.004, "stiffness": 1.0, "broad_phase": broad_phase}
-    shrunk, fresh = SurfaceContact(mesh, **kwargs), SurfaceContact(mesh, **kwargs)
-    shrunk._rebuild(x, 0.05)
-    big = shrunk._candidates.n_pairs
-    shrunk._rebuild(x.clone(), 0.01)  # the same positions: filtered, no broad phase
-    fresh._rebuild(x, 0.01)
-    assert shrunk.timings["filtered_rebuilds"] == 1 and "filtered_rebuilds" not in fresh.timings
-    a, b = shrunk._candidates, fresh._candidates
-    assert big > a.n_pairs > 0
-    for name in ("point_triangle", "edge_edge", "mollifier_eps"):
-        assert torch.equal(getattr(a, name), getattr(b, name))
-    assert torch.equal(shrunk._anchor_d2, fresh._anchor_d2)
-    assert shrunk._closest == fresh._closest
-    # Elsewhere, or larger, it is a broad phase again.
-    shrunk._rebuild(x + 1e-3, 0.01)
-    shrunk._rebuild(x + 1e-3, 0.02)
-    assert shrunk.timings["filtered_rebuilds"] == 1
+    filtered, fresh = SurfaceContact(mesh, **kwargs), SurfaceContact(mesh, **kwargs)
+    filtered._rebuild(x, 0.05)
+    big = filtered._candidates.n_pairs
+    # Smaller, then larger again (no larger than the first) at the same positions: filtered
+    # from the first set, no broad phase.
+    for reach in (0.01, 0.02):
+        filtered._rebuild(x.clone(), reach)
+        fresh._rebuild(x, reach)
+        a, b = filtered._candidates, fresh._candidates
+        assert big > a.n_pairs > 0
+        for name in ("point_triangle", "edge_edge", "mollifier_eps"):
+            assert torch.equal(getattr(a, name), getattr(b, name))
+        assert torch.equal(filtered._anchor_d2, fresh._anchor_d2)
+        assert filtered._closest == fresh._closest
+    assert filtered.timings["filtered_rebuilds"] == 2 and "filtered_rebuilds" not in fresh.timings
+    # Elsewhere, or larger than the set built there, it is a broad phase again.
+    filtered._rebuild(x + 1e-3, 0.01)
+    filtered._rebuild(x + 1e-3, 0.02)
+    assert filtered.timings["filtered_rebuilds"] == 2
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

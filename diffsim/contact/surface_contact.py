@@ -310,6 +310,11 @@ class SurfaceContact:
         """
         return STOPPING_FRACTION * dhat / (SPEED_MARGIN * speed)
 
+    def stopping_speed(self, h: float) -> float:
+        """About the fastest approach (m/s) the default barrier stops within its stable
+        range at substeps of h (s): ``STOPPING_FRACTION dhat / h``."""
+        return STOPPING_FRACTION * self.dhat / h
+
     def stable_substep(self) -> float:
         """The longest explicit substep (s) this barrier's stiffness bears down to gaps of
         dhat/4: ``STABLE_GAP_FRACTION / (dhat sqrt(2 kappa))``, the inverse of
@@ -703,15 +708,16 @@ class SurfaceContact:
             d2 = self._anchor_d2
         elif self.broad_phase == "bvh":  # Warp is there: its kernels are the faster ones
             from diffsim.contact.warp_broad_phase import squared_distances
-            from diffsim.contact.warp_glue import pair_arrays
 
             # Pair k is at least D_k - 2 now apart at x (D_k at the anchor, see _offset):
             # only the pairs that bound lets within are measured (with room for rounding,
             # the anchor's distances being in the working dtype); the same ones are found.
             limit = (within + 2.0 * now) * (1.0 + 1e-5) + 1e-12
             maybe = torch.nonzero(self._anchor_d2 < limit**2).flatten()
-            arrays = pair_arrays(self._candidates, x.dtype)
-            d2 = squared_distances(x, arrays.pairs[maybe], arrays.kinds[maybe])
+            c = self._candidates
+            k1 = len(c.point_triangle)
+            pt, ee = maybe[maybe < k1], maybe[maybe >= k1] - k1
+            d2 = squared_distances(x, c.point_triangle[pt], c.edge_edge[ee])
             index = maybe[d2 < within**2]
             if len(index) > MAX_NEAR_PAIRS:
                 return None

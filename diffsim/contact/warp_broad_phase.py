@@ -213,10 +213,14 @@ def frame_distances(frames: torch.Tensor, pairs: torch.Tensor, n_point_triangle:
     return out
 
 
-def squared_distances(x: torch.Tensor, pairs: torch.Tensor, kinds: torch.Tensor):
-    """Squared distances ``[k]`` (m^2) of the pairs ``[k, 4]`` (int32 vertex ids, int32
-    kinds) at ``x [n, 3]``, by the formulas of the ``pair_distances`` kernel (the same
-    values: a subset of a set's pairs measured without the others)."""
+def squared_distances(x: torch.Tensor, point_triangle: torch.Tensor, edge_edge: torch.Tensor):
+    """Squared distances ``[k1 + k2]`` (m^2) at ``x [n, 3]`` of the point-triangle pairs
+    ``[k1, 4]`` and then the edge-edge pairs ``[k2, 4]`` (vertex ids), by the formulas of the
+    ``pair_distances`` kernel (the same values: a few of a set's pairs measured without the
+    others)."""
+    pairs = torch.cat([point_triangle, edge_edge]).to(torch.int32)
+    kinds = torch.full((len(pairs),), EDGE_EDGE, dtype=torch.int32, device=x.device)
+    kinds[: len(point_triangle)] = POINT_TRIANGLE
     dtype = x.dtype
     out = torch.empty((1, len(pairs)), dtype=dtype, device=x.device)
     if len(pairs):
@@ -227,7 +231,7 @@ def squared_distances(x: torch.Tensor, pairs: torch.Tensor, kinds: torch.Tensor)
                 wp.from_torch(x.contiguous(), dtype=VEC3[dtype]),
                 0,
                 wp.from_torch(pairs.contiguous()),
-                wp.from_torch(kinds.contiguous()),
+                wp.from_torch(kinds),
                 PARALLEL_FRACTION[dtype],
                 0,
             ],

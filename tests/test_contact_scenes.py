@@ -13,10 +13,9 @@ import pytest
 import torch
 
 import diffsim as ds
-from diffsim.apps.scene import load_scene
 from diffsim.contact.potential import pair_distances
 from diffsim.physics.elasticity import volume_ratios
-from tests.helpers import build_scene
+from tests.scene_rollouts import scene_frames
 
 ipctk = pytest.importorskip("ipctk")
 SCENES = Path(__file__).resolve().parents[1] / "scenes"
@@ -60,21 +59,19 @@ def assert_intersection_free(mesh: ds.TetMesh, x: np.ndarray) -> None:
 
 
 def run_and_check(name: str, steps: int | None) -> tuple:
-    scene = load_scene(SCENES / f"{name}.py")
-    sim = build_scene(scene)
-    steps = scene.steps if steps is None else steps
-    with torch.no_grad():
-        traj = sim.rollout(steps, scene.initial_state(sim))
-    assert torch.isfinite(traj.positions).all() and torch.isfinite(traj.velocities).all()
-    x = traj.positions.double().numpy()
+    """Checks the first ``steps`` steps (default: the scene's STEPS) of the scene's rollout
+    (shared with test_inversion and test_scenes); returns their positions and the simulator."""
+    _, sim, positions, velocities = scene_frames(name, steps)
+    assert torch.isfinite(positions).all() and torch.isfinite(velocities).all()
+    x = positions.double().numpy()
     m = sim.model
-    for i, xi in enumerate(traj.positions):
+    for i, xi in enumerate(positions):
         J = volume_ratios(xi.double(), m.tets, m.dm_inv.double())
         assert float(J.min()) > 0, f"a tet inverted at frame {i} (J = {float(J.min()):.3g})"
     assert_intersection_free(sim.mesh, x)
     contact, ground = m.contact, m.ground
     assert contact is not None  # on by default
-    closest = min(contact.min_distance(traj.positions[i]) for i in range(len(x)))
+    closest = min(contact.min_distance(positions[i]) for i in range(len(x)))
     if name in MEETING:  # the bodies really met: some pair came within the barrier's range
         assert 0 < closest < contact.dhat
     else:  # one body: its own surface never came near itself
@@ -84,8 +81,8 @@ def run_and_check(name: str, steps: int | None) -> tuple:
         if name not in MEETING:  # a body dropped on the ground: it got there
             assert x[..., 1].min() < ground.height + ground.dhat
     if name not in MEETING and ground is None:  # the beam: it sags under its weight
-        assert float((traj.positions[-1] - traj.positions[0]).norm(dim=1).max()) > 1e-3
-    return traj, sim
+        assert float((positions[-1] - positions[0]).norm(dim=1).max()) > 1e-3
+    return positions, sim
 
 
 @pytest.mark.parametrize("name", sorted(SCENE_STEPS))
@@ -95,10 +92,10 @@ def test_scene_is_intersection_free(name):
 
 @pytest.mark.slow
 def test_mat_on_sphere_full_run_is_intersection_free_and_folds_onto_itself():
-    traj, sim = run_and_check("mat_on_sphere", None)
+    positions, sim = run_and_check("mat_on_sphere", None)
     contact, body = sim.model.contact, torch.as_tensor(sim.mesh.body_ids)
     self_contact = 0
-    for x in traj.positions[::2]:  # a fold can touch for only a few frames
+    for x in positions[::2]:  # a fold can touch for only a few frames
         c = contact.candidates(x)
         d_pt, d_ee = pair_distances(x, c)
         pairs = torch.cat([c.point_triangle, c.edge_edge])

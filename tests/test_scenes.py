@@ -15,6 +15,7 @@ import diffsim as ds  # noqa: E402
 from diffsim.apps.scene import DEFAULT_FPS, DEFAULT_STEPS, SceneError, load_scene, with_parameters  # noqa: E402
 
 from .helpers import build_scene  # noqa: E402
+from .scene_rollouts import scene_frames  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -151,17 +152,16 @@ def test_with_parameters_changes_only_what_is_asked():
 
 
 def run_whole(name: str):
-    scene = load_scene(next(p for p in SCENES if p.stem == name))
-    sim = scene.build()
-    with torch.no_grad():
-        traj = sim.rollout(scene.steps, scene.initial_state(sim))
-    assert torch.isfinite(traj.positions).all() and torch.isfinite(traj.velocities).all()
-    return sim, traj
+    """The simulator and positions of the whole scene (its STEPS) from its initial state,
+    rolled out once per session for the tests of scenes (tests/scene_rollouts.py)."""
+    scene, sim, positions, velocities = scene_frames(name)
+    assert len(positions) == scene.steps + 1
+    assert torch.isfinite(positions).all() and torch.isfinite(velocities).all()
+    return sim, positions
 
 
 def test_cube_drop_lands_and_stays_on_the_ground():
-    sim, traj = run_whole("cube_drop")
-    x = traj.positions
+    sim, x = run_whole("cube_drop")
     assert float(x[..., 1].min()) > 0.0
     com = x[-1].mean(dim=0)
     assert 0.07 < float(com[1]) < 0.13  # resting: the 0.2 m cube's centre near 0.1 m
@@ -169,16 +169,16 @@ def test_cube_drop_lands_and_stays_on_the_ground():
 
 
 def test_cantilever_sags_by_a_plausible_amount():
-    sim, traj = run_whole("cantilever")
+    sim, x = run_whole("cantilever")
     tip = sim.mesh.vertices[:, 0] > sim.mesh.vertices[:, 0].max() - 1e-9
-    sag = float(traj.positions[0, tip, 1].mean() - traj.positions[-1, tip, 1].mean())
+    sag = float(x[0, tip, 1].mean() - x[-1, tip, 1].mean())
     assert 0.01 < sag < 0.25
 
 
 def test_sphere_bounces_and_rolls_on():
-    sim, traj = run_whole("sphere_bounce")
-    y = traj.positions[..., 1]
+    sim, x = run_whole("sphere_bounce")
+    y = x[..., 1]
     assert float(y.min()) > 0.0
     lowest = y.min(dim=1).values
     assert float(lowest.min()) < 1e-3  # it reached the ground ...
-    assert float(traj.positions[-1, :, 0].mean()) > 0.3  # ... and travelled on
+    assert float(x[-1, :, 0].mean()) > 0.3  # ... and travelled on

@@ -152,3 +152,22 @@ def test_a_subset_is_measured_as_the_whole_set_is(dtype):
     rows = torch.cat([pt, ee + len(c.point_triangle)])
     assert len(pt) and len(ee)
     assert torch.equal(d2, all_squared_distances(pair_arrays(c, dtype), y)[rows])
+
+
+def test_frame_offset_bounds_are_the_torch_bounds_bit_for_bit():
+    from diffsim.contact.warp_broad_phase import frame_offset_bounds
+
+    rng = np.random.default_rng(5)
+    frames = torch.tensor(rng.normal(size=(6, 40, 3))) + 1e3  # far from the origin: rounding
+    origin = torch.tensor(rng.normal(size=3)) + 1e3
+    anchor = frames[2] - origin + torch.tensor(rng.normal(scale=1e-3, size=(40, 3)))
+    local = frames - origin
+    expected = (
+        *torch.aminmax(local - local[0], dim=1),
+        *torch.aminmax(local[1:] - local[:-1], dim=1),
+        *torch.aminmax(local - anchor, dim=1),
+    )
+    for got, want in zip(frame_offset_bounds(frames, origin, anchor), expected, strict=True):
+        assert torch.equal(got, want)
+    frames[3, 7, 1] = float("nan")
+    assert frame_offset_bounds(frames, origin, anchor) is None

@@ -33,7 +33,7 @@ STABLE_GAP_FRACTION = 0.25
 # With it, the barrier stops approach speeds up to about this fraction of dhat / h ...
 STOPPING_FRACTION = 0.4
 # ... and contact_speed sizes the substep to stop this many times the given speed.
-SPEED_MARGIN = 1.5
+SPEED_MARGIN = 2.0
 # A candidate set is built with room for at least this many steps of the last step's size.
 REBUILD_STEPS = 4
 # limit() first scales a whole step down (one factor for all vertices) so that no vertex
@@ -305,8 +305,9 @@ class SurfaceContact:
 
         The barrier stops approaches up to about ``STOPPING_FRACTION dhat / h`` within its
         stable range (:meth:`default_stiffness`); faster ones are cut by the step limit and
-        lose energy. Two balls meeting at 5 m/s kept 0.88, 0.96, 0.97 and 1.00 of their
-        energy with that speed limit 1.0, 1.2, 1.6 and 2.0 times the approach speed.
+        lose energy. Two balls meeting at 5 m/s (tests/test_contact_physics.py) kept 0.88,
+        0.96, 0.97 (float32: 0.94) and 1.00 (1.01) of their energy with that speed limit
+        1.0, 1.2, 1.6 and 2.0 times the approach speed.
         """
         return STOPPING_FRACTION * dhat / (SPEED_MARGIN * speed)
 
@@ -634,17 +635,15 @@ class SurfaceContact:
 
     def _clear_over(self, frames: torch.Tensor, record: bool) -> bool:
         """:meth:`clear_over` (no autograd, at least two frames)."""
-        local = frames.detach().to(torch.float64) - self.origin
+        frames = frames.detach().to(torch.float64)  # local positions: frames - origin
         if self._anchor is None or self._anchor.shape != frames[0].shape:
             self._candidates_at(self.local(frames[0]))
         # Otherwise the set is kept as it is (no shrink: the next contact substep does
         # that where needed); it is rebuilt below only where it does not reach.
-        lo, hi = torch.aminmax(local - local[0], dim=1)
+        lo, hi, lo_step, hi_step, lo_anchor, hi_anchor = self._frame_bounds(frames)
         block_moved = 0.5 * float((hi - lo).norm(dim=1).max())
-        steps = local[1:] - local[:-1]
-        lo, hi = torch.aminmax(steps, dim=1)
-        step = 0.5 * float((hi - lo).norm(dim=1).max())
-        absolute = float(torch.maximum(lo.abs(), hi.abs()).norm(dim=1).max())
+        step = 0.5 * float((hi_step - lo_step).norm(dim=1).max())
+        absolute = float(torch.maximum(lo_step.abs(), hi_step.abs()).norm(dim=1).max())
         if step > MAX_STEP_FRACTION * self.scene_size:
             return False
         if absolute > MAX_TRANSLATION_FRACTION * self.scene_size:
@@ -653,7 +652,7 @@ class SurfaceContact:
         # A prediction (record=False, a straight guess of a whole block's motion) asks
         # only for the pairs to stay beyond dhat: its "step" is no substep.
         needed = clear_distance(step if record else 0.0, self.dhat, self.scene_size)
-        lo, hi = torch.aminmax(local - self._anchor.to(torch.float64), dim=1)
+        lo, hi = lo_anchor, hi_anchor
         moved = 0.5 * float((hi - lo).norm(dim=1).max())
         if self._listed_radius() - 2.0 * moved <= needed:
             now = 0.5 * float((hi[0] - lo[0]).norm())
@@ -663,7 +662,7 @@ class SurfaceContact:
             # (with room for twice that motion, so that growing blocks rebuild rarely).
             wanted = max(self.margin, REBUILD_STEPS * self._last_step)
             self._rebuild(self.local(frames[0]), max(wanted, 2.0 * block_moved))
-            lo, hi = torch.aminmax(local - self._anchor.to(torch.float64), dim=1)
+            lo, hi = self._frame_bounds(frames)[4:]
             moved = 0.5 * float((hi - lo).norm(dim=1).max())
         if self._closest_listed() - 2.0 * moved > needed:
             self._last_step = step if record else self._last_step
@@ -671,23 +670,48 @@ class SurfaceContact:
         # The pairs near enough to matter, by their distances at the first frame (the
         # block's own motion is small next to the anchor's): measured at every frame.
         now = 0.5 * float((hi[0] - lo[0]).norm())  # the first frame's offset from the anchor
-        near = self._near_pairs(needed + 2.0 * block_moved, local[0], now)
+        near = self._near_pairs(needed + 2.0 * block_moved, frames[0] - self.origin, now)
         if near is None:
             return False
         if not near.n_pairs:
             self._last_step = step if record else self._last_step
             return True
-        distances = _frame_distances(local, near, self.broad_phase == "bvh")  # [S + 1, k]
+        # Their vertices' local positions in every frame, the pairs renumbered to them.
+        rows = torch.cat([near.point_triangle, near.edge_edge])
+        vertices, rows = torch.unique(rows, return_inverse=True)
+        local = frames[:, vertices] - self.origin  # [S + 1, m, 3]
+        k1 = len(near.point_triangle)
+        renumbered = Candidates(rows[:k1], rows[k1:], near.mollifier_eps)
+        distances = _frame_distances(local, renumbered, self.broad_phase == "bvh")  # [S + 1, k]
         if float(distances.min()) <= (1.01 * self.dhat + 1e-6 * self.scene_size):
             return False
         # Each step's L_k, the most it can close the pair (see .ccd), [S, k].
-        ids = torch.cat([near.point_triangle, near.edge_edge])
-        sides = ccd._sides(near, ids.device).repeat(len(steps), 1)
-        reach = ccd.pair_reach(steps[:, ids].reshape(-1, 4, 3), sides).view(len(steps), -1)
+        steps = local[1:] - local[:-1]
+        sides = ccd._sides(near, rows.device).repeat(len(steps), 1)
+        reach = ccd.pair_reach(steps[:, rows].reshape(-1, 4, 3), sides).view(len(steps), -1)
         if record and bool((reach > 0.99 * keep * distances[:-1]).any()):
             return False
         self._last_step = step if record else self._last_step
         return True
+
+    def _frame_bounds(self, frames: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """For the local positions ``frames - origin`` (``frames [F, n, 3]`` float64): the
+        componentwise bounds ``(lo, hi)`` over the vertices, per frame, of the positions
+        less the first frame's ``[F, 3]``, of the steps between frames ``[F - 1, 3]`` and of
+        the positions less the anchor's ``[F, 3]``: one Warp kernel pass where Warp is
+        there (and every position finite), else torch ops on the frames."""
+        anchor = self._anchor.to(torch.float64)
+        if self.broad_phase == "bvh" and frames.shape[1]:
+            from diffsim.contact.warp_broad_phase import frame_offset_bounds
+
+            bounds = frame_offset_bounds(frames, self.origin, anchor)
+            if bounds is not None:
+                return bounds
+        local = frames - self.origin
+        lo, hi = torch.aminmax(local - local[0], dim=1)
+        lo_step, hi_step = torch.aminmax(local[1:] - local[:-1], dim=1)
+        lo_anchor, hi_anchor = torch.aminmax(local - anchor, dim=1)
+        return lo, hi, lo_step, hi_step, lo_anchor, hi_anchor
 
     def _listed_radius(self) -> float:
         """The broad phase's radius (m), less rounding: pairs farther apart at the anchor

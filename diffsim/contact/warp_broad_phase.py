@@ -23,7 +23,7 @@ import torch
 import warp as wp
 
 from diffsim.contact.distances import MOLLIFIER_FRACTION, PARALLEL_FRACTION
-from diffsim.kernels.broad_phase import broad_phase_kernels
+from diffsim.kernels.broad_phase import broad_phase_kernels, frame_bounds
 from diffsim.kernels.contact import EDGE_EDGE, POINT_TRIANGLE, contact_kernels
 from diffsim.kernels.runtime import init_warp
 
@@ -239,3 +239,35 @@ def squared_distances(x: torch.Tensor, point_triangle: torch.Tensor, edge_edge: 
             device=str(x.device),
         )
     return out[0]
+
+
+def frame_offset_bounds(frames: torch.Tensor, origin: torch.Tensor, anchor: torch.Tensor):
+    """For local positions ``frames [F, n, 3] - origin`` (float64): the componentwise
+    bounds ``(lo, hi)`` over the vertices, per frame, of the positions less the first
+    frame's ``[F, 3]``, of the steps between frames ``[F - 1, 3]`` and of the positions less
+    ``anchor [n, 3]`` ``[F, 3]``, in one pass (the values ``torch.aminmax`` gives on the
+    same differences); None where a position is not finite."""
+    f, n = frames.shape[:2]
+    device = frames.device
+    out = [
+        torch.empty((max(k, 1), 3), dtype=torch.float64, device=device)
+        for k in (f, f, f - 1, f - 1, f, f)
+    ]
+    bad = torch.zeros(1, dtype=torch.int32, device=device)
+    o = origin.tolist()
+    wp.launch(
+        frame_bounds,
+        dim=f,
+        inputs=[
+            wp.from_torch(frames.reshape(-1, 3).contiguous(), dtype=wp.vec3d),
+            n,
+            wp.vec3d(o[0], o[1], o[2]),
+            wp.from_torch(anchor.contiguous(), dtype=wp.vec3d),
+        ],
+        outputs=[wp.from_torch(t, dtype=wp.vec3d) for t in out] + [wp.from_torch(bad)],
+        device=str(device),
+    )
+    if int(bad[0]):
+        return None
+    lo0, hi0, los, his, loa, hia = out
+    return lo0, hi0, los[: f - 1], his[: f - 1], loa, hia

@@ -13,7 +13,8 @@ again). On the CPU threads run in order, so the rows come in the order of the qu
 elements, each element's in the order its tree query finds them.
 
 ``frame_distances`` measures given pairs (their distances or squared distances) in each of a
-run of frames (the check that a run of contact-free substeps stayed clear of contact).
+run of frames, and ``frame_bounds`` bounds the frames' offsets in one pass (the check that a
+run of contact-free substeps stayed clear of contact).
 
 Pure Warp: the torch side is :mod:`diffsim.contact.warp_broad_phase`.
 """
@@ -141,6 +142,61 @@ def _build(scalar):
         near_edge_edge=near_edge_edge,
         frame_distances=frame_distances,
     )
+
+
+@wp.kernel
+def frame_bounds(
+    frames: wp.array(dtype=wp.vec3d),
+    n: int,
+    origin: wp.vec3d,
+    anchor: wp.array(dtype=wp.vec3d),
+    lo_first: wp.array(dtype=wp.vec3d),
+    hi_first: wp.array(dtype=wp.vec3d),
+    lo_step: wp.array(dtype=wp.vec3d),
+    hi_step: wp.array(dtype=wp.vec3d),
+    lo_anchor: wp.array(dtype=wp.vec3d),
+    hi_anchor: wp.array(dtype=wp.vec3d),
+    bad: wp.array(dtype=wp.int32),
+):
+    """Per frame f (frames stacked as one array of F n vertices, local positions
+    ``frames - origin``): the componentwise bounds over the vertices of its positions less
+    the first frame's, less the previous frame's (f > 0, written at f - 1) and less the
+    anchor's; ``bad`` is set where a position is not finite (the bounds are then void)."""
+    f = wp.tid()
+    shift = f * n
+    x = frames[shift] - origin
+    finite = wp.isfinite(x[0]) and wp.isfinite(x[1]) and wp.isfinite(x[2])
+    lo_d = x - (frames[0] - origin)
+    hi_d = lo_d
+    lo_a = x - anchor[0]
+    hi_a = lo_a
+    lo_s = wp.vec3d()
+    if f > 0:
+        lo_s = x - (frames[shift - n] - origin)
+    hi_s = lo_s
+    for i in range(1, n):
+        x = frames[shift + i] - origin
+        if not (wp.isfinite(x[0]) and wp.isfinite(x[1]) and wp.isfinite(x[2])):
+            finite = False
+        d = x - (frames[i] - origin)
+        lo_d = wp.min(lo_d, d)
+        hi_d = wp.max(hi_d, d)
+        a = x - anchor[i]
+        lo_a = wp.min(lo_a, a)
+        hi_a = wp.max(hi_a, a)
+        if f > 0:
+            st = x - (frames[shift - n + i] - origin)
+            lo_s = wp.min(lo_s, st)
+            hi_s = wp.max(hi_s, st)
+    lo_first[f] = lo_d
+    hi_first[f] = hi_d
+    lo_anchor[f] = lo_a
+    hi_anchor[f] = hi_a
+    if f > 0:
+        lo_step[f - 1] = lo_s
+        hi_step[f - 1] = hi_s
+    if not finite:
+        bad[0] = 1
 
 
 @functools.cache

@@ -18,7 +18,13 @@ from diffsim.mesh import TetMesh
 from diffsim.physics.elasticity import deformation_gradients, elastic_energy, volume_ratios
 from diffsim.physics.ground import Ground
 from diffsim.physics.materials import PARAMETER_BOUNDS, Material, StableNeoHookean
-from diffsim.physics.stable_step import MassScaling, StableStep, mass_scaling, stable_step
+from diffsim.physics.stable_step import (
+    MassScaling,
+    StableStep,
+    auto_substeps,
+    mass_scaling,
+    stable_step,
+)
 from diffsim.sim import worlds as layout
 from diffsim.sim.model import POSITION_DTYPE, Coefficients, Model, lumped_mass
 from diffsim.sim.state import State, Trajectory
@@ -306,6 +312,12 @@ class Simulator:
             non-adjacent surface elements (docs/contact.md).
         contact_stiffness: surface barrier kappa (1/(m^2 s^2)); default stable for explicit
             substeps down to dhat/4 (:meth:`SurfaceContact.default_stiffness`).
+        contact_speed: the fastest approach speed between surfaces (m/s) that impacts
+            should keep their energy at, or None. With ``substeps="auto"`` the substep is
+            also short enough for the default barrier to stop that speed
+            (:meth:`SurfaceContact.substep_for_speed`); a fixed substep too long for it
+            gives a :class:`StabilityWarning`. Faster impacts are stopped by the step
+            limit and lose energy (a warning says so when it happens; docs/contact.md).
         contact_friction: Coulomb coefficient between surfaces (>= 0).
         contact_friction_velocity: eps_v in m/s for surface friction.
         worlds: W > 0 to simulate W worlds at once (one replicated mesh, every kernel over
@@ -339,6 +351,7 @@ class Simulator:
         contact: bool = True,
         contact_dhat: float | None = None,
         contact_stiffness: float | None = None,
+        contact_speed: float | None = None,
         contact_friction: float = 0.0,
         contact_friction_velocity: float = 1e-3,
         worlds: int | None = None,
@@ -361,6 +374,11 @@ class Simulator:
         if friction < 0 or not math.isfinite(friction):
             raise ValueError(f"friction must be >= 0, got {friction}")
         _check_positive("friction_velocity", friction_velocity)
+        if contact_speed is not None:
+            _check_positive("contact_speed", contact_speed)
+            if not contact:
+                raise ValueError("contact_speed sizes the surface contact's substep: it needs "
+                                 "contact=True (or leave it None)")  # fmt: skip
         self.worlds = layout.check_worlds(worlds)
         self.mesh = mesh
         _validate_material(material, mesh.n_tets, self.worlds)
@@ -392,6 +410,10 @@ class Simulator:
                 mesh, dt / substeps, contact_dhat, contact_stiffness, contact_friction,
                 contact_friction_velocity, backend, self.device, dtype,
             )  # fmt: skip
+            if contact_speed is not None:
+                substeps = self._substeps_for_speed(
+                    dt, substeps, contact_model, contact_speed, contact_stiffness is None
+                )
             h_contact = contact_model.stable_substep()
             if dt / substeps > h_contact * (1 + 1e-9):  # only a stiffness the user set
                 warnings.warn(
@@ -410,6 +432,7 @@ class Simulator:
             fixed_mask, dt, substeps, max_speed, ground_model, contact_model
         )
         self._warned: set[str] = set()
+        self._truncated_seen = 0.0  # vertex-steps the step limit cut, at the last check
         self._inversion_check: _InversionCheck | None = None  # built at the first check
         self._inversion_log = _InversionLog(0, self.worlds, self.model.dt)
         self.backend_name = self._choose_backend(backend, material)
@@ -491,6 +514,29 @@ class Simulator:
                 stacklevel=3,
             )
         return substeps
+
+    def _substeps_for_speed(
+        self, dt: float, substeps: int, contact, speed: float, default_stiffness: bool
+    ) -> int:
+        """The substeps with ``contact_speed``: more where "auto" needs them (the default
+        stiffness follows the shorter substep), a warning where a fixed count is short."""
+        h_speed = contact.substep_for_speed(contact.dhat, speed)
+        needed = auto_substeps(dt, h_speed)
+        if needed <= substeps:
+            return substeps
+        if self.settings["substeps"] != "auto":
+            warnings.warn(
+                f"the substep {dt / substeps:.3g} s is too long for the surface barrier to "
+                f"stop approaches at contact_speed = {speed:g} m/s (dhat = {contact.dhat:.3g} "
+                f'm): use substeps >= {needed} or substeps="auto"; faster impacts lose '
+                "energy to the step limit",
+                StabilityWarning,
+                stacklevel=3,
+            )
+            return substeps
+        if default_stiffness:
+            contact.stiffness = contact.default_stiffness(contact.dhat, dt / needed)
+        return needed
 
     # ----------------------------------------------------------------- set-up helpers
     def _make_ground(self, height, dhat, stiffness, friction, friction_velocity) -> Ground:
@@ -991,6 +1037,8 @@ class Simulator:
         m = self.model
         with torch.no_grad():
             self._count_inversions(xs.detach(), first_step)
+            if m.contact is not None and "impact" not in self._warned:
+                self._check_truncated(m)
             if m.max_speed is not None and "clamp" not in self._warned:
                 fast = vs.detach().norm(dim=2) > CLAMP_NOTICE_SPEED * m.max_speed
                 # The share of each world's vertex-frames (one world without worlds).
@@ -1021,6 +1069,24 @@ class Simulator:
                         f"{m.substep_dt:.3g} s) or a clamp hiding one is the usual cause: use "
                         f"a smaller dt or more substeps",
                     )
+
+    def _check_truncated(self, m: Model) -> None:
+        """Warns once when the CCD step limit has cut steps: surfaces met faster than the
+        barrier stops at this substep, and those impacts lost energy."""
+        contacts = getattr(m.contact, "contacts", [m.contact])
+        truncated = sum(c.timings["truncated_vertex_steps"] for c in contacts)
+        if truncated <= self._truncated_seen:
+            return
+        self._truncated_seen = truncated
+        c = contacts[0]
+        self._warn(
+            "impact",
+            f"the continuous collision limit cut {truncated:.0f} vertex-steps: surfaces "
+            f"approached faster than the barrier stops at this substep (about "
+            f"{c.stopping_speed(m.substep_dt):.3g} m/s with dhat = {c.dhat:.3g} m"
+            f", h = {m.substep_dt:.3g} s), and those impacts lost energy. For elastic impacts "
+            f'at up to v m/s pass contact_speed=v with substeps="auto" (docs/contact.md)',
+        )
 
     def _count_inversions(self, xs: torch.Tensor, first_step: int) -> None:
         """Counts the inverted tets of frames ``[K, N, 3]`` (steps ``first_step + 1 ..``)

@@ -171,3 +171,28 @@ def test_frame_offset_bounds_are_the_torch_bounds_bit_for_bit():
         assert torch.equal(got, want)
     frames[3, 7, 1] = float("nan")
     assert frame_offset_bounds(frames, origin, anchor) is None
+
+
+def test_recorded_launches_follow_new_shapes():
+    """The checks' kernels are launched from recordings re-pointed at each call's tensors:
+    other frame counts, vertex counts and pair counts give the torch values every time."""
+    from diffsim.contact.surface_contact import _frame_distances
+    from diffsim.contact.warp_broad_phase import frame_offset_bounds
+
+    mesh = two_bodies()
+    surface = SurfacePrimitives.from_mesh(mesh)
+    x = torch.tensor(mesh.vertices)
+    c, _ = near_candidates(surface, x, 0.05, 0.05)
+    rng = np.random.default_rng(6)
+    for frames, pairs in ((2, 7), (9, 40), (3, c.n_pairs), (5, 1)):
+        f = x + torch.tensor(rng.normal(scale=0.01, size=(frames, *x.shape)))
+        sub = c.subset(torch.arange(pairs))
+        fast = _frame_distances(f, sub, warp=True)
+        torch.testing.assert_close(fast, _frame_distances(f, sub), rtol=1e-12, atol=1e-15)
+        vertices = torch.unique(torch.cat([sub.point_triangle, sub.edge_edge]))
+        part = f[:, vertices]
+        origin, anchor = part[0, 0].clone(), part[-1] - part[0, 0]
+        local = part - origin
+        bounds = frame_offset_bounds(part, origin, anchor)
+        assert torch.equal(bounds[2], torch.aminmax(local[1:] - local[:-1], dim=1)[0])
+        assert torch.equal(bounds[5], torch.aminmax(local - anchor, dim=1)[1])

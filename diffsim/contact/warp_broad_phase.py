@@ -185,32 +185,60 @@ class BroadPhase:
         return pt, ee, d2_pt, d2_ee, eps
 
 
+class _Launcher:
+    """Recorded launches of the checks' kernels: recorded on first use per kernel and
+    argument layout (tensors' dtypes and ranks, the numbers), then re-pointed at each call's
+    tensors (data, shape, strides), a few microseconds instead of the ~100 that wrapping and
+    packing every argument anew costs on the CPU."""
+
+    def __init__(self) -> None:
+        self._recorded: dict = {}
+
+    def __call__(self, kernel, dim: tuple, args: list, device: torch.device) -> None:
+        if not all(dim):
+            return
+        key = (kernel, str(device), *(_layout(a) for a in args))
+        recorded = self._recorded.get(key)
+        if recorded is None:
+            types = [a.type for a in kernel.adj.args]
+            wrapped = [
+                wp.from_torch(a, dtype=t.dtype) if isinstance(a, torch.Tensor) else a
+                for a, t in zip(args, types, strict=True)
+            ]
+            launch = wp.launch(kernel, dim=dim, inputs=wrapped, device=str(device), record_cmd=True)
+            recorded = self._recorded[key] = [launch, dim]
+        launch = recorded[0]
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor):
+                param = launch.params[i + 1]
+                param.data = a.data_ptr()
+                size = a.element_size()
+                for d in range(param.ndim):
+                    param.shape[d] = a.shape[d]
+                    param.strides[d] = a.stride(d) * size
+        if recorded[1] != dim:
+            launch.set_dim(dim)
+            recorded[1] = dim
+        launch.launch()
+
+
+def _layout(arg):
+    """What a recorded launch fixes about an argument."""
+    if isinstance(arg, torch.Tensor):
+        return (arg.dim(), arg.dtype, arg.device)
+    if isinstance(arg, (int, float)):
+        return arg
+    return tuple(float(v) for v in arg)  # a Warp vector
+
+
+_launch = _Launcher()
+
+
 def frame_distances(frames: torch.Tensor, pairs: torch.Tensor, n_point_triangle: int):
     """Distances (m) ``[F, k]`` of the pairs ``[k, 4]`` (the first ``n_point_triangle``
     point-triangle rows, then edge-edge rows) in each of the frames ``[F, n, 3]``, by the
     formulas of the ``pair_distances`` kernel."""
-    f, n = frames.shape[:2]
-    dtype = frames.dtype
-    out = torch.empty((f, len(pairs)), dtype=dtype, device=frames.device)
-    if not len(pairs) or not f:
-        return out
-    kinds = torch.full((len(pairs),), EDGE_EDGE, dtype=torch.int32, device=frames.device)
-    kinds[:n_point_triangle] = POINT_TRIANGLE
-    wp.launch(
-        broad_phase_kernels(SCALARS[dtype]).frame_distances,
-        dim=(f, len(pairs)),
-        inputs=[
-            wp.from_torch(frames.reshape(-1, 3).contiguous(), dtype=VEC3[dtype]),
-            n,
-            wp.from_torch(pairs.to(torch.int32).contiguous()),
-            wp.from_torch(kinds),
-            PARALLEL_FRACTION[dtype],
-            1,
-        ],
-        outputs=[wp.from_torch(out, dtype=SCALARS[dtype])],
-        device=str(frames.device),
-    )
-    return out
+    return _measure(frames, pairs, n_point_triangle, root=1)
 
 
 def squared_distances(x: torch.Tensor, point_triangle: torch.Tensor, edge_edge: torch.Tensor):
@@ -218,27 +246,19 @@ def squared_distances(x: torch.Tensor, point_triangle: torch.Tensor, edge_edge: 
     ``[k1, 4]`` and then the edge-edge pairs ``[k2, 4]`` (vertex ids), by the formulas of the
     ``pair_distances`` kernel (the same values: a few of a set's pairs measured without the
     others)."""
-    pairs = torch.cat([point_triangle, edge_edge]).to(torch.int32)
-    kinds = torch.full((len(pairs),), EDGE_EDGE, dtype=torch.int32, device=x.device)
-    kinds[: len(point_triangle)] = POINT_TRIANGLE
-    dtype = x.dtype
-    out = torch.empty((1, len(pairs)), dtype=dtype, device=x.device)
-    if len(pairs):
-        wp.launch(
-            broad_phase_kernels(SCALARS[dtype]).frame_distances,
-            dim=(1, len(pairs)),
-            inputs=[
-                wp.from_torch(x.contiguous(), dtype=VEC3[dtype]),
-                0,
-                wp.from_torch(pairs.contiguous()),
-                wp.from_torch(kinds),
-                PARALLEL_FRACTION[dtype],
-                0,
-            ],
-            outputs=[wp.from_torch(out, dtype=SCALARS[dtype])],
-            device=str(x.device),
-        )
-    return out[0]
+    pairs = torch.cat([point_triangle, edge_edge])
+    return _measure(x[None], pairs, len(point_triangle), root=0)[0]
+
+
+def _measure(frames: torch.Tensor, pairs: torch.Tensor, n_point_triangle: int, root: int):
+    f, dtype, device = len(frames), frames.dtype, frames.device
+    out = torch.empty((f, len(pairs)), dtype=dtype, device=device)
+    kinds = torch.full((len(pairs),), EDGE_EDGE, dtype=torch.int32, device=device)
+    kinds[:n_point_triangle] = POINT_TRIANGLE
+    args = [frames.contiguous(), pairs.to(torch.int32).contiguous(), kinds]
+    args += [PARALLEL_FRACTION[dtype], root, out]
+    _launch(broad_phase_kernels(SCALARS[dtype]).frame_distances, (f, len(pairs)), args, device)
+    return out
 
 
 def frame_offset_bounds(frames: torch.Tensor, origin: torch.Tensor, anchor: torch.Tensor):
@@ -247,26 +267,12 @@ def frame_offset_bounds(frames: torch.Tensor, origin: torch.Tensor, anchor: torc
     frame's ``[F, 3]``, of the steps between frames ``[F - 1, 3]`` and of the positions less
     ``anchor [n, 3]`` ``[F, 3]``, in one pass (the values ``torch.aminmax`` gives on the
     same differences); None where a position is not finite."""
-    f, n = frames.shape[:2]
-    device = frames.device
-    out = [
-        torch.empty((max(k, 1), 3), dtype=torch.float64, device=device)
-        for k in (f, f, f - 1, f - 1, f, f)
-    ]
+    f, device = len(frames), frames.device
+    out = torch.empty((6, f, 3), dtype=torch.float64, device=device)
     bad = torch.zeros(1, dtype=torch.int32, device=device)
-    o = origin.tolist()
-    wp.launch(
-        frame_bounds,
-        dim=f,
-        inputs=[
-            wp.from_torch(frames.reshape(-1, 3).contiguous(), dtype=wp.vec3d),
-            n,
-            wp.vec3d(o[0], o[1], o[2]),
-            wp.from_torch(anchor.contiguous(), dtype=wp.vec3d),
-        ],
-        outputs=[wp.from_torch(t, dtype=wp.vec3d) for t in out] + [wp.from_torch(bad)],
-        device=str(device),
-    )
+    origin = wp.vec3d(*origin.tolist())
+    args = [frames.contiguous(), origin, anchor.contiguous(), *out, bad]
+    _launch(frame_bounds, (f,), args, device)
     if int(bad[0]):
         return None
     lo0, hi0, los, his, loa, hia = out

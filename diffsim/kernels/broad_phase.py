@@ -116,22 +116,20 @@ def _build(scalar):
 
     @wp.kernel
     def frame_distances(
-        x: wp.array(dtype=vec3),
-        n: int,
+        x: wp.array2d(dtype=vec3),
         pairs: wp.array2d(dtype=wp.int32),
         kinds: wp.array(dtype=wp.int32),
         parallel_fraction: scalar,
         root: int,
         out: wp.array2d(dtype=scalar),
     ):
-        """Distance of pair k in frame f (frames stacked as one array of F n vertices), or
-        its square where ``root`` is 0."""
+        """Distance of pair k in frame f (positions ``x[f]``), or its square where ``root``
+        is 0."""
         f, k = wp.tid()
-        shift = f * n
-        x0 = x[shift + pairs[k, 0]]
-        x1 = x[shift + pairs[k, 1]]
-        x2 = x[shift + pairs[k, 2]]
-        x3 = x[shift + pairs[k, 3]]
+        x0 = x[f, pairs[k, 0]]
+        x1 = x[f, pairs[k, 1]]
+        x2 = x[f, pairs[k, 2]]
+        x3 = x[f, pairs[k, 3]]
         s = squared_distance(kinds[k], x0, x1, x2, x3, parallel_fraction)
         if root != 0:
             s = wp.sqrt(wp.max(s, scalar(0.0)))
@@ -146,8 +144,7 @@ def _build(scalar):
 
 @wp.kernel
 def frame_bounds(
-    frames: wp.array(dtype=wp.vec3d),
-    n: int,
+    frames: wp.array2d(dtype=wp.vec3d),
     origin: wp.vec3d,
     anchor: wp.array(dtype=wp.vec3d),
     lo_first: wp.array(dtype=wp.vec3d),
@@ -158,34 +155,33 @@ def frame_bounds(
     hi_anchor: wp.array(dtype=wp.vec3d),
     bad: wp.array(dtype=wp.int32),
 ):
-    """Per frame f (frames stacked as one array of F n vertices, local positions
-    ``frames - origin``): the componentwise bounds over the vertices of its positions less
-    the first frame's, less the previous frame's (f > 0, written at f - 1) and less the
-    anchor's; ``bad`` is set where a position is not finite (the bounds are then void)."""
+    """Per frame f (local positions ``frames[f] - origin``): the componentwise bounds over
+    the vertices of its positions less the first frame's, less the previous frame's (f > 0,
+    written at f - 1) and less the anchor's; ``bad`` is set where a position is not finite
+    (the bounds are then void)."""
     f = wp.tid()
-    shift = f * n
-    x = frames[shift] - origin
+    x = frames[f, 0] - origin
     finite = wp.isfinite(x[0]) and wp.isfinite(x[1]) and wp.isfinite(x[2])
-    lo_d = x - (frames[0] - origin)
+    lo_d = x - (frames[0, 0] - origin)
     hi_d = lo_d
     lo_a = x - anchor[0]
     hi_a = lo_a
     lo_s = wp.vec3d()
     if f > 0:
-        lo_s = x - (frames[shift - n] - origin)
+        lo_s = x - (frames[f - 1, 0] - origin)
     hi_s = lo_s
-    for i in range(1, n):
-        x = frames[shift + i] - origin
+    for i in range(1, frames.shape[1]):
+        x = frames[f, i] - origin
         if not (wp.isfinite(x[0]) and wp.isfinite(x[1]) and wp.isfinite(x[2])):
             finite = False
-        d = x - (frames[i] - origin)
+        d = x - (frames[0, i] - origin)
         lo_d = wp.min(lo_d, d)
         hi_d = wp.max(hi_d, d)
         a = x - anchor[i]
         lo_a = wp.min(lo_a, a)
         hi_a = wp.max(hi_a, a)
         if f > 0:
-            st = x - (frames[shift - n + i] - origin)
+            st = x - (frames[f - 1, i] - origin)
             lo_s = wp.min(lo_s, st)
             hi_s = wp.max(hi_s, st)
     lo_first[f] = lo_d

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ from diffsim.apps.scene import load_scene  # noqa: E402
 from diffsim.apps.viewer import ViewerController  # noqa: E402
 
 from .helpers import asset  # noqa: E402
+from .scene_rollouts import scene_frames  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -97,12 +99,15 @@ def test_bunny_with_mass_scaling_drops_lands_and_does_not_blow_up():
     # Measured: 10 substeps per step with 0.0347 kg (0.64%) added; 120 steps in 2.5 s. It
     # lands at 64 ms (centre of mass down 3.2 cm at 90 ms), rebounds at 0.35 m/s; the fastest
     # vertex peaks at 2.9 m/s (the ears). The full 1 s: benchmarks/bench_time_steps.py.
-    sim = scene_sim(BUNNY_SCENE)
+    # The scene's rollout from rest (it has no initial_state), shared with the tests of
+    # scenes (tests/scene_rollouts.py): its first 120 steps.
+    _, sim, positions, velocities = scene_frames(BUNNY_SCENE.stem, 120)  # skips without it
+    traj = SimpleNamespace(positions=positions, velocities=velocities)
     assert sim.model.substeps == 10 and sim.stable_dt == pytest.approx(1e-4)
     assert sim.added_mass == pytest.approx(0.0347, rel=0.02)
     assert sim.mass_scaling.fraction < 0.01
-    with torch.no_grad():
-        traj = sim.rollout(120)
+    assert len(positions) == 121 and not velocities[0].any()  # 120 steps from rest
+    assert torch.equal(positions[0], sim.initial_state().positions)
     assert torch.isfinite(traj.positions).all()
     y = traj.positions[..., 1]
     assert float(y.min()) > 0.0  # never through the ground

@@ -158,3 +158,43 @@ def test_head_on_elastic_spheres_keep_their_energy_when_the_barrier_can_stop_the
     # barrier, not the step limit, stops the balls (docs/contact.md, choosing parameters).
     ratio = energy_kept(dtype, 10)
     assert 0.95 <= ratio <= 1.05
+
+
+TWO_BALLS_SCENE = """
+import torch
+import diffsim as ds
+
+STEPS = 40
+
+def build():
+    mesh = ds.TetMesh.merge([ds.TetMesh.sphere(0.1, 3, (-0.115, 0, 0)),
+                             ds.TetMesh.sphere(0.1, 3, (0.115, 0, 0))])
+    material = ds.StableNeoHookean(youngs_modulus=1e5, poissons_ratio=0.4, density=1000.0)
+    return ds.Simulator(mesh, material, substeps="auto", gravity=(0, 0, 0), ground=None,
+                        contact_speed=CONTACT_SPEED)
+
+def initial_state(sim):
+    v = torch.zeros((sim.mesh.n_vertices, 3))
+    v[:, 0] = torch.where(torch.as_tensor(sim.mesh.body_ids == 0), 2.5, -2.5)
+    return sim.initial_state(velocities=v)
+"""
+
+
+@pytest.mark.parametrize("contact_speed", [None, 5.0])
+def test_the_run_summary_says_what_the_step_limit_cut(tmp_path, capsys, contact_speed):
+    import warnings
+
+    from diffsim.apps import cli
+
+    path = tmp_path / "balls.py"
+    path.write_text(TWO_BALLS_SCENE.replace("CONTACT_SPEED", str(contact_speed)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ds.StabilityWarning)
+        assert cli.main(["run", str(path)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "surface contact" in line]
+    print(lines)
+    assert len(lines) == 1 and "the barrier stops approaches up to" in lines[0]
+    if contact_speed is None:  # 5 m/s against about 2 m/s: cut, and said so
+        assert "impacts lost energy" in lines[0]
+    else:
+        assert lines[0].endswith("cut 0 vertex-steps")

@@ -673,9 +673,15 @@ class SurfaceContact:
         near = self._near_pairs(needed + 2.0 * block_moved, frames[0] - self.origin, now)
         if near is None:
             return False
+        near, d2_first = near
         if not near.n_pairs:
             self._last_step = step if record else self._last_step
             return True
+        inside = 1.01 * self.dhat + 1e-6 * self.scene_size
+        # Inside at the first frame already (in contact): the other frames change nothing
+        # (the frames' distances below take the same square roots of the same values).
+        if float(d2_first.min().clamp_min(0).sqrt()) <= inside:
+            return False
         # Their vertices' local positions in every frame, the pairs renumbered to them.
         rows = torch.cat([near.point_triangle, near.edge_edge])
         vertices, rows = torch.unique(rows, return_inverse=True)
@@ -683,7 +689,7 @@ class SurfaceContact:
         k1 = len(near.point_triangle)
         renumbered = Candidates(rows[:k1], rows[k1:], near.mollifier_eps)
         distances = _frame_distances(local, renumbered, self.broad_phase == "bvh")  # [S + 1, k]
-        if float(distances.min()) <= (1.01 * self.dhat + 1e-6 * self.scene_size):
+        if float(distances.min()) <= inside:
             return False
         # Each step's L_k, the most it can close the pair (see .ccd), [S, k].
         steps = local[1:] - local[:-1]
@@ -724,12 +730,13 @@ class SurfaceContact:
 
     def _near_pairs(
         self, within: float, x: torch.Tensor | None = None, now: float = 0.0
-    ) -> Candidates | None:
-        """The candidates closer than ``within`` (m) at local x (default: at the anchor), or
-        None if there are more than ``MAX_NEAR_PAIRS`` (measuring them every frame would
-        cost more than it saves). ``now``: x's :func:`_offset` from the anchor (m)."""
+    ) -> tuple[Candidates, torch.Tensor] | None:
+        """The candidates closer than ``within`` (m) at local x (default: at the anchor) and
+        their squared distances there, or None if there are more than ``MAX_NEAR_PAIRS``
+        (measuring them every frame would cost more than it saves). ``now``: x's
+        :func:`_offset` from the anchor (m)."""
         if x is None:
-            d2 = self._anchor_d2
+            d2, rows = self._anchor_d2, None
         elif self.broad_phase == "bvh":  # Warp is there: its kernels are the faster ones
             from diffsim.contact.warp_broad_phase import squared_distances
 
@@ -737,21 +744,18 @@ class SurfaceContact:
             # only the pairs that bound lets within are measured (with room for rounding,
             # the anchor's distances being in the working dtype); the same ones are found.
             limit = (within + 2.0 * now) * (1.0 + 1e-5) + 1e-12
-            maybe = torch.nonzero(self._anchor_d2 < limit**2).flatten()
+            rows = torch.nonzero(self._anchor_d2 < limit**2).flatten()
             c = self._candidates
             k1 = len(c.point_triangle)
-            pt, ee = maybe[maybe < k1], maybe[maybe >= k1] - k1
+            pt, ee = rows[rows < k1], rows[rows >= k1] - k1
             d2 = squared_distances(x, c.point_triangle[pt], c.edge_edge[ee])
-            index = maybe[d2 < within**2]
-            if len(index) > MAX_NEAR_PAIRS:
-                return None
-            return self._candidates.subset(index)
         else:
-            d2 = torch.cat(potential.pair_distances(x, self._candidates))
-        index = torch.nonzero(d2 < within**2).flatten()
-        if len(index) > MAX_NEAR_PAIRS:
+            d2, rows = torch.cat(potential.pair_distances(x, self._candidates)), None
+        near = torch.nonzero(d2 < within**2).flatten()
+        if len(near) > MAX_NEAR_PAIRS:
             return None
-        return self._candidates.subset(index)
+        index = near if rows is None else rows[near]
+        return self._candidates.subset(index), d2[near]
 
     def min_distance(self, x: torch.Tensor) -> float:
         """The smallest distance (m) between non-adjacent surface primitives within reach."""

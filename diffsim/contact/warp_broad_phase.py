@@ -13,8 +13,9 @@ another order, and the order of a set's pairs is the order in which the barrier,
 and their adjoints sum into the vertices. Rounding differences in those sums are enough to
 move a truncated step's binding pair (a kink of the rollout: refit trees changed the
 gradient of the colliding spheres' benchmark loss by 4e-4 relative, sorted rows by 4e-3),
-so the order is kept as the fresh tree gives it (the sets, and the results, are those of
-``bvh_candidates`` followed by the distance filter, bit for bit).
+so the order is kept as the fresh tree gives it (the sets, and the results, were those of
+the former box-overlap queries followed by the distance filter, bit for bit; with an
+infinite ``within`` the queries are :func:`~diffsim.contact.candidates.find_candidates`).
 """
 
 from __future__ import annotations

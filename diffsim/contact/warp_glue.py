@@ -20,8 +20,6 @@ from diffsim.kernels.contact import (
     EDGE_EDGE,
     POINT_TRIANGLE,
     contact_kernels,
-    query_edge_edge,
-    query_vertex_face,
 )
 from diffsim.kernels.runtime import init_warp
 
@@ -42,62 +40,6 @@ def _vec3(t: torch.Tensor):
 
 def _int32(t: torch.Tensor):
     return wp.from_torch(t.to(torch.int32).contiguous())
-
-
-def _boxes(x_wp, elements: torch.Tensor, dtype: torch.dtype, device: str):
-    n = len(elements)
-    lowers = wp.empty(n, dtype=wp.vec3, device=device)
-    uppers = wp.empty(n, dtype=wp.vec3, device=device)
-    if n:
-        wp.launch(
-            kernels(dtype).element_boxes,
-            dim=n,
-            inputs=[x_wp, _int32(elements), elements.shape[1]],
-            outputs=[lowers, uppers],
-            device=device,
-        )
-    return lowers, uppers
-
-
-def _collect(kernel, dim: int, inputs: list, device: str, guess: int) -> torch.Tensor:
-    """Runs a pair-writing query kernel, growing the output until every pair fits."""
-    capacity = max(guess, 1024)
-    while True:
-        count = wp.zeros(1, dtype=wp.int32, device=device)
-        out = wp.empty((capacity, 2), dtype=wp.int32, device=device)
-        if dim:
-            wp.launch(kernel, dim=dim, inputs=[*inputs, count, out], device=device)
-        found = int(count.numpy()[0])
-        if found <= capacity:
-            return wp.to_torch(out)[:found].to(torch.int64)
-        capacity = found
-
-
-def bvh_candidates(surface, x: torch.Tensor, radius: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Vertex-face ``[k1, 2]`` and edge-edge ``[k2, 2]`` candidate index pairs (Warp BVH).
-
-    Boxes are built in float32 and padded by ``radius`` plus a relative slack that covers the
-    float32 rounding of the coordinates.
-    """
-    device = str(x.device)
-    dtype = x.dtype
-    x_wp = _vec3(x)
-    scale = float(x.abs().max()) if len(x) else 1.0
-    pad = float(radius) + 1e-6 * scale
-    f_lo, f_hi = _boxes(x_wp, surface.faces, dtype, device)
-    e_lo, e_hi = _boxes(x_wp, surface.edges, dtype, device)
-    v_lo, v_hi = _boxes(x_wp, surface.vertices[:, None], dtype, device)
-    vf = torch.zeros((0, 2), dtype=torch.int64, device=x.device)
-    ee = torch.zeros((0, 2), dtype=torch.int64, device=x.device)
-    if len(surface.faces) and len(surface.vertices):
-        bvh_f = wp.Bvh(f_lo, f_hi)
-        inputs = [bvh_f.id, v_lo, v_hi, _int32(surface.vertices), _int32(surface.faces), pad]
-        vf = _collect(query_vertex_face, len(surface.vertices), inputs, device, 8 * len(x))
-    if len(surface.edges) > 1:
-        bvh_e = wp.Bvh(e_lo, e_hi)
-        inputs = [bvh_e.id, e_lo, e_hi, _int32(surface.edges), pad]
-        ee = _collect(query_edge_edge, len(surface.edges), inputs, device, 8 * len(x))
-    return vf, ee
 
 
 class PairArrays:

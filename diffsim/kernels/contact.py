@@ -567,65 +567,13 @@ def _build(scalar):
     )
 
 
-@wp.kernel
-def query_vertex_face(
-    bvh: wp.uint64,
-    lowers: wp.array(dtype=wp.vec3),
-    uppers: wp.array(dtype=wp.vec3),
-    vertices: wp.array(dtype=wp.int32),
-    faces: wp.array2d(dtype=wp.int32),
-    pad: float,
-    count: wp.array(dtype=wp.int32),
-    out: wp.array2d(dtype=wp.int32),
-):
-    i = wp.tid()
-    v = vertices[i]
-    pad3 = wp.vec3(pad, pad, pad)
-    query = wp.bvh_query_aabb(bvh, lowers[i] - pad3, uppers[i] + pad3)
-    j = int(0)  # noqa: UP018 - a mutable Warp variable
-    while wp.bvh_query_next(query, j):
-        if faces[j, 0] != v and faces[j, 1] != v and faces[j, 2] != v:
-            slot = wp.atomic_add(count, 0, 1)
-            if slot < out.shape[0]:
-                out[slot, 0] = i
-                out[slot, 1] = j
-
-
-@wp.kernel
-def query_edge_edge(
-    bvh: wp.uint64,
-    lowers: wp.array(dtype=wp.vec3),
-    uppers: wp.array(dtype=wp.vec3),
-    edges: wp.array2d(dtype=wp.int32),
-    pad: float,
-    count: wp.array(dtype=wp.int32),
-    out: wp.array2d(dtype=wp.int32),
-):
-    i = wp.tid()
-    a0 = edges[i, 0]
-    a1 = edges[i, 1]
-    pad3 = wp.vec3(pad, pad, pad)
-    query = wp.bvh_query_aabb(bvh, lowers[i] - pad3, uppers[i] + pad3)
-    j = int(0)  # noqa: UP018 - a mutable Warp variable
-    while wp.bvh_query_next(query, j):
-        if j > i:
-            b0 = edges[j, 0]
-            b1 = edges[j, 1]
-            if a0 != b0 and a0 != b1 and a1 != b0 and a1 != b1:
-                slot = wp.atomic_add(count, 0, 1)
-                if slot < out.shape[0]:
-                    out[slot, 0] = i
-                    out[slot, 1] = j
-
-
 @functools.cache
 def contact_kernels(scalar) -> SimpleNamespace:
     """The contact kernels for ``wp.float32`` or ``wp.float64``, built on first use:
     ``active_pairs``, ``active_pairs_in``, ``barrier_forces``, ``friction_geometry``,
     ``friction_slip``, ``friction_apply``, ``step_scales``, ``verify_scales``,
     ``pair_distances``, ``element_boxes`` and the function ``pair_weights`` (the BVH
-    queries :func:`query_vertex_face` and :func:`query_edge_edge` do not depend on the
-    scalar type)."""
+    queries are in :mod:`diffsim.kernels.broad_phase`)."""
     if scalar not in (wp.float32, wp.float64):
         raise ValueError(f"contact kernels exist for wp.float32 and wp.float64, not {scalar}")
     return _build(scalar)

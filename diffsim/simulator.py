@@ -1072,7 +1072,8 @@ class Simulator:
 
     def _check_truncated(self, m: Model) -> None:
         """Warns once when the CCD step limit has cut steps: surfaces met faster than the
-        barrier stops at this substep, and those impacts lost energy."""
+        barrier stops at this substep (or were pressed deep into it), and those steps lost
+        energy."""
         contacts = getattr(m.contact, "contacts", [m.contact])
         truncated = sum(c.timings["truncated_vertex_steps"] for c in contacts)
         if truncated <= self._truncated_seen:
@@ -1081,11 +1082,12 @@ class Simulator:
         c = contacts[0]
         self._warn(
             "impact",
-            f"the continuous collision limit cut {truncated:.0f} vertex-steps: surfaces "
-            f"approached faster than the barrier stops at this substep (about "
+            f"the continuous collision limit cut {truncated:.0f} vertex-steps, where surfaces "
+            f"closed faster than the barrier stops them at this substep (about "
             f"{c.stopping_speed(m.substep_dt):.3g} m/s with dhat = {c.dhat:.3g} m"
-            f", h = {m.substep_dt:.3g} s), and those impacts lost energy. For elastic impacts "
-            f'at up to v m/s pass contact_speed=v with substeps="auto" (docs/contact.md)',
+            f", h = {m.substep_dt:.3g} s) or were pressed deep into it; those steps lost "
+            f"energy. For elastic impacts at up to v m/s pass contact_speed=v with "
+            f'substeps="auto" (docs/contact.md)',
         )
 
     def _count_inversions(self, xs: torch.Tensor, first_step: int) -> None:

@@ -168,6 +168,10 @@ def finish() -> None:
     if _created and initialized():
         import torch.distributed as dist
 
+        # Every process reaches the end before any destroys the group: one process
+        # tearing down while another still has Gloo work pending aborted it at exit
+        # ("terminate called without an active exception"), once in a CI run.
+        dist.barrier()
         dist.destroy_process_group()
     _created = False
 

@@ -36,8 +36,7 @@ TIP_LOAD = 0.5  # N, downwards, spread over the tip face
 
 def build() -> ds.Simulator:
     """The beam (20 x 2 x 2 cells, 480 tets), clamped at x = 0, float64, the default (Warp)
-    backend (its Hessian products come from the kernels' adjoints: the torch backend's,
-    double backward through the contact terms too, made this example 15x slower)."""
+    backend."""
     mesh = ds.TetMesh.box(size=(LENGTH, SIDE, SIDE), resolution=(20, 2, 2))
     fixed = np.flatnonzero(mesh.vertices[:, 0] < 1e-9)
     material = ds.StableNeoHookean(youngs_modulus=E0, poissons_ratio=0.3, density=1000.0)

@@ -41,6 +41,28 @@ def _build(scalar):
     def f32(p: vec3) -> wp.vec3:
         return wp.vec3(float(p[0]), float(p[1]), float(p[2]))
 
+    @wp.func
+    def keep_pair(
+        count: wp.array(dtype=wp.int32),
+        pairs: wp.array2d(dtype=wp.int32),
+        d2: wp.array(dtype=scalar),
+        i0: int,
+        i1: int,
+        i2: int,
+        i3: int,
+        s: scalar,
+    ) -> int:
+        """Writes a found pair and its squared distance at the next free row (none where
+        the rows are full: the caller grows them and queries again); returns the row."""
+        slot = wp.atomic_add(count, 0, 1)
+        if slot < pairs.shape[0]:
+            pairs[slot, 0] = i0
+            pairs[slot, 1] = i1
+            pairs[slot, 2] = i2
+            pairs[slot, 3] = i3
+            d2[slot] = s
+        return slot
+
     @wp.kernel
     def near_vertex_face(
         bvh: wp.uint64,
@@ -67,13 +89,7 @@ def _build(scalar):
             if a != v and b != v and c != v:
                 s = squared_distance(0, p, x[a], x[b], x[c], parallel_fraction)
                 if s < within2:
-                    slot = wp.atomic_add(count, 0, 1)
-                    if slot < pairs.shape[0]:
-                        pairs[slot, 0] = v
-                        pairs[slot, 1] = a
-                        pairs[slot, 2] = b
-                        pairs[slot, 3] = c
-                        d2[slot] = s
+                    keep_pair(count, pairs, d2, v, a, b, c, s)
 
     @wp.kernel
     def near_edge_edge(
@@ -105,13 +121,8 @@ def _build(scalar):
                 if a0 != b0 and a0 != b1 and a1 != b0 and a1 != b1:
                     s = squared_distance(1, x[a0], x[a1], x[b0], x[b1], parallel_fraction)
                     if s < within2:
-                        slot = wp.atomic_add(count, 0, 1)
+                        slot = keep_pair(count, pairs, d2, a0, a1, b0, b1, s)
                         if slot < pairs.shape[0]:
-                            pairs[slot, 0] = a0
-                            pairs[slot, 1] = a1
-                            pairs[slot, 2] = b0
-                            pairs[slot, 3] = b1
-                            d2[slot] = s
                             eps[slot] = scaled_length2[i] * length2[j]
 
     @wp.kernel

@@ -432,7 +432,7 @@ class Simulator:
             fixed_mask, dt, substeps, max_speed, ground_model, contact_model
         )
         self._warned: set[str] = set()
-        self._truncated_seen = 0.0  # vertex-steps the step limit cut, at the last check
+        self._truncated_seen = 0  # vertex-steps the step limit cut, at the last check
         self._inversion_check: _InversionCheck | None = None  # built at the first check
         self._inversion_log = _InversionLog(0, self.worlds, self.model.dt)
         self.backend_name = self._choose_backend(backend, material)
@@ -1070,19 +1070,27 @@ class Simulator:
                         f"a smaller dt or more substeps",
                     )
 
+    @property
+    def contact_steps_cut(self) -> int:
+        """Vertex-steps the continuous collision limit has cut so far (all worlds; 0
+        without surface contact): where surfaces closed faster than the barrier stops them
+        at this substep, or were pressed deep into it. Those steps lost energy."""
+        contact = self.model.contact
+        if contact is None:
+            return 0
+        contacts = getattr(contact, "contacts", [contact])
+        return int(sum(c.timings["truncated_vertex_steps"] for c in contacts))
+
     def _check_truncated(self, m: Model) -> None:
-        """Warns once when the CCD step limit has cut steps: surfaces met faster than the
-        barrier stops at this substep (or were pressed deep into it), and those steps lost
-        energy."""
-        contacts = getattr(m.contact, "contacts", [m.contact])
-        truncated = sum(c.timings["truncated_vertex_steps"] for c in contacts)
+        """Warns once when the CCD step limit has cut steps (:attr:`contact_steps_cut`)."""
+        truncated = self.contact_steps_cut
         if truncated <= self._truncated_seen:
             return
         self._truncated_seen = truncated
-        c = contacts[0]
+        c = getattr(m.contact, "contacts", [m.contact])[0]
         self._warn(
             "impact",
-            f"the continuous collision limit cut {truncated:.0f} vertex-steps, where surfaces "
+            f"the continuous collision limit cut {truncated} vertex-steps, where surfaces "
             f"closed faster than the barrier stops them at this substep (about "
             f"{c.stopping_speed(m.substep_dt):.3g} m/s with dhat = {c.dhat:.3g} m"
             f", h = {m.substep_dt:.3g} s) or were pressed deep into it; those steps lost "

@@ -448,7 +448,7 @@ class SurfaceContact:
         """Barrier forces ``[n, 3]`` in N (working dtype), differentiable in x and mass."""
         start, broad = time.perf_counter(), self.timings["broad_phase"]
         x = self.local(x, mass.dtype)
-        c = self._candidates_at(x)
+        self._candidates_at(x)  # the set the branches below use
         if self._all_farther_than(x, self.dhat):
             # Nothing within dhat: the barrier is zero near x (forces and their derivatives).
             f = torch.zeros_like(x)

@@ -108,13 +108,12 @@ def _summary(scene, sim, traj, timing: dict) -> str:
 def _contact_line(sim) -> str:
     """Surface contact: its dhat, the approach speed the barrier stops at this substep, and
     the vertex-steps the continuous collision limit cut (impacts faster than that)."""
-    contacts = getattr(sim.model.contact, "contacts", [sim.model.contact])
-    c = contacts[0]
-    cut = sum(k.timings["truncated_vertex_steps"] for k in contacts)
+    c = getattr(sim.model.contact, "contacts", [sim.model.contact])[0]
+    cut = sim.contact_steps_cut
     return (
         f"  surface contact: dhat {c.dhat * 1e3:.3g} mm, the barrier stops approaches up to "
         f"{c.stopping_speed(sim.model.substep_dt):.3g} m/s; the step limit cut "
-        f"{cut:.0f} vertex-steps" + (" (impacts lost energy: see contact_speed)" if cut else "")
+        f"{cut} vertex-steps" + (" (impacts lost energy: see contact_speed)" if cut else "")
     )
 
 

@@ -922,8 +922,8 @@ class Simulator:
                         "keep prescribed vertices above it"
                     )
             if m.contact is not None:
-                gap = m.contact.min_distance(x.detach())
-                if gap <= MIN_START_GAP_FRACTION * m.contact.dhat:
+                if not m.contact.apart(x.detach(), MIN_START_GAP_FRACTION * m.contact.dhat):
+                    gap = m.contact.min_distance(x.detach())
                     raise ValueError(
                         f"surfaces touch or overlap in the start state (closest pair "
                         f"{gap:.3g} m apart, contact dhat {m.contact.dhat:.3g} m); separate "
@@ -1056,7 +1056,8 @@ class Simulator:
                         f"use a smaller dt or more substeps, or raise max_speed",
                     )
             if strain and "strain" not in self._warned:
-                J = volume_ratios(xs[-1].detach(), m.tets, m.dm_inv.double())
+                # The counting check's J (one Warp pass where Warp runs), set up above.
+                J = self._inversion_check.volume_ratios(xs[-1].detach().to(POSITION_DTYPE))
                 lo, hi = STRAIN_NOTICE_RANGE
                 bad = torch.nonzero((J < lo) | (J > hi)).flatten()
                 if len(bad):

@@ -209,6 +209,22 @@ def test_ccd_limit_keeps_random_steps_intersection_free(implementation):
     assert contact.min_distance(x) > 0
 
 
+def test_apart_agrees_with_the_measured_closest_pair_near_and_far_from_the_anchor():
+    # apart() settles most calls by the candidate set's bound without measuring: it must
+    # give the measured answer on both sides of the gap, also after the bodies moved.
+    mesh = two_boxes(rotation=0.3, gap=0.02)
+    contact = SurfaceContact(mesh, dhat=0.01, stiffness=1.0)
+    x0 = torch.tensor(mesh.vertices)
+    upper = torch.as_tensor(mesh.body_ids == 1)
+    for drop in (0.0, 0.004, 0.012, 0.0185):
+        x = x0.clone()
+        x[upper, 1] -= drop
+        closest = contact.min_distance(x)
+        for gap in (0.5 * closest, 0.999 * closest, 1.001 * closest, 2.0 * closest):
+            assert contact.apart(x, gap) == (closest > gap), (drop, gap, closest)
+    assert 0.0 < closest < 0.002  # the last drop brought the boxes within the barrier
+
+
 def falling_box_step(drop: float = 0.25):
     """Two boxes and a step in which the upper one falls ``drop`` m: 12 times the 2 cm gap
     and more than the 19 cm between its own non-adjacent surface elements."""

@@ -125,6 +125,11 @@ class WorldContact:
                 c._last_step = s
         return True
 
+    def apart(self, x: torch.Tensor, gap: float) -> bool:
+        """Whether in every world all surface primitives are more than ``gap`` (m) apart."""
+        parts = zip(self.contacts, self._split(x), strict=True)
+        return all(c.apart(xw, gap) for c, xw in parts)
+
     def min_distance(self, x: torch.Tensor) -> float:
         """The smallest distance (m) between surface primitives of one world, any world."""
         parts = zip(self.contacts, self._split(x), strict=True)

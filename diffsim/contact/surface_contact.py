@@ -760,14 +760,31 @@ class SurfaceContact:
         index = near if rows is None else rows[near]
         return self._candidates.subset(index), d2[near]
 
+    def apart(self, x: torch.Tensor, gap: float) -> bool:
+        """Whether every pair of non-adjacent surface primitives is more than ``gap`` (m)
+        apart at x: settled by the candidate set's bound where it can be (the closest pair
+        at the anchor less twice the offset since, nothing measured), else by
+        :meth:`min_distance`."""
+        local = self.local(x).detach()
+        with torch.no_grad():
+            self._candidates_at(local)
+            if self._closest_listed() - 2.0 * self._moved_from_anchor(local) > gap:
+                return True
+        return self.min_distance(x) > gap
+
     def min_distance(self, x: torch.Tensor) -> float:
         """The smallest distance (m) between non-adjacent surface primitives within reach."""
         x = self.local(x)
         c = self._candidates_at(x)
         if c.n_pairs == 0:
             return math.inf
-        d_pt, d_ee = potential.pair_distances(x.detach(), c)
-        return float(torch.cat([d_pt, d_ee]).min().sqrt())
+        if self.broad_phase == "bvh":  # Warp is there: one kernel pass, the same values
+            from diffsim.contact.warp_broad_phase import squared_distances
+
+            d2 = squared_distances(x.detach(), c.point_triangle, c.edge_edge)
+        else:
+            d2 = torch.cat(potential.pair_distances(x.detach(), c))
+        return float(d2.min().clamp_min(0).sqrt())
 
 
 def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:

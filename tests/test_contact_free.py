@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import diffsim as ds
+from diffsim.backends.warp.contact_free import MAX_PREDICTION_BACKOFF
 from diffsim.sim.state import State
 
 
@@ -71,6 +72,28 @@ def test_fused_blocks_give_the_gradients_of_contact_substeps(per_substep):
     error = float((grads[0] - grads[1]).norm() / grads[1].norm())
     print(f"relative gradient difference {error:.2e}")
     assert error < 1e-9
+
+
+def test_bodies_that_part_return_to_the_fused_path_within_the_prediction_backoff():
+    """While pressed together the prediction is not asked every step (it keeps failing);
+    once the cubes have bounced apart, steps run fused again within the backoff."""
+    sim = two_cubes(2.0, gap=0.02)
+    counts = sim.backend.contact_free.counts
+    contact, state = sim.model.contact, approaching(sim, 2.0)
+    paths = []  # per step: (ran with contact, the cubes' gap after it in dhat)
+    for _ in range(60):
+        ran = counts["contact_steps"]
+        state = sim.rollout(1, state).state(-1)
+        paths.append((counts["contact_steps"] > ran, contact.min_distance(state.positions)))
+    touched = [k for k, (_, gap) in enumerate(paths) if gap < contact.dhat]
+    parted = next(k for k in range(touched[-1], 60) if paths[k][1] > 2 * contact.dhat)
+    late = [k for k in range(parted, 60) if paths[k][0]]
+    print(
+        f"touched steps {touched[0]}..{touched[-1]}, parted at {parted}, contact steps "
+        f"after: {late}, {counts}"
+    )
+    assert touched and counts["skipped_predictions"] > 0  # they met; the backoff acted
+    assert len(late) <= MAX_PREDICTION_BACKOFF and parted < 50
 
 
 def test_nothing_near_anything_runs_fused_in_float32():

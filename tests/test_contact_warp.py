@@ -158,3 +158,42 @@ def test_warp_friction_on_a_subset_runs_on_the_parents_arrays():
     assert float((fast - ref).abs().max() / (ref - v).abs().max()) < 1e-12
     assert sub.derived["parent"] is c and F64 in c.derived  # no arrays of its own
     assert F64 not in sub.derived
+
+
+def test_the_near_selection_holds_every_pair_within_dhat_as_bodies_slide(monkeypatch):
+    """The Warp barrier and friction look for active pairs among a near subset, selected
+    every few substeps: at every substep of a cube thrown sliding and tumbling over
+    another (float32, friction on), it must hold every candidate within dhat."""
+    from diffsim.contact.surface_contact import SurfaceContact as Contact
+    from diffsim.contact.warp_broad_phase import squared_distances
+
+    lower = ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=4)
+    upper = ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=4, origin=(0.0, 0.103, 0.0))
+    material = ds.StableNeoHookean(youngs_modulus=1e5, poissons_ratio=0.3, density=1000.0)
+    mesh = ds.TetMesh.merge([lower, upper])
+    sim = ds.Simulator(
+        mesh, material, dt=2e-3, substeps=4, fixed=mesh.vertices[:, 1] < 1e-6, ground=None,
+        contact_friction=0.3, dtype=torch.float32,
+    )  # fmt: skip
+    v = torch.zeros((sim.mesh.n_vertices, 3))
+    v[sim.mesh.n_vertices // 2 :] = torch.tensor([1.0, -0.3, 0.4])
+    calls = {"substeps": 0, "subsets": 0, "active": 0}
+    select = Contact._near_set
+
+    def checked(self, x):
+        near = select(self, x)
+        c = self._candidates
+        d2 = squared_distances(x.detach(), c.point_triangle, c.edge_edge)
+        within = set(torch.nonzero(d2 < self.dhat**2).flatten().tolist())
+        assert within <= set(near.derived["index"].tolist())
+        calls["substeps"] += 1
+        calls["subsets"] += int(near.n_pairs < c.n_pairs)
+        calls["active"] += len(within)
+        return near
+
+    monkeypatch.setattr(Contact, "_near_set", checked)
+    traj = sim.rollout(40, sim.initial_state(velocities=v))
+    print(calls)
+    # Pairs were within dhat, and the selection was smaller than the set (it acted).
+    assert calls["active"] > 0 and calls["subsets"] > 0.2 * calls["substeps"]
+    assert float(traj.positions[-1, sim.mesh.n_vertices // 2 :, 0].mean()) > 0.03  # it slid

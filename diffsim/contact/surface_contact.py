@@ -36,6 +36,12 @@ STOPPING_FRACTION = 0.4
 SPEED_MARGIN = 2.0
 # A candidate set is built with room for at least this many steps of the last step's size.
 REBUILD_STEPS = 4
+# The Warp barrier and friction kernels look for the pairs within dhat only among the
+# candidates within dhat + 2 R where they were last selected, R this many steps of the last
+# step's size, selected again once the offset since exceeds R (the mat on the ball: about
+# 100 of its 9,400 candidates, selected every 4-5 substeps; 8 steps reach the mat's own
+# pairs across its thickness, at 2.2 dhat, and select thousands).
+NEAR_STEPS = 4
 # limit() first scales a whole step down (one factor for all vertices) so that no vertex
 # moves farther than this fraction of the mesh diagonal relative to the others (the common
 # motion subtracted; see _offset) ...
@@ -201,6 +207,7 @@ class SurfaceContact:
         self._candidates: Candidates | None = None
         self._broad: dict = {}  # the broad phase's state per dtype (see near_candidates)
         self._active: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (x, pair ids)
+        self._near: tuple[torch.Tensor, float, Candidates] | None = None  # see _near_set
         self._local = None  # (key, local positions) of the last local() call
         self._moved = None  # (local x, its offset from the anchor)
         self._closest = math.inf
@@ -413,6 +420,7 @@ class SurfaceContact:
         if len(d2):
             self._closest = float(d2.min().clamp_min(0).sqrt()) - slack
         self._candidates = c
+        self._near = None
         self.timings["broad_phase"] += time.perf_counter() - start
         self.timings["rebuilds"] += 1
 
@@ -426,6 +434,31 @@ class SurfaceContact:
         """True if every candidate pair is farther apart than ``distance`` (m) at local x:
         the closest pair at the anchor, less twice the offset since (see :func:`_offset`)."""
         return self._closest - 2.0 * self._moved_from_anchor(x.detach()) > distance
+
+    def _rows_within(self, x: torch.Tensor, distance: float) -> torch.Tensor:
+        """The rows (int64, ascending) of the candidates that can be closer than
+        ``distance`` (m) at local x: those closer than that plus twice x's offset at the
+        anchor (with room for the anchor distances' rounding in the working dtype)."""
+        reach = distance + 2.0 * self._moved_from_anchor(x.detach())
+        limit = reach * (1.0 + 1e-5) + 1e-12
+        return torch.nonzero(self._anchor_d2 < limit**2).flatten()
+
+    def _near_set(self, x: torch.Tensor) -> Candidates:
+        """The subset of the candidates that can be within dhat at local x: those closer
+        than dhat + 2 R at the positions where it was selected, kept while x's offset from
+        them stays within R (``NEAR_STEPS`` steps of the last step's size when selected)."""
+        x = x.detach()
+        near = self._near
+        if near is not None and near[0].shape == x.shape:
+            if _offset(x - near[0]) <= near[1]:
+                return near[2]
+        reach = NEAR_STEPS * self._last_step
+        within = self.dhat + 2.0 * reach
+        rows = self._rows_within(x, within)  # the others are farther by the anchor's bound
+        # Measured in the working dtype: room for its rounding.
+        keep = self._warp_arrays(x).within(x, within * (1.0 + 1e-5) + 1e-12, rows)
+        self._near = (x.clone(), reach, self._candidates.subset(keep))
+        return self._near[2]
 
     def _warp_arrays(self, x: torch.Tensor):
         """The Warp arrays of the current candidate set (one per set and dtype, shared by
@@ -460,9 +493,12 @@ class SurfaceContact:
             f = potential.barrier_forces(x, mass, near, self.dhat, self.stiffness)
             active = near.derived["index"]
         else:
-            # Friction on this path takes every candidate and skips the inactive ones
-            # itself (the kernels' active list at x), so no list is kept here.
-            f = _WarpBarrierForces.apply(x, mass, self, self._warp_arrays(x), [])
+            # Friction on this path takes the same near candidates and skips the inactive
+            # ones itself (the kernels' active list at x), so no list is kept here.
+            from diffsim.contact.warp_glue import pair_selection
+
+            arrays, index = pair_selection(self._near_set(x), x.dtype)
+            f = _WarpBarrierForces.apply(x, mass, self, arrays, index, [])
             active = None
         self._active = (x.detach(), active)
         self._stage("barrier", start, broad)
@@ -476,9 +512,11 @@ class SurfaceContact:
             return v
         start, broad = time.perf_counter(), self.timings["broad_phase"]
         x = self.local(x, v.dtype)
-        # The Warp kernels select the pairs within dhat themselves (reusing the barrier's
-        # active list at the same x); the torch reference takes them selected.
-        c = self._candidates_at(x) if self.implementation == "warp" else self._active_pairs(x)
+        # The Warp kernels select the pairs within dhat themselves among the near ones
+        # (reusing the barrier's active list at the same x); the torch reference takes them
+        # selected.
+        self._candidates_at(x)
+        c = self._near_set(x) if self.implementation == "warp" else self._active_pairs(x)
         v = friction.apply_friction(
             v,
             x,
@@ -601,7 +639,9 @@ class SurfaceContact:
             return ccd.step_scales(x, x + dx, self._candidates)
         from diffsim.contact.warp_glue import step_scales
 
-        return step_scales(self._warp_arrays(x), x, dx)
+        # Only the pairs that some scales in [0, 1] of dx could bring within reach.
+        rows = self._rows_within(x, 4.0 * _offset(dx, with_zero=True) / keep)
+        return step_scales(self._warp_arrays(x), x, dx, rows)
 
     def clear_over(self, frames: torch.Tensor, record: bool = True) -> bool:
         """Whether contact would have changed nothing over substeps computed without it.
@@ -942,12 +982,14 @@ class _WarpBarrierForces(torch.autograd.Function):
     """Barrier forces from the Warp kernel; backward by the kernel's Warp adjoint."""
 
     @staticmethod
-    def forward(ctx, x, mass, contact: SurfaceContact, arrays, energies: list):
+    def forward(ctx, x, mass, contact: SurfaceContact, arrays, index, energies: list):
         from diffsim.contact.warp_glue import forces_forward
 
         ctx.save_for_backward(x, mass)
-        ctx.contact, ctx.arrays = contact, arrays
-        f, energy = forces_forward(arrays, x.detach(), mass.detach(), *_constants(contact))
+        ctx.contact, ctx.arrays, ctx.index = contact, arrays, index
+        f, energy = forces_forward(
+            arrays, x.detach(), mass.detach(), *_constants(contact), index=index
+        )
         energies.append(energy)  # per-pair energies for the caller (not differentiated)
         return f
 
@@ -957,9 +999,9 @@ class _WarpBarrierForces(torch.autograd.Function):
 
         x, mass = ctx.saved_tensors
         gx, gm = forces_backward(
-            ctx.arrays, x.detach(), mass.detach(), *_constants(ctx.contact), grad_f
+            ctx.arrays, x.detach(), mass.detach(), *_constants(ctx.contact), grad_f, ctx.index
         )
-        return gx, gm, None, None, None
+        return gx, gm, None, None, None, None
 
 
 def _constants(contact: SurfaceContact) -> tuple[float, float, float]:

@@ -97,6 +97,18 @@ class PairArrays:
         self._active = (key, (x, index), (active, count))
         return active, count
 
+    def within(self, x: torch.Tensor, distance: float, index: torch.Tensor) -> torch.Tensor:
+        """The rows (int64, ascending) among ``index`` of the pairs closer than
+        ``distance`` (m) at x (a pass of the active-pair kernel; not cached)."""
+        count = torch.zeros(1, dtype=torch.int32, device=x.device)
+        found = torch.empty(max(len(index), 1), dtype=torch.int32, device=x.device)
+        if len(index):
+            x = x.detach().contiguous()
+            inputs = [x, self.wp_pairs, self.wp_kinds, float(distance) ** 2]
+            inputs += [_parallel_fraction(x.dtype), index.contiguous()]
+            self.launch(kernels(x.dtype).active_pairs_in, len(index), inputs, [count, found])
+        return torch.sort(found[: int(count[0])].long()).values
+
     def launch(
         self,
         kernel,
@@ -199,14 +211,16 @@ def _parallel_fraction(dtype: torch.dtype) -> float:
     return PARALLEL_FRACTION[dtype]
 
 
-def _force_inputs(arrays: "PairArrays", x, mass, dhat: float, floor: float, kappa: float) -> list:
+def _force_inputs(
+    arrays: "PairArrays", x, mass, dhat: float, floor: float, kappa: float, index
+) -> list:
     return [
         x.detach().contiguous(),
         mass.detach().contiguous(),
         arrays.wp_pairs,
         arrays.wp_kinds,
         arrays.wp_eps,
-        *arrays.active_at(x, dhat**2),
+        *arrays.active_at(x, dhat**2, index),
         float(dhat**2),
         float(floor),
         float(kappa),
@@ -215,13 +229,20 @@ def _force_inputs(arrays: "PairArrays", x, mass, dhat: float, floor: float, kapp
 
 
 def forces_forward(
-    arrays: PairArrays, x: torch.Tensor, mass: torch.Tensor, dhat: float, floor: float, kappa: float
+    arrays: PairArrays,
+    x: torch.Tensor,
+    mass: torch.Tensor,
+    dhat: float,
+    floor: float,
+    kappa: float,
+    index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Barrier forces ``[n, 3]`` and per-pair energies ``[k]`` (no autograd)."""
+    """Barrier forces ``[n, 3]`` and per-pair energies ``[k]`` (no autograd) of the pairs
+    (its rows ``index``, default all) within dhat."""
     f = torch.zeros_like(x)
     energy = torch.zeros(arrays.n, dtype=x.dtype, device=x.device)
     if arrays.n:
-        inputs = _force_inputs(arrays, x, mass, dhat, floor, kappa)
+        inputs = _force_inputs(arrays, x, mass, dhat, floor, kappa, index)
         dim = _listed(inputs[6], arrays)
         arrays.launch(kernels(x.dtype).barrier_forces, dim, inputs, [f, energy])
     return f, energy
@@ -235,12 +256,13 @@ def forces_backward(
     floor: float,
     kappa: float,
     grad_f: torch.Tensor,
+    index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Vector-Jacobian products of the forces: ``(grad_x [n, 3], grad_mass [n])``."""
     grad_x = torch.zeros_like(x)
     grad_m = torch.zeros_like(mass)
     if arrays.n:
-        inputs = _force_inputs(arrays, x, mass, dhat, floor, kappa)
+        inputs = _force_inputs(arrays, x, mass, dhat, floor, kappa, index)
         adj_inputs = [grad_x, grad_m, None, None, None, None, None, *inputs[7:]]
         scratch = [torch.zeros_like(x), torch.zeros(arrays.n, dtype=x.dtype, device=x.device)]
         adj_outputs = [grad_f.contiguous(), torch.zeros_like(scratch[1])]
@@ -261,32 +283,40 @@ def squared_distances(arrays: PairArrays, x: torch.Tensor) -> torch.Tensor:
     return d2
 
 
-def step_scales(arrays: PairArrays, x: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
-    """Per-vertex CCD step scales ``[n]`` (the algorithm of :mod:`diffsim.contact.ccd`).
+def step_scales(
+    arrays: PairArrays, x: torch.Tensor, dx: torch.Tensor, rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-vertex CCD step scales ``[n]`` (the algorithm of :mod:`diffsim.contact.ccd`)
+    from the pairs (its rows ``rows``, default all: the others must be unable to limit any
+    scaled step).
 
     One kernel launch when no vertex is limited (the usual case); otherwise one more per
     verification round, each followed by a read of the failing-pair count.
     """
     alpha = torch.ones(len(x), dtype=x.dtype, device=x.device)
-    if not arrays.n:
+    pairs, kinds = arrays.pairs, arrays.kinds
+    if rows is not None:
+        pairs, kinds = pairs[rows], kinds[rows]
+    n = len(pairs)
+    if not n:
         return alpha
     kern = kernels(x.dtype)
     dx = dx.detach().contiguous()
-    bound = torch.empty(arrays.n, dtype=x.dtype, device=x.device)
+    bound = torch.empty(n, dtype=x.dtype, device=x.device)
     t_abs = torch.empty_like(bound)
-    inputs = [x.detach().contiguous(), dx, arrays.wp_pairs, arrays.wp_kinds]
+    inputs = [x.detach().contiguous(), dx, pairs, kinds]
     inputs += [float(MIN_GAP_FRACTION), float(SCALE_SLACK), _parallel_fraction(x.dtype)]
-    arrays.launch(kern.step_scales, arrays.n, inputs, [alpha, bound, t_abs])
+    arrays.launch(kern.step_scales, n, inputs, [alpha, bound, t_abs])
     if bool((alpha == 1).all()):
         return alpha
-    settled = torch.zeros(arrays.n, dtype=torch.int32, device=x.device)
+    settled = torch.zeros(n, dtype=torch.int32, device=x.device)
     failing = torch.zeros(1, dtype=torch.int32, device=x.device)
 
     def round_(mode: int) -> torch.Tensor:
         out = alpha.clone()
         failing.zero_()
-        inputs = [dx, arrays.wp_pairs, arrays.wp_kinds, bound, t_abs, alpha, mode, settled]
-        arrays.launch(kern.verify_scales, arrays.n, inputs, [out, failing])
+        inputs = [dx, pairs, kinds, bound, t_abs, alpha, mode, settled]
+        arrays.launch(kern.verify_scales, n, inputs, [out, failing])
         return out
 
     for r in range(EQUALIZE_ROUNDS + ABSOLUTE_ROUNDS):

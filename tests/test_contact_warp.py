@@ -164,6 +164,7 @@ def test_the_near_selection_holds_every_pair_within_dhat_as_bodies_slide(monkeyp
     """The Warp barrier and friction look for active pairs among a near subset, selected
     every few substeps: at every substep of a cube thrown sliding and tumbling over
     another (float32, friction on), it must hold every candidate within dhat."""
+    from diffsim.contact import surface_contact
     from diffsim.contact.surface_contact import SurfaceContact as Contact
     from diffsim.contact.warp_broad_phase import squared_distances
 
@@ -192,6 +193,8 @@ def test_the_near_selection_holds_every_pair_within_dhat_as_bodies_slide(monkeyp
         return near
 
     monkeypatch.setattr(Contact, "_near_set", checked)
+    # The selection acts on sets of any size (by default only from NEAR_MIN_PAIRS pairs).
+    monkeypatch.setattr(surface_contact, "NEAR_MIN_PAIRS", 0)
     traj = sim.rollout(40, sim.initial_state(velocities=v))
     print(calls)
     # Pairs were within dhat, and the selection was smaller than the set (it acted).

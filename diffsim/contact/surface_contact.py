@@ -42,6 +42,9 @@ REBUILD_STEPS = 4
 # 100 of its 9,400 candidates, selected every 4-5 substeps; 8 steps reach the mat's own
 # pairs across its thickness, at 2.2 dhat, and select thousands).
 NEAR_STEPS = 4
+# Candidate sets smaller than this take every pair in those kernels: selecting costs more
+# than it saves (the kernels pass over 1,000 pairs in about 20 microseconds).
+NEAR_MIN_PAIRS = 2000
 # limit() first scales a whole step down (one factor for all vertices) so that no vertex
 # moves farther than this fraction of the mesh diagonal relative to the others (the common
 # motion subtracted; see _offset) ...
@@ -446,7 +449,10 @@ class SurfaceContact:
     def _near_set(self, x: torch.Tensor) -> Candidates:
         """The subset of the candidates that can be within dhat at local x: those closer
         than dhat + 2 R at the positions where it was selected, kept while x's offset from
-        them stays within R (``NEAR_STEPS`` steps of the last step's size when selected)."""
+        them stays within R (``NEAR_STEPS`` steps of the last step's size when selected);
+        all of them in a set of fewer than ``NEAR_MIN_PAIRS``."""
+        if self._candidates.n_pairs < NEAR_MIN_PAIRS:
+            return self._candidates
         x = x.detach()
         near = self._near
         if near is not None and near[0].shape == x.shape:
@@ -640,7 +646,9 @@ class SurfaceContact:
         from diffsim.contact.warp_glue import step_scales
 
         # Only the pairs that some scales in [0, 1] of dx could bring within reach.
-        rows = self._rows_within(x, 4.0 * _offset(dx, with_zero=True) / keep)
+        rows = None
+        if self._candidates.n_pairs >= NEAR_MIN_PAIRS:
+            rows = self._rows_within(x, 4.0 * _offset(dx, with_zero=True) / keep)
         return step_scales(self._warp_arrays(x), x, dx, rows)
 
     def clear_over(self, frames: torch.Tensor, record: bool = True) -> bool:

@@ -42,6 +42,12 @@ def _int32(t: torch.Tensor):
     return wp.from_torch(t.to(torch.int32).contiguous())
 
 
+# Recorded launches by kernel and argument signature, shared by every candidate set (a
+# new set re-points them instead of recording its own: the colliding spheres rebuild their
+# set every 3-4 substeps).
+_LAUNCHES: dict = {}
+
+
 class PairArrays:
     """Candidate pairs in Warp form: ``[k, 4]`` int32 vertex ids, kinds and mollifier eps."""
 
@@ -59,10 +65,6 @@ class PairArrays:
         self.eps = torch.cat(
             [torch.ones(len(pt), dtype=dtype, device=device), candidates.mollifier_eps.to(dtype)]
         )
-        self.wp_pairs = wp.from_torch(self.pairs)
-        self.wp_kinds = wp.from_torch(self.kinds)
-        self.wp_eps = wp.from_torch(self.eps)
-        self._launches: dict = {}
         self._active = None  # (key, x, (list, count)) of the last active_at call
 
     def active_at(
@@ -87,7 +89,7 @@ class PairArrays:
         count = torch.zeros(1, dtype=torch.int32, device=x.device)
         active = torch.empty(max(rows, 1), dtype=torch.int32, device=x.device)
         if rows:
-            inputs = [x, self.wp_pairs, self.wp_kinds, float(s_hat), _parallel_fraction(x.dtype)]
+            inputs = [x, self.pairs, self.kinds, float(s_hat), _parallel_fraction(x.dtype)]
             kern = kernels(x.dtype)
             if index is None:
                 self.launch(kern.active_pairs, rows, inputs, [count, active])
@@ -104,7 +106,7 @@ class PairArrays:
         found = torch.empty(max(len(index), 1), dtype=torch.int32, device=x.device)
         if len(index):
             x = x.detach().contiguous()
-            inputs = [x, self.wp_pairs, self.wp_kinds, float(distance) ** 2]
+            inputs = [x, self.pairs, self.kinds, float(distance) ** 2]
             inputs += [_parallel_fraction(x.dtype), index.contiguous()]
             self.launch(kernels(x.dtype).active_pairs_in, len(index), inputs, [count, found])
         return torch.sort(found[: int(count[0])].long()).values
@@ -123,28 +125,32 @@ class PairArrays:
         arrays, None or Python numbers.
 
         The launch is recorded on first use for its signature (the tensors' dtypes and shapes
-        but their first dimension, the arrays and numbers themselves); later calls only
-        re-point the recorded tensor arguments at the new tensors' memory and length (and
-        set the launch's dim), a microsecond each instead of the tens of microseconds that
-        wrapping and packing every argument costs.
+        but their first dimension, the numbers' types, the arrays themselves), once for all
+        candidate sets; later calls only re-point the recorded tensor arguments at the new
+        tensors' memory and length, set the numbers (and the launch's dim), a microsecond
+        each instead of the tens of microseconds that wrapping and packing every argument
+        costs.
         """
         if dim == 0:
             return
         adjoint = adj_inputs is not None
         args = [*inputs, *outputs, *((adj_inputs or []) + (adj_outputs or []))]
         key = (kernel, adjoint, *map(_signature, args))
-        recorded = self._launches.get(key)
+        recorded = _LAUNCHES.get(key)
         if recorded is None:
             recorded = self._record(kernel, dim, args, adjoint, len(inputs) + len(outputs))
-            self._launches[key] = recorded
-        launch, slots, recorded_dim = recorded
-        for slot in slots:
-            param, t = launch.params[slot + 1], args[slot]
+            _LAUNCHES[key] = recorded
+        launch, tensors, numbers, recorded_dim = recorded
+        params = launch.params
+        for slot in tensors:
+            param, t = params[slot + 1], args[slot]
             param.data = t.data_ptr()
             param.shape[0] = t.shape[0]
+        for slot in numbers:
+            params[slot + 1].value = args[slot]
         if recorded_dim != dim:
             launch.set_dim(dim)
-            recorded[2] = dim
+            recorded[3] = dim
         launch.launch()
 
     def _record(self, kernel, dim: int, args: list, adjoint: bool, n_forward: int):
@@ -163,8 +169,9 @@ class PairArrays:
             device=str(self.pairs.device),
             record_cmd=True,
         )
-        slots = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
-        return [launch, slots, dim]
+        tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        numbers = [i for i, a in enumerate(args) if isinstance(a, (int, float))]
+        return [launch, tensors, numbers, dim]
 
 
 def _listed(count: torch.Tensor, arrays: PairArrays) -> int:
@@ -181,7 +188,9 @@ def _signature(arg):
         if not arg.is_contiguous() or arg.dim() == 0:
             raise ValueError("Warp launch arguments must be contiguous tensors of dim >= 1")
         return (arg.shape[1:], arg.dtype, arg.device)
-    if arg is None or isinstance(arg, (int, float)):
+    if isinstance(arg, (int, float)):
+        return type(arg)  # the value is set at each launch
+    if arg is None:
         return arg
     return id(arg)
 
@@ -217,9 +226,9 @@ def _force_inputs(
     return [
         x.detach().contiguous(),
         mass.detach().contiguous(),
-        arrays.wp_pairs,
-        arrays.wp_kinds,
-        arrays.wp_eps,
+        arrays.pairs,
+        arrays.kinds,
+        arrays.eps,
         *arrays.active_at(x, dhat**2, index),
         float(dhat**2),
         float(floor),
@@ -277,7 +286,7 @@ def squared_distances(arrays: PairArrays, x: torch.Tensor) -> torch.Tensor:
     point-triangle pairs first; no autograd)."""
     d2 = torch.empty(arrays.n, dtype=x.dtype, device=x.device)
     if arrays.n:
-        inputs = [x.detach().contiguous(), arrays.wp_pairs, arrays.wp_kinds]
+        inputs = [x.detach().contiguous(), arrays.pairs, arrays.kinds]
         inputs.append(_parallel_fraction(x.dtype))
         arrays.launch(kernels(x.dtype).pair_distances, arrays.n, inputs, [d2])
     return d2
@@ -355,9 +364,9 @@ def _geometry_inputs(arrays: PairArrays, x, mass, active, constants) -> list:
     return [
         x.contiguous(),
         mass.contiguous(),
-        arrays.wp_pairs,
-        arrays.wp_kinds,
-        arrays.wp_eps,
+        arrays.pairs,
+        arrays.kinds,
+        arrays.eps,
         *active,
         float(dhat**2),
         float(floor),
@@ -414,12 +423,12 @@ class _WarpFriction(torch.autograd.Function):
                 torch.zeros(len(v), dtype=v.dtype, device=v.device),
                 _per_pair(arrays, v, 3),
             )
-            slip_inputs = [arrays.wp_pairs, *active, weights, normal, m_eff, limit]
+            slip_inputs = [arrays.pairs, *active, weights, normal, m_eff, limit]
             arrays.launch(
                 kern.friction_slip, dim, [*slip_inputs, velocities[-1], eps_v], [load, impulse]
             )
             out, total = velocities[-1].clone(), _per_pair(arrays, v, 3)
-            apply_inputs = [arrays.wp_pairs, *active, coef, limit, impulse, load, totals[-1]]
+            apply_inputs = [arrays.pairs, *active, coef, limit, impulse, load, totals[-1]]
             arrays.launch(kern.friction_apply, dim, apply_inputs, [total, out])
             velocities.append(out)
             totals.append(total)
@@ -461,7 +470,7 @@ class _WarpFriction(torch.autograd.Function):
             arrays.launch(
                 kern.friction_apply,
                 dim,
-                [arrays.wp_pairs, active, count, coef, limit, impulses[p], loads[p], totals[p]],
+                [arrays.pairs, active, count, coef, limit, impulses[p], loads[p], totals[p]],
                 [scratch_total, scratch_v],
                 [None, None, None, adj_coef, adj_limit, adj_impulse, adj_load, adj_total_in],
                 [adj_total, adj_v],
@@ -471,7 +480,7 @@ class _WarpFriction(torch.autograd.Function):
             arrays.launch(
                 kern.friction_slip,
                 dim,
-                [arrays.wp_pairs, active, count, weights, normal, m_eff, limit, velocities[p]]
+                [arrays.pairs, active, count, weights, normal, m_eff, limit, velocities[p]]
                 + [eps_v],
                 [scratch_load, scratch_impulse],
                 [None, None, None, adj_weights, adj_normal, adj_m_eff, adj_limit, adj_v_in]

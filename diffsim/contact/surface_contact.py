@@ -504,7 +504,7 @@ class SurfaceContact:
             from diffsim.contact.warp_glue import pair_selection
 
             arrays, index = pair_selection(self._near_set(x), x.dtype)
-            f = _WarpBarrierForces.apply(x, mass, self, arrays, index, [])
+            f = _WarpBarrierForces.apply(x, mass, self, arrays, index)
             active = None
         self._active = (x.detach(), active)
         self._stage("barrier", start, broad)
@@ -990,16 +990,12 @@ class _WarpBarrierForces(torch.autograd.Function):
     """Barrier forces from the Warp kernel; backward by the kernel's Warp adjoint."""
 
     @staticmethod
-    def forward(ctx, x, mass, contact: SurfaceContact, arrays, index, energies: list):
+    def forward(ctx, x, mass, contact: SurfaceContact, arrays, index):
         from diffsim.contact.warp_glue import forces_forward
 
         ctx.save_for_backward(x, mass)
         ctx.contact, ctx.arrays, ctx.index = contact, arrays, index
-        f, energy = forces_forward(
-            arrays, x.detach(), mass.detach(), *_constants(contact), index=index
-        )
-        energies.append(energy)  # per-pair energies for the caller (not differentiated)
-        return f
+        return forces_forward(arrays, x.detach(), mass.detach(), *_constants(contact), index=index)
 
     @staticmethod
     def backward(ctx, grad_f):
@@ -1009,7 +1005,7 @@ class _WarpBarrierForces(torch.autograd.Function):
         gx, gm = forces_backward(
             ctx.arrays, x.detach(), mass.detach(), *_constants(ctx.contact), grad_f, ctx.index
         )
-        return gx, gm, None, None, None, None
+        return gx, gm, None, None, None
 
 
 def _constants(contact: SurfaceContact) -> tuple[float, float, float]:

@@ -246,15 +246,14 @@ def forces_forward(
     kappa: float,
     index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Barrier forces ``[n, 3]`` and per-pair energies ``[k]`` (no autograd) of the pairs
-    (its rows ``index``, default all) within dhat."""
+    """Barrier forces ``[n, 3]`` (no autograd) of the pairs (its rows ``index``, default
+    all) within dhat."""
     f = torch.zeros_like(x)
-    energy = torch.zeros(arrays.n, dtype=x.dtype, device=x.device)
     if arrays.n:
         inputs = _force_inputs(arrays, x, mass, dhat, floor, kappa, index)
         dim = _listed(inputs[6], arrays)
-        arrays.launch(kernels(x.dtype).barrier_forces, dim, inputs, [f, energy])
-    return f, energy
+        arrays.launch(kernels(x.dtype).barrier_forces, dim, inputs, [f])
+    return f
 
 
 def forces_backward(
@@ -273,11 +272,9 @@ def forces_backward(
     if arrays.n:
         inputs = _force_inputs(arrays, x, mass, dhat, floor, kappa, index)
         adj_inputs = [grad_x, grad_m, None, None, None, None, None, *inputs[7:]]
-        scratch = [torch.zeros_like(x), torch.zeros(arrays.n, dtype=x.dtype, device=x.device)]
-        adj_outputs = [grad_f.contiguous(), torch.zeros_like(scratch[1])]
         kernel = kernels(x.dtype).barrier_forces
         dim = _listed(inputs[6], arrays)
-        arrays.launch(kernel, dim, inputs, scratch, adj_inputs, adj_outputs)
+        arrays.launch(kernel, dim, inputs, [torch.zeros_like(x)], adj_inputs, [grad_f.contiguous()])
     return grad_x, grad_m
 
 
@@ -376,21 +373,22 @@ def _geometry_inputs(arrays: PairArrays, x, mass, active, constants) -> list:
     ]
 
 
-def _per_pair(arrays: PairArrays, v: torch.Tensor, width: int = 0) -> torch.Tensor:
-    """A zeroed per-pair buffer ``[k]`` or ``[k, width]`` (rows: the active list's order)."""
-    shape = (arrays.n, width) if width else (arrays.n,)
+def _per_pair(rows: int, v: torch.Tensor, width: int = 0) -> torch.Tensor:
+    """A zeroed per-pair buffer ``[rows]`` or ``[rows, width]`` (rows: the active list's
+    order, as many as the kernels' threads)."""
+    shape = (rows, width) if width else (rows,)
     return torch.zeros(shape, dtype=v.dtype, device=v.device)
 
 
-def _geometry_buffers(arrays: PairArrays, v: torch.Tensor) -> list:
-    """Zeroed lagged pair terms: weights ``[k, 4]``, coef ``[k, 4]``, normal ``[k, 3]``,
-    m_eff ``[k]``, limit ``[k]``."""
+def _geometry_buffers(dim: int, v: torch.Tensor) -> list:
+    """Zeroed lagged pair terms of ``dim`` listed pairs: weights ``[dim, 4]``, coef
+    ``[dim, 4]``, normal ``[dim, 3]``, m_eff ``[dim]``, limit ``[dim]``."""
     return [
-        _per_pair(arrays, v, 4),
-        _per_pair(arrays, v, 4),
-        _per_pair(arrays, v, 3),
-        _per_pair(arrays, v),
-        _per_pair(arrays, v),
+        _per_pair(dim, v, 4),
+        _per_pair(dim, v, 4),
+        _per_pair(dim, v, 3),
+        _per_pair(dim, v),
+        _per_pair(dim, v),
     ]
 
 
@@ -413,21 +411,21 @@ class _WarpFriction(torch.autograd.Function):
         eps_v, passes = constants[4], constants[5]
         active = arrays.active_at(x, constants[1] ** 2, index)
         dim = _listed(active[1], arrays)
-        geometry = _geometry_buffers(arrays, v)
+        geometry = _geometry_buffers(dim, v)
         inputs = _geometry_inputs(arrays, x, mass, active, constants)
         arrays.launch(kern.friction_geometry, dim, inputs, geometry)
         weights, coef, normal, m_eff, limit = geometry
-        velocities, totals, loads, impulses = [v.contiguous()], [_per_pair(arrays, v, 3)], [], []
+        velocities, totals, loads, impulses = [v.contiguous()], [_per_pair(dim, v, 3)], [], []
         for _ in range(passes):
             load, impulse = (
                 torch.zeros(len(v), dtype=v.dtype, device=v.device),
-                _per_pair(arrays, v, 3),
+                _per_pair(dim, v, 3),
             )
             slip_inputs = [arrays.pairs, *active, weights, normal, m_eff, limit]
             arrays.launch(
                 kern.friction_slip, dim, [*slip_inputs, velocities[-1], eps_v], [load, impulse]
             )
-            out, total = velocities[-1].clone(), _per_pair(arrays, v, 3)
+            out, total = velocities[-1].clone(), _per_pair(dim, v, 3)
             apply_inputs = [arrays.pairs, *active, coef, limit, impulse, load, totals[-1]]
             arrays.launch(kern.friction_apply, dim, apply_inputs, [total, out])
             velocities.append(out)
@@ -455,17 +453,17 @@ class _WarpFriction(torch.autograd.Function):
         kern = kernels(x.dtype)
         dim = _listed(count, arrays)
         adj_v = grad_out.contiguous().clone()
-        adj_total = _per_pair(arrays, adj_v, 3)
-        adj_geometry = _geometry_buffers(arrays, adj_v)  # accumulated over the passes
+        adj_total = _per_pair(dim, adj_v, 3)
+        adj_geometry = _geometry_buffers(dim, adj_v)  # accumulated over the passes
         adj_weights, adj_coef, adj_normal, adj_m_eff, adj_limit = adj_geometry
-        scratch_total, scratch_v = _per_pair(arrays, adj_v, 3), torch.zeros_like(adj_v)
+        scratch_total, scratch_v = _per_pair(dim, adj_v, 3), torch.zeros_like(adj_v)
         scratch_load = torch.zeros(len(adj_v), dtype=x.dtype, device=x.device)
-        scratch_impulse = _per_pair(arrays, adj_v, 3)
+        scratch_impulse = _per_pair(dim, adj_v, 3)
         eps_v = constants[4]
         for p in reversed(range(passes)):
             # The update's adjoint (its forward replay writes into scratch buffers); the
             # velocities pass through it (v_out starts as a copy of v).
-            adj_impulse, adj_total_in = _per_pair(arrays, adj_v, 3), _per_pair(arrays, adj_v, 3)
+            adj_impulse, adj_total_in = _per_pair(dim, adj_v, 3), _per_pair(dim, adj_v, 3)
             adj_load = torch.zeros(len(adj_v), dtype=x.dtype, device=x.device)
             arrays.launch(
                 kern.friction_apply,
@@ -494,7 +492,7 @@ class _WarpFriction(torch.autograd.Function):
             kern.friction_geometry,
             dim,
             inputs,
-            _geometry_buffers(arrays, adj_v),
+            _geometry_buffers(dim, adj_v),
             [grad_x, grad_m, None, None, None, None, None, *inputs[7:]],
             adj_geometry,
         )

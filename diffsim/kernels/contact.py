@@ -214,10 +214,9 @@ def _build(scalar):
         kappa: scalar,
         parallel_fraction: scalar,
         f: wp.array(dtype=vec3),
-        energy: wp.array(dtype=scalar),
     ):
-        """Forces ``f = -dE/dx`` (added) and energies of the listed pairs
-        (``active[:count[0]]``, from :func:`active_pairs`)."""
+        """Forces ``f = -dE/dx`` (added) of the listed pairs (``active[:count[0]]``, from
+        :func:`active_pairs`)."""
         t = wp.tid()
         if t >= count[0]:
             return
@@ -262,7 +261,6 @@ def _build(scalar):
         wp.atomic_sub(f, i1, c[1] * gd + g1)
         wp.atomic_sub(f, i2, c[2] * gd - g3)
         wp.atomic_sub(f, i3, c[3] * gd + g3)
-        energy[k] = w * mol * bv
 
     @wp.kernel
     def friction_geometry(

@@ -210,7 +210,8 @@ class SurfaceContact:
         self._candidates: Candidates | None = None
         self._broad: dict = {}  # the broad phase's state per dtype (see near_candidates)
         self._active: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (x, pair ids)
-        self._near: tuple[torch.Tensor, float, Candidates] | None = None  # see _near_set
+        # (positions selected at, reach, subset, last x it was asked at): see _near_set.
+        self._near: tuple[torch.Tensor, float, Candidates, torch.Tensor] | None = None
         self._local = None  # (key, local positions) of the last local() call
         self._moved = None  # (local x, its offset from the anchor)
         self._closest = math.inf
@@ -456,14 +457,15 @@ class SurfaceContact:
         x = x.detach()
         near = self._near
         if near is not None and near[0].shape == x.shape:
-            if _offset(x - near[0]) <= near[1]:
+            if _same_tensor(near[3], x) or _offset(x - near[0]) <= near[1]:
+                self._near = (*near[:3], x)  # x held: the next call at it checks nothing
                 return near[2]
         reach = NEAR_STEPS * self._last_step
         within = self.dhat + 2.0 * reach
         rows = self._rows_within(x, within)  # the others are farther by the anchor's bound
         # Measured in the working dtype: room for its rounding.
         keep = self._warp_arrays(x).within(x, within * (1.0 + 1e-5) + 1e-12, rows)
-        self._near = (x.clone(), reach, self._candidates.subset(keep))
+        self._near = (x.clone(), reach, self._candidates.subset(keep), x)
         return self._near[2]
 
     def _warp_arrays(self, x: torch.Tensor):

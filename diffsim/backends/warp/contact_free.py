@@ -61,6 +61,8 @@ class ContactFreeBlocks:
             t.requires_grad for t in (x, v, targets, *prepared.inputs)
         )
         n_steps = len(targets)
+        # A call may start from any state (a new rollout): its first step asks.
+        self.backoff = self.wait = 0
         per_step = m.substeps * m.n_vertices * 3
         longest = max(1, MAX_SAVED_VALUES // per_step)
         xs, vs = [], []

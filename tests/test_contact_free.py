@@ -94,6 +94,11 @@ def test_bodies_that_part_return_to_the_fused_path_within_the_prediction_backoff
     )
     assert touched and counts["skipped_predictions"] > 0  # they met; the backoff acted
     assert len(late) <= MAX_PREDICTION_BACKOFF and parted < 50
+    # A rollout from another state (apart) asks at once, whatever the last one left.
+    sim.backend.contact_free.wait = MAX_PREDICTION_BACKOFF
+    fused = counts["fused_steps"]
+    sim.rollout(1, approaching(sim, 2.0))
+    assert counts["fused_steps"] == fused + 1
 
 
 def test_nothing_near_anything_runs_fused_in_float32():

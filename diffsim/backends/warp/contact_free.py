@@ -45,6 +45,7 @@ class ContactFreeBlocks:
         self.block = 1  # steps of the next fused try
         self.backoff = 0  # steps without a prediction after the last failed one
         self.wait = 0  # steps left before the next prediction
+        self.last_end: torch.Tensor | None = None  # positions where the last call ended
         # The per-substep kernels (CUDA), else the fused multi-step ones (CPU).
         self.per_substep = not backend.geometry.device.is_cpu
         self.counts = {
@@ -61,8 +62,11 @@ class ContactFreeBlocks:
             t.requires_grad for t in (x, v, targets, *prepared.inputs)
         )
         n_steps = len(targets)
-        # A call may start from any state (a new rollout): its first step asks.
-        self.backoff = self.wait = 0
+        # A call that does not continue from where the last one ended (a new rollout from
+        # another state) asks at its first step.
+        last = self.last_end
+        if last is None or last.shape != x.shape or not torch.equal(last, x.detach()):
+            self.backoff = self.wait = 0
         per_step = m.substeps * m.n_vertices * 3
         longest = max(1, MAX_SAVED_VALUES // per_step)
         xs, vs = [], []
@@ -95,6 +99,7 @@ class ContactFreeBlocks:
                 vs.append(frames[1])
             x, v = frames[0][-1], frames[1][-1]
             i += k
+        self.last_end = x.detach()
         if out is not None:
             return out
         if not xs:

@@ -99,7 +99,7 @@ class ContactFreeBlocks:
                 vs.append(frames[1])
             x, v = frames[0][-1], frames[1][-1]
             i += k
-        self.last_end = x.detach()
+        self.last_end = x.detach().clone()  # a copy: a view would keep the frames alive
         if out is not None:
             return out
         if not xs:

@@ -85,31 +85,33 @@ class PairArrays:
         cached = self._active
         if cached is not None and cached[0] == key:
             return cached[2]
-        rows = self.n if index is None else len(index)
-        count = torch.zeros(1, dtype=torch.int32, device=x.device)
-        active = torch.empty(max(rows, 1), dtype=torch.int32, device=x.device)
-        if rows:
-            inputs = [x, self.pairs, self.kinds, float(s_hat), _parallel_fraction(x.dtype)]
-            kern = kernels(x.dtype)
-            if index is None:
-                self.launch(kern.active_pairs, rows, inputs, [count, active])
-            else:
-                self.launch(kern.active_pairs_in, rows, [*inputs, index], [count, active])
+        listed = self._listed_within(x, s_hat, index)
         # x and index are held so that their memory, and so the key, is not reused.
-        self._active = (key, (x, index), (active, count))
-        return active, count
+        self._active = (key, (x, index), listed)
+        return listed
 
     def within(self, x: torch.Tensor, distance: float, index: torch.Tensor) -> torch.Tensor:
         """The rows (int64, ascending) among ``index`` of the pairs closer than
         ``distance`` (m) at x (a pass of the active-pair kernel; not cached)."""
-        count = torch.zeros(1, dtype=torch.int32, device=x.device)
-        found = torch.empty(max(len(index), 1), dtype=torch.int32, device=x.device)
-        if len(index):
-            x = x.detach().contiguous()
-            inputs = [x, self.pairs, self.kinds, float(distance) ** 2]
-            inputs += [_parallel_fraction(x.dtype), index.contiguous()]
-            self.launch(kernels(x.dtype).active_pairs_in, len(index), inputs, [count, found])
+        found, count = self._listed_within(x.detach().contiguous(), distance**2, index)
         return torch.sort(found[: int(count[0])].long()).values
+
+    def _listed_within(
+        self, x: torch.Tensor, s_hat: float, index: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass of the active-pair kernel (contiguous x): ``(list, count)``."""
+        rows = self.n if index is None else len(index)
+        count = torch.zeros(1, dtype=torch.int32, device=x.device)
+        found = torch.empty(max(rows, 1), dtype=torch.int32, device=x.device)
+        if rows:
+            inputs = [x, self.pairs, self.kinds, float(s_hat), _parallel_fraction(x.dtype)]
+            kern = kernels(x.dtype)
+            if index is None:
+                self.launch(kern.active_pairs, rows, inputs, [count, found])
+            else:
+                inputs.append(index.contiguous())
+                self.launch(kern.active_pairs_in, rows, inputs, [count, found])
+        return found, count
 
     def launch(
         self,
@@ -245,7 +247,7 @@ def forces_forward(
     floor: float,
     kappa: float,
     index: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """Barrier forces ``[n, 3]`` (no autograd) of the pairs (its rows ``index``, default
     all) within dhat."""
     f = torch.zeros_like(x)

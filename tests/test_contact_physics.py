@@ -160,6 +160,24 @@ def test_head_on_elastic_spheres_keep_their_energy_when_the_barrier_can_stop_the
     assert 0.95 <= ratio <= 1.05
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.xfail(
+    strict=True,
+    reason="the explicit barrier gains energy where the step limit no longer brakes the "
+    "pairs sliding within the contact patch: 1.19 / 1.18 (float32 / float64) at 15 "
+    "substeps, 1.08 / 1.37 at 20, 1.01 at 30; docs/contact.md, Known limits",
+)
+def test_head_on_elastic_spheres_do_not_gain_energy_with_more_substeps(dtype):
+    # 15 substeps, 1.5 times what contact_speed=5 picks (the barrier stops approaches up to
+    # 15 m/s, three times the approach speed): more substeps must not make the impact less
+    # elastic. The default stiffness follows the substep (kappa ~ 1 / h^2), so the barrier
+    # stops the balls farther apart (closest gap 0.6 dhat at 20 substeps, against the dhat/4
+    # its one-pair stability rule allows) and the limit cuts few steps; the energy rises
+    # mostly as the balls part. The same with the torch barrier and an all-pairs broad phase.
+    ratio = energy_kept(dtype, 15)
+    assert 0.95 <= ratio <= 1.05
+
+
 TWO_BALLS_SCENE = """
 import torch
 import diffsim as ds

@@ -311,7 +311,7 @@ class Simulator:
             of the bounding-box diagonal and half the smallest rest distance between
             non-adjacent surface elements (docs/contact.md).
         contact_stiffness: surface barrier kappa (1/(m^2 s^2)); default stable for explicit
-            substeps down to dhat/4 (:meth:`SurfaceContact.default_stiffness`).
+            substeps down to dhat/8 (:meth:`SurfaceContact.default_stiffness`).
         contact_speed: the fastest approach speed between surfaces (m/s) that impacts
             should keep their energy at, or None. With ``substeps="auto"`` the substep is
             also short enough for the default barrier to stop that speed

@@ -54,6 +54,7 @@ def build() -> ds.Simulator:
         friction=0.5,
         contact=True,
         contact_friction=0.5,
+        contact_speed=SPEED,  # the barrier, not the step limit, stops the ball
     )
 
 

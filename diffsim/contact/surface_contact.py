@@ -27,11 +27,13 @@ DHAT_FRACTION = 5e-3
 REST_GAP_FRACTION = 0.5
 # Pairs named in the warning for an explicit dhat above the rest gaps.
 WARN_PAIRS = 3
-# The default stiffness makes the barrier's stiffness reach the explicit stability limit
-# (h^2 omega^2 = 1) at this fraction of dhat; see docs/contact.md.
-STABLE_GAP_FRACTION = 0.25
+# The default stiffness makes one pair's barrier stiffness reach the explicit stability
+# limit (h^2 omega^2 = 1) at this fraction of dhat. 1/8, not the 1/4 one pair allows: a
+# vertex feels several pairs at once, and at 1/4 head-on balls gained up to 37% of their
+# energy (docs/contact.md, "Default stiffness").
+STABLE_GAP_FRACTION = 0.125
 # With it, the barrier stops approach speeds up to about this fraction of dhat / h ...
-STOPPING_FRACTION = 0.4
+STOPPING_FRACTION = 0.2
 # ... and contact_speed sizes the substep to stop this many times the given speed.
 SPEED_MARGIN = 2.0
 # A candidate set is built with room for at least this many steps of the last step's size.
@@ -301,11 +303,12 @@ class SurfaceContact:
 
     @staticmethod
     def default_stiffness(dhat: float, h: float) -> float:
-        """kappa = rho^2 / (2 h^2 dhat^2), rho = 1/4: stable explicit steps down to dhat/4.
+        """kappa = rho^2 / (2 h^2 dhat^2), rho = 1/8: one pair's explicit steps are stable
+        down to dhat/8.
 
         Near contact the barrier acceleration is about ``2 kappa dhat^4 / d``, whose
         stiffness ``2 kappa dhat^4 / d^2`` equals ``1 / h^2`` at d = rho dhat. The barrier then
-        stops approach speeds up to about ``0.4 dhat / h`` before the gap falls below dhat/4.
+        stops approach speeds up to about ``0.2 dhat / h`` before the gap falls below dhat/8.
         """
         return STABLE_GAP_FRACTION**2 / (2.0 * h**2 * dhat**2)
 
@@ -316,9 +319,9 @@ class SurfaceContact:
 
         The barrier stops approaches up to about ``STOPPING_FRACTION dhat / h`` within its
         stable range (:meth:`default_stiffness`); faster ones are cut by the step limit and
-        lose energy. Two balls meeting at 5 m/s (tests/test_contact_physics.py) kept 0.88,
-        0.96, 0.97 (float32: 0.94) and 1.00 (1.01) of their energy with that speed limit
-        1.0, 1.2, 1.6 and 2.0 times the approach speed.
+        lose energy. Two balls meeting at 5 m/s (tests/test_contact_physics.py) keep 0.984,
+        1.000, 1.001 and 0.999 of their energy (float64) with that speed limit 1, 1.5, 2 and
+        3 times the approach speed.
         """
         return STOPPING_FRACTION * dhat / (SPEED_MARGIN * speed)
 
@@ -329,7 +332,7 @@ class SurfaceContact:
 
     def stable_substep(self) -> float:
         """The longest explicit substep (s) this barrier's stiffness bears down to gaps of
-        dhat/4: ``STABLE_GAP_FRACTION / (dhat sqrt(2 kappa))``, the inverse of
+        dhat/8: ``STABLE_GAP_FRACTION / (dhat sqrt(2 kappa))``, the inverse of
         :meth:`default_stiffness` (so the default stiffness never sets a tighter limit)."""
         return STABLE_GAP_FRACTION / (self.dhat * math.sqrt(2.0 * self.stiffness))
 

@@ -6,7 +6,9 @@ gives the reference's numbers and how fast it runs.
 1. Parity, float64, on the GPU: the Warp backend against the torch backend (same device)
    for a box dropped on the ground with friction and a fixed corner (positions), the
    gradient of a loss w.r.t. Young's modulus and the initial velocities, 4 batched worlds
-   against each world alone, and two cubes colliding with surface contact.
+   against each world alone, and two cubes colliding with surface contact; then, for the
+   cubes, where the device leaves the torch backend on the CPU (rollouts, one substep from
+   each reference state, and the pieces of the first substep that differs).
 2. float32 (the default) free fall against g t on the GPU.
 3. Speed: the reference bunny (../shared/assets/bunny.msh, float32, 1e-5 s substeps)
    forward and forward+backward per substep, Warp on the GPU against Warp on this CPU
@@ -94,24 +96,108 @@ def parity(device: str) -> None:
 
     out = {}
     for backend in ("warp", "torch"):
-        a = ds.TetMesh.box(size=(0.05,) * 3, resolution=2, origin=(-0.075, 0.1, 0.0))
-        b = ds.TetMesh.box(size=(0.05,) * 3, resolution=2, origin=(0.025, 0.11, 0.01))
-        sim = ds.Simulator(
-            ds.TetMesh.merge([a, b]),
-            ds.StableNeoHookean(youngs_modulus=2e5, poissons_ratio=0.3, density=1000.0),
-            dt=2e-3, substeps=8, gravity=(0, 0, 0), backend=backend, device=device,
-            dtype=torch.float64, contact=True, contact_friction=0.3,
-        )  # fmt: skip
-        v = torch.zeros((sim.mesh.n_vertices, 3), dtype=sim.dtype, device=device)
-        half = sim.mesh.n_vertices // 2
-        v[:half, 0], v[half:, 0] = 1.0, -1.0
-        traj = sim.rollout(50, sim.initial_state(velocities=v))
+        sim = two_cubes(backend, device, dt=2e-3, substeps=8)
+        traj = sim.rollout(50, two_cubes_start(sim))
         out[backend] = traj
+    half = sim.mesh.n_vertices // 2
     bounced = float(out["torch"].velocities[-1][:half, 0].mean())
     error = float((out["warp"].positions - out["torch"].positions).abs().max())
     check(f"two cubes with surface contact, warp vs torch on {device} (left cube now "
           f"{bounced:+.2f} m/s, was +1)", error, 1e-8)  # fmt: skip
     check("the cubes bounced (left cube's x velocity, m/s)", max(bounced, 0.0), 0.0)
+
+
+def two_cubes(backend: str, device: str, dt: float, substeps: int) -> ds.Simulator:
+    """Two 5 cm cubes that meet head-on at 2 m/s with friction (float64, no gravity)."""
+    a = ds.TetMesh.box(size=(0.05,) * 3, resolution=2, origin=(-0.075, 0.1, 0.0))
+    b = ds.TetMesh.box(size=(0.05,) * 3, resolution=2, origin=(0.025, 0.11, 0.01))
+    return ds.Simulator(
+        ds.TetMesh.merge([a, b]),
+        ds.StableNeoHookean(youngs_modulus=2e5, poissons_ratio=0.3, density=1000.0),
+        dt=dt, substeps=substeps, gravity=(0, 0, 0), backend=backend, device=device,
+        dtype=torch.float64, contact=True, contact_friction=0.3,
+    )  # fmt: skip
+
+
+def two_cubes_start(sim: ds.Simulator) -> State:
+    v = torch.zeros((sim.mesh.n_vertices, 3), dtype=sim.dtype, device=sim.device)
+    half = sim.mesh.n_vertices // 2
+    v[:half, 0], v[half:, 0] = 1.0, -1.0
+    return sim.initial_state(velocities=v)
+
+
+def substep_parts(sim: ds.Simulator, x: torch.Tensor, v: torch.Tensor) -> dict:
+    """The pieces of one substep from (x, v) on the CPU: forces, the surface contact's
+    forces, friction and step scales, and the substep's result."""
+    dev, c = sim.device, sim.model.contact
+    xd, vd = x.to(dev), v.to(dev)
+    mass, h = sim.coefficients().mass, sim.model.substep_dt
+    parts = {"forces": sim.forces(xd), "contact forces": c.forces(xd, mass)}
+    v_free = vd + h * parts["forces"] / mass[:, None]
+    parts["friction"] = c.apply_friction(v_free, xd, mass, h)
+    parts["step scales"] = c.step_scales(xd, xd + h * v_free)
+    out = sim.step(State(xd, vd))
+    parts["x"], parts["v"] = out.positions, out.velocities
+    return {k: t.detach().cpu().double() for k, t in parts.items()}
+
+
+def contact_drift(device: str, substeps: int = 400, threshold: float = 1e-12) -> None:
+    """Where surface contact on ``device`` leaves the torch backend on the CPU.
+
+    The two cubes with one substep per step (2.5e-4 s). Each backend on the device is
+    rolled out and compared with the CPU reference, frame by frame (and with itself,
+    repeated); then one substep is taken from every reference state, and at the first
+    substep where a backend leaves the reference the substep's pieces are compared.
+    """
+    reference = two_cubes("torch", "cpu", dt=2.5e-4, substeps=1)
+    ref = reference.rollout(substeps, two_cubes_start(reference))
+    X, V = ref.positions, ref.velocities
+    configs = [("torch", None), ("warp", None), ("warp", "torch")]
+    print(f"\nsurface contact on {device} against torch on the CPU, {substeps} substeps")
+    for backend, implementation in configs:
+        runs = []
+        for _ in range(2):
+            sim = two_cubes(backend, device, dt=2.5e-4, substeps=1)
+            if implementation:
+                sim.model.contact.implementation = implementation
+            runs.append(sim.rollout(substeps, two_cubes_start(sim)).positions.cpu())
+        drift = (runs[0] - X).abs().amax(dim=(1, 2))
+        late = torch.nonzero(drift > 1e-10).flatten()
+        first = int(late[0]) if len(late) else None
+        repeat = float((runs[0] - runs[1]).abs().max())
+        name = f"{backend} (contact {implementation or sim.model.contact.implementation})"
+        print(f"  rollout {name}: max {float(drift.max()):.3g} m, first frame over 1e-10: "
+              f"{first}, repeat {repeat:.3g}", flush=True)  # fmt: skip
+    one_ref = two_cubes("torch", "cpu", dt=2.5e-4, substeps=1)
+    for backend, implementation in configs:
+        sim = two_cubes(backend, device, dt=2.5e-4, substeps=1)
+        if implementation:
+            sim.model.contact.implementation = implementation
+        first = None
+        for k in range(substeps):
+            r = one_ref.step(State(X[k], V[k]))
+            o = sim.step(State(X[k].to(device), V[k].to(device)))
+            gap = max(
+                float((o.positions.cpu() - r.positions).abs().max()),
+                float((o.velocities.cpu() - r.velocities).abs().max()) * sim.model.substep_dt,
+            )
+            if gap > threshold:
+                first = (k, gap)
+                break
+        name = f"{backend} (contact {implementation or sim.model.contact.implementation})"
+        if first is None:
+            print(f"  one substep, {name}: within {threshold:g} m of the reference throughout")
+            continue
+        k = first[0]
+        mine = substep_parts(two_cubes(backend, device, dt=2.5e-4, substeps=1), X[k], V[k])
+        theirs = substep_parts(two_cubes("torch", "cpu", dt=2.5e-4, substeps=1), X[k], V[k])
+        pieces = ", ".join(
+            f"{key} {float((mine[key] - theirs[key]).abs().max()):.2g} "
+            f"(of {float(theirs[key].abs().max()):.2g})"
+            for key in mine
+        )
+        print(f"  one substep, {name}: first over {threshold:g} m at substep {k} ({first[1]:.3g}); "
+              f"differences there: {pieces}", flush=True)  # fmt: skip
 
 
 def free_fall(device: str) -> None:
@@ -189,6 +275,7 @@ def main() -> None:
     if args.device.startswith("cuda"):
         print(torch.cuda.get_device_name(), flush=True)
     parity(args.device)
+    contact_drift(args.device)
     free_fall(args.device)
     speed(args.device, args.steps)
     if FAILED:

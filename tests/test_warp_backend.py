@@ -285,3 +285,43 @@ def test_float32_rollout_gradients_match_torch():
         out[backend] = torch.autograd.grad(loss, [E, x0, v0])
     for got, ref in zip(out["warp"], out["torch"], strict=True):
         assert rel(got, ref) < 1e-4
+
+
+def test_the_ground_roots_kernel_is_the_torch_loop_where_surface_contact_acts():
+    # Where surface contact acts, the Warp backend runs the torch update around its kernels,
+    # and the ground's implicit step finds its roots with the fused update's kernel (one
+    # launch) instead of Ground.roots' torch loop (two cubes resting on the ground: 2.1x
+    # faster per substep). The same loop, so the same roots: to a few ulp for gaps across
+    # the barrier, and a float64 rollout with ground and surface contact acting together is
+    # the same to the last bit (measured: identical).
+    cubes = [
+        ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=2, origin=(0.0, 0.002 + 0.104 * i, 0.0))
+        for i in range(2)
+    ]
+    material = ds.StableNeoHookean(5e4, 0.4, 500.0)
+    for dtype in (torch.float64, torch.float32):
+        sim = ds.Simulator(
+            ds.TetMesh.merge(cubes), material, dt=1e-3, substeps="auto", ground=0.0,
+            contact=True, backend="warp", dtype=dtype,
+        )  # fmt: skip
+        ground, h = sim.model.ground, sim.model.substep_dt
+        target = torch.linspace(-0.5, 0.999, 301, dtype=dtype) * ground.dhat
+        kernel, loop = sim.backend._ground_roots(target, h), ground.roots(target, h)
+        assert (loop > 0).all() and (loop <= ground.dhat).all()
+        assert ((kernel - loop).abs() <= 64 * torch.finfo(dtype).eps * loop).all()
+    runs = []
+    for roots in ("kernel", "loop"):
+        sim = ds.Simulator(
+            ds.TetMesh.merge(cubes), material, dt=1e-3, substeps="auto", ground=0.0,
+            contact=True, backend="warp", dtype=torch.float64,
+        )  # fmt: skip
+        if roots == "loop":
+            sim.backend._ground_roots = None
+        with torch.no_grad():
+            traj = sim.rollout(120)
+        contact = sim.model.contact
+        assert sim.backend.contact_free.counts["contact_steps"] > 0  # surface contact acted
+        assert min(contact.min_distance(x) for x in traj.positions) < contact.dhat
+        assert float(traj.positions[..., 1].min()) < ground.dhat  # on the ground's barrier
+        runs.append(traj.positions)
+    assert torch.equal(runs[0], runs[1])

@@ -51,6 +51,7 @@ def symplectic_euler_update(
     damping: torch.Tensor | float,
     x_fixed: torch.Tensor,
     h: float | None = None,
+    ground_roots: Callable | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step of length h from the explicit forces (everything but the ground barrier),
     with the continuous collision limit truncating it where it would cut it (no split).
@@ -69,6 +70,8 @@ def symplectic_euler_update(
         damping: mass-proportional damping rate (1/s): ``[]``, or ``[n]`` per vertex (worlds).
         x_fixed: positions ``[k, 3]`` of the fixed vertices at the end of the step.
         h: the step (s); default ``model.substep_dt``.
+        ground_roots: the roots of the ground's implicit step another way
+            (:meth:`~diffsim.physics.ground.Ground.solve`'s ``roots``); default its own.
 
     Returns:
         ``(x_new, v_new)``, each ``[n, 3]`` (float64 and working dtype).
@@ -76,7 +79,9 @@ def symplectic_euler_update(
     m = model
     h = m.substep_dt if h is None else h
     contacts = _world_contacts(m.contact, len(x))
-    x_new, v = _propose(m, x, v, forces, mass, damping, h, contacts, range(len(contacts)))
+    x_new, v = _propose(
+        m, x, v, forces, mass, damping, h, contacts, range(len(contacts)), ground_roots
+    )
     if contacts:
         # The continuous collision limit: a vertex whose step is cut keeps the same
         # fraction of its velocity.
@@ -101,6 +106,7 @@ def substep(
     forces: Callable[[torch.Tensor], torch.Tensor],
     mass: torch.Tensor,
     damping: torch.Tensor | float,
+    ground_roots: Callable | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One substep of ``model.substep_dt``, split at times of impact (module docstring).
 
@@ -122,6 +128,7 @@ def substep(
             surface contact (added here) and the ground barrier (implicit, in the update).
         mass: lumped masses ``[n]`` (kg).
         damping: mass-proportional damping rate (1/s): ``[]``, or ``[n]`` per vertex.
+        ground_roots: see :func:`symplectic_euler_update`.
 
     Returns:
         ``(x_new, v_new)``, each ``[n, 3]``.
@@ -129,7 +136,9 @@ def substep(
     m = model
     contacts = _world_contacts(m.contact, len(x))
     if not contacts:
-        return symplectic_euler_update(m, x, v, forces(x), mass, damping, x_fixed)
+        return symplectic_euler_update(
+            m, x, v, forces(x), mass, damping, x_fixed, ground_roots=ground_roots
+        )
     n_worlds, steps = len(contacts), 2**SPLIT_LEVELS
     done = [0] * n_worlds  # time taken, in shortest steps
     size = [steps] * n_worlds  # the length of the next step tried
@@ -162,7 +171,7 @@ def substep(
         for length in sorted({size[w] for w in active}, reverse=True):
             group = [w for w in active if size[w] == length]
             h = m.substep_dt * length / steps
-            x_new, v_new = _propose(m, x, v, f, mass, damping, h, contacts, group)
+            x_new, v_new = _propose(m, x, v, f, mass, damping, h, contacts, group, ground_roots)
             taken, scales = [], []
             for w in group:
                 c, rows = contacts[w]
@@ -257,6 +266,7 @@ def _propose(
     h: float,
     contacts: list[tuple[object, slice | None]],
     group,
+    ground_roots: Callable | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The step of length h before the continuous collision limit and the prescribed
     positions: forces, damping, clamp, fixed mask, the surface friction of the worlds in
@@ -283,11 +293,11 @@ def _propose(
         )
     x_new = x + h * v
     if m.ground is not None:
-        x_new, v = _ground_contact(m.ground, x, v, h)
+        x_new, v = _ground_contact(m.ground, x, v, h, ground_roots)
     return x_new, v
 
 
-def _ground_contact(ground, x: torch.Tensor, v: torch.Tensor, h: float):
+def _ground_contact(ground, x: torch.Tensor, v: torch.Tensor, h: float, roots=None):
     """The implicit ground barrier and friction; returns ``(x_new, v_new)``.
 
     Where a vertex's predicted gap is inside the barrier, its new gap d' is solved
@@ -299,7 +309,7 @@ def _ground_contact(ground, x: torch.Tensor, v: torch.Tensor, h: float):
     active = d_pred < ground.dhat
     if not bool(active.any()):
         return x + h * v, v
-    d_new = ground.solve(d_pred, h)
+    d_new = ground.solve(d_pred, h, roots)
     normal = ground.normal_acceleration(d_new)
     v = torch.stack([v[:, 0], v[:, 1] + h * normal, v[:, 2]], dim=1)
     v = ground.apply_friction(v, d_new, h)

@@ -42,10 +42,10 @@ apart than the broad-phase radius allows the limited motion to close (see
 :class:`~diffsim.contact.surface_contact.SurfaceContact`), so they cannot meet. This is
 the first iteration of additive CCD (Li et al. 2021) with per-vertex scales.
 
-What the simulator does with the scales: a substep whose step would be cut is not
-truncated but taken again in halves, recursively (time of impact,
-:func:`diffsim.backends.integrator.substep`); only a step of the shortest length is
-truncated to ``x + alpha * (x_proposed - x)``, with ``v *= alpha``.
+What the simulator does with the scales: it truncates the step to
+``x + alpha * (x_proposed - x)``, with ``v *= alpha``; with time-of-impact splits on (off by
+default, :func:`diffsim.backends.integrator.substep`) a step that would be cut is first
+taken again in halves, recursively, and only a step of the shortest length is truncated.
 
 Backward pass: the scales are computed from detached values; :func:`scales_with_gradient`
 gives each limited vertex the derivative of the pair bound whose value it took, so the

@@ -31,8 +31,9 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
     Returns:
         A namespace with the Warp function ``integrate_vertex`` that other kernels fuse in,
         and either ``integrate_vertex_vjp`` (its hand-derived adjoint), ``step_fast``
-        (forward only, zeroes the force buffers it reads) and ``step_vjp`` (its adjoint), or
-        ``total_forces`` (differentiable).
+        (forward only, zeroes the force buffers it reads), ``step_vjp`` (its adjoint) and
+        ``ground_roots`` (the ground solve's root, for the torch update around surface
+        contact), or ``total_forces`` (differentiable).
     """
     T = dtype
     vec3 = wp.types.vector(3, T)
@@ -305,6 +306,14 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
     if not differentiable:
 
         @wp.kernel(module=module, enable_backward=False)
+        def ground_roots(
+            target: wp.array(dtype=T), h: T, dhat: T, kappa: T, out: wp.array(dtype=T)
+        ):
+            """The root of Ground.solve's equation for each predicted gap (its loop, one pass)."""
+            i = wp.tid()
+            out[i] = gap_root(target[i], h, dhat, kappa)
+
+        @wp.kernel(module=module, enable_backward=False)
         def step_fast(
             x: wp.array(dtype=wp.vec3d),
             v: wp.array(dtype=vec3),
@@ -393,6 +402,7 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
             integrate_vertex_vjp=integrate_vertex_vjp,
             step_fast=step_fast,
             step_vjp=step_vjp,
+            ground_roots=ground_roots,
         )
 
     @wp.kernel(module=module)

@@ -9,6 +9,7 @@ See docs/how-it-works.md for the derivation and the default stiffness.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -93,7 +94,12 @@ class Ground:
         scale = 1.0 / (1.0 + h * self.friction * normal * slope)
         return v - (1.0 - scale)[:, None] * tangential
 
-    def solve(self, d_pred: torch.Tensor, h: float) -> torch.Tensor:
+    def solve(
+        self,
+        d_pred: torch.Tensor,
+        h: float,
+        roots: Callable[[torch.Tensor, float], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Gaps after the step, with the barrier integrated implicitly per vertex.
 
         The ground barrier is separable: vertex i feels only its own gap. So instead of an
@@ -112,6 +118,8 @@ class Ground:
         Args:
             d_pred: ``[n]`` gaps after the explicit update, ``y + h v - height`` (m).
             h: the substep in s.
+            roots: another way to find the roots (the Warp backend's kernel, the same loop):
+                predicted gaps ``[k]`` inside the barrier and h -> the roots ``[k]``.
 
         Returns:
             ``[n]`` gaps, all > 0.
@@ -122,6 +130,19 @@ class Ground:
         min_gap = MIN_GAP_FRACTION * self.dhat
         with torch.no_grad():
             target = d_pred[active].detach()
+            d = self.roots(target, h) if roots is None else roots(target.contiguous(), h)
+            slope = 1.0 - h * h * self._acceleration_slope(d)
+            accel = self._acceleration(d)
+        # One Newton step on the graph: same value, exact first derivatives.
+        d_new = d - (d - d_pred[active] - h * h * accel) / slope
+        d_new = torch.clamp(d_new, min=min_gap)
+        return d_pred.masked_scatter(active, d_new)
+
+    def roots(self, target: torch.Tensor, h: float) -> torch.Tensor:
+        """The roots d' of ``d' = target + h^2 a(d')`` for predicted gaps ``target [k]``
+        inside the barrier (m), to 8 ulp: safeguarded Newton in [min gap, dhat], no graph."""
+        min_gap = MIN_GAP_FRACTION * self.dhat
+        with torch.no_grad():
             lo = torch.full_like(target, min_gap)
             hi = torch.full_like(target, self.dhat)
             d = torch.clamp(target, min_gap, self.dhat)
@@ -137,12 +158,7 @@ class Ground:
                 newton = d - phi / (1.0 - h * h * self._acceleration_slope(d))
                 inside = (newton >= lo) & (newton <= hi)
                 d = torch.where(done, d, torch.where(inside, newton, 0.5 * (lo + hi)))
-            slope = 1.0 - h * h * self._acceleration_slope(d)
-            accel = self._acceleration(d)
-        # One Newton step on the graph: same value, exact first derivatives.
-        d_new = d - (d - d_pred[active] - h * h * accel) / slope
-        d_new = torch.clamp(d_new, min=min_gap)
-        return d_pred.masked_scatter(active, d_new)
+        return d
 
     def _acceleration(self, d: torch.Tensor) -> torch.Tensor:
         """Barrier acceleration a(d) = -kappa 2 d b'(d^2) (m/s^2), for gaps d > 0."""

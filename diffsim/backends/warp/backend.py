@@ -238,7 +238,25 @@ class WarpBackend(Backend):
             return bridge.Forces.apply(self.geometry, w, False, y, mu, lam, mass, gravity)
 
         damping = m.per_vertex(w.coeffs.damping)
-        return integrator_substep(m, x, v, x_fixed, forces, mass, damping)
+        return integrator_substep(
+            m, x, v, x_fixed, forces, mass, damping, ground_roots=self._ground_roots
+        )
+
+    def _ground_roots(self, target: torch.Tensor, h: float) -> torch.Tensor:
+        """:meth:`Ground.solve`'s roots for the predicted gaps ``target [k]`` (m), by the
+        kernel the fused update uses: one launch instead of a torch loop of Newton steps."""
+        ground, k = self.model.ground, self.kernels
+        out = torch.empty_like(target)
+        wp.launch(
+            k.ground_roots,
+            dim=len(target),
+            inputs=[bridge.wrap(target, k.scalar), h, ground.dhat, ground.stiffness],
+            outputs=[bridge.wrap(out, k.scalar)],
+            device=self.geometry.device,
+            stream=self.geometry.stream(),
+            record_tape=False,
+        )
+        return out
 
     def _checked(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         m = self.model

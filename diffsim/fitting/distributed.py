@@ -11,6 +11,7 @@ first is used as it is. See docs/distributed-fitting.md.
 
 from __future__ import annotations
 
+import atexit
 import os
 from datetime import timedelta
 
@@ -128,6 +129,10 @@ def reducer(distributed: bool | None, device: str | torch.device = "cpu") -> Red
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=TIMEOUT_S))
         global _created
         _created = True
+        # A script that ends with the group alive had a process abort at exit, tearing down
+        # Gloo's threads ("terminate called without an active exception", once in a CI run
+        # of tests/test_fit_distributed.py): destroy it at exit, after a barrier.
+        atexit.register(finish)
     collective = device if dist.get_backend() == "nccl" else torch.device("cpu")
     return ProcessGroupReducer(collective)
 
@@ -162,8 +167,9 @@ def share_cores() -> int | None:
 
 
 def finish() -> None:
-    """Destroys the process group if :func:`reducer` created it (the command line calls this
-    at its end; from Python, leave the group for the next fit or destroy it yourself)."""
+    """Destroys the process group if :func:`reducer` created it, after a barrier (the command
+    line calls this at its end; from Python the group stays for the next fit, and this runs
+    at the interpreter's exit)."""
     global _created
     if _created and initialized():
         import torch.distributed as dist

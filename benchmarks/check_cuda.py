@@ -154,25 +154,27 @@ def contact_drift(device: str, substeps: int = 400, threshold: float = 1e-12) ->
     X, V = ref.positions, ref.velocities
     configs = [("torch", None), ("warp", None), ("warp", "torch")]
     print(f"\nsurface contact on {device} against torch on the CPU, {substeps} substeps")
+
+    def config(backend: str, implementation: str | None) -> tuple[ds.Simulator, str]:
+        sim = two_cubes(backend, device, dt=2.5e-4, substeps=1)
+        if implementation:
+            sim.model.contact.implementation = implementation
+        return sim, f"{backend} (contact {sim.model.contact.implementation})"
+
     for backend, implementation in configs:
         runs = []
         for _ in range(2):
-            sim = two_cubes(backend, device, dt=2.5e-4, substeps=1)
-            if implementation:
-                sim.model.contact.implementation = implementation
+            sim, name = config(backend, implementation)
             runs.append(sim.rollout(substeps, two_cubes_start(sim)).positions.cpu())
         drift = (runs[0] - X).abs().amax(dim=(1, 2))
         late = torch.nonzero(drift > 1e-10).flatten()
         first = int(late[0]) if len(late) else None
         repeat = float((runs[0] - runs[1]).abs().max())
-        name = f"{backend} (contact {implementation or sim.model.contact.implementation})"
         print(f"  rollout {name}: max {float(drift.max()):.3g} m, first frame over 1e-10: "
               f"{first}, repeat {repeat:.3g}", flush=True)  # fmt: skip
     one_ref = two_cubes("torch", "cpu", dt=2.5e-4, substeps=1)
     for backend, implementation in configs:
-        sim = two_cubes(backend, device, dt=2.5e-4, substeps=1)
-        if implementation:
-            sim.model.contact.implementation = implementation
+        sim, name = config(backend, implementation)
         first = None
         for k in range(substeps):
             r = one_ref.step(State(X[k], V[k]))
@@ -184,12 +186,11 @@ def contact_drift(device: str, substeps: int = 400, threshold: float = 1e-12) ->
             if gap > threshold:
                 first = (k, gap)
                 break
-        name = f"{backend} (contact {implementation or sim.model.contact.implementation})"
         if first is None:
             print(f"  one substep, {name}: within {threshold:g} m of the reference throughout")
             continue
         k = first[0]
-        mine = substep_parts(two_cubes(backend, device, dt=2.5e-4, substeps=1), X[k], V[k])
+        mine = substep_parts(config(backend, implementation)[0], X[k], V[k])
         theirs = substep_parts(two_cubes("torch", "cpu", dt=2.5e-4, substeps=1), X[k], V[k])
         pieces = ", ".join(
             f"{key} {float((mine[key] - theirs[key]).abs().max()):.2g} "

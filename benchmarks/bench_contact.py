@@ -12,8 +12,12 @@ Each row gives the forward time per substep, the forward+backward time per subst
 mean height of the last frame, gradient w.r.t. the initial velocities), the shares of the
 forward time spent in each contact stage (``SurfaceContact.timings``: broad phase, barrier
 forces, friction, the continuous-collision limit, the checks of contact-free blocks and
-their predictions (``clear_over``); the rest is elasticity, integration and the candidate
-cache's checks), the candidate pairs at the end and the broad-phase rebuilds.
+their predictions (``clear_over``), the selection of the candidate sets for fused contact
+substeps and those launches, which run the whole substep (elasticity included); the rest
+is elasticity, integration and the candidate cache's checks), the candidate pairs at the
+end and the broad-phase rebuilds. The forward rows of the Warp path run fused contact
+substeps (:mod:`diffsim.backends.warp.contact_steps`); its forward+backward rows, and the
+torch reference, the general path substep by substep.
 One torch thread. Usage: ``python benchmarks/bench_contact.py [--steps 40] [--quick]
 [--repeat 3] [--only spheres_collide bunny]`` (``--repeat``: the fastest of several runs).
 """
@@ -35,7 +39,7 @@ from diffsim.sim.state import State  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT.parent / "shared" / "assets"
-PHASES = ("broad_phase", "barrier", "friction", "ccd", "checks")
+PHASES = ("broad_phase", "barrier", "friction", "ccd", "checks", "select", "fused")
 # (name, scene file, warm-up steps, timed steps) at the scenes' own dt and substeps.
 SCENES = [
     ("mat on sphere", "mat_on_sphere", 100, 40),

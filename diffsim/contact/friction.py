@@ -42,9 +42,12 @@ from diffsim.contact.potential import MIN_DISTANCE_FRACTION, smallest_mass
 from diffsim.physics.barrier import barrier_derivative
 
 # Passes per substep: the three-cube stack (tests/test_contact_physics.py) creeps 4.09,
-# 1.24, 0.59, 0.39 mm over 1 s (top cube, float32) at 1, 2, 3, 4 passes; 4 leaves 2.5x room
-# under its 1 mm and costs a few kernel launches more than 3.
-FRICTION_PASSES = 4
+# 1.24, 0.59, 0.39 mm over 1 s (top cube, float32) at 1, 2, 3, 4 passes. With the barrier's
+# default stiffness at rho = 1/8 (cubes resting deeper) 4 passes left float32 creeping 0.85
+# to 1.09 mm (the order of the force sums decides) against 0.24 mm in float64; 8 passes:
+# 0.20, 0.35, 0.26 mm (float32) and 0.19, 0.36, 0.27 mm (float64), float32 as float64.
+# The fused contact substeps pay nothing for them; the per-substep path, a few launches.
+FRICTION_PASSES = 8
 
 
 def _pair_geometry(x: torch.Tensor, candidates: Candidates):

@@ -6,6 +6,7 @@ import math
 import time
 import warnings
 from collections import defaultdict
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -89,6 +90,38 @@ class CappedStep(RuntimeError):
         self.step = 0
         self.world, self.relative, self.absolute = world, relative, absolute
         self.scene_size = scene_size
+
+
+@dataclass(frozen=True)
+class FusedSets:
+    """What substeps fused in one launch need of the candidate sets
+    (:meth:`SurfaceContact.fused_sets`); distances in m, local positions in the working dtype.
+
+    Attributes:
+        arrays: the Warp form of the candidate set (``warp_glue.PairArrays``).
+        rows: ``[r]`` int32 rows of ``arrays`` that can be within dhat while both sets hold.
+        anchor: ``[n, 3]`` local positions the candidate set was built at; it holds while
+            the positions' offset from them (see :func:`_offset`) is at most ``reach``.
+        anchor_d2: ``[m]`` float64 squared distances of the candidates at the anchor.
+        near_anchor, near_reach: the same for the rows (``inf``: all of the set's pairs),
+            selected again at x with reach ``near_steps * last_step`` where they expire.
+        limit_free: a step of smaller offset limits no pair outside the rows.
+        max_step, max_translation: steps beyond these are capped (relative offset, largest
+            displacement).
+    """
+
+    arrays: object
+    rows: torch.Tensor
+    anchor: torch.Tensor
+    anchor_d2: torch.Tensor
+    reach: float
+    near_anchor: torch.Tensor
+    near_reach: float
+    near_steps: float
+    last_step: float
+    limit_free: float
+    max_step: float
+    max_translation: float
 
 
 class ContactWarning(UserWarning):
@@ -564,6 +597,65 @@ class SurfaceContact:
             d_pt, d_ee = potential.pair_distances(x.detach(), c)
             active = torch.nonzero(torch.cat([d_pt, d_ee]) < self.dhat**2).flatten()
         return c.subset(active)
+
+    def fused_sets(self, x: torch.Tensor, step: float = 0.0) -> FusedSets:
+        """The candidate sets at positions ``x [n, 3]`` (m) for substeps fused in one
+        launch (:mod:`diffsim.kernels.contact_advance`), selected as the next substep's
+        barrier forces would select them, with the bounds within which they hold; with
+        ``step`` (m), the offset of a step from x that left the candidate set's reach,
+        selected as its step limit would (a set that also holds for that step)."""
+        from diffsim.contact.warp_glue import pair_selection
+
+        start, broad = time.perf_counter(), self.timings["broad_phase"]
+        with torch.no_grad():
+            x = self.local(x.detach())
+            if step > 0.0:
+                self._candidates_at(x, x, step)
+            else:
+                self._candidates_at(x)
+            near = self._near_set(x)
+            arrays, index = pair_selection(near, x.dtype)
+            if index is None:
+                rows = torch.arange(arrays.n, dtype=torch.int32, device=x.device)
+            else:
+                rows = index.to(torch.int32)
+            near_anchor, near_reach = self._anchor, math.inf
+            if self._near is not None and near is self._near[2]:
+                near_anchor, near_reach = self._near[0], self._near[1]
+            keep = (1 - ccd.MIN_GAP_FRACTION) * (1 - ccd.SCALE_SLACK)
+            self._stage("select", start, broad)
+            return FusedSets(
+                arrays=arrays,
+                rows=rows.contiguous(),
+                anchor=self._anchor,
+                anchor_d2=self._anchor_d2,
+                reach=self._reach,
+                near_anchor=near_anchor,
+                near_reach=near_reach,
+                near_steps=float(NEAR_STEPS),
+                last_step=self._last_step,
+                # A step of relative offset s moves a pair by at most 4 s relative to its
+                # own mean, which limits no pair farther than 4 s / keep: none outside
+                # the near rows (all farther than dhat) while 4 s / keep < dhat.
+                limit_free=keep * self.dhat / 4.0,
+                max_step=MAX_STEP_FRACTION * self.scene_size,
+                max_translation=MAX_TRANSLATION_FRACTION * self.scene_size,
+            )
+
+    def after_fused(
+        self, substeps: int, relative: float, absolute: float, near_selected: bool
+    ) -> None:
+        """Records ``substeps`` taken by a fused launch (the last one's offset ``relative``
+        and largest displacement ``absolute``, m) as the per-substep path would have;
+        ``near_selected``: the launch selected near rows of its own (the next substep
+        selects them again)."""
+        if near_selected:
+            self._near = None
+        self._last_step = relative
+        self.last_cap = (1.0, relative, absolute)
+        self.caps_in_a_row = 0
+        self._active = self._moved = self._local = None
+        self.timings["fused_substeps"] += substeps
 
     def limit(self, x: torch.Tensor, x_new: torch.Tensor) -> torch.Tensor:
         """Positions after the conservative CCD limit (see :mod:`diffsim.contact.ccd`):

@@ -150,6 +150,92 @@ def _build(scalar):
         g = wp.max(wp.max(lo_b - hi_a, lo_a - hi_b), vec3(zero, zero, zero))
         return wp.dot(g, g)
 
+    @wp.func
+    def barrier_pair(
+        kind: int, x0: vec3, x1: vec3, x2: vec3, x3: vec3, c: vec4, diff: vec3, d2: scalar,
+        eps_k: scalar, w: scalar, s_hat: scalar, floor: scalar,
+    ):  # fmt: skip
+        """The barrier gradient dE/dx_i at the pair's four vertices (the forces are minus
+        these), for a pair within dhat: closest-point weights c, separation diff, its
+        squared length d2, mollifier eps_k, ``w = kappa * smallest mass``."""
+        db = zero
+        bv = barrier_v(floor, s_hat)
+        if d2 > floor:
+            db = barrier_d(d2, s_hat)
+            bv = barrier_v(d2, s_hat)
+        mol = one
+        g1 = vec3(zero, zero, zero)
+        g3 = vec3(zero, zero, zero)
+        if kind == 1:
+            e0 = x1 - x0
+            e1 = x3 - x2
+            cr = wp.cross(e0, e1)
+            cs = wp.dot(cr, cr)
+            if cs < eps_k:
+                r = cs / eps_k
+                mol = (two - r) * r
+                dm = two * (one - r) / eps_k
+                # -w b dm/dx: gradient of c = |e0 x e1|^2 is 2 e1 x cr (p1), 2 cr x e0 (q1).
+                g1 = (w * bv * dm * two) * wp.cross(e1, cr)
+                g3 = (w * bv * dm * two) * wp.cross(cr, e0)
+        gd = (w * mol * db * two) * diff
+        return c[0] * gd - g1, c[1] * gd + g1, c[2] * gd - g3, c[3] * gd + g3
+
+    @wp.func
+    def friction_terms(
+        kind: int, x0: vec3, x1: vec3, x2: vec3, x3: vec3, m0: scalar, m1: scalar,
+        m2: scalar, m3: scalar, c: vec4, sep: vec3, d2: scalar, eps_k: scalar, s_hat: scalar,
+        floor: scalar, kappa: scalar, h_mu: scalar,
+    ):  # fmt: skip
+        """Friction's lagged terms of a pair within dhat (see :func:`friction_geometry`):
+        ``(c_i / m_i, unit normal, m_eff, Coulomb limit h mu lambda)``."""
+        d2 = wp.max(d2, floor)
+        w = wp.min(wp.min(m0, m1), wp.min(m2, m3))
+        mol = one
+        if kind == 1:
+            cr = wp.cross(x1 - x0, x3 - x2)
+            cs = wp.dot(cr, cr)
+            if cs < eps_k:
+                r = cs / eps_k
+                mol = (two - r) * r
+        d = wp.sqrt(d2)
+        normal_force = -kappa * w * mol * two * d * barrier_d(d2, s_hat)
+        w0 = c[0] / m0
+        w1 = c[1] / m1
+        w2 = c[2] / m2
+        w3 = c[3] / m3
+        m_eff = one / (c[0] * w0 + c[1] * w1 + c[2] * w2 + c[3] * w3)
+        return vec4(w0, w1, w2, w3), sep / d, m_eff, h_mu * normal_force
+
+    @wp.func
+    def friction_stop(
+        c: vec4, n: vec3, me: scalar, lim: scalar, v0: vec3, v1: vec3, v2: vec3, v3: vec3,
+        eps_v: scalar,
+    ):  # fmt: skip
+        """A pair's slip-stopping fraction ``stop`` and impulse ``m_eff stop u`` (kg m/s) at
+        velocities v0..v3 (see :func:`friction_slip`)."""
+        v_rel = c[0] * v0 + c[1] * v1 + c[2] * v2 + c[3] * v3
+        u = v_rel - wp.dot(v_rel, n) * n
+        tiny = scalar(1e-6) * eps_v
+        speed = wp.sqrt(wp.dot(u, u) + tiny * tiny)
+        slope = one / speed
+        if speed < eps_v:
+            slope = two / eps_v - speed / (eps_v * eps_v)
+        gamma = lim * slope / me
+        stop = one - one / (one + gamma)
+        return stop, (me * stop) * u
+
+    @wp.func
+    def friction_capped(most: scalar, before: vec3, impulse: vec3, cap: scalar) -> vec3:
+        """A pair's impulse so far after adding ``impulse`` relaxed by the largest load of
+        its vertices, capped at the Coulomb limit (see :func:`friction_apply`)."""
+        trial = before + (one / wp.max(most, one)) * impulse
+        q2 = wp.dot(trial, trial)
+        after = trial
+        if q2 > cap * cap:
+            after = (cap / wp.sqrt(q2)) * trial
+        return after
+
     @wp.kernel
     def active_pairs(
         x: wp.array(dtype=vec3),
@@ -236,31 +322,11 @@ def _build(scalar):
         if d2 >= s_hat:
             return
         w = kappa * wp.min(wp.min(mass[i0], mass[i1]), wp.min(mass[i2], mass[i3]))
-        db = zero
-        bv = barrier_v(floor, s_hat)
-        if d2 > floor:
-            db = barrier_d(d2, s_hat)
-            bv = barrier_v(d2, s_hat)
-        mol = one
-        g1 = vec3(zero, zero, zero)
-        g3 = vec3(zero, zero, zero)
-        if kind == 1:
-            e0 = x1 - x0
-            e1 = x3 - x2
-            cr = wp.cross(e0, e1)
-            cs = wp.dot(cr, cr)
-            if cs < eps[k]:
-                r = cs / eps[k]
-                mol = (two - r) * r
-                dm = two * (one - r) / eps[k]
-                # -w b dm/dx: gradient of c = |e0 x e1|^2 is 2 e1 x cr (p1), 2 cr x e0 (q1).
-                g1 = (w * bv * dm * two) * wp.cross(e1, cr)
-                g3 = (w * bv * dm * two) * wp.cross(cr, e0)
-        gd = (w * mol * db * two) * diff
-        wp.atomic_sub(f, i0, c[0] * gd - g1)
-        wp.atomic_sub(f, i1, c[1] * gd + g1)
-        wp.atomic_sub(f, i2, c[2] * gd - g3)
-        wp.atomic_sub(f, i3, c[3] * gd + g3)
+        g0, g1, g2, g3 = barrier_pair(kind, x0, x1, x2, x3, c, diff, d2, eps[k], w, s_hat, floor)
+        wp.atomic_sub(f, i0, g0)
+        wp.atomic_sub(f, i1, g1)
+        wp.atomic_sub(f, i2, g2)
+        wp.atomic_sub(f, i3, g3)
 
     @wp.kernel
     def friction_geometry(
@@ -304,30 +370,15 @@ def _build(scalar):
         d2 = wp.dot(sep, sep)
         if d2 >= s_hat:
             return
-        d2 = wp.max(d2, floor)
-        m0 = mass[i0]
-        m1 = mass[i1]
-        m2 = mass[i2]
-        m3 = mass[i3]
-        w = wp.min(wp.min(m0, m1), wp.min(m2, m3))
-        mol = one
-        if kind == 1:
-            cr = wp.cross(x1 - x0, x3 - x2)
-            cs = wp.dot(cr, cr)
-            if cs < eps[k]:
-                r = cs / eps[k]
-                mol = (two - r) * r
-        d = wp.sqrt(d2)
-        normal_force = -kappa * w * mol * two * d * barrier_d(d2, s_hat)
-        w0 = c[0] / m0
-        w1 = c[1] / m1
-        w2 = c[2] / m2
-        w3 = c[3] / m3
+        cf, n, me, lim = friction_terms(
+            kind, x0, x1, x2, x3, mass[i0], mass[i1], mass[i2], mass[i3], c, sep, d2, eps[k],
+            s_hat, floor, kappa, h_mu,
+        )  # fmt: skip
         weights[t] = c
-        coef[t] = vec4(w0, w1, w2, w3)
-        normal[t] = sep / d
-        m_eff[t] = one / (c[0] * w0 + c[1] * w1 + c[2] * w2 + c[3] * w3)
-        limit[t] = h_mu * normal_force
+        coef[t] = cf
+        normal[t] = n
+        m_eff[t] = me
+        limit[t] = lim
 
     @wp.kernel
     def friction_slip(
@@ -354,19 +405,10 @@ def _build(scalar):
         i1 = pairs[k, 1]
         i2 = pairs[k, 2]
         i3 = pairs[k, 3]
-        c = weights[t]
-        n = normal[t]
-        me = m_eff[t]
-        v_rel = c[0] * v[i0] + c[1] * v[i1] + c[2] * v[i2] + c[3] * v[i3]
-        u = v_rel - wp.dot(v_rel, n) * n
-        tiny = scalar(1e-6) * eps_v
-        speed = wp.sqrt(wp.dot(u, u) + tiny * tiny)
-        slope = one / speed
-        if speed < eps_v:
-            slope = two / eps_v - speed / (eps_v * eps_v)
-        gamma = limit[t] * slope / me
-        stop = one - one / (one + gamma)
-        impulse[t] = (me * stop) * u
+        stop, imp = friction_stop(
+            weights[t], normal[t], m_eff[t], limit[t], v[i0], v[i1], v[i2], v[i3], eps_v
+        )
+        impulse[t] = imp
         wp.atomic_add(load, i0, stop)
         wp.atomic_add(load, i1, stop)
         wp.atomic_add(load, i2, stop)
@@ -398,12 +440,7 @@ def _build(scalar):
         i3 = pairs[k, 3]
         most = wp.max(wp.max(load[i0], load[i1]), wp.max(load[i2], load[i3]))
         before = total_in[t]
-        trial = before + (one / wp.max(most, one)) * impulse[t]
-        q2 = wp.dot(trial, trial)
-        cap = limit[t]
-        after = trial
-        if q2 > cap * cap:
-            after = (cap / wp.sqrt(q2)) * trial
+        after = friction_capped(most, before, impulse[t], limit[t])
         total_out[t] = after
         step = after - before
         cf = coef[t]
@@ -447,6 +484,28 @@ def _build(scalar):
         c = scalar(0.25) * (y0 + y1 + y2 + y3)
         return side_reach(kind, y0 - c, y1 - c, y2 - c, y3 - c)
 
+    @wp.func
+    def pair_scale(
+        kind: int, x0: vec3, x1: vec3, x2: vec3, x3: vec3, y0: vec3, y1: vec3, y2: vec3,
+        y3: vec3, keep: scalar, slack: scalar, parallel_fraction: scalar,
+    ):  # fmt: skip
+        """CCD pass 1 for one pair at x0..x3 moving by y0..y3: ``(bound, t_abs, t)``, its
+        distance bound ``(1 - keep) d``, absolute scale and relative scale (1: not
+        limited; see :func:`step_scales`)."""
+        c = pair_weights(kind, x0, x1, x2, x3, parallel_fraction)
+        diff = c[0] * x0 + c[1] * x1 + c[2] * x2 + c[3] * x3
+        limit = (one - keep) * wp.length(diff)
+        aim = (one - slack) * limit
+        absolute = side_reach(kind, y0, y1, y2, y3)
+        ta = one
+        if absolute > aim:
+            ta = aim / absolute
+        reach = relative_reach(kind, y0, y1, y2, y3)
+        t = one
+        if reach > aim:
+            t = aim / reach
+        return limit, ta, t
+
     @wp.kernel
     def step_scales(
         x: wp.array(dtype=vec3),
@@ -467,23 +526,13 @@ def _build(scalar):
         i2 = pairs[k, 2]
         i3 = pairs[k, 3]
         kind = kinds[k]
-        c = pair_weights(kind, x[i0], x[i1], x[i2], x[i3], parallel_fraction)
-        diff = c[0] * x[i0] + c[1] * x[i1] + c[2] * x[i2] + c[3] * x[i3]
-        limit = (one - keep) * wp.length(diff)
+        limit, ta, t = pair_scale(
+            kind, x[i0], x[i1], x[i2], x[i3], dx[i0], dx[i1], dx[i2], dx[i3], keep, slack,
+            parallel_fraction,
+        )  # fmt: skip
         bound[k] = limit
-        aim = (one - slack) * limit
-        y0 = dx[i0]
-        y1 = dx[i1]
-        y2 = dx[i2]
-        y3 = dx[i3]
-        absolute = side_reach(kind, y0, y1, y2, y3)
-        ta = one
-        if absolute > aim:
-            ta = aim / absolute
         t_abs[k] = ta
-        reach = relative_reach(kind, y0, y1, y2, y3)
-        if reach > aim:
-            t = aim / reach
+        if t < one:
             wp.atomic_min(alpha, i0, t)
             wp.atomic_min(alpha, i1, t)
             wp.atomic_min(alpha, i2, t)
@@ -562,6 +611,12 @@ def _build(scalar):
         pair_distances=pair_distances,
         element_boxes=element_boxes,
         pair_weights=pair_weights,
+        box_gap2=box_gap2,
+        barrier_pair=barrier_pair,
+        friction_terms=friction_terms,
+        friction_stop=friction_stop,
+        friction_capped=friction_capped,
+        pair_scale=pair_scale,
     )
 
 
@@ -570,8 +625,11 @@ def contact_kernels(scalar) -> SimpleNamespace:
     """The contact kernels for ``wp.float32`` or ``wp.float64``, built on first use:
     ``active_pairs``, ``active_pairs_in``, ``barrier_forces``, ``friction_geometry``,
     ``friction_slip``, ``friction_apply``, ``step_scales``, ``verify_scales``,
-    ``pair_distances``, ``element_boxes`` and the function ``pair_weights`` (the BVH
-    queries are in :mod:`diffsim.kernels.broad_phase`)."""
+    ``pair_distances``, ``element_boxes``, and the per-pair functions they are made of
+    (``pair_weights``, ``box_gap2``, ``barrier_pair``, ``friction_terms``,
+    ``friction_stop``, ``friction_capped``, ``pair_scale``), which the fused contact
+    substeps of :mod:`diffsim.kernels.contact_advance` call too (the BVH queries are in
+    :mod:`diffsim.kernels.broad_phase`)."""
     if scalar not in (wp.float32, wp.float64):
         raise ValueError(f"contact kernels exist for wp.float32 and wp.float64, not {scalar}")
     return _build(scalar)

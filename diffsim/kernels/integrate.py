@@ -29,7 +29,9 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
         differentiable: build the kernels with adjoints.
 
     Returns:
-        A namespace with the Warp function ``integrate_vertex`` that other kernels fuse in,
+        A namespace with the Warp function ``integrate_vertex`` that other kernels fuse in
+        (and, forward only, its two halves ``vertex_velocity`` and ``vertex_move``, between
+        which the fused contact substeps apply surface friction),
         and either ``integrate_vertex_vjp`` (its hand-derived adjoint), ``step_fast``
         (forward only, zeroes the force buffers it reads), ``step_vjp`` (its adjoint) and
         ``ground_roots`` (the ground solve's root, for the torch update around surface
@@ -158,23 +160,9 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
         return out
 
     @wp.func
-    def integrate_vertex(
-        x: wp.vec3d,
-        v: vec3,
-        f: vec3,
-        m: T,
-        damping: T,
-        is_fixed: int,
-        x_fixed: wp.vec3d,
-        s: VertexUpdate,
-    ):
+    def vertex_velocity(v: vec3, f: vec3, m: T, damping: T, is_fixed: int, s: VertexUpdate) -> vec3:
+        """The velocity update before the ground: forces, damping, clamp, fixed mask."""
         h = s.h
-        has_ground = s.has_ground
-        height = s.height
-        dhat = s.dhat
-        kappa = s.kappa
-        friction = s.friction
-        eps_v = s.eps_v
         max_speed = s.max_speed
         v1 = v + h * f / m
         v1 = v1 / (T(1.0) + h * damping)
@@ -187,6 +175,19 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
             v1 = v1 * factor
         if is_fixed != 0:
             v1 = v1 * T(0.0)
+        return v1
+
+    @wp.func
+    def vertex_move(x: wp.vec3d, v1: vec3, s: VertexUpdate):
+        """The free move ``x + h v`` and the implicit ground step: ``(x_new, v_new)``
+        (fixed vertices are placed by the caller)."""
+        h = s.h
+        has_ground = s.has_ground
+        height = s.height
+        dhat = s.dhat
+        kappa = s.kappa
+        friction = s.friction
+        eps_v = s.eps_v
         # Positions are float64: the increment h v is added in float64, never lost.
         xn = x + wp.vec3d(h * v1)
         if has_ground != 0:
@@ -207,6 +208,20 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
                     x[0] + wp.float64(h * v1[0]), height + wp.float64(d_new),
                     x[2] + wp.float64(h * v1[2]),
                 )  # fmt: skip
+        return xn, v1
+
+    @wp.func
+    def integrate_vertex(
+        x: wp.vec3d,
+        v: vec3,
+        f: vec3,
+        m: T,
+        damping: T,
+        is_fixed: int,
+        x_fixed: wp.vec3d,
+        s: VertexUpdate,
+    ):
+        xn, v1 = vertex_move(x, vertex_velocity(v, f, m, damping, is_fixed, s), s)
         if is_fixed != 0:
             xn = x_fixed
         return xn, v1
@@ -399,6 +414,8 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
             VertexUpdate=VertexUpdate,
             VertexCoefficients=VertexCoefficients,
             integrate_vertex=integrate_vertex,
+            vertex_velocity=vertex_velocity,
+            vertex_move=vertex_move,
             integrate_vertex_vjp=integrate_vertex_vjp,
             step_fast=step_fast,
             step_vjp=step_vjp,

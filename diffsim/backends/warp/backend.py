@@ -25,6 +25,7 @@ except ImportError as error:  # pragma: no cover - warp-lang is a dependency
 
 from diffsim.backends.warp import bridge, fused
 from diffsim.backends.warp.contact_free import ContactFreeBlocks
+from diffsim.backends.warp.contact_steps import FusedContactSteps
 from diffsim.backends.warp.threads import SplitLauncher
 from diffsim.kernels import kernels_for
 from diffsim.kernels.runtime import init_warp
@@ -95,6 +96,7 @@ class WarpBackend(Backend):
         self.launcher = SplitLauncher.shared(threads) if threads > 1 else None
         self.scratch = self._scratch(threads)
         self.contact_free = ContactFreeBlocks(self)
+        self.fused_contact = FusedContactSteps(self)
 
     # ----------------------------------------------------------------- coefficients
     def prepare(self, coeffs: Coefficients) -> bridge.WarpCoefficients:

@@ -1,0 +1,382 @@
+"""Whole substeps with surface contact in one CPU launch: no Python between them.
+
+A substep with surface contact, as :func:`diffsim.backends.integrator.substep` computes it
+by torch ops around per-stage kernels, costs a millisecond of Python and launch overhead
+on a mesh of a few thousand tets, several times its arithmetic. ``contact_advance`` runs
+many such substeps in one launch (dim 1, one thread) with the same formulas (the per-pair
+functions of :mod:`diffsim.kernels.contact`, the vertex update of
+:mod:`diffsim.kernels.integrate`), per substep:
+
+1. checks that the candidate pairs still hold every pair within dhat (the positions'
+   offsets from where the candidate set and its near subset were selected are within
+   their reaches; see ``SurfaceContact``), selecting the near subset again where it
+   expired (as ``SurfaceContact._near_set`` does),
+2. elastic + gravity forces, the barrier forces of the near pairs within dhat,
+3. the velocity update (damping, clamp, fixed mask), surface friction (lagged, from the
+   barrier at the substep's start), the free move and the implicit ground step,
+4. checks the step: not capped (``MAX_STEP_FRACTION``), within the candidates' reach, and
+   no vertex limited by the continuous collision check (its pass 1 over the near pairs,
+   which hold every pair that can limit a small step, or over every candidate),
+5. commits the new state (prescribed vertices at their place on the line).
+
+Where a check fails the launch stops before committing that substep and reports why; the
+caller then takes it the general way (new candidate sets, the step limit's verification
+rounds, time-of-impact handling, a blow-up error) and launches again. Forward only: a
+rollout that needs a gradient takes the per-substep path.
+"""
+
+from types import SimpleNamespace
+
+import warp as wp
+
+# status[1]: why a launch stopped.
+FINISHED = 0  # every substep asked for was taken
+SETS_EXPIRED = 1  # at a substep's start: select the candidate sets again at these positions
+GENERAL_STEP = 2  # this substep needs the general path, status[2] says why:
+CAPPED = 1  # the step limit would cap the whole step (or raise a blow-up)
+BEYOND_REACH = 2  # the step leaves the candidate set's reach (the caller builds one for it)
+LIMITED = 3  # the continuous collision check limits some vertex
+REASONS = {CAPPED: "capped", BEYOND_REACH: "beyond_reach", LIMITED: "limited"}
+
+
+def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> SimpleNamespace:
+    """The fused contact substep kernels for one scalar type, one per material.
+
+    Args:
+        dtype: the Warp scalar type.
+        module: the Warp module they go into.
+        elastic: the namespace of :func:`diffsim.kernels.elastic.build_elastic` (forward).
+        integrate: the namespace of :func:`diffsim.kernels.integrate.build_integrate`.
+        contact: the namespace of :func:`diffsim.kernels.contact.contact_kernels`.
+
+    Returns:
+        A namespace with the struct ``ContactStep`` and ``contact_advance``, a tuple of
+        kernels indexed by the material id.
+    """
+    T = dtype
+    vec3 = wp.types.vector(3, T)
+    vec4 = wp.types.vector(4, T)
+    VertexUpdate, VertexCoefficients = integrate.VertexUpdate, integrate.VertexCoefficients
+    vertex_velocity, vertex_move = integrate.vertex_velocity, integrate.vertex_move
+    pair_weights, box_gap2 = contact.pair_weights, contact.box_gap2
+    barrier_pair, friction_terms = contact.barrier_pair, contact.friction_terms
+    friction_stop, friction_capped = contact.friction_stop, contact.friction_capped
+    pair_scale = contact.pair_scale
+
+    @wp.struct
+    class ContactStep:
+        """The surface contact's constants and the validity of its candidate sets."""
+
+        origin: wp.vec3d  # local positions are x - origin, in the working dtype (m)
+        s_hat: T  # dhat^2 (m^2)
+        floor: T  # the squared-distance floor (m^2)
+        kappa: T  # barrier stiffness (1/(m^2 s^2))
+        parallel_fraction: T  # edge-edge parallel test
+        h_mu: T  # substep times the friction coefficient (s)
+        eps_v: T  # friction smoothing speed (m/s)
+        passes: int  # friction passes per substep (0: no surface friction)
+        keep: T  # the CCD's MIN_GAP_FRACTION
+        slack: T  # the CCD's SCALE_SLACK
+        reach: wp.float64  # the candidate set holds while offset(x - anchor) <= reach (m)
+        near_reach: wp.float64  # the near rows hold while offset(x - near_anchor) <= this
+        n_rows: int  # the near rows in rows[:n_rows]
+        near_steps: wp.float64  # ... among the candidates within dhat + 2 near_steps s
+        dhat: wp.float64  # (m)
+        last_step: wp.float64  # s: the offset of the last substep taken before the launch (m)
+        limit_free: wp.float64  # a step of smaller offset (m) limits no pair outside the rows
+        max_step: wp.float64  # larger relative offsets of a step are capped (m)
+        max_translation: wp.float64  # ... and larger absolute displacements (m)
+
+    @wp.func
+    def local(x: wp.vec3d, origin: wp.vec3d) -> vec3:
+        d = x - origin
+        return vec3(T(d[0]), T(d[1]), T(d[2]))
+
+    @wp.func
+    def offset(lo: vec3, hi: vec3) -> wp.float64:
+        # SurfaceContact's _offset: half the diagonal of the displacements' bounding box.
+        return wp.float64(T(0.5) * wp.length(hi - lo))
+
+    def contact_advance_kernel(add_tet_forces):
+        @wp.kernel(module=module, enable_backward=False)
+        def contact_advance(
+            x: wp.array(dtype=wp.vec3d),
+            v: wp.array(dtype=vec3),
+            tets: wp.array(dtype=wp.vec4i),
+            dm_inv: wp.array(dtype=wp.types.matrix((3, 3), T)),
+            volume: wp.array(dtype=T),
+            mu: wp.array(dtype=T),
+            lam: wp.array(dtype=T),
+            per_tet: int,
+            c: VertexCoefficients,
+            s: VertexUpdate,
+            fixed_start: wp.array(dtype=wp.vec3d),
+            targets: wp.array2d(dtype=wp.vec3d),
+            substeps: int,
+            first_substep: int,
+            p: ContactStep,
+            pairs: wp.array2d(dtype=wp.int32),
+            kinds: wp.array(dtype=wp.int32),
+            eps: wp.array(dtype=T),
+            rows: wp.array(dtype=wp.int32),
+            anchor: wp.array(dtype=vec3),
+            anchor_d2: wp.array(dtype=wp.float64),
+            near_anchor: wp.array(dtype=vec3),
+            xl: wp.array(dtype=vec3),
+            f_el: wp.array(dtype=vec3),
+            f_c: wp.array(dtype=vec3),
+            x_new: wp.array(dtype=wp.vec3d),
+            v_new: wp.array(dtype=vec3),
+            dx: wp.array(dtype=vec3),
+            load: wp.array(dtype=T),
+            active: wp.array(dtype=wp.int32),
+            weights: wp.array(dtype=vec4),
+            coef: wp.array(dtype=vec4),
+            normal: wp.array(dtype=vec3),
+            m_eff: wp.array(dtype=T),
+            limit: wp.array(dtype=T),
+            impulse: wp.array(dtype=vec3),
+            total: wp.array(dtype=vec3),
+            x_out: wp.array2d(dtype=wp.vec3d),
+            v_out: wp.array2d(dtype=vec3),
+            status: wp.array(dtype=wp.int32),
+            stats: wp.array(dtype=wp.float64),
+        ):
+            """Steps ``targets.shape[0]`` of ``substeps`` substeps, from substep
+            ``first_substep`` of the first; launched with dim 1.
+
+            x and v ``[n]`` are advanced in place; the state after each step goes to its row
+            of x_out and v_out ``[steps, n]``. Prescribed vertices reach ``targets[step]``
+            linearly from ``fixed_start`` (written at each step's first substep; given by
+            the caller when it starts within a step). ``rows`` ``[r]`` are the candidate
+            pairs (rows of pairs, kinds, eps) that can be within dhat while the sets hold;
+            ``anchor`` and ``near_anchor`` ``[n]`` the local positions the sets were
+            selected at. The rest are scratch: xl .. load ``[n]``, active .. total ``[r]``.
+            Writes ``status = (substeps taken, why it stopped, which check, near
+            selections)`` and ``stats = (offset, largest displacement)`` (m) of the last
+            substep taken (``stats[2]``: the offset of the one held back).
+            """
+            n = x.shape[0]
+            taken = int(0)  # noqa: UP018 - a Warp variable
+            n_rows = p.n_rows
+            near_reach = p.near_reach
+            last_step = p.last_step
+            selections = int(0)  # noqa: UP018 - a Warp variable
+            for step in range(targets.shape[0]):
+                j_first = int(0)  # noqa: UP018 - a Warp variable
+                if step == 0:
+                    j_first = first_substep
+                fraction_den = wp.float64(substeps)
+                for j in range(j_first, substeps):
+                    # 1. The sets hold at x.
+                    lo = vec3(T(1e30), T(1e30), T(1e30))
+                    hi = -lo
+                    near_lo = lo
+                    near_hi = hi
+                    for i in range(n):
+                        y = local(x[i], p.origin)
+                        xl[i] = y
+                        lo = wp.min(lo, y - anchor[i])
+                        hi = wp.max(hi, y - anchor[i])
+                        near_lo = wp.min(near_lo, y - near_anchor[i])
+                        near_hi = wp.max(near_hi, y - near_anchor[i])
+                    moved = offset(lo, hi)
+                    if moved > p.reach:
+                        status[0] = taken
+                        status[1] = SETS_EXPIRED
+                        status[3] = selections
+                        return
+                    if offset(near_lo, near_hi) > near_reach:
+                        # The near rows again, here (SurfaceContact._near_set): the
+                        # candidates closer than dhat + 2 R, R = near_steps s, those the
+                        # anchor's distances cannot rule out measured.
+                        near_reach = p.near_steps * last_step
+                        within = p.dhat + wp.float64(2.0) * near_reach
+                        beyond = (within + wp.float64(2.0) * moved) * wp.float64(1.0 + 1e-5)
+                        beyond = beyond + wp.float64(1e-12)
+                        kept = T(within * wp.float64(1.0 + 1e-5) + wp.float64(1e-12))
+                        n_rows = int(0)  # noqa: UP018 - a Warp variable
+                        for k in range(pairs.shape[0]):
+                            if anchor_d2[k] < beyond * beyond:
+                                y0 = xl[pairs[k, 0]]
+                                y1 = xl[pairs[k, 1]]
+                                y2 = xl[pairs[k, 2]]
+                                y3 = xl[pairs[k, 3]]
+                                kind = kinds[k]
+                                if box_gap2(kind, y0, y1, y2, y3) < kept * kept:
+                                    cw = pair_weights(kind, y0, y1, y2, y3, p.parallel_fraction)
+                                    diff = cw[0] * y0 + cw[1] * y1 + cw[2] * y2 + cw[3] * y3
+                                    if wp.dot(diff, diff) < kept * kept:
+                                        rows[n_rows] = k
+                                        n_rows += 1
+                        for i in range(n):
+                            near_anchor[i] = xl[i]
+                        selections += 1
+                    # 2. Forces.
+                    for i in range(n):
+                        f_el[i] = vec3()
+                        f_c[i] = vec3()
+                    for e in range(tets.shape[0]):
+                        add_tet_forces(x, tets, dm_inv, volume, mu, lam, per_tet, e, f_el)
+                    n_active = int(0)  # noqa: UP018 - a Warp variable
+                    for r in range(n_rows):
+                        k = rows[r]
+                        i0 = pairs[k, 0]
+                        i1 = pairs[k, 1]
+                        i2 = pairs[k, 2]
+                        i3 = pairs[k, 3]
+                        x0 = xl[i0]
+                        x1 = xl[i1]
+                        x2 = xl[i2]
+                        x3 = xl[i3]
+                        kind = kinds[k]
+                        if box_gap2(kind, x0, x1, x2, x3) < p.s_hat:
+                            cw = pair_weights(kind, x0, x1, x2, x3, p.parallel_fraction)
+                            diff = cw[0] * x0 + cw[1] * x1 + cw[2] * x2 + cw[3] * x3
+                            d2 = wp.dot(diff, diff)
+                            if d2 < p.s_hat:
+                                active[n_active] = k
+                                n_active += 1
+                                m01 = wp.min(c.mass[i0], c.mass[i1])
+                                w = p.kappa * wp.min(m01, wp.min(c.mass[i2], c.mass[i3]))
+                                g0, g1, g2, g3 = barrier_pair(
+                                    kind, x0, x1, x2, x3, cw, diff, d2, eps[k], w, p.s_hat,
+                                    p.floor,
+                                )  # fmt: skip
+                                f_c[i0] = f_c[i0] - g0
+                                f_c[i1] = f_c[i1] - g1
+                                f_c[i2] = f_c[i2] - g2
+                                f_c[i3] = f_c[i3] - g3
+                                if p.passes > 0:
+                                    cf, nrm, me, lim = friction_terms(
+                                        kind, x0, x1, x2, x3, c.mass[i0], c.mass[i1],
+                                        c.mass[i2], c.mass[i3], cw, diff, d2, eps[k], p.s_hat,
+                                        p.floor, p.kappa, p.h_mu,
+                                    )  # fmt: skip
+                                    t = n_active - 1
+                                    weights[t] = cw
+                                    coef[t] = cf
+                                    normal[t] = nrm
+                                    m_eff[t] = me
+                                    limit[t] = lim
+                                    total[t] = vec3()
+                    # 3. Velocities, friction, the move and the ground.
+                    for i in range(n):
+                        m = c.mass[i]
+                        world = i // c.world_size
+                        is_fixed = int(0)  # noqa: UP018 - a Warp variable, not a constant
+                        if c.fixed_slot[i] >= 0:
+                            is_fixed = 1
+                        f = (f_el[i] + m * c.gravity[world]) + f_c[i]
+                        v_new[i] = vertex_velocity(v[i], f, m, c.damping[world], is_fixed, s)
+                    if n_active > 0:
+                        for _pass in range(p.passes):
+                            for i in range(n):
+                                load[i] = T(0.0)
+                            for t in range(n_active):
+                                k = active[t]
+                                i0 = pairs[k, 0]
+                                i1 = pairs[k, 1]
+                                i2 = pairs[k, 2]
+                                i3 = pairs[k, 3]
+                                stop, imp = friction_stop(
+                                    weights[t], normal[t], m_eff[t], limit[t], v_new[i0],
+                                    v_new[i1], v_new[i2], v_new[i3], p.eps_v,
+                                )  # fmt: skip
+                                impulse[t] = imp
+                                load[i0] = load[i0] + stop
+                                load[i1] = load[i1] + stop
+                                load[i2] = load[i2] + stop
+                                load[i3] = load[i3] + stop
+                            for t in range(n_active):
+                                k = active[t]
+                                i0 = pairs[k, 0]
+                                i1 = pairs[k, 1]
+                                i2 = pairs[k, 2]
+                                i3 = pairs[k, 3]
+                                most = wp.max(load[i0], load[i1])
+                                most = wp.max(most, wp.max(load[i2], load[i3]))
+                                before = total[t]
+                                after = friction_capped(most, before, impulse[t], limit[t])
+                                total[t] = after
+                                change = after - before
+                                cf = coef[t]
+                                v_new[i0] = v_new[i0] - cf[0] * change
+                                v_new[i1] = v_new[i1] - cf[1] * change
+                                v_new[i2] = v_new[i2] - cf[2] * change
+                                v_new[i3] = v_new[i3] - cf[3] * change
+                    lo = vec3(T(1e30), T(1e30), T(1e30))
+                    hi = -lo
+                    for i in range(n):
+                        xn, vn = vertex_move(x[i], v_new[i], s)
+                        x_new[i] = xn
+                        v_new[i] = vn
+                        d = local(xn, p.origin) - xl[i]
+                        dx[i] = d
+                        lo = wp.min(lo, d)
+                        hi = wp.max(hi, d)
+                    # 4. The step: not capped, within the reach, limiting no pair.
+                    relative = offset(lo, hi)
+                    absolute = wp.float64(wp.length(wp.max(wp.abs(lo), wp.abs(hi))))
+                    general = int(0)  # noqa: UP018 - a Warp variable
+                    if relative > p.max_step or absolute > p.max_translation:
+                        general = CAPPED
+                    elif moved + relative > p.reach:
+                        general = BEYOND_REACH
+                    if general == 0:
+                        # A small step can limit only pairs within dhat, all in the rows;
+                        # a larger one is checked against every candidate.
+                        checked = n_rows
+                        if relative >= p.limit_free:
+                            checked = pairs.shape[0]
+                        for r in range(checked):
+                            k = r
+                            if relative < p.limit_free:
+                                k = rows[r]
+                            i0 = pairs[k, 0]
+                            i1 = pairs[k, 1]
+                            i2 = pairs[k, 2]
+                            i3 = pairs[k, 3]
+                            bound, t_abs, t_rel = pair_scale(
+                                kinds[k], xl[i0], xl[i1], xl[i2], xl[i3], dx[i0], dx[i1],
+                                dx[i2], dx[i3], p.keep, p.slack, p.parallel_fraction,
+                            )  # fmt: skip
+                            if t_rel < T(1.0):
+                                general = LIMITED
+                    if general != 0:
+                        status[0] = taken
+                        status[1] = GENERAL_STEP
+                        status[2] = general
+                        status[3] = selections
+                        stats[2] = relative
+                        return
+                    # 5. Commit.
+                    fraction = wp.float64(j + 1) / fraction_den
+                    for i in range(n):
+                        slot = c.fixed_slot[i]
+                        xn = x_new[i]
+                        if slot >= 0:
+                            if j == 0:
+                                fixed_start[slot] = x[i]
+                            start = fixed_start[slot]
+                            xn = start + (targets[step, slot] - start) * fraction
+                        x[i] = xn
+                        v[i] = v_new[i]
+                        if j == substeps - 1:
+                            x_out[step, i] = xn
+                            v_out[step, i] = v_new[i]
+                    taken += 1
+                    last_step = relative
+                    stats[0] = relative
+                    stats[1] = absolute
+                    status[3] = selections
+            status[0] = taken
+            status[1] = FINISHED
+            status[3] = selections
+
+        return contact_advance
+
+    return SimpleNamespace(
+        ContactStep=ContactStep,
+        contact_advance=tuple(contact_advance_kernel(add) for add in elastic.add_tet_forces),
+    )

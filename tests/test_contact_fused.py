@@ -1,0 +1,136 @@
+"""Where surface contact acts, the CPU Warp backend takes many substeps per launch
+(diffsim.backends.warp.contact_steps, diffsim.kernels.contact_advance): the motion of the
+general substep-by-substep path, with every mechanism acting (barrier, surface friction,
+ground, prescribed vertices, the step limit's fallbacks, new candidate sets)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import diffsim as ds
+
+
+def dragged_blocks(dtype: torch.dtype) -> tuple[ds.Simulator, torch.Tensor]:
+    """A block lying on the ground with a smaller one dropped on it; after 20 steps the
+    lower block is dragged along x and z by its left face (prescribed vertices), over
+    the ground (ground friction), carrying the upper one (surface friction)."""
+    top = ds.TetMesh.box(size=(0.04, 0.02, 0.04), resolution=2, origin=(-0.02, 0.022, -0.02))
+    bottom = ds.TetMesh.box(size=(0.08, 0.02, 0.08), resolution=2, origin=(-0.04, 0.0002, -0.04))
+    mesh = ds.TetMesh.merge([top, bottom])
+    x = torch.as_tensor(mesh.vertices[:, 0])
+    fixed = torch.nonzero(x < -0.0399).flatten()
+    material = ds.StableNeoHookean(youngs_modulus=3e4, poissons_ratio=0.3, density=1000.0)
+    sim = ds.Simulator(
+        mesh, material, dt=2e-3, substeps=6, ground=0.0, dtype=dtype, fixed=fixed,
+        contact=True, contact_friction=0.8, friction=0.3,
+    )  # fmt: skip
+    steps = 60
+    start = torch.as_tensor(mesh.vertices[fixed.numpy()], dtype=torch.float64)
+    t = torch.arange(1, steps + 1, dtype=torch.float64)[:, None, None] * sim.model.dt
+    drag = torch.tensor([0.3, 0.0, -0.2], dtype=torch.float64)  # m/s
+    path = start + drag * torch.clamp(t - 20 * sim.model.dt, min=0.0)
+    return sim, path
+
+
+def general(sim: ds.Simulator) -> ds.Simulator:
+    """The same simulator with the fused contact substeps turned off."""
+    plain = sim.replace()
+    plain.backend.fused_contact.usable = lambda: False
+    return plain
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_contact_substeps_give_the_motion_of_the_general_path(dtype):
+    sim, path = dragged_blocks(dtype)
+    fused = sim.rollout(len(path), fixed_positions=path)
+    counts = dict(sim.backend.fused_contact.counts)
+    plain = general(sim)
+    reference = plain.rollout(len(path), fixed_positions=path)
+    n_top = 27  # the upper block's vertices come first
+    moved = float((reference.positions[-1] - reference.positions[0]).abs().max())
+    error = float((fused.positions - reference.positions).abs().max())
+    v_error = float((fused.velocities - reference.velocities).abs().max())
+    carried = reference.positions[-1, :n_top].mean(0) - reference.positions[20, :n_top].mean(0)
+    print(f"{dtype}: {counts}; max |x_fused - x_general| {error:.2e} m, |v| {v_error:.2e} m/s, "
+          f"motion {moved:.2e} m, upper block carried {(1e3 * carried).tolist()} mm")  # fmt: skip
+    in_contact = sim.backend.contact_free.counts["contact_steps"] * sim.model.substeps
+    assert counts["fused_substeps"] > 0.8 * in_contact > 0  # the fused path ran
+    assert counts["beyond_reach"] > 0  # new candidate sets were built for steps, and went on
+    assert plain.backend.fused_contact.counts["fused_substeps"] == 0
+    assert sim.model.contact.active_pairs(fused.positions[-1]).n_pairs > 0  # in contact
+    assert float(fused.positions[:, n_top:, 1].min()) < sim.model.ground.dhat  # on the ground
+    # Surface friction carried the upper block along x and z (the drag moved 24 and 16 mm).
+    assert float(carried[0]) > 2e-3 and float(carried[2]) < -2e-3
+    assert torch.equal(fused.positions[-1, sim.model.fixed_indices], path[-1])  # prescribed
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-6
+    assert error < tolerance * max(moved, 1.0) * 100
+    assert not sim.inversions and not plain.inversions
+
+
+def test_limited_steps_fall_back_to_the_general_path_and_go_on():
+    """Two cubes meeting at 6 m/s: the continuous collision check limits some substeps (the
+    general path takes those) and the fused launches take the others."""
+    a = ds.TetMesh.box(size=(0.05, 0.05, 0.05), resolution=2, origin=(-0.06, 0.1, 0))
+    b = ds.TetMesh.box(size=(0.05, 0.05, 0.05), resolution=2, origin=(0.01, 0.11, 0.01))
+    material = ds.StableNeoHookean(youngs_modulus=2e5, poissons_ratio=0.3, density=1000.0)
+    sim = ds.Simulator(
+        ds.TetMesh.merge([a, b]), material, dt=2e-3, substeps=8, gravity=(0, 0, 0),
+        dtype=torch.float64, contact=True,
+    )  # fmt: skip
+    v = torch.zeros((sim.mesh.n_vertices, 3), dtype=torch.float64)
+    half = sim.mesh.n_vertices // 2
+    v[:half, 0], v[half:, 0] = 3.0, -3.0
+    state = sim.initial_state(velocities=v)
+    with pytest.warns(ds.StabilityWarning):
+        fused = sim.rollout(12, state)
+    counts = dict(sim.backend.fused_contact.counts)
+    plain = general(sim)
+    with pytest.warns(ds.StabilityWarning):
+        reference = plain.rollout(12, state)
+    error = float((fused.positions - reference.positions).abs().max())
+    print(f"{counts}; max |x_fused - x_general| {error:.2e} m")
+    assert counts["limited"] > 0 and counts["general_substeps"] > 0
+    assert counts["fused_substeps"] > counts["general_substeps"]
+    assert sim.contact_steps_cut == plain.contact_steps_cut > 0
+    assert error < 1e-12
+
+
+def test_near_rows_hold_every_pair_within_dhat_as_a_cube_slides_and_tumbles(monkeypatch):
+    """A cube thrown sliding and tumbling over another (friction on), the near subset
+    acting on a set of any size: fused launches run on subsets, and their motion is the
+    general path's (a pair within dhat outside the rows would miss its barrier force and
+    friction)."""
+    from diffsim.contact import surface_contact
+
+    monkeypatch.setattr(surface_contact, "NEAR_MIN_PAIRS", 0)
+    launches = {"all": 0, "subsets": 0}
+    select = surface_contact.SurfaceContact.fused_sets
+
+    def counted(self, x, step=0.0):
+        sets = select(self, x, step)
+        launches["all"] += 1
+        launches["subsets"] += int(len(sets.rows) < sets.arrays.n)
+        return sets
+
+    monkeypatch.setattr(surface_contact.SurfaceContact, "fused_sets", counted)
+    lower = ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=4)
+    upper = ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=4, origin=(0.0, 0.103, 0.0))
+    material = ds.StableNeoHookean(youngs_modulus=1e5, poissons_ratio=0.3, density=1000.0)
+    mesh = ds.TetMesh.merge([lower, upper])
+    sim = ds.Simulator(
+        mesh, material, dt=2e-3, substeps=4, fixed=mesh.vertices[:, 1] < 1e-6, ground=None,
+        contact_friction=0.3, dtype=torch.float64,
+    )  # fmt: skip
+    v = torch.zeros((sim.mesh.n_vertices, 3), dtype=torch.float64)
+    v[sim.mesh.n_vertices // 2 :] = torch.tensor([1.0, -0.3, 0.4], dtype=torch.float64)
+    state = sim.initial_state(velocities=v)
+    fused = sim.rollout(40, state)
+    counts = dict(sim.backend.fused_contact.counts)
+    plain = general(sim)
+    reference = plain.rollout(40, state)
+    error = float((fused.positions - reference.positions).abs().max())
+    print(f"{counts}, {launches}; max |x_fused - x_general| {error:.2e} m")
+    assert launches["subsets"] > 0 and counts["fused_substeps"] > 100  # the subsets acted
+    assert float(reference.positions[-1, sim.mesh.n_vertices // 2 :, 0].mean()) > 0.03  # slid
+    assert error < 1e-12

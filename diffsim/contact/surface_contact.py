@@ -748,7 +748,9 @@ class SurfaceContact:
             rows = self._rows_within(x, 4.0 * _offset(dx, with_zero=True) / keep)
         return step_scales(self._warp_arrays(x), x, dx, rows)
 
-    def clear_over(self, frames: torch.Tensor, record: bool = True) -> bool:
+    def clear_over(
+        self, frames: torch.Tensor, record: bool = True, most_measured: int | None = None
+    ) -> bool:
         """Whether contact would have changed nothing over substeps computed without it.
 
         True if at every frame no pair of non-adjacent surface primitives is within dhat (so
@@ -769,6 +771,11 @@ class SurfaceContact:
                 the next broad phase). False for a prediction (a guessed straight motion
                 over a block): only the distances to dhat are asked, and no broad phase
                 runs where pairs are near already.
+            most_measured: where the candidates' distances at the anchor do not settle it,
+                the near pairs are measured at every frame: at most this many pair-frames
+                (None: no limit), else the answer is False (where substeps with contact
+                cost little more than without, measuring thousands of pairs over a long
+                block costs more than taking it with contact).
 
         Its seconds, less any broad phase run within, accumulate in ``timings["checks"]``.
         """
@@ -777,11 +784,13 @@ class SurfaceContact:
         start, broad = time.perf_counter(), self.timings["broad_phase"]
         try:
             with torch.no_grad():
-                return self._clear_over(frames, record)
+                return self._clear_over(frames, record, most_measured)
         finally:
             self._stage("checks", start, broad)
 
-    def _clear_over(self, frames: torch.Tensor, record: bool) -> bool:
+    def _clear_over(
+        self, frames: torch.Tensor, record: bool, most_measured: int | None = None
+    ) -> bool:
         """:meth:`clear_over` (no autograd, at least two frames)."""
         frames = frames.detach().to(torch.float64)  # local positions: frames - origin
         if self._anchor is None or self._anchor.shape != frames[0].shape:
@@ -822,6 +831,8 @@ class SurfaceContact:
         if near is None:
             return False
         near, d2_first = near
+        if most_measured is not None and near.n_pairs * len(frames) > most_measured:
+            return False
         if not near.n_pairs:
             self._last_step = step if record else self._last_step
             return True

@@ -134,3 +134,27 @@ def test_near_rows_hold_every_pair_within_dhat_as_a_cube_slides_and_tumbles(monk
     assert launches["subsets"] > 0 and counts["fused_substeps"] > 100  # the subsets acted
     assert float(reference.positions[-1, sim.mesh.n_vertices // 2 :, 0].mean()) > 0.03  # slid
     assert error < 1e-12
+
+
+@pytest.mark.filterwarnings("ignore::diffsim.StabilityWarning")
+def test_a_blow_up_in_contact_is_raised_as_on_the_general_path():
+    """The lower block, dragged, carries the upper one; the material is then made 100
+    times stiffer at the same substep, and the step limit sees a blow-up: the fused path
+    hands the capped substeps to the general path, which raises it at the same step."""
+    sim, path = dragged_blocks(torch.float32)
+    state = sim.rollout(25, fixed_positions=path[:25]).state(-1)
+    messages = []
+    for fused in (True, False):
+        stiff = ds.Simulator(
+            sim.mesh, ds.StableNeoHookean(youngs_modulus=3e6, poissons_ratio=0.3, density=1000.0),
+            dt=2e-3, substeps=6, ground=0.0, fixed=sim.model.fixed_indices, contact=True,
+            contact_friction=0.8, friction=0.3, dtype=torch.float32,
+        )  # fmt: skip
+        if not fused:
+            stiff.backend.fused_contact.usable = lambda: False
+        with pytest.raises(ds.SimulationError, match="blew up") as raised:
+            stiff.rollout(30, state, fixed_positions=path[25:55])
+        messages.append(str(raised.value).split(":")[0])
+        if fused:
+            assert stiff.backend.fused_contact.counts["capped"] > 0
+    assert messages[0] == messages[1]

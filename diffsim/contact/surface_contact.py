@@ -105,7 +105,7 @@ class FusedSets:
         anchor_d2: ``[m]`` float64 squared distances of the candidates at the anchor.
         near_anchor, near_reach: the same for the rows (``inf``: all of the set's pairs),
             selected again at x with reach ``near_steps * last_step`` where they expire.
-        limit_free: a step of smaller offset limits no pair outside the rows.
+        closest: the candidates' smallest distance at the anchor (less rounding room).
         max_step, max_translation: steps beyond these are capped (relative offset, largest
             displacement).
     """
@@ -119,7 +119,7 @@ class FusedSets:
     near_reach: float
     near_steps: float
     last_step: float
-    limit_free: float
+    closest: float
     max_step: float
     max_translation: float
 
@@ -622,7 +622,6 @@ class SurfaceContact:
             near_anchor, near_reach = self._anchor, math.inf
             if self._near is not None and near is self._near[2]:
                 near_anchor, near_reach = self._near[0], self._near[1]
-            keep = (1 - ccd.MIN_GAP_FRACTION) * (1 - ccd.SCALE_SLACK)
             self._stage("select", start, broad)
             return FusedSets(
                 arrays=arrays,
@@ -634,21 +633,20 @@ class SurfaceContact:
                 near_reach=near_reach,
                 near_steps=float(NEAR_STEPS),
                 last_step=self._last_step,
-                # A step of relative offset s moves a pair by at most 4 s relative to its
-                # own mean, which limits no pair farther than 4 s / keep: none outside
-                # the near rows (all farther than dhat) while 4 s / keep < dhat.
-                limit_free=keep * self.dhat / 4.0,
+                closest=self._closest,
                 max_step=MAX_STEP_FRACTION * self.scene_size,
                 max_translation=MAX_TRANSLATION_FRACTION * self.scene_size,
             )
 
     def after_fused(
-        self, substeps: int, relative: float, absolute: float, near_selected: bool
+        self, substeps: int, relative: float, absolute: float, near_selected: bool, limited: int
     ) -> None:
         """Records ``substeps`` taken by a fused launch (the last one's offset ``relative``
         and largest displacement ``absolute``, m) as the per-substep path would have;
         ``near_selected``: the launch selected near rows of its own (the next substep
-        selects them again)."""
+        selects them again); ``limited``: the vertex-steps its step limit truncated."""
+        self.timings["limited_vertex_steps"] += limited
+        self.timings["truncated_vertex_steps"] += limited
         if near_selected:
             self._near = None
         self._last_step = relative

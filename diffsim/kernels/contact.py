@@ -617,6 +617,7 @@ def _build(scalar):
         friction_stop=friction_stop,
         friction_capped=friction_capped,
         pair_scale=pair_scale,
+        relative_reach=relative_reach,
     )
 
 
@@ -627,9 +628,9 @@ def contact_kernels(scalar) -> SimpleNamespace:
     ``friction_slip``, ``friction_apply``, ``step_scales``, ``verify_scales``,
     ``pair_distances``, ``element_boxes``, and the per-pair functions they are made of
     (``pair_weights``, ``box_gap2``, ``barrier_pair``, ``friction_terms``,
-    ``friction_stop``, ``friction_capped``, ``pair_scale``), which the fused contact
-    substeps of :mod:`diffsim.kernels.contact_advance` call too (the BVH queries are in
-    :mod:`diffsim.kernels.broad_phase`)."""
+    ``friction_stop``, ``friction_capped``, ``pair_scale``, ``relative_reach``), which the
+    fused contact substeps of :mod:`diffsim.kernels.contact_advance` call too (the BVH
+    queries are in :mod:`diffsim.kernels.broad_phase`)."""
     if scalar not in (wp.float32, wp.float64):
         raise ValueError(f"contact kernels exist for wp.float32 and wp.float64, not {scalar}")
     return _build(scalar)

@@ -14,14 +14,14 @@ functions of :mod:`diffsim.kernels.contact`, the vertex update of
 2. elastic + gravity forces, the barrier forces of the near pairs within dhat,
 3. the velocity update (damping, clamp, fixed mask), surface friction (lagged, from the
    barrier at the substep's start), the free move and the implicit ground step,
-4. checks the step: not capped (``MAX_STEP_FRACTION``), within the candidates' reach, and
-   no vertex limited by the continuous collision check (its pass 1 over the near pairs,
-   which hold every pair that can limit a small step, or over every candidate),
+4. checks the step: not capped (``MAX_STEP_FRACTION``), within the candidates' reach; the
+   continuous collision check (the step limit of ``SurfaceContact.step_scales``: pass 1,
+   the verification rounds) truncates the vertices it limits,
 5. commits the new state (prescribed vertices at their place on the line).
 
 Where a check fails the launch stops before committing that substep and reports why; the
-caller then takes it the general way (new candidate sets, the step limit's verification
-rounds, time-of-impact handling, a blow-up error) and launches again. Forward only: a
+caller then takes it the general way (new candidate sets, a capped step or a blow-up
+error) and launches again. Forward only: a
 rollout that needs a gradient takes the per-substep path.
 """
 
@@ -35,8 +35,7 @@ SETS_EXPIRED = 1  # at a substep's start: select the candidate sets again at the
 GENERAL_STEP = 2  # this substep needs the general path, status[2] says why:
 CAPPED = 1  # the step limit would cap the whole step (or raise a blow-up)
 BEYOND_REACH = 2  # the step leaves the candidate set's reach (the caller builds one for it)
-LIMITED = 3  # the continuous collision check limits some vertex
-REASONS = {CAPPED: "capped", BEYOND_REACH: "beyond_reach", LIMITED: "limited"}
+REASONS = {CAPPED: "capped", BEYOND_REACH: "beyond_reach"}
 
 
 def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> SimpleNamespace:
@@ -61,7 +60,7 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
     pair_weights, box_gap2 = contact.pair_weights, contact.box_gap2
     barrier_pair, friction_terms = contact.barrier_pair, contact.friction_terms
     friction_stop, friction_capped = contact.friction_stop, contact.friction_capped
-    pair_scale = contact.pair_scale
+    pair_scale, relative_reach = contact.pair_scale, contact.relative_reach
 
     @wp.struct
     class ContactStep:
@@ -83,7 +82,10 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
         near_steps: wp.float64  # ... among the candidates within dhat + 2 near_steps s
         dhat: wp.float64  # (m)
         last_step: wp.float64  # s: the offset of the last substep taken before the launch (m)
-        limit_free: wp.float64  # a step of smaller offset (m) limits no pair outside the rows
+        closest: wp.float64  # the candidates' smallest distance at the anchor (m)
+        keep_factor: wp.float64  # (1 - keep) (1 - slack)
+        equalize_rounds: int  # the step limit's verification rounds that equalize
+        rounds: int  # ... and all of them but the last (absolute bounds for all)
         max_step: wp.float64  # larger relative offsets of a step are capped (m)
         max_translation: wp.float64  # ... and larger absolute displacements (m)
 
@@ -137,6 +139,12 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
             limit: wp.array(dtype=T),
             impulse: wp.array(dtype=vec3),
             total: wp.array(dtype=vec3),
+            ccd_rows: wp.array(dtype=wp.int32),
+            bounds: wp.array(dtype=T),
+            scales_abs: wp.array(dtype=T),
+            settled: wp.array(dtype=wp.int32),
+            alpha: wp.array(dtype=T),
+            alpha_out: wp.array(dtype=T),
             x_out: wp.array2d(dtype=wp.vec3d),
             v_out: wp.array2d(dtype=vec3),
             status: wp.array(dtype=wp.int32),
@@ -148,13 +156,17 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
             x and v ``[n]`` are advanced in place; the state after each step goes to its row
             of x_out and v_out ``[steps, n]``. Prescribed vertices reach ``targets[step]``
             linearly from ``fixed_start`` (written at each step's first substep; given by
-            the caller when it starts within a step). ``rows`` ``[r]`` are the candidate
+            the caller when it starts within a step). ``rows[:p.n_rows]`` are the candidate
             pairs (rows of pairs, kinds, eps) that can be within dhat while the sets hold;
             ``anchor`` and ``near_anchor`` ``[n]`` the local positions the sets were
-            selected at. The rest are scratch: xl .. load ``[n]``, active .. total ``[r]``.
+            selected at, ``anchor_d2`` ``[m]`` the candidates' squared distances at the
+            anchor. Where the near rows expire the kernel selects them again (``rows``
+            ``[m]`` and ``near_anchor`` are overwritten). The rest are scratch: xl .. load,
+            alpha, alpha_out ``[n]``, active .. total, ccd_rows .. settled ``[m]``.
             Writes ``status = (substeps taken, why it stopped, which check, near
-            selections)`` and ``stats = (offset, largest displacement)`` (m) of the last
-            substep taken (``stats[2]``: the offset of the one held back).
+            selections, limited vertex-steps)`` and ``stats = (offset, largest
+            displacement)`` (m) of the last substep taken (``stats[2]``: the offset of the
+            one held back).
             """
             n = x.shape[0]
             taken = int(0)  # noqa: UP018 - a Warp variable
@@ -162,6 +174,7 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
             near_reach = p.near_reach
             last_step = p.last_step
             selections = int(0)  # noqa: UP018 - a Warp variable
+            limited = int(0)  # noqa: UP018 - a Warp variable
             for step in range(targets.shape[0]):
                 j_first = int(0)  # noqa: UP018 - a Warp variable
                 if step == 0:
@@ -323,16 +336,28 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                         general = CAPPED
                     elif moved + relative > p.reach:
                         general = BEYOND_REACH
-                    if general == 0:
-                        # A small step can limit only pairs within dhat, all in the rows;
-                        # a larger one is checked against every candidate.
-                        checked = n_rows
-                        if relative >= p.limit_free:
-                            checked = pairs.shape[0]
-                        for r in range(checked):
-                            k = r
-                            if relative < p.limit_free:
-                                k = rows[r]
+                    n_limited = int(0)  # noqa: UP018 - a Warp variable
+                    if general == 0 and not (
+                        p.closest - wp.float64(2.0) * moved
+                        > wp.float64(4.0) * relative / p.keep_factor
+                    ):
+                        # The step limit (SurfaceContact.step_scales, warp_glue.step_scales)
+                        # over the candidates that some scales in [0, 1] of the step could
+                        # bring within reach, by their distances at the anchor.
+                        off0 = offset(wp.min(lo, vec3()), wp.max(hi, vec3()))
+                        reach_ccd = wp.float64(4.0) * off0 / p.keep_factor
+                        reach_ccd = reach_ccd + wp.float64(2.0) * moved
+                        reach_ccd = reach_ccd * wp.float64(1.0 + 1e-5) + wp.float64(1e-12)
+                        n_ccd = int(0)  # noqa: UP018 - a Warp variable
+                        for k in range(pairs.shape[0]):
+                            if anchor_d2[k] < reach_ccd * reach_ccd:
+                                ccd_rows[n_ccd] = k
+                                n_ccd += 1
+                        for i in range(n):
+                            alpha[i] = T(1.0)
+                        cut = int(0)  # noqa: UP018 - a Warp variable
+                        for r in range(n_ccd):
+                            k = ccd_rows[r]
                             i0 = pairs[k, 0]
                             i1 = pairs[k, 1]
                             i2 = pairs[k, 2]
@@ -341,8 +366,87 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                                 kinds[k], xl[i0], xl[i1], xl[i2], xl[i3], dx[i0], dx[i1],
                                 dx[i2], dx[i3], p.keep, p.slack, p.parallel_fraction,
                             )  # fmt: skip
+                            bounds[r] = bound
+                            scales_abs[r] = t_abs
+                            settled[r] = 0
                             if t_rel < T(1.0):
-                                general = LIMITED
+                                cut = 1
+                                alpha[i0] = wp.min(alpha[i0], t_rel)
+                                alpha[i1] = wp.min(alpha[i1], t_rel)
+                                alpha[i2] = wp.min(alpha[i2], t_rel)
+                                alpha[i3] = wp.min(alpha[i3], t_rel)
+                        if cut != 0:
+                            # Verification rounds: equalize, then absolute bounds, then
+                            # absolute bounds for every pair left (mode 2).
+                            for rnd in range(p.rounds + 1):
+                                mode = int(2)  # noqa: UP018 - a Warp variable
+                                if rnd < p.equalize_rounds:
+                                    mode = int(0)  # noqa: UP018 - a Warp variable
+                                elif rnd < p.rounds:
+                                    mode = int(1)  # noqa: UP018 - a Warp variable
+                                for i in range(n):
+                                    alpha_out[i] = alpha[i]
+                                failing = int(0)  # noqa: UP018 - a Warp variable
+                                for r in range(n_ccd):
+                                    if settled[r] == 0:
+                                        k = ccd_rows[r]
+                                        i0 = pairs[k, 0]
+                                        i1 = pairs[k, 1]
+                                        i2 = pairs[k, 2]
+                                        i3 = pairs[k, 3]
+                                        a0 = alpha[i0]
+                                        a1 = alpha[i1]
+                                        a2 = alpha[i2]
+                                        a3 = alpha[i3]
+                                        acts = int(1)  # noqa: UP018 - a Warp variable
+                                        if mode != 2:
+                                            reach = relative_reach(
+                                                kinds[k], a0 * dx[i0], a1 * dx[i1], a2 * dx[i2],
+                                                a3 * dx[i3],
+                                            )  # fmt: skip
+                                            if reach <= bounds[r]:
+                                                acts = int(0)  # noqa: UP018
+                                            else:
+                                                failing += 1
+                                        if acts != 0:
+                                            scale = scales_abs[r]
+                                            if mode == 0:
+                                                scale = wp.min(wp.min(a0, a1), wp.min(a2, a3))
+                                            else:
+                                                settled[r] = 1
+                                            alpha_out[i0] = wp.min(alpha_out[i0], scale)
+                                            alpha_out[i1] = wp.min(alpha_out[i1], scale)
+                                            alpha_out[i2] = wp.min(alpha_out[i2], scale)
+                                            alpha_out[i3] = wp.min(alpha_out[i3], scale)
+                                for i in range(n):
+                                    alpha[i] = alpha_out[i]
+                                if mode != 2 and failing == 0:
+                                    break
+                            # The truncated step: within the candidates' reach (else the
+                            # general path builds a set for it), its offset the last step's.
+                            lo = vec3(T(1e30), T(1e30), T(1e30))
+                            hi = -lo
+                            t_lo = lo
+                            t_hi = hi
+                            for i in range(n):
+                                a = alpha[i]
+                                if a < T(1.0):
+                                    n_limited += 1
+                                y = a * dx[i]
+                                t_lo = wp.min(t_lo, y)
+                                t_hi = wp.max(t_hi, y)
+                                y = xl[i] + y - anchor[i]
+                                lo = wp.min(lo, y)
+                                hi = wp.max(hi, y)
+                            if offset(lo, hi) > p.reach:
+                                general = BEYOND_REACH
+                            else:
+                                relative = offset(t_lo, t_hi)
+                                for i in range(n):
+                                    a = alpha[i]
+                                    if a < T(1.0):
+                                        x_new[i] = x[i] + wp.float64(a) * (x_new[i] - x[i])
+                                        v_new[i] = v_new[i] * a
                     if general != 0:
                         status[0] = taken
                         status[1] = GENERAL_STEP
@@ -367,9 +471,11 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                             v_out[step, i] = v_new[i]
                     taken += 1
                     last_step = relative
+                    limited += n_limited
                     stats[0] = relative
                     stats[1] = absolute
                     status[3] = selections
+                    status[4] = limited
             status[0] = taken
             status[1] = FINISHED
             status[3] = selections

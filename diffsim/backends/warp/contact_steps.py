@@ -22,7 +22,7 @@ import warp as wp
 
 from diffsim.backends import integrator
 from diffsim.backends.warp.bridge import wrap
-from diffsim.contact.ccd import MIN_GAP_FRACTION, SCALE_SLACK
+from diffsim.contact.ccd import ABSOLUTE_ROUNDS, EQUALIZE_ROUNDS, MIN_GAP_FRACTION, SCALE_SLACK
 from diffsim.contact.distances import PARALLEL_FRACTION
 from diffsim.contact.friction import FRICTION_PASSES
 from diffsim.contact.potential import MIN_DISTANCE_FRACTION
@@ -47,6 +47,7 @@ class FusedContactSteps:
             "launches": 0,
             "sets_expired": 0,
             "near_selections": 0,
+            "limited_vertex_steps": 0,
             **{reason: 0 for reason in REASONS.values()},
         }
         self._scratch: dict = {}
@@ -106,7 +107,8 @@ class FusedContactSteps:
                     wrap(sets.anchor.contiguous(), k.vec3),
                     wrap(sets.anchor_d2.contiguous(), wp.float64),
                     wrap(near_anchor, k.vec3), *scratch["per_vertex"],
-                    *pair, wrap(xs[step:], k.position), wrap(vs[step:], k.vec3),
+                    *pair, *scratch["step_limit"], wrap(xs[step:], k.position),
+                    wrap(vs[step:], k.vec3),
                     wrap(status, wp.int32), wrap(stats, wp.float64),
                 ],
                 device=g.device,
@@ -116,9 +118,10 @@ class FusedContactSteps:
             taken, why = int(status[0]), int(status[1])
             contact.timings["fused"] += seconds
             if taken:
-                selected = int(status[3]) > 0
-                contact.after_fused(taken, float(stats[0]), float(stats[1]), selected)
+                selected, limited = int(status[3]) > 0, int(status[4])
+                contact.after_fused(taken, float(stats[0]), float(stats[1]), selected, limited)
                 self.counts["near_selections"] += int(status[3])
+                self.counts["limited_vertex_steps"] += limited
                 self.counts["fused_substeps"] += taken
                 step, j = divmod(step * substeps + j + taken, substeps)
             if why == FINISHED:
@@ -168,6 +171,9 @@ class FusedContactSteps:
         p.eps_v = contact.friction_velocity
         p.passes = FRICTION_PASSES if contact.friction > 0.0 else 0
         p.keep, p.slack = MIN_GAP_FRACTION, SCALE_SLACK
+        p.keep_factor = (1 - MIN_GAP_FRACTION) * (1 - SCALE_SLACK)
+        p.equalize_rounds = EQUALIZE_ROUNDS
+        p.rounds = EQUALIZE_ROUNDS + ABSOLUTE_ROUNDS
         return p
 
     @staticmethod
@@ -181,7 +187,7 @@ class FusedContactSteps:
         p.near_steps = sets.near_steps
         p.dhat = math.sqrt(float(p.s_hat))
         p.last_step = sets.last_step
-        p.limit_free = sets.limit_free * inside
+        p.closest = sets.closest
         p.max_step = sets.max_step * inside
         p.max_translation = sets.max_translation * inside
 
@@ -194,14 +200,16 @@ class FusedContactSteps:
             keep = [torch.zeros((n, 3), **t) for _ in range(4)]  # xl, f_el, f_c, v_new
             x_new = torch.zeros((n, 3), dtype=POSITION_DTYPE, device=x.device)
             dx, load = torch.zeros((n, 3), **t), torch.zeros(n, **t)
+            alpha = [torch.zeros(n, **t), torch.zeros(n, **t)]  # the step limit's scales
             views = [wrap(a, k.vec3) for a in keep[:3]]
             views += [wrap(x_new, k.position), wrap(keep[3], k.vec3), wrap(dx, k.vec3)]
             views.append(wrap(load, k.scalar))
             found = {
-                "owners": [*keep, x_new, dx, load],
+                "owners": [*keep, x_new, dx, load, *alpha],
+                "step_limit": [wrap(a, k.scalar) for a in alpha],
                 "near_anchor": torch.zeros((n, 3), **t),
                 "per_vertex": views,
-                "status": torch.zeros(4, dtype=torch.int32),
+                "status": torch.zeros(5, dtype=torch.int32),
                 "stats": torch.zeros(3, dtype=torch.float64),
             }
             self._scratch[key] = found
@@ -209,7 +217,8 @@ class FusedContactSteps:
 
     def _pair_buffers(self, rows: int, v: torch.Tensor) -> tuple[torch.Tensor, list]:
         """Scratch per candidate pair (grown as needed, kept): the near rows (a tensor),
-        and the views of active, weights, coef, normal, m_eff, limit, impulse, total."""
+        and the views of active, weights, coef, normal, m_eff, limit, impulse, total and
+        of the step limit's rows, bounds, absolute scales and settled flags."""
         k = self.backend.kernels
         size = max(rows, 1)
         held = self._scratch.get("pairs")
@@ -226,9 +235,14 @@ class FusedContactSteps:
                 torch.zeros(capacity, **t),
                 torch.zeros((capacity, 3), **t),
                 torch.zeros((capacity, 3), **t),
+                torch.zeros(capacity, dtype=torch.int32, device=v.device),  # the step limit's
+                torch.zeros(capacity, **t),
+                torch.zeros(capacity, **t),
+                torch.zeros(capacity, dtype=torch.int32, device=v.device),
             ]
             vec4 = wp.types.vector(4, k.scalar)
             types = [wp.int32, wp.int32, vec4, vec4, k.vec3, k.scalar, k.scalar, k.vec3, k.vec3]
+            types += [wp.int32, k.scalar, k.scalar, wp.int32]
             held = (
                 capacity,
                 v.dtype,

@@ -161,3 +161,79 @@ def test_a_blow_up_in_contact_is_raised_as_on_the_general_path():
         if fused:
             assert stiff.backend.fused_contact.counts["capped"] > 0
     assert messages[0] == messages[1]
+
+
+def _gradients(sim: ds.Simulator, state, path: torch.Tensor) -> tuple[float, dict]:
+    """A loss on the last positions and an earlier velocity frame, and its gradients with
+    respect to the initial velocities, the prescribed positions and every parameter."""
+    dtype = sim.dtype
+    v0 = state.velocities.clone().requires_grad_(True)
+    targets = path.clone().requires_grad_(True)
+    params = {
+        name: torch.as_tensor(value, dtype=dtype).clone().requires_grad_(True)
+        for name, value in sim.parameters().items()
+    }
+    traj = sim.rollout(
+        len(path), ds.State(state.positions, v0), fixed_positions=targets, params=params
+    )
+    weights = torch.linspace(0.0, 1.0, sim.mesh.n_vertices, dtype=torch.float64)
+    loss = (traj.positions[-1][:, 0] * weights).sum() + traj.velocities[-3][:, 1].sum()
+    loss.backward()
+    grads = {"velocities": v0.grad, "fixed_positions": targets.grad}
+    grads.update({name: p.grad for name, p in params.items()})
+    return float(loss), grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_contact_gradients_are_those_of_the_general_path(dtype):
+    """The dragged blocks, from a state in contact: the gradients through the fused
+    launches' adjoint (barrier, both frictions, ground, prescribed vertices, every
+    parameter) are the general path's, to rounding."""
+    sim, path = dragged_blocks(dtype)
+    state = sim.rollout(15, fixed_positions=path[:15]).state(-1)
+    before = dict(sim.backend.fused_contact.counts)
+    loss, grads = _gradients(sim, state, path[15:45])
+    counts = {k: v - before[k] for k, v in sim.backend.fused_contact.counts.items()}
+    plain = general(sim)
+    plain_loss, plain_grads = _gradients(plain, state, path[15:45])
+    errors = {
+        name: float((g - plain_grads[name]).abs().max() / plain_grads[name].abs().max())
+        for name, g in grads.items()
+    }
+    print(f"{dtype}: {counts}; loss {loss:.12e} / {plain_loss:.12e}; relative errors", errors)
+    assert counts["fused_substeps"] > 0.8 * 30 * sim.model.substeps  # the fused path ran
+    assert sim.model.contact.active_pairs(state.positions).n_pairs > 0  # in contact
+    tolerance = 1e-10 if dtype == torch.float64 else 1e-3
+    assert max(errors.values()) < tolerance
+
+
+def test_fused_contact_gradients_pass_through_limited_steps_of_the_general_path():
+    """Two cubes meeting at 2 m/s: a differentiable launch leaves its limited steps to
+    the general path (their scales carry the gradient of the bounds that set them) and
+    goes on; the gradients are the general path's."""
+    a = ds.TetMesh.box(size=(0.05, 0.05, 0.05), resolution=2, origin=(-0.052, 0.1, 0))
+    b = ds.TetMesh.box(size=(0.05, 0.05, 0.05), resolution=2, origin=(0.002, 0.105, 0.01))
+    material = ds.StableNeoHookean(youngs_modulus=2e4, poissons_ratio=0.3, density=1000.0)
+    sim = ds.Simulator(
+        ds.TetMesh.merge([a, b]), material, dt=2e-3, substeps=4, gravity=(0, -9.8, 0),
+        dtype=torch.float64, contact=True, contact_friction=0.5,
+    )  # fmt: skip
+    n = sim.mesh.n_vertices
+    v = torch.zeros((n, 3), dtype=torch.float64)
+    v[: n // 2, 0], v[n // 2 :, 0] = 0.3, -0.3
+    results = []
+    for fused in (True, False):
+        s = sim.replace()
+        if not fused:
+            s.backend.fused_contact.usable = lambda: False
+        v0 = v.clone().requires_grad_(True)
+        with pytest.warns(ds.StabilityWarning):
+            traj = s.rollout(8, s.initial_state(velocities=v0))
+        (traj.positions[-1][:, 0].square().sum() + traj.velocities[-1].sum()).backward()
+        results.append((v0.grad, dict(s.backend.fused_contact.counts), s.contact_steps_cut))
+    (fused_grad, counts, cut), (plain_grad, _, plain_cut) = results
+    error = float((fused_grad - plain_grad).abs().max() / plain_grad.abs().max())
+    print(f"{counts}; cut {cut}; relative error {error:.2e}")
+    assert counts["limited"] > 0 and counts["general_substeps"] > 0 and counts["fused_substeps"] > 0
+    assert cut == plain_cut > 0
+    assert error < 1e-10

@@ -86,9 +86,11 @@ class WorldContact:
         """Barrier energy of all worlds (J), a scalar."""
         return self.energies(x, mass).sum()
 
-    def clear_over(self, frames: torch.Tensor, record: bool = True) -> bool:
+    def clear_over(
+        self, frames: torch.Tensor, record: bool = True, most_measured: int | None = None
+    ) -> bool:
         """Whether no world's contact would have acted over ``frames [S + 1, W * n, 3]``
-        (see :meth:`SurfaceContact.clear_over`).
+        (see :meth:`SurfaceContact.clear_over`; ``most_measured`` per world).
 
         The common case is settled for all worlds at once: each world's pairs are at least
         its closest distance at its anchor, less twice its vertices' offset from the anchor
@@ -118,7 +120,7 @@ class WorldContact:
                 & (absolute <= MAX_TRANSLATION_FRACTION * first.scene_size)
             )
         for w in torch.nonzero(~clear).flatten().tolist():
-            if not contacts[w].clear_over(frames[:, w * n : (w + 1) * n], record):
+            if not contacts[w].clear_over(frames[:, w * n : (w + 1) * n], record, most_measured):
                 return False
         if record:
             for c, s in zip(contacts, step.tolist(), strict=True):

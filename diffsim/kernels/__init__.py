@@ -72,14 +72,10 @@ def contact_advance_for(scalar) -> SimpleNamespace:
     """The fused contact substeps (:mod:`diffsim.kernels.contact_advance`) in a module of
     their own, ``diffsim_float32_contact``, built on first use (a run without surface
     contact never compiles them)."""
-    import warp as wp
-
     from diffsim.kernels.contact import contact_kernels
     from diffsim.kernels.contact_advance import build_contact_advance
 
     scalar = _scalar(scalar)
     module = f"diffsim_{scalar.__name__}_contact"
     forward = kernels_for(scalar)
-    built = build_contact_advance(scalar, module, forward, forward, contact_kernels(scalar))
-    wp.get_module(module).options["enable_backward"] = False
-    return built
+    return build_contact_advance(scalar, module, forward, forward, contact_kernels(scalar))

@@ -21,8 +21,17 @@ functions of :mod:`diffsim.kernels.contact`, the vertex update of
 
 Where a check fails the launch stops before committing that substep and reports why; the
 caller then takes it the general way (new candidate sets, a capped step or a blow-up
-error) and launches again. Forward only: a
-rollout that needs a gradient takes the per-substep path.
+error) and launches again.
+
+A differentiable launch saves the state and total forces at each substep's start (and
+stops where the near rows expire or a step is limited); ``contact_retreat`` runs its
+adjoint in reverse, substep by substep: it replays the velocity update and friction, then
+takes the adjoints of the move and the ground, the friction passes, the lagged friction
+terms, the velocity update, the barrier and the elastic forces. The vertex update's
+adjoint is the hand-derived one of :mod:`diffsim.kernels.integrate`, the elastic forces'
+that of :mod:`diffsim.kernels.force_vjp`; the per-pair ones are ``wp.grad`` of the forward's
+functions (each dotted with its cotangents), so they are the derivatives of the very
+formulas the forward ran: float64 gradients agree with the general path's to 1e-12.
 """
 
 from types import SimpleNamespace
@@ -35,7 +44,8 @@ SETS_EXPIRED = 1  # at a substep's start: select the candidate sets again at the
 GENERAL_STEP = 2  # this substep needs the general path, status[2] says why:
 CAPPED = 1  # the step limit would cap the whole step (or raise a blow-up)
 BEYOND_REACH = 2  # the step leaves the candidate set's reach (the caller builds one for it)
-REASONS = {CAPPED: "capped", BEYOND_REACH: "beyond_reach"}
+LIMITED = 3  # a differentiable launch leaves limited steps to the general path
+REASONS = {CAPPED: "capped", BEYOND_REACH: "beyond_reach", LIMITED: "limited"}
 
 
 def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> SimpleNamespace:
@@ -49,14 +59,16 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
         contact: the namespace of :func:`diffsim.kernels.contact.contact_kernels`.
 
     Returns:
-        A namespace with the struct ``ContactStep`` and ``contact_advance``, a tuple of
-        kernels indexed by the material id.
+        A namespace with the struct ``ContactStep``, ``contact_advance`` and
+        ``contact_retreat`` (its adjoint), tuples of kernels indexed by the material id.
     """
     T = dtype
     vec3 = wp.types.vector(3, T)
     vec4 = wp.types.vector(4, T)
     VertexUpdate, VertexCoefficients = integrate.VertexUpdate, integrate.VertexCoefficients
     vertex_velocity, vertex_move = integrate.vertex_velocity, integrate.vertex_move
+    vertex_move_vjp = integrate.vertex_move_vjp
+    vertex_velocity_vjp = integrate.vertex_velocity_vjp
     pair_weights, box_gap2 = contact.pair_weights, contact.box_gap2
     barrier_pair, friction_terms = contact.barrier_pair, contact.friction_terms
     friction_stop, friction_capped = contact.friction_stop, contact.friction_capped
@@ -82,6 +94,7 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
         near_steps: wp.float64  # ... among the candidates within dhat + 2 near_steps s
         dhat: wp.float64  # (m)
         last_step: wp.float64  # s: the offset of the last substep taken before the launch (m)
+        differentiable: int  # 1: save each substep, stop (no reselection, no truncation)
         closest: wp.float64  # the candidates' smallest distance at the anchor (m)
         keep_factor: wp.float64  # (1 - keep) (1 - slack)
         equalize_rounds: int  # the step limit's verification rounds that equalize
@@ -147,6 +160,9 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
             alpha_out: wp.array(dtype=T),
             x_out: wp.array2d(dtype=wp.vec3d),
             v_out: wp.array2d(dtype=vec3),
+            x_saved: wp.array2d(dtype=wp.vec3d),
+            v_saved: wp.array2d(dtype=vec3),
+            f_saved: wp.array2d(dtype=vec3),
             status: wp.array(dtype=wp.int32),
             stats: wp.array(dtype=wp.float64),
         ):
@@ -195,6 +211,11 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                         near_hi = wp.max(near_hi, y - near_anchor[i])
                     moved = offset(lo, hi)
                     if moved > p.reach:
+                        status[0] = taken
+                        status[1] = SETS_EXPIRED
+                        status[3] = selections
+                        return
+                    if offset(near_lo, near_hi) > near_reach and p.differentiable != 0:
                         status[0] = taken
                         status[1] = SETS_EXPIRED
                         status[3] = selections
@@ -282,6 +303,10 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                             is_fixed = 1
                         f = (f_el[i] + m * c.gravity[world]) + f_c[i]
                         v_new[i] = vertex_velocity(v[i], f, m, c.damping[world], is_fixed, s)
+                        if p.differentiable != 0:
+                            x_saved[taken, i] = x[i]
+                            v_saved[taken, i] = v[i]
+                            f_saved[taken, i] = f
                     if n_active > 0:
                         for _pass in range(p.passes):
                             for i in range(n):
@@ -375,7 +400,9 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                                 alpha[i1] = wp.min(alpha[i1], t_rel)
                                 alpha[i2] = wp.min(alpha[i2], t_rel)
                                 alpha[i3] = wp.min(alpha[i3], t_rel)
-                        if cut != 0:
+                        if cut != 0 and p.differentiable != 0:
+                            general = LIMITED
+                        elif cut != 0:
                             # Verification rounds: equalize, then absolute bounds, then
                             # absolute bounds for every pair left (mode 2).
                             for rnd in range(p.rounds + 1):
@@ -482,7 +509,438 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
 
         return contact_advance
 
+    # Scalar functions whose gradients (wp.grad) are the per-pair vector-Jacobian products
+    # of the backward pass: each returns its outputs dotted with their cotangents.
+    @wp.func
+    def barrier_dot(
+        kind: int, x0: vec3, x1: vec3, x2: vec3, x3: vec3, m0: T, m1: T, m2: T, m3: T,
+        eps_k: T, kappa: T, s_hat: T, floor: T, pf: T, a0: vec3, a1: vec3, a2: vec3, a3: vec3,
+    ) -> T:  # fmt: skip
+        cw = pair_weights(kind, x0, x1, x2, x3, pf)
+        diff = cw[0] * x0 + cw[1] * x1 + cw[2] * x2 + cw[3] * x3
+        w = kappa * wp.min(wp.min(m0, m1), wp.min(m2, m3))
+        d2 = wp.dot(diff, diff)
+        g0, g1, g2, g3 = barrier_pair(kind, x0, x1, x2, x3, cw, diff, d2, eps_k, w, s_hat, floor)
+        # The forces are minus the gradient.
+        return -(wp.dot(a0, g0) + wp.dot(a1, g1) + wp.dot(a2, g2) + wp.dot(a3, g3))
+
+    @wp.func
+    def geometry_dot(
+        kind: int, x0: vec3, x1: vec3, x2: vec3, x3: vec3, m0: T, m1: T, m2: T, m3: T,
+        eps_k: T, s_hat: T, floor: T, kappa: T, h_mu: T, pf: T, a_cw: vec4, a_cf: vec4,
+        a_n: vec3, a_me: T, a_lim: T,
+    ) -> T:  # fmt: skip
+        cw = pair_weights(kind, x0, x1, x2, x3, pf)
+        diff = cw[0] * x0 + cw[1] * x1 + cw[2] * x2 + cw[3] * x3
+        d2 = wp.dot(diff, diff)
+        cf, nrm, me, lim = friction_terms(
+            kind, x0, x1, x2, x3, m0, m1, m2, m3, cw, diff, d2, eps_k, s_hat, floor, kappa, h_mu
+        )
+        return wp.dot(a_cw, cw) + wp.dot(a_cf, cf) + wp.dot(a_n, nrm) + a_me * me + a_lim * lim
+
+    @wp.func
+    def stop_dot(
+        cw: vec4, nrm: vec3, me: T, lim: T, v0: vec3, v1: vec3, v2: vec3, v3: vec3, eps_v: T,
+        a_stop: T, a_imp: vec3,
+    ) -> T:  # fmt: skip
+        stop, imp = friction_stop(cw, nrm, me, lim, v0, v1, v2, v3, eps_v)
+        return a_stop * stop + wp.dot(a_imp, imp)
+
+    @wp.func
+    def capped_dot(
+        l0: T, l1: T, l2: T, l3: T, before: vec3, imp: vec3, cap: T, a_after: vec3
+    ) -> T:  # fmt: skip
+        most = wp.max(wp.max(l0, l1), wp.max(l2, l3))
+        return wp.dot(a_after, friction_capped(most, before, imp, cap))
+
+    # The per-pair vector-Jacobian products: the gradients (wp.grad) of the functions above,
+    # the cotangents of their inputs by name.
+    @wp.func
+    def barrier_vjp(
+        kind: int, x0: vec3, x1: vec3, x2: vec3, x3: vec3, m0: T, m1: T, m2: T, m3: T,
+        eps_k: T, kappa: T, s_hat: T, floor: T, pf: T, a0: vec3, a1: vec3, a2: vec3, a3: vec3,
+    ):  # fmt: skip
+        g = wp.grad(barrier_dot)(
+            kind, x0, x1, x2, x3, m0, m1, m2, m3, eps_k, kappa, s_hat, floor, pf, a0, a1, a2, a3
+        )
+        return g[1], g[2], g[3], g[4], vec4(g[5], g[6], g[7], g[8])
+
+    @wp.func
+    def geometry_vjp(
+        kind: int, x0: vec3, x1: vec3, x2: vec3, x3: vec3, m0: T, m1: T, m2: T, m3: T,
+        eps_k: T, s_hat: T, floor: T, kappa: T, h_mu: T, pf: T, a_cw: vec4, a_cf: vec4,
+        a_n: vec3, a_me: T, a_lim: T,
+    ):  # fmt: skip
+        g = wp.grad(geometry_dot)(
+            kind, x0, x1, x2, x3, m0, m1, m2, m3, eps_k, s_hat, floor, kappa, h_mu, pf, a_cw,
+            a_cf, a_n, a_me, a_lim,
+        )  # fmt: skip
+        return g[1], g[2], g[3], g[4], vec4(g[5], g[6], g[7], g[8])
+
+    @wp.func
+    def stop_vjp(
+        cw: vec4, nrm: vec3, me: T, lim: T, v0: vec3, v1: vec3, v2: vec3, v3: vec3, eps_v: T,
+        a_stop: T, a_imp: vec3,
+    ):  # fmt: skip
+        g = wp.grad(stop_dot)(cw, nrm, me, lim, v0, v1, v2, v3, eps_v, a_stop, a_imp)
+        return g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7]
+
+    @wp.func
+    def capped_vjp(l0: T, l1: T, l2: T, l3: T, before: vec3, imp: vec3, cap: T, a_after: vec3):
+        g = wp.grad(capped_dot)(l0, l1, l2, l3, before, imp, cap, a_after)
+        return vec4(g[0], g[1], g[2], g[3]), g[4], g[5], g[6]
+
+    @wp.kernel(module=module, enable_backward=True)
+    def pair_adjoints(
+        x: wp.array(dtype=vec3), s4: wp.array(dtype=vec4), t: wp.array(dtype=T), k: int
+    ):  # fmt: skip
+        """Never launched. Warp writes a function's adjoint only where a kernel with
+        adjoints calls it (elsewhere an empty stub: without this kernel the closest-point
+        weights' derivatives were silently dropped, 5% of a contact gradient), and the
+        wp.grad calls of ``contact_retreat`` need those of the per-pair functions."""
+        t[0] = barrier_dot(
+            k, x[0], x[1], x[2], x[3], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8], t[9],
+            x[4], x[5], x[6], x[7],
+        )  # fmt: skip
+        t[1] = geometry_dot(
+            k, x[0], x[1], x[2], x[3], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8], t[9],
+            t[10], s4[0], s4[1], x[4], t[11], t[12],
+        )  # fmt: skip
+        t[2] = stop_dot(s4[0], x[0], t[1], t[2], x[1], x[2], x[3], x[4], t[3], t[4], x[5])
+        t[3] = capped_dot(t[1], t[2], t[3], t[4], x[0], x[1], t[5], x[2])
+
+    def contact_retreat_kernel(add_tet_force_vjp):
+        @wp.kernel(module=module, enable_backward=False)
+        def contact_retreat(
+            tets: wp.array(dtype=wp.vec4i),
+            dm_inv: wp.array(dtype=wp.types.matrix((3, 3), T)),
+            volume: wp.array(dtype=T),
+            mu: wp.array(dtype=T),
+            lam: wp.array(dtype=T),
+            per_tet: int,
+            c: VertexCoefficients,
+            s: VertexUpdate,
+            substeps: int,
+            first_substep: int,
+            taken: int,
+            p: ContactStep,
+            pairs: wp.array2d(dtype=wp.int32),
+            kinds: wp.array(dtype=wp.int32),
+            eps: wp.array(dtype=T),
+            rows: wp.array(dtype=wp.int32),
+            x_saved: wp.array2d(dtype=wp.vec3d),
+            v_saved: wp.array2d(dtype=vec3),
+            f_saved: wp.array2d(dtype=vec3),
+            grad_xs: wp.array2d(dtype=vec3),
+            grad_vs: wp.array2d(dtype=vec3),
+            xl: wp.array(dtype=vec3),
+            v_pass: wp.array2d(dtype=vec3),
+            total_pass: wp.array2d(dtype=vec3),
+            load_pass: wp.array2d(dtype=T),
+            impulse_pass: wp.array2d(dtype=vec3),
+            active: wp.array(dtype=wp.int32),
+            weights: wp.array(dtype=vec4),
+            coef: wp.array(dtype=vec4),
+            normal: wp.array(dtype=vec3),
+            m_eff: wp.array(dtype=T),
+            limit: wp.array(dtype=T),
+            adj_cw: wp.array(dtype=vec4),
+            adj_cf: wp.array(dtype=vec4),
+            adj_n: wp.array(dtype=vec3),
+            adj_me: wp.array(dtype=T),
+            adj_lim: wp.array(dtype=T),
+            adj_total: wp.array(dtype=vec3),
+            adj_imp: wp.array(dtype=vec3),
+            adj_load: wp.array(dtype=T),
+            adj_f: wp.array(dtype=vec3),
+            adj_xl: wp.array(dtype=vec3),
+            hvp: wp.array(dtype=vec3),
+            adj_x: wp.array(dtype=vec3),
+            adj_v: wp.array(dtype=vec3),
+            adj_start: wp.array(dtype=vec3),
+            adj_targets: wp.array2d(dtype=vec3),
+            adj_mass: wp.array(dtype=T),
+            adj_mu: wp.array(dtype=T),
+            adj_lam: wp.array(dtype=T),
+            adj_gravity: wp.array(dtype=vec3),
+            adj_damping: wp.array(dtype=T),
+        ):
+            """The adjoint of ``taken`` substeps of a differentiable ``contact_advance``
+            launch, in reverse; dim 1.
+
+            Reads the state and total forces it saved ``[taken, n]``, the cotangents of its
+            frames ``grad_xs``, ``grad_vs`` ``[steps, n]`` (rows: the steps ending in the
+            launch, counted from its first), and on entry ``adj_x``, ``adj_v`` ``[n]`` (of
+            its end state) and ``adj_start`` ``[k]`` (of the prescribed vertices' start of
+            its last step). Leaves in them the cotangents of its start state and of the
+            start it was given (zero where its first substep began a step), adds those of
+            the targets, masses, mu, lam, gravity and damping (``[1]`` per world). Per
+            substep: the velocity update and friction are replayed, then the adjoints of
+            the move and the ground, the friction passes (in reverse), the lagged friction
+            terms, the velocity update, the barrier and the elastic forces.
+            """
+            n = adj_x.shape[0]
+            passes = p.passes
+            for back in range(taken):
+                r = taken - 1 - back
+                g = first_substep + r
+                step = g // substeps
+                j = g - step * substeps
+                if j == substeps - 1:
+                    for i in range(n):
+                        adj_x[i] = adj_x[i] + grad_xs[step, i]
+                        adj_v[i] = adj_v[i] + grad_vs[step, i]
+                    if back > 0:  # a new step: its own prescribed start
+                        for k in range(adj_start.shape[0]):
+                            adj_start[k] = vec3()
+                # Prescribed vertices: x_new = start + (target - start) fraction.
+                fraction = T(j + 1) / T(substeps)
+                for i in range(n):
+                    slot = c.fixed_slot[i]
+                    if slot >= 0:
+                        adj_targets[step, slot] = adj_targets[step, slot] + adj_x[i] * fraction
+                        adj_start[slot] = adj_start[slot] + adj_x[i] * (T(1.0) - fraction)
+                        adj_x[i] = vec3()
+                # Replay: local positions, velocities, the active pairs and friction.
+                for i in range(n):
+                    xl[i] = local(x_saved[r, i], p.origin)
+                    is_fixed = int(0)  # noqa: UP018 - a Warp variable
+                    if c.fixed_slot[i] >= 0:
+                        is_fixed = 1
+                    world = i // c.world_size
+                    v_pass[0, i] = vertex_velocity(
+                        v_saved[r, i], f_saved[r, i], c.mass[i], c.damping[world], is_fixed, s
+                    )
+                n_active = int(0)  # noqa: UP018 - a Warp variable
+                for q in range(p.n_rows):
+                    k = rows[q]
+                    y0 = xl[pairs[k, 0]]
+                    y1 = xl[pairs[k, 1]]
+                    y2 = xl[pairs[k, 2]]
+                    y3 = xl[pairs[k, 3]]
+                    kind = kinds[k]
+                    if box_gap2(kind, y0, y1, y2, y3) < p.s_hat:
+                        cw = pair_weights(kind, y0, y1, y2, y3, p.parallel_fraction)
+                        diff = cw[0] * y0 + cw[1] * y1 + cw[2] * y2 + cw[3] * y3
+                        d2 = wp.dot(diff, diff)
+                        if d2 < p.s_hat:
+                            active[n_active] = k
+                            if passes > 0:
+                                i0 = pairs[k, 0]
+                                i1 = pairs[k, 1]
+                                i2 = pairs[k, 2]
+                                i3 = pairs[k, 3]
+                                cf, nrm, me, lim = friction_terms(
+                                    kind, y0, y1, y2, y3, c.mass[i0], c.mass[i1], c.mass[i2],
+                                    c.mass[i3], cw, diff, d2, eps[k], p.s_hat, p.floor, p.kappa,
+                                    p.h_mu,
+                                )  # fmt: skip
+                                weights[n_active] = cw
+                                coef[n_active] = cf
+                                normal[n_active] = nrm
+                                m_eff[n_active] = me
+                                limit[n_active] = lim
+                                total_pass[0, n_active] = vec3()
+                            n_active += 1
+                used = int(0)  # noqa: UP018 - the passes replayed
+                if n_active > 0:
+                    used = passes
+                for q in range(used):
+                    for i in range(n):
+                        load_pass[q, i] = T(0.0)
+                        v_pass[q + 1, i] = v_pass[q, i]
+                    for t in range(n_active):
+                        k = active[t]
+                        i0 = pairs[k, 0]
+                        i1 = pairs[k, 1]
+                        i2 = pairs[k, 2]
+                        i3 = pairs[k, 3]
+                        stop, imp = friction_stop(
+                            weights[t], normal[t], m_eff[t], limit[t], v_pass[q, i0],
+                            v_pass[q, i1], v_pass[q, i2], v_pass[q, i3], p.eps_v,
+                        )  # fmt: skip
+                        impulse_pass[q, t] = imp
+                        load_pass[q, i0] = load_pass[q, i0] + stop
+                        load_pass[q, i1] = load_pass[q, i1] + stop
+                        load_pass[q, i2] = load_pass[q, i2] + stop
+                        load_pass[q, i3] = load_pass[q, i3] + stop
+                    for t in range(n_active):
+                        k = active[t]
+                        i0 = pairs[k, 0]
+                        i1 = pairs[k, 1]
+                        i2 = pairs[k, 2]
+                        i3 = pairs[k, 3]
+                        most = wp.max(load_pass[q, i0], load_pass[q, i1])
+                        most = wp.max(most, wp.max(load_pass[q, i2], load_pass[q, i3]))
+                        before = total_pass[q, t]
+                        after = friction_capped(most, before, impulse_pass[q, t], limit[t])
+                        total_pass[q + 1, t] = after
+                        change = after - before
+                        cf = coef[t]
+                        v_pass[q + 1, i0] = v_pass[q + 1, i0] - cf[0] * change
+                        v_pass[q + 1, i1] = v_pass[q + 1, i1] - cf[1] * change
+                        v_pass[q + 1, i2] = v_pass[q + 1, i2] - cf[2] * change
+                        v_pass[q + 1, i3] = v_pass[q + 1, i3] - cf[3] * change
+                # The move and the ground: adj_v becomes the cotangent of the velocity
+                # after friction, adj_x that of x (its direct part).
+                for i in range(n):
+                    ax, aw = vertex_move_vjp(x_saved[r, i], v_pass[used, i], s, adj_x[i], adj_v[i])
+                    adj_x[i] = ax
+                    adj_v[i] = aw
+                    adj_xl[i] = vec3()
+                    adj_load[i] = T(0.0)
+                # Friction passes in reverse (v_out = v_in - sum c_i / m_i change).
+                for t in range(n_active):
+                    adj_cw[t] = vec4()
+                    adj_cf[t] = vec4()
+                    adj_n[t] = vec3()
+                    adj_me[t] = T(0.0)
+                    adj_lim[t] = T(0.0)
+                    adj_total[t] = vec3()
+                for back_q in range(used):
+                    q = used - 1 - back_q
+                    for t in range(n_active):
+                        k = active[t]
+                        i0 = pairs[k, 0]
+                        i1 = pairs[k, 1]
+                        i2 = pairs[k, 2]
+                        i3 = pairs[k, 3]
+                        cf = coef[t]
+                        before = total_pass[q, t]
+                        change = total_pass[q + 1, t] - before
+                        a_change = -(
+                            cf[0] * adj_v[i0] + cf[1] * adj_v[i1] + cf[2] * adj_v[i2]
+                            + cf[3] * adj_v[i3]
+                        )  # fmt: skip
+                        adj_cf[t] = adj_cf[t] - vec4(
+                            wp.dot(change, adj_v[i0]), wp.dot(change, adj_v[i1]),
+                            wp.dot(change, adj_v[i2]), wp.dot(change, adj_v[i3]),
+                        )  # fmt: skip
+                        a_after = adj_total[t] + a_change
+                        g_load, g_before, g_imp, g_cap = capped_vjp(
+                            load_pass[q, i0], load_pass[q, i1], load_pass[q, i2],
+                            load_pass[q, i3], before, impulse_pass[q, t], limit[t], a_after,
+                        )  # fmt: skip
+                        adj_load[i0] = adj_load[i0] + g_load[0]
+                        adj_load[i1] = adj_load[i1] + g_load[1]
+                        adj_load[i2] = adj_load[i2] + g_load[2]
+                        adj_load[i3] = adj_load[i3] + g_load[3]
+                        adj_total[t] = g_before - a_change
+                        adj_imp[t] = g_imp
+                        adj_lim[t] = adj_lim[t] + g_cap
+                    # The slip: the loads and impulses from the pass's velocities.
+                    for t in range(n_active):
+                        k = active[t]
+                        i0 = pairs[k, 0]
+                        i1 = pairs[k, 1]
+                        i2 = pairs[k, 2]
+                        i3 = pairs[k, 3]
+                        a_stop = adj_load[i0] + adj_load[i1] + adj_load[i2] + adj_load[i3]
+                        s_cw, s_n, s_me, s_lim, s_v0, s_v1, s_v2, s_v3 = stop_vjp(
+                            weights[t], normal[t], m_eff[t], limit[t], v_pass[q, i0],
+                            v_pass[q, i1], v_pass[q, i2], v_pass[q, i3], p.eps_v, a_stop,
+                            adj_imp[t],
+                        )  # fmt: skip
+                        adj_cw[t] = adj_cw[t] + s_cw
+                        adj_n[t] = adj_n[t] + s_n
+                        adj_me[t] = adj_me[t] + s_me
+                        adj_lim[t] = adj_lim[t] + s_lim
+                        adj_v[i0] = adj_v[i0] + s_v0
+                        adj_v[i1] = adj_v[i1] + s_v1
+                        adj_v[i2] = adj_v[i2] + s_v2
+                        adj_v[i3] = adj_v[i3] + s_v3
+                    for i in range(n):
+                        adj_load[i] = T(0.0)
+                # The lagged friction terms, from x and the masses.
+                if used > 0:
+                    for t in range(n_active):
+                        k = active[t]
+                        i0 = pairs[k, 0]
+                        i1 = pairs[k, 1]
+                        i2 = pairs[k, 2]
+                        i3 = pairs[k, 3]
+                        q0, q1, q2, q3, qm = geometry_vjp(
+                            kinds[k], xl[i0], xl[i1], xl[i2], xl[i3], c.mass[i0], c.mass[i1],
+                            c.mass[i2], c.mass[i3], eps[k], p.s_hat, p.floor, p.kappa, p.h_mu,
+                            p.parallel_fraction, adj_cw[t], adj_cf[t], adj_n[t], adj_me[t],
+                            adj_lim[t],
+                        )  # fmt: skip
+                        adj_xl[i0] = adj_xl[i0] + q0
+                        adj_xl[i1] = adj_xl[i1] + q1
+                        adj_xl[i2] = adj_xl[i2] + q2
+                        adj_xl[i3] = adj_xl[i3] + q3
+                        adj_mass[i0] = adj_mass[i0] + qm[0]
+                        adj_mass[i1] = adj_mass[i1] + qm[1]
+                        adj_mass[i2] = adj_mass[i2] + qm[2]
+                        adj_mass[i3] = adj_mass[i3] + qm[3]
+                # The velocity update: adj_v becomes that of the substep's start velocity.
+                for i in range(n):
+                    m = c.mass[i]
+                    world = i // c.world_size
+                    is_fixed = int(0)  # noqa: UP018 - a Warp variable
+                    if c.fixed_slot[i] >= 0:
+                        is_fixed = 1
+                    gv, gf, gm, gd = vertex_velocity_vjp(
+                        v_saved[r, i], f_saved[r, i], m, c.damping[world], is_fixed, s, adj_v[i]
+                    )
+                    adj_v[i] = gv
+                    adj_f[i] = gf
+                    grav = c.gravity[world]
+                    adj_mass[i] = adj_mass[i] + gm + wp.dot(gf, grav)
+                    adj_gravity[world] = adj_gravity[world] + m * gf
+                    adj_damping[world] = adj_damping[world] + gd
+                    hvp[i] = vec3()
+                # The barrier forces of the active pairs.
+                for t in range(n_active):
+                    k = active[t]
+                    i0 = pairs[k, 0]
+                    i1 = pairs[k, 1]
+                    i2 = pairs[k, 2]
+                    i3 = pairs[k, 3]
+                    y0 = xl[i0]
+                    y1 = xl[i1]
+                    y2 = xl[i2]
+                    y3 = xl[i3]
+                    m0 = c.mass[i0]
+                    m1 = c.mass[i1]
+                    m2 = c.mass[i2]
+                    m3 = c.mass[i3]
+                    f0 = adj_f[i0]
+                    f1 = adj_f[i1]
+                    f2 = adj_f[i2]
+                    f3 = adj_f[i3]
+                    b0, b1, b2, b3, bm = barrier_vjp(
+                        kinds[k], y0, y1, y2, y3, m0, m1, m2, m3, eps[k], p.kappa, p.s_hat,
+                        p.floor, p.parallel_fraction, f0, f1, f2, f3,
+                    )  # fmt: skip
+                    adj_xl[i0] = adj_xl[i0] + b0
+                    adj_xl[i1] = adj_xl[i1] + b1
+                    adj_xl[i2] = adj_xl[i2] + b2
+                    adj_xl[i3] = adj_xl[i3] + b3
+                    adj_mass[i0] = adj_mass[i0] + bm[0]
+                    adj_mass[i1] = adj_mass[i1] + bm[1]
+                    adj_mass[i2] = adj_mass[i2] + bm[2]
+                    adj_mass[i3] = adj_mass[i3] + bm[3]
+                # The elastic forces: (df/dx)^T adj_f.
+                x_r = x_saved[r]
+                for e in range(tets.shape[0]):
+                    add_tet_force_vjp(
+                        x_r, adj_f, tets, dm_inv, volume, mu, lam, per_tet, e, hvp, adj_mu, adj_lam
+                    )
+                for i in range(n):
+                    total = adj_x[i] + adj_xl[i] + hvp[i]
+                    slot = c.fixed_slot[i]
+                    if j == 0 and slot >= 0:
+                        total = total + adj_start[slot]  # start = x at the step's start
+                    adj_x[i] = total
+                if j == 0:
+                    for k in range(adj_start.shape[0]):
+                        adj_start[k] = vec3()
+
+        return contact_retreat
+
     return SimpleNamespace(
         ContactStep=ContactStep,
         contact_advance=tuple(contact_advance_kernel(add) for add in elastic.add_tet_forces),
+        contact_retreat=tuple(contact_retreat_kernel(add) for add in elastic.add_tet_force_vjp),
     )

@@ -227,32 +227,11 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
         return xn, v1
 
     @wp.func
-    def integrate_vertex_vjp(
-        x: wp.vec3d,
-        v: vec3,
-        f: vec3,
-        m: T,
-        damping: T,
-        is_fixed: int,
-        s: VertexUpdate,
-        adj_xn: vec3,
-        adj_vn: vec3,
-    ):
-        """The adjoint of ``integrate_vertex``, derived by hand (reverse order of its steps).
-
-        Returns the cotangents ``(x, v, f, m, damping, x_fixed)`` given those of the new
-        position and velocity (in the kernel's type); the mass term is the explicit
-        h f / m dependence only.
-        """
+    def velocity_replay(v: vec3, f: vec3, m: T, damping: T, is_fixed: int, s: VertexUpdate):
+        """``vertex_velocity``'s intermediates: a = v + h f / m, q = 1 + h c, b = a / q, the
+        clamp's phi(|b|^2 / v_max^2) and d phi / d r2, and w = b phi (zero if fixed)."""
         h = s.h
-        has_ground = s.has_ground
-        height = s.height
-        dhat = s.dhat
-        kappa = s.kappa
-        friction = s.friction
-        eps_v = s.eps_v
         max_speed = s.max_speed
-        # Replay: a = v + h f / m, b = a / q, w = b phi(|b|^2 / v_max^2), zero if fixed.
         a = v + h * f / m
         q = T(1.0) + h * damping
         b = a / q
@@ -270,11 +249,19 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
         w = b * phi
         if is_fixed != 0:
             w = vec3()
-        adj_x_fixed = vec3()
-        adj_x_free = adj_xn  # the cotangent of x_new where the vertex moves freely
-        if is_fixed != 0:
-            adj_x_fixed = adj_xn
-            adj_x_free = vec3()
+        return q, b, phi, dphi, w
+
+    @wp.func
+    def vertex_move_vjp(x: wp.vec3d, w: vec3, s: VertexUpdate, adj_x_free: vec3, adj_vn: vec3):
+        """The adjoint of ``vertex_move`` (the free move and the ground step) at velocity w:
+        the cotangents ``(x, w)`` given those of the new free position and velocity."""
+        h = s.h
+        has_ground = s.has_ground
+        height = s.height
+        dhat = s.dhat
+        kappa = s.kappa
+        friction = s.friction
+        eps_v = s.eps_v
         adj_x = adj_x_free
         adj_w = h * adj_x_free + adj_vn
         d_pred = T(0.0)
@@ -308,6 +295,17 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
             adj_d_pred = adj_d * ground_gap_slope(d_pred, h, dhat, kappa)
             adj_x = vec3(adj_x_free[0], adj_d_pred, adj_x_free[2])
             adj_w = vec3(adj_w0, adj_vn[1] + h * adj_d_pred, adj_w2)
+        return adj_x, adj_w
+
+    @wp.func
+    def vertex_velocity_vjp(
+        v: vec3, f: vec3, m: T, damping: T, is_fixed: int, s: VertexUpdate, adj_w: vec3
+    ):
+        """The adjoint of ``vertex_velocity``: the cotangents ``(v, f, m, damping)`` given
+        that of its result (the mass term is the explicit h f / m dependence only)."""
+        h = s.h
+        max_speed = s.max_speed
+        q, b, phi, dphi, w = velocity_replay(v, f, m, damping, is_fixed, s)
         if is_fixed != 0:
             adj_w = vec3()
         adj_b = phi * adj_w
@@ -316,7 +314,35 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
         adj_a = adj_b / q
         adj_damping = -h * wp.dot(adj_b, b) / q
         adj_m = -h * wp.dot(adj_a, f) / (m * m)
-        return adj_x, adj_a, adj_a * (h / m), adj_m, adj_damping, adj_x_fixed
+        return adj_a, adj_a * (h / m), adj_m, adj_damping
+
+    @wp.func
+    def integrate_vertex_vjp(
+        x: wp.vec3d,
+        v: vec3,
+        f: vec3,
+        m: T,
+        damping: T,
+        is_fixed: int,
+        s: VertexUpdate,
+        adj_xn: vec3,
+        adj_vn: vec3,
+    ):
+        """The adjoint of ``integrate_vertex``, derived by hand (reverse order of its steps).
+
+        Returns the cotangents ``(x, v, f, m, damping, x_fixed)`` given those of the new
+        position and velocity (in the kernel's type); the mass term is the explicit
+        h f / m dependence only.
+        """
+        q, b, phi, dphi, w = velocity_replay(v, f, m, damping, is_fixed, s)
+        adj_x_fixed = vec3()
+        adj_x_free = adj_xn  # the cotangent of x_new where the vertex moves freely
+        if is_fixed != 0:
+            adj_x_fixed = adj_xn
+            adj_x_free = vec3()
+        adj_x, adj_w = vertex_move_vjp(x, w, s, adj_x_free, adj_vn)
+        adj_v, adj_f, adj_m, adj_damping = vertex_velocity_vjp(v, f, m, damping, is_fixed, s, adj_w)
+        return adj_x, adj_v, adj_f, adj_m, adj_damping, adj_x_fixed
 
     if not differentiable:
 
@@ -417,6 +443,8 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
             vertex_velocity=vertex_velocity,
             vertex_move=vertex_move,
             integrate_vertex_vjp=integrate_vertex_vjp,
+            vertex_move_vjp=vertex_move_vjp,
+            vertex_velocity_vjp=vertex_velocity_vjp,
             step_fast=step_fast,
             step_vjp=step_vjp,
             ground_roots=ground_roots,

@@ -70,7 +70,7 @@ class ContactFreeBlocks:
         n_steps = len(targets)
         # Where contact substeps run fused (no gradient), a block whose check would measure
         # many near pairs at every frame costs more than running it with contact.
-        fused_contact = not grad and b.fused_contact.usable()
+        fused_contact = b.fused_contact.usable()
         self.most_measured = MOST_MEASURED if fused_contact else None
         # A call that does not continue from where the last one ended (a new rollout from
         # another state) asks at its first step.
@@ -91,7 +91,7 @@ class ContactFreeBlocks:
                 frames = self._fused(prepared, x, v, part, grad)
             if frames is None:
                 k = 1
-                fused_contact = not grad and b.fused_contact.usable()
+                fused_contact = b.fused_contact.usable()
                 if fused_contact:
                     # The next steps that would not ask for a prediction run with contact
                     # anyway: in the same fused contact launches.

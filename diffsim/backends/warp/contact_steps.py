@@ -1,4 +1,4 @@
-"""Steps with surface contact acting, many substeps per launch (CPU, forward).
+"""Steps with surface contact acting, many substeps per launch (CPU), forward and backward.
 
 Where contact acts, a substep of the general path (:func:`diffsim.backends.integrator.substep`
 around the per-stage contact kernels) costs about a millisecond of Python and launch
@@ -6,10 +6,13 @@ overhead on a mesh of a few thousand tets. :class:`FusedContactSteps` instead se
 candidate sets (:meth:`~diffsim.contact.SurfaceContact.fused_sets`) and launches
 :mod:`diffsim.kernels.contact_advance`, which takes substeps with the same formulas until
 one needs more: the sets to be selected again (then selected here and launched again) or
-the general path (a step the continuous collision check limits or that is capped, one that
-leaves the sets' reach: then that substep is taken by the general path, and the next
-launch goes on). Forward only, one world, CPU, the Warp contact implementation, no
-time-of-impact splits; everything else takes the general path.
+the general path (a step that is capped, one that leaves the sets' reach: then that
+substep is taken by the general path, and the next launch goes on). Where a gradient is
+asked for, each launch is an autograd node (:class:`_ContactLaunch`) whose backward runs
+the launch's adjoint kernel; such a launch also stops where the near rows expire and
+leaves limited steps to the general path (whose scales carry their own gradient). One
+world, CPU, the Warp contact implementation, no time-of-impact splits; everything else
+takes the general path.
 """
 
 from __future__ import annotations
@@ -28,7 +31,13 @@ from diffsim.contact.friction import FRICTION_PASSES
 from diffsim.contact.potential import MIN_DISTANCE_FRACTION
 from diffsim.contact.surface_contact import CappedStep, SurfaceContact
 from diffsim.kernels import contact_advance_for
-from diffsim.kernels.contact_advance import BEYOND_REACH, FINISHED, REASONS, SETS_EXPIRED
+from diffsim.kernels.contact_advance import (
+    BEYOND_REACH,
+    FINISHED,
+    GENERAL_STEP,
+    REASONS,
+    SETS_EXPIRED,
+)
 from diffsim.sim.model import POSITION_DTYPE
 
 
@@ -64,69 +73,45 @@ class FusedContactSteps:
         )
 
     def advance(self, prepared, x: torch.Tensor, v: torch.Tensor, targets: torch.Tensor):
-        """``len(targets)`` steps from ``(x, v)`` (no autograd): the frames
-        ``([K, n, 3], [K, n, 3])``, as ``Backend.advance`` gives them."""
+        """``len(targets)`` steps from ``(x, v)``: the frames ``([K, n, 3], [K, n, 3])``, as
+        ``Backend.advance`` gives them; differentiable where a gradient is asked for (each
+        launch then an autograd node, :class:`_ContactLaunch`)."""
         b, m = self.backend, self.backend.model
-        contact = m.contact
-        g, k, w = b.geometry, b.kernels, prepared
-        fused = contact_advance_for(k.scalar)
-        n, substeps, n_steps = m.n_vertices, m.substeps, len(targets)
-        x = b._positions(x).clone()  # advanced in place
-        v = b._checked(v).clone()
-        xs, vs = x.new_empty((n_steps, n, 3)), v.new_empty((n_steps, n, 3))
+        w, g = prepared, b.geometry
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, v, targets, *w.inputs))
+        substeps, n_steps = m.substeps, len(targets)
+        x, v = b._positions(x), b._checked(v)
         idx = m.fixed_indices
         if not g.n_fixed:  # the kernel takes at least one (unused) target column
             targets = targets.new_zeros((n_steps, 1, 3))
-        targets = targets.to(POSITION_DTYPE).contiguous()
-        fixed_start = x[idx].clone() if g.n_fixed else x.new_zeros((1, 3))
-        scratch = self._buffers(n, x, v)
-        status, stats = scratch["status"], scratch["stats"]
-        mu, lam = w.arrays[:2]
-        settings = self._settings(fused, contact, v.dtype, m.substep_dt)
+        targets = targets.to(POSITION_DTYPE)
+        targets = targets if grad else targets.contiguous()
+        fixed_start = x[idx] if g.n_fixed else x.new_zeros((1, 3))
+        if not grad:
+            x, v, fixed_start = x.clone(), v.clone(), fixed_start.clone()  # in place
+            xs, vs = x.new_empty((n_steps, *x.shape)), v.new_empty((n_steps, *v.shape))
+        frames: list = []  # (positions, velocities) of the steps done, in order (grad)
         step, j, held_back = 0, 0, 0.0
         while step < n_steps:
             # A new tensor: the contact's caches key on it.
-            sets = contact.fused_sets(x.clone(), held_back)
-            self._set_bounds(settings, sets)
-            arrays = sets.arrays
-            # The kernel may select near rows of its own: copies, the contact's are kept.
-            rows, pair = self._pair_buffers(arrays.n, v)
-            rows[: len(sets.rows)].copy_(sets.rows)
-            near_anchor = scratch["near_anchor"]
-            near_anchor.copy_(sets.near_anchor)
-            start = time.perf_counter()
-            wp.launch(
-                fused.contact_advance[w.material],
-                dim=1,
-                inputs=[
-                    wrap(x, k.position), wrap(v, k.vec3), g.tets, g.dm_inv, g.volume, mu,
-                    lam, w.per_tet, w.vertex, w.settings, wrap(fixed_start, k.position),
-                    wrap(targets[step:], k.position), substeps, j, settings,
-                    wrap(arrays.pairs, wp.int32), wrap(arrays.kinds, wp.int32),
-                    wrap(arrays.eps, k.scalar), wrap(rows, wp.int32),
-                    wrap(sets.anchor.contiguous(), k.vec3),
-                    wrap(sets.anchor_d2.contiguous(), wp.float64),
-                    wrap(near_anchor, k.vec3), *scratch["per_vertex"],
-                    *pair, *scratch["step_limit"], wrap(xs[step:], k.position),
-                    wrap(vs[step:], k.vec3),
-                    wrap(status, wp.int32), wrap(stats, wp.float64),
-                ],
-                device=g.device,
-            )  # fmt: skip
-            seconds = time.perf_counter() - start
-            self.counts["launches"] += 1
-            taken, why = int(status[0]), int(status[1])
-            contact.timings["fused"] += seconds
+            sets = self.backend.model.contact.fused_sets(x.detach().clone(), held_back)
+            if grad:
+                info: dict = {}
+                out = _ContactLaunch.apply(
+                    self, w, sets, j, info, x, v, fixed_start, targets[step:], *w.inputs
+                )
+                taken, why, check, held = info["taken"], info["why"], info["check"], info["held"]
+                if taken:
+                    x, v, fixed_start = out[:3]
+                    frames += list(zip(out[3], out[4], strict=True))
+            else:
+                taken, why, check, held = self._launch(
+                    w, sets, x, v, fixed_start, targets[step:], j, xs[step:], vs[step:]
+                )
             if taken:
-                selected, limited = int(status[3]) > 0, int(status[4])
-                contact.after_fused(taken, float(stats[0]), float(stats[1]), selected, limited)
-                self.counts["near_selections"] += int(status[3])
-                self.counts["limited_vertex_steps"] += limited
-                self.counts["fused_substeps"] += taken
                 step, j = divmod(step * substeps + j + taken, substeps)
             if why == FINISHED:
                 break
-            check = int(status[2]) if why != SETS_EXPIRED else 0
             self.counts["sets_expired" if why == SETS_EXPIRED else REASONS[check]] += 1
             # Launch again with sets selected where the launch stopped, or built for the
             # step it held back (as the general path's step limit would build one), unless
@@ -135,29 +120,91 @@ class FusedContactSteps:
                 held_back = 0.0
                 continue
             if check == BEYOND_REACH and (taken or not held_back):
-                held_back = float(stats[2])
+                held_back = held
                 continue
             held_back = 0.0
             # The general path for this substep (held back in the kernel, or sets that do
             # not hold even as just selected).
             if j == 0 and g.n_fixed:
-                fixed_start.copy_(x[idx])
+                fixed_start = x[idx] if grad else fixed_start.copy_(x[idx])
             x_fixed = fixed_start + (targets[step, : g.n_fixed] - fixed_start) * (
                 (j + 1) / substeps
             )
             try:
-                x_new, v_new = b.substep(prepared, x.clone(), v.clone(), x_fixed[: g.n_fixed])
+                if grad:
+                    x, v = b.substep(w, x, v, x_fixed[: g.n_fixed])
+                else:
+                    x_new, v_new = b.substep(w, x.clone(), v.clone(), x_fixed[: g.n_fixed])
+                    x.copy_(x_new)
+                    v.copy_(v_new)
             except CappedStep as capped:
                 capped.step = step  # the step it blew up in, for the message
                 raise
-            x.copy_(x_new)
-            v.copy_(v_new)
             self.counts["general_substeps"] += 1
             if j == substeps - 1:
-                xs[step].copy_(x)
-                vs[step].copy_(v)
+                if grad:
+                    frames.append((x, v))
+                else:
+                    xs[step].copy_(x)
+                    vs[step].copy_(v)
             step, j = divmod(step * substeps + j + 1, substeps)
+        if grad:
+            return torch.stack([f[0] for f in frames]), torch.stack([f[1] for f in frames])
         return xs, vs
+
+    def _launch(self, w, sets, x, v, fixed_start, targets, j, xs, vs, saved=None):
+        """One launch of ``contact_advance`` from substep j of ``targets[0]``'s step: x, v
+        and fixed_start advanced in place, frames into xs, vs; with ``saved`` (x, v, f
+        buffers ``[substeps left, n, 3]``) differentiable. Returns ``(taken, why, check,
+        held-back offset)`` and records the substeps in the contact."""
+        b, m = self.backend, self.backend.model
+        contact = m.contact
+        g, k = b.geometry, b.kernels
+        fused = contact_advance_for(k.scalar)
+        scratch = self._buffers(m.n_vertices, x, v)
+        status, stats = scratch["status"], scratch["stats"]
+        mu, lam = w.arrays[:2]
+        settings = self._settings(fused, contact, v.dtype, m.substep_dt)
+        self._set_bounds(settings, sets)
+        settings.differentiable = int(saved is not None)
+        self.last_settings = settings
+        arrays = sets.arrays
+        # The kernel may select near rows of its own: copies, the contact's are kept.
+        rows, pair = self._pair_buffers(arrays.n, v)
+        rows[: len(sets.rows)].copy_(sets.rows)
+        near_anchor = scratch["near_anchor"]
+        near_anchor.copy_(sets.near_anchor)
+        saved = saved or (scratch["dummy_x"], scratch["dummy_v"], scratch["dummy_v"])
+        start = time.perf_counter()
+        wp.launch(
+            fused.contact_advance[w.material],
+            dim=1,
+            inputs=[
+                wrap(x, k.position), wrap(v, k.vec3), g.tets, g.dm_inv, g.volume, mu,
+                lam, w.per_tet, w.vertex, w.settings, wrap(fixed_start, k.position),
+                wrap(targets, k.position), m.substeps, j, settings,
+                wrap(arrays.pairs, wp.int32), wrap(arrays.kinds, wp.int32),
+                wrap(arrays.eps, k.scalar), wrap(rows, wp.int32),
+                wrap(sets.anchor.contiguous(), k.vec3),
+                wrap(sets.anchor_d2.contiguous(), wp.float64),
+                wrap(near_anchor, k.vec3), *scratch["per_vertex"],
+                *pair, *scratch["step_limit"], wrap(xs, k.position), wrap(vs, k.vec3),
+                wrap(saved[0], k.position), wrap(saved[1], k.vec3), wrap(saved[2], k.vec3),
+                wrap(status, wp.int32), wrap(stats, wp.float64),
+            ],
+            device=g.device,
+        )  # fmt: skip
+        contact.timings["fused"] += time.perf_counter() - start
+        self.counts["launches"] += 1
+        taken, why = int(status[0]), int(status[1])
+        if taken:
+            selected, limited = int(status[3]) > 0, int(status[4])
+            contact.after_fused(taken, float(stats[0]), float(stats[1]), selected, limited)
+            self.counts["near_selections"] += int(status[3])
+            self.counts["limited_vertex_steps"] += limited
+            self.counts["fused_substeps"] += taken
+        check = int(status[2]) if why == GENERAL_STEP else 0
+        return taken, why, check, float(stats[2])
 
     def _settings(self, fused, contact: SurfaceContact, dtype: torch.dtype, h: float):
         """The ``ContactStep`` struct's constants (the bounds are set per launch)."""
@@ -206,6 +253,8 @@ class FusedContactSteps:
             views.append(wrap(load, k.scalar))
             found = {
                 "owners": [*keep, x_new, dx, load, *alpha],
+                "dummy_x": torch.zeros((1, 1, 3), dtype=POSITION_DTYPE, device=x.device),
+                "dummy_v": torch.zeros((1, 1, 3), **t),
                 "step_limit": [wrap(a, k.scalar) for a in alpha],
                 "near_anchor": torch.zeros((n, 3), **t),
                 "per_vertex": views,
@@ -251,3 +300,132 @@ class FusedContactSteps:
             )
             self._scratch["pairs"] = held
         return held[2][0], held[3][1:]
+
+
+class _ContactLaunch(torch.autograd.Function):
+    """One differentiable launch of the fused contact substeps: ``(x, v, fixed_start,
+    targets, mu, lam, mass, gravity, damping) -> (x, v, fixed_start, frames x, frames v)``
+    at its end (``fixed_start``: where the prescribed vertices' current step began; the
+    frames: the steps it completed). ``info`` receives what the launch did. Backward:
+    ``contact_retreat`` over its substeps in reverse (the per-pair derivatives by
+    ``wp.grad`` of the forward's functions, the vertex update's hand-derived adjoint)."""
+
+    @staticmethod
+    def forward(ctx, runner, w, sets, j, info, x, v, fixed_start, targets, *params):
+        _b, m = runner.backend, runner.backend.model
+        n, substeps = m.n_vertices, m.substeps
+        x, v = x.detach().clone(), v.detach().clone()
+        fixed_start = fixed_start.detach().clone()
+        targets = targets.detach().contiguous()
+        left = len(targets) * substeps - j
+        saved = (
+            x.new_empty((left, n, 3)),
+            v.new_empty((left, n, 3)),
+            v.new_empty((left, n, 3)),
+        )
+        xs, vs = x.new_empty((len(targets), n, 3)), v.new_empty((len(targets), n, 3))
+        taken, why, check, held = runner._launch(
+            w, sets, x, v, fixed_start, targets, j, xs, vs, saved
+        )
+        info.update(taken=taken, why=why, check=check, held=held)
+        done = (j + taken) // substeps
+        settings = runner.last_settings
+        ctx.runner, ctx.w, ctx.arrays, ctx.settings, ctx.j = runner, w, sets.arrays, settings, j
+        ctx.taken, ctx.done, ctx.n_targets = taken, done, len(targets)
+        ctx.saved = (saved[0][:taken], saved[1][:taken], saved[2][:taken])
+        ctx.rows = sets.rows.clone()
+        ctx.param_shapes = [t.shape for t in params]
+        return x, v, fixed_start, xs[:done], vs[:done]
+
+    @staticmethod
+    def backward(ctx, g_x, g_v, g_start, g_xs, g_vs):
+        runner, w, m = ctx.runner, ctx.w, ctx.runner.backend.model
+        b, k = runner.backend, runner.backend.kernels
+        g, n, taken = b.geometry, m.n_vertices, ctx.taken
+        fused = contact_advance_for(k.scalar)
+        dtype, device = w.inputs[2].dtype, w.inputs[2].device
+        t = dict(dtype=dtype, device=device)
+
+        def cotangent(grad, shape):
+            return torch.zeros(shape, **t) if grad is None else grad.to(dtype).contiguous().clone()
+
+        adj_x = cotangent(g_x, (n, 3))
+        adj_v = cotangent(g_v, (n, 3))
+        adj_start = cotangent(g_start, (max(g.n_fixed, 1), 3))
+        rows_done = max(ctx.done, 1)
+        grad_xs = torch.zeros((rows_done, n, 3), **t)
+        grad_vs = torch.zeros((rows_done, n, 3), **t)
+        if ctx.done and g_xs is not None:
+            grad_xs[: ctx.done] = g_xs
+        if ctx.done and g_vs is not None:
+            grad_vs[: ctx.done] = g_vs
+        pairs_n = max(ctx.arrays.n, 1)
+        passes = max(ctx.settings.passes, 1)
+        scratch = [
+            torch.zeros((n, 3), **t),  # xl
+            torch.zeros((passes + 1, n, 3), **t),  # v_pass
+            torch.zeros((passes + 1, pairs_n, 3), **t),  # total_pass
+            torch.zeros((passes, n), **t),  # load_pass
+            torch.zeros((passes, pairs_n, 3), **t),  # impulse_pass
+            torch.zeros(pairs_n, dtype=torch.int32, device=device),  # active
+            torch.zeros((pairs_n, 4), **t),  # weights
+            torch.zeros((pairs_n, 4), **t),  # coef
+            torch.zeros((pairs_n, 3), **t),  # normal
+            torch.zeros(pairs_n, **t),  # m_eff
+            torch.zeros(pairs_n, **t),  # limit
+            torch.zeros((pairs_n, 4), **t),  # adj_cw
+            torch.zeros((pairs_n, 4), **t),  # adj_cf
+            torch.zeros((pairs_n, 3), **t),  # adj_n
+            torch.zeros(pairs_n, **t),  # adj_me
+            torch.zeros(pairs_n, **t),  # adj_lim
+            torch.zeros((pairs_n, 3), **t),  # adj_total
+            torch.zeros((pairs_n, 3), **t),  # adj_imp
+            torch.zeros(n, **t),  # adj_load
+            torch.zeros((n, 3), **t),  # adj_f
+            torch.zeros((n, 3), **t),  # adj_xl
+            torch.zeros((n, 3), **t),  # hvp
+        ]
+        vec4 = wp.types.vector(4, k.scalar)
+        kinds = [k.vec3, k.vec3, k.vec3, k.scalar, k.vec3, wp.int32, vec4, vec4, k.vec3]
+        kinds += [k.scalar, k.scalar, vec4, vec4, k.vec3, k.scalar, k.scalar, k.vec3, k.vec3]
+        kinds += [k.scalar, k.vec3, k.vec3, k.vec3]
+        mu, lam, mass, gravity, damping = w.inputs
+        adj = [
+            torch.zeros((ctx.n_targets, max(g.n_fixed, 1), 3), **t),  # targets
+            torch.zeros(n, **t),  # mass
+            torch.zeros(len(mu), **t),
+            torch.zeros(len(lam), **t),
+            torch.zeros((m.n_worlds, 3), **t),  # gravity
+            torch.zeros(m.n_worlds, **t),  # damping
+        ]
+        if taken:
+            arrays = ctx.arrays
+            x_saved, v_saved, f_saved = ctx.saved
+            rows = ctx.rows.to(torch.int32).contiguous()
+            wp.launch(
+                fused.contact_retreat[w.material],
+                dim=1,
+                inputs=[
+                    g.tets, g.dm_inv, g.volume, w.arrays[0], w.arrays[1], w.per_tet, w.vertex,
+                    w.settings, m.substeps, ctx.j, taken, ctx.settings,
+                    wrap(arrays.pairs, wp.int32), wrap(arrays.kinds, wp.int32),
+                    wrap(arrays.eps, k.scalar), wrap(rows, wp.int32),
+                    wrap(x_saved, k.position), wrap(v_saved, k.vec3), wrap(f_saved, k.vec3),
+                    wrap(grad_xs, k.vec3), wrap(grad_vs, k.vec3),
+                    *[wrap(a, kind) for a, kind in zip(scratch, kinds, strict=True)],
+                    wrap(adj_x, k.vec3), wrap(adj_v, k.vec3), wrap(adj_start, k.vec3),
+                    wrap(adj[0], k.vec3), wrap(adj[1], k.scalar), wrap(adj[2], k.scalar),
+                    wrap(adj[3], k.scalar), wrap(adj[4], k.vec3), wrap(adj[5], k.scalar),
+                ],
+                device=g.device,
+            )  # fmt: skip
+        adj_targets, adj_mass, adj_mu, adj_lam, adj_gravity, adj_damping = adj
+        return (
+            None, None, None, None, None,
+            adj_x.to(POSITION_DTYPE), adj_v,
+            adj_start.to(POSITION_DTYPE) if g.n_fixed else None,
+            adj_targets.to(POSITION_DTYPE),
+            adj_mu.view(ctx.param_shapes[0]), adj_lam.view(ctx.param_shapes[1]),
+            adj_mass.view(ctx.param_shapes[2]), adj_gravity.view(ctx.param_shapes[3]),
+            adj_damping.view(ctx.param_shapes[4]),
+        )  # fmt: skip

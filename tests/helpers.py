@@ -53,3 +53,21 @@ def check_gradient(
         f"gradient mismatch: autograd {analytic:.10g} vs FD {numeric:.10g} (rel {err:.2e})"
     )
     return err
+
+
+def tumbling_cubes(dtype: torch.dtype):
+    """A 10 cm cube thrown sliding and tumbling (1, -0.3, 0.4 m/s) over another whose
+    bottom is fixed, 3 mm above it, friction 0.3, no ground: ``(simulator, state)``."""
+    import diffsim as ds
+
+    lower = ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=4)
+    upper = ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=4, origin=(0.0, 0.103, 0.0))
+    material = ds.StableNeoHookean(youngs_modulus=1e5, poissons_ratio=0.3, density=1000.0)
+    mesh = ds.TetMesh.merge([lower, upper])
+    sim = ds.Simulator(
+        mesh, material, dt=2e-3, substeps=4, fixed=mesh.vertices[:, 1] < 1e-6, ground=None,
+        contact_friction=0.3, dtype=dtype,
+    )  # fmt: skip
+    v = torch.zeros((sim.mesh.n_vertices, 3), dtype=dtype)
+    v[sim.mesh.n_vertices // 2 :] = torch.tensor([1.0, -0.3, 0.4], dtype=dtype)
+    return sim, sim.initial_state(velocities=v)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import diffsim as ds
+from tests.helpers import tumbling_cubes
 
 
 def dragged_blocks(dtype: torch.dtype) -> tuple[ds.Simulator, torch.Tensor]:
@@ -117,17 +118,7 @@ def test_near_rows_hold_every_pair_within_dhat_as_a_cube_slides_and_tumbles(monk
         return sets
 
     monkeypatch.setattr(surface_contact.SurfaceContact, "fused_sets", counted)
-    lower = ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=4)
-    upper = ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=4, origin=(0.0, 0.103, 0.0))
-    material = ds.StableNeoHookean(youngs_modulus=1e5, poissons_ratio=0.3, density=1000.0)
-    mesh = ds.TetMesh.merge([lower, upper])
-    sim = ds.Simulator(
-        mesh, material, dt=2e-3, substeps=4, fixed=mesh.vertices[:, 1] < 1e-6, ground=None,
-        contact_friction=0.3, dtype=torch.float64,
-    )  # fmt: skip
-    v = torch.zeros((sim.mesh.n_vertices, 3), dtype=torch.float64)
-    v[sim.mesh.n_vertices // 2 :] = torch.tensor([1.0, -0.3, 0.4], dtype=torch.float64)
-    state = sim.initial_state(velocities=v)
+    sim, state = tumbling_cubes(torch.float64)
     fused = sim.rollout(40, state)
     counts = dict(sim.backend.fused_contact.counts)
     plain = general(sim)

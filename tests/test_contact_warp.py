@@ -11,6 +11,7 @@ import diffsim as ds
 from diffsim.contact import SurfaceContact, friction
 from diffsim.contact.potential import smallest_mass
 from diffsim.physics.barrier import barrier_derivative
+from tests.helpers import tumbling_cubes
 
 F64 = torch.float64
 DHAT, KAPPA, H, MU, EPS_V = 0.08, 3.0, 0.5, 0.8, 1e-3
@@ -168,16 +169,7 @@ def test_the_near_selection_holds_every_pair_within_dhat_as_bodies_slide(monkeyp
     from diffsim.contact.surface_contact import SurfaceContact as Contact
     from diffsim.contact.warp_broad_phase import squared_distances
 
-    lower = ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=4)
-    upper = ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=4, origin=(0.0, 0.103, 0.0))
-    material = ds.StableNeoHookean(youngs_modulus=1e5, poissons_ratio=0.3, density=1000.0)
-    mesh = ds.TetMesh.merge([lower, upper])
-    sim = ds.Simulator(
-        mesh, material, dt=2e-3, substeps=4, fixed=mesh.vertices[:, 1] < 1e-6, ground=None,
-        contact_friction=0.3, dtype=torch.float32,
-    )  # fmt: skip
-    v = torch.zeros((sim.mesh.n_vertices, 3))
-    v[sim.mesh.n_vertices // 2 :] = torch.tensor([1.0, -0.3, 0.4])
+    sim, state = tumbling_cubes(torch.float32)
     calls = {"substeps": 0, "subsets": 0, "active": 0}
     select = Contact._near_set
 
@@ -198,7 +190,7 @@ def test_the_near_selection_holds_every_pair_within_dhat_as_bodies_slide(monkeyp
     sim.backend.fused_contact.usable = lambda: False
     # The selection acts on sets of any size (by default only from NEAR_MIN_PAIRS pairs).
     monkeypatch.setattr(surface_contact, "NEAR_MIN_PAIRS", 0)
-    traj = sim.rollout(40, sim.initial_state(velocities=v))
+    traj = sim.rollout(40, state)
     print(calls)
     # Pairs were within dhat, and the selection was smaller than the set (it acted).
     assert calls["active"] > 0 and calls["subsets"] > 0.2 * calls["substeps"]

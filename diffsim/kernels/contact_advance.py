@@ -112,6 +112,117 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
         # SurfaceContact's _offset: half the diagonal of the displacements' bounding box.
         return wp.float64(T(0.5) * wp.length(hi - lo))
 
+    @wp.func
+    def select_active(
+        rows: wp.array(dtype=wp.int32),
+        n_rows: int,
+        pairs: wp.array2d(dtype=wp.int32),
+        kinds: wp.array(dtype=wp.int32),
+        eps: wp.array(dtype=T),
+        xl: wp.array(dtype=vec3),
+        mass: wp.array(dtype=T),
+        p: ContactStep,
+        active: wp.array(dtype=wp.int32),
+        weights: wp.array(dtype=vec4),
+        coef: wp.array(dtype=vec4),
+        normal: wp.array(dtype=vec3),
+        m_eff: wp.array(dtype=T),
+        limit: wp.array(dtype=T),
+        total: wp.array(dtype=vec3),
+    ) -> int:
+        """The pairs among ``rows[:n_rows]`` within dhat at local positions xl, listed in
+        ``active`` in row order (the ``active_pairs_in`` kernel's rule), with friction's
+        lagged terms where it acts (``friction_geometry``) and zero impulses so far;
+        returns how many."""
+        n_active = int(0)  # noqa: UP018 - a Warp variable
+        for r in range(n_rows):
+            k = rows[r]
+            i0 = pairs[k, 0]
+            i1 = pairs[k, 1]
+            i2 = pairs[k, 2]
+            i3 = pairs[k, 3]
+            x0 = xl[i0]
+            x1 = xl[i1]
+            x2 = xl[i2]
+            x3 = xl[i3]
+            kind = kinds[k]
+            if box_gap2(kind, x0, x1, x2, x3) < p.s_hat:
+                cw = pair_weights(kind, x0, x1, x2, x3, p.parallel_fraction)
+                diff = cw[0] * x0 + cw[1] * x1 + cw[2] * x2 + cw[3] * x3
+                d2 = wp.dot(diff, diff)
+                if d2 < p.s_hat:
+                    active[n_active] = k
+                    if p.passes > 0:
+                        cf, nrm, me, lim = friction_terms(
+                            kind, x0, x1, x2, x3, mass[i0], mass[i1], mass[i2], mass[i3], cw,
+                            diff, d2, eps[k], p.s_hat, p.floor, p.kappa, p.h_mu,
+                        )  # fmt: skip
+                        weights[n_active] = cw
+                        coef[n_active] = cf
+                        normal[n_active] = nrm
+                        m_eff[n_active] = me
+                        limit[n_active] = lim
+                        total[n_active] = vec3()
+                    n_active += 1
+        return n_active
+
+    @wp.func
+    def friction_pass(
+        pairs: wp.array2d(dtype=wp.int32),
+        active: wp.array(dtype=wp.int32),
+        n_active: int,
+        weights: wp.array(dtype=vec4),
+        coef: wp.array(dtype=vec4),
+        normal: wp.array(dtype=vec3),
+        m_eff: wp.array(dtype=T),
+        limit: wp.array(dtype=T),
+        eps_v: T,
+        v_in: wp.array(dtype=vec3),
+        v_out: wp.array(dtype=vec3),
+        load: wp.array(dtype=T),
+        impulse: wp.array(dtype=vec3),
+        total_in: wp.array(dtype=vec3),
+        total_out: wp.array(dtype=vec3),
+    ):
+        """One friction pass over the active pairs (``friction_slip`` then
+        ``friction_apply`` of :mod:`diffsim.kernels.contact`, one after the other): the
+        loads and impulses from v_in, then each pair's capped impulse so far (total_in to
+        total_out) and its change taken from v_out (v_in itself, or a copy of it)."""
+        for i in range(load.shape[0]):
+            load[i] = T(0.0)
+        for t in range(n_active):
+            k = active[t]
+            i0 = pairs[k, 0]
+            i1 = pairs[k, 1]
+            i2 = pairs[k, 2]
+            i3 = pairs[k, 3]
+            stop, imp = friction_stop(
+                weights[t], normal[t], m_eff[t], limit[t], v_in[i0], v_in[i1], v_in[i2],
+                v_in[i3], eps_v,
+            )  # fmt: skip
+            impulse[t] = imp
+            load[i0] = load[i0] + stop
+            load[i1] = load[i1] + stop
+            load[i2] = load[i2] + stop
+            load[i3] = load[i3] + stop
+        for t in range(n_active):
+            k = active[t]
+            i0 = pairs[k, 0]
+            i1 = pairs[k, 1]
+            i2 = pairs[k, 2]
+            i3 = pairs[k, 3]
+            most = wp.max(load[i0], load[i1])
+            most = wp.max(most, wp.max(load[i2], load[i3]))
+            before = total_in[t]
+            after = friction_capped(most, before, impulse[t], limit[t])
+            total_out[t] = after
+            change = after - before
+            cf = coef[t]
+            v_out[i0] = v_out[i0] - cf[0] * change
+            v_out[i1] = v_out[i1] - cf[1] * change
+            v_out[i2] = v_out[i2] - cf[2] * change
+            v_out[i3] = v_out[i3] - cf[3] * change
+
     def contact_advance_kernel(add_tet_forces):
         @wp.kernel(module=module, enable_backward=False)
         def contact_advance(
@@ -252,9 +363,12 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                         f_c[i] = vec3()
                     for e in range(tets.shape[0]):
                         add_tet_forces(x, tets, dm_inv, volume, mu, lam, per_tet, e, f_el)
-                    n_active = int(0)  # noqa: UP018 - a Warp variable
-                    for r in range(n_rows):
-                        k = rows[r]
+                    n_active = select_active(
+                        rows, n_rows, pairs, kinds, eps, xl, c.mass, p, active, weights, coef,
+                        normal, m_eff, limit, total,
+                    )  # fmt: skip
+                    for t in range(n_active):
+                        k = active[t]
                         i0 = pairs[k, 0]
                         i1 = pairs[k, 1]
                         i2 = pairs[k, 2]
@@ -264,36 +378,18 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                         x2 = xl[i2]
                         x3 = xl[i3]
                         kind = kinds[k]
-                        if box_gap2(kind, x0, x1, x2, x3) < p.s_hat:
-                            cw = pair_weights(kind, x0, x1, x2, x3, p.parallel_fraction)
-                            diff = cw[0] * x0 + cw[1] * x1 + cw[2] * x2 + cw[3] * x3
-                            d2 = wp.dot(diff, diff)
-                            if d2 < p.s_hat:
-                                active[n_active] = k
-                                n_active += 1
-                                m01 = wp.min(c.mass[i0], c.mass[i1])
-                                w = p.kappa * wp.min(m01, wp.min(c.mass[i2], c.mass[i3]))
-                                g0, g1, g2, g3 = barrier_pair(
-                                    kind, x0, x1, x2, x3, cw, diff, d2, eps[k], w, p.s_hat,
-                                    p.floor,
-                                )  # fmt: skip
-                                f_c[i0] = f_c[i0] - g0
-                                f_c[i1] = f_c[i1] - g1
-                                f_c[i2] = f_c[i2] - g2
-                                f_c[i3] = f_c[i3] - g3
-                                if p.passes > 0:
-                                    cf, nrm, me, lim = friction_terms(
-                                        kind, x0, x1, x2, x3, c.mass[i0], c.mass[i1],
-                                        c.mass[i2], c.mass[i3], cw, diff, d2, eps[k], p.s_hat,
-                                        p.floor, p.kappa, p.h_mu,
-                                    )  # fmt: skip
-                                    t = n_active - 1
-                                    weights[t] = cw
-                                    coef[t] = cf
-                                    normal[t] = nrm
-                                    m_eff[t] = me
-                                    limit[t] = lim
-                                    total[t] = vec3()
+                        cw = pair_weights(kind, x0, x1, x2, x3, p.parallel_fraction)
+                        diff = cw[0] * x0 + cw[1] * x1 + cw[2] * x2 + cw[3] * x3
+                        m01 = wp.min(c.mass[i0], c.mass[i1])
+                        w = p.kappa * wp.min(m01, wp.min(c.mass[i2], c.mass[i3]))
+                        g0, g1, g2, g3 = barrier_pair(
+                            kind, x0, x1, x2, x3, cw, diff, wp.dot(diff, diff), eps[k], w,
+                            p.s_hat, p.floor,
+                        )  # fmt: skip
+                        f_c[i0] = f_c[i0] - g0
+                        f_c[i1] = f_c[i1] - g1
+                        f_c[i2] = f_c[i2] - g2
+                        f_c[i3] = f_c[i3] - g3
                     # 3. Velocities, friction, the move and the ground.
                     for i in range(n):
                         m = c.mass[i]
@@ -309,40 +405,10 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                             f_saved[taken, i] = f
                     if n_active > 0:
                         for _pass in range(p.passes):
-                            for i in range(n):
-                                load[i] = T(0.0)
-                            for t in range(n_active):
-                                k = active[t]
-                                i0 = pairs[k, 0]
-                                i1 = pairs[k, 1]
-                                i2 = pairs[k, 2]
-                                i3 = pairs[k, 3]
-                                stop, imp = friction_stop(
-                                    weights[t], normal[t], m_eff[t], limit[t], v_new[i0],
-                                    v_new[i1], v_new[i2], v_new[i3], p.eps_v,
-                                )  # fmt: skip
-                                impulse[t] = imp
-                                load[i0] = load[i0] + stop
-                                load[i1] = load[i1] + stop
-                                load[i2] = load[i2] + stop
-                                load[i3] = load[i3] + stop
-                            for t in range(n_active):
-                                k = active[t]
-                                i0 = pairs[k, 0]
-                                i1 = pairs[k, 1]
-                                i2 = pairs[k, 2]
-                                i3 = pairs[k, 3]
-                                most = wp.max(load[i0], load[i1])
-                                most = wp.max(most, wp.max(load[i2], load[i3]))
-                                before = total[t]
-                                after = friction_capped(most, before, impulse[t], limit[t])
-                                total[t] = after
-                                change = after - before
-                                cf = coef[t]
-                                v_new[i0] = v_new[i0] - cf[0] * change
-                                v_new[i1] = v_new[i1] - cf[1] * change
-                                v_new[i2] = v_new[i2] - cf[2] * change
-                                v_new[i3] = v_new[i3] - cf[3] * change
+                            friction_pass(
+                                pairs, active, n_active, weights, coef, normal, m_eff, limit,
+                                p.eps_v, v_new, v_new, load, impulse, total, total,
+                            )  # fmt: skip
                     lo = vec3(T(1e30), T(1e30), T(1e30))
                     hi = -lo
                     for i in range(n):
@@ -711,76 +777,21 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                     v_pass[0, i] = vertex_velocity(
                         v_saved[r, i], f_saved[r, i], c.mass[i], c.damping[world], is_fixed, s
                     )
-                n_active = int(0)  # noqa: UP018 - a Warp variable
-                for q in range(p.n_rows):
-                    k = rows[q]
-                    y0 = xl[pairs[k, 0]]
-                    y1 = xl[pairs[k, 1]]
-                    y2 = xl[pairs[k, 2]]
-                    y3 = xl[pairs[k, 3]]
-                    kind = kinds[k]
-                    if box_gap2(kind, y0, y1, y2, y3) < p.s_hat:
-                        cw = pair_weights(kind, y0, y1, y2, y3, p.parallel_fraction)
-                        diff = cw[0] * y0 + cw[1] * y1 + cw[2] * y2 + cw[3] * y3
-                        d2 = wp.dot(diff, diff)
-                        if d2 < p.s_hat:
-                            active[n_active] = k
-                            if passes > 0:
-                                i0 = pairs[k, 0]
-                                i1 = pairs[k, 1]
-                                i2 = pairs[k, 2]
-                                i3 = pairs[k, 3]
-                                cf, nrm, me, lim = friction_terms(
-                                    kind, y0, y1, y2, y3, c.mass[i0], c.mass[i1], c.mass[i2],
-                                    c.mass[i3], cw, diff, d2, eps[k], p.s_hat, p.floor, p.kappa,
-                                    p.h_mu,
-                                )  # fmt: skip
-                                weights[n_active] = cw
-                                coef[n_active] = cf
-                                normal[n_active] = nrm
-                                m_eff[n_active] = me
-                                limit[n_active] = lim
-                                total_pass[0, n_active] = vec3()
-                            n_active += 1
+                n_active = select_active(
+                    rows, p.n_rows, pairs, kinds, eps, xl, c.mass, p, active, weights, coef,
+                    normal, m_eff, limit, total_pass[0],
+                )  # fmt: skip
                 used = int(0)  # noqa: UP018 - the passes replayed
                 if n_active > 0:
                     used = passes
                 for q in range(used):
                     for i in range(n):
-                        load_pass[q, i] = T(0.0)
                         v_pass[q + 1, i] = v_pass[q, i]
-                    for t in range(n_active):
-                        k = active[t]
-                        i0 = pairs[k, 0]
-                        i1 = pairs[k, 1]
-                        i2 = pairs[k, 2]
-                        i3 = pairs[k, 3]
-                        stop, imp = friction_stop(
-                            weights[t], normal[t], m_eff[t], limit[t], v_pass[q, i0],
-                            v_pass[q, i1], v_pass[q, i2], v_pass[q, i3], p.eps_v,
-                        )  # fmt: skip
-                        impulse_pass[q, t] = imp
-                        load_pass[q, i0] = load_pass[q, i0] + stop
-                        load_pass[q, i1] = load_pass[q, i1] + stop
-                        load_pass[q, i2] = load_pass[q, i2] + stop
-                        load_pass[q, i3] = load_pass[q, i3] + stop
-                    for t in range(n_active):
-                        k = active[t]
-                        i0 = pairs[k, 0]
-                        i1 = pairs[k, 1]
-                        i2 = pairs[k, 2]
-                        i3 = pairs[k, 3]
-                        most = wp.max(load_pass[q, i0], load_pass[q, i1])
-                        most = wp.max(most, wp.max(load_pass[q, i2], load_pass[q, i3]))
-                        before = total_pass[q, t]
-                        after = friction_capped(most, before, impulse_pass[q, t], limit[t])
-                        total_pass[q + 1, t] = after
-                        change = after - before
-                        cf = coef[t]
-                        v_pass[q + 1, i0] = v_pass[q + 1, i0] - cf[0] * change
-                        v_pass[q + 1, i1] = v_pass[q + 1, i1] - cf[1] * change
-                        v_pass[q + 1, i2] = v_pass[q + 1, i2] - cf[2] * change
-                        v_pass[q + 1, i3] = v_pass[q + 1, i3] - cf[3] * change
+                    friction_pass(
+                        pairs, active, n_active, weights, coef, normal, m_eff, limit, p.eps_v,
+                        v_pass[q], v_pass[q + 1], load_pass[q], impulse_pass[q], total_pass[q],
+                        total_pass[q + 1],
+                    )  # fmt: skip
                 # The move and the ground: adj_v becomes the cotangent of the velocity
                 # after friction, adj_x that of x (its direct part).
                 for i in range(n):

@@ -160,22 +160,35 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
         return out
 
     @wp.func
-    def vertex_velocity(v: vec3, f: vec3, m: T, damping: T, is_fixed: int, s: VertexUpdate) -> vec3:
-        """The velocity update before the ground: forces, damping, clamp, fixed mask."""
+    def velocity_replay(v: vec3, f: vec3, m: T, damping: T, is_fixed: int, s: VertexUpdate):
+        """``vertex_velocity``'s intermediates: a = v + h f / m, q = 1 + h c, b = a / q, the
+        clamp's phi(|b|^2 / v_max^2) and d phi / d r2, and w = b phi (zero if fixed)."""
         h = s.h
         max_speed = s.max_speed
-        v1 = v + h * f / m
-        v1 = v1 / (T(1.0) + h * damping)
+        a = v + h * f / m
+        q = T(1.0) + h * damping
+        b = a / q
+        phi = T(1.0)
+        dphi = T(0.0)  # d phi / d r2
         if max_speed > T(0.0):
-            r2 = wp.dot(v1, v1) / (max_speed * max_speed)
-            factor = T(1.0) - r2 / T(3.0)
+            r2 = wp.dot(b, b) / (max_speed * max_speed)
+            phi = T(1.0) - r2 / T(3.0)
+            dphi = T(-1.0) / T(3.0)
             if r2 >= T(1e-8):
                 r = wp.sqrt(r2)
-                factor = wp.tanh(r) / r
-            v1 = v1 * factor
+                t = wp.tanh(r)
+                phi = t / r
+                dphi = ((T(1.0) - t * t) / r - t / (r * r)) / (T(2.0) * r)
+        w = b * phi
         if is_fixed != 0:
-            v1 = v1 * T(0.0)
-        return v1
+            w = w * T(0.0)
+        return q, b, phi, dphi, w
+
+    @wp.func
+    def vertex_velocity(v: vec3, f: vec3, m: T, damping: T, is_fixed: int, s: VertexUpdate) -> vec3:
+        """The velocity update before the ground: forces, damping, clamp, fixed mask."""
+        q, b, phi, dphi, w = velocity_replay(v, f, m, damping, is_fixed, s)
+        return w
 
     @wp.func
     def vertex_move(x: wp.vec3d, v1: vec3, s: VertexUpdate):
@@ -225,31 +238,6 @@ def build_integrate(dtype, module: str, differentiable: bool) -> SimpleNamespace
         if is_fixed != 0:
             xn = x_fixed
         return xn, v1
-
-    @wp.func
-    def velocity_replay(v: vec3, f: vec3, m: T, damping: T, is_fixed: int, s: VertexUpdate):
-        """``vertex_velocity``'s intermediates: a = v + h f / m, q = 1 + h c, b = a / q, the
-        clamp's phi(|b|^2 / v_max^2) and d phi / d r2, and w = b phi (zero if fixed)."""
-        h = s.h
-        max_speed = s.max_speed
-        a = v + h * f / m
-        q = T(1.0) + h * damping
-        b = a / q
-        phi = T(1.0)
-        dphi = T(0.0)  # d phi / d r2
-        if max_speed > T(0.0):
-            r2 = wp.dot(b, b) / (max_speed * max_speed)
-            phi = T(1.0) - r2 / T(3.0)
-            dphi = T(-1.0) / T(3.0)
-            if r2 >= T(1e-8):
-                r = wp.sqrt(r2)
-                t = wp.tanh(r)
-                phi = t / r
-                dphi = ((T(1.0) - t * t) / r - t / (r * r)) / (T(2.0) * r)
-        w = b * phi
-        if is_fixed != 0:
-            w = vec3()
-        return q, b, phi, dphi, w
 
     @wp.func
     def vertex_move_vjp(x: wp.vec3d, w: vec3, s: VertexUpdate, adj_x_free: vec3, adj_vn: vec3):

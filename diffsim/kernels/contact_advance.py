@@ -102,6 +102,26 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
         max_step: wp.float64  # larger relative offsets of a step are capped (m)
         max_translation: wp.float64  # ... and larger absolute displacements (m)
 
+    @wp.struct
+    class CandidatePairs:
+        """The candidate set in Warp form and the rows of it that can be within dhat."""
+
+        pairs: wp.array2d(dtype=wp.int32)  # [m, 4] vertex ids (p, a, b, c) or (p0, p1, q0, q1)
+        kinds: wp.array(dtype=wp.int32)  # [m] 0: point-triangle, 1: edge-edge
+        eps: wp.array(dtype=T)  # [m] mollifier thresholds (1 for point-triangle)
+        rows: wp.array(dtype=wp.int32)  # [m] the near rows first (``ContactStep.n_rows``)
+
+    @wp.struct
+    class ActivePairs:
+        """The pairs within dhat at a substep's start, with friction's lagged terms."""
+
+        ids: wp.array(dtype=wp.int32)  # rows of the candidate set
+        weights: wp.array(dtype=vec4)  # closest-point weights c
+        coef: wp.array(dtype=vec4)  # c_i / m_i
+        normal: wp.array(dtype=vec3)
+        m_eff: wp.array(dtype=T)
+        limit: wp.array(dtype=T)  # the Coulomb limit of the pair's impulse (kg m/s)
+
     @wp.func
     def local(x: wp.vec3d, origin: wp.vec3d) -> vec3:
         d = x - origin
@@ -113,69 +133,58 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
         return wp.float64(T(0.5) * wp.length(hi - lo))
 
     @wp.func
+    def pair_ids(cand: CandidatePairs, k: int):
+        """The four vertex ids of candidate k."""
+        return cand.pairs[k, 0], cand.pairs[k, 1], cand.pairs[k, 2], cand.pairs[k, 3]
+
+    @wp.func
     def select_active(
-        rows: wp.array(dtype=wp.int32),
+        cand: CandidatePairs,
         n_rows: int,
-        pairs: wp.array2d(dtype=wp.int32),
-        kinds: wp.array(dtype=wp.int32),
-        eps: wp.array(dtype=T),
         xl: wp.array(dtype=vec3),
         mass: wp.array(dtype=T),
         p: ContactStep,
-        active: wp.array(dtype=wp.int32),
-        weights: wp.array(dtype=vec4),
-        coef: wp.array(dtype=vec4),
-        normal: wp.array(dtype=vec3),
-        m_eff: wp.array(dtype=T),
-        limit: wp.array(dtype=T),
+        act: ActivePairs,
         total: wp.array(dtype=vec3),
     ) -> int:
-        """The pairs among ``rows[:n_rows]`` within dhat at local positions xl, listed in
-        ``active`` in row order (the ``active_pairs_in`` kernel's rule), with friction's
+        """The pairs among the near rows ``cand.rows[:n_rows]`` within dhat at local xl, in
+        ``act.ids`` in row order (the ``active_pairs_in`` kernel's rule), with friction's
         lagged terms where it acts (``friction_geometry``) and zero impulses so far;
         returns how many."""
         n_active = int(0)  # noqa: UP018 - a Warp variable
         for r in range(n_rows):
-            k = rows[r]
-            i0 = pairs[k, 0]
-            i1 = pairs[k, 1]
-            i2 = pairs[k, 2]
-            i3 = pairs[k, 3]
+            k = cand.rows[r]
+            i0, i1, i2, i3 = pair_ids(cand, k)
             x0 = xl[i0]
             x1 = xl[i1]
             x2 = xl[i2]
             x3 = xl[i3]
-            kind = kinds[k]
+            kind = cand.kinds[k]
             if box_gap2(kind, x0, x1, x2, x3) < p.s_hat:
                 cw = pair_weights(kind, x0, x1, x2, x3, p.parallel_fraction)
                 diff = cw[0] * x0 + cw[1] * x1 + cw[2] * x2 + cw[3] * x3
                 d2 = wp.dot(diff, diff)
                 if d2 < p.s_hat:
-                    active[n_active] = k
+                    act.ids[n_active] = k
                     if p.passes > 0:
                         cf, nrm, me, lim = friction_terms(
                             kind, x0, x1, x2, x3, mass[i0], mass[i1], mass[i2], mass[i3], cw,
-                            diff, d2, eps[k], p.s_hat, p.floor, p.kappa, p.h_mu,
+                            diff, d2, cand.eps[k], p.s_hat, p.floor, p.kappa, p.h_mu,
                         )  # fmt: skip
-                        weights[n_active] = cw
-                        coef[n_active] = cf
-                        normal[n_active] = nrm
-                        m_eff[n_active] = me
-                        limit[n_active] = lim
+                        act.weights[n_active] = cw
+                        act.coef[n_active] = cf
+                        act.normal[n_active] = nrm
+                        act.m_eff[n_active] = me
+                        act.limit[n_active] = lim
                         total[n_active] = vec3()
                     n_active += 1
         return n_active
 
     @wp.func
     def friction_pass(
-        pairs: wp.array2d(dtype=wp.int32),
-        active: wp.array(dtype=wp.int32),
+        cand: CandidatePairs,
+        act: ActivePairs,
         n_active: int,
-        weights: wp.array(dtype=vec4),
-        coef: wp.array(dtype=vec4),
-        normal: wp.array(dtype=vec3),
-        m_eff: wp.array(dtype=T),
-        limit: wp.array(dtype=T),
         eps_v: T,
         v_in: wp.array(dtype=vec3),
         v_out: wp.array(dtype=vec3),
@@ -191,13 +200,11 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
         for i in range(load.shape[0]):
             load[i] = T(0.0)
         for t in range(n_active):
-            k = active[t]
-            i0 = pairs[k, 0]
-            i1 = pairs[k, 1]
-            i2 = pairs[k, 2]
-            i3 = pairs[k, 3]
+            k = act.ids[t]
+            i0, i1, i2, i3 = pair_ids(cand, k)
             stop, imp = friction_stop(
-                weights[t], normal[t], m_eff[t], limit[t], v_in[i0], v_in[i1], v_in[i2],
+                act.weights[t], act.normal[t], act.m_eff[t], act.limit[t], v_in[i0], v_in[i1],
+                v_in[i2],
                 v_in[i3], eps_v,
             )  # fmt: skip
             impulse[t] = imp
@@ -206,18 +213,15 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
             load[i2] = load[i2] + stop
             load[i3] = load[i3] + stop
         for t in range(n_active):
-            k = active[t]
-            i0 = pairs[k, 0]
-            i1 = pairs[k, 1]
-            i2 = pairs[k, 2]
-            i3 = pairs[k, 3]
+            k = act.ids[t]
+            i0, i1, i2, i3 = pair_ids(cand, k)
             most = wp.max(load[i0], load[i1])
             most = wp.max(most, wp.max(load[i2], load[i3]))
             before = total_in[t]
-            after = friction_capped(most, before, impulse[t], limit[t])
+            after = friction_capped(most, before, impulse[t], act.limit[t])
             total_out[t] = after
             change = after - before
-            cf = coef[t]
+            cf = act.coef[t]
             v_out[i0] = v_out[i0] - cf[0] * change
             v_out[i1] = v_out[i1] - cf[1] * change
             v_out[i2] = v_out[i2] - cf[2] * change
@@ -241,10 +245,7 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
             substeps: int,
             first_substep: int,
             p: ContactStep,
-            pairs: wp.array2d(dtype=wp.int32),
-            kinds: wp.array(dtype=wp.int32),
-            eps: wp.array(dtype=T),
-            rows: wp.array(dtype=wp.int32),
+            cand: CandidatePairs,
             anchor: wp.array(dtype=vec3),
             anchor_d2: wp.array(dtype=wp.float64),
             near_anchor: wp.array(dtype=vec3),
@@ -255,12 +256,7 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
             v_new: wp.array(dtype=vec3),
             dx: wp.array(dtype=vec3),
             load: wp.array(dtype=T),
-            active: wp.array(dtype=wp.int32),
-            weights: wp.array(dtype=vec4),
-            coef: wp.array(dtype=vec4),
-            normal: wp.array(dtype=vec3),
-            m_eff: wp.array(dtype=T),
-            limit: wp.array(dtype=T),
+            act: ActivePairs,
             impulse: wp.array(dtype=vec3),
             total: wp.array(dtype=vec3),
             ccd_rows: wp.array(dtype=wp.int32),
@@ -283,13 +279,13 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
             x and v ``[n]`` are advanced in place; the state after each step goes to its row
             of x_out and v_out ``[steps, n]``. Prescribed vertices reach ``targets[step]``
             linearly from ``fixed_start`` (written at each step's first substep; given by
-            the caller when it starts within a step). ``rows[:p.n_rows]`` are the candidate
-            pairs (rows of pairs, kinds, eps) that can be within dhat while the sets hold;
-            ``anchor`` and ``near_anchor`` ``[n]`` the local positions the sets were
-            selected at, ``anchor_d2`` ``[m]`` the candidates' squared distances at the
-            anchor. Where the near rows expire the kernel selects them again (``rows``
-            ``[m]`` and ``near_anchor`` are overwritten). The rest are scratch: xl .. load,
-            alpha, alpha_out ``[n]``, active .. total, ccd_rows .. settled ``[m]``.
+            the caller when it starts within a step). ``cand.rows[:p.n_rows]`` are the rows
+            of the candidate set that can be within dhat while the sets hold; ``anchor`` and
+            ``near_anchor`` ``[n]`` the local positions the sets were selected at,
+            ``anchor_d2`` ``[m]`` the candidates' squared distances at the anchor. Where the
+            near rows expire the kernel selects them again (``cand.rows`` ``[m]`` and
+            ``near_anchor`` are overwritten). The rest are scratch: xl .. load, alpha,
+            alpha_out ``[n]``, ``act``, impulse, total, ccd_rows .. settled ``[m]``.
             Writes ``status = (substeps taken, why it stopped, which check, near
             selections, limited vertex-steps)`` and ``stats = (offset, largest
             displacement)`` (m) of the last substep taken (``stats[2]``: the offset of the
@@ -341,18 +337,18 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                         beyond = beyond + wp.float64(1e-12)
                         kept = T(within * wp.float64(1.0 + 1e-5) + wp.float64(1e-12))
                         n_rows = int(0)  # noqa: UP018 - a Warp variable
-                        for k in range(pairs.shape[0]):
+                        for k in range(cand.pairs.shape[0]):
                             if anchor_d2[k] < beyond * beyond:
-                                y0 = xl[pairs[k, 0]]
-                                y1 = xl[pairs[k, 1]]
-                                y2 = xl[pairs[k, 2]]
-                                y3 = xl[pairs[k, 3]]
-                                kind = kinds[k]
+                                y0 = xl[cand.pairs[k, 0]]
+                                y1 = xl[cand.pairs[k, 1]]
+                                y2 = xl[cand.pairs[k, 2]]
+                                y3 = xl[cand.pairs[k, 3]]
+                                kind = cand.kinds[k]
                                 if box_gap2(kind, y0, y1, y2, y3) < kept * kept:
                                     cw = pair_weights(kind, y0, y1, y2, y3, p.parallel_fraction)
                                     diff = cw[0] * y0 + cw[1] * y1 + cw[2] * y2 + cw[3] * y3
                                     if wp.dot(diff, diff) < kept * kept:
-                                        rows[n_rows] = k
+                                        cand.rows[n_rows] = k
                                         n_rows += 1
                         for i in range(n):
                             near_anchor[i] = xl[i]
@@ -363,27 +359,21 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                         f_c[i] = vec3()
                     for e in range(tets.shape[0]):
                         add_tet_forces(x, tets, dm_inv, volume, mu, lam, per_tet, e, f_el)
-                    n_active = select_active(
-                        rows, n_rows, pairs, kinds, eps, xl, c.mass, p, active, weights, coef,
-                        normal, m_eff, limit, total,
-                    )  # fmt: skip
+                    n_active = select_active(cand, n_rows, xl, c.mass, p, act, total)
                     for t in range(n_active):
-                        k = active[t]
-                        i0 = pairs[k, 0]
-                        i1 = pairs[k, 1]
-                        i2 = pairs[k, 2]
-                        i3 = pairs[k, 3]
+                        k = act.ids[t]
+                        i0, i1, i2, i3 = pair_ids(cand, k)
                         x0 = xl[i0]
                         x1 = xl[i1]
                         x2 = xl[i2]
                         x3 = xl[i3]
-                        kind = kinds[k]
+                        kind = cand.kinds[k]
                         cw = pair_weights(kind, x0, x1, x2, x3, p.parallel_fraction)
                         diff = cw[0] * x0 + cw[1] * x1 + cw[2] * x2 + cw[3] * x3
                         m01 = wp.min(c.mass[i0], c.mass[i1])
                         w = p.kappa * wp.min(m01, wp.min(c.mass[i2], c.mass[i3]))
                         g0, g1, g2, g3 = barrier_pair(
-                            kind, x0, x1, x2, x3, cw, diff, wp.dot(diff, diff), eps[k], w,
+                            kind, x0, x1, x2, x3, cw, diff, wp.dot(diff, diff), cand.eps[k], w,
                             p.s_hat, p.floor,
                         )  # fmt: skip
                         f_c[i0] = f_c[i0] - g0
@@ -406,8 +396,8 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                     if n_active > 0:
                         for _pass in range(p.passes):
                             friction_pass(
-                                pairs, active, n_active, weights, coef, normal, m_eff, limit,
-                                p.eps_v, v_new, v_new, load, impulse, total, total,
+                                cand, act, n_active, p.eps_v, v_new, v_new, load, impulse,
+                                total, total,
                             )  # fmt: skip
                     lo = vec3(T(1e30), T(1e30), T(1e30))
                     hi = -lo
@@ -440,7 +430,7 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                         reach_ccd = reach_ccd + wp.float64(2.0) * moved
                         reach_ccd = reach_ccd * wp.float64(1.0 + 1e-5) + wp.float64(1e-12)
                         n_ccd = int(0)  # noqa: UP018 - a Warp variable
-                        for k in range(pairs.shape[0]):
+                        for k in range(cand.pairs.shape[0]):
                             if anchor_d2[k] < reach_ccd * reach_ccd:
                                 ccd_rows[n_ccd] = k
                                 n_ccd += 1
@@ -449,12 +439,9 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                         cut = int(0)  # noqa: UP018 - a Warp variable
                         for r in range(n_ccd):
                             k = ccd_rows[r]
-                            i0 = pairs[k, 0]
-                            i1 = pairs[k, 1]
-                            i2 = pairs[k, 2]
-                            i3 = pairs[k, 3]
+                            i0, i1, i2, i3 = pair_ids(cand, k)
                             bound, t_abs, t_rel = pair_scale(
-                                kinds[k], xl[i0], xl[i1], xl[i2], xl[i3], dx[i0], dx[i1],
+                                cand.kinds[k], xl[i0], xl[i1], xl[i2], xl[i3], dx[i0], dx[i1],
                                 dx[i2], dx[i3], p.keep, p.slack, p.parallel_fraction,
                             )  # fmt: skip
                             bounds[r] = bound
@@ -483,10 +470,7 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                                 for r in range(n_ccd):
                                     if settled[r] == 0:
                                         k = ccd_rows[r]
-                                        i0 = pairs[k, 0]
-                                        i1 = pairs[k, 1]
-                                        i2 = pairs[k, 2]
-                                        i3 = pairs[k, 3]
+                                        i0, i1, i2, i3 = pair_ids(cand, k)
                                         a0 = alpha[i0]
                                         a1 = alpha[i1]
                                         a2 = alpha[i2]
@@ -494,7 +478,8 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                                         acts = int(1)  # noqa: UP018 - a Warp variable
                                         if mode != 2:
                                             reach = relative_reach(
-                                                kinds[k], a0 * dx[i0], a1 * dx[i1], a2 * dx[i2],
+                                                cand.kinds[k], a0 * dx[i0], a1 * dx[i1],
+                                                a2 * dx[i2],
                                                 a3 * dx[i3],
                                             )  # fmt: skip
                                             if reach <= bounds[r]:
@@ -675,6 +660,21 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
         t[2] = stop_dot(s4[0], x[0], t[1], t[2], x[1], x[2], x[3], x[4], t[3], t[4], x[5])
         t[3] = capped_dot(t[1], t[2], t[3], t[4], x[0], x[1], t[5], x[2])
 
+    @wp.func
+    def add_pair_cotangents(
+        adj_x: wp.array(dtype=vec3), adj_mass: wp.array(dtype=T), i0: int, i1: int, i2: int,
+        i3: int, g0: vec3, g1: vec3, g2: vec3, g3: vec3, gm: vec4,
+    ):  # fmt: skip
+        """Adds a pair's position and mass cotangents to its four vertices'."""
+        adj_x[i0] = adj_x[i0] + g0
+        adj_x[i1] = adj_x[i1] + g1
+        adj_x[i2] = adj_x[i2] + g2
+        adj_x[i3] = adj_x[i3] + g3
+        adj_mass[i0] = adj_mass[i0] + gm[0]
+        adj_mass[i1] = adj_mass[i1] + gm[1]
+        adj_mass[i2] = adj_mass[i2] + gm[2]
+        adj_mass[i3] = adj_mass[i3] + gm[3]
+
     def contact_retreat_kernel(add_tet_force_vjp):
         @wp.kernel(module=module, enable_backward=False)
         def contact_retreat(
@@ -690,10 +690,7 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
             first_substep: int,
             taken: int,
             p: ContactStep,
-            pairs: wp.array2d(dtype=wp.int32),
-            kinds: wp.array(dtype=wp.int32),
-            eps: wp.array(dtype=T),
-            rows: wp.array(dtype=wp.int32),
+            cand: CandidatePairs,
             x_saved: wp.array2d(dtype=wp.vec3d),
             v_saved: wp.array2d(dtype=vec3),
             f_saved: wp.array2d(dtype=vec3),
@@ -704,12 +701,7 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
             total_pass: wp.array2d(dtype=vec3),
             load_pass: wp.array2d(dtype=T),
             impulse_pass: wp.array2d(dtype=vec3),
-            active: wp.array(dtype=wp.int32),
-            weights: wp.array(dtype=vec4),
-            coef: wp.array(dtype=vec4),
-            normal: wp.array(dtype=vec3),
-            m_eff: wp.array(dtype=T),
-            limit: wp.array(dtype=T),
+            act: ActivePairs,
             adj_cw: wp.array(dtype=vec4),
             adj_cf: wp.array(dtype=vec4),
             adj_n: wp.array(dtype=vec3),
@@ -777,10 +769,7 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                     v_pass[0, i] = vertex_velocity(
                         v_saved[r, i], f_saved[r, i], c.mass[i], c.damping[world], is_fixed, s
                     )
-                n_active = select_active(
-                    rows, p.n_rows, pairs, kinds, eps, xl, c.mass, p, active, weights, coef,
-                    normal, m_eff, limit, total_pass[0],
-                )  # fmt: skip
+                n_active = select_active(cand, p.n_rows, xl, c.mass, p, act, total_pass[0])
                 used = int(0)  # noqa: UP018 - the passes replayed
                 if n_active > 0:
                     used = passes
@@ -788,9 +777,8 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                     for i in range(n):
                         v_pass[q + 1, i] = v_pass[q, i]
                     friction_pass(
-                        pairs, active, n_active, weights, coef, normal, m_eff, limit, p.eps_v,
-                        v_pass[q], v_pass[q + 1], load_pass[q], impulse_pass[q], total_pass[q],
-                        total_pass[q + 1],
+                        cand, act, n_active, p.eps_v, v_pass[q], v_pass[q + 1], load_pass[q],
+                        impulse_pass[q], total_pass[q], total_pass[q + 1],
                     )  # fmt: skip
                 # The move and the ground: adj_v becomes the cotangent of the velocity
                 # after friction, adj_x that of x (its direct part).
@@ -811,12 +799,9 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                 for back_q in range(used):
                     q = used - 1 - back_q
                     for t in range(n_active):
-                        k = active[t]
-                        i0 = pairs[k, 0]
-                        i1 = pairs[k, 1]
-                        i2 = pairs[k, 2]
-                        i3 = pairs[k, 3]
-                        cf = coef[t]
+                        k = act.ids[t]
+                        i0, i1, i2, i3 = pair_ids(cand, k)
+                        cf = act.coef[t]
                         before = total_pass[q, t]
                         change = total_pass[q + 1, t] - before
                         a_change = -(
@@ -830,7 +815,7 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                         a_after = adj_total[t] + a_change
                         g_load, g_before, g_imp, g_cap = capped_vjp(
                             load_pass[q, i0], load_pass[q, i1], load_pass[q, i2],
-                            load_pass[q, i3], before, impulse_pass[q, t], limit[t], a_after,
+                            load_pass[q, i3], before, impulse_pass[q, t], act.limit[t], a_after,
                         )  # fmt: skip
                         adj_load[i0] = adj_load[i0] + g_load[0]
                         adj_load[i1] = adj_load[i1] + g_load[1]
@@ -841,14 +826,12 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                         adj_lim[t] = adj_lim[t] + g_cap
                     # The slip: the loads and impulses from the pass's velocities.
                     for t in range(n_active):
-                        k = active[t]
-                        i0 = pairs[k, 0]
-                        i1 = pairs[k, 1]
-                        i2 = pairs[k, 2]
-                        i3 = pairs[k, 3]
+                        k = act.ids[t]
+                        i0, i1, i2, i3 = pair_ids(cand, k)
                         a_stop = adj_load[i0] + adj_load[i1] + adj_load[i2] + adj_load[i3]
                         s_cw, s_n, s_me, s_lim, s_v0, s_v1, s_v2, s_v3 = stop_vjp(
-                            weights[t], normal[t], m_eff[t], limit[t], v_pass[q, i0],
+                            act.weights[t], act.normal[t], act.m_eff[t], act.limit[t],
+                            v_pass[q, i0],
                             v_pass[q, i1], v_pass[q, i2], v_pass[q, i3], p.eps_v, a_stop,
                             adj_imp[t],
                         )  # fmt: skip
@@ -865,25 +848,15 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                 # The lagged friction terms, from x and the masses.
                 if used > 0:
                     for t in range(n_active):
-                        k = active[t]
-                        i0 = pairs[k, 0]
-                        i1 = pairs[k, 1]
-                        i2 = pairs[k, 2]
-                        i3 = pairs[k, 3]
+                        k = act.ids[t]
+                        i0, i1, i2, i3 = pair_ids(cand, k)
                         q0, q1, q2, q3, qm = geometry_vjp(
-                            kinds[k], xl[i0], xl[i1], xl[i2], xl[i3], c.mass[i0], c.mass[i1],
-                            c.mass[i2], c.mass[i3], eps[k], p.s_hat, p.floor, p.kappa, p.h_mu,
+                            cand.kinds[k], xl[i0], xl[i1], xl[i2], xl[i3], c.mass[i0], c.mass[i1],
+                            c.mass[i2], c.mass[i3], cand.eps[k], p.s_hat, p.floor, p.kappa, p.h_mu,
                             p.parallel_fraction, adj_cw[t], adj_cf[t], adj_n[t], adj_me[t],
                             adj_lim[t],
                         )  # fmt: skip
-                        adj_xl[i0] = adj_xl[i0] + q0
-                        adj_xl[i1] = adj_xl[i1] + q1
-                        adj_xl[i2] = adj_xl[i2] + q2
-                        adj_xl[i3] = adj_xl[i3] + q3
-                        adj_mass[i0] = adj_mass[i0] + qm[0]
-                        adj_mass[i1] = adj_mass[i1] + qm[1]
-                        adj_mass[i2] = adj_mass[i2] + qm[2]
-                        adj_mass[i3] = adj_mass[i3] + qm[3]
+                        add_pair_cotangents(adj_xl, adj_mass, i0, i1, i2, i3, q0, q1, q2, q3, qm)
                 # The velocity update: adj_v becomes that of the substep's start velocity.
                 for i in range(n):
                     m = c.mass[i]
@@ -903,35 +876,14 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                     hvp[i] = vec3()
                 # The barrier forces of the active pairs.
                 for t in range(n_active):
-                    k = active[t]
-                    i0 = pairs[k, 0]
-                    i1 = pairs[k, 1]
-                    i2 = pairs[k, 2]
-                    i3 = pairs[k, 3]
-                    y0 = xl[i0]
-                    y1 = xl[i1]
-                    y2 = xl[i2]
-                    y3 = xl[i3]
-                    m0 = c.mass[i0]
-                    m1 = c.mass[i1]
-                    m2 = c.mass[i2]
-                    m3 = c.mass[i3]
-                    f0 = adj_f[i0]
-                    f1 = adj_f[i1]
-                    f2 = adj_f[i2]
-                    f3 = adj_f[i3]
+                    k = act.ids[t]
+                    i0, i1, i2, i3 = pair_ids(cand, k)
                     b0, b1, b2, b3, bm = barrier_vjp(
-                        kinds[k], y0, y1, y2, y3, m0, m1, m2, m3, eps[k], p.kappa, p.s_hat,
-                        p.floor, p.parallel_fraction, f0, f1, f2, f3,
+                        cand.kinds[k], xl[i0], xl[i1], xl[i2], xl[i3], c.mass[i0], c.mass[i1],
+                        c.mass[i2], c.mass[i3], cand.eps[k], p.kappa, p.s_hat, p.floor,
+                        p.parallel_fraction, adj_f[i0], adj_f[i1], adj_f[i2], adj_f[i3],
                     )  # fmt: skip
-                    adj_xl[i0] = adj_xl[i0] + b0
-                    adj_xl[i1] = adj_xl[i1] + b1
-                    adj_xl[i2] = adj_xl[i2] + b2
-                    adj_xl[i3] = adj_xl[i3] + b3
-                    adj_mass[i0] = adj_mass[i0] + bm[0]
-                    adj_mass[i1] = adj_mass[i1] + bm[1]
-                    adj_mass[i2] = adj_mass[i2] + bm[2]
-                    adj_mass[i3] = adj_mass[i3] + bm[3]
+                    add_pair_cotangents(adj_xl, adj_mass, i0, i1, i2, i3, b0, b1, b2, b3, bm)
                 # The elastic forces: (df/dx)^T adj_f.
                 x_r = x_saved[r]
                 for e in range(tets.shape[0]):
@@ -952,6 +904,8 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
 
     return SimpleNamespace(
         ContactStep=ContactStep,
+        CandidatePairs=CandidatePairs,
+        ActivePairs=ActivePairs,
         contact_advance=tuple(contact_advance_kernel(add) for add in elastic.add_tet_forces),
         contact_retreat=tuple(contact_retreat_kernel(add) for add in elastic.add_tet_force_vjp),
     )

@@ -170,8 +170,9 @@ class FusedContactSteps:
         self.last_settings = settings
         arrays = sets.arrays
         # The kernel may select near rows of its own: copies, the contact's are kept.
-        rows, pair = self._pair_buffers(arrays.n, v)
+        rows, act, pair = self._pair_buffers(arrays.n, v)
         rows[: len(sets.rows)].copy_(sets.rows)
+        cand = self._candidate_pairs(arrays, rows)
         near_anchor = scratch["near_anchor"]
         near_anchor.copy_(sets.near_anchor)
         saved = saved or (scratch["dummy_x"], scratch["dummy_v"], scratch["dummy_v"])
@@ -183,11 +184,9 @@ class FusedContactSteps:
                 wrap(x, k.position), wrap(v, k.vec3), g.tets, g.dm_inv, g.volume, mu,
                 lam, w.per_tet, w.vertex, w.settings, wrap(fixed_start, k.position),
                 wrap(targets, k.position), m.substeps, j, settings,
-                wrap(arrays.pairs, wp.int32), wrap(arrays.kinds, wp.int32),
-                wrap(arrays.eps, k.scalar), wrap(rows, wp.int32),
-                wrap(sets.anchor.contiguous(), k.vec3),
+                cand, wrap(sets.anchor.contiguous(), k.vec3),
                 wrap(sets.anchor_d2.contiguous(), wp.float64),
-                wrap(near_anchor, k.vec3), *scratch["per_vertex"],
+                wrap(near_anchor, k.vec3), *scratch["per_vertex"], act,
                 *pair, *scratch["step_limit"], wrap(xs, k.position), wrap(vs, k.vec3),
                 wrap(saved[0], k.position), wrap(saved[1], k.vec3), wrap(saved[2], k.vec3),
                 wrap(status, wp.int32), wrap(stats, wp.float64),
@@ -205,6 +204,25 @@ class FusedContactSteps:
             self.counts["fused_substeps"] += taken
         check = int(status[2]) if why == GENERAL_STEP else 0
         return taken, why, check, float(stats[2])
+
+    def _fused(self):
+        """The fused contact kernels of the backend's scalar type."""
+        return contact_advance_for(self.backend.kernels.scalar)
+
+    def _candidate_pairs(self, arrays, rows: torch.Tensor):
+        """The ``CandidatePairs`` struct of a candidate set's arrays and the rows buffer
+        (kept for the last set: a new one comes with each broad phase)."""
+        held = self._scratch.get("candidates")
+        if held is None or held[0] is not arrays or held[1] is not rows:
+            k = self.backend.kernels
+            cand = self._fused().CandidatePairs()
+            cand.pairs = wp.from_torch(arrays.pairs, dtype=wp.int32)
+            cand.kinds = wp.from_torch(arrays.kinds, dtype=wp.int32)
+            cand.eps = wp.from_torch(arrays.eps, dtype=k.scalar)
+            cand.rows = wp.from_torch(rows, dtype=wp.int32)
+            held = (arrays, rows, cand)
+            self._scratch["candidates"] = held
+        return held[2]
 
     def _settings(self, fused, contact: SurfaceContact, dtype: torch.dtype, h: float):
         """The ``ContactStep`` struct's constants (the bounds are set per launch)."""
@@ -264,10 +282,10 @@ class FusedContactSteps:
             self._scratch[key] = found
         return found
 
-    def _pair_buffers(self, rows: int, v: torch.Tensor) -> tuple[torch.Tensor, list]:
+    def _pair_buffers(self, rows: int, v: torch.Tensor) -> tuple:
         """Scratch per candidate pair (grown as needed, kept): the near rows (a tensor),
-        and the views of active, weights, coef, normal, m_eff, limit, impulse, total and
-        of the step limit's rows, bounds, absolute scales and settled flags."""
+        the ``ActivePairs`` struct, and the views of the impulses, the impulses so far and
+        the step limit's rows, bounds, absolute scales and settled flags."""
         k = self.backend.kernels
         size = max(rows, 1)
         held = self._scratch.get("pairs")
@@ -292,14 +310,14 @@ class FusedContactSteps:
             vec4 = wp.types.vector(4, k.scalar)
             types = [wp.int32, wp.int32, vec4, vec4, k.vec3, k.scalar, k.scalar, k.vec3, k.vec3]
             types += [wp.int32, k.scalar, k.scalar, wp.int32]
-            held = (
-                capacity,
-                v.dtype,
-                owners,
-                [wrap(o, t) for o, t in zip(owners, types, strict=True)],
+            act = self._fused().ActivePairs()
+            act.ids, act.weights, act.coef, act.normal, act.m_eff, act.limit = (
+                wp.from_torch(o, dtype=t) for o, t in zip(owners[1:7], types[1:7], strict=True)
             )
+            views = [wrap(o, t) for o, t in zip(owners[7:], types[7:], strict=True)]
+            held = (capacity, v.dtype, owners, act, views)
             self._scratch["pairs"] = held
-        return held[2][0], held[3][1:]
+        return held[2][0], held[3], held[4]
 
 
 class _ContactLaunch(torch.autograd.Function):
@@ -402,17 +420,21 @@ class _ContactLaunch(torch.autograd.Function):
             arrays = ctx.arrays
             x_saved, v_saved, f_saved = ctx.saved
             rows = ctx.rows.to(torch.int32).contiguous()
+            views = [wrap(a, kind) for a, kind in zip(scratch, kinds, strict=True)]
+            act = fused.ActivePairs()
+            act.ids, act.weights, act.coef, act.normal, act.m_eff, act.limit = (
+                wp.from_torch(a, dtype=kind)
+                for a, kind in zip(scratch[5:11], kinds[5:11], strict=True)
+            )
             wp.launch(
                 fused.contact_retreat[w.material],
                 dim=1,
                 inputs=[
                     g.tets, g.dm_inv, g.volume, w.arrays[0], w.arrays[1], w.per_tet, w.vertex,
                     w.settings, m.substeps, ctx.j, taken, ctx.settings,
-                    wrap(arrays.pairs, wp.int32), wrap(arrays.kinds, wp.int32),
-                    wrap(arrays.eps, k.scalar), wrap(rows, wp.int32),
+                    runner._candidate_pairs(arrays, rows),
                     wrap(x_saved, k.position), wrap(v_saved, k.vec3), wrap(f_saved, k.vec3),
-                    wrap(grad_xs, k.vec3), wrap(grad_vs, k.vec3),
-                    *[wrap(a, kind) for a, kind in zip(scratch, kinds, strict=True)],
+                    wrap(grad_xs, k.vec3), wrap(grad_vs, k.vec3), *views[:5], act, *views[11:],
                     wrap(adj_x, k.vec3), wrap(adj_v, k.vec3), wrap(adj_start, k.vec3),
                     wrap(adj[0], k.vec3), wrap(adj[1], k.scalar), wrap(adj[2], k.scalar),
                     wrap(adj[3], k.scalar), wrap(adj[4], k.vec3), wrap(adj[5], k.scalar),

@@ -377,31 +377,39 @@ class _ContactLaunch(torch.autograd.Function):
             grad_xs[: ctx.done] = g_xs
         if ctx.done and g_vs is not None:
             grad_vs[: ctx.done] = g_vs
-        pairs_n = max(ctx.arrays.n, 1)
+        # Scratch the kernel writes before it reads: per vertex, and per near row (the
+        # active pairs are among them), for the friction passes replayed.
+        rows_n = max(len(ctx.rows), 1)
         passes = max(ctx.settings.passes, 1)
+        shapes = [
+            (n, 3),  # xl
+            (passes + 1, n, 3),  # v_pass
+            (passes + 1, rows_n, 3),  # total_pass
+            (passes, n),  # load_pass
+            (passes, rows_n, 3),  # impulse_pass
+            None,  # active (int32)
+            (rows_n, 4),  # weights
+            (rows_n, 4),  # coef
+            (rows_n, 3),  # normal
+            (rows_n,),  # m_eff
+            (rows_n,),  # limit
+            (rows_n, 4),  # adj_cw
+            (rows_n, 4),  # adj_cf
+            (rows_n, 3),  # adj_n
+            (rows_n,),  # adj_me
+            (rows_n,),  # adj_lim
+            (rows_n, 3),  # adj_total
+            (rows_n, 3),  # adj_imp
+            (n,),  # adj_load
+            (n, 3),  # adj_f
+            (n, 3),  # adj_xl
+            (n, 3),  # hvp
+        ]
         scratch = [
-            torch.zeros((n, 3), **t),  # xl
-            torch.zeros((passes + 1, n, 3), **t),  # v_pass
-            torch.zeros((passes + 1, pairs_n, 3), **t),  # total_pass
-            torch.zeros((passes, n), **t),  # load_pass
-            torch.zeros((passes, pairs_n, 3), **t),  # impulse_pass
-            torch.zeros(pairs_n, dtype=torch.int32, device=device),  # active
-            torch.zeros((pairs_n, 4), **t),  # weights
-            torch.zeros((pairs_n, 4), **t),  # coef
-            torch.zeros((pairs_n, 3), **t),  # normal
-            torch.zeros(pairs_n, **t),  # m_eff
-            torch.zeros(pairs_n, **t),  # limit
-            torch.zeros((pairs_n, 4), **t),  # adj_cw
-            torch.zeros((pairs_n, 4), **t),  # adj_cf
-            torch.zeros((pairs_n, 3), **t),  # adj_n
-            torch.zeros(pairs_n, **t),  # adj_me
-            torch.zeros(pairs_n, **t),  # adj_lim
-            torch.zeros((pairs_n, 3), **t),  # adj_total
-            torch.zeros((pairs_n, 3), **t),  # adj_imp
-            torch.zeros(n, **t),  # adj_load
-            torch.zeros((n, 3), **t),  # adj_f
-            torch.zeros((n, 3), **t),  # adj_xl
-            torch.zeros((n, 3), **t),  # hvp
+            torch.empty(shape, **t)
+            if shape is not None
+            else torch.empty(rows_n, dtype=torch.int32, device=device)
+            for shape in shapes
         ]
         vec4 = wp.types.vector(4, k.scalar)
         kinds = [k.vec3, k.vec3, k.vec3, k.scalar, k.vec3, wp.int32, vec4, vec4, k.vec3]

@@ -23,8 +23,8 @@ Where a check fails the launch stops before committing that substep and reports 
 caller then takes it the general way (new candidate sets, a capped step or a blow-up
 error) and launches again.
 
-A differentiable launch saves the state and total forces at each substep's start (and
-stops where the near rows expire or a step is limited); ``contact_retreat`` runs its
+A differentiable launch saves the state and total forces at each substep's start and the
+near rows each substep used (and stops where a step is limited); ``contact_retreat`` runs its
 adjoint in reverse, substep by substep: it replays the velocity update and friction, then
 takes the adjoints of the move and the ground, the friction passes, the lagged friction
 terms, the velocity update, the barrier and the elastic forces. The vertex update's
@@ -140,6 +140,7 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
     @wp.func
     def select_active(
         cand: CandidatePairs,
+        rows: wp.array(dtype=wp.int32),
         n_rows: int,
         xl: wp.array(dtype=vec3),
         mass: wp.array(dtype=T),
@@ -147,13 +148,13 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
         act: ActivePairs,
         total: wp.array(dtype=vec3),
     ) -> int:
-        """The pairs among the near rows ``cand.rows[:n_rows]`` within dhat at local xl, in
+        """The pairs among the near rows ``rows[:n_rows]`` within dhat at local xl, in
         ``act.ids`` in row order (the ``active_pairs_in`` kernel's rule), with friction's
         lagged terms where it acts (``friction_geometry``) and zero impulses so far;
         returns how many."""
         n_active = int(0)  # noqa: UP018 - a Warp variable
         for r in range(n_rows):
-            k = cand.rows[r]
+            k = rows[r]
             i0, i1, i2, i3 = pair_ids(cand, k)
             x0 = xl[i0]
             x1 = xl[i1]
@@ -270,6 +271,9 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
             x_saved: wp.array2d(dtype=wp.vec3d),
             v_saved: wp.array2d(dtype=vec3),
             f_saved: wp.array2d(dtype=vec3),
+            row_sets: wp.array2d(dtype=wp.int32),
+            row_set_of: wp.array(dtype=wp.int32),
+            row_set_sizes: wp.array(dtype=wp.int32),
             status: wp.array(dtype=wp.int32),
             stats: wp.array(dtype=wp.float64),
         ):
@@ -298,6 +302,10 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
             last_step = p.last_step
             selections = int(0)  # noqa: UP018 - a Warp variable
             limited = int(0)  # noqa: UP018 - a Warp variable
+            if p.differentiable != 0:  # the near rows each substep used, for the adjoint
+                for r in range(n_rows):
+                    row_sets[0, r] = cand.rows[r]
+                row_set_sizes[0] = n_rows
             for step in range(targets.shape[0]):
                 j_first = int(0)  # noqa: UP018 - a Warp variable
                 if step == 0:
@@ -322,12 +330,13 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                         status[1] = SETS_EXPIRED
                         status[3] = selections
                         return
-                    if offset(near_lo, near_hi) > near_reach and p.differentiable != 0:
+                    expired = offset(near_lo, near_hi) > near_reach
+                    if expired and p.differentiable != 0 and selections + 1 >= row_sets.shape[0]:
                         status[0] = taken
                         status[1] = SETS_EXPIRED
                         status[3] = selections
                         return
-                    if offset(near_lo, near_hi) > near_reach:
+                    if expired:
                         # The near rows again, here (SurfaceContact._near_set): the
                         # candidates closer than dhat + 2 R, R = near_steps s, those the
                         # anchor's distances cannot rule out measured.
@@ -353,13 +362,17 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                         for i in range(n):
                             near_anchor[i] = xl[i]
                         selections += 1
+                        if p.differentiable != 0:
+                            for r in range(n_rows):
+                                row_sets[selections, r] = cand.rows[r]
+                            row_set_sizes[selections] = n_rows
                     # 2. Forces.
                     for i in range(n):
                         f_el[i] = vec3()
                         f_c[i] = vec3()
                     for e in range(tets.shape[0]):
                         add_tet_forces(x, tets, dm_inv, volume, mu, lam, per_tet, e, f_el)
-                    n_active = select_active(cand, n_rows, xl, c.mass, p, act, total)
+                    n_active = select_active(cand, cand.rows, n_rows, xl, c.mass, p, act, total)
                     for t in range(n_active):
                         k = act.ids[t]
                         i0, i1, i2, i3 = pair_ids(cand, k)
@@ -390,6 +403,7 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                         f = (f_el[i] + m * c.gravity[world]) + f_c[i]
                         v_new[i] = vertex_velocity(v[i], f, m, c.damping[world], is_fixed, s)
                         if p.differentiable != 0:
+                            row_set_of[taken] = selections
                             x_saved[taken, i] = x[i]
                             v_saved[taken, i] = v[i]
                             f_saved[taken, i] = f
@@ -694,6 +708,9 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
             x_saved: wp.array2d(dtype=wp.vec3d),
             v_saved: wp.array2d(dtype=vec3),
             f_saved: wp.array2d(dtype=vec3),
+            row_sets: wp.array2d(dtype=wp.int32),
+            row_set_of: wp.array(dtype=wp.int32),
+            row_set_sizes: wp.array(dtype=wp.int32),
             grad_xs: wp.array2d(dtype=vec3),
             grad_vs: wp.array2d(dtype=vec3),
             xl: wp.array(dtype=vec3),
@@ -769,7 +786,11 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                     v_pass[0, i] = vertex_velocity(
                         v_saved[r, i], f_saved[r, i], c.mass[i], c.damping[world], is_fixed, s
                     )
-                n_active = select_active(cand, p.n_rows, xl, c.mass, p, act, total_pass[0])
+                row_set = row_set_of[r]
+                n_active = select_active(
+                    cand, row_sets[row_set], row_set_sizes[row_set], xl, c.mass, p, act,
+                    total_pass[0],
+                )  # fmt: skip
                 used = int(0)  # noqa: UP018 - the passes replayed
                 if n_active > 0:
                     used = passes

@@ -9,8 +9,9 @@ one needs more: the sets to be selected again (then selected here and launched a
 the general path (a step that is capped, one that leaves the sets' reach: then that
 substep is taken by the general path, and the next launch goes on). Where a gradient is
 asked for, each launch is an autograd node (:class:`_ContactLaunch`) whose backward runs
-the launch's adjoint kernel; such a launch also stops where the near rows expire and
-leaves limited steps to the general path (whose scales carry their own gradient). One
+the launch's adjoint kernel; such a launch keeps each set of near rows it selects for the
+adjoint (up to ``ROW_SETS``) and leaves limited steps to the general path (whose scales
+carry their own gradient). One
 world, CPU, the Warp contact implementation, no time-of-impact splits; everything else
 takes the general path.
 """
@@ -39,6 +40,11 @@ from diffsim.kernels.contact_advance import (
     SETS_EXPIRED,
 )
 from diffsim.sim.model import POSITION_DTYPE
+
+# A differentiable launch selects the near rows again at most this many times less one
+# (each set is kept for the adjoint, one row per candidate); then it stops, and the next
+# launch starts with the sets selected anew.
+ROW_SETS = 8
 
 
 class FusedContactSteps:
@@ -155,8 +161,10 @@ class FusedContactSteps:
     def _launch(self, w, sets, x, v, fixed_start, targets, j, xs, vs, saved=None):
         """One launch of ``contact_advance`` from substep j of ``targets[0]``'s step: x, v
         and fixed_start advanced in place, frames into xs, vs; with ``saved`` (x, v, f
-        buffers ``[substeps left, n, 3]``) differentiable. Returns ``(taken, why, check,
-        held-back offset)`` and records the substeps in the contact."""
+        buffers ``[substeps left, n, 3]``, the near row sets ``[ROW_SETS, m]``, each
+        substep's set ``[substeps left]`` and their sizes ``[ROW_SETS]``) differentiable.
+        Returns ``(taken, why, check, held-back offset)`` and records the substeps in the
+        contact."""
         b, m = self.backend, self.backend.model
         contact = m.contact
         g, k = b.geometry, b.kernels
@@ -175,7 +183,10 @@ class FusedContactSteps:
         cand = self._candidate_pairs(arrays, rows)
         near_anchor = scratch["near_anchor"]
         near_anchor.copy_(sets.near_anchor)
-        saved = saved or (scratch["dummy_x"], scratch["dummy_v"], scratch["dummy_v"])
+        saved = saved or (
+            scratch["dummy_x"], scratch["dummy_v"], scratch["dummy_v"], scratch["dummy_sets"],
+            scratch["dummy_ids"], scratch["dummy_ids"],
+        )  # fmt: skip
         start = time.perf_counter()
         wp.launch(
             fused.contact_advance[w.material],
@@ -189,6 +200,7 @@ class FusedContactSteps:
                 wrap(near_anchor, k.vec3), *scratch["per_vertex"], act,
                 *pair, *scratch["step_limit"], wrap(xs, k.position), wrap(vs, k.vec3),
                 wrap(saved[0], k.position), wrap(saved[1], k.vec3), wrap(saved[2], k.vec3),
+                wrap(saved[3], wp.int32), wrap(saved[4], wp.int32), wrap(saved[5], wp.int32),
                 wrap(status, wp.int32), wrap(stats, wp.float64),
             ],
             device=g.device,
@@ -273,6 +285,8 @@ class FusedContactSteps:
                 "owners": [*keep, x_new, dx, load, *alpha],
                 "dummy_x": torch.zeros((1, 1, 3), dtype=POSITION_DTYPE, device=x.device),
                 "dummy_v": torch.zeros((1, 1, 3), **t),
+                "dummy_sets": torch.zeros((1, 1), dtype=torch.int32, device=x.device),
+                "dummy_ids": torch.zeros(1, dtype=torch.int32, device=x.device),
                 "step_limit": [wrap(a, k.scalar) for a in alpha],
                 "near_anchor": torch.zeros((n, 3), **t),
                 "per_vertex": views,
@@ -336,10 +350,14 @@ class _ContactLaunch(torch.autograd.Function):
         fixed_start = fixed_start.detach().clone()
         targets = targets.detach().contiguous()
         left = len(targets) * substeps - j
+        ids = dict(dtype=torch.int32, device=x.device)
         saved = (
             x.new_empty((left, n, 3)),
             v.new_empty((left, n, 3)),
             v.new_empty((left, n, 3)),
+            torch.empty((ROW_SETS, max(sets.arrays.n, 1)), **ids),
+            torch.empty(left, **ids),
+            torch.zeros(ROW_SETS, **ids),
         )
         xs, vs = x.new_empty((len(targets), n, 3)), v.new_empty((len(targets), n, 3))
         taken, why, check, held = runner._launch(
@@ -350,8 +368,7 @@ class _ContactLaunch(torch.autograd.Function):
         settings = runner.last_settings
         ctx.runner, ctx.w, ctx.arrays, ctx.settings, ctx.j = runner, w, sets.arrays, settings, j
         ctx.taken, ctx.done, ctx.n_targets = taken, done, len(targets)
-        ctx.saved = (saved[0][:taken], saved[1][:taken], saved[2][:taken])
-        ctx.rows = sets.rows.clone()
+        ctx.saved = (saved[0][:taken], saved[1][:taken], saved[2][:taken], *saved[3:])
         ctx.param_shapes = [t.shape for t in params]
         return x, v, fixed_start, xs[:done], vs[:done]
 
@@ -379,7 +396,7 @@ class _ContactLaunch(torch.autograd.Function):
             grad_vs[: ctx.done] = g_vs
         # Scratch the kernel writes before it reads: per vertex, and per near row (the
         # active pairs are among them), for the friction passes replayed.
-        rows_n = max(len(ctx.rows), 1)
+        rows_n = max(int(ctx.saved[5].max()), 1)
         passes = max(ctx.settings.passes, 1)
         shapes = [
             (n, 3),  # xl
@@ -426,8 +443,7 @@ class _ContactLaunch(torch.autograd.Function):
         ]
         if taken:
             arrays = ctx.arrays
-            x_saved, v_saved, f_saved = ctx.saved
-            rows = ctx.rows.to(torch.int32).contiguous()
+            x_saved, v_saved, f_saved, row_sets, row_set_of, row_set_sizes = ctx.saved
             views = [wrap(a, kind) for a, kind in zip(scratch, kinds, strict=True)]
             act = fused.ActivePairs()
             act.ids, act.weights, act.coef, act.normal, act.m_eff, act.limit = (
@@ -440,8 +456,10 @@ class _ContactLaunch(torch.autograd.Function):
                 inputs=[
                     g.tets, g.dm_inv, g.volume, w.arrays[0], w.arrays[1], w.per_tet, w.vertex,
                     w.settings, m.substeps, ctx.j, taken, ctx.settings,
-                    runner._candidate_pairs(arrays, rows),
+                    runner._candidate_pairs(arrays, row_sets[0]),
                     wrap(x_saved, k.position), wrap(v_saved, k.vec3), wrap(f_saved, k.vec3),
+                    wrap(row_sets, wp.int32), wrap(row_set_of, wp.int32),
+                    wrap(row_set_sizes, wp.int32),
                     wrap(grad_xs, k.vec3), wrap(grad_vs, k.vec3), *views[:5], act, *views[11:],
                     wrap(adj_x, k.vec3), wrap(adj_v, k.vec3), wrap(adj_start, k.vec3),
                     wrap(adj[0], k.vec3), wrap(adj[1], k.scalar), wrap(adj[2], k.scalar),

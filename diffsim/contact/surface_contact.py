@@ -639,16 +639,24 @@ class SurfaceContact:
             )
 
     def after_fused(
-        self, substeps: int, relative: float, absolute: float, near_selected: bool, limited: int
+        self,
+        substeps: int,
+        relative: float,
+        absolute: float,
+        near: tuple | None,
+        limited: int,
     ) -> None:
         """Records ``substeps`` taken by a fused launch (the last one's offset ``relative``
         and largest displacement ``absolute``, m) as the per-substep path would have;
-        ``near_selected``: the launch selected near rows of its own (the next substep
-        selects them again); ``limited``: the vertex-steps its step limit truncated."""
+        ``near``: the near rows the launch selected last, ``(local positions [n, 3] it
+        selected them at, reach (m), rows [k] int64 ascending)``, by the rule of
+        :meth:`_near_set`, which keeps them while they hold; ``limited``: the
+        vertex-steps its step limit truncated."""
         self.timings["limited_vertex_steps"] += limited
         self.timings["truncated_vertex_steps"] += limited
-        if near_selected:
-            self._near = None
+        if near is not None:
+            anchor, reach, rows = near
+            self._near = (anchor, reach, self._candidates.subset(rows), anchor)
         self._last_step = relative
         self.last_cap = (1.0, relative, absolute)
         self.caps_in_a_row = 0

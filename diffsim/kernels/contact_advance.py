@@ -291,9 +291,9 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
             ``near_anchor`` are overwritten). The rest are scratch: xl .. load, alpha,
             alpha_out ``[n]``, ``act``, impulse, total, ccd_rows .. settled ``[m]``.
             Writes ``status = (substeps taken, why it stopped, which check, near
-            selections, limited vertex-steps)`` and ``stats = (offset, largest
-            displacement)`` (m) of the last substep taken (``stats[2]``: the offset of the
-            one held back).
+            selections, limited vertex-steps, near rows last selected)`` and ``stats =
+            (offset, largest displacement)`` (m) of the last substep taken (``stats[2]``:
+            the offset of the one held back; ``stats[3]``: the last selection's reach).
             """
             n = x.shape[0]
             taken = int(0)  # noqa: UP018 - a Warp variable
@@ -362,6 +362,8 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                         for i in range(n):
                             near_anchor[i] = xl[i]
                         selections += 1
+                        status[5] = n_rows
+                        stats[3] = near_reach
                         if p.differentiable != 0:
                             for r in range(n_rows):
                                 row_sets[selections, r] = cand.rows[r]

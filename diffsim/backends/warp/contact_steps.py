@@ -209,8 +209,11 @@ class FusedContactSteps:
         self.counts["launches"] += 1
         taken, why = int(status[0]), int(status[1])
         if taken:
-            selected, limited = int(status[3]) > 0, int(status[4])
-            contact.after_fused(taken, float(stats[0]), float(stats[1]), selected, limited)
+            limited, near = int(status[4]), None
+            if int(status[3]):  # the rows the launch selected last, where it selected them
+                picked = rows[: int(status[5])].to(torch.int64)
+                near = (near_anchor.clone(), float(stats[3]), picked)
+            contact.after_fused(taken, float(stats[0]), float(stats[1]), near, limited)
             self.counts["near_selections"] += int(status[3])
             self.counts["limited_vertex_steps"] += limited
             self.counts["fused_substeps"] += taken
@@ -290,8 +293,8 @@ class FusedContactSteps:
                 "step_limit": [wrap(a, k.scalar) for a in alpha],
                 "near_anchor": torch.zeros((n, 3), **t),
                 "per_vertex": views,
-                "status": torch.zeros(5, dtype=torch.int32),
-                "stats": torch.zeros(3, dtype=torch.float64),
+                "status": torch.zeros(6, dtype=torch.int32),
+                "stats": torch.zeros(4, dtype=torch.float64),
             }
             self._scratch[key] = found
         return found

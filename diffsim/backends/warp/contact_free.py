@@ -68,8 +68,8 @@ class ContactFreeBlocks:
             t.requires_grad for t in (x, v, targets, *prepared.inputs)
         )
         n_steps = len(targets)
-        # Where contact substeps run fused (no gradient), a block whose check would measure
-        # many near pairs at every frame costs more than running it with contact.
+        # Where contact substeps run fused, a block whose check would measure many near
+        # pairs at every frame costs more than running it with contact.
         fused_contact = b.fused_contact.usable()
         self.most_measured = MOST_MEASURED if fused_contact else None
         # A call that does not continue from where the last one ended (a new rollout from
@@ -91,7 +91,6 @@ class ContactFreeBlocks:
                 frames = self._fused(prepared, x, v, part, grad)
             if frames is None:
                 k = 1
-                fused_contact = b.fused_contact.usable()
                 if fused_contact:
                     # The next steps that would not ask for a prediction run with contact
                     # anyway: in the same fused contact launches.

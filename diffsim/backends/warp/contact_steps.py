@@ -100,7 +100,7 @@ class FusedContactSteps:
         step, j, held_back = 0, 0, 0.0
         while step < n_steps:
             # A new tensor: the contact's caches key on it.
-            sets = self.backend.model.contact.fused_sets(x.detach().clone(), held_back)
+            sets = m.contact.fused_sets(x.detach().clone(), held_back)
             if grad:
                 info: dict = {}
                 out = _ContactLaunch.apply(

@@ -34,6 +34,23 @@ from diffsim.mesh import TetMesh
 BRUTE_BLOCK = 512
 
 
+def relative_offset(d: torch.Tensor, with_zero: bool = False) -> float:
+    """How far (m) displacements ``d [n, 3]`` move the vertices relative to each other.
+
+    An upper bound on ``max_i |d_i - c|`` for c the centre of the displacements' bounding box
+    (half its diagonal): every pair's distance changes by at most twice this (translation
+    invariance: any common c is valid), so a body moving as a whole, however far, has
+    offset ~0. One reduction over d. With ``with_zero`` the box also holds 0, which bounds
+    the offset of any scaled displacements ``alpha_i d_i`` with alpha_i in [0, 1].
+    """
+    if not len(d):
+        return 0.0
+    lo, hi = torch.aminmax(d, dim=0)
+    if with_zero:
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+    return 0.5 * float((hi - lo).norm())
+
+
 @dataclass(frozen=True)
 class SurfacePrimitives:
     """The contact surface of a mesh.

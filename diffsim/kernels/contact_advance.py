@@ -129,7 +129,7 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
 
     @wp.func
     def offset(lo: vec3, hi: vec3) -> wp.float64:
-        # SurfaceContact's _offset: half the diagonal of the displacements' bounding box.
+        # candidates.relative_offset: half the diagonal of the displacements' bounding box.
         return wp.float64(T(0.5) * wp.length(hi - lo))
 
     @wp.func

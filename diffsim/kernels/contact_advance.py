@@ -330,7 +330,8 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                         status[1] = SETS_EXPIRED
                         status[3] = selections
                         return
-                    expired = offset(near_lo, near_hi) > near_reach
+                    near_moved = offset(near_lo, near_hi)
+                    expired = near_moved > near_reach
                     if expired and p.differentiable != 0 and selections + 1 >= row_sets.shape[0]:
                         status[0] = taken
                         status[1] = SETS_EXPIRED
@@ -361,6 +362,7 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                                         n_rows += 1
                         for i in range(n):
                             near_anchor[i] = xl[i]
+                        near_moved = wp.float64(0.0)
                         selections += 1
                         status[5] = n_rows
                         stats[3] = near_reach
@@ -446,10 +448,24 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                         reach_ccd = reach_ccd + wp.float64(2.0) * moved
                         reach_ccd = reach_ccd * wp.float64(1.0 + 1e-5) + wp.float64(1e-12)
                         n_ccd = int(0)  # noqa: UP018 - a Warp variable
-                        for k in range(cand.pairs.shape[0]):
-                            if anchor_d2[k] < reach_ccd * reach_ccd:
-                                ccd_rows[n_ccd] = k
-                                n_ccd += 1
+                        # The pairs outside the near rows are at least dhat + 2 R - 2 (the
+                        # offset since the rows were selected) apart: where that is beyond
+                        # the step's reach, only near rows can be limited (the same pairs
+                        # in the same order, without a pass over the whole set).
+                        needed = wp.float64(4.0) * off0 / p.keep_factor
+                        needed = needed * wp.float64(1.0 + 1e-5) + wp.float64(1e-12)
+                        near_free = p.dhat + wp.float64(2.0) * (near_reach - near_moved)
+                        if near_free > needed:
+                            for r in range(n_rows):
+                                k = cand.rows[r]
+                                if anchor_d2[k] < reach_ccd * reach_ccd:
+                                    ccd_rows[n_ccd] = k
+                                    n_ccd += 1
+                        else:
+                            for k in range(cand.pairs.shape[0]):
+                                if anchor_d2[k] < reach_ccd * reach_ccd:
+                                    ccd_rows[n_ccd] = k
+                                    n_ccd += 1
                         for i in range(n):
                             alpha[i] = T(1.0)
                         cut = int(0)  # noqa: UP018 - a Warp variable

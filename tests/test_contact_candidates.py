@@ -70,7 +70,8 @@ def test_outputs_grow_until_every_pair_fits():
     cache: dict = {}
     first, d2 = near_candidates(surface, x, 0.3, 0.3, "bvh", cache)
     for _, query in cache[torch.float64]._queries:
-        query._allocate(3)  # far too small: the queries run again with room for all
+        for part in query.parts:
+            part.allocate(3)  # far too small: the queries run again with room for all
     again, d2_again = near_candidates(surface, x, 0.3, 0.3, "bvh", cache)
     assert torch.equal(first.point_triangle, again.point_triangle)
     assert torch.equal(first.edge_edge, again.edge_edge)
@@ -233,3 +234,22 @@ def test_refit_trees_find_the_pairs_fresh_trees_find(dtype):
             measured.append({(kind, *r): d for kind, r, d in values})
         assert measured[0] == measured[1]  # the same distances, bit for bit
     print(f"mean edge {edge:.4f} m; pairs {len(d2)}")
+
+
+def test_query_parts_on_two_threads_give_the_rows_of_one_thread():
+    """The queries run as interleaved parts, on the Warp backend's two CPU threads where it
+    has them: the same rows, in the same order, with the same distances as on one."""
+    from diffsim.backends.warp.threads import SplitLauncher
+
+    torus = ds.TetMesh.load(asset("torus.msh")).centered().scaled_to(0.2)
+    mesh = ds.TetMesh.merge([torus, torus.transformed(translation=(0.05, 0.03, 0.0))])
+    surface = SurfacePrimitives.from_mesh(mesh)
+    x = torch.tensor(mesh.vertices)
+    one, d2_one = near_candidates(surface, x, 0.01, 0.01, "bvh", {})
+    cache: dict = {}
+    two, d2_two = near_candidates(surface, x, 0.01, 0.01, "bvh", cache, SplitLauncher.shared(2))
+    parts = [part for _, query in cache[x.dtype]._queries for part in query.parts]
+    assert len(parts) == 4 and all(int(part.count[0]) > 0 for part in parts)  # both ran
+    for name in ("point_triangle", "edge_edge", "mollifier_eps"):
+        assert torch.equal(getattr(one, name), getattr(two, name))
+    assert torch.equal(d2_one, d2_two) and len(d2_one) > 1000

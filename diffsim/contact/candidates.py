@@ -212,14 +212,16 @@ def near_candidates(
     within: float,
     method: str = "bvh",
     cache: dict | None = None,
+    launcher=None,
 ) -> tuple[Candidates, torch.Tensor]:
     """The candidate pairs (:func:`find_candidates` with ``radius``) closer than ``within``
     (m) at ``x``, and their squared distances ``[k]`` (x's dtype, point-triangle first).
 
     The ``"bvh"`` method measures the pairs inside its queries
     (:class:`~diffsim.contact.warp_broad_phase.BroadPhase`, kept in ``cache`` per dtype
-    between calls), with the formulas of the ``pair_distances`` kernel; ``"brute"``
-    measures them with the torch reference.
+    between calls; ``launcher``: runs its queries' parts on several CPU threads), with the
+    formulas of the ``pair_distances`` kernel; ``"brute"`` measures them with the torch
+    reference.
     """
     x = x.detach()
     if method == "bvh":
@@ -230,7 +232,8 @@ def near_candidates(
         if broad is None:
             broad = cache[x.dtype] = BroadPhase(surface, x.dtype)
         scale = float(x.abs().max()) if len(x) else 1.0
-        pt, ee, d2_pt, d2_ee, eps = broad.near(x, float(radius) + 1e-6 * scale, within)
+        pad = float(radius) + 1e-6 * scale
+        pt, ee, d2_pt, d2_ee, eps = broad.near(x, pad, within, launcher)
         return Candidates(pt, ee, eps), torch.cat([d2_pt, d2_ee])
     c = find_candidates(surface, x, radius, method)
     pt, ee = c.point_triangle, c.edge_edge

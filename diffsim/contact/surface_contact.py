@@ -230,6 +230,8 @@ class SurfaceContact:
         self._last_step = 0.0
         self._candidates: Candidates | None = None
         self._broad: dict = {}  # the broad phase's state per dtype (see near_candidates)
+        # Runs the broad phase's query parts on several CPU threads (set by the Warp backend).
+        self.launcher = None
         self._active: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (x, pair ids)
         # (positions selected at, reach, subset, last x it was asked at): see _near_set.
         self._near: tuple[torch.Tensor, float, Candidates, torch.Tensor] | None = None
@@ -434,7 +436,13 @@ class SurfaceContact:
             self.timings["filtered_rebuilds"] += 1
         else:
             c, d2 = near_candidates(
-                self.surface, x, radius, radius + slack, self.broad_phase, self._broad
+                self.surface,
+                x,
+                radius,
+                radius + slack,
+                self.broad_phase,
+                self._broad,
+                self.launcher,
             )
             self._anchor = x.clone()
             self._source = (self._anchor, radius, c, d2)

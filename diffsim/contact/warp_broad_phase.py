@@ -22,6 +22,8 @@ the queries are :func:`~diffsim.contact.candidates.find_candidates`).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import warp as wp
 
@@ -38,10 +40,55 @@ VEC3 = {torch.float32: wp.vec3f, torch.float64: wp.vec3d}
 # The trees are built anew once the surface has deformed this fraction of its mean rest edge
 # length since their last build (refit in between).
 REBUILD_FRACTION = 0.5
+# A query runs as this many interleaved parts on the CPU, on as many threads where the
+# backend has them (the rows are the same however many threads run the parts).
+PARTS = 2
+
+
+class _Part:
+    """One part of a pair-writing query (every ``stride``-th query element from ``first``):
+    its output buffers and recorded launch."""
+
+    def __init__(self, query: _Query, first: int, capacity: int) -> None:
+        self.query, self.first = query, first
+        self.count = torch.zeros(1, dtype=torch.int32, device=query.device)
+        self.allocate(capacity)
+
+    def allocate(self, capacity: int) -> None:
+        q = self.query
+        self.pairs = torch.empty((capacity, 4), dtype=torch.int32, device=q.device)
+        self.d2 = torch.empty(capacity, dtype=q.dtype, device=q.device)
+        outputs = [wp.from_torch(self.count), wp.from_torch(self.pairs)]
+        outputs.append(wp.from_torch(self.d2, dtype=SCALARS[q.dtype]))
+        self.eps = None
+        if q.with_eps:
+            self.eps = torch.empty(capacity, dtype=torch.float64, device=q.device)
+            outputs.append(wp.from_torch(self.eps))
+        inputs = [q.inputs[0], self.first, q.stride, *q.inputs[1:]]
+        dim = (q.dim - self.first + q.stride - 1) // q.stride
+        self.launch = wp.launch(
+            q.kernel, dim=dim, inputs=inputs, outputs=outputs, device=str(q.device), record_cmd=True
+        )
+
+    def run(self) -> None:
+        """Runs the part with the query's current inputs."""
+        for index, value in self.query.changed.items():
+            self.launch.set_param_at_index(index + 2 if index else 0, value)
+        self.count.zero_()
+        self.launch.launch()
+
+    def fits(self) -> bool:
+        """Whether the last run's rows all fit; if not, grows the outputs for a rerun."""
+        found = int(self.count[0])
+        if found <= len(self.pairs):
+            return True
+        self.allocate(max(found + found // 2, 2 * len(self.pairs)))
+        return False
 
 
 class _Query:
-    """One pair-writing query: its output buffers and recorded launch."""
+    """One pair-writing query, in ``PARTS`` interleaved parts on the CPU (one on CUDA): the
+    parts' rows, concatenated, are the same whether they ran on one thread or several."""
 
     def __init__(
         self,
@@ -55,45 +102,51 @@ class _Query:
     ) -> None:
         self.kernel, self.dim, self.inputs, self.with_eps = kernel, dim, inputs, with_eps
         self.dtype, self.device = dtype, device
-        self.count = torch.zeros(1, dtype=torch.int32, device=device)
-        self.launch = None
-        self._allocate(capacity)
+        self.stride = PARTS if torch.device(device).type == "cpu" else 1
+        self.changed: dict[int, object] = {}
+        self.parts = [_Part(self, first, capacity) for first in range(min(self.stride, dim))]
 
-    def _allocate(self, capacity: int) -> None:
-        self.pairs = torch.empty((capacity, 4), dtype=torch.int32, device=self.device)
-        self.d2 = torch.empty(capacity, dtype=self.dtype, device=self.device)
-        outputs = [wp.from_torch(self.count), wp.from_torch(self.pairs)]
-        outputs.append(wp.from_torch(self.d2, dtype=SCALARS[self.dtype]))
-        self.eps = None
-        if self.with_eps:
-            self.eps = torch.empty(capacity, dtype=torch.float64, device=self.device)
-            outputs.append(wp.from_torch(self.eps))
-        self.launch = wp.launch(
-            self.kernel,
-            dim=self.dim,
-            inputs=self.inputs,
-            outputs=outputs,
-            device=str(self.device),
-            record_cmd=True,
-        )
-
-    def run(self, params: dict[int, object]) -> tuple:
-        """Rows ``[k, 4]`` (int64), squared distances ``[k]`` and, with eps, mollifier
-        thresholds ``[k]``; ``params``: the inputs that changed since the last call, by
-        index."""
+    def set(self, params: dict[int, object]) -> None:
+        """Sets the inputs that changed since the last call (``params``, by index)."""
         for index, value in params.items():
             self.inputs[index] = value
-        while True:
-            for index, value in params.items():
-                self.launch.set_param_at_index(index, value)
-            self.count.zero_()
-            self.launch.launch()
-            found = int(self.count[0])
-            if found <= len(self.pairs):
-                rows, d2 = self.pairs[:found].to(torch.int64), self.d2[:found].clone()
-                return (rows, d2, self.eps[:found].clone()) if self.with_eps else (rows, d2)
-            self._allocate(max(found + found // 2, 2 * len(self.pairs)))
-            params = {}
+        self.changed = params
+
+    def found(self) -> tuple:
+        """The last run's rows ``[k, 4]`` (int64), squared distances ``[k]`` and, with eps,
+        mollifier thresholds ``[k]``: the parts' in order."""
+        counts = [int(part.count[0]) for part in self.parts]
+        parts = list(zip(self.parts, counts, strict=True))
+        rows = torch.cat([p.pairs[:k] for p, k in parts]).to(torch.int64)
+        d2 = torch.cat([p.d2[:k] for p, k in parts])
+        if not self.with_eps:
+            return rows, d2
+        return rows, d2, torch.cat([p.eps[:k] for p, k in parts])
+
+
+def _run_parts(queries: list[_Query], launcher) -> None:
+    """Runs every part of the queries, part i of each on thread i of the launcher at once
+    (one hand-over for all queries; without a launcher one by one), and again those whose
+    rows did not fit until all fit."""
+    todo = [part for query in queries for part in query.parts]
+    while todo:
+        groups: dict[int, list[_Part]] = {}
+        for part in todo:
+            groups.setdefault(part.first, []).append(part)
+        jobs = [functools.partial(_run_all, group) for group in groups.values()]
+        if launcher is not None and 1 < len(jobs) <= launcher.threads:
+            launcher.run(*jobs)
+        else:
+            for job in jobs:
+                job()
+        for query in queries:
+            query.changed = {}
+        todo = [part for part in todo if not part.fits()]  # grown, recorded anew: rerun
+
+
+def _run_all(parts: list[_Part]) -> None:
+    for part in parts:
+        part.run()
 
 
 class BroadPhase:
@@ -174,14 +227,15 @@ class BroadPhase:
         return lowers, uppers
 
     def near(
-        self, x: torch.Tensor, pad: float, within: float
+        self, x: torch.Tensor, pad: float, within: float, launcher=None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The point-triangle rows ``(p, a, b, c)`` and edge-edge rows ``(p0, p1, q0, q1)``
         (``[k, 4]`` int64) of the pairs whose boxes lie within ``pad`` (m) along every
         axis (boxes in float32) and whose squared distance at ``x`` is below ``within**2``,
         their squared distances (x's dtype) and the edge pairs' mollifier thresholds
         (float64, as :func:`~diffsim.contact.distances.mollifier_threshold`): ``(pt, ee,
-        d2_pt, d2_ee, eps)``."""
+        d2_pt, d2_ee, eps)``. ``launcher``: runs the queries' parts on its CPU threads at
+        once (a :class:`~diffsim.backends.warp.threads.SplitLauncher`)."""
         self.x.copy_(x)
         for launch in self._box_launches:
             launch.launch()
@@ -203,11 +257,13 @@ class BroadPhase:
                 params[0] = bvh.id
             else:
                 tree[0].refit()
-            slot = 0 if tree is self._face_tree else 1
-            offset = 0 if slot == 0 else 3  # near_edge_edge: boxes, rest lengths first
+            offset = 0 if tree is self._face_tree else 3  # near_edge_edge: boxes, lengths
             params[4 + offset] = float(pad)
             params[5 + offset] = within2
-            found[slot] = query.run(params)
+            query.set(params)
+        _run_parts([query for _, query in self._queries], launcher)
+        for tree, query in self._queries:
+            found[0 if tree is self._face_tree else 1] = query.found()
         (pt, d2_pt), (ee, d2_ee, eps) = found
         return pt, ee, d2_pt, d2_ee, eps
 

@@ -1,15 +1,16 @@
 """Warp kernels of the contact broad phase: BVH queries that measure what they find.
 
 Each query thread takes one surface vertex (against a BVH over the boundary triangles) or
-one boundary edge (against a BVH over the edges, pairs ``j > i``), skips the pairs that
-share a vertex, and measures the squared distance of every pair whose boxes come within
-the pad, with the closest-point weights and the formula of the ``pair_distances`` kernel
+one boundary edge (against a BVH over the edges, pairs ``j > i``): element ``first + stride
+* tid``, so that a query can run as interleaved parts on several CPU threads. It skips the
+pairs that share a vertex, and measures the squared distance of every pair whose boxes
+come within the pad, with the closest-point weights and the formula of the ``pair_distances`` kernel
 of :mod:`diffsim.kernels.contact` (the same values, bit for bit). Only pairs closer than a
 given distance are written: rows ``(p, a, b, c)`` or ``(p0, p1, q0, q1)`` of vertex ids and
 their squared distances (and an edge pair's mollifier threshold, the product of the two
 edges' rest terms, the first scaled), at slots taken with an atomic counter (rows past the
 output's length are counted, not written, so the caller can size the output and run
-again). On the CPU threads run in order, so the rows come in the order of the query
+again). On the CPU threads run in order, so a launch's rows come in the order of its query
 elements, each element's in the order its tree query finds them.
 
 ``frame_distances`` measures given pairs (their distances or squared distances) in each of a
@@ -66,6 +67,8 @@ def _build(scalar):
     @wp.kernel
     def near_vertex_face(
         bvh: wp.uint64,
+        first: int,
+        stride: int,
         x: wp.array(dtype=vec3),
         vertices: wp.array(dtype=wp.int32),
         faces: wp.array2d(dtype=wp.int32),
@@ -76,7 +79,7 @@ def _build(scalar):
         pairs: wp.array2d(dtype=wp.int32),
         d2: wp.array(dtype=scalar),
     ):
-        i = wp.tid()
+        i = first + stride * wp.tid()
         v = vertices[i]
         p = x[v]
         pad3 = wp.vec3(pad, pad, pad)
@@ -94,6 +97,8 @@ def _build(scalar):
     @wp.kernel
     def near_edge_edge(
         bvh: wp.uint64,
+        first: int,
+        stride: int,
         x: wp.array(dtype=vec3),
         lowers: wp.array(dtype=wp.vec3),
         uppers: wp.array(dtype=wp.vec3),
@@ -108,7 +113,7 @@ def _build(scalar):
         d2: wp.array(dtype=scalar),
         eps: wp.array(dtype=wp.float64),
     ):
-        i = wp.tid()
+        i = first + stride * wp.tid()
         a0 = edges[i, 0]
         a1 = edges[i, 1]
         pad3 = wp.vec3(pad, pad, pad)

@@ -94,6 +94,9 @@ class WarpBackend(Backend):
         # zero, the others are scratch within one call.
         threads = cpu_threads() if device.is_cpu else 1
         self.launcher = SplitLauncher.shared(threads) if threads > 1 else None
+        if model.contact is not None:  # the broad phase's queries run split on the threads
+            for contact in getattr(model.contact, "contacts", [model.contact]):
+                contact.launcher = self.launcher
         self.scratch = self._scratch(threads)
         self.contact_free = ContactFreeBlocks(self)
         self.fused_contact = FusedContactSteps(self)

@@ -169,10 +169,25 @@ def test_frame_offset_bounds_are_the_torch_bounds_bit_for_bit():
         *torch.aminmax(local[1:] - local[:-1], dim=1),
         *torch.aminmax(local - anchor, dim=1),
     )
-    for got, want in zip(frame_offset_bounds(frames, origin, anchor), expected, strict=True):
-        assert torch.equal(got, want)
+    from diffsim.backends.warp.threads import SplitLauncher
+
+    for launcher in (None, SplitLauncher.shared(2)):  # frames split between two threads
+        bounds = frame_offset_bounds(frames, origin, anchor, launcher)
+        for got, want in zip(bounds, expected, strict=True):
+            assert torch.equal(got, want)
+    # float32 frames (a float32 simulation's substeps) are read as float64, not converted.
+    single = frames.to(torch.float32)
+    local = single.to(torch.float64) - origin
+    expected = (
+        *torch.aminmax(local - local[0], dim=1),
+        *torch.aminmax(local[1:] - local[:-1], dim=1),
+        *torch.aminmax(local - anchor, dim=1),
+    )
+    for got, want in zip(frame_offset_bounds(single, origin, anchor), expected, strict=True):
+        assert got.dtype == torch.float64 and torch.equal(got, want)
     frames[3, 7, 1] = float("nan")
     assert frame_offset_bounds(frames, origin, anchor) is None
+    assert frame_offset_bounds(frames, origin, anchor, SplitLauncher.shared(2)) is None
 
 
 def test_recorded_launches_follow_new_shapes():

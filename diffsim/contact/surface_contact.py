@@ -793,9 +793,12 @@ class SurfaceContact:
         self, frames: torch.Tensor, record: bool, most_measured: int | None = None
     ) -> bool:
         """:meth:`clear_over` (no autograd, at least two frames)."""
-        frames = frames.detach().to(torch.float64)  # local positions: frames - origin
-        if self._anchor is None or self._anchor.shape != frames[0].shape:
-            self._candidates_at(self.local(frames[0]))
+        # Local positions are frames - origin, in float64: the first frame and the near
+        # pairs' vertices converted where they are used (the bounds' kernel reads any dtype).
+        frames = frames.detach()
+        first = frames[0].to(torch.float64)
+        if self._anchor is None or self._anchor.shape != first.shape:
+            self._candidates_at(self.local(first))
         # Otherwise the set is kept as it is (no shrink: the next contact substep does
         # that where needed); it is rebuilt below only where it does not reach.
         lo, hi, lo_step, hi_step, lo_anchor, hi_anchor = self._frame_bounds(frames)
@@ -819,7 +822,7 @@ class SurfaceContact:
             # The set does not reach that far: a new one at the first frame that does
             # (with room for twice that motion, so that growing blocks rebuild rarely).
             wanted = max(self.margin, REBUILD_STEPS * self._last_step)
-            self._rebuild(self.local(frames[0]), max(wanted, 2.0 * block_moved))
+            self._rebuild(self.local(first), max(wanted, 2.0 * block_moved))
             lo, hi = self._frame_bounds(frames)[4:]
             moved = 0.5 * float((hi - lo).norm(dim=1).max())
         if self._closest_listed() - 2.0 * moved > needed:
@@ -828,7 +831,7 @@ class SurfaceContact:
         # The pairs near enough to matter, by their distances at the first frame (the
         # block's own motion is small next to the anchor's): measured at every frame.
         now = 0.5 * float((hi[0] - lo[0]).norm())  # the first frame's offset from the anchor
-        near = self._near_pairs(needed + 2.0 * block_moved, frames[0] - self.origin, now)
+        near = self._near_pairs(needed + 2.0 * block_moved, first - self.origin, now)
         if near is None:
             return False
         near, d2_first = near
@@ -845,7 +848,7 @@ class SurfaceContact:
         # Their vertices' local positions in every frame, the pairs renumbered to them.
         rows = torch.cat([near.point_triangle, near.edge_edge])
         vertices, rows = torch.unique(rows, return_inverse=True)
-        local = frames[:, vertices] - self.origin  # [S + 1, m, 3]
+        local = frames[:, vertices].to(torch.float64) - self.origin  # [S + 1, m, 3]
         k1 = len(near.point_triangle)
         renumbered = Candidates(rows[:k1], rows[k1:], near.mollifier_eps)
         distances = _frame_distances(local, renumbered, self.broad_phase == "bvh")  # [S + 1, k]
@@ -861,19 +864,20 @@ class SurfaceContact:
         return True
 
     def _frame_bounds(self, frames: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """For the local positions ``frames - origin`` (``frames [F, n, 3]`` float64): the
-        componentwise bounds ``(lo, hi)`` over the vertices, per frame, of the positions
-        less the first frame's ``[F, 3]``, of the steps between frames ``[F - 1, 3]`` and of
-        the positions less the anchor's ``[F, 3]``: one Warp kernel pass where Warp is
-        there (and every position finite), else torch ops on the frames."""
+        """For the local positions ``frames - origin`` (``frames [F, n, 3]``, read as
+        float64): the componentwise bounds ``(lo, hi)`` over the vertices, per frame, of the
+        positions less the first frame's ``[F, 3]``, of the steps between frames
+        ``[F - 1, 3]`` and of the positions less the anchor's ``[F, 3]``: one Warp kernel
+        pass where Warp is there (and every position finite), else torch ops on the
+        frames."""
         anchor = self._anchor.to(torch.float64)
         if self.broad_phase == "bvh" and frames.shape[1]:
             from diffsim.contact.warp_broad_phase import frame_offset_bounds
 
-            bounds = frame_offset_bounds(frames, self.origin, anchor)
+            bounds = frame_offset_bounds(frames, self.origin, anchor, self.launcher)
             if bounds is not None:
                 return bounds
-        local = frames - self.origin
+        local = frames.to(torch.float64) - self.origin
         lo, hi = torch.aminmax(local - local[0], dim=1)
         lo_step, hi_step = torch.aminmax(local[1:] - local[:-1], dim=1)
         lo_anchor, hi_anchor = torch.aminmax(local - anchor, dim=1)

@@ -29,7 +29,7 @@ import warp as wp
 
 from diffsim.contact.candidates import relative_offset
 from diffsim.contact.distances import MOLLIFIER_FRACTION, PARALLEL_FRACTION
-from diffsim.kernels.broad_phase import broad_phase_kernels, frame_bounds
+from diffsim.kernels.broad_phase import broad_phase_kernels
 from diffsim.kernels.contact import EDGE_EDGE, POINT_TRIANGLE, contact_kernels
 from diffsim.kernels.runtime import init_warp
 
@@ -344,18 +344,33 @@ def _measure(frames: torch.Tensor, pairs: torch.Tensor, n_point_triangle: int, r
     return out
 
 
-def frame_offset_bounds(frames: torch.Tensor, origin: torch.Tensor, anchor: torch.Tensor):
-    """For local positions ``frames [F, n, 3] - origin`` (float64): the componentwise
-    bounds ``(lo, hi)`` over the vertices, per frame, of the positions less the first
-    frame's ``[F, 3]``, of the steps between frames ``[F - 1, 3]`` and of the positions less
-    ``anchor [n, 3]`` ``[F, 3]``, in one pass (the values ``torch.aminmax`` gives on the
-    same differences); None where a position is not finite."""
+def frame_offset_bounds(
+    frames: torch.Tensor, origin: torch.Tensor, anchor: torch.Tensor, launcher=None
+):
+    """For local positions ``frames [F, n, 3] - origin`` (frames float32 or float64, read
+    as float64): the componentwise bounds ``(lo, hi)`` (float64) over the vertices, per
+    frame, of the positions less the first frame's ``[F, 3]``, of the steps between frames
+    ``[F - 1, 3]`` and of the positions less ``anchor [n, 3]`` (float64) ``[F, 3]``, in one
+    pass (the values ``torch.aminmax`` gives on the same differences in float64); None
+    where a position is not finite. ``launcher``: splits the frames between its CPU
+    threads (every other frame each)."""
     f, device = len(frames), frames.device
     out = torch.empty((6, f, 3), dtype=torch.float64, device=device)
     bad = torch.zeros(1, dtype=torch.int32, device=device)
     origin = wp.vec3d(*origin.tolist())
     args = [frames.contiguous(), origin, anchor.contiguous(), *out, bad]
-    _launch(frame_bounds, (f,), args, device)
+    kernel = broad_phase_kernels(SCALARS[frames.dtype]).frame_bounds
+    parts = launcher.threads if launcher is not None and device.type == "cpu" and f > 1 else 1
+    jobs = [
+        functools.partial(
+            _launch, kernel, ((f - i + parts - 1) // parts,), [i, parts, *args], device
+        )
+        for i in range(min(parts, f))
+    ]
+    if len(jobs) > 1:
+        launcher.run(*jobs)
+    for job in jobs[:1] if len(jobs) == 1 else []:
+        job()
     if int(bad[0]):
         return None
     lo0, hi0, los, his, loa, hia = out

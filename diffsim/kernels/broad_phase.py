@@ -151,70 +151,73 @@ def _build(scalar):
             s = wp.sqrt(wp.max(s, scalar(0.0)))
         out[f, k] = s
 
+    @wp.kernel
+    def frame_bounds(
+        first: int,
+        stride: int,
+        frames: wp.array2d(dtype=vec3),
+        origin: wp.vec3d,
+        anchor: wp.array(dtype=wp.vec3d),
+        lo_first: wp.array(dtype=wp.vec3d),
+        hi_first: wp.array(dtype=wp.vec3d),
+        lo_step: wp.array(dtype=wp.vec3d),
+        hi_step: wp.array(dtype=wp.vec3d),
+        lo_anchor: wp.array(dtype=wp.vec3d),
+        hi_anchor: wp.array(dtype=wp.vec3d),
+        bad: wp.array(dtype=wp.int32),
+    ):
+        """Per frame f = first + stride tid (local positions ``frames[f] - origin``, in
+        float64 whatever the frames' dtype): the componentwise bounds over the vertices of
+        its positions less the first frame's, less the previous frame's (f > 0, written at
+        f - 1) and less the anchor's; ``bad`` is set where a position is not finite (the
+        bounds are then void)."""
+        f = first + stride * wp.tid()
+        x = wp.vec3d(frames[f, 0]) - origin
+        finite = wp.isfinite(x[0]) and wp.isfinite(x[1]) and wp.isfinite(x[2])
+        lo_d = x - (wp.vec3d(frames[0, 0]) - origin)
+        hi_d = lo_d
+        lo_a = x - anchor[0]
+        hi_a = lo_a
+        lo_s = wp.vec3d()
+        if f > 0:
+            lo_s = x - (wp.vec3d(frames[f - 1, 0]) - origin)
+        hi_s = lo_s
+        for i in range(1, frames.shape[1]):
+            x = wp.vec3d(frames[f, i]) - origin
+            if not (wp.isfinite(x[0]) and wp.isfinite(x[1]) and wp.isfinite(x[2])):
+                finite = False
+            d = x - (wp.vec3d(frames[0, i]) - origin)
+            lo_d = wp.min(lo_d, d)
+            hi_d = wp.max(hi_d, d)
+            a = x - anchor[i]
+            lo_a = wp.min(lo_a, a)
+            hi_a = wp.max(hi_a, a)
+            if f > 0:
+                st = x - (wp.vec3d(frames[f - 1, i]) - origin)
+                lo_s = wp.min(lo_s, st)
+                hi_s = wp.max(hi_s, st)
+        lo_first[f] = lo_d
+        hi_first[f] = hi_d
+        lo_anchor[f] = lo_a
+        hi_anchor[f] = hi_a
+        if f > 0:
+            lo_step[f - 1] = lo_s
+            hi_step[f - 1] = hi_s
+        if not finite:
+            bad[0] = 1
+
     return SimpleNamespace(
         near_vertex_face=near_vertex_face,
         near_edge_edge=near_edge_edge,
         frame_distances=frame_distances,
+        frame_bounds=frame_bounds,
     )
-
-
-@wp.kernel
-def frame_bounds(
-    frames: wp.array2d(dtype=wp.vec3d),
-    origin: wp.vec3d,
-    anchor: wp.array(dtype=wp.vec3d),
-    lo_first: wp.array(dtype=wp.vec3d),
-    hi_first: wp.array(dtype=wp.vec3d),
-    lo_step: wp.array(dtype=wp.vec3d),
-    hi_step: wp.array(dtype=wp.vec3d),
-    lo_anchor: wp.array(dtype=wp.vec3d),
-    hi_anchor: wp.array(dtype=wp.vec3d),
-    bad: wp.array(dtype=wp.int32),
-):
-    """Per frame f (local positions ``frames[f] - origin``): the componentwise bounds over
-    the vertices of its positions less the first frame's, less the previous frame's (f > 0,
-    written at f - 1) and less the anchor's; ``bad`` is set where a position is not finite
-    (the bounds are then void)."""
-    f = wp.tid()
-    x = frames[f, 0] - origin
-    finite = wp.isfinite(x[0]) and wp.isfinite(x[1]) and wp.isfinite(x[2])
-    lo_d = x - (frames[0, 0] - origin)
-    hi_d = lo_d
-    lo_a = x - anchor[0]
-    hi_a = lo_a
-    lo_s = wp.vec3d()
-    if f > 0:
-        lo_s = x - (frames[f - 1, 0] - origin)
-    hi_s = lo_s
-    for i in range(1, frames.shape[1]):
-        x = frames[f, i] - origin
-        if not (wp.isfinite(x[0]) and wp.isfinite(x[1]) and wp.isfinite(x[2])):
-            finite = False
-        d = x - (frames[0, i] - origin)
-        lo_d = wp.min(lo_d, d)
-        hi_d = wp.max(hi_d, d)
-        a = x - anchor[i]
-        lo_a = wp.min(lo_a, a)
-        hi_a = wp.max(hi_a, a)
-        if f > 0:
-            st = x - (frames[f - 1, i] - origin)
-            lo_s = wp.min(lo_s, st)
-            hi_s = wp.max(hi_s, st)
-    lo_first[f] = lo_d
-    hi_first[f] = hi_d
-    lo_anchor[f] = lo_a
-    hi_anchor[f] = hi_a
-    if f > 0:
-        lo_step[f - 1] = lo_s
-        hi_step[f - 1] = hi_s
-    if not finite:
-        bad[0] = 1
 
 
 @functools.cache
 def broad_phase_kernels(scalar) -> SimpleNamespace:
     """The broad-phase kernels for ``wp.float32`` or ``wp.float64``, built on first use:
-    ``near_vertex_face``, ``near_edge_edge`` and ``frame_distances``."""
+    ``near_vertex_face``, ``near_edge_edge``, ``frame_distances`` and ``frame_bounds``."""
     if scalar not in (wp.float32, wp.float64):
         raise ValueError(f"broad-phase kernels exist for wp.float32 and wp.float64, not {scalar}")
     return _build(scalar)

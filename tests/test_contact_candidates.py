@@ -169,12 +169,16 @@ def test_frame_offset_bounds_are_the_torch_bounds_bit_for_bit():
         *torch.aminmax(local[1:] - local[:-1], dim=1),
         *torch.aminmax(local - anchor, dim=1),
     )
-    from diffsim.backends.warp.threads import SplitLauncher
+    from diffsim.contact import warp_broad_phase
 
-    for launcher in (None, SplitLauncher.shared(2)):  # frames split between two threads
-        bounds = frame_offset_bounds(frames, origin, anchor, launcher)
+    split = CountingLauncher()
+    for launcher in (None, split):  # the frames split between two threads
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(warp_broad_phase, "SPLIT_VERTEX_FRAMES", 0)  # however few
+            bounds = frame_offset_bounds(frames, origin, anchor, launcher)
         for got, want in zip(bounds, expected, strict=True):
             assert torch.equal(got, want)
+    assert split.calls == 1
     # float32 frames (a float32 simulation's substeps) are read as float64, not converted.
     single = frames.to(torch.float32)
     local = single.to(torch.float64) - origin
@@ -187,7 +191,9 @@ def test_frame_offset_bounds_are_the_torch_bounds_bit_for_bit():
         assert got.dtype == torch.float64 and torch.equal(got, want)
     frames[3, 7, 1] = float("nan")
     assert frame_offset_bounds(frames, origin, anchor) is None
-    assert frame_offset_bounds(frames, origin, anchor, SplitLauncher.shared(2)) is None
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(warp_broad_phase, "SPLIT_VERTEX_FRAMES", 0)
+        assert frame_offset_bounds(frames, origin, anchor, split) is None
 
 
 def test_recorded_launches_follow_new_shapes():
@@ -251,10 +257,25 @@ def test_refit_trees_find_the_pairs_fresh_trees_find(dtype):
     print(f"mean edge {edge:.4f} m; pairs {len(d2)}")
 
 
-def test_query_parts_on_two_threads_give_the_rows_of_one_thread():
+class CountingLauncher:
+    """A two-thread launcher that counts its hand-overs."""
+
+    def __init__(self) -> None:
+        from diffsim.backends.warp.threads import SplitLauncher
+
+        self.launcher, self.threads, self.calls = SplitLauncher.shared(2), 2, 0
+
+    def run(self, *jobs) -> None:
+        self.calls += 1
+        self.launcher.run(*jobs)
+
+
+def test_query_parts_on_two_threads_give_the_rows_of_one_thread(monkeypatch):
     """The queries run as interleaved parts, on the Warp backend's two CPU threads where it
     has them: the same rows, in the same order, with the same distances as on one."""
-    from diffsim.backends.warp.threads import SplitLauncher
+    from diffsim.contact import warp_broad_phase
+
+    monkeypatch.setattr(warp_broad_phase, "SPLIT_ELEMENTS", 0)  # split however small
 
     torus = ds.TetMesh.load(asset("torus.msh")).centered().scaled_to(0.2)
     mesh = ds.TetMesh.merge([torus, torus.transformed(translation=(0.05, 0.03, 0.0))])
@@ -262,7 +283,9 @@ def test_query_parts_on_two_threads_give_the_rows_of_one_thread():
     x = torch.tensor(mesh.vertices)
     one, d2_one = near_candidates(surface, x, 0.01, 0.01, "bvh", {})
     cache: dict = {}
-    two, d2_two = near_candidates(surface, x, 0.01, 0.01, "bvh", cache, SplitLauncher.shared(2))
+    launcher = CountingLauncher()
+    two, d2_two = near_candidates(surface, x, 0.01, 0.01, "bvh", cache, launcher)
+    assert launcher.calls == 1  # one hand-over for both queries
     parts = [part for _, query in cache[x.dtype]._queries for part in query.parts]
     assert len(parts) == 4 and all(int(part.count[0]) > 0 for part in parts)  # both ran
     for name in ("point_triangle", "edge_edge", "mollifier_eps"):

@@ -70,6 +70,9 @@ STRAIN_NOTICE_RANGE = (0.1, 10.0)
 # counts them, in windows of about INVERSION_WINDOW tet-frames.
 INVERSION_CHUNK = 256
 INVERSION_WINDOW = 1 << 18
+# Blocks of at least this many tet-frames (about 1.5 ms on one thread) are split between the
+# Warp backend's CPU threads (a hand-over costs about 80 microseconds).
+INVERSION_SPLIT = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -175,10 +178,10 @@ class _InversionLog:
 
 
 class _InversionCheck:
-    """Inverted tets (J = det F <= 0) of frames ``[K, N, 3]`` (float64, detached): how many
-    per frame and world, and the lowest J per frame, by the Warp kernel
-    :func:`diffsim.kernels.inversion.count_inverted` (torch where Warp does not run on the
-    device); and J of every tet at one frame, in torch by the same formula (the triple
+    """Inverted tets (J = det F <= 0) of frames ``[K, N, 3]`` (read as float64): how many
+    per frame and world, and the lowest J per frame, by the Warp kernels of
+    :func:`diffsim.kernels.inversion.inversion_kernels` (torch where Warp does not run on
+    the device); and J of every tet at one frame, in torch by the same formula (the triple
     product of the edges, in the kernel's order, times det Dm^-1)."""
 
     def __init__(self, model: Model) -> None:
@@ -187,7 +190,7 @@ class _InversionCheck:
         self.n_worlds = model.n_worlds
         self.det_dm_inv = torch.linalg.det(model.dm_inv.detach().double())  # 1 / (6 V0) [M]
         self.device = model.device
-        self.kernel = None
+        self.kernels: dict | None = None  # per positions' dtype, where Warp runs
         if self.device.type in ("cpu", "cuda"):
             import warp as wp
 
@@ -195,8 +198,8 @@ class _InversionCheck:
             from diffsim.kernels.runtime import init_warp
 
             init_warp()
-            self.kernel = inversion.count_inverted
-            self.ratio_kernel = inversion.volume_ratios
+            self.vec3 = {torch.float32: wp.vec3f, torch.float64: wp.vec3d}
+            self.kernels = {t: inversion.inversion_kernels(v) for t, v in self.vec3.items()}
             self.tets_i32 = self.tets.to(torch.int32).contiguous()  # the owners of the views
             self.det_dm_inv = self.det_dm_inv.contiguous()
             self.wp_device = wp.device_from_torch(self.device)
@@ -205,23 +208,40 @@ class _InversionCheck:
                 wp.from_torch(self.det_dm_inv, dtype=wp.float64),
             )
 
-    def __call__(self, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(counts [K, W] int64, lowest [K] float64)`` of frames ``xs [K, N, 3]``: the
-        inverted tets per frame and world, the lowest J of an inverted tet per frame (+inf
-        at frames without one); on the frames' device."""
-        if self.kernel is None or xs.device != self.device:
-            return self._torch_counts(xs)
+    def __call__(self, xs: torch.Tensor, launcher=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(counts [K, W] int64, lowest [K] float64)`` of frames ``xs [K, N, 3]`` (float32
+        or float64, read as float64): the inverted tets per frame and world, the lowest J of
+        an inverted tet per frame (+inf at frames without one); on the frames' device.
+        ``launcher``: splits the frames between its CPU threads where there are many."""
+        if self.kernels is None or xs.device != self.device or xs.dtype not in self.kernels:
+            return self._torch_counts(xs.to(torch.float64))
         import warp as wp
 
         K, M, W = len(xs), self.n_tets, self.n_worlds
-        xs = xs.contiguous()
+        xs = xs.detach().contiguous()
         counts = torch.zeros((K, W), dtype=torch.int32, device=xs.device)
         lowest = torch.full((K,), math.inf, dtype=torch.float64, device=xs.device)
         chunk, stream = self._launch_settings()
-        inputs = [wp.from_torch(xs, dtype=wp.vec3d), *self.static, M // W, chunk]
-        outputs = [wp.from_torch(counts), wp.from_torch(lowest)]
-        dim = (K, (M + chunk - 1) // chunk)
-        wp.launch(self.kernel, dim, inputs + outputs, device=self.wp_device, stream=stream)
+        kernel = self.kernels[xs.dtype].count_inverted
+        parts = 1
+        if launcher is not None and self.device.type == "cpu" and K * M >= INVERSION_SPLIT:
+            parts = min(launcher.threads, K)
+
+        def frames(first: int, last: int):
+            def run() -> None:
+                positions = wp.from_torch(xs[first:last], dtype=self.vec3[xs.dtype])
+                inputs = [positions, *self.static, M // W, chunk]
+                outputs = [wp.from_torch(counts[first:last]), wp.from_torch(lowest[first:last])]
+                dim = (last - first, (M + chunk - 1) // chunk)
+                wp.launch(kernel, dim, inputs + outputs, device=self.wp_device, stream=stream)
+
+            return run
+
+        jobs = [frames(K * i // parts, K * (i + 1) // parts) for i in range(parts)]
+        if parts > 1:
+            launcher.run(*jobs)
+        else:
+            jobs[0]()
         return counts.long(), lowest
 
     def _launch_settings(self) -> tuple[int, object]:
@@ -243,19 +263,21 @@ class _InversionCheck:
         return torch.cat(counts), torch.cat(lowest)
 
     def volume_ratios(self, x: torch.Tensor) -> torch.Tensor:
-        """J of every tet at positions ``x [N, 3]`` (float64), ``[M]``, by the arithmetic
-        that counted them."""
-        if self.kernel is None or x.device != self.device:
+        """J of every tet at positions ``x [N, 3]`` (float32 or float64, read as float64),
+        ``[M]``, by the arithmetic that counted them."""
+        if self.kernels is None or x.device != self.device or x.dtype not in self.kernels:
+            x = x.to(torch.float64)
             return self._det(self._edges(x[None], self.tets))[0] * self.det_dm_inv
         import warp as wp
 
         J = torch.empty(self.n_tets, dtype=torch.float64, device=x.device)
         chunk, stream = self._launch_settings()
-        inputs = [wp.from_torch(x.contiguous(), dtype=wp.vec3d), *self.static, chunk]
+        positions = wp.from_torch(x.detach().contiguous(), dtype=self.vec3[x.dtype])
+        inputs = [positions, *self.static, chunk]
         dim = (self.n_tets + chunk - 1) // chunk
         wp.launch(
-            self.ratio_kernel, dim, [*inputs, wp.from_torch(J)], device=self.wp_device,
-            stream=stream,
+            self.kernels[x.dtype].volume_ratios, dim, [*inputs, wp.from_torch(J)],
+            device=self.wp_device, stream=stream,
         )  # fmt: skip
         return J
 
@@ -1057,7 +1079,7 @@ class Simulator:
                     )
             if strain and "strain" not in self._warned:
                 # The counting check's J (one Warp pass where Warp runs), set up above.
-                J = self._inversion_check.volume_ratios(xs[-1].detach().to(POSITION_DTYPE))
+                J = self._inversion_check.volume_ratios(xs[-1].detach())
                 lo, hi = STRAIN_NOTICE_RANGE
                 bad = torch.nonzero((J < lo) | (J > hi)).flatten()
                 if len(bad):
@@ -1105,8 +1127,7 @@ class Simulator:
         if self._inversion_check is None:
             self._inversion_check = _InversionCheck(self.model)
         check, log, m_tets = self._inversion_check, self._inversion_log, self.mesh.n_tets
-        xs = xs.to(POSITION_DTYPE)
-        counts, lowest = check(xs)
+        counts, lowest = check(xs, getattr(self.backend, "launcher", None))
         counts = counts.cpu()
         if first_step < len(log.counts):
             rows = counts[: len(log.counts) - first_step]

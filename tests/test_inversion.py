@@ -163,15 +163,29 @@ def test_the_kernel_counts_what_torch_counts_on_a_deformed_mesh(dtype, worlds):
     lowest = torch.where(J <= 0, J, torch.inf).amin(dim=1)
     assert int(expected[1].sum()) == 0 and int((expected.sum(dim=1) > 0).sum()) == K - 1
     assert bool((expected.sum(dim=0) > 0).all())  # in every world
+    from diffsim import simulator
+    from diffsim.backends.warp.threads import SplitLauncher
+
     check = _InversionCheck(m)
-    assert check.kernel is not None
-    for path in ("warp", "torch"):
+    assert check.kernels is not None
+    single = xs.to(torch.float32)  # a float32 simulation's frames, read as float64
+    J32 = torch.stack([volume_ratios(x, m.tets, m.dm_inv.double()) for x in single.double()])
+    for path in ("warp", "warp, two threads", "warp, float32 frames", "torch"):
+        frames, want, want_low, launcher = xs, expected, lowest, None
+        if path == "warp, two threads":  # the frames split between the CPU threads
+            launcher = SplitLauncher.shared(2)
+        if path == "warp, float32 frames":
+            frames, want = single, (J32 <= 0).view(K, W, -1).sum(dim=2)
+            want_low = torch.where(J32 <= 0, J32, torch.inf).amin(dim=1)
         if path == "torch":
-            check.kernel = None
-        counts, low = check(xs)
-        assert torch.equal(counts, expected), path
-        torch.testing.assert_close(low, lowest, rtol=1e-12, atol=0.0)
-        torch.testing.assert_close(check.volume_ratios(xs[3]), J[3], rtol=1e-10, atol=1e-12)
+            check.kernels = None
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(simulator, "INVERSION_SPLIT", 0)  # however few tet-frames
+            counts, low = check(frames, launcher)
+        assert torch.equal(counts, want), path
+        torch.testing.assert_close(low, want_low, rtol=1e-12, atol=0.0)
+        want_J = J32[3] if frames is single else J[3]
+        torch.testing.assert_close(check.volume_ratios(frames[3]), want_J, rtol=1e-10, atol=1e-12)
     # The record of these frames as a rollout's (frames 1..K).
     sim._inversion_log = _InversionLog(K, sim.worlds, m.dt)
     with warnings.catch_warnings(record=True) as caught:

@@ -167,13 +167,21 @@ class ContactFreeBlocks:
             path = torch.cat([seen[0], frames[0][-1:].detach()])
         else:
             n_sub = len(targets) * m.substeps
-            saved_x = x.new_empty((n_sub, *x.shape))
+            # The substeps' start positions and, after them, the last end: the check's path.
+            path = x.new_empty((n_sub + 1, *x.shape))
             saved_v = v.new_empty((n_sub, *v.shape))
             frames = (x.new_empty((len(targets), *x.shape)), v.new_empty((len(targets), *v.shape)))
             fused.advance_steps(
-                g, prepared, x, v, targets, frames, launcher, (saved_x, saved_v, saved_v.clone())
+                g,
+                prepared,
+                x,
+                v,
+                targets,
+                frames,
+                launcher,
+                (path[:n_sub], saved_v, saved_v.clone()),
             )
-            path = torch.cat([saved_x, frames[0][-1:]])
+            path[n_sub] = frames[0][-1]
         if not m.contact.clear_over(path, most_measured=self.most_measured):
             self.counts["failed_tries"] += 1
             return None

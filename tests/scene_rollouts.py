@@ -21,7 +21,7 @@ SCENES = Path(__file__).resolve().parents[1] / "scenes"
 
 # Steps per scene: the most that any of the three test files checks (dt = 1 ms).
 ROLLOUT_STEPS = {
-    "armadillo_drop": 140,  # test_inversion (contact scenes: 100)
+    "armadillo_drop": 160,  # test_inversion (contact scenes: 100)
     "ball_at_mat": 50,  # test_inversion (contact scenes: 40)
     "bunny_drop": 150,  # test_inversion (contact scenes: 80)
     "cantilever": 1000,  # test_scenes: the whole scene

@@ -15,10 +15,12 @@ forces, friction, the continuous-collision limit, the checks of contact-free blo
 their predictions (``clear_over``), the selection of the candidate sets for fused contact
 substeps and those launches, which run the whole substep (elasticity included); the rest
 is elasticity, integration and the candidate cache's checks), the candidate pairs at the
-end and the broad-phase rebuilds. The forward rows of the Warp path run fused contact
-substeps (:mod:`diffsim.backends.warp.contact_steps`); its forward+backward rows, and the
-torch reference, the general path substep by substep.
-One torch thread. Usage: ``python benchmarks/bench_contact.py [--steps 40] [--quick]
+end and the broad-phase rebuilds. The Warp path runs fused contact substeps
+(:mod:`diffsim.backends.warp.contact_steps`), forward and backward, except the steps the
+step limit cuts in a differentiable run (the general path takes those); the torch
+reference runs the general path substep by substep. One torch thread; the Warp path's
+broad-phase queries and checks may use the backend's two CPU threads.
+Usage: ``python benchmarks/bench_contact.py [--steps 40] [--quick]
 [--repeat 3] [--only spheres_collide bunny]`` (``--repeat``: the fastest of several runs).
 """
 

@@ -56,12 +56,13 @@ def main() -> None:
     torch.set_num_threads(1)
     init_warp()
     k = kernels_for(wp.float32)
-    reference = grad_kernels_for(wp.float32).tet_forces  # Warp-generated adjoints
+    grad = grad_kernels_for(wp.float32)
+    reference = grad.tet_forces  # Warp-generated adjoints
     mesh = ds.TetMesh.load(ASSETS / "bunny.msh").centered().scaled_to(0.3)
     m = mesh.n_tets
     rest = torch.tensor(mesh.vertices, dtype=torch.float64)
     x = rest + 0.01 * torch.sin(10.0 * rest.roll(1, dims=1))  # |grad| <= 0.1: no inversions
-    x = x.to(torch.float32).contiguous()
+    x = x.contiguous()  # positions are float64 for every scalar type (precision rule)
     mu, lam = (float(v) for v in lame_parameters(1e5, 0.4))
     n_par = m if args.per_tet else 1
 
@@ -70,7 +71,7 @@ def main() -> None:
 
     gen = torch.Generator().manual_seed(0)
     adj_f = torch.randn(x.shape, generator=gen).to(torch.float32)
-    f, adj_x = torch.zeros_like(x), torch.zeros_like(x)
+    f, adj_x = torch.zeros_like(adj_f), torch.zeros_like(adj_f)
 
     def w(t: torch.Tensor, dtype):
         return wp.from_torch(t, dtype=dtype)
@@ -78,7 +79,8 @@ def main() -> None:
     tets = wp.from_torch(torch.tensor(mesh.tets, dtype=torch.int32), dtype=wp.vec4i)
     dm_inv = w(torch.tensor(mesh.dm_inv, dtype=torch.float32), k.mat33)
     volume = w(torch.tensor(mesh.rest_volumes, dtype=torch.float32), k.scalar)
-    xw, fw, adj_fw, adj_xw = w(x, k.vec3), w(f, k.vec3), w(adj_f, k.vec3), w(adj_x, k.vec3)
+    adj_x64 = w(torch.zeros_like(x), k.position)  # Warp's adjoint of float64 positions
+    xw, fw, adj_fw, adj_xw = w(x, k.position), w(f, k.vec3), w(adj_f, k.vec3), w(adj_x, k.vec3)
     dim = (m + CHUNK - 1) // CHUNK
     params = "per-tet" if args.per_tet else "global"
     print(f"bunny.msh: {m} tets, {mesh.n_vertices} vertices; float32, CPU, 1 thread, ", end="")
@@ -89,17 +91,25 @@ def main() -> None:
         mu_m, lam_m = (4.0 / 3.0 * mu, lam + 5.0 / 6.0 * mu) if material == 0 else (mu, lam)
         mu_t, lam_t = scalars(mu_m), scalars(lam_m)
         amu, alam = torch.zeros_like(mu_t), torch.zeros_like(lam_t)
-        common = [xw, tets, dm_inv, volume, w(mu_t, k.scalar), w(lam_t, k.scalar),
-                  int(args.per_tet), 0, m, CHUNK]  # fmt: skip
+        el, el_ref = k.TetElements(), grad.TetElements()
+        for struct in (el, el_ref):
+            struct.tets, struct.dm_inv, struct.volume = tets, dm_inv, volume
+            struct.per_tet = int(args.per_tet)
+        el.mu, el.lam = w(mu_t, k.scalar), w(lam_t, k.scalar)
+        # Warp's generated adjoint accumulates into the .grad of the struct's arrays.
+        el_ref.mu, el_ref.lam = (
+            wp.from_torch(t.clone(), dtype=k.scalar, requires_grad=True) for t in (mu_t, lam_t)
+        )
+        common, common_ref = [xw, el, 0, m, CHUNK], [xw, el_ref, 0, m, CHUNK]
         amu_w, alam_w = w(amu, k.scalar), w(alam, k.scalar)
 
         def forward(material=material, common=common) -> None:
             wp.launch(k.tet_forces_chunked[material], dim=dim, inputs=[*common, fw])
 
-        def generated(material=material, common=common, amu_w=amu_w, alam_w=alam_w) -> None:
+        def generated(material=material, common=common_ref) -> None:
             wp.launch(
                 reference[material], dim=dim, inputs=common, outputs=[fw],
-                adj_inputs=[adj_xw, None, None, None, amu_w, alam_w, 0, 0, 0, 0],
+                adj_inputs=[adj_x64, grad.TetElements(), 0, 0, 0],
                 adj_outputs=[adj_fw], adjoint=True, record_tape=False,
             )  # fmt: skip
 

@@ -48,16 +48,20 @@ def _jacobians(p: dict) -> np.ndarray:
     return np.linalg.det(ds_ @ dm_inv)
 
 
-def _args(p: dict, k) -> list:
-    def w(t, dtype):
-        return wp.from_torch(t.contiguous(), dtype=dtype)
-
-    m = p["tets"].shape[0]
-    return [
-        w(p["x"], k.position), wp.from_torch(p["tets"], dtype=wp.vec4i), w(p["dm_inv"], k.mat33),
-        w(p["volume"], k.scalar), w(p["mu"], k.scalar), w(p["lam"], k.scalar),
-        p["per_tet"], 0, m, CHUNK,
-    ]  # fmt: skip
+def _args(p: dict, k, elements=None) -> list:
+    """The kernels' leading arguments: positions, the tets' ``TetElements`` struct (of
+    ``elements``' type, default ``k.TetElements``; Warp's generated adjoint accumulates
+    into the ``.grad`` of its mu and lam) and the tet range."""
+    el = (elements or k.TetElements)()
+    el.tets = wp.from_torch(p["tets"], dtype=wp.vec4i)
+    el.dm_inv = wp.from_torch(p["dm_inv"].contiguous(), dtype=k.mat33)
+    el.volume = wp.from_torch(p["volume"].contiguous(), dtype=k.scalar)
+    el.mu, el.lam = (
+        wp.from_torch(p[n].clone(), dtype=k.scalar, requires_grad=elements is not None)
+        for n in ("mu", "lam")
+    )
+    el.per_tet = p["per_tet"]
+    return [wp.from_torch(p["x"].contiguous(), dtype=k.position), el, 0, p["tets"].shape[0], CHUNK]
 
 
 def hand_vjp(p: dict, material: int) -> tuple[torch.Tensor, ...]:
@@ -85,22 +89,20 @@ def generated_adjoint(p: dict, material: int) -> tuple[torch.Tensor, ...]:
     init_warp()
     k = kernels_for(warp_scalar(p["dtype"]))
     adj_x = torch.zeros_like(p["x"])  # Warp's adjoint of float64 positions is float64
-    adj_mu, adj_lam = (torch.zeros_like(p[n]) for n in ("mu", "lam"))
     m = p["tets"].shape[0]
+    grad = grad_kernels_for(warp_scalar(p["dtype"]))
+    args = _args(p, k, grad.TetElements)
     wp.launch(
-        grad_kernels_for(warp_scalar(p["dtype"])).tet_forces[material],
+        grad.tet_forces[material],
         dim=(m + CHUNK - 1) // CHUNK,
-        inputs=_args(p, k),
+        inputs=args,
         outputs=[wp.from_torch(torch.zeros(p["x"].shape, dtype=p["dtype"]), dtype=k.vec3)],
-        adj_inputs=[
-            wp.from_torch(adj_x, dtype=k.position), None, None, None,
-            wp.from_torch(adj_mu, dtype=k.scalar), wp.from_torch(adj_lam, dtype=k.scalar),
-            0, 0, 0, 0,
-        ],
+        adj_inputs=[wp.from_torch(adj_x, dtype=k.position), grad.TetElements(), 0, 0, 0],
         adj_outputs=[wp.from_torch(p["adj_f"], dtype=k.vec3)],
         adjoint=True,
         device="cpu",
     )  # fmt: skip
+    adj_mu, adj_lam = (wp.to_torch(a.grad) for a in (args[1].mu, args[1].lam))
     return adj_x.to(p["dtype"]), adj_mu, adj_lam
 
 

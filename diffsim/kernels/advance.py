@@ -83,10 +83,10 @@ def build_advance(dtype, module: str, elastic, integrate, force_vjp) -> SimpleNa
     """
     T = dtype
     vec3 = wp.types.vector(3, T)
-    mat33 = wp.types.matrix((3, 3), T)
     integrate_vertex = integrate.integrate_vertex
     integrate_vertex_vjp = integrate.integrate_vertex_vjp
     VertexUpdate, VertexCoefficients = integrate.VertexUpdate, integrate.VertexCoefficients
+    TetElements = elastic.TetElements
 
     @wp.func_native(BARRIER)
     def barrier(sync: wp.array(dtype=wp.int32), workers: int, spin_limit: wp.int64) -> int: ...
@@ -96,12 +96,7 @@ def build_advance(dtype, module: str, elastic, integrate, force_vjp) -> SimpleNa
         def advance(
             x: wp.array(dtype=wp.vec3d),
             v: wp.array(dtype=vec3),
-            tets: wp.array(dtype=wp.vec4i),
-            dm_inv: wp.array(dtype=mat33),
-            volume: wp.array(dtype=T),
-            mu: wp.array(dtype=T),
-            lam: wp.array(dtype=T),
-            per_tet: int,
+            el: TetElements,
             c: VertexCoefficients,
             fixed_start: wp.array(dtype=wp.vec3d),
             targets: wp.array2d(dtype=wp.vec3d),
@@ -138,7 +133,7 @@ def build_advance(dtype, module: str, elastic, integrate, force_vjp) -> SimpleNa
             for step in range(targets.shape[0]):
                 for j in range(substeps):
                     for e in range(tet_start, tet_stop):
-                        add_tet_forces(x, tets, dm_inv, volume, mu, lam, per_tet, e, own)
+                        add_tet_forces(x, el, e, own)
                     if barrier(sync, workers, spin_limit) != 0:
                         return
                     fraction = wp.float64(j + 1) / wp.float64(substeps)
@@ -181,12 +176,7 @@ def build_advance(dtype, module: str, elastic, integrate, force_vjp) -> SimpleNa
     def retreat_kernel(add_tet_force_vjp):
         @wp.kernel(module=module, enable_backward=False)
         def retreat(
-            tets: wp.array(dtype=wp.vec4i),
-            dm_inv: wp.array(dtype=mat33),
-            volume: wp.array(dtype=T),
-            mu: wp.array(dtype=T),
-            lam: wp.array(dtype=T),
-            per_tet: int,
+            el: TetElements,
             c: VertexCoefficients,
             steps: int,
             s: VertexUpdate,
@@ -222,7 +212,7 @@ def build_advance(dtype, module: str, elastic, integrate, force_vjp) -> SimpleNa
             and the cotangents of its frames ``grad_x``, ``grad_v`` ``[steps, n]``. Leaves in
             ``adj_x``, ``adj_v`` ``[n]`` (zero on entry) the cotangents of the initial state;
             adds those of the masses to ``adj_mass`` ``[n]``, of mu and lambda to row
-            ``worker`` of ``adj_mu``, ``adj_lam`` (index e * per_tet; rows at least a cache
+            ``worker`` of ``adj_mu``, ``adj_lam`` (index e * el.per_tet; rows at least a cache
             line long, or the workers' adds to index 0 contend for one line), of gravity and
             damping to row ``worker`` of ``adj_gravity``, ``adj_damping`` ``[workers, W]``
             (column: the world, vertex i in world ``i // c.world_size``), of the targets to
@@ -291,9 +281,7 @@ def build_advance(dtype, module: str, elastic, integrate, force_vjp) -> SimpleNa
                         return
                     x = x_saved[row]
                     for e in range(tet_start, tet_stop):
-                        add_tet_force_vjp(
-                            x, adj_f, tets, dm_inv, volume, mu, lam, per_tet, e, hvp, amu, alam
-                        )
+                        add_tet_force_vjp(x, adj_f, el, e, hvp, amu, alam)
                     if barrier(sync, workers, spin_limit) != 0:
                         return
                     for i in range(vertex_start, vertex_stop):

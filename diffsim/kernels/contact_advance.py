@@ -66,6 +66,7 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
     vec3 = wp.types.vector(3, T)
     vec4 = wp.types.vector(4, T)
     VertexUpdate, VertexCoefficients = integrate.VertexUpdate, integrate.VertexCoefficients
+    TetElements = elastic.TetElements
     vertex_velocity, vertex_move = integrate.vertex_velocity, integrate.vertex_move
     vertex_move_vjp = integrate.vertex_move_vjp
     vertex_velocity_vjp = integrate.vertex_velocity_vjp
@@ -233,12 +234,7 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
         def contact_advance(
             x: wp.array(dtype=wp.vec3d),
             v: wp.array(dtype=vec3),
-            tets: wp.array(dtype=wp.vec4i),
-            dm_inv: wp.array(dtype=wp.types.matrix((3, 3), T)),
-            volume: wp.array(dtype=T),
-            mu: wp.array(dtype=T),
-            lam: wp.array(dtype=T),
-            per_tet: int,
+            el: TetElements,
             c: VertexCoefficients,
             s: VertexUpdate,
             fixed_start: wp.array(dtype=wp.vec3d),
@@ -374,8 +370,8 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                     for i in range(n):
                         f_el[i] = vec3()
                         f_c[i] = vec3()
-                    for e in range(tets.shape[0]):
-                        add_tet_forces(x, tets, dm_inv, volume, mu, lam, per_tet, e, f_el)
+                    for e in range(el.tets.shape[0]):
+                        add_tet_forces(x, el, e, f_el)
                     n_active = select_active(cand, cand.rows, n_rows, xl, c.mass, p, act, total)
                     for t in range(n_active):
                         k = act.ids[t]
@@ -710,12 +706,7 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
     def contact_retreat_kernel(add_tet_force_vjp):
         @wp.kernel(module=module, enable_backward=False)
         def contact_retreat(
-            tets: wp.array(dtype=wp.vec4i),
-            dm_inv: wp.array(dtype=wp.types.matrix((3, 3), T)),
-            volume: wp.array(dtype=T),
-            mu: wp.array(dtype=T),
-            lam: wp.array(dtype=T),
-            per_tet: int,
+            el: TetElements,
             c: VertexCoefficients,
             s: VertexUpdate,
             substeps: int,
@@ -925,10 +916,8 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                     add_pair_cotangents(adj_xl, adj_mass, i0, i1, i2, i3, b0, b1, b2, b3, bm)
                 # The elastic forces: (df/dx)^T adj_f.
                 x_r = x_saved[r]
-                for e in range(tets.shape[0]):
-                    add_tet_force_vjp(
-                        x_r, adj_f, tets, dm_inv, volume, mu, lam, per_tet, e, hvp, adj_mu, adj_lam
-                    )
+                for e in range(el.tets.shape[0]):
+                    add_tet_force_vjp(x_r, adj_f, el, e, hvp, adj_mu, adj_lam)
                 for i in range(n):
                     total = adj_x[i] + adj_xl[i] + hvp[i]
                     slot = c.fixed_slot[i]

@@ -41,6 +41,17 @@ def build_elastic(dtype, module: str, differentiable: bool) -> SimpleNamespace:
     vec3 = wp.types.vector(3, T)
     mat33 = wp.types.matrix((3, 3), T)
 
+    @wp.struct
+    class TetElements:
+        """The tets and their material, as the force kernels take them."""
+
+        tets: wp.array(dtype=wp.vec4i)  # [m] corner vertex ids
+        dm_inv: wp.array(dtype=mat33)  # [m] inverse rest edge matrices (1/m)
+        volume: wp.array(dtype=T)  # [m] rest volumes (m^3)
+        mu: wp.array(dtype=T)  # the kernel's Lame mu (Pa), [m] per tet or [1]
+        lam: wp.array(dtype=T)  # the kernel's Lame lambda (Pa), [m] per tet or [1]
+        per_tet: int  # 1 where mu and lam are per tet: tet e reads index e * per_tet
+
     material_laws = build_material_laws(T, differentiable)
     cofactor, polar_rotation = material_laws.cofactor, material_laws.polar_rotation
 
@@ -64,22 +75,14 @@ def build_elastic(dtype, module: str, differentiable: bool) -> SimpleNamespace:
     def tet_force_func(stress):
         @wp.func
         def add_tet_forces(
-            x: wp.array(dtype=wp.vec3d),
-            tets: wp.array(dtype=wp.vec4i),
-            dm_inv: wp.array(dtype=mat33),
-            volume: wp.array(dtype=T),
-            mu: wp.array(dtype=T),
-            lam: wp.array(dtype=T),
-            per_tet: int,
-            e: int,
-            f: wp.array(dtype=vec3),
+            x: wp.array(dtype=wp.vec3d), el: TetElements, e: int, f: wp.array(dtype=vec3)
         ):
             # Adds tet e's forces -V P Dm^-T to its four corners.
-            tet = tets[e]
-            dmi = dm_inv[e]
+            tet = el.tets[e]
+            dmi = el.dm_inv[e]
             F = deformation_gradient(x, tet, dmi)
-            p = e * per_tet
-            P = -volume[e] * stress(F, mu[p], lam[p])
+            p = e * el.per_tet
+            P = -el.volume[e] * stress(F, el.mu[p], el.lam[p])
             f1 = P @ dmi[0]
             f2 = P @ dmi[1]
             f3 = P @ dmi[2]
@@ -95,12 +98,7 @@ def build_elastic(dtype, module: str, differentiable: bool) -> SimpleNamespace:
         @wp.kernel(module=target_module, enable_backward=backward)
         def tet_forces(
             x: wp.array(dtype=wp.vec3d),
-            tets: wp.array(dtype=wp.vec4i),
-            dm_inv: wp.array(dtype=mat33),
-            volume: wp.array(dtype=T),
-            mu: wp.array(dtype=T),
-            lam: wp.array(dtype=T),
-            per_tet: int,
+            el: TetElements,
             start: int,
             stop: int,
             chunk: int,
@@ -115,7 +113,7 @@ def build_elastic(dtype, module: str, differentiable: bool) -> SimpleNamespace:
             first = start + wp.tid() * chunk
             last = wp.min(first + chunk, stop)
             for e in range(first, last):
-                add_tet_forces(x, tets, dm_inv, volume, mu, lam, per_tet, e, f)
+                add_tet_forces(x, el, e, f)
 
         return tet_forces
 
@@ -123,6 +121,7 @@ def build_elastic(dtype, module: str, differentiable: bool) -> SimpleNamespace:
     add_tet_forces = tuple(tet_force_func(law.stress) for law in laws)
     kernels = tuple(forces_kernel(add, module, differentiable) for add in add_tet_forces)
     shared = dict(
+        TetElements=TetElements,
         laws=laws,
         cofactor=cofactor,
         polar_rotation=polar_rotation,

@@ -37,8 +37,8 @@ def build_force_vjp(dtype, module: str, elastic: SimpleNamespace) -> SimpleNames
     """
     T = dtype
     vec3 = wp.types.vector(3, T)
-    mat33 = wp.types.matrix((3, 3), T)
 
+    TetElements = elastic.TetElements
     deformation_gradient = elastic.deformation_gradient
     gradient_of_field = elastic.gradient_of_field
 
@@ -47,25 +47,20 @@ def build_force_vjp(dtype, module: str, elastic: SimpleNamespace) -> SimpleNames
         def add_tet_force_vjp(
             x: wp.array(dtype=wp.vec3d),
             adj_f: wp.array(dtype=vec3),
-            tets: wp.array(dtype=wp.vec4i),
-            dm_inv: wp.array(dtype=mat33),
-            volume: wp.array(dtype=T),
-            mu: wp.array(dtype=T),
-            lam: wp.array(dtype=T),
-            per_tet: int,
+            el: TetElements,
             e: int,
             adj_x: wp.array(dtype=vec3),
             adj_mu: wp.array(dtype=T),
             adj_lam: wp.array(dtype=T),
         ):
             # Tet e's (df/dx)^T adj_f into adj_x, its parameter cotangents at e * per_tet.
-            tet = tets[e]
-            dmi = dm_inv[e]
+            tet = el.tets[e]
+            dmi = el.dm_inv[e]
             F = deformation_gradient(x, tet, dmi)
             dF = gradient_of_field(adj_f, tet, dmi)
-            p = e * per_tet
-            dP, dmu, dlam = dstress(F, dF, mu[p], lam[p])
-            v = volume[e]
+            p = e * el.per_tet
+            dP, dmu, dlam = dstress(F, dF, el.mu[p], el.lam[p])
+            v = el.volume[e]
             H = -v * dP
             f1 = H @ dmi[0]
             f2 = H @ dmi[1]
@@ -85,12 +80,7 @@ def build_force_vjp(dtype, module: str, elastic: SimpleNamespace) -> SimpleNames
         @wp.kernel(module=module, enable_backward=False)
         def tet_force_vjp(
             x: wp.array(dtype=wp.vec3d),
-            tets: wp.array(dtype=wp.vec4i),
-            dm_inv: wp.array(dtype=mat33),
-            volume: wp.array(dtype=T),
-            mu: wp.array(dtype=T),
-            lam: wp.array(dtype=T),
-            per_tet: int,
+            el: TetElements,
             start: int,
             stop: int,
             chunk: int,
@@ -105,9 +95,7 @@ def build_force_vjp(dtype, module: str, elastic: SimpleNamespace) -> SimpleNames
             first = start + wp.tid() * chunk
             last = wp.min(first + chunk, stop)
             for e in range(first, last):
-                add_tet_force_vjp(
-                    x, adj_f, tets, dm_inv, volume, mu, lam, per_tet, e, adj_x, adj_mu, adj_lam
-                )
+                add_tet_force_vjp(x, adj_f, el, e, adj_x, adj_mu, adj_lam)
 
         return tet_force_vjp
 

@@ -150,6 +150,10 @@ class WarpBackend(Backend):
         vertex.damping = wp.from_torch(damping.detach(), dtype=k.scalar)
         vertex.fixed_slot = self.fixed_slot
         vertex.world_size = m.world_vertices
+        g = self.geometry
+        elements = k.TetElements()
+        elements.tets, elements.dm_inv, elements.volume = g.tets, g.dm_inv, g.volume
+        elements.mu, elements.lam, elements.per_tet = arrays[0], arrays[1], per_tet
         return bridge.WarpCoefficients(
             coeffs=coeffs,
             inputs=(mu, lam, mass, gravity, damping),
@@ -158,6 +162,7 @@ class WarpBackend(Backend):
             material=material_id,
             settings=settings,
             vertex=vertex,
+            elements=elements,
             scratch=self.scratch,
         )
 

@@ -101,6 +101,8 @@ class WarpCoefficients:
             ground, friction, speed clamp).
         vertex: the per-vertex coefficients (a ``VertexCoefficients`` Warp struct: masses,
             gravity, damping, fixed slots), aliasing the same tensors as ``arrays``.
+        elements: the tets and their Lame constants (a ``TetElements`` Warp struct: the
+            geometry's arrays and mu, lam of ``arrays``).
         scratch: the backend's reusable force buffers (torch tensors and Warp views).
         launches: the recorded forward launches, made on first use.
     """
@@ -112,6 +114,7 @@ class WarpCoefficients:
     material: int
     settings: Any
     vertex: Any
+    elements: Any
     scratch: SimpleNamespace
     launches: SimpleNamespace | None = None
 
@@ -163,12 +166,7 @@ def forward_launches(g: Geometry, w: WarpCoefficients, threads: int) -> SimpleNa
             (stop - start + chunk - 1) // chunk,
             [
                 position_slot(s.out_x),
-                g.tets,
-                g.dm_inv,
-                g.volume,
-                mu,
-                lam,
-                w.per_tet,
+                w.elements,
                 start,
                 stop,
                 chunk,
@@ -230,12 +228,11 @@ def substep_forward(g: Geometry, w: WarpCoefficients, x, v, x_fixed, launcher=No
 
 def _launch_tets(g: Geometry, w: WarpCoefficients, x, out) -> None:
     """Elastic forces of all tets accumulated into ``out`` (one thread)."""
-    mu, lam = w.arrays[0], w.arrays[1]
     chunk = g.chunk
     wp.launch(
         g.kernels.tet_forces_chunked[w.material],
         dim=(g.n_tets + chunk - 1) // chunk,
-        inputs=[x, g.tets, g.dm_inv, g.volume, mu, lam, w.per_tet, 0, g.n_tets, chunk, out],
+        inputs=[x, w.elements, 0, g.n_tets, chunk, out],
         device=g.device,
         stream=g.stream(),
         record_tape=False,
@@ -257,7 +254,7 @@ def _tet_adjoint(g: Geometry, w: WarpCoefficients, xw, adj_f_w, adj_x, adj_mu, a
     launcher, the tets are split between two threads; each half accumulates into its own
     vertex (and global-parameter) buffers, summed afterwards.
     """
-    k, mu, lam = g.kernels, w.arrays[0], w.arrays[1]
+    k = g.kernels
     chunk, m = g.chunk, g.n_tets
 
     def part(start, stop, ax, amu, alam) -> None:
@@ -265,8 +262,7 @@ def _tet_adjoint(g: Geometry, w: WarpCoefficients, xw, adj_f_w, adj_x, adj_mu, a
             k.tet_force_vjp[w.material],
             dim=(stop - start + chunk - 1) // chunk,
             inputs=[
-                xw, g.tets, g.dm_inv, g.volume, mu, lam, w.per_tet, start, stop, chunk,
-                adj_f_w, wrap(ax, k.vec3), amu, alam,
+                xw, w.elements, start, stop, chunk, adj_f_w, wrap(ax, k.vec3), amu, alam,
             ],
             device=g.device,
             stream=g.stream(),

@@ -171,7 +171,6 @@ class FusedContactSteps:
         fused = contact_advance_for(k.scalar)
         scratch = self._buffers(m.n_vertices, x, v)
         status, stats = scratch["status"], scratch["stats"]
-        mu, lam = w.arrays[:2]
         settings = self._settings(fused, contact, v.dtype, m.substep_dt)
         self._set_bounds(settings, sets)
         settings.differentiable = int(saved is not None)
@@ -192,8 +191,8 @@ class FusedContactSteps:
             fused.contact_advance[w.material],
             dim=1,
             inputs=[
-                wrap(x, k.position), wrap(v, k.vec3), g.tets, g.dm_inv, g.volume, mu,
-                lam, w.per_tet, w.vertex, w.settings, wrap(fixed_start, k.position),
+                wrap(x, k.position), wrap(v, k.vec3), w.elements, w.vertex, w.settings,
+                wrap(fixed_start, k.position),
                 wrap(targets, k.position), m.substeps, j, settings,
                 cand, wrap(sets.anchor.contiguous(), k.vec3),
                 wrap(sets.anchor_d2.contiguous(), wp.float64),
@@ -457,8 +456,7 @@ class _ContactLaunch(torch.autograd.Function):
                 fused.contact_retreat[w.material],
                 dim=1,
                 inputs=[
-                    g.tets, g.dm_inv, g.volume, w.arrays[0], w.arrays[1], w.per_tet, w.vertex,
-                    w.settings, m.substeps, ctx.j, taken, ctx.settings,
+                    w.elements, w.vertex, w.settings, m.substeps, ctx.j, taken, ctx.settings,
                     runner._candidate_pairs(arrays, row_sets[0]),
                     wrap(x_saved, k.position), wrap(v_saved, k.vec3), wrap(f_saved, k.vec3),
                     wrap(row_sets, wp.int32), wrap(row_set_of, wp.int32),

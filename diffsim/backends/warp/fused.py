@@ -145,11 +145,9 @@ def advance_steps(
         targets = targets.new_zeros((len(targets), 1, 3))
     targets = targets.contiguous()  # kept alive here: the launch holds only its pointer
     fixed_start = targets.new_empty((max(g.n_fixed, 1), 3))
-    mu, lam = w.arrays[:2]
     head = [
-        wrap(x_work, k.position), wrap(v_work, k.vec3), g.tets, g.dm_inv, g.volume, mu, lam,
-        w.per_tet, w.vertex, wrap(fixed_start, k.position), wrap(targets, k.position),
-        w.settings, g.substeps,
+        wrap(x_work, k.position), wrap(v_work, k.vec3), w.elements, w.vertex,
+        wrap(fixed_start, k.position), wrap(targets, k.position), w.settings, g.substeps,
     ]  # fmt: skip
     forces = wrap(s.worker_forces[: _workers(g, launcher)], k.vec3)
     save = int(saved is not None)
@@ -184,7 +182,6 @@ def retreat_steps(g: Geometry, w: WarpCoefficients, saved, grad_x, grad_v, launc
     k, s = g.kernels, w.scratch
     workers = _workers(g, launcher)
     n_steps = len(grad_x)
-    mu, lam = w.arrays[:2]
     zeros = dict(dtype=torch_dtype(k.scalar), device=grad_x.device)
     adj = SimpleNamespace(
         x=torch.zeros((g.n_vertices, 3), **zeros),
@@ -201,10 +198,7 @@ def retreat_steps(g: Geometry, w: WarpCoefficients, saved, grad_x, grad_v, launc
     dtype = torch_dtype(k.scalar)
     grad_x, grad_v = grad_x.to(dtype).contiguous(), grad_v.to(dtype).contiguous()
     vec3, scalar = k.vec3, k.scalar
-    head = [
-        g.tets, g.dm_inv, g.volume, mu, lam, w.per_tet, w.vertex, n_steps, w.settings,
-        g.substeps,
-    ]  # fmt: skip
+    head = [w.elements, w.vertex, n_steps, w.settings, g.substeps]
     states = [
         wrap(saved[0], k.position), wrap(saved[1], vec3), wrap(saved[2], vec3),
         wrap(grad_x, vec3), wrap(grad_v, vec3), wrap(adj.x, vec3), wrap(adj.v, vec3),

@@ -74,6 +74,12 @@ class WarpBackend(Backend):
         n_fixed = len(model.fixed_indices)
         slot[model.fixed_indices] = torch.arange(n_fixed, dtype=torch.int32, device=model.device)
         self.fixed_slot = wp.from_torch(slot, dtype=wp.int32)  # VertexCoefficients.fixed_slot
+        # TetElements' arrays (a Warp struct holds Warp arrays, not descriptors).
+        self.tet_arrays = (
+            wp.from_torch(tets, dtype=wp.vec4i),
+            wp.from_torch(dm_inv, dtype=k.mat33),
+            wp.from_torch(volume, dtype=k.scalar),
+        )
         self.geometry = bridge.Geometry(
             kernels=k,
             device=device,
@@ -150,10 +156,11 @@ class WarpBackend(Backend):
         vertex.damping = wp.from_torch(damping.detach(), dtype=k.scalar)
         vertex.fixed_slot = self.fixed_slot
         vertex.world_size = m.world_vertices
-        g = self.geometry
         elements = k.TetElements()
-        elements.tets, elements.dm_inv, elements.volume = g.tets, g.dm_inv, g.volume
-        elements.mu, elements.lam, elements.per_tet = arrays[0], arrays[1], per_tet
+        elements.tets, elements.dm_inv, elements.volume = self.tet_arrays
+        elements.mu = wp.from_torch(mu.detach(), dtype=k.scalar)
+        elements.lam = wp.from_torch(lam.detach(), dtype=k.scalar)
+        elements.per_tet = per_tet
         return bridge.WarpCoefficients(
             coeffs=coeffs,
             inputs=(mu, lam, mass, gravity, damping),

@@ -258,8 +258,9 @@ INVERTING: dict[str, str] = {
     "armadillo_drop": (
         "toppled on its side, a crease 0.76 mm apart at rest closes under the global default "
         "dhat (0.18 mm, set by a 0.35 mm rest gap at the head): 1-7 of 54,985 surface tets "
-        "inverted in 276 of 800 frames from frame 145 (J down to -0.84); E = 3e5 Pa or 83 "
-        "substeps still invert (docs/contact.md, Known limits)"
+        "inverted in 276 of 800 frames from frame 145 (J down to -0.84); E = 3e5 Pa, 83 "
+        "substeps or a per-vertex barrier width (study/vertex-widths: a second fold from "
+        "frame 190) still invert (docs/contact.md, Known limits)"
     ),
 }
 

@@ -236,6 +236,27 @@ def _build(scalar):
             after = (cap / wp.sqrt(q2)) * trial
         return after
 
+    @wp.func
+    def pair_within(
+        x: wp.array(dtype=vec3),
+        pairs: wp.array2d(dtype=wp.int32),
+        kinds: wp.array(dtype=wp.int32),
+        k: int,
+        s_hat: scalar,
+        parallel_fraction: scalar,
+    ) -> bool:
+        """Whether pair k is closer than sqrt(s_hat) at x (its boxes' gap tested first)."""
+        x0 = x[pairs[k, 0]]
+        x1 = x[pairs[k, 1]]
+        x2 = x[pairs[k, 2]]
+        x3 = x[pairs[k, 3]]
+        kind = kinds[k]
+        if box_gap2(kind, x0, x1, x2, x3) >= s_hat:
+            return False
+        c = pair_weights(kind, x0, x1, x2, x3, parallel_fraction)
+        diff = c[0] * x0 + c[1] * x1 + c[2] * x2 + c[3] * x3
+        return wp.dot(diff, diff) < s_hat
+
     @wp.kernel
     def active_pairs(
         x: wp.array(dtype=vec3),
@@ -249,16 +270,7 @@ def _build(scalar):
         """Lists the pairs closer than sqrt(s_hat) (``active[:count[0]]``, pair ids): the
         only ones the barrier and friction kernels visit."""
         k = wp.tid()
-        x0 = x[pairs[k, 0]]
-        x1 = x[pairs[k, 1]]
-        x2 = x[pairs[k, 2]]
-        x3 = x[pairs[k, 3]]
-        kind = kinds[k]
-        if box_gap2(kind, x0, x1, x2, x3) >= s_hat:
-            return
-        c = pair_weights(kind, x0, x1, x2, x3, parallel_fraction)
-        diff = c[0] * x0 + c[1] * x1 + c[2] * x2 + c[3] * x3
-        if wp.dot(diff, diff) < s_hat:
+        if pair_within(x, pairs, kinds, k, s_hat, parallel_fraction):
             active[wp.atomic_add(count, 0, 1)] = k
 
     @wp.kernel
@@ -274,16 +286,7 @@ def _build(scalar):
     ):
         """:func:`active_pairs` among the pairs ``rows``."""
         k = wp.int32(rows[wp.tid()])
-        x0 = x[pairs[k, 0]]
-        x1 = x[pairs[k, 1]]
-        x2 = x[pairs[k, 2]]
-        x3 = x[pairs[k, 3]]
-        kind = kinds[k]
-        if box_gap2(kind, x0, x1, x2, x3) >= s_hat:
-            return
-        c = pair_weights(kind, x0, x1, x2, x3, parallel_fraction)
-        diff = c[0] * x0 + c[1] * x1 + c[2] * x2 + c[3] * x3
-        if wp.dot(diff, diff) < s_hat:
+        if pair_within(x, pairs, kinds, k, s_hat, parallel_fraction):
             active[wp.atomic_add(count, 0, 1)] = k
 
     @wp.kernel

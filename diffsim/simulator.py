@@ -22,6 +22,7 @@ from diffsim.physics.stable_step import (
     MassScaling,
     StableStep,
     auto_substeps,
+    exceeds,
     mass_scaling,
     stable_step,
 )
@@ -437,7 +438,7 @@ class Simulator:
                     dt, substeps, contact_model, contact_speed, contact_stiffness is None
                 )
             h_contact = contact_model.stable_substep()
-            if dt / substeps > h_contact * (1 + 1e-9):  # only a stiffness the user set
+            if exceeds(dt / substeps, h_contact):  # only a stiffness the user set
                 warnings.warn(
                     f"the substep {dt / substeps:.3g} s is above the surface barrier's stable "
                     f"substep {h_contact:.3g} s (contact_stiffness = {contact_model.stiffness:.3g}"
@@ -528,7 +529,7 @@ class Simulator:
         estimate = self.stable_step
         if substeps == "auto":
             return estimate.substeps(dt)
-        if material.kernel_id is not None and dt / substeps > estimate.dt * (1 + 1e-9):
+        if material.kernel_id is not None and exceeds(dt / substeps, estimate.dt):
             warnings.warn(
                 f"the substep {dt / substeps:.3g} s (dt = {dt:g} s / {substeps} substeps) is "
                 f"above the mesh's {estimate.describe(dt)}",
@@ -1199,7 +1200,7 @@ class Simulator:
         """What to change after a blow-up: the substep against the stable estimate."""
         m = self.model
         h = m.substep_dt
-        if h > self.stable_dt:
+        if exceeds(h, self.stable_dt):
             return f"the substep {h:.3g} s is above the {self.stable_step.describe(m.dt)}"
         advice = (
             f"the substep {h:.3g} s is within the estimated stable substep "

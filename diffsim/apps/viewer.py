@@ -8,7 +8,6 @@ controller's state and its ImGui panel; :func:`run_viewer` opens the window.
 
 from __future__ import annotations
 
-import math
 import re
 import warnings
 from collections.abc import Callable
@@ -19,6 +18,7 @@ import torch
 from diffsim.apps.fields import FIELDS, FieldContext, vertex_field
 from diffsim.apps.render import body_palette, colour_range, surface_faces
 from diffsim.apps.scene import Scene, with_parameters
+from diffsim.physics.stable_step import auto_substeps
 from diffsim.sim.state import State, Trajectory
 from diffsim.simulator import SimulationError, Simulator, StabilityWarning
 
@@ -303,7 +303,7 @@ class ViewerController:
         fix it for contact), so that no slider value makes the scene blow up."""
         sim = sim.replace(substeps="auto", mass_scaling=self.sim.settings.get("mass_scaling"))
         if self.scene_substep is not None:
-            n = math.ceil(sim.model.dt / self.scene_substep * (1.0 - 1e-12))
+            n = auto_substeps(sim.model.dt, self.scene_substep)
             if n > sim.model.substeps:
                 sim = sim.replace(substeps=n)
         return sim

@@ -43,6 +43,9 @@ from diffsim.physics.materials import PARAMETER_BOUNDS, lame_parameters
 SAFETY_FACTOR = 0.5
 # The stable-step report names at most this many tets (and vertices) that limit the step.
 N_LIMITING = 5
+# A substep within this relative rounding of a stable substep counts as at it (mass
+# scaling to a target, or dt = k * stable_dt, lands on it up to an ulp either way).
+ROUNDING = 1e-9
 
 _METHODS = ("vertex", "tet")
 
@@ -296,8 +299,13 @@ def auto_substeps(dt: float, stable_dt: float) -> int:
     """
     if not (dt > 0 and stable_dt > 0 and math.isfinite(dt) and math.isfinite(stable_dt)):
         raise ValueError(f"dt and stable_dt must be finite and > 0, got {dt}, {stable_dt}")
-    # A relative tolerance keeps dt = k * stable_dt (up to rounding) at k substeps.
-    return max(1, math.ceil(dt / stable_dt * (1.0 - 1e-12)))
+    # dt = k * stable_dt (up to rounding) stays at k substeps.
+    return max(1, math.ceil(dt / stable_dt * (1.0 - ROUNDING)))
+
+
+def exceeds(h: float, stable_dt: float) -> bool:
+    """Whether a substep h (s) is above a stable substep (s) by more than rounding."""
+    return h > stable_dt * (1.0 + ROUNDING)
 
 
 @dataclass(frozen=True)

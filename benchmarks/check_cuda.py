@@ -264,8 +264,10 @@ def speed(device: str, steps: int) -> None:
     print("| path | forward ms/substep | M tet-substeps/s | fwd+bwd ms/substep |")
     print("|---|---|---|---|")
     for name, fwd, both, tets in rows:
-        rate = tets / fwd / 1e6 if isinstance(tets, int) else float("nan")
-        print(f"| {name} | {1e3 * fwd:.3f} | {rate:.1f} | {1e3 * both:.3f} |")
+        if not isinstance(tets, int):  # the error it raised
+            print(f"| {name} | failed: {tets} | | |")
+            continue
+        print(f"| {name} | {1e3 * fwd:.3f} | {tets / fwd / 1e6:.1f} | {1e3 * both:.3f} |")
 
 
 def main() -> None:
@@ -273,7 +275,18 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--steps", type=int, default=200)
     args = parser.parse_args()
+    if args.steps < 4:
+        parser.error(
+            f"--steps must be at least 4 (a quarter of them is timed backward), got {args.steps}"
+        )
     if args.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            sys.exit(
+                f"check_cuda: no CUDA device here (torch {torch.__version__}, "
+                f"torch.cuda.is_available() is False); run it on a machine with an NVIDIA GPU "
+                "and a CUDA build of torch, or pass --device cpu to run the same checks on "
+                "the CPU"
+            )
         print(torch.cuda.get_device_name(), flush=True)
     parity(args.device)
     contact_drift(args.device)

@@ -12,6 +12,7 @@ first is used as it is. See docs/distributed-fitting.md.
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 from datetime import timedelta
 
@@ -179,6 +180,9 @@ def finish() -> None:
         # ("terminate called without an active exception"), once in a CI run.
         dist.barrier()
         dist.destroy_process_group()
+        # Gloo's work objects hold tensors; freed during the interpreter's finalization they
+        # take the GIL of a dying interpreter and abort: free them while it is alive.
+        gc.collect()
     _created = False
 
 

@@ -4,7 +4,8 @@ The tests run each scene for as many steps as its mechanism needs to act (tests/
 scene_rollouts.py); this script runs each for its whole ``STEPS`` (the Armadillo: 800
 steps, several minutes) and prints, per scene: tets, substeps, steps, wall time per frame,
 the frames with inverted tets (from the simulator's own count, ``sim.inversions``), the
-most at once and the lowest J, whether every position stayed finite, and the lowest
+most at once and the lowest J, the steps the volume limit cut where a scene sets one,
+whether every position stayed finite, and the lowest
 height where the scene has a ground. Usage: ``python benchmarks/check_scenes.py
 [--only armadillo_drop bunny_drop]``.
 """
@@ -52,9 +53,17 @@ def check(path: Path) -> str:
     ground, low = sim.model.ground, ""
     if ground is not None:
         low = f", lowest y - ground {float(traj.positions[..., 1].min()) - ground.height:.2e} m"
+    limited = ""
+    if sim.model.volume_limit is not None:
+        counts = sim.model.volume_limit.counts
+        limited = (
+            f"; volume limit cut {counts['limited_vertex_steps']} vertex-steps in "
+            f"{counts['limited_substeps']} substeps"
+        )
     return (
         f"{path.stem}: {sim.mesh.n_tets} tets, {sim.model.substeps} substeps, {scene.steps} steps, "
-        f"{1e3 * seconds / scene.steps:.2f} ms/frame; inverted: {inverted}; finite: {finite}{low}"
+        f"{1e3 * seconds / scene.steps:.2f} ms/frame; inverted: {inverted}{limited}; "
+        f"finite: {finite}{low}"
     )
 
 

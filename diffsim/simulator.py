@@ -26,6 +26,7 @@ from diffsim.physics.stable_step import (
     mass_scaling,
     stable_step,
 )
+from diffsim.physics.volume_limit import VolumeLimit
 from diffsim.sim import worlds as layout
 from diffsim.sim.model import POSITION_DTYPE, Coefficients, Model, lumped_mass
 from diffsim.sim.state import State, Trajectory
@@ -319,6 +320,12 @@ class Simulator:
         fixed: prescribed vertices: a bool mask ``[n]`` or an index list.
         damping: mass-proportional damping rate in 1/s (float or tensor ``[]``).
         max_speed: v_max of the smooth tanh velocity clamp in m/s, or None for no clamp.
+        min_volume_ratio: a floor in (0, 1) for every tet's volume ratio J (current over
+            rest volume), or None (off, the default). Where a step would bring a tet below
+            it (below its own J, for a tet already under the floor), the step is cut per
+            vertex, velocities alike: tets never invert, at the price of the energy those
+            steps lose (counted, with a warning). For soft bodies under loads their mesh
+            cannot resolve (docs/time-steps.md, "The volume limit").
         backend: ``"warp"`` (fast kernels) or ``"torch"`` (reference; any material).
         dtype: ``torch.float32`` or ``torch.float64``.
         device: torch device of all tensors (``"cpu"``, ``"cuda"``).
@@ -364,6 +371,7 @@ class Simulator:
         fixed=None,
         damping: float | torch.Tensor = 0.0,
         max_speed: float | None = None,
+        min_volume_ratio: float | None = None,
         backend: str = "warp",
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
@@ -394,6 +402,7 @@ class Simulator:
             _check_positive("mass_scaling", mass_scaling)
         if max_speed is not None:
             _check_positive("max_speed", max_speed)
+        volume_limit = None if min_volume_ratio is None else VolumeLimit(min_volume_ratio)
         if friction < 0 or not math.isfinite(friction):
             raise ValueError(f"friction must be >= 0, got {friction}")
         _check_positive("friction_velocity", friction_velocity)
@@ -452,7 +461,7 @@ class Simulator:
 
                 contact_model = WorldContact.replicated(contact_model, self.worlds, mesh.n_vertices)
         self.model = self._build_model(
-            fixed_mask, dt, substeps, max_speed, ground_model, contact_model
+            fixed_mask, dt, substeps, max_speed, ground_model, contact_model, volume_limit
         )
         self._warned: set[str] = set()
         self._truncated_seen = 0  # vertex-steps the step limit cut, at the last check
@@ -461,7 +470,9 @@ class Simulator:
         self.backend_name = self._choose_backend(backend, material)
         self.backend = BACKENDS[self.backend_name](self.model)
 
-    def _build_model(self, fixed_mask, dt, substeps, max_speed, ground, contact) -> Model:
+    def _build_model(
+        self, fixed_mask, dt, substeps, max_speed, ground, contact, volume_limit
+    ) -> Model:
         """The model; with worlds, of the replicated mesh (:mod:`diffsim.sim.worlds`)."""
         mesh, worlds, device = self.mesh, self.worlds, self.device
         as_t = dict(dtype=self.dtype, device=device)
@@ -494,6 +505,7 @@ class Simulator:
             contact=contact,
             added_mass=added,
             worlds=worlds,
+            volume_limit=volume_limit,
         )
 
     def replace(self, **changes) -> Simulator:
@@ -1062,6 +1074,8 @@ class Simulator:
             self._count_inversions(xs.detach(), first_step)
             if m.contact is not None and "impact" not in self._warned:
                 self._check_truncated(m)
+            if m.volume_limit is not None and "volume" not in self._warned:
+                self._check_volume_limit(m)
             if m.max_speed is not None and "clamp" not in self._warned:
                 fast = vs.detach().norm(dim=2) > CLAMP_NOTICE_SPEED * m.max_speed
                 # The share of each world's vertex-frames (one world without worlds).
@@ -1122,6 +1136,37 @@ class Simulator:
             f'substeps="auto" (docs/contact.md)',
         )
 
+    @property
+    def volume_steps_cut(self) -> int:
+        """Vertex-steps the volume limit (``min_volume_ratio``) has cut so far (0 without
+        it): where a step would have brought a tet below the floor. Those steps lost
+        energy."""
+        limit = self.model.volume_limit
+        return 0 if limit is None else limit.counts["limited_vertex_steps"]
+
+    def _check_volume_limit(self, m: Model) -> None:
+        """Warns once when the volume limit has cut steps (:attr:`volume_steps_cut`)."""
+        counts = m.volume_limit.counts
+        if not counts["limited_vertex_steps"]:
+            return
+        cancelled = counts["cancelled_substeps"]
+        self._warn(
+            "volume",
+            f"the volume limit cut {counts['limited_vertex_steps']} vertex-steps in "
+            f"{counts['limited_substeps']} substep{'s' if counts['limited_substeps'] > 1 else ''}"
+            + (
+                f" (and left {cancelled} substeps untaken, where it and the continuous "
+                "collision limit did not settle on a step)"
+                if cancelled
+                else ""
+            )
+            + f", where tets would have been compressed below J = "
+            f"{m.volume_limit.min_ratio:g} of their rest volume; those steps lost energy. "
+            f"The material is too soft for the loads its mesh carries there (h = "
+            f"{m.substep_dt:.3g} s): a stiffer material, a finer mesh or more substeps "
+            '(docs/time-steps.md, "The volume limit")',
+        )
+
     def _count_inversions(self, xs: torch.Tensor, first_step: int) -> None:
         """Counts the inverted tets of frames ``[K, N, 3]`` (steps ``first_step + 1 ..``)
         into the rollout's record, and warns once per simulator when there are some."""
@@ -1169,8 +1214,9 @@ class Simulator:
             f"most negative J so far is {log.worst[0]:.3g}. Inverted tets are not physical: "
             f"use a smaller dt or more substeps (now {m.substeps} of {m.substep_dt:.3g} s; "
             f'substeps="auto" picks enough for the mesh), a stiffer material or a gentler '
-            f"impact; {tolerant} its results there are not physical. Counts per frame: "
-            "sim.inversions",
+            f"impact, or keep every tet above a volume ratio with min_volume_ratio (e.g. "
+            f"0.1: steps that would go below are cut); {tolerant} its results there are not "
+            "physical. Counts per frame: sim.inversions",
             StabilityWarning,
             stacklevel=6,  # the caller of rollout or step
         )

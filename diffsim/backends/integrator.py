@@ -40,6 +40,9 @@ from diffsim.sim.model import Model
 # ``contact.timings["truncated_vertex_steps"]``; splits in ``["split_substeps"]``.
 # tests/test_contact_toi.py runs with 6.
 SPLIT_LEVELS = 0
+# The volume limit and the continuous collision limit alternate on a step at most this many
+# times before the step is left untaken (each only shortens it; one or two turns settle).
+LIMIT_ALTERNATIONS = 4
 
 
 def symplectic_euler_update(
@@ -95,6 +98,7 @@ def symplectic_euler_update(
         )
         x_new = x + alpha.to(x.dtype)[:, None] * (x_new - x)
         v = v * alpha.to(v.dtype)[:, None]
+    x_new, v = _limit_volumes(m, x, x_new, v, contacts)
     return x_new.index_put((m.fixed_indices,), x_fixed.to(x_new.dtype)), v
 
 
@@ -204,6 +208,7 @@ def substep(
                     alpha[rows if rows is not None else slice(None)] = a.to(x.dtype)
                 x_new = x + alpha[:, None] * (x_new - x)
                 v_new = v_new * alpha.to(v_new.dtype)[:, None]
+            x_new, v_new = _limit_volumes(m, x, x_new, v_new, contacts)
             # Prescribed vertices at their place on the line at the step's end.
             end = [(done[w] + length) / steps for w in range(n_worlds)]
             x_new = x_new.index_put(
@@ -225,6 +230,40 @@ def substep(
                 x, v = torch.where(mask, x_new, x), torch.where(mask, v_new, v)
         if moved:
             f_other = None
+
+
+def _limit_volumes(
+    m: Model,
+    x: torch.Tensor,
+    x_new: torch.Tensor,
+    v_new: torch.Tensor,
+    contacts: list[tuple[object, slice | None]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step ``x -> x_new`` (and ``v_new``) after the volume limit
+    (:mod:`diffsim.physics.volume_limit`), where the model has one: each vertex keeps the
+    fraction of its step and velocity the limit gives it. A step it cuts is checked by the
+    continuous collision limit again (a vertex held back can let another close on it), and
+    the two alternate until neither cuts; after ``LIMIT_ALTERNATIONS`` turns the step is
+    not taken (no vertex moves; velocities keep the scales so far). The volume limit's
+    scales carry their gradient; the collision limit's scales here are constants."""
+    limit = m.volume_limit
+    if limit is None:
+        return x_new, v_new
+    for _ in range(LIMIT_ALTERNATIONS):
+        alpha = limit.scales(x, x_new - x, m.tets, m.dm_inv)
+        if alpha is not None:
+            x_new = x + alpha.to(x.dtype)[:, None] * (x_new - x)
+            v_new = v_new * alpha.to(v_new.dtype)[:, None]
+        if alpha is None or not contacts:
+            return x_new, v_new
+        scales = [c.step_scales(_at(x, rows), _at(x_new, rows)) for c, rows in contacts]
+        if all(bool((s >= 1).all()) for s in scales):
+            return x_new, v_new
+        alpha = torch.cat(scales).detach()
+        x_new = x + alpha.to(x.dtype)[:, None] * (x_new - x)
+        v_new = v_new * alpha.to(v_new.dtype)[:, None]
+    limit.counts["cancelled_substeps"] += 1
+    return x.clone(), v_new
 
 
 def _fixed_at(

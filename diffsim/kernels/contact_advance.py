@@ -38,6 +38,8 @@ from types import SimpleNamespace
 
 import warp as wp
 
+from diffsim.kernels.volume_limit import edge_matrix, first_crossing
+
 # status[1]: why a launch stopped.
 FINISHED = 0  # every substep asked for was taken
 SETS_EXPIRED = 1  # at a substep's start: select the candidate sets again at these positions
@@ -102,6 +104,10 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
         rounds: int  # ... and all of them but the last (absolute bounds for all)
         max_step: wp.float64  # larger relative offsets of a step are capped (m)
         max_translation: wp.float64  # ... and larger absolute displacements (m)
+        min_ratio: wp.float64  # the volume limit's floor (0: no volume limit)
+        volume_rounds: int  # its rounds of scaling before failing tets' corners stop
+        volume_slack: wp.float64  # a tet fails below its floor less this
+        bisections: int  # bisection steps of its first crossings
 
     @wp.struct
     class CandidatePairs:
@@ -229,6 +235,102 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
             v_out[i2] = v_out[i2] - cf[2] * change
             v_out[i3] = v_out[i3] - cf[3] * change
 
+    @wp.func
+    def limit_volumes(
+        x: wp.array(dtype=wp.vec3d),
+        x_new: wp.array(dtype=wp.vec3d),
+        el: TetElements,
+        p: ContactStep,
+        scale: wp.array(dtype=wp.float64),
+        scale_out: wp.array(dtype=wp.float64),
+    ) -> int:
+        """The volume limit's scales of the step x -> x_new into ``scale [n]`` (the rounds of
+        :func:`diffsim.physics.volume_limit.volume_step_scales`, which end within
+        ``volume_rounds + n``); returns the vertices it limits."""
+        n = x.shape[0]
+        for i in range(n):
+            scale[i] = wp.float64(1.0)
+        settled = int(0)  # noqa: UP018 - a Warp variable
+        for round_ in range(p.volume_rounds + n + 1):
+            if settled == 0:
+                for i in range(n):
+                    scale_out[i] = scale[i]
+                failing = int(0)  # noqa: UP018 - a Warp variable
+                for e in range(el.tets.shape[0]):
+                    tet = el.tets[e]
+                    dm_inv = wp.mat33d(el.dm_inv[e])
+                    x0 = x[tet[0]]
+                    x1 = x[tet[1]]
+                    x2 = x[tet[2]]
+                    x3 = x[tet[3]]
+                    f0 = edge_matrix(x0, x1, x2, x3) * dm_inv
+                    y0 = x0 + scale[tet[0]] * (x_new[tet[0]] - x0)
+                    y1 = x1 + scale[tet[1]] * (x_new[tet[1]] - x1)
+                    y2 = x2 + scale[tet[2]] * (x_new[tet[2]] - x2)
+                    y3 = x3 + scale[tet[3]] * (x_new[tet[3]] - x3)
+                    f1 = edge_matrix(y0, y1, y2, y3) * dm_inv
+                    floor = wp.min(wp.determinant(f0), p.min_ratio)
+                    if wp.determinant(f1) < floor - p.volume_slack:
+                        failing += 1
+                        t = wp.float64(0.0)
+                        if round_ < p.volume_rounds:
+                            t = first_crossing(f0, f1 - f0, floor, p.bisections)
+                        for k in range(4):
+                            corner = tet[k]
+                            scale_out[corner] = wp.min(scale_out[corner], scale[corner] * t)
+                for i in range(n):
+                    scale[i] = scale_out[i]
+                if failing == 0:
+                    settled = 1
+        limited = int(0)  # noqa: UP018 - a Warp variable
+        for i in range(n):
+            if scale[i] < wp.float64(1.0):
+                limited += 1
+        return limited
+
+    @wp.func
+    def limit_holds(
+        cand: CandidatePairs,
+        ccd_rows: wp.array(dtype=wp.int32),
+        n_ccd: int,
+        bounds: wp.array(dtype=T),
+        scales_abs: wp.array(dtype=T),
+        settled: wp.array(dtype=wp.int32),
+        alpha: wp.array(dtype=T),
+        cut: int,
+        scale: wp.array(dtype=wp.float64),
+        dx: wp.array(dtype=vec3),
+    ) -> int:
+        """Whether the step limit's rows still hold for the step scaled by the step limit's
+        scales (where it cut) times the volume limit's: each row within its relative bound,
+        or (settled by absolute bounds) every corner's scale within its absolute one."""
+        holds = int(1)  # noqa: UP018 - a Warp variable
+        for r in range(n_ccd):
+            k = ccd_rows[r]
+            i0, i1, i2, i3 = pair_ids(cand, k)
+            a0 = T(scale[i0])
+            a1 = T(scale[i1])
+            a2 = T(scale[i2])
+            a3 = T(scale[i3])
+            if cut != 0:
+                a0 = a0 * alpha[i0]
+                a1 = a1 * alpha[i1]
+                a2 = a2 * alpha[i2]
+                a3 = a3 * alpha[i3]
+            ok = int(0)  # noqa: UP018 - a Warp variable
+            if settled[r] != 0 and wp.max(wp.max(a0, a1), wp.max(a2, a3)) <= scales_abs[r]:
+                ok = 1
+            else:
+                kind = cand.kinds[k]
+                if (
+                    relative_reach(kind, a0 * dx[i0], a1 * dx[i1], a2 * dx[i2], a3 * dx[i3])
+                    <= bounds[r]
+                ):
+                    ok = 1
+            if ok == 0:
+                holds = 0
+        return holds
+
     def contact_advance_kernel(add_tet_forces):
         @wp.kernel(module=module, enable_backward=False)
         def contact_advance(
@@ -262,6 +364,8 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
             settled: wp.array(dtype=wp.int32),
             alpha: wp.array(dtype=T),
             alpha_out: wp.array(dtype=T),
+            volume_scale: wp.array(dtype=wp.float64),
+            volume_out: wp.array(dtype=wp.float64),
             x_out: wp.array2d(dtype=wp.vec3d),
             v_out: wp.array2d(dtype=vec3),
             x_saved: wp.array2d(dtype=wp.vec3d),
@@ -432,6 +536,8 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                     elif moved + relative > p.reach:
                         general = BEYOND_REACH
                     n_limited = int(0)  # noqa: UP018 - a Warp variable
+                    cut = int(0)  # noqa: UP018 - a Warp variable
+                    n_ccd = int(0)  # noqa: UP018 - a Warp variable
                     if general == 0 and not (
                         p.closest - wp.float64(2.0) * moved
                         > wp.float64(4.0) * relative / p.keep_factor
@@ -443,7 +549,6 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                         reach_ccd = wp.float64(4.0) * off0 / p.keep_factor
                         reach_ccd = reach_ccd + wp.float64(2.0) * moved
                         reach_ccd = reach_ccd * wp.float64(1.0 + 1e-5) + wp.float64(1e-12)
-                        n_ccd = int(0)  # noqa: UP018 - a Warp variable
                         # The pairs outside the near rows are at least dhat + 2 R - 2 (the
                         # offset since the rows were selected) apart: where that is beyond
                         # the step's reach, only near rows can be limited (the same pairs
@@ -464,7 +569,6 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                                     n_ccd += 1
                         for i in range(n):
                             alpha[i] = T(1.0)
-                        cut = int(0)  # noqa: UP018 - a Warp variable
                         for r in range(n_ccd):
                             k = ccd_rows[r]
                             i0, i1, i2, i3 = pair_ids(cand, k)
@@ -553,6 +657,24 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                                     if a < T(1.0):
                                         x_new[i] = x[i] + wp.float64(a) * (x_new[i] - x[i])
                                         v_new[i] = v_new[i] * a
+                    # The volume limit on the step as the step limit left it.
+                    n_volume = int(0)  # noqa: UP018 - a Warp variable
+                    if general == 0 and p.min_ratio > wp.float64(0.0):
+                        n_volume = limit_volumes(x, x_new, el, p, volume_scale, volume_out)
+                        if n_volume > 0 and p.differentiable != 0:
+                            general = LIMITED
+                        elif n_volume > 0:
+                            if limit_holds(
+                                cand, ccd_rows, n_ccd, bounds, scales_abs, settled, alpha, cut,
+                                volume_scale, dx,
+                            ) == 0:  # fmt: skip
+                                general = LIMITED
+                            else:
+                                for i in range(n):
+                                    shrink = volume_scale[i]
+                                    if shrink < wp.float64(1.0):
+                                        x_new[i] = x[i] + shrink * (x_new[i] - x[i])
+                                        v_new[i] = v_new[i] * T(shrink)
                     if general != 0:
                         status[0] = taken
                         status[1] = GENERAL_STEP
@@ -578,6 +700,9 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                     taken += 1
                     last_step = relative
                     limited += n_limited
+                    if n_volume > 0:
+                        status[6] += n_volume
+                        status[7] += 1
                     stats[0] = relative
                     stats[1] = absolute
                     status[3] = selections

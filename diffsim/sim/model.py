@@ -10,6 +10,7 @@ import torch
 from diffsim.mesh import TetMesh
 from diffsim.physics.ground import Ground
 from diffsim.physics.materials import Material
+from diffsim.physics.volume_limit import VolumeLimit
 
 # Positions are float64 in every configuration: the precision rule (docs/how-it-works.md).
 # Forces, velocities and parameters use the simulator's dtype (float32 by default).
@@ -35,6 +36,8 @@ class Model:
         contact: surface contact between and within bodies (barrier, friction, continuous
             collision limit), or None. See :mod:`diffsim.contact`.
         added_mass: ``[n]`` mass (kg) added to each vertex by mass scaling, or None.
+        volume_limit: the volume step limit (no step brings a tet's volume ratio below
+            its floor; :mod:`diffsim.physics.volume_limit`), or None.
         worlds: the number of worlds W simulated at once, or None (one world, no world
             axis). With worlds, the arrays above describe one replicated mesh: W copies of
             ``mesh``, world-major (world w owns vertices ``w * n_w .. (w + 1) * n_w - 1`` and
@@ -57,6 +60,7 @@ class Model:
     contact: Any = None
     added_mass: torch.Tensor | None = None
     worlds: int | None = None
+    volume_limit: VolumeLimit | None = None
 
     @property
     def n_worlds(self) -> int:

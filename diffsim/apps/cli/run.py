@@ -100,6 +100,8 @@ def _summary(scene, sim, traj, timing: dict) -> str:
     y = traj.positions[..., 1]
     lines.append(f"  lowest vertex height {float(y.min()):.4g} m")
     lines.append(_inversion_line(timing.get("inversions", sim.inversions)))
+    if sim.model.volume_limit is not None:
+        lines.append(_volume_limit_line(sim))
     if sim.model.contact is not None:
         lines.append(_contact_line(sim))
     return "\n".join(lines)
@@ -114,6 +116,16 @@ def _contact_line(sim) -> str:
         f"  surface contact: dhat {c.dhat * 1e3:.3g} mm, the barrier stops approaches up to "
         f"{c.stopping_speed(sim.model.substep_dt):.3g} m/s; the step limit cut "
         f"{cut} vertex-steps" + (" (impacts lost energy: see contact_speed)" if cut else "")
+    )
+
+
+def _volume_limit_line(sim) -> str:
+    """The volume limit: its floor and the vertex-steps it cut."""
+    counts = sim.model.volume_limit.counts
+    return (
+        f"  volume limit: J >= {sim.model.volume_limit.min_ratio:g}; it cut "
+        f"{counts['limited_vertex_steps']} vertex-steps in {counts['limited_substeps']} substeps"
+        + (" (they lost energy)" if counts["limited_vertex_steps"] else "")
     )
 
 

@@ -217,8 +217,8 @@ class WarpBackend(Backend):
         w, m = prepared, self.model
         x, v = self._positions(x), self._checked(v)
         x_fixed = x_fixed.to(dtype=POSITION_DTYPE).contiguous()
-        if m.contact is not None:
-            return self._substep_with_contact(w, x, v, x_fixed)
+        if m.contact is not None or m.volume_limit is not None:
+            return self._substep_in_torch(w, x, v, x_fixed)
         if not torch.is_grad_enabled() or not any(
             t.requires_grad for t in (x, v, x_fixed, *w.inputs)
         ):
@@ -231,6 +231,17 @@ class WarpBackend(Backend):
         :class:`~diffsim.backends.warp.fused.Steps` Function when a gradient is needed; with
         surface contact, wherever contact does not act (:mod:`.contact_free`)."""
         m, w = self.model, prepared
+        if m.volume_limit is not None:
+            # Every step is limited, checked substep by substep: fused contact launches
+            # (which check it) where they run, else the torch update around Warp forces.
+            if not self.fused_contact.usable():
+                return super().advance(prepared, x, v, targets, out)
+            frames = self.fused_contact.advance(prepared, x, v, targets)
+            if out is None:
+                return frames
+            out[0].copy_(frames[0])
+            out[1].copy_(frames[1])
+            return out
         if m.contact is not None:
             # Without contact where it turns out not to act, else substep by substep with it.
             return self.contact_free.advance(prepared, x, v, targets, out)
@@ -245,9 +256,10 @@ class WarpBackend(Backend):
         fused.advance_steps(self.geometry, w, x, v, targets, out, self.launcher)
         return out
 
-    def _substep_with_contact(self, w, x, v, x_fixed):
+    def _substep_in_torch(self, w, x, v, x_fixed):
         # Torch ops around the Warp forces: the same update as TorchBackend.substep, with
-        # its time-of-impact splits (integrator.substep adds the surface contact forces).
+        # its time-of-impact splits (integrator.substep adds the surface contact forces)
+        # and the volume limit.
         m = self.model
         mu, lam, mass, gravity, _ = w.inputs
 

@@ -39,6 +39,7 @@ from diffsim.kernels.contact_advance import (
     REASONS,
     SETS_EXPIRED,
 )
+from diffsim.physics import volume_limit as volume
 from diffsim.sim.model import POSITION_DTYPE
 
 # A differentiable launch selects the near rows again at most this many times less one
@@ -172,6 +173,12 @@ class FusedContactSteps:
         scratch = self._buffers(m.n_vertices, x, v)
         status, stats = scratch["status"], scratch["stats"]
         settings = self._settings(fused, contact, v.dtype, m.substep_dt)
+        volume_limit = m.volume_limit
+        if volume_limit is not None:
+            settings.min_ratio = volume_limit.min_ratio
+            settings.volume_rounds, settings.volume_slack = volume.ROUNDS, volume.SLACK
+            settings.bisections = volume.BISECTIONS
+        status[6:].zero_()
         self._set_bounds(settings, sets)
         settings.differentiable = int(saved is not None)
         self.last_settings = settings
@@ -197,7 +204,8 @@ class FusedContactSteps:
                 cand, wrap(sets.anchor.contiguous(), k.vec3),
                 wrap(sets.anchor_d2.contiguous(), wp.float64),
                 wrap(near_anchor, k.vec3), *scratch["per_vertex"], act,
-                *pair, *scratch["step_limit"], wrap(xs, k.position), wrap(vs, k.vec3),
+                *pair, *scratch["step_limit"], *scratch["volume_limit"],
+                wrap(xs, k.position), wrap(vs, k.vec3),
                 wrap(saved[0], k.position), wrap(saved[1], k.vec3), wrap(saved[2], k.vec3),
                 wrap(saved[3], wp.int32), wrap(saved[4], wp.int32), wrap(saved[5], wp.int32),
                 wrap(status, wp.int32), wrap(stats, wp.float64),
@@ -216,6 +224,9 @@ class FusedContactSteps:
             self.counts["near_selections"] += int(status[3])
             self.counts["limited_vertex_steps"] += limited
             self.counts["fused_substeps"] += taken
+            if volume_limit is not None and int(status[7]):
+                volume_limit.counts["limited_vertex_steps"] += int(status[6])
+                volume_limit.counts["limited_substeps"] += int(status[7])
         check = int(status[2]) if why == GENERAL_STEP else 0
         return taken, why, check, float(stats[2])
 
@@ -280,19 +291,22 @@ class FusedContactSteps:
             x_new = torch.zeros((n, 3), dtype=POSITION_DTYPE, device=x.device)
             dx, load = torch.zeros((n, 3), **t), torch.zeros(n, **t)
             alpha = [torch.zeros(n, **t), torch.zeros(n, **t)]  # the step limit's scales
+            # The volume limit's scales.
+            volume = [torch.zeros(n, dtype=torch.float64, device=x.device) for _ in range(2)]
             views = [wrap(a, k.vec3) for a in keep[:3]]
             views += [wrap(x_new, k.position), wrap(keep[3], k.vec3), wrap(dx, k.vec3)]
             views.append(wrap(load, k.scalar))
             found = {
-                "owners": [*keep, x_new, dx, load, *alpha],
+                "owners": [*keep, x_new, dx, load, *alpha, *volume],
                 "dummy_x": torch.zeros((1, 1, 3), dtype=POSITION_DTYPE, device=x.device),
                 "dummy_v": torch.zeros((1, 1, 3), **t),
                 "dummy_sets": torch.zeros((1, 1), dtype=torch.int32, device=x.device),
                 "dummy_ids": torch.zeros(1, dtype=torch.int32, device=x.device),
                 "step_limit": [wrap(a, k.scalar) for a in alpha],
+                "volume_limit": [wrap(a, wp.float64) for a in volume],
                 "near_anchor": torch.zeros((n, 3), **t),
                 "per_vertex": views,
-                "status": torch.zeros(6, dtype=torch.int32),
+                "status": torch.zeros(8, dtype=torch.int32),
                 "stats": torch.zeros(4, dtype=torch.float64),
             }
             self._scratch[key] = found

@@ -240,7 +240,7 @@ def test_the_run_summary_reports_inverted_tets(tmp_path, capsys, soft):
 # Steps per scene: past the first impact (the drops land within these), kept short; the
 # least checked (the rollouts shared in tests/scene_rollouts.py may be longer).
 SCENE_STEPS = {
-    "armadillo_drop": 160,  # it topples and folds at a crease from frame 145 on
+    "armadillo_drop": 160,  # it topples and rests on a crease from frame 145 on
     "bunny_drop": 150,
     "cantilever": 100,
     "cube_drop": 260,
@@ -252,29 +252,7 @@ SCENE_STEPS = {
 }
 
 
-# Scenes known to invert tets within these steps (reported in issue #14): strict, so that
-# the mark goes once the scene is fixed.
-INVERTING: dict[str, str] = {
-    "armadillo_drop": (
-        "toppled on its side, a crease 0.76 mm apart at rest closes under the global default "
-        "dhat (0.18 mm, set by a 0.35 mm rest gap at the head): 1-7 of 54,985 surface tets "
-        "inverted in 276 of 800 frames from frame 145 (J down to -0.84); E = 3e5 Pa, 83 "
-        "substeps or a per-vertex barrier width (study/vertex-widths: a second fold from "
-        "frame 190) still invert (docs/contact.md, Known limits)"
-    ),
-}
-
-
-@pytest.mark.parametrize(
-    "path",
-    [
-        pytest.param(p, marks=pytest.mark.xfail(reason=INVERTING[p.stem], strict=True))
-        if p.stem in INVERTING
-        else p
-        for p in SCENES
-    ],
-    ids=[p.stem for p in SCENES],
-)
+@pytest.mark.parametrize("path", SCENES, ids=[p.stem for p in SCENES])
 def test_the_scenes_do_not_invert(path):
     # The scene's rollout shared with test_contact_scenes and test_scenes: at least these
     # steps, and its record covers all of them.

@@ -165,6 +165,33 @@ def test_the_fused_contact_substeps_limit_as_the_general_path_does():
     assert error < 1e-10
 
 
+def test_contact_free_steps_the_limit_would_cut_are_taken_with_contact():
+    """A soft cube squeezed by its own inward velocities (2 m/s at the faces) in empty space,
+    contact on, nothing near anything: the fused contact-free steps check the floor in their
+    launch, and the steps that would go below it are taken again with contact (which cuts
+    them), as the torch backend's general path takes every step."""
+    mesh = ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=3, origin=(-0.05, -0.05, -0.05))
+    material = ds.StableNeoHookean(youngs_modulus=2e4, poissons_ratio=0.3)
+    v = -2.0 * torch.as_tensor(mesh.vertices, dtype=torch.float32) / 0.05
+    runs = {}
+    for backend in ("warp", "torch"):
+        sim = ds.Simulator(
+            mesh, material, substeps="auto", gravity=(0, 0, 0), ground=None,
+            min_volume_ratio=0.5, backend=backend,
+        )  # fmt: skip
+        with pytest.warns(ds.StabilityWarning, match="volume limit cut"):
+            runs[backend] = (sim, sim.rollout(20, sim.initial_state(velocities=v)))
+    (sim, traj), (reference, ref_traj) = runs["warp"], runs["torch"]
+    blocks = sim.backend.contact_free.counts
+    error = float((traj.positions - ref_traj.positions).abs().max())
+    print(f"{blocks}; {sim.model.volume_limit.counts}; |x_warp - x_torch| {error:.2e} m")
+    assert blocks["fused_steps"] > 0 and blocks["failed_tries"] > 0  # the check acted
+    assert sim.contact_steps_cut == 0  # no surfaces came near: the volume limit cut them
+    assert sim.model.volume_limit.counts == reference.model.volume_limit.counts
+    assert sim.volume_steps_cut > 0 and lowest_ratio(sim, traj) >= 0.5 - 1e-8
+    assert error < 1e-5  # float32 forces on two backends
+
+
 def test_without_surface_contact_the_limit_holds_as_well():
     sim = soft_cube(0.2, contact=False)
     with pytest.warns(ds.StabilityWarning, match="volume limit cut"):
@@ -173,13 +200,15 @@ def test_without_surface_contact_the_limit_holds_as_well():
     assert lowest_ratio(sim, traj) >= 0.2 - 1e-8 and not sim.inversions
 
 
-@pytest.mark.parametrize("backend", ["warp", "torch"])
-def test_gradients_through_limited_steps_match_finite_differences(backend):
+@pytest.mark.parametrize(
+    ("backend", "contact"), [("warp", False), ("torch", False), ("warp", True)]
+)
+def test_gradients_through_limited_steps_match_finite_differences(backend, contact):
     """float64: d loss / d initial velocity through a drop whose steps the limit cuts: the
     derivative of the steps taken (the crossings by the implicit function theorem), not of
     a limit held constant. The velocities are uneven: a symmetric drop gives tets equal
     crossings at shared corners, where the smallest scale is not differentiable."""
-    sim = soft_cube(0.5, dtype=torch.float64, backend=backend, contact=False)
+    sim = soft_cube(0.5, dtype=torch.float64, backend=backend, contact=contact)
     n = sim.mesh.n_vertices
     uneven = torch.Generator().manual_seed(5)
     base = 0.3 * torch.randn((n, 3), generator=uneven, dtype=torch.float64)

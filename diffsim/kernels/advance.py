@@ -21,6 +21,8 @@ from types import SimpleNamespace
 
 import warp as wp
 
+from diffsim.kernels.volume_limit import volume_ratio_of
+
 # A waiting worker spins this many times, then also yields its core on every spin (so that a
 # partner descheduled by other load can run). It gives up on a partner that never arrives
 # after ``spin_limit`` spins (a kernel argument; seconds in use): a safety net against a hang.
@@ -91,6 +93,25 @@ def build_advance(dtype, module: str, elastic, integrate, force_vjp) -> SimpleNa
     @wp.func_native(BARRIER)
     def barrier(sync: wp.array(dtype=wp.int32), workers: int, spin_limit: wp.int64) -> int: ...
 
+    @wp.func
+    def check_ratio(
+        x: wp.array(dtype=wp.vec3d),
+        el: TetElements,
+        e: int,
+        compare: bool,
+        min_ratio: wp.float64,
+        slack: wp.float64,
+        ratios: wp.array(dtype=wp.float64),
+        below: wp.array(dtype=wp.int32),
+    ):
+        """Tet e's volume ratio at x into ``ratios[e]``; with ``compare``, ``below[0] = 1``
+        where it fell below ``min(ratios[e], min_ratio) - slack`` since."""
+        tet = el.tets[e]
+        ratio = volume_ratio_of(x[tet[0]], x[tet[1]], x[tet[2]], x[tet[3]], wp.mat33d(el.dm_inv[e]))
+        if compare and ratio < wp.min(ratios[e], min_ratio) - slack:
+            below[0] = 1
+        ratios[e] = ratio
+
     def advance_kernel(add_tet_forces):
         @wp.kernel(module=module, enable_backward=False)
         def advance(
@@ -117,6 +138,10 @@ def build_advance(dtype, module: str, elastic, integrate, force_vjp) -> SimpleNa
             x_saved: wp.array2d(dtype=wp.vec3d),
             v_saved: wp.array2d(dtype=vec3),
             f_saved: wp.array2d(dtype=vec3),
+            min_ratio: wp.float64,
+            volume_slack: wp.float64,
+            ratios: wp.array(dtype=wp.float64),
+            below: wp.array(dtype=wp.int32),
         ):
             """``targets.shape[0]`` steps of ``substeps`` substeps; launched with dim 1.
 
@@ -127,13 +152,20 @@ def build_advance(dtype, module: str, elastic, integrate, force_vjp) -> SimpleNa
             ``forces`` ``[workers, n]`` must be zero and is left zero. With ``save`` set, row
             ``step * substeps + j`` of x_saved, v_saved and f_saved ``[steps * substeps, n]``
             receives the positions, velocities and elastic forces at the start of substep j
-            (what the backward pass needs).
+            (what the backward pass needs). With ``min_ratio`` > 0 (the volume limit) it
+            checks that no substep took a tet's volume ratio below ``min(its ratio at the
+            substep's start, min_ratio) - volume_slack``, keeping each tet's last ratio in
+            ``ratios [m]``, and sets ``below[0]`` where one did (the volume limit would
+            have cut that substep: the caller takes the steps another way).
             """
             own = forces[worker]
             for step in range(targets.shape[0]):
                 for j in range(substeps):
                     for e in range(tet_start, tet_stop):
                         add_tet_forces(x, el, e, own)
+                        if min_ratio > wp.float64(0.0):
+                            later = step + j > 0
+                            check_ratio(x, el, e, later, min_ratio, volume_slack, ratios, below)
                     if barrier(sync, workers, spin_limit) != 0:
                         return
                     fraction = wp.float64(j + 1) / wp.float64(substeps)
@@ -170,6 +202,9 @@ def build_advance(dtype, module: str, elastic, integrate, force_vjp) -> SimpleNa
                             v_out[step, i] = vn
                     if barrier(sync, workers, spin_limit) != 0:
                         return
+            if min_ratio > wp.float64(0.0):  # the last substep's end
+                for e in range(tet_start, tet_stop):
+                    check_ratio(x, el, e, True, min_ratio, volume_slack, ratios, below)
 
         return advance
 

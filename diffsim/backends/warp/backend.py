@@ -192,6 +192,9 @@ class WarpBackend(Backend):
             for name, value in t.items()
             if value.dtype == m.dtype
         }
+        # The fused steps' unused volume-limit arguments.
+        t["dummy_ratios"] = torch.zeros(1, dtype=torch.float64, device=m.device)
+        t["dummy_flag"] = torch.zeros(1, dtype=torch.int32, device=m.device)
         return SimpleNamespace(**t, **views)
 
     # ----------------------------------------------------------------- physics
@@ -231,21 +234,11 @@ class WarpBackend(Backend):
         :class:`~diffsim.backends.warp.fused.Steps` Function when a gradient is needed; with
         surface contact, wherever contact does not act (:mod:`.contact_free`)."""
         m, w = self.model, prepared
-        if m.volume_limit is not None:
-            # Every step is limited, checked substep by substep: fused contact launches
-            # (which check it) where they run, else the torch update around Warp forces.
-            if not self.fused_contact.usable():
-                return super().advance(prepared, x, v, targets, out)
-            frames = self.fused_contact.advance(prepared, x, v, targets)
-            if out is None:
-                return frames
-            out[0].copy_(frames[0])
-            out[1].copy_(frames[1])
-            return out
         if m.contact is not None:
             # Without contact where it turns out not to act, else substep by substep with it.
             return self.contact_free.advance(prepared, x, v, targets, out)
-        if not self.geometry.device.is_cpu:
+        if not self.geometry.device.is_cpu or m.volume_limit is not None:
+            # (Without contact, the volume limit's steps run in torch around Warp forces.)
             return super().advance(prepared, x, v, targets, out)
         x, v = self._positions(x), self._checked(v)
         targets = targets.to(POSITION_DTYPE).contiguous()

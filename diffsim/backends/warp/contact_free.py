@@ -87,7 +87,9 @@ class ContactFreeBlocks:
                 k //= 2
             part = targets[i : i + k]
             frames = None
-            if self._predicted_clear(x, v, k):
+            # (The per-substep kernels do not check the volume limit: no blocks with it.)
+            blocks = m.volume_limit is None or not self.per_substep
+            if blocks and self._predicted_clear(x, v, k):
                 frames = self._fused(prepared, x, v, part, grad)
             if frames is None:
                 k = 1
@@ -159,11 +161,17 @@ class ContactFreeBlocks:
         g, launcher = b.geometry, b.launcher
         x, v = b._positions(x), b._checked(v)
         targets = targets.to(x.dtype).contiguous()
+        volume = None
+        if m.volume_limit is not None:  # checked in the launch (where no substep needs it)
+            below = torch.zeros(1, dtype=torch.int32, device=x.device)
+            volume = (m.volume_limit.min_ratio, below)
         if self.per_substep:  # CUDA: the contact-free substep kernels, one by one
             frames, path = self._substeps(prepared, x, v, targets, grad)
         elif grad:
             seen: list = []
-            frames = fused.Steps.apply(g, prepared, launcher, x, v, targets, *prepared.inputs, seen)
+            frames = fused.Steps.apply(
+                g, prepared, launcher, x, v, targets, *prepared.inputs, seen, volume
+            )
             path = torch.cat([seen[0], frames[0][-1:].detach()])
         else:
             n_sub = len(targets) * m.substeps
@@ -180,8 +188,12 @@ class ContactFreeBlocks:
                 frames,
                 launcher,
                 (path[:n_sub], saved_v, saved_v.clone()),
+                volume,
             )
             path[n_sub] = frames[0][-1]
+        if volume is not None and int(volume[1][0]):
+            self.counts["failed_tries"] += 1  # the volume limit would have cut a substep
+            return None
         if not m.contact.clear_over(path, most_measured=self.most_measured):
             self.counts["failed_tries"] += 1
             return None

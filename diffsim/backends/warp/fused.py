@@ -21,6 +21,7 @@ from torch.autograd.function import once_differentiable
 
 from diffsim.backends.warp.bridge import Geometry, WarpCoefficients, torch_dtype, wrap
 from diffsim.backends.warp.threads import MIN_TETS_PER_WORKER
+from diffsim.physics.volume_limit import SLACK as VOLUME_SLACK
 
 # Barrier spins before a fused worker gives up on the others (several seconds).
 SPIN_LIMIT = 1 << 25
@@ -125,7 +126,7 @@ def _by_world(g: Geometry, workers: int) -> bool:
 
 
 def advance_steps(
-    g: Geometry, w: WarpCoefficients, x, v, targets, out, launcher=None, saved=None
+    g: Geometry, w: WarpCoefficients, x, v, targets, out, launcher=None, saved=None, volume=None
 ) -> None:
     """Whole steps on the CPU in one launch of the fused kernel per worker (no autograd).
 
@@ -138,6 +139,9 @@ def advance_steps(
             enough to gain from it).
         saved: optional ``(x, v, f_el)`` buffers ``[K * substeps, n, 3]`` for the state and
             elastic forces at the start of every substep.
+        volume: optional ``(min_ratio, below)``: check the volume limit's floor (no
+            substep may take a tet below it); ``below`` (int32 ``[1]``, zeroed by the caller)
+            is set where one did.
     """
     k, s = g.kernels, w.scratch
     x_work, v_work = x.clone(), v.clone()  # advanced in place
@@ -156,6 +160,12 @@ def advance_steps(
         wrap(out[0], k.position), wrap(out[1], k.vec3), save,
         wrap(saved[0], k.position), wrap(saved[1], k.vec3), wrap(saved[2], k.vec3),
     ]  # fmt: skip
+    if volume is None:
+        tail += [0.0, 0.0, wrap(s.dummy_ratios, wp.float64), wrap(s.dummy_flag, wp.int32)]
+    else:
+        min_ratio, below = volume
+        ratios = torch.empty(g.n_tets, dtype=torch.float64, device=x.device)
+        tail += [min_ratio, VOLUME_SLACK, wrap(ratios, wp.float64), wrap(below, wp.int32)]
 
     def args(worker, workers, tets, vertices, sync, alone):
         if alone:  # its own force row, as the only worker of its launch
@@ -243,7 +253,10 @@ class Steps(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, g, w, launcher, x, v, targets, mu, lam, mass, gravity, damping, seen=None):
+    def forward(
+        ctx, g, w, launcher, x, v, targets, mu, lam, mass, gravity, damping, seen=None,
+        volume=None,
+    ):  # fmt: skip
         n_sub = len(targets) * g.substeps
         saved = (
             x.new_empty((n_sub, *x.shape)),  # float64 positions
@@ -251,7 +264,7 @@ class Steps(torch.autograd.Function):
             v.new_empty((n_sub, *v.shape)),
         )
         out = (x.new_empty((len(targets), *x.shape)), v.new_empty((len(targets), *v.shape)))
-        advance_steps(g, w, x, v, targets, out, launcher, saved)
+        advance_steps(g, w, x, v, targets, out, launcher, saved, volume)
         ctx.g, ctx.w, ctx.launcher, ctx.saved = g, w, launcher, saved
         ctx.save_for_backward(targets)
         if seen is not None:
@@ -266,4 +279,4 @@ class Steps(torch.autograd.Function):
         grad_xs = grad_xs if grad_xs is not None else targets.new_zeros(shape)
         grad_vs = grad_vs if grad_vs is not None else ctx.saved[1].new_zeros(shape)
         adjoints = retreat_steps(ctx.g, ctx.w, ctx.saved, grad_xs, grad_vs, ctx.launcher)
-        return None, None, None, *adjoints, None
+        return None, None, None, *adjoints, None, None

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import warp as wp
 
-from diffsim.kernels.volume_limit import volume_ratio_of
+from diffsim.kernels.inversion import volume_ratio
 
 # A waiting worker spins this many times, then also yields its core on every spin (so that a
 # partner descheduled by other load can run). It gives up on a partner that never arrives
@@ -101,13 +101,14 @@ def build_advance(dtype, module: str, elastic, integrate, force_vjp) -> SimpleNa
         compare: bool,
         min_ratio: wp.float64,
         slack: wp.float64,
+        det_dm_inv: wp.array(dtype=wp.float64),
         ratios: wp.array(dtype=wp.float64),
         below: wp.array(dtype=wp.int32),
     ):
         """Tet e's volume ratio at x into ``ratios[e]``; with ``compare``, ``below[0] = 1``
         where it fell below ``min(ratios[e], min_ratio) - slack`` since."""
         tet = el.tets[e]
-        ratio = volume_ratio_of(x[tet[0]], x[tet[1]], x[tet[2]], x[tet[3]], wp.mat33d(el.dm_inv[e]))
+        ratio = volume_ratio(x[tet[0]], x[tet[1]], x[tet[2]], x[tet[3]], det_dm_inv[e])
         if compare and ratio < wp.min(ratios[e], min_ratio) - slack:
             below[0] = 1
         ratios[e] = ratio
@@ -140,6 +141,7 @@ def build_advance(dtype, module: str, elastic, integrate, force_vjp) -> SimpleNa
             f_saved: wp.array2d(dtype=vec3),
             min_ratio: wp.float64,
             volume_slack: wp.float64,
+            det_dm_inv: wp.array(dtype=wp.float64),
             ratios: wp.array(dtype=wp.float64),
             below: wp.array(dtype=wp.int32),
         ):
@@ -165,7 +167,9 @@ def build_advance(dtype, module: str, elastic, integrate, force_vjp) -> SimpleNa
                         add_tet_forces(x, el, e, own)
                         if min_ratio > wp.float64(0.0):
                             later = step + j > 0
-                            check_ratio(x, el, e, later, min_ratio, volume_slack, ratios, below)
+                            check_ratio(
+                                x, el, e, later, min_ratio, volume_slack, det_dm_inv, ratios, below
+                            )
                     if barrier(sync, workers, spin_limit) != 0:
                         return
                     fraction = wp.float64(j + 1) / wp.float64(substeps)
@@ -204,7 +208,7 @@ def build_advance(dtype, module: str, elastic, integrate, force_vjp) -> SimpleNa
                         return
             if min_ratio > wp.float64(0.0):  # the last substep's end
                 for e in range(tet_start, tet_stop):
-                    check_ratio(x, el, e, True, min_ratio, volume_slack, ratios, below)
+                    check_ratio(x, el, e, True, min_ratio, volume_slack, det_dm_inv, ratios, below)
 
         return advance
 

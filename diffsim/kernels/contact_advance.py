@@ -106,6 +106,7 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
         max_translation: wp.float64  # ... and larger absolute displacements (m)
         min_ratio: wp.float64  # the volume limit's floor (0: no volume limit)
         volume_rounds: int  # its rounds of scaling before failing tets' corners stop
+        volume_turns: int  # its turns with the step limit's rows before the general path
         volume_slack: wp.float64  # a tet fails below its floor less this
         bisections: int  # bisection steps of its first crossings
 
@@ -243,10 +244,16 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
         p: ContactStep,
         scale: wp.array(dtype=wp.float64),
         scale_out: wp.array(dtype=wp.float64),
+        changed: wp.array(dtype=wp.int32),
+        tet_floor: wp.array(dtype=wp.float64),
+        det_dm_inv: wp.array(dtype=wp.float64),
     ) -> int:
         """The volume limit's scales of the step x -> x_new into ``scale [n]`` (the rounds of
         :func:`diffsim.physics.volume_limit.volume_step_scales`, which end within
-        ``volume_rounds + n``); returns the vertices it limits."""
+        ``volume_rounds + n``; after the first, only the tets with a corner whose scale
+        dropped are measured again); returns the vertices it limits. ``det_dm_inv [m]``:
+        c = det Dm^-1 per tet (J = c det Ds). Scratch: ``scale_out``, ``changed [n]``,
+        ``tet_floor [m]``."""
         n = x.shape[0]
         for i in range(n):
             scale[i] = wp.float64(1.0)
@@ -258,27 +265,38 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                 failing = int(0)  # noqa: UP018 - a Warp variable
                 for e in range(el.tets.shape[0]):
                     tet = el.tets[e]
-                    dm_inv = wp.mat33d(el.dm_inv[e])
-                    x0 = x[tet[0]]
-                    x1 = x[tet[1]]
-                    x2 = x[tet[2]]
-                    x3 = x[tet[3]]
-                    f0 = edge_matrix(x0, x1, x2, x3) * dm_inv
-                    y0 = x0 + scale[tet[0]] * (x_new[tet[0]] - x0)
-                    y1 = x1 + scale[tet[1]] * (x_new[tet[1]] - x1)
-                    y2 = x2 + scale[tet[2]] * (x_new[tet[2]] - x2)
-                    y3 = x3 + scale[tet[3]] * (x_new[tet[3]] - x3)
-                    f1 = edge_matrix(y0, y1, y2, y3) * dm_inv
-                    floor = wp.min(wp.determinant(f0), p.min_ratio)
-                    if wp.determinant(f1) < floor - p.volume_slack:
-                        failing += 1
-                        t = wp.float64(0.0)
-                        if round_ < p.volume_rounds:
-                            t = first_crossing(f0, f1 - f0, floor, p.bisections)
-                        for k in range(4):
-                            corner = tet[k]
-                            scale_out[corner] = wp.min(scale_out[corner], scale[corner] * t)
+                    again = round_ == 0
+                    if not again:
+                        again = (
+                            changed[tet[0]] + changed[tet[1]] + changed[tet[2]] + changed[tet[3]]
+                        ) > 0
+                    if again:
+                        c = det_dm_inv[e]
+                        x0 = x[tet[0]]
+                        x1 = x[tet[1]]
+                        x2 = x[tet[2]]
+                        x3 = x[tet[3]]
+                        d0 = edge_matrix(x0, x1, x2, x3)
+                        if round_ == 0:
+                            tet_floor[e] = wp.min(c * wp.determinant(d0), p.min_ratio)
+                        y0 = x0 + scale[tet[0]] * (x_new[tet[0]] - x0)
+                        y1 = x1 + scale[tet[1]] * (x_new[tet[1]] - x1)
+                        y2 = x2 + scale[tet[2]] * (x_new[tet[2]] - x2)
+                        y3 = x3 + scale[tet[3]] * (x_new[tet[3]] - x3)
+                        d1 = edge_matrix(y0, y1, y2, y3)
+                        floor = tet_floor[e]
+                        if c * wp.determinant(d1) < floor - p.volume_slack:
+                            failing += 1
+                            t = wp.float64(0.0)
+                            if round_ < p.volume_rounds:
+                                t = first_crossing(d0, d1 - d0, floor / c, p.bisections)
+                            for k in range(4):
+                                corner = tet[k]
+                                scale_out[corner] = wp.min(scale_out[corner], scale[corner] * t)
                 for i in range(n):
+                    changed[i] = 0
+                    if scale_out[i] < scale[i]:
+                        changed[i] = 1
                     scale[i] = scale_out[i]
                 if failing == 0:
                     settled = 1
@@ -289,47 +307,136 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
         return limited
 
     @wp.func
-    def limit_holds(
+    def select_ccd_rows(
+        cand: CandidatePairs,
+        anchor_d2: wp.array(dtype=wp.float64),
+        ccd_rows: wp.array(dtype=wp.int32),
+        p: ContactStep,
+        moved: wp.float64,
+        relative: wp.float64,
+        lo: vec3,
+        hi: vec3,
+        n_rows: int,
+        near_reach: wp.float64,
+        near_moved: wp.float64,
+    ) -> int:
+        """The step limit's rows into ``ccd_rows`` (SurfaceContact.step_scales,
+        warp_glue.step_scales): the candidates that some scales in [0, 1] of a step with
+        offset bounds ``lo, hi`` and offset ``relative`` could bring within reach, by their
+        distances at the anchor; none where the closest candidate lies beyond. Returns how
+        many."""
+        n_ccd = int(0)  # noqa: UP018 - a Warp variable
+        if not (p.closest - wp.float64(2.0) * moved > wp.float64(4.0) * relative / p.keep_factor):
+            off0 = offset(wp.min(lo, vec3()), wp.max(hi, vec3()))
+            reach_ccd = wp.float64(4.0) * off0 / p.keep_factor
+            reach_ccd = reach_ccd + wp.float64(2.0) * moved
+            reach_ccd = reach_ccd * wp.float64(1.0 + 1e-5) + wp.float64(1e-12)
+            # The pairs outside the near rows are at least dhat + 2 R - 2 (the offset since
+            # the rows were selected) apart: where that is beyond the step's reach, only
+            # near rows can be limited (the same pairs in the same order, without a pass
+            # over the whole set).
+            needed = wp.float64(4.0) * off0 / p.keep_factor
+            needed = needed * wp.float64(1.0 + 1e-5) + wp.float64(1e-12)
+            near_free = p.dhat + wp.float64(2.0) * (near_reach - near_moved)
+            if near_free > needed:
+                for r in range(n_rows):
+                    k = cand.rows[r]
+                    if anchor_d2[k] < reach_ccd * reach_ccd:
+                        ccd_rows[n_ccd] = k
+                        n_ccd += 1
+            else:
+                for k in range(cand.pairs.shape[0]):
+                    if anchor_d2[k] < reach_ccd * reach_ccd:
+                        ccd_rows[n_ccd] = k
+                        n_ccd += 1
+        return n_ccd
+
+    @wp.func
+    def collision_scales(
         cand: CandidatePairs,
         ccd_rows: wp.array(dtype=wp.int32),
         n_ccd: int,
+        xl: wp.array(dtype=vec3),
+        dx: wp.array(dtype=vec3),
+        p: ContactStep,
         bounds: wp.array(dtype=T),
         scales_abs: wp.array(dtype=T),
         settled: wp.array(dtype=wp.int32),
         alpha: wp.array(dtype=T),
-        cut: int,
-        scale: wp.array(dtype=wp.float64),
-        dx: wp.array(dtype=vec3),
+        alpha_out: wp.array(dtype=T),
+        verify: bool,
     ) -> int:
-        """Whether the step limit's rows still hold for the step scaled by the step limit's
-        scales (where it cut) times the volume limit's: each row within its relative bound,
-        or (settled by absolute bounds) every corner's scale within its absolute one."""
-        holds = int(1)  # noqa: UP018 - a Warp variable
+        """The step limit's scales ``alpha [n]`` of the step ``dx`` (local) over the rows
+        ``ccd_rows[:n_ccd]`` (SurfaceContact.step_scales, warp_glue.step_scales): pass 1,
+        then, with ``verify``, the verification rounds (equalize, absolute bounds, absolute
+        bounds for every pair left). Returns 1 where some scale is below 1."""
+        n = alpha.shape[0]
+        cut = int(0)  # noqa: UP018 - a Warp variable
+        for i in range(n):
+            alpha[i] = T(1.0)
         for r in range(n_ccd):
             k = ccd_rows[r]
             i0, i1, i2, i3 = pair_ids(cand, k)
-            a0 = T(scale[i0])
-            a1 = T(scale[i1])
-            a2 = T(scale[i2])
-            a3 = T(scale[i3])
-            if cut != 0:
-                a0 = a0 * alpha[i0]
-                a1 = a1 * alpha[i1]
-                a2 = a2 * alpha[i2]
-                a3 = a3 * alpha[i3]
-            ok = int(0)  # noqa: UP018 - a Warp variable
-            if settled[r] != 0 and wp.max(wp.max(a0, a1), wp.max(a2, a3)) <= scales_abs[r]:
-                ok = 1
-            else:
-                kind = cand.kinds[k]
-                if (
-                    relative_reach(kind, a0 * dx[i0], a1 * dx[i1], a2 * dx[i2], a3 * dx[i3])
-                    <= bounds[r]
-                ):
-                    ok = 1
-            if ok == 0:
-                holds = 0
-        return holds
+            bound, t_abs, t_rel = pair_scale(
+                cand.kinds[k], xl[i0], xl[i1], xl[i2], xl[i3], dx[i0], dx[i1],
+                dx[i2], dx[i3], p.keep, p.slack, p.parallel_fraction,
+            )  # fmt: skip
+            bounds[r] = bound
+            scales_abs[r] = t_abs
+            settled[r] = 0
+            if t_rel < T(1.0):
+                cut = 1
+                alpha[i0] = wp.min(alpha[i0], t_rel)
+                alpha[i1] = wp.min(alpha[i1], t_rel)
+                alpha[i2] = wp.min(alpha[i2], t_rel)
+                alpha[i3] = wp.min(alpha[i3], t_rel)
+        if cut != 0 and verify:
+            # Verification rounds: equalize, then absolute bounds, then absolute bounds for
+            # every pair left (mode 2).
+            done = int(0)  # noqa: UP018 - a Warp variable
+            for rnd in range(p.rounds + 1):
+                if done == 0:
+                    mode = int(2)  # noqa: UP018 - a Warp variable
+                    if rnd < p.equalize_rounds:
+                        mode = int(0)  # noqa: UP018 - a Warp variable
+                    elif rnd < p.rounds:
+                        mode = int(1)  # noqa: UP018 - a Warp variable
+                    for i in range(n):
+                        alpha_out[i] = alpha[i]
+                    failing = int(0)  # noqa: UP018 - a Warp variable
+                    for r in range(n_ccd):
+                        if settled[r] == 0:
+                            k = ccd_rows[r]
+                            i0, i1, i2, i3 = pair_ids(cand, k)
+                            a0 = alpha[i0]
+                            a1 = alpha[i1]
+                            a2 = alpha[i2]
+                            a3 = alpha[i3]
+                            acts = int(1)  # noqa: UP018 - a Warp variable
+                            if mode != 2:
+                                reach = relative_reach(
+                                    cand.kinds[k], a0 * dx[i0], a1 * dx[i1], a2 * dx[i2],
+                                    a3 * dx[i3],
+                                )  # fmt: skip
+                                if reach <= bounds[r]:
+                                    acts = int(0)  # noqa: UP018
+                                else:
+                                    failing += 1
+                            if acts != 0:
+                                scale = scales_abs[r]
+                                if mode == 0:
+                                    scale = wp.min(wp.min(a0, a1), wp.min(a2, a3))
+                                else:
+                                    settled[r] = 1
+                                alpha_out[i0] = wp.min(alpha_out[i0], scale)
+                                alpha_out[i1] = wp.min(alpha_out[i1], scale)
+                                alpha_out[i2] = wp.min(alpha_out[i2], scale)
+                                alpha_out[i3] = wp.min(alpha_out[i3], scale)
+                    for i in range(n):
+                        alpha[i] = alpha_out[i]
+                    if mode != 2 and failing == 0:
+                        done = 1
+        return cut
 
     def contact_advance_kernel(add_tet_forces):
         @wp.kernel(module=module, enable_backward=False)
@@ -366,6 +473,10 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
             alpha_out: wp.array(dtype=T),
             volume_scale: wp.array(dtype=wp.float64),
             volume_out: wp.array(dtype=wp.float64),
+            volume_changed: wp.array(dtype=wp.int32),
+            tet_floor: wp.array(dtype=wp.float64),
+            det_dm_inv: wp.array(dtype=wp.float64),
+            volume_total: wp.array(dtype=wp.float64),
             x_out: wp.array2d(dtype=wp.vec3d),
             v_out: wp.array2d(dtype=vec3),
             x_saved: wp.array2d(dtype=wp.vec3d),
@@ -538,143 +649,100 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                     n_limited = int(0)  # noqa: UP018 - a Warp variable
                     cut = int(0)  # noqa: UP018 - a Warp variable
                     n_ccd = int(0)  # noqa: UP018 - a Warp variable
-                    if general == 0 and not (
-                        p.closest - wp.float64(2.0) * moved
-                        > wp.float64(4.0) * relative / p.keep_factor
-                    ):
-                        # The step limit (SurfaceContact.step_scales, warp_glue.step_scales)
-                        # over the candidates that some scales in [0, 1] of the step could
-                        # bring within reach, by their distances at the anchor.
-                        off0 = offset(wp.min(lo, vec3()), wp.max(hi, vec3()))
-                        reach_ccd = wp.float64(4.0) * off0 / p.keep_factor
-                        reach_ccd = reach_ccd + wp.float64(2.0) * moved
-                        reach_ccd = reach_ccd * wp.float64(1.0 + 1e-5) + wp.float64(1e-12)
-                        # The pairs outside the near rows are at least dhat + 2 R - 2 (the
-                        # offset since the rows were selected) apart: where that is beyond
-                        # the step's reach, only near rows can be limited (the same pairs
-                        # in the same order, without a pass over the whole set).
-                        needed = wp.float64(4.0) * off0 / p.keep_factor
-                        needed = needed * wp.float64(1.0 + 1e-5) + wp.float64(1e-12)
-                        near_free = p.dhat + wp.float64(2.0) * (near_reach - near_moved)
-                        if near_free > needed:
-                            for r in range(n_rows):
-                                k = cand.rows[r]
-                                if anchor_d2[k] < reach_ccd * reach_ccd:
-                                    ccd_rows[n_ccd] = k
-                                    n_ccd += 1
-                        else:
-                            for k in range(cand.pairs.shape[0]):
-                                if anchor_d2[k] < reach_ccd * reach_ccd:
-                                    ccd_rows[n_ccd] = k
-                                    n_ccd += 1
+                    if general == 0:
+                        n_ccd = select_ccd_rows(
+                            cand, anchor_d2, ccd_rows, p, moved, relative, lo, hi, n_rows,
+                            near_reach, near_moved,
+                        )  # fmt: skip
+                    if n_ccd > 0:
+                        cut = collision_scales(
+                            cand, ccd_rows, n_ccd, xl, dx, p, bounds, scales_abs, settled, alpha,
+                            alpha_out, p.differentiable == 0,
+                        )  # fmt: skip
+                    if cut != 0 and p.differentiable != 0:
+                        general = LIMITED
+                    elif cut != 0:
+                        # The truncated step: within the candidates' reach (else the
+                        # general path builds a set for it), its offset the last step's.
+                        lo = vec3(T(1e30), T(1e30), T(1e30))
+                        hi = -lo
+                        t_lo = lo
+                        t_hi = hi
                         for i in range(n):
-                            alpha[i] = T(1.0)
-                        for r in range(n_ccd):
-                            k = ccd_rows[r]
-                            i0, i1, i2, i3 = pair_ids(cand, k)
-                            bound, t_abs, t_rel = pair_scale(
-                                cand.kinds[k], xl[i0], xl[i1], xl[i2], xl[i3], dx[i0], dx[i1],
-                                dx[i2], dx[i3], p.keep, p.slack, p.parallel_fraction,
-                            )  # fmt: skip
-                            bounds[r] = bound
-                            scales_abs[r] = t_abs
-                            settled[r] = 0
-                            if t_rel < T(1.0):
-                                cut = 1
-                                alpha[i0] = wp.min(alpha[i0], t_rel)
-                                alpha[i1] = wp.min(alpha[i1], t_rel)
-                                alpha[i2] = wp.min(alpha[i2], t_rel)
-                                alpha[i3] = wp.min(alpha[i3], t_rel)
-                        if cut != 0 and p.differentiable != 0:
-                            general = LIMITED
-                        elif cut != 0:
-                            # Verification rounds: equalize, then absolute bounds, then
-                            # absolute bounds for every pair left (mode 2).
-                            for rnd in range(p.rounds + 1):
-                                mode = int(2)  # noqa: UP018 - a Warp variable
-                                if rnd < p.equalize_rounds:
-                                    mode = int(0)  # noqa: UP018 - a Warp variable
-                                elif rnd < p.rounds:
-                                    mode = int(1)  # noqa: UP018 - a Warp variable
-                                for i in range(n):
-                                    alpha_out[i] = alpha[i]
-                                failing = int(0)  # noqa: UP018 - a Warp variable
-                                for r in range(n_ccd):
-                                    if settled[r] == 0:
-                                        k = ccd_rows[r]
-                                        i0, i1, i2, i3 = pair_ids(cand, k)
-                                        a0 = alpha[i0]
-                                        a1 = alpha[i1]
-                                        a2 = alpha[i2]
-                                        a3 = alpha[i3]
-                                        acts = int(1)  # noqa: UP018 - a Warp variable
-                                        if mode != 2:
-                                            reach = relative_reach(
-                                                cand.kinds[k], a0 * dx[i0], a1 * dx[i1],
-                                                a2 * dx[i2],
-                                                a3 * dx[i3],
-                                            )  # fmt: skip
-                                            if reach <= bounds[r]:
-                                                acts = int(0)  # noqa: UP018
-                                            else:
-                                                failing += 1
-                                        if acts != 0:
-                                            scale = scales_abs[r]
-                                            if mode == 0:
-                                                scale = wp.min(wp.min(a0, a1), wp.min(a2, a3))
-                                            else:
-                                                settled[r] = 1
-                                            alpha_out[i0] = wp.min(alpha_out[i0], scale)
-                                            alpha_out[i1] = wp.min(alpha_out[i1], scale)
-                                            alpha_out[i2] = wp.min(alpha_out[i2], scale)
-                                            alpha_out[i3] = wp.min(alpha_out[i3], scale)
-                                for i in range(n):
-                                    alpha[i] = alpha_out[i]
-                                if mode != 2 and failing == 0:
-                                    break
-                            # The truncated step: within the candidates' reach (else the
-                            # general path builds a set for it), its offset the last step's.
-                            lo = vec3(T(1e30), T(1e30), T(1e30))
-                            hi = -lo
-                            t_lo = lo
-                            t_hi = hi
+                            a = alpha[i]
+                            if a < T(1.0):
+                                n_limited += 1
+                            y = a * dx[i]
+                            t_lo = wp.min(t_lo, y)
+                            t_hi = wp.max(t_hi, y)
+                            y = xl[i] + y - anchor[i]
+                            lo = wp.min(lo, y)
+                            hi = wp.max(hi, y)
+                        if offset(lo, hi) > p.reach:
+                            general = BEYOND_REACH
+                        else:
+                            relative = offset(t_lo, t_hi)
                             for i in range(n):
                                 a = alpha[i]
                                 if a < T(1.0):
-                                    n_limited += 1
-                                y = a * dx[i]
-                                t_lo = wp.min(t_lo, y)
-                                t_hi = wp.max(t_hi, y)
-                                y = xl[i] + y - anchor[i]
-                                lo = wp.min(lo, y)
-                                hi = wp.max(hi, y)
-                            if offset(lo, hi) > p.reach:
-                                general = BEYOND_REACH
-                            else:
-                                relative = offset(t_lo, t_hi)
-                                for i in range(n):
-                                    a = alpha[i]
-                                    if a < T(1.0):
-                                        x_new[i] = x[i] + wp.float64(a) * (x_new[i] - x[i])
-                                        v_new[i] = v_new[i] * a
-                    # The volume limit on the step as the step limit left it.
+                                    x_new[i] = x[i] + wp.float64(a) * (x_new[i] - x[i])
+                                    v_new[i] = v_new[i] * a
+                    # The volume limit on the step as the step limit left it, in turns with
+                    # the step limit on the shortened step (integrator._limit_volumes).
                     n_volume = int(0)  # noqa: UP018 - a Warp variable
                     if general == 0 and p.min_ratio > wp.float64(0.0):
-                        n_volume = limit_volumes(x, x_new, el, p, volume_scale, volume_out)
-                        if n_volume > 0 and p.differentiable != 0:
-                            general = LIMITED
-                        elif n_volume > 0:
-                            if limit_holds(
-                                cand, ccd_rows, n_ccd, bounds, scales_abs, settled, alpha, cut,
-                                volume_scale, dx,
-                            ) == 0:  # fmt: skip
-                                general = LIMITED
-                            else:
-                                for i in range(n):
-                                    shrink = volume_scale[i]
-                                    if shrink < wp.float64(1.0):
-                                        x_new[i] = x[i] + shrink * (x_new[i] - x[i])
-                                        v_new[i] = v_new[i] * T(shrink)
+                        for i in range(n):
+                            volume_total[i] = wp.float64(1.0)
+                        pending = int(1)  # noqa: UP018 - a Warp variable
+                        for _turn in range(p.volume_turns):
+                            if pending != 0 and general == 0:
+                                cuts = limit_volumes(
+                                    x, x_new, el, p, volume_scale, volume_out, volume_changed,
+                                    tet_floor, det_dm_inv,
+                                )  # fmt: skip
+                                if cuts == 0:
+                                    pending = 0
+                                elif p.differentiable != 0:
+                                    general = LIMITED
+                                else:
+                                    for i in range(n):
+                                        shrink = volume_scale[i]
+                                        if shrink < wp.float64(1.0):
+                                            x_new[i] = x[i] + shrink * (x_new[i] - x[i])
+                                            v_new[i] = v_new[i] * T(shrink)
+                                            volume_total[i] = volume_total[i] * shrink
+                                    # The step limit again, on the shortened step (its
+                                    # rows selected for it, as the general path does).
+                                    lo = vec3(T(1e30), T(1e30), T(1e30))
+                                    hi = -lo
+                                    for i in range(n):
+                                        d = local(x_new[i], p.origin) - xl[i]
+                                        f_c[i] = d
+                                        lo = wp.min(lo, d)
+                                        hi = wp.max(hi, d)
+                                    rows_again = select_ccd_rows(
+                                        cand, anchor_d2, ccd_rows, p, moved, offset(lo, hi),
+                                        lo, hi, n_rows, near_reach, near_moved,
+                                    )  # fmt: skip
+                                    again = int(0)  # noqa: UP018 - a Warp variable
+                                    if rows_again > 0:
+                                        again = collision_scales(
+                                            cand, ccd_rows, rows_again, xl, f_c, p, bounds,
+                                            scales_abs, settled, alpha, alpha_out, True,
+                                        )  # fmt: skip
+                                    if again == 0:
+                                        pending = 0
+                                    else:
+                                        for i in range(n):
+                                            shrink = wp.float64(alpha[i])
+                                            if shrink < wp.float64(1.0):
+                                                x_new[i] = x[i] + shrink * (x_new[i] - x[i])
+                                                v_new[i] = v_new[i] * alpha[i]
+                        if pending != 0 and general == 0:
+                            general = LIMITED  # the turns did not settle: the general path
+                        for i in range(n):
+                            if volume_total[i] < wp.float64(1.0):
+                                n_volume += 1
                     if general != 0:
                         status[0] = taken
                         status[1] = GENERAL_STEP

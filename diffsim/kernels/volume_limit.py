@@ -5,9 +5,10 @@ move along their steps scaled by t has the volume ratio ``J(t) = det(F0 + t dF)`
 in t; :func:`first_crossing` finds the first t in [0, 1] at which it reaches a floor (the
 cubic is monotone between its critical points, so the first piece that ends below the floor
 holds the crossing, found by bisection). The fused contact substeps
-(:mod:`diffsim.kernels.contact_advance`) run the rounds of the limit with it; the fused
-contact-free steps (:mod:`diffsim.kernels.advance`) only check, with
-:func:`volume_ratio_of`, that no substep would have needed it.
+(:mod:`diffsim.kernels.contact_advance`) run the rounds of the limit with it, on the edge
+matrices Ds (J = det(Ds) det Dm^-1); the fused contact-free steps
+(:mod:`diffsim.kernels.advance`) only check that no substep would have needed it, with
+:func:`diffsim.kernels.inversion.volume_ratio`.
 """
 
 import warp as wp
@@ -20,14 +21,6 @@ def edge_matrix(x0: wp.vec3d, x1: wp.vec3d, x2: wp.vec3d, x3: wp.vec3d) -> wp.ma
     b = x2 - x0
     c = x3 - x0
     return wp.mat33d(a[0], b[0], c[0], a[1], b[1], c[1], a[2], b[2], c[2])
-
-
-@wp.func
-def volume_ratio_of(
-    x0: wp.vec3d, x1: wp.vec3d, x2: wp.vec3d, x3: wp.vec3d, dm_inv: wp.mat33d
-) -> wp.float64:
-    """J = det(Ds Dm^-1) of a tet (float64)."""
-    return wp.determinant(edge_matrix(x0, x1, x2, x3) * dm_inv)
 
 
 @wp.func

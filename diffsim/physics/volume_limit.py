@@ -4,9 +4,10 @@ below a floor (``Simulator(min_volume_ratio=...)``).
 An explicit step moves each vertex by ``dx``; a tet with corners moving along their steps,
 scaled by t, has the volume ratio
 
-    J(t) = det(F0 + t dF),  F0 = Ds(x) Dm^-1,  dF = Ds(dx) Dm^-1,
+    J(t) = det(F0 + t dF) = det(Ds(x) + t Ds(dx)) det(Dm^-1),  F0 = Ds(x) Dm^-1,
 
-a cubic in t. A tet *fails* where its ratio at the step's end is below its floor
+a cubic in t (measured as the determinant of the edge matrices, scaled by det Dm^-1 =
+1 / (6 V0)). A tet *fails* where its ratio at the step's end is below its floor
 ``min(J(0), floor)``: a tet already below the floor may not go lower, one above it may not
 cross it. The limit gives each vertex a scale alpha in [0, 1] (the step becomes
 ``x + alpha dx``, the velocity ``alpha v``, the inelastic correction of the continuous
@@ -103,41 +104,56 @@ def volume_step_scales(
     rounds = []  # (failing tets, their crossings t) of each round
     with torch.no_grad():
         x0, step = x.detach().double(), dx.detach().double()
-        rest = dm_inv.detach().double()
-        f0 = _edge_matrices(x0, tets) @ rest
-        floors = torch.clamp(torch.linalg.det(f0), max=floor)
+        # J = det(Ds Dm^-1) = c det(Ds), c = det Dm^-1 = 1 / (6 V0): the crossings are those
+        # of det(Ds) with floor / c, without a matrix product per tet.
+        c = ratio_scales(dm_inv)
+        d0 = _edge_matrices(x0, tets)
+        floors = torch.clamp(c * _det(d0), max=floor)
+        targets = floors / c
         alpha = torch.ones(len(x), dtype=torch.float64, device=x.device)
+        dd = _edge_matrices(step, tets)
+        ends = _det(d0 + dd)  # det(Ds) of each tet at the end of its current step
         # After ROUNDS rounds each round stops at least one more vertex (a failing tet has
         # one that still moves), so the rounds end within ROUNDS + n.
         for round_ in range(ROUNDS + len(x) + 1):
-            df = _edge_matrices(alpha[:, None] * step, tets) @ rest
-            failing = torch.nonzero(torch.linalg.det(f0 + df) < floors - SLACK).flatten()
+            failing = torch.nonzero(c * ends < floors - SLACK).flatten()
             if not len(failing):
                 break
             if round_ < ROUNDS:
-                t = first_crossing(f0[failing], df[failing], floors[failing])
+                t = first_crossing(d0[failing], dd[failing], targets[failing])
             else:
                 t = torch.zeros(len(failing), dtype=torch.float64, device=x.device)
             rounds.append((failing, t))
-            alpha = _scaled(alpha, tets[failing], t)
+            scaled = _scaled(alpha, tets[failing], t)
+            # Only the tets of the corners whose scale dropped change their steps.
+            touched = torch.nonzero((scaled < alpha)[tets].any(dim=1)).flatten()
+            alpha = scaled
+            dd[touched] = _edge_matrices(alpha[:, None] * step, tets[touched])
+            ends[touched] = _det(d0[touched] + dd[touched])
     if not rounds:
         return None
     if not (torch.is_grad_enabled() and (x.requires_grad or dx.requires_grad)):
         return alpha
-    x, dx, rest = x.double(), dx.double(), dm_inv.double()
+    x, dx = x.double(), dx.double()
     alpha = torch.ones(len(x), dtype=torch.float64, device=x.device)
     for failing, t in rounds:
         corners = tets[failing]
         if bool((t > 0.0).any()):
-            f0 = _edge_matrices(x, corners) @ rest[failing]
-            df = _edge_matrices(alpha[:, None] * dx, corners) @ rest[failing]
-            floors = torch.clamp(torch.linalg.det(f0), max=floor)
-            gap = torch.linalg.det(f0 + t[:, None, None] * df) - floors
+            d0 = _edge_matrices(x, corners)
+            dd = _edge_matrices(alpha[:, None] * dx, corners)
+            scale = c[failing]
+            floors = torch.clamp(scale * _det(d0), max=floor)
+            gap = scale * _det(d0 + t[:, None, None] * dd) - floors
             with torch.no_grad():
-                slope = _ratio_slope(f0, df, t)
+                slope = scale * _det_slope(d0, dd, t)
             t = torch.where(t > 0.0, t - (gap - gap.detach()) / slope, t)
         alpha = _scaled(alpha, corners, t)
     return alpha
+
+
+def ratio_scales(dm_inv: torch.Tensor) -> torch.Tensor:
+    """c = det Dm^-1 = 1 / (6 V0) per tet ``[m]`` (float64): J = c det(Ds)."""
+    return _det(dm_inv.detach().double())
 
 
 def _scaled(alpha: torch.Tensor, corners: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -147,19 +163,19 @@ def _scaled(alpha: torch.Tensor, corners: torch.Tensor, t: torch.Tensor) -> torc
     return alpha.scatter_reduce(0, corners.reshape(-1), scaled, "amin")
 
 
-def _ratio_slope(f0: torch.Tensor, df: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """dJ/dt of J(t) = det(f0 + t df) at t: tr(adj(f0 + t df) df)."""
-    return (_adjugate(f0 + t[:, None, None] * df) * df.transpose(1, 2)).sum(dim=(1, 2))
+def _det_slope(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """d/dt det(a + t b) at t: tr(adj(a + t b) b)."""
+    return (_adjugate(a + t[:, None, None] * b) * b.transpose(1, 2)).sum(dim=(1, 2))
 
 
 def first_crossing(f0: torch.Tensor, df: torch.Tensor, floors: torch.Tensor) -> torch.Tensor:
-    """The first t in [0, 1] with ``det(f0 + t df) = floors`` for tets ``[k]`` that start at or
-    above their floor and end below it (float64): the largest t found whose value is not
-    below the floor, to within 2^-BISECTIONS."""
-    c0 = torch.linalg.det(f0)
+    """The first t in [0, 1] with ``det(f0 + t df) = floors`` for matrices ``[k, 3, 3]`` whose
+    determinant starts at or above its floor and ends below it (float64): the largest t
+    found whose value is not below the floor, to within 2^-BISECTIONS."""
+    c0 = _det(f0)
     c1 = (_adjugate(f0) * df.transpose(1, 2)).sum(dim=(1, 2))  # tr(adj(F0) dF)
     c2 = (_adjugate(df) * f0.transpose(1, 2)).sum(dim=(1, 2))  # tr(adj(dF) F0)
-    c3 = torch.linalg.det(df)
+    c3 = _det(df)
 
     def ratio(t: torch.Tensor) -> torch.Tensor:
         return ((c3 * t + c2) * t + c1) * t + c0
@@ -190,6 +206,13 @@ def first_crossing(f0: torch.Tensor, df: torch.Tensor, floors: torch.Tensor) -> 
         lo = torch.where(keeps, mid, lo)
         hi = torch.where(keeps, hi, mid)
     return lo
+
+
+def _det(m: torch.Tensor) -> torch.Tensor:
+    """det M per 3x3 matrix ``[k, 3, 3]``: the triple product of its rows, as Warp's
+    ``wp.determinant`` takes it (and faster on the CPU than an LU per matrix)."""
+    r0, r1, r2 = m[:, 0], m[:, 1], m[:, 2]
+    return (r0 * torch.linalg.cross(r1, r2)).sum(dim=1)
 
 
 def _edge_matrices(x: torch.Tensor, tets: torch.Tensor) -> torch.Tensor:

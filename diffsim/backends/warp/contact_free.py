@@ -21,6 +21,7 @@ import torch
 from diffsim.backends.base import Backend
 from diffsim.backends.warp import bridge, fused
 from diffsim.contact.surface_contact import CappedStep
+from diffsim.physics.volume_limit import ratio_scales
 
 # The largest block tried fused: its saved substeps hold at most this many values per array.
 MAX_SAVED_VALUES = 6_000_000
@@ -52,6 +53,7 @@ class ContactFreeBlocks:
         self.wait = 0  # steps left before the next prediction
         self.last_end: torch.Tensor | None = None  # positions where the last call ended
         self.most_measured: int | None = None  # the checks' limit (see clear_over)
+        self.ratio_scales: torch.Tensor | None = None  # det Dm^-1 per tet (volume limit)
         # The per-substep kernels (CUDA), else the fused multi-step ones (CPU).
         self.per_substep = not backend.geometry.device.is_cpu
         self.counts = {
@@ -164,7 +166,9 @@ class ContactFreeBlocks:
         volume = None
         if m.volume_limit is not None:  # checked in the launch (where no substep needs it)
             below = torch.zeros(1, dtype=torch.int32, device=x.device)
-            volume = (m.volume_limit.min_ratio, below)
+            if self.ratio_scales is None:
+                self.ratio_scales = ratio_scales(m.dm_inv).contiguous()
+            volume = (m.volume_limit.min_ratio, below, self.ratio_scales)
         if self.per_substep:  # CUDA: the contact-free substep kernels, one by one
             frames, path = self._substeps(prepared, x, v, targets, grad)
         elif grad:

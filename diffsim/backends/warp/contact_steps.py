@@ -39,7 +39,7 @@ from diffsim.kernels.contact_advance import (
     REASONS,
     SETS_EXPIRED,
 )
-from diffsim.physics import volume_limit as volume
+from diffsim.physics import volume_limit as volume_rule
 from diffsim.sim.model import POSITION_DTYPE
 
 # A differentiable launch selects the near rows again at most this many times less one
@@ -176,8 +176,10 @@ class FusedContactSteps:
         volume_limit = m.volume_limit
         if volume_limit is not None:
             settings.min_ratio = volume_limit.min_ratio
-            settings.volume_rounds, settings.volume_slack = volume.ROUNDS, volume.SLACK
-            settings.bisections = volume.BISECTIONS
+            settings.volume_rounds = volume_rule.ROUNDS
+            settings.volume_slack = volume_rule.SLACK
+            settings.bisections = volume_rule.BISECTIONS
+            settings.volume_turns = integrator.LIMIT_ALTERNATIONS
         status[6:].zero_()
         self._set_bounds(settings, sets)
         settings.differentiable = int(saved is not None)
@@ -291,8 +293,12 @@ class FusedContactSteps:
             x_new = torch.zeros((n, 3), dtype=POSITION_DTYPE, device=x.device)
             dx, load = torch.zeros((n, 3), **t), torch.zeros(n, **t)
             alpha = [torch.zeros(n, **t), torch.zeros(n, **t)]  # the step limit's scales
-            # The volume limit's scales.
+            # The volume limit's scales, changed flags, per-tet floors, det Dm^-1, total scales.
             volume = [torch.zeros(n, dtype=torch.float64, device=x.device) for _ in range(2)]
+            volume.append(torch.zeros(n, dtype=torch.int32, device=x.device))
+            volume.append(torch.zeros(len(self.backend.model.tets), dtype=torch.float64))
+            volume.append(volume_rule.ratio_scales(self.backend.model.dm_inv).contiguous())
+            volume.append(torch.zeros(n, dtype=torch.float64, device=x.device))
             views = [wrap(a, k.vec3) for a in keep[:3]]
             views += [wrap(x_new, k.position), wrap(keep[3], k.vec3), wrap(dx, k.vec3)]
             views.append(wrap(load, k.scalar))
@@ -303,7 +309,14 @@ class FusedContactSteps:
                 "dummy_sets": torch.zeros((1, 1), dtype=torch.int32, device=x.device),
                 "dummy_ids": torch.zeros(1, dtype=torch.int32, device=x.device),
                 "step_limit": [wrap(a, k.scalar) for a in alpha],
-                "volume_limit": [wrap(a, wp.float64) for a in volume],
+                "volume_limit": [
+                    wrap(volume[0], wp.float64),
+                    wrap(volume[1], wp.float64),
+                    wrap(volume[2], wp.int32),
+                    wrap(volume[3], wp.float64),
+                    wrap(volume[4], wp.float64),
+                    wrap(volume[5], wp.float64),
+                ],
                 "near_anchor": torch.zeros((n, 3), **t),
                 "per_vertex": views,
                 "status": torch.zeros(8, dtype=torch.int32),

@@ -139,9 +139,9 @@ def advance_steps(
             enough to gain from it).
         saved: optional ``(x, v, f_el)`` buffers ``[K * substeps, n, 3]`` for the state and
             elastic forces at the start of every substep.
-        volume: optional ``(min_ratio, below)``: check the volume limit's floor (no
-            substep may take a tet below it); ``below`` (int32 ``[1]``, zeroed by the caller)
-            is set where one did.
+        volume: optional ``(min_ratio, below, det_dm_inv)``: check the volume limit's floor
+            (no substep may take a tet below it); ``below`` (int32 ``[1]``, zeroed by the
+            caller) is set where one did; ``det_dm_inv`` ``[m]`` (float64) per tet.
     """
     k, s = g.kernels, w.scratch
     x_work, v_work = x.clone(), v.clone()  # advanced in place
@@ -161,11 +161,13 @@ def advance_steps(
         wrap(saved[0], k.position), wrap(saved[1], k.vec3), wrap(saved[2], k.vec3),
     ]  # fmt: skip
     if volume is None:
-        tail += [0.0, 0.0, wrap(s.dummy_ratios, wp.float64), wrap(s.dummy_flag, wp.int32)]
+        dummy = wrap(s.dummy_ratios, wp.float64)
+        tail += [0.0, 0.0, dummy, dummy, wrap(s.dummy_flag, wp.int32)]
     else:
-        min_ratio, below = volume
+        min_ratio, below, scales = volume
         ratios = torch.empty(g.n_tets, dtype=torch.float64, device=x.device)
-        tail += [min_ratio, VOLUME_SLACK, wrap(ratios, wp.float64), wrap(below, wp.int32)]
+        tail += [min_ratio, VOLUME_SLACK, wrap(scales, wp.float64), wrap(ratios, wp.float64)]
+        tail.append(wrap(below, wp.int32))
 
     def args(worker, workers, tets, vertices, sync, alone):
         if alone:  # its own force row, as the only worker of its launch

@@ -151,6 +151,26 @@ def test_with_parameters_changes_only_what_is_asked():
         with_parameters(sim, poissons_ratio=0.5)
 
 
+def test_with_parameters_keeps_mass_scaling_and_the_volume_limit():
+    # A real-mesh scene changed to another backend or dtype (--backend, --dtype) kept its
+    # substeps but lost its mass scaling, and blew up at the first step.
+    mesh = ds.TetMesh.sphere(radius=0.1, resolution=4, center=(0.0, 0.15, 0.0))
+    material = ds.StableNeoHookean(youngs_modulus=1e5, poissons_ratio=0.4, density=1000.0)
+    target = 3.0 * ds.Simulator(mesh, material).stable_dt  # mass is added to reach it
+    sim = ds.Simulator(mesh, material, substeps="auto", mass_scaling=target, min_volume_ratio=0.2)
+    for new in (
+        with_parameters(sim, backend="torch", dtype=torch.float64),
+        with_parameters(sim, youngs_modulus=2e5),
+    ):
+        assert new.mass_scaling is not None and new.model.added_mass is not None
+        assert new.mass_scaling.fraction > 0
+        assert new.model.volume_limit.min_ratio == 0.2
+    same = with_parameters(sim, backend="torch")
+    assert torch.equal(same.model.added_mass.double(), sim.model.added_mass.double())
+    with torch.no_grad():
+        assert torch.isfinite(same.rollout(3).positions).all()
+
+
 def run_whole(name: str):
     """The simulator and positions of the whole scene (its STEPS) from its initial state,
     rolled out once per session for the tests of scenes (tests/scene_rollouts.py)."""

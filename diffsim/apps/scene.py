@@ -409,6 +409,8 @@ def with_parameters(
         fixed=model.fixed_mask.cpu().numpy(),
         damping=sim.damping if damping is None else float(damping),
         max_speed=model.max_speed,
+        mass_scaling=sim.settings["mass_scaling"],  # a target substep: sized for the new E
+        min_volume_ratio=sim.settings["min_volume_ratio"],
         backend=sim.backend_name if backend is None else backend,
         dtype=sim.dtype if dtype is None else dtype,
         device=sim.device if device is None else device,

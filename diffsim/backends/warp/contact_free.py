@@ -84,15 +84,12 @@ class ContactFreeBlocks:
         xs, vs = [], []
         i = 0
         while i < n_steps:
-            k = min(self.block, longest, n_steps - i)
-            while k > 1 and not self._looks_clear(x, v, k):
-                k //= 2
-            part = targets[i : i + k]
             frames = None
-            # (The per-substep kernels do not check the volume limit: no blocks with it.)
-            blocks = m.volume_limit is None or not self.per_substep
-            if blocks and self._predicted_clear(x, v, k):
-                frames = self._fused(prepared, x, v, part, grad)
+            k = 0  # (the per-substep kernels do not check the volume limit: no blocks with it)
+            if m.volume_limit is None or not self.per_substep:
+                k = self._predicted_clear(x, v, min(self.block, longest, n_steps - i))
+            if k:
+                frames = self._fused(prepared, x, v, targets[i : i + k], grad)
             if frames is None:
                 k = 1
                 if fused_contact:
@@ -132,19 +129,22 @@ class ContactFreeBlocks:
             return empty, empty.to(v.dtype)
         return torch.cat(xs), torch.cat(vs)
 
-    def _predicted_clear(self, x: torch.Tensor, v: torch.Tensor, steps: int) -> bool:
-        """:meth:`_looks_clear`, not asked for a few steps after it failed (backing off
-        while it keeps failing, up to ``MAX_PREDICTION_BACKOFF`` steps)."""
+    def _predicted_clear(self, x: torch.Tensor, v: torch.Tensor, steps: int) -> int:
+        """The steps of a fused try: ``steps`` halved until :meth:`_looks_clear` says so, or 0
+        where even one step does not look clear. Not asked for a few steps after it failed
+        (0, backing off while it keeps failing, up to ``MAX_PREDICTION_BACKOFF`` steps)."""
         if self.wait > 0:
             self.wait -= 1
             self.counts["skipped_predictions"] += 1
-            return False
-        if self._looks_clear(x, v, steps):
+            return 0
+        while steps > 1 and not self._looks_clear(x, v, steps):
+            steps //= 2
+        if steps > 1 or self._looks_clear(x, v, steps):
             self.backoff = 0
-            return True
+            return steps
         self.backoff = min(max(1, 2 * self.backoff), MAX_PREDICTION_BACKOFF)
         self.wait = self.backoff
-        return False
+        return 0
 
     def _looks_clear(self, x: torch.Tensor, v: torch.Tensor, steps: int) -> bool:
         """Whether a fused try of ``steps`` steps from (x, v) is likely to pass: contact

@@ -242,7 +242,7 @@ def test_with_worlds_each_world_is_limited_as_it_is_alone():
     assert not sim.inversions
 
 
-@pytest.mark.parametrize("value", [0.0, 1.0, -0.1, 1.5, float("nan")])
+@pytest.mark.parametrize("value", [0.0, 1.0, -0.1, 1.5, float("nan"), "0.1x", [0.1]])
 def test_a_floor_outside_0_1_is_refused_with_the_option_named(value):
     with pytest.raises(ValueError, match=r"min_volume_ratio must be in \(0, 1\)"):
         soft_cube(value)

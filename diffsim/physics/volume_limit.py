@@ -27,6 +27,8 @@ are those of the step taken (docs/time-steps.md, "The volume limit").
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # Rounds of scaling before failing tets' corners are stopped outright (see above).
@@ -56,7 +58,10 @@ class VolumeLimit:
     """
 
     def __init__(self, min_ratio: float) -> None:
-        ratio = float(min_ratio)
+        try:
+            ratio = float(min_ratio)
+        except (TypeError, ValueError):
+            ratio = math.nan
         if not 0.0 < ratio < 1.0:
             raise ValueError(
                 f"min_volume_ratio must be in (0, 1) (a volume ratio J a step may not go "

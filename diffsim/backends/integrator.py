@@ -41,8 +41,9 @@ from diffsim.sim.model import Model
 # tests/test_contact_toi.py runs with 6.
 SPLIT_LEVELS = 0
 # The volume limit and the continuous collision limit alternate on a step at most this many
-# times before the step is left untaken (each only shortens it; one or two turns settle).
-LIMIT_ALTERNATIONS = 4
+# times before the step is left untaken (each only shortens it). Two soft cubes pressed
+# together at 2 m/s with a floor of 0.6 left 9 substeps untaken at 4 turns, none at 8.
+LIMIT_ALTERNATIONS = 8
 
 
 def symplectic_euler_update(
@@ -244,24 +245,34 @@ def _limit_volumes(
     fraction of its step and velocity the limit gives it. A step it cuts is checked by the
     continuous collision limit again (a vertex held back can let another close on it), and
     the two alternate until neither cuts; after ``LIMIT_ALTERNATIONS`` turns the step is
-    not taken (no vertex moves; velocities keep the scales so far). The volume limit's
-    scales carry their gradient; the collision limit's scales here are constants."""
+    not taken (no vertex moves; velocities keep the scales so far). Both limits' scales
+    carry their gradients (the crossings', and the pair bounds' that set them)."""
     limit = m.volume_limit
     if limit is None:
         return x_new, v_new
+    cut = torch.zeros(len(x), dtype=torch.bool, device=x.device)  # the vertices it cut
     for _ in range(LIMIT_ALTERNATIONS):
         alpha = limit.scales(x, x_new - x, m.tets, m.dm_inv)
         if alpha is not None:
             x_new = x + alpha.to(x.dtype)[:, None] * (x_new - x)
             v_new = v_new * alpha.to(v_new.dtype)[:, None]
+            cut |= alpha.detach() < 1.0
         if alpha is None or not contacts:
+            limit.record(int(cut.sum()))
             return x_new, v_new
         scales = [c.step_scales(_at(x, rows), _at(x_new, rows)) for c, rows in contacts]
         if all(bool((s >= 1).all()) for s in scales):
+            limit.record(int(cut.sum()))
             return x_new, v_new
-        alpha = torch.cat(scales).detach()
+        alpha = torch.cat(
+            [
+                c.scales_with_gradient(_at(x, rows), _at(x_new, rows), s)
+                for (c, rows), s in zip(contacts, scales, strict=True)
+            ]
+        )
         x_new = x + alpha.to(x.dtype)[:, None] * (x_new - x)
         v_new = v_new * alpha.to(v_new.dtype)[:, None]
+    limit.record(int(cut.sum()))
     limit.counts["cancelled_substeps"] += 1
     return x.clone(), v_new
 

@@ -73,13 +73,14 @@ class VolumeLimit:
     def scales(
         self, x: torch.Tensor, dx: torch.Tensor, tets: torch.Tensor, dm_inv: torch.Tensor
     ) -> torch.Tensor | None:
-        """:func:`volume_step_scales` with this floor, counted."""
-        alpha = volume_step_scales(x, dx, tets, dm_inv, self.min_ratio)
-        if alpha is not None:
-            limited = int((alpha < 1.0).sum())
+        """:func:`volume_step_scales` with this floor."""
+        return volume_step_scales(x, dx, tets, dm_inv, self.min_ratio)
+
+    def record(self, limited: int) -> None:
+        """Counts a substep in which it cut ``limited`` vertices' steps (none: nothing)."""
+        if limited:
             self.counts["limited_vertex_steps"] += limited
             self.counts["limited_substeps"] += 1
-        return alpha
 
 
 def volume_step_scales(

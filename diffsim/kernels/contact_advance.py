@@ -16,7 +16,9 @@ functions of :mod:`diffsim.kernels.contact`, the vertex update of
    barrier at the substep's start), the free move and the implicit ground step,
 4. checks the step: not capped (``MAX_STEP_FRACTION``), within the candidates' reach; the
    continuous collision check (the step limit of ``SurfaceContact.step_scales``: pass 1,
-   the verification rounds) truncates the vertices it limits,
+   the verification rounds) truncates the vertices it limits; with a volume limit, its
+   rounds (``limit_volumes``) and the collision check again on the step it shortened, in
+   turns (``integrator._limit_volumes``),
 5. commits the new state (prescribed vertices at their place on the line).
 
 Where a check fails the launch stops before committing that substep and reports why; the
@@ -24,12 +26,13 @@ caller then takes it the general way (new candidate sets, a capped step or a blo
 error) and launches again.
 
 A differentiable launch saves the state and total forces at each substep's start and the
-near rows each substep used (and stops where a step is limited); ``contact_retreat`` runs its
-adjoint in reverse, substep by substep: it replays the velocity update and friction, then
-takes the adjoints of the move and the ground, the friction passes, the lagged friction
-terms, the velocity update, the barrier and the elastic forces. The vertex update's
-adjoint is the hand-derived one of :mod:`diffsim.kernels.integrate`, the elastic forces'
-that of :mod:`diffsim.kernels.force_vjp`; the per-pair ones are ``wp.grad`` of the forward's
+near rows each substep used (and stops where a step is limited, by either limit);
+``contact_retreat`` runs its adjoint in reverse, substep by substep: it replays the
+velocity update and friction, then takes the adjoints of the move and the ground, the
+friction passes, the lagged friction terms, the velocity update, the barrier and the
+elastic forces. The vertex update's adjoint is the hand-derived one of
+:mod:`diffsim.kernels.integrate`, the elastic forces' that of
+:mod:`diffsim.kernels.force_vjp`; the per-pair ones are ``wp.grad`` of the forward's
 functions (each dotted with its cotangents), so they are the derivatives of the very
 formulas the forward ran: float64 gradients agree with the general path's to 1e-12.
 """

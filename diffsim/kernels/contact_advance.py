@@ -248,15 +248,14 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
         scale: wp.array(dtype=wp.float64),
         scale_out: wp.array(dtype=wp.float64),
         changed: wp.array(dtype=wp.int32),
-        tet_floor: wp.array(dtype=wp.float64),
         det_dm_inv: wp.array(dtype=wp.float64),
     ) -> int:
         """The volume limit's scales of the step x -> x_new into ``scale [n]`` (the rounds of
         :func:`diffsim.physics.volume_limit.volume_step_scales`, which end within
         ``volume_rounds + n``; after the first, only the tets with a corner whose scale
-        dropped are measured again); returns the vertices it limits. ``det_dm_inv [m]``:
-        c = det Dm^-1 per tet (J = c det Ds). Scratch: ``scale_out``, ``changed [n]``,
-        ``tet_floor [m]``."""
+        dropped are measured again; a tet's start ratio only where its end ratio is below
+        the floor); returns the vertices it limits. ``det_dm_inv [m]``: c = det Dm^-1 per
+        tet (J = c det Ds). Scratch: ``scale_out``, ``changed [n]``."""
         n = x.shape[0]
         for i in range(n):
             scale[i] = wp.float64(1.0)
@@ -279,16 +278,19 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                         x1 = x[tet[1]]
                         x2 = x[tet[2]]
                         x3 = x[tet[3]]
-                        d0 = edge_matrix(x0, x1, x2, x3)
-                        if round_ == 0:
-                            tet_floor[e] = wp.min(c * wp.determinant(d0), p.min_ratio)
                         y0 = x0 + scale[tet[0]] * (x_new[tet[0]] - x0)
                         y1 = x1 + scale[tet[1]] * (x_new[tet[1]] - x1)
                         y2 = x2 + scale[tet[2]] * (x_new[tet[2]] - x2)
                         y3 = x3 + scale[tet[3]] * (x_new[tet[3]] - x3)
                         d1 = edge_matrix(y0, y1, y2, y3)
-                        floor = tet_floor[e]
-                        if c * wp.determinant(d1) < floor - p.volume_slack:
+                        end = c * wp.determinant(d1)
+                        # Its floor, min(start ratio, min_ratio), is needed only below min_ratio.
+                        d0 = d1
+                        floor = p.min_ratio
+                        if end < p.min_ratio - p.volume_slack:
+                            d0 = edge_matrix(x0, x1, x2, x3)
+                            floor = wp.min(c * wp.determinant(d0), p.min_ratio)
+                        if end < floor - p.volume_slack:
                             failing += 1
                             t = wp.float64(0.0)
                             if round_ < p.volume_rounds:
@@ -477,7 +479,6 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
             volume_scale: wp.array(dtype=wp.float64),
             volume_out: wp.array(dtype=wp.float64),
             volume_changed: wp.array(dtype=wp.int32),
-            tet_floor: wp.array(dtype=wp.float64),
             det_dm_inv: wp.array(dtype=wp.float64),
             volume_total: wp.array(dtype=wp.float64),
             x_out: wp.array2d(dtype=wp.vec3d),
@@ -701,7 +702,7 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                             if pending != 0 and general == 0:
                                 cuts = limit_volumes(
                                     x, x_new, el, p, volume_scale, volume_out, volume_changed,
-                                    tet_floor, det_dm_inv,
+                                    det_dm_inv,
                                 )  # fmt: skip
                                 if cuts == 0:
                                     pending = 0

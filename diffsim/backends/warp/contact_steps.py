@@ -293,10 +293,9 @@ class FusedContactSteps:
             x_new = torch.zeros((n, 3), dtype=POSITION_DTYPE, device=x.device)
             dx, load = torch.zeros((n, 3), **t), torch.zeros(n, **t)
             alpha = [torch.zeros(n, **t), torch.zeros(n, **t)]  # the step limit's scales
-            # The volume limit's scales, changed flags, per-tet floors, det Dm^-1, total scales.
+            # The volume limit's scales, changed flags, det Dm^-1 per tet and total scales.
             volume = [torch.zeros(n, dtype=torch.float64, device=x.device) for _ in range(2)]
             volume.append(torch.zeros(n, dtype=torch.int32, device=x.device))
-            volume.append(torch.zeros(len(self.backend.model.tets), dtype=torch.float64))
             volume.append(volume_rule.ratio_scales(self.backend.model.dm_inv).contiguous())
             volume.append(torch.zeros(n, dtype=torch.float64, device=x.device))
             views = [wrap(a, k.vec3) for a in keep[:3]]
@@ -315,7 +314,6 @@ class FusedContactSteps:
                     wrap(volume[2], wp.int32),
                     wrap(volume[3], wp.float64),
                     wrap(volume[4], wp.float64),
-                    wrap(volume[5], wp.float64),
                 ],
                 "near_anchor": torch.zeros((n, 3), **t),
                 "per_vertex": views,

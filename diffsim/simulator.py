@@ -15,7 +15,12 @@ from diffsim.backends import BACKENDS
 from diffsim.backends.warp.setup import check_device
 from diffsim.checkpoint import run_segment
 from diffsim.mesh import TetMesh
-from diffsim.physics.elasticity import deformation_gradients, elastic_energy, volume_ratios
+from diffsim.physics.elasticity import (
+    deformation_gradients,
+    elastic_energy,
+    inverse_rest_determinants,
+    volume_ratios,
+)
 from diffsim.physics.ground import Ground
 from diffsim.physics.materials import PARAMETER_BOUNDS, Material, StableNeoHookean
 from diffsim.physics.stable_step import (
@@ -190,7 +195,7 @@ class _InversionCheck:
         self.tets = model.tets  # [M, 4], the replicated mesh with worlds
         self.n_tets = len(model.tets)
         self.n_worlds = model.n_worlds
-        self.det_dm_inv = torch.linalg.det(model.dm_inv.detach().double())  # 1 / (6 V0) [M]
+        self.det_dm_inv = inverse_rest_determinants(model.dm_inv)  # 1 / (6 V0) [M]
         self.device = model.device
         self.kernels: dict | None = None  # per positions' dtype, where Warp runs
         if self.device.type in ("cpu", "cuda"):

@@ -31,6 +31,8 @@ import math
 
 import torch
 
+from diffsim.physics.elasticity import determinants, inverse_rest_determinants
+
 # Rounds of scaling before failing tets' corners are stopped outright (see above).
 ROUNDS = 8
 # Bisection steps for the first crossing on a monotone piece: 2^-48 of the step, below
@@ -112,13 +114,13 @@ def volume_step_scales(
         x0, step = x.detach().double(), dx.detach().double()
         # J = det(Ds Dm^-1) = c det(Ds), c = det Dm^-1 = 1 / (6 V0): the crossings are those
         # of det(Ds) with floor / c, without a matrix product per tet.
-        c = ratio_scales(dm_inv)
+        c = inverse_rest_determinants(dm_inv)
         d0 = _edge_matrices(x0, tets)
-        floors = torch.clamp(c * _det(d0), max=floor)
+        floors = torch.clamp(c * determinants(d0), max=floor)
         targets = floors / c
         alpha = torch.ones(len(x), dtype=torch.float64, device=x.device)
         dd = _edge_matrices(step, tets)
-        ends = _det(d0 + dd)  # det(Ds) of each tet at the end of its current step
+        ends = determinants(d0 + dd)  # det(Ds) of each tet at the end of its current step
         # After ROUNDS rounds each round stops at least one more vertex (a failing tet has
         # one that still moves), so the rounds end within ROUNDS + n.
         for round_ in range(ROUNDS + len(x) + 1):
@@ -135,7 +137,7 @@ def volume_step_scales(
             touched = torch.nonzero((scaled < alpha)[tets].any(dim=1)).flatten()
             alpha = scaled
             dd[touched] = _edge_matrices(alpha[:, None] * step, tets[touched])
-            ends[touched] = _det(d0[touched] + dd[touched])
+            ends[touched] = determinants(d0[touched] + dd[touched])
     if not rounds:
         return None
     if not (torch.is_grad_enabled() and (x.requires_grad or dx.requires_grad)):
@@ -148,18 +150,13 @@ def volume_step_scales(
             d0 = _edge_matrices(x, corners)
             dd = _edge_matrices(alpha[:, None] * dx, corners)
             scale = c[failing]
-            floors = torch.clamp(scale * _det(d0), max=floor)
-            gap = scale * _det(d0 + t[:, None, None] * dd) - floors
+            floors = torch.clamp(scale * determinants(d0), max=floor)
+            gap = scale * determinants(d0 + t[:, None, None] * dd) - floors
             with torch.no_grad():
                 slope = scale * _det_slope(d0, dd, t)
             t = torch.where(t > 0.0, t - (gap - gap.detach()) / slope, t)
         alpha = _scaled(alpha, corners, t)
     return alpha
-
-
-def ratio_scales(dm_inv: torch.Tensor) -> torch.Tensor:
-    """c = det Dm^-1 = 1 / (6 V0) per tet ``[m]`` (float64): J = c det(Ds)."""
-    return _det(dm_inv.detach().double())
 
 
 def _scaled(alpha: torch.Tensor, corners: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -171,17 +168,21 @@ def _scaled(alpha: torch.Tensor, corners: torch.Tensor, t: torch.Tensor) -> torc
 
 def _det_slope(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """d/dt det(a + t b) at t: tr(adj(a + t b) b)."""
-    return (_adjugate(a + t[:, None, None] * b) * b.transpose(1, 2)).sum(dim=(1, 2))
+    return _adjugate_trace(a + t[:, None, None] * b, b)
+
+
+def _adjugate_trace(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """tr(adj(A) B) per pair of 3x3 matrices ``[k, 3, 3]``."""
+    return (_adjugate(a) * b.transpose(1, 2)).sum(dim=(1, 2))
 
 
 def first_crossing(f0: torch.Tensor, df: torch.Tensor, floors: torch.Tensor) -> torch.Tensor:
     """The first t in [0, 1] with ``det(f0 + t df) = floors`` for matrices ``[k, 3, 3]`` whose
     determinant starts at or above its floor and ends below it (float64): the largest t
     found whose value is not below the floor, to within 2^-BISECTIONS."""
-    c0 = _det(f0)
-    c1 = (_adjugate(f0) * df.transpose(1, 2)).sum(dim=(1, 2))  # tr(adj(F0) dF)
-    c2 = (_adjugate(df) * f0.transpose(1, 2)).sum(dim=(1, 2))  # tr(adj(dF) F0)
-    c3 = _det(df)
+    c0 = determinants(f0)
+    c1, c2 = _adjugate_trace(f0, df), _adjugate_trace(df, f0)
+    c3 = determinants(df)
 
     def ratio(t: torch.Tensor) -> torch.Tensor:
         return ((c3 * t + c2) * t + c1) * t + c0
@@ -212,13 +213,6 @@ def first_crossing(f0: torch.Tensor, df: torch.Tensor, floors: torch.Tensor) -> 
         lo = torch.where(keeps, mid, lo)
         hi = torch.where(keeps, hi, mid)
     return lo
-
-
-def _det(m: torch.Tensor) -> torch.Tensor:
-    """det M per 3x3 matrix ``[k, 3, 3]``: the triple product of its rows, as Warp's
-    ``wp.determinant`` takes it (and faster on the CPU than an LU per matrix)."""
-    r0, r1, r2 = m[:, 0], m[:, 1], m[:, 2]
-    return (r0 * torch.linalg.cross(r1, r2)).sum(dim=1)
 
 
 def _edge_matrices(x: torch.Tensor, tets: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 from diffsim.backends.base import Backend
 from diffsim.backends.warp import bridge, fused
 from diffsim.contact.surface_contact import CappedStep
-from diffsim.physics.volume_limit import ratio_scales
+from diffsim.physics.elasticity import inverse_rest_determinants
 
 # The largest block tried fused: its saved substeps hold at most this many values per array.
 MAX_SAVED_VALUES = 6_000_000
@@ -167,7 +167,7 @@ class ContactFreeBlocks:
         if m.volume_limit is not None:  # checked in the launch (where no substep needs it)
             below = torch.zeros(1, dtype=torch.int32, device=x.device)
             if self.ratio_scales is None:
-                self.ratio_scales = ratio_scales(m.dm_inv).contiguous()
+                self.ratio_scales = inverse_rest_determinants(m.dm_inv).contiguous()
             volume = (m.volume_limit.min_ratio, below, self.ratio_scales)
         if self.per_substep:  # CUDA: the contact-free substep kernels, one by one
             frames, path = self._substeps(prepared, x, v, targets, grad)

@@ -40,6 +40,7 @@ from diffsim.kernels.contact_advance import (
     SETS_EXPIRED,
 )
 from diffsim.physics import volume_limit as volume_rule
+from diffsim.physics.elasticity import inverse_rest_determinants
 from diffsim.sim.model import POSITION_DTYPE
 
 # A differentiable launch selects the near rows again at most this many times less one
@@ -296,7 +297,7 @@ class FusedContactSteps:
             # The volume limit's scales, changed flags, det Dm^-1 per tet and total scales.
             volume = [torch.zeros(n, dtype=torch.float64, device=x.device) for _ in range(2)]
             volume.append(torch.zeros(n, dtype=torch.int32, device=x.device))
-            volume.append(volume_rule.ratio_scales(self.backend.model.dm_inv).contiguous())
+            volume.append(inverse_rest_determinants(self.backend.model.dm_inv).contiguous())
             volume.append(torch.zeros(n, dtype=torch.float64, device=x.device))
             views = [wrap(a, k.vec3) for a in keep[:3]]
             views += [wrap(x_new, k.position), wrap(keep[3], k.vec3), wrap(dx, k.vec3)]

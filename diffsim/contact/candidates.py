@@ -77,6 +77,14 @@ class SurfacePrimitives:
             rest_positions=torch.as_tensor(mesh.vertices, dtype=torch.float64, device=device),
         )
 
+    @property
+    def mean_edge_length(self) -> float:
+        """The boundary edges' mean rest length (m); 0 without edges."""
+        if not len(self.edges):
+            return 0.0
+        ends = self.rest_positions[self.edges]
+        return float((ends[:, 1] - ends[:, 0]).norm(dim=-1).mean())
+
 
 @dataclass(frozen=True)
 class Candidates:

@@ -179,13 +179,7 @@ class BroadPhase:
         self._box_launches, self._queries = [], []
         self._built_at: torch.Tensor | None = None  # the positions of the trees' last build
         self.builds = 0  # how many times the trees were built (refit in between)
-        edges_rest = surface.rest_positions[surface.edges]
-        mean_edge = (
-            float((edges_rest[:, 1] - edges_rest[:, 0]).norm(dim=-1).mean())
-            if len(surface.edges)
-            else 0.0
-        )
-        self._rebuild_offset = REBUILD_FRACTION * mean_edge
+        self._rebuild_offset = REBUILD_FRACTION * surface.mean_edge_length
         guess = max(1024, 8 * n)
         self._face_tree = self._edge_tree = None
         if len(surface.faces) and len(surface.vertices):

@@ -14,6 +14,7 @@ import torch
 from diffsim.backends import BACKENDS
 from diffsim.backends.warp.setup import check_device
 from diffsim.checkpoint import run_segment
+from diffsim.contact.potential import MIN_DISTANCE_FRACTION
 from diffsim.mesh import TetMesh
 from diffsim.physics.elasticity import (
     deformation_gradients,
@@ -61,9 +62,12 @@ class BackendWarning(UserWarning):
     """The simulator runs on another backend than the one asked for (and says why)."""
 
 
-# A start state whose closest surface pair is nearer than this fraction of contact dhat is
-# refused (surfaces touching or overlapping).
-MIN_START_GAP_FRACTION = 1e-3
+# A start state whose closest surface pair is at or within this fraction of contact dhat is
+# refused (surfaces touching or overlapping): the barrier's distance floor, below which it
+# no longer tells distances apart. Any larger gap is a state the barrier works in; surfaces
+# pressed hard come far inside it (the Armadillo on its crease: 3e-4 dhat), and a rollout
+# must go on from any state a rollout made (1e-3 dhat refused the Armadillo at frame 250).
+MIN_START_GAP_FRACTION = MIN_DISTANCE_FRACTION
 # The speed clamp is reported when more than this share of vertex-frames move faster than
 # CLAMP_NOTICE_SPEED * max_speed (where tanh(r)/r < 0.92: velocities changed by > 8%).
 CLAMP_NOTICE_SHARE = 0.02
@@ -962,7 +966,11 @@ class Simulator:
                         "keep prescribed vertices above it"
                     )
             if m.contact is not None:
-                if not m.contact.apart(x.detach(), MIN_START_GAP_FRACTION * m.contact.dhat):
+                # ... or within what the working dtype resolves at the scene's size.
+                size = float((x.detach() - m.contact.origin).abs().max())
+                eps = torch.finfo(self.dtype).eps
+                touch = max(MIN_START_GAP_FRACTION * m.contact.dhat, eps * size)
+                if not m.contact.apart(x.detach(), touch):
                     gap = m.contact.min_distance(x.detach())
                     raise ValueError(
                         f"surfaces touch or overlap in the start state (closest pair "

@@ -291,6 +291,44 @@ def test_rollout_inputs_are_checked_before_any_step():
     assert len(sim.rollout(np.int64(3)).positions) == 4  # numpy integers are integers
 
 
+def test_a_rollout_goes_on_from_pairs_pressed_closer_than_a_thousandth_of_dhat():
+    # Pressed hard, surfaces come far inside the barrier: the Armadillo on its crease has
+    # pairs at 3e-4 dhat (frame 140) and 8e-4 dhat (frame 250). A rollout must go on from
+    # any state a rollout made (diffsim run and the viewer roll out in chunks); before, a
+    # start state closer than 1e-3 dhat was refused as "touching" and the Armadillo stopped
+    # at frame 250. Refused now: pairs at the barrier's distance floor (1e-6 dhat) or closer,
+    # or closer than the working dtype resolves at the scene's size.
+    from diffsim.contact.potential import MIN_DISTANCE_FRACTION
+
+    a = ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=(1, 1, 1), origin=(0.0, 0.2, 0.0))
+    b = ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=(1, 1, 1), origin=(0.02, 0.35, 0.01))
+    mesh = ds.TetMesh.merge([a, b])
+    # (dtype, gap in dhat, refused): float32 (the default) resolves about 3e-8 m here, so the
+    # floor (1e-9 m) is checked in float64, and exact touching in float32.
+    cases = [
+        (torch.float32, 5e-4, False),
+        (torch.float64, 5e-4, False),
+        (torch.float64, 0.5 * MIN_DISTANCE_FRACTION, True),
+        (torch.float32, 0.0, True),
+    ]
+    for dtype, gap, refused in cases:
+        sim = ds.Simulator(mesh, ds.StableNeoHookean(1e5, 0.3), contact=True, dtype=dtype)
+        dhat = sim.model.contact.dhat
+        x = sim.initial_state().positions.clone()
+        x[a.n_vertices :, 1] -= 0.05 - gap * dhat  # the upper box's bottom at the gap
+        start = sim.initial_state(positions=x)
+        closest = sim.model.contact.min_distance(x)
+        assert closest == pytest.approx(gap * dhat, rel=0.05, abs=1e-8)  # float32: rounding
+        if refused:
+            with pytest.raises(ValueError, match="surfaces touch or overlap in the start state"):
+                sim.rollout(1, state=start)
+            continue
+        with torch.no_grad():
+            traj = sim.rollout(5, state=start)
+        assert torch.isfinite(traj.positions).all()
+        assert min(sim.model.contact.min_distance(p) for p in traj.positions) > 0.0
+
+
 def test_overlapping_bodies_are_refused_at_the_start():
     a = ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=(1, 1, 1), origin=(0.0, 0.2, 0.0))
     b = ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=(1, 1, 1), origin=(0.0, 0.35, 0.0))

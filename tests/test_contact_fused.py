@@ -100,6 +100,40 @@ def test_limited_steps_are_truncated_in_the_launch_as_on_the_general_path():
     assert error < 1e-12
 
 
+def test_the_step_limit_measures_only_the_pairs_a_step_can_limit():
+    """A small cube thrown at 4 m/s against a block resting on another, on the ground: the
+    step limit's rows by the anchor distances (any pair within 4 times the fastest relative
+    step) include the resting interface; the launches measure only the pairs whose own
+    vertices' steps could limit them, with the general path's scales: the same cut
+    vertex-steps and the same motion, bit for bit (the Armadillo on its crease: 5.6 times
+    fewer pairs measured, 2 times less launch time at frame 250)."""
+    top = ds.TetMesh.box(size=(0.04, 0.02, 0.04), resolution=2, origin=(-0.02, 0.0212, -0.02))
+    bottom = ds.TetMesh.box(size=(0.08, 0.02, 0.08), resolution=3, origin=(-0.04, 0.0002, -0.04))
+    thrown = ds.TetMesh.box(size=(0.01, 0.01, 0.01), resolution=1, origin=(-0.045, 0.026, -0.005))
+    mesh = ds.TetMesh.merge([top, bottom, thrown])
+    material = ds.StableNeoHookean(youngs_modulus=3e4, poissons_ratio=0.3, density=1000.0)
+    sim = ds.Simulator(
+        mesh, material, dt=1e-3, substeps=4, ground=0.0, dtype=torch.float64, contact=True
+    )
+    v = torch.zeros((mesh.n_vertices, 3), dtype=torch.float64)
+    on_thrown = torch.as_tensor(mesh.body_ids == 2)
+    v[on_thrown, 0] = 4.0
+    state = sim.initial_state(velocities=v)
+    with pytest.warns(ds.StabilityWarning):  # the impact is faster than the barrier stops
+        fused = sim.rollout(30, state)
+    counts = dict(sim.backend.fused_contact.counts)
+    plain = general(sim)
+    with pytest.warns(ds.StabilityWarning):
+        reference = plain.rollout(30, state)
+    error = float((fused.positions - reference.positions).abs().max())
+    print(f"{counts}; cut {sim.contact_steps_cut}; max |x_fused - x_general| {error:.2e} m")
+    assert float(fused.positions[-1, on_thrown, 0].mean()) < -0.05  # it hit and bounced back
+    assert counts["fused_substeps"] > 100 and sim.contact_steps_cut > 0  # the limit cut
+    assert counts["ccd_rows"] < 0.75 * counts["ccd_candidates"]  # fewer pairs measured
+    assert sim.contact_steps_cut == plain.contact_steps_cut
+    assert error < 1e-12
+
+
 def test_near_rows_hold_every_pair_within_dhat_as_a_cube_slides_and_tumbles(monkeypatch):
     """A cube thrown sliding and tumbling over another (friction on), the near subset
     acting on a set of any size: fused launches run on subsets, and their motion is the

@@ -312,6 +312,36 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
         return limited
 
     @wp.func
+    def can_limit(
+        cand: CandidatePairs,
+        k: int,
+        anchor_d2: wp.float64,
+        moved: wp.float64,
+        lengths: wp.array(dtype=T),
+        keep_factor: wp.float64,
+        scene: wp.float64,
+    ) -> bool:
+        """Whether candidate k, ``sqrt(anchor_d2) - 2 moved`` apart at least, may be limited by
+        a step whose vertex steps are ``lengths`` long (see ``select_ccd_rows``); ``scene``:
+        the scene's size (m)."""
+        i0, i1, i2, i3 = pair_ids(cand, k)
+        s0 = wp.float64(lengths[i0])
+        s1 = wp.float64(lengths[i1])
+        s2 = wp.float64(lengths[i2])
+        s3 = wp.float64(lengths[i3])
+        side = s0 + wp.max(s1, wp.max(s2, s3))
+        if cand.kinds[k] == 1:
+            side = wp.max(s0, s1) + wp.max(s2, s3)
+        # The relative reach is the side reach about the four steps' mean c: at most the side
+        # reach plus 2 |c| <= (s0 + s1 + s2 + s3) / 2. Room for rounding: the lengths and
+        # the distances pass 1 measures are in the working dtype (float32: about 1e-7 of
+        # the scene's size).
+        bound = side + wp.float64(0.5) * (s0 + s1 + s2 + s3)
+        reach = bound / keep_factor * wp.float64(1.0 + 1e-5)
+        reach = reach + wp.float64(2.0) * moved + wp.float64(1e-6) * scene
+        return anchor_d2 < reach * reach
+
+    @wp.func
     def select_ccd_rows(
         cand: CandidatePairs,
         anchor_d2: wp.array(dtype=wp.float64),
@@ -324,13 +354,21 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
         n_rows: int,
         near_reach: wp.float64,
         near_moved: wp.float64,
-    ) -> int:
+        lengths: wp.array(dtype=T),
+    ):
         """The step limit's rows into ``ccd_rows`` (SurfaceContact.step_scales,
         warp_glue.step_scales): the candidates that some scales in [0, 1] of a step with
         offset bounds ``lo, hi`` and offset ``relative`` could bring within reach, by their
-        distances at the anchor; none where the closest candidate lies beyond. Returns how
-        many."""
+        distances at the anchor; none where the closest candidate lies beyond. Of those,
+        only the rows the step could limit at all by the lengths of their vertices' steps
+        (``lengths [n]``, m): a pair at distance d whose side reach plus half the sum of its
+        four step lengths is at most ``(1 - keep) (1 - slack) d`` is not limited in pass 1
+        (that sum bounds its relative reach), fails no verification round (scales in
+        [0, 1] only shorten the steps) and takes an absolute scale of 1, so leaving it out
+        changes no scale. Returns how many, and how many the distances at the anchor
+        alone would have taken."""
         n_ccd = int(0)  # noqa: UP018 - a Warp variable
+        considered = int(0)  # noqa: UP018 - a Warp variable
         if not (p.closest - wp.float64(2.0) * moved > wp.float64(4.0) * relative / p.keep_factor):
             off0 = offset(wp.min(lo, vec3()), wp.max(hi, vec3()))
             reach_ccd = wp.float64(4.0) * off0 / p.keep_factor
@@ -343,18 +381,20 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
             needed = wp.float64(4.0) * off0 / p.keep_factor
             needed = needed * wp.float64(1.0 + 1e-5) + wp.float64(1e-12)
             near_free = p.dhat + wp.float64(2.0) * (near_reach - near_moved)
+            count = cand.pairs.shape[0]
             if near_free > needed:
-                for r in range(n_rows):
+                count = n_rows
+            for r in range(count):
+                k = r
+                if near_free > needed:
                     k = cand.rows[r]
-                    if anchor_d2[k] < reach_ccd * reach_ccd:
+                if anchor_d2[k] < reach_ccd * reach_ccd:
+                    considered += 1
+                    scene = p.max_translation
+                    if can_limit(cand, k, anchor_d2[k], moved, lengths, p.keep_factor, scene):
                         ccd_rows[n_ccd] = k
                         n_ccd += 1
-            else:
-                for k in range(cand.pairs.shape[0]):
-                    if anchor_d2[k] < reach_ccd * reach_ccd:
-                        ccd_rows[n_ccd] = k
-                        n_ccd += 1
-        return n_ccd
+        return n_ccd, considered
 
     @wp.func
     def collision_scales(
@@ -467,6 +507,7 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
             v_new: wp.array(dtype=vec3),
             dx: wp.array(dtype=vec3),
             load: wp.array(dtype=T),
+            lengths: wp.array(dtype=T),
             act: ActivePairs,
             impulse: wp.array(dtype=vec3),
             total: wp.array(dtype=vec3),
@@ -508,7 +549,9 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
             Writes ``status = (substeps taken, why it stopped, which check, near
             selections, limited vertex-steps, near rows last selected)`` and ``stats =
             (offset, largest displacement)`` (m) of the last substep taken (``stats[2]``:
-            the offset of the one held back; ``stats[3]``: the last selection's reach).
+            the offset of the one held back; ``stats[3]``: the last selection's reach;
+            ``stats[4:6]`` add up the step limit's rows by the anchor distances and those of
+            them it measured, ``select_ccd_rows``).
             """
             n = x.shape[0]
             taken = int(0)  # noqa: UP018 - a Warp variable
@@ -640,6 +683,7 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                         v_new[i] = vn
                         d = local(xn, p.origin) - xl[i]
                         dx[i] = d
+                        lengths[i] = wp.length(d)
                         lo = wp.min(lo, d)
                         hi = wp.max(hi, d)
                     # 4. The step: not capped, within the reach, limiting no pair.
@@ -654,10 +698,12 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                     cut = int(0)  # noqa: UP018 - a Warp variable
                     n_ccd = int(0)  # noqa: UP018 - a Warp variable
                     if general == 0:
-                        n_ccd = select_ccd_rows(
+                        n_ccd, considered = select_ccd_rows(
                             cand, anchor_d2, ccd_rows, p, moved, relative, lo, hi, n_rows,
-                            near_reach, near_moved,
+                            near_reach, near_moved, lengths,
                         )  # fmt: skip
+                        stats[4] = stats[4] + wp.float64(considered)
+                        stats[5] = stats[5] + wp.float64(n_ccd)
                     if n_ccd > 0:
                         cut = collision_scales(
                             cand, ccd_rows, n_ccd, xl, dx, p, bounds, scales_abs, settled, alpha,
@@ -722,12 +768,15 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                                     for i in range(n):
                                         d = local(x_new[i], p.origin) - xl[i]
                                         f_c[i] = d
+                                        lengths[i] = wp.length(d)
                                         lo = wp.min(lo, d)
                                         hi = wp.max(hi, d)
-                                    rows_again = select_ccd_rows(
+                                    rows_again, considered = select_ccd_rows(
                                         cand, anchor_d2, ccd_rows, p, moved, offset(lo, hi),
-                                        lo, hi, n_rows, near_reach, near_moved,
+                                        lo, hi, n_rows, near_reach, near_moved, lengths,
                                     )  # fmt: skip
+                                    stats[4] = stats[4] + wp.float64(considered)
+                                    stats[5] = stats[5] + wp.float64(rows_again)
                                     again = int(0)  # noqa: UP018 - a Warp variable
                                     if rows_again > 0:
                                         again = collision_scales(

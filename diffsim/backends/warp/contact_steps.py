@@ -65,6 +65,9 @@ class FusedContactSteps:
             "sets_expired": 0,
             "near_selections": 0,
             "limited_vertex_steps": 0,
+            # The step limit's rows: by the anchor distances, and those it measured.
+            "ccd_candidates": 0,
+            "ccd_rows": 0,
             **{reason: 0 for reason in REASONS.values()},
         }
         self._scratch: dict = {}
@@ -182,6 +185,7 @@ class FusedContactSteps:
             settings.bisections = volume_rule.BISECTIONS
             settings.volume_turns = integrator.LIMIT_ALTERNATIONS
         status[6:].zero_()
+        stats[4:].zero_()
         self._set_bounds(settings, sets)
         settings.differentiable = int(saved is not None)
         self.last_settings = settings
@@ -218,6 +222,8 @@ class FusedContactSteps:
         contact.timings["fused"] += time.perf_counter() - start
         self.counts["launches"] += 1
         taken, why = int(status[0]), int(status[1])
+        self.counts["ccd_candidates"] += int(stats[4])
+        self.counts["ccd_rows"] += int(stats[5])
         if taken:
             limited, near = int(status[4]), None
             if int(status[3]):  # the rows the launch selected last, where it selected them
@@ -293,6 +299,7 @@ class FusedContactSteps:
             keep = [torch.zeros((n, 3), **t) for _ in range(4)]  # xl, f_el, f_c, v_new
             x_new = torch.zeros((n, 3), dtype=POSITION_DTYPE, device=x.device)
             dx, load = torch.zeros((n, 3), **t), torch.zeros(n, **t)
+            lengths = torch.zeros(n, **t)  # each vertex's step length, for the step limit
             alpha = [torch.zeros(n, **t), torch.zeros(n, **t)]  # the step limit's scales
             # The volume limit's scales, changed flags, det Dm^-1 per tet and total scales.
             volume = [torch.zeros(n, dtype=torch.float64, device=x.device) for _ in range(2)]
@@ -301,9 +308,9 @@ class FusedContactSteps:
             volume.append(torch.zeros(n, dtype=torch.float64, device=x.device))
             views = [wrap(a, k.vec3) for a in keep[:3]]
             views += [wrap(x_new, k.position), wrap(keep[3], k.vec3), wrap(dx, k.vec3)]
-            views.append(wrap(load, k.scalar))
+            views += [wrap(load, k.scalar), wrap(lengths, k.scalar)]
             found = {
-                "owners": [*keep, x_new, dx, load, *alpha, *volume],
+                "owners": [*keep, x_new, dx, load, lengths, *alpha, *volume],
                 "dummy_x": torch.zeros((1, 1, 3), dtype=POSITION_DTYPE, device=x.device),
                 "dummy_v": torch.zeros((1, 1, 3), **t),
                 "dummy_sets": torch.zeros((1, 1), dtype=torch.int32, device=x.device),
@@ -319,7 +326,7 @@ class FusedContactSteps:
                 "near_anchor": torch.zeros((n, 3), **t),
                 "per_vertex": views,
                 "status": torch.zeros(8, dtype=torch.int32),
-                "stats": torch.zeros(4, dtype=torch.float64),
+                "stats": torch.zeros(6, dtype=torch.float64),
             }
             self._scratch[key] = found
         return found

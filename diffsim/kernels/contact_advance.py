@@ -316,29 +316,36 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
         cand: CandidatePairs,
         k: int,
         anchor_d2: wp.float64,
-        moved: wp.float64,
+        offsets: wp.array(dtype=T),
         lengths: wp.array(dtype=T),
         keep_factor: wp.float64,
         scene: wp.float64,
     ) -> bool:
-        """Whether candidate k, ``sqrt(anchor_d2) - 2 moved`` apart at least, may be limited by
-        a step whose vertex steps are ``lengths`` long (see ``select_ccd_rows``); ``scene``:
-        the scene's size (m)."""
+        """Whether candidate k, ``sqrt(anchor_d2)`` apart at the anchor, may be limited by a
+        step whose vertex steps are ``lengths`` long (see ``select_ccd_rows``), its vertices
+        ``offsets`` from the anchor (less a common offset: the pair is at least its anchor
+        distance less the largest offset on each side apart); ``scene``: the scene's size
+        (m)."""
         i0, i1, i2, i3 = pair_ids(cand, k)
         s0 = wp.float64(lengths[i0])
         s1 = wp.float64(lengths[i1])
         s2 = wp.float64(lengths[i2])
         s3 = wp.float64(lengths[i3])
+        o0 = wp.float64(offsets[i0])
+        o1 = wp.float64(offsets[i1])
+        o2 = wp.float64(offsets[i2])
+        o3 = wp.float64(offsets[i3])
         side = s0 + wp.max(s1, wp.max(s2, s3))
+        moved = o0 + wp.max(o1, wp.max(o2, o3))
         if cand.kinds[k] == 1:
             side = wp.max(s0, s1) + wp.max(s2, s3)
+            moved = wp.max(o0, o1) + wp.max(o2, o3)
         # The relative reach is the side reach about the four steps' mean c: at most the side
         # reach plus 2 |c| <= (s0 + s1 + s2 + s3) / 2. Room for rounding: the lengths and
         # the distances pass 1 measures are in the working dtype (float32: about 1e-7 of
         # the scene's size).
         bound = side + wp.float64(0.5) * (s0 + s1 + s2 + s3)
-        reach = bound / keep_factor * wp.float64(1.0 + 1e-5)
-        reach = reach + wp.float64(2.0) * moved + wp.float64(1e-6) * scene
+        reach = (bound / keep_factor + moved) * wp.float64(1.0 + 1e-5) + wp.float64(1e-6) * scene
         return anchor_d2 < reach * reach
 
     @wp.func
@@ -354,6 +361,7 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
         n_rows: int,
         near_reach: wp.float64,
         near_moved: wp.float64,
+        offsets: wp.array(dtype=T),
         lengths: wp.array(dtype=T),
     ):
         """The step limit's rows into ``ccd_rows`` (SurfaceContact.step_scales,
@@ -361,10 +369,12 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
         offset bounds ``lo, hi`` and offset ``relative`` could bring within reach, by their
         distances at the anchor; none where the closest candidate lies beyond. Of those,
         only the rows the step could limit at all by the lengths of their vertices' steps
-        (``lengths [n]``, m): a pair at distance d whose side reach plus half the sum of its
-        four step lengths is at most ``(1 - keep) (1 - slack) d`` is not limited in pass 1
-        (that sum bounds its relative reach), fails no verification round (scales in
-        [0, 1] only shorten the steps) and takes an absolute scale of 1, so leaving it out
+        (``lengths [n]``, m) and their offsets from the anchor (``offsets [n]``, m, less a
+        common offset: a pair is at least its anchor distance less the largest offset on
+        each side apart now): a pair at distance d whose side reach plus half the sum of
+        its four step lengths is at most ``(1 - keep) (1 - slack) d`` is not limited in
+        pass 1 (that sum bounds its relative reach), fails no verification round (scales
+        in [0, 1] only shorten the steps) and takes an absolute scale of 1, so leaving it out
         changes no scale. Returns how many, and how many the distances at the anchor
         alone would have taken."""
         n_ccd = int(0)  # noqa: UP018 - a Warp variable
@@ -391,7 +401,7 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                 if anchor_d2[k] < reach_ccd * reach_ccd:
                     considered += 1
                     scene = p.max_translation
-                    if can_limit(cand, k, anchor_d2[k], moved, lengths, p.keep_factor, scene):
+                    if can_limit(cand, k, anchor_d2[k], offsets, lengths, p.keep_factor, scene):
                         ccd_rows[n_ccd] = k
                         n_ccd += 1
         return n_ccd, considered
@@ -507,6 +517,7 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
             v_new: wp.array(dtype=vec3),
             dx: wp.array(dtype=vec3),
             load: wp.array(dtype=T),
+            offsets: wp.array(dtype=T),
             lengths: wp.array(dtype=T),
             act: ActivePairs,
             impulse: wp.array(dtype=vec3),
@@ -588,6 +599,10 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                         status[1] = SETS_EXPIRED
                         status[3] = selections
                         return
+                    # Each vertex's offset from the anchor less the common part (<= moved).
+                    common = T(0.5) * (lo + hi)
+                    for i in range(n):
+                        offsets[i] = wp.length(xl[i] - anchor[i] - common)
                     near_moved = offset(near_lo, near_hi)
                     expired = near_moved > near_reach
                     if expired and p.differentiable != 0 and selections + 1 >= row_sets.shape[0]:
@@ -700,7 +715,7 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                     if general == 0:
                         n_ccd, considered = select_ccd_rows(
                             cand, anchor_d2, ccd_rows, p, moved, relative, lo, hi, n_rows,
-                            near_reach, near_moved, lengths,
+                            near_reach, near_moved, offsets, lengths,
                         )  # fmt: skip
                         stats[4] = stats[4] + wp.float64(considered)
                         stats[5] = stats[5] + wp.float64(n_ccd)
@@ -773,7 +788,8 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                                         hi = wp.max(hi, d)
                                     rows_again, considered = select_ccd_rows(
                                         cand, anchor_d2, ccd_rows, p, moved, offset(lo, hi),
-                                        lo, hi, n_rows, near_reach, near_moved, lengths,
+                                        lo, hi, n_rows, near_reach, near_moved, offsets,
+                                        lengths,
                                     )  # fmt: skip
                                     stats[4] = stats[4] + wp.float64(considered)
                                     stats[5] = stats[5] + wp.float64(rows_again)

@@ -299,7 +299,8 @@ class FusedContactSteps:
             keep = [torch.zeros((n, 3), **t) for _ in range(4)]  # xl, f_el, f_c, v_new
             x_new = torch.zeros((n, 3), dtype=POSITION_DTYPE, device=x.device)
             dx, load = torch.zeros((n, 3), **t), torch.zeros(n, **t)
-            lengths = torch.zeros(n, **t)  # each vertex's step length, for the step limit
+            # Each vertex's offset from the anchor and step length, for the step limit.
+            offsets, lengths = torch.zeros(n, **t), torch.zeros(n, **t)
             alpha = [torch.zeros(n, **t), torch.zeros(n, **t)]  # the step limit's scales
             # The volume limit's scales, changed flags, det Dm^-1 per tet and total scales.
             volume = [torch.zeros(n, dtype=torch.float64, device=x.device) for _ in range(2)]
@@ -308,9 +309,9 @@ class FusedContactSteps:
             volume.append(torch.zeros(n, dtype=torch.float64, device=x.device))
             views = [wrap(a, k.vec3) for a in keep[:3]]
             views += [wrap(x_new, k.position), wrap(keep[3], k.vec3), wrap(dx, k.vec3)]
-            views += [wrap(load, k.scalar), wrap(lengths, k.scalar)]
+            views += [wrap(load, k.scalar), wrap(offsets, k.scalar), wrap(lengths, k.scalar)]
             found = {
-                "owners": [*keep, x_new, dx, load, lengths, *alpha, *volume],
+                "owners": [*keep, x_new, dx, load, offsets, lengths, *alpha, *volume],
                 "dummy_x": torch.zeros((1, 1, 3), dtype=POSITION_DTYPE, device=x.device),
                 "dummy_v": torch.zeros((1, 1, 3), **t),
                 "dummy_sets": torch.zeros((1, 1), dtype=torch.int32, device=x.device),

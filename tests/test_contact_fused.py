@@ -41,6 +41,20 @@ def general(sim: ds.Simulator) -> ds.Simulator:
     return plain
 
 
+def limited_runs(sim: ds.Simulator, state, steps: int) -> tuple:
+    """The fused and the general path from ``state`` where the step limit cuts (each warns):
+    ``(fused, reference, the fused path's counts, the general simulator, max |dx| (m))``."""
+    with pytest.warns(ds.StabilityWarning):  # the impact is faster than the barrier stops
+        fused = sim.rollout(steps, state)
+    counts = dict(sim.backend.fused_contact.counts)
+    plain = general(sim)
+    with pytest.warns(ds.StabilityWarning):
+        reference = plain.rollout(steps, state)
+    error = float((fused.positions - reference.positions).abs().max())
+    print(f"{counts}; cut {sim.contact_steps_cut}; max |x_fused - x_general| {error:.2e} m")
+    return fused, reference, counts, plain, error
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_fused_contact_substeps_give_the_motion_of_the_general_path(dtype):
     sim, path = dragged_blocks(dtype)
@@ -84,14 +98,7 @@ def test_limited_steps_are_truncated_in_the_launch_as_on_the_general_path():
     half = sim.mesh.n_vertices // 2
     v[:half, 0], v[half:, 0] = 3.0, -3.0
     state = sim.initial_state(velocities=v)
-    with pytest.warns(ds.StabilityWarning):
-        fused = sim.rollout(12, state)
-    counts = dict(sim.backend.fused_contact.counts)
-    plain = general(sim)
-    with pytest.warns(ds.StabilityWarning):
-        reference = plain.rollout(12, state)
-    error = float((fused.positions - reference.positions).abs().max())
-    print(f"{counts}; cut {sim.contact_steps_cut}; max |x_fused - x_general| {error:.2e} m")
+    _, _, counts, plain, error = limited_runs(sim, state, 12)
     # Nearly all in the launches (a truncated step leaving the candidates' reach goes to
     # the general path, which builds a set for it).
     assert counts["limited_vertex_steps"] > 0.9 * sim.contact_steps_cut > 0
@@ -119,14 +126,7 @@ def test_the_step_limit_measures_only_the_pairs_a_step_can_limit():
     on_thrown = torch.as_tensor(mesh.body_ids == 2)
     v[on_thrown, 0] = 4.0
     state = sim.initial_state(velocities=v)
-    with pytest.warns(ds.StabilityWarning):  # the impact is faster than the barrier stops
-        fused = sim.rollout(30, state)
-    counts = dict(sim.backend.fused_contact.counts)
-    plain = general(sim)
-    with pytest.warns(ds.StabilityWarning):
-        reference = plain.rollout(30, state)
-    error = float((fused.positions - reference.positions).abs().max())
-    print(f"{counts}; cut {sim.contact_steps_cut}; max |x_fused - x_general| {error:.2e} m")
+    fused, _, counts, plain, error = limited_runs(sim, state, 30)
     assert float(fused.positions[-1, on_thrown, 0].mean()) < -0.05  # it hit and bounced back
     assert counts["fused_substeps"] > 100 and sim.contact_steps_cut > 0  # the limit cut
     assert counts["ccd_rows"] < 0.75 * counts["ccd_candidates"]  # fewer pairs measured

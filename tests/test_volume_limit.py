@@ -5,6 +5,8 @@ actually taken."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import warp as wp
@@ -163,6 +165,41 @@ def test_the_fused_contact_substeps_limit_as_the_general_path_does():
     assert plain.backend.fused_contact.counts["fused_substeps"] == 0
     assert counts == plain_counts and counts["limited_vertex_steps"] > 0
     assert error < 1e-10
+
+
+def test_the_fused_turns_of_both_limits_take_the_general_path_steps():
+    """The 50 m/s soft cubes in float64 (floor 0.1): where the volume limit cuts and the step
+    limit then shortens the step again, the launch takes more turns, each measuring only
+    the tets with a corner the step limit moved (the others passed at that step already).
+    From the same states, each step equals the general path's, which measures every tet in
+    every turn (the trajectories of the two paths drift apart over many such steps, at
+    rounding level, hence one step at a time)."""
+    a = ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=3, origin=(-0.11, 0.5, -0.05))
+    b = ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=3, origin=(0.01, 0.5, -0.05))
+    mesh = ds.TetMesh.merge([a, b])
+    n = mesh.n_vertices
+    v = torch.zeros((n, 3), dtype=torch.float64)
+    v[: n // 2, 0], v[n // 2 :, 0] = 25.0, -25.0
+    sim = ds.Simulator(
+        mesh, ds.StableNeoHookean(youngs_modulus=1e5, poissons_ratio=0.3), substeps="auto",
+        gravity=(0, 0, 0), ground=None, min_volume_ratio=0.1, dtype=torch.float64,
+    )  # fmt: skip
+    plain = sim.replace()
+    plain.backend.fused_contact.usable = lambda: False
+    state, worst = sim.initial_state(velocities=v), 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ds.StabilityWarning)
+        for _ in range(12):
+            fused = sim.rollout(1, state).state(-1)
+            general = plain.rollout(1, state).state(-1)
+            worst = max(worst, float((fused.positions - general.positions).abs().max()))
+            state = fused
+    counts = sim.backend.fused_contact.counts
+    limits = (sim.model.volume_limit.counts, plain.model.volume_limit.counts)
+    print(f"{counts}; volume limit {limits}; worst step |x_fused - x_general| {worst:.2e} m")
+    assert counts["volume_turns"] > 0 and counts["fused_substeps"] > 0  # turns in launches
+    assert limits[0] == limits[1]
+    assert worst < 1e-12
 
 
 def test_contact_free_steps_the_limit_would_cut_are_taken_with_contact():

@@ -249,13 +249,16 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
         scale_out: wp.array(dtype=wp.float64),
         changed: wp.array(dtype=wp.int32),
         det_dm_inv: wp.array(dtype=wp.float64),
+        every: bool,
     ) -> int:
         """The volume limit's scales of the step x -> x_new into ``scale [n]`` (the rounds of
         :func:`diffsim.physics.volume_limit.volume_step_scales`, which end within
         ``volume_rounds + n``; after the first, only the tets with a corner whose scale
         dropped are measured again; a tet's start ratio only where its end ratio is below
         the floor); returns the vertices it limits. ``det_dm_inv [m]``: c = det Dm^-1 per
-        tet (J = c det Ds). Scratch: ``scale_out``, ``changed [n]``."""
+        tet (J = c det Ds). Scratch: ``scale_out``, ``changed [n]``. The first round
+        measures every tet, or with ``every`` False only those with a corner flagged in
+        ``changed`` by the caller (the others are known to pass at x_new)."""
         n = x.shape[0]
         for i in range(n):
             scale[i] = wp.float64(1.0)
@@ -267,7 +270,7 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                 failing = int(0)  # noqa: UP018 - a Warp variable
                 for e in range(el.tets.shape[0]):
                     tet = el.tets[e]
-                    again = round_ == 0
+                    again = round_ == 0 and every
                     if not again:
                         again = (
                             changed[tet[0]] + changed[tet[1]] + changed[tet[2]] + changed[tet[3]]
@@ -558,7 +561,8 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
             ``near_anchor`` are overwritten). The rest are scratch: xl .. load, alpha,
             alpha_out ``[n]``, ``act``, impulse, total, ccd_rows .. settled ``[m]``.
             Writes ``status = (substeps taken, why it stopped, which check, near
-            selections, limited vertex-steps, near rows last selected)`` and ``stats =
+            selections, limited vertex-steps, near rows last selected, the volume limit's
+            vertex-steps and substeps, its turns after the first)`` and ``stats =
             (offset, largest displacement)`` (m) of the last substep taken (``stats[2]``:
             the offset of the one held back; ``stats[3]``: the last selection's reach;
             ``stats[4:6]`` add up the step limit's rows by the anchor distances and those of
@@ -755,15 +759,22 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                     # The volume limit on the step as the step limit left it, in turns with
                     # the step limit on the shortened step (integrator._limit_volumes).
                     n_volume = int(0)  # noqa: UP018 - a Warp variable
+                    later_turns = int(0)  # noqa: UP018 - a Warp variable
                     if general == 0 and p.min_ratio > wp.float64(0.0):
                         for i in range(n):
                             volume_total[i] = wp.float64(1.0)
                         pending = int(1)  # noqa: UP018 - a Warp variable
-                        for _turn in range(p.volume_turns):
+                        for turn in range(p.volume_turns):
                             if pending != 0 and general == 0:
+                                # After the first turn every tet passed at x_new, except
+                                # where the step limit has since shortened a corner's step.
+                                if turn > 0:
+                                    later_turns += 1
+                                    for i in range(n):
+                                        volume_changed[i] = int(alpha[i] < T(1.0))
                                 cuts = limit_volumes(
                                     x, x_new, el, p, volume_scale, volume_out, volume_changed,
-                                    det_dm_inv,
+                                    det_dm_inv, turn == 0,
                                 )  # fmt: skip
                                 if cuts == 0:
                                     pending = 0
@@ -840,6 +851,7 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                     if n_volume > 0:
                         status[6] += n_volume
                         status[7] += 1
+                    status[8] += later_turns
                     stats[0] = relative
                     stats[1] = absolute
                     status[3] = selections

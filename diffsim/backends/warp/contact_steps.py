@@ -68,6 +68,8 @@ class FusedContactSteps:
             # The step limit's rows: by the anchor distances, and those it measured.
             "ccd_candidates": 0,
             "ccd_rows": 0,
+            # The volume limit's turns after the first (the step limit shortened a step).
+            "volume_turns": 0,
             **{reason: 0 for reason in REASONS.values()},
         }
         self._scratch: dict = {}
@@ -236,6 +238,7 @@ class FusedContactSteps:
             if volume_limit is not None and int(status[7]):
                 volume_limit.counts["limited_vertex_steps"] += int(status[6])
                 volume_limit.counts["limited_substeps"] += int(status[7])
+            self.counts["volume_turns"] += int(status[8])
         check = int(status[2]) if why == GENERAL_STEP else 0
         return taken, why, check, float(stats[2])
 
@@ -326,7 +329,7 @@ class FusedContactSteps:
                 ],
                 "near_anchor": torch.zeros((n, 3), **t),
                 "per_vertex": views,
-                "status": torch.zeros(8, dtype=torch.int32),
+                "status": torch.zeros(9, dtype=torch.int32),
                 "stats": torch.zeros(6, dtype=torch.float64),
             }
             self._scratch[key] = found

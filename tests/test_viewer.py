@@ -140,6 +140,21 @@ def test_a_blow_up_pauses_with_a_message(controller):
     assert c.error is None
 
 
+def test_a_state_the_rollout_refuses_pauses_with_its_message(controller):
+    # The rollout's start check refuses a state (here: pushed below the ground, as a user's
+    # own state or a slider's new parameters could leave it): the viewer shows why and
+    # pauses instead of closing with a traceback.
+    c = controller
+    x = c.state.positions.clone()
+    x[:, 1] -= 1.0
+    c.state = ds.State(x, c.state.velocities)
+    c.play()
+    c.step()
+    assert c.error is not None and "below the ground" in c.error and not c.playing
+    c.reset()
+    assert c.error is None
+
+
 def make_trajectory() -> tuple[ds.Trajectory, ds.Simulator]:
     mesh = ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=2, origin=(0.0, 0.05, 0.0))
     sim = ds.Simulator(mesh, ds.NeoHookean(), dt=1e-3, backend="torch")

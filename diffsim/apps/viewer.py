@@ -217,7 +217,7 @@ class ViewerController:
         try:
             with torch.no_grad():
                 traj = self.sim.rollout(count, self.state)
-        except SimulationError as exc:
+        except (SimulationError, ValueError) as exc:  # a blow-up, or a state it refuses
             self.error = self._absolute(str(exc).splitlines()[0])
             self.playing = False
             return

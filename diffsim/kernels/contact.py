@@ -471,15 +471,17 @@ def _build(scalar):
         d2[k] = wp.dot(diff, diff)
 
     @wp.func
-    def side_reach(kind: int, y0: vec3, y1: vec3, y2: vec3, y3: vec3) -> scalar:
-        """max over side A of |y_i| + max over side B of |y_j| (see contact/ccd.py)."""
-        s0 = wp.length(y0)
-        s1 = wp.length(y1)
-        s2 = wp.length(y2)
-        s3 = wp.length(y3)
+    def sides_max(kind: int, s0: scalar, s1: scalar, s2: scalar, s3: scalar) -> scalar:
+        """The largest of a pair's per-vertex values on side A plus the largest on side B
+        (point | triangle, or edge | edge)."""
         if kind == 1:
             return wp.max(s0, s1) + wp.max(s2, s3)
         return s0 + wp.max(s1, wp.max(s2, s3))
+
+    @wp.func
+    def side_reach(kind: int, y0: vec3, y1: vec3, y2: vec3, y3: vec3) -> scalar:
+        """max over side A of |y_i| + max over side B of |y_j| (see contact/ccd.py)."""
+        return sides_max(kind, wp.length(y0), wp.length(y1), wp.length(y2), wp.length(y3))
 
     @wp.func
     def relative_reach(kind: int, y0: vec3, y1: vec3, y2: vec3, y3: vec3) -> scalar:
@@ -621,6 +623,7 @@ def _build(scalar):
         friction_capped=friction_capped,
         pair_scale=pair_scale,
         relative_reach=relative_reach,
+        sides_max=sides_max,
     )
 
 
@@ -631,7 +634,8 @@ def contact_kernels(scalar) -> SimpleNamespace:
     ``friction_slip``, ``friction_apply``, ``step_scales``, ``verify_scales``,
     ``pair_distances``, ``element_boxes``, and the per-pair functions they are made of
     (``pair_weights``, ``box_gap2``, ``barrier_pair``, ``friction_terms``,
-    ``friction_stop``, ``friction_capped``, ``pair_scale``, ``relative_reach``), which the
+    ``friction_stop``, ``friction_capped``, ``pair_scale``, ``relative_reach``,
+    ``sides_max``), which the
     fused contact substeps of :mod:`diffsim.kernels.contact_advance` call too (the BVH
     queries are in :mod:`diffsim.kernels.broad_phase`)."""
     if scalar not in (wp.float32, wp.float64):

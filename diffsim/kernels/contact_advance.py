@@ -79,6 +79,7 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
     barrier_pair, friction_terms = contact.barrier_pair, contact.friction_terms
     friction_stop, friction_capped = contact.friction_stop, contact.friction_capped
     pair_scale, relative_reach = contact.pair_scale, contact.relative_reach
+    sides_max = contact.sides_max
 
     @wp.struct
     class ContactStep:
@@ -330,24 +331,18 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
         distance less the largest offset on each side apart); ``scene``: the scene's size
         (m)."""
         i0, i1, i2, i3 = pair_ids(cand, k)
-        s0 = wp.float64(lengths[i0])
-        s1 = wp.float64(lengths[i1])
-        s2 = wp.float64(lengths[i2])
-        s3 = wp.float64(lengths[i3])
-        o0 = wp.float64(offsets[i0])
-        o1 = wp.float64(offsets[i1])
-        o2 = wp.float64(offsets[i2])
-        o3 = wp.float64(offsets[i3])
-        side = s0 + wp.max(s1, wp.max(s2, s3))
-        moved = o0 + wp.max(o1, wp.max(o2, o3))
-        if cand.kinds[k] == 1:
-            side = wp.max(s0, s1) + wp.max(s2, s3)
-            moved = wp.max(o0, o1) + wp.max(o2, o3)
+        kind = cand.kinds[k]
+        s0 = lengths[i0]
+        s1 = lengths[i1]
+        s2 = lengths[i2]
+        s3 = lengths[i3]
+        side = wp.float64(sides_max(kind, s0, s1, s2, s3))
+        moved = wp.float64(sides_max(kind, offsets[i0], offsets[i1], offsets[i2], offsets[i3]))
         # The relative reach is the side reach about the four steps' mean c: at most the side
         # reach plus 2 |c| <= (s0 + s1 + s2 + s3) / 2. Room for rounding: the lengths and
         # the distances pass 1 measures are in the working dtype (float32: about 1e-7 of
         # the scene's size).
-        bound = side + wp.float64(0.5) * (s0 + s1 + s2 + s3)
+        bound = side + wp.float64(0.5) * wp.float64(s0 + s1 + s2 + s3)
         reach = (bound / keep_factor + moved) * wp.float64(1.0 + 1e-5) + wp.float64(1e-6) * scene
         return anchor_d2 < reach * reach
 

@@ -348,7 +348,8 @@ class Simulator:
             costs little (see docs/contact.md).
         contact_dhat: surface barrier activation distance (m); default the smaller of 0.5%
             of the bounding-box diagonal and half the smallest rest distance between
-            non-adjacent surface elements (docs/contact.md).
+            surface elements that collide (not adjacent, not joined by a flat tet;
+            docs/contact.md).
         contact_stiffness: surface barrier kappa (1/(m^2 s^2)); default stable for explicit
             substeps down to dhat/8 (:meth:`SurfaceContact.default_stiffness`).
         contact_speed: the fastest approach speed between surfaces (m/s) that impacts

@@ -3,7 +3,9 @@
 A candidate is a point-triangle pair ``(p, a, b, c)`` (a surface vertex and a boundary
 triangle) or an edge-edge pair ``(p0, p1, q0, q1)`` (two boundary edges). As in the IPC
 Toolkit, a point is never paired with a triangle it is a corner of, and two edges sharing a
-vertex are never paired; every other pair, within a body or between bodies, may collide.
+vertex are never paired; nor are the sliver pairs (:func:`sliver_pairs`: joined by a flat
+tet, which holds them apart). Every other pair, within a body or between bodies, may
+collide.
 
 The broad phase returns every pair whose axis-aligned bounding boxes lie closer than a
 radius r along every axis, a superset of the pairs closer than r. Two implementations:
@@ -32,6 +34,9 @@ from diffsim.mesh import TetMesh
 
 # Rows of the all-pairs test processed at a time by the brute-force broad phase.
 BRUTE_BLOCK = 512
+# A pair joined by a tet and closer at rest than this fraction of its elements' size is a
+# sliver pair, not a candidate (see sliver_pairs).
+SLIVER_FRACTION = 0.25
 
 
 def relative_offset(d: torch.Tensor, with_zero: bool = False) -> float:
@@ -60,21 +65,30 @@ class SurfacePrimitives:
         faces: ``[f, 3]`` boundary triangles (vertex indices).
         edges: ``[e, 2]`` boundary edges (sorted vertex indices).
         rest_positions: ``[n, 3]`` float64 rest positions of all vertices (for mollifiers).
+        neighbours: ``[m]`` int64 keys ``a * n + b`` (ascending) of the ordered pairs of
+            distinct vertices that are corners of a common tet (see :func:`sliver_pairs`).
     """
 
     vertices: torch.Tensor
     faces: torch.Tensor
     edges: torch.Tensor
     rest_positions: torch.Tensor
+    neighbours: torch.Tensor
 
     @classmethod
     def from_mesh(cls, mesh: TetMesh, device: str | torch.device = "cpu") -> SurfacePrimitives:
         """The boundary surface of ``mesh`` (all bodies)."""
+        tets = torch.as_tensor(mesh.tets, device=device)
+        n = mesh.n_vertices
+        i, j = torch.triu_indices(4, 4, 1, device=device)
+        a, b = tets[:, i].flatten(), tets[:, j].flatten()
+        keys = torch.unique(torch.cat([a * n + b, b * n + a]))
         return cls(
             vertices=torch.as_tensor(mesh.surface_vertices, device=device),
             faces=torch.as_tensor(mesh.surface_faces, device=device),
             edges=torch.as_tensor(mesh.surface_edges, device=device),
             rest_positions=torch.as_tensor(mesh.vertices, dtype=torch.float64, device=device),
+            neighbours=keys,
         )
 
     @property
@@ -156,6 +170,52 @@ def excluded_edge_edge(surface: SurfacePrimitives, edge_edge: torch.Tensor) -> t
     return (a[:, :, None] == b[:, None, :]).any(dim=(1, 2))
 
 
+def joined(surface: SurfacePrimitives, rows: torch.Tensor, point_triangle: bool) -> torch.Tensor:
+    """``[k]`` bool: True where a vertex of one element of the pair and a vertex of the other
+    are corners of a common tet (rows ``[k, 4]``: ``(p, a, b, c)`` or ``(p0, p1, q0, q1)``)."""
+    n = len(surface.rest_positions)
+    if point_triangle:
+        keys = rows[:, :1] * n + rows[:, 1:]
+    else:
+        keys = (rows[:, :2, None] * n + rows[:, None, 2:]).reshape(-1, 4)
+    table = surface.neighbours
+    if not len(table) or not len(rows):
+        return torch.zeros(len(rows), dtype=torch.bool, device=rows.device)
+    at = torch.searchsorted(table, keys).clamp_max(len(table) - 1)
+    return (table[at] == keys).any(dim=1)
+
+
+def element_sizes(rest: torch.Tensor, rows: torch.Tensor, point_triangle: bool) -> torch.Tensor:
+    """``[k]`` the size (m) of the pairs' elements at rest: a triangle's mean edge length, or
+    the mean length of the two edges."""
+    if point_triangle:
+        a, b, c = rest[rows[:, 1]], rest[rows[:, 2]], rest[rows[:, 3]]
+        return ((a - b).norm(dim=-1) + (b - c).norm(dim=-1) + (c - a).norm(dim=-1)) / 3.0
+    first = (rest[rows[:, 1]] - rest[rows[:, 0]]).norm(dim=-1)
+    return 0.5 * (first + (rest[rows[:, 3]] - rest[rows[:, 2]]).norm(dim=-1))
+
+
+def sliver_pairs(surface: SurfacePrimitives, rows: torch.Tensor, point_triangle: bool):
+    """``[k]`` bool: the sliver pairs, which are not candidates: joined by a tet (see
+    :func:`joined`) and closer at rest than ``SLIVER_FRACTION`` of their elements' size.
+
+    A real mesh has them where a flat tet lies at the surface (the bunny's closest pair, 40
+    um apart, is one; its closest other pair is 1.6 mm apart): the tet between them holds
+    them apart (its elasticity, and the volume limit), a barrier on them would make dhat
+    follow the mesh's worst tet instead of the distances between its parts. Pairs one
+    well-shaped tet apart (a coarse box's faces, a thin mat's two sides) stay candidates.
+    """
+    out = joined(surface, rows, point_triangle)
+    if bool(out.any()):
+        rest = surface.rest_positions - surface.rest_positions.mean(dim=0)
+        tied = rows[out]
+        corners = rest[tied].unbind(1)
+        d2 = point_triangle_distance(*corners) if point_triangle else edge_edge_distance(*corners)
+        size = SLIVER_FRACTION * element_sizes(rest, tied, point_triangle)
+        out[out.clone()] = d2 < size.square()
+    return out
+
+
 def _boxes(x: torch.Tensor, elements: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     corners = x[elements]
     return corners.amin(dim=1), corners.amax(dim=1)
@@ -192,7 +252,10 @@ def brute_force_candidates(
     lo_e, hi_e = _boxes(x, surface.edges)
     ee = _overlapping(lo_e, hi_e, lo_e, hi_e, radius, upper_only=True)
     ee = ee[~excluded_edge_edge(surface, ee)]
-    return Candidates.from_pairs(surface, vf, ee)
+    c = Candidates.from_pairs(surface, vf, ee)
+    keep_pt = ~sliver_pairs(surface, c.point_triangle, True)
+    keep_ee = ~sliver_pairs(surface, c.edge_edge, False)
+    return Candidates(c.point_triangle[keep_pt], c.edge_edge[keep_ee], c.mollifier_eps[keep_ee])
 
 
 def find_candidates(

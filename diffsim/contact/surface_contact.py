@@ -23,8 +23,9 @@ from diffsim.mesh import TetMesh
 
 # Default barrier activation distance, as a fraction of the bounding-box diagonal ...
 DHAT_FRACTION = 5e-3
-# ... and never more than this fraction of the smallest rest distance between non-adjacent
-# surface elements (a thin part's thickness, two bodies' gap), so that at rest every pair
+# ... and never more than this fraction of the smallest rest distance between surface
+# elements that collide (a thin part's thickness, two bodies' gap; not the sliver pairs of
+# candidates.sliver_pairs, which never collide), so that at rest every pair
 # is at least 1 / REST_GAP_FRACTION barrier widths apart and feels no force.
 REST_GAP_FRACTION = 0.5
 # Pairs named in the warning for an explicit dhat above the rest gaps.
@@ -330,7 +331,7 @@ class SurfaceContact:
     @staticmethod
     def default_dhat(mesh: TetMesh, device: str | torch.device = "cpu") -> float:
         """The default dhat (m): 0.5% of the bounding-box diagonal, but never more than
-        ``REST_GAP_FRACTION`` of the smallest rest distance between non-adjacent surface
+        ``REST_GAP_FRACTION`` of the smallest rest distance between colliding surface
         elements (one broad phase at rest; see :class:`RestGaps`)."""
         return RestGaps.of(mesh, None, device).dhat
 
@@ -1018,7 +1019,8 @@ def _frame_distances(frames: torch.Tensor, pairs: Candidates, warp: bool = False
 
 
 class RestGaps:
-    """The close pairs of non-adjacent surface elements at rest, and the dhat they allow.
+    """The close pairs of surface elements at rest that collide (non-adjacent, not sliver
+    pairs), and the dhat they allow.
 
     Attributes:
         distances: ``[k]`` float64 rest distances (m) of the pairs found, ascending.

@@ -3,7 +3,9 @@
 Each query thread takes one surface vertex (against a BVH over the boundary triangles) or
 one boundary edge (against a BVH over the edges, pairs ``j > i``): element ``first + stride
 * tid``, so that a query can run as interleaved parts on several CPU threads. It skips the
-pairs that share a vertex, and measures the squared distance of every pair whose boxes
+pairs that share a vertex and the sliver pairs (joined by a tet, found by a binary search
+in each vertex's sorted list of tet neighbours, and closer at rest than a fraction of their
+elements' size), and measures the squared distance of every pair whose boxes
 come within the pad, with the closest-point weights and the formula of the ``pair_distances`` kernel
 of :mod:`diffsim.kernels.contact` (the same values, bit for bit). Only pairs closer than a
 given distance are written: rows ``(p, a, b, c)`` or ``(p0, p1, q0, q1)`` of vertex ids and
@@ -31,6 +33,7 @@ from diffsim.kernels.contact import contact_kernels
 def _build(scalar):
     vec3 = {wp.float32: wp.vec3f, wp.float64: wp.vec3d}[scalar]
     pair_weights = contact_kernels(scalar).pair_weights
+    pair_weights64 = contact_kernels(wp.float64).pair_weights
 
     @wp.func
     def squared_distance(kind: int, x0: vec3, x1: vec3, x2: vec3, x3: vec3, pf: scalar) -> scalar:
@@ -64,6 +67,59 @@ def _build(scalar):
             d2[slot] = s
         return slot
 
+    @wp.func
+    def tied(
+        offsets: wp.array(dtype=wp.int32), neighbours: wp.array(dtype=wp.int32), a: int, b: int
+    ) -> bool:
+        """Whether vertices a and b are corners of a common tet (b in a's sorted list)."""
+        lo = offsets[a]
+        hi = offsets[a + 1]
+        while lo < hi:
+            mid = (lo + hi) // 2
+            v = neighbours[mid]
+            if v == b:
+                return True
+            if v < b:
+                lo = mid + 1
+            else:
+                hi = mid
+        return False
+
+    @wp.func
+    def sliver(
+        kind: int,
+        i0: int,
+        i1: int,
+        i2: int,
+        i3: int,
+        size: wp.float64,
+        offsets: wp.array(dtype=wp.int32),
+        neighbours: wp.array(dtype=wp.int32),
+        rest: wp.array(dtype=wp.vec3d),
+        fraction: wp.float64,
+    ) -> bool:
+        """Whether the pair is a sliver pair (the rule of
+        :func:`diffsim.contact.candidates.sliver_pairs`): joined by a tet (a vertex of each
+        element are corners of one tet) and closer at rest than ``fraction`` of ``size``."""
+        joined = False
+        if kind == 0:
+            joined = tied(offsets, neighbours, i0, i1) or tied(offsets, neighbours, i0, i2)
+            joined = joined or tied(offsets, neighbours, i0, i3)
+        else:
+            joined = tied(offsets, neighbours, i0, i2) or tied(offsets, neighbours, i0, i3)
+            joined = joined or tied(offsets, neighbours, i1, i2)
+            joined = joined or tied(offsets, neighbours, i1, i3)
+        if not joined:
+            return False
+        x0 = rest[i0]
+        x1 = rest[i1]
+        x2 = rest[i2]
+        x3 = rest[i3]
+        c = pair_weights64(kind, x0, x1, x2, x3, wp.float64(1e-16))  # PARALLEL_FRACTION f64
+        diff = c[0] * x0 + c[1] * x1 + c[2] * x2 + c[3] * x3
+        bound = fraction * size
+        return wp.dot(diff, diff) < bound * bound
+
     @wp.kernel
     def near_vertex_face(
         bvh: wp.uint64,
@@ -75,6 +131,11 @@ def _build(scalar):
         pad: float,
         within2: scalar,
         parallel_fraction: scalar,
+        offsets: wp.array(dtype=wp.int32),
+        neighbours: wp.array(dtype=wp.int32),
+        rest: wp.array(dtype=wp.vec3d),
+        face_sizes: wp.array(dtype=wp.float64),
+        sliver_fraction: wp.float64,
         count: wp.array(dtype=wp.int32),
         pairs: wp.array2d(dtype=wp.int32),
         d2: wp.array(dtype=scalar),
@@ -92,7 +153,9 @@ def _build(scalar):
             if a != v and b != v and c != v:
                 s = squared_distance(0, p, x[a], x[b], x[c], parallel_fraction)
                 if s < within2:
-                    keep_pair(count, pairs, d2, v, a, b, c, s)
+                    size = face_sizes[j]
+                    if not sliver(0, v, a, b, c, size, offsets, neighbours, rest, sliver_fraction):
+                        keep_pair(count, pairs, d2, v, a, b, c, s)
 
     @wp.kernel
     def near_edge_edge(
@@ -108,6 +171,11 @@ def _build(scalar):
         pad: float,
         within2: scalar,
         parallel_fraction: scalar,
+        offsets: wp.array(dtype=wp.int32),
+        neighbours: wp.array(dtype=wp.int32),
+        rest: wp.array(dtype=wp.vec3d),
+        edge_lengths: wp.array(dtype=wp.float64),
+        sliver_fraction: wp.float64,
         count: wp.array(dtype=wp.int32),
         pairs: wp.array2d(dtype=wp.int32),
         d2: wp.array(dtype=scalar),
@@ -126,9 +194,14 @@ def _build(scalar):
                 if a0 != b0 and a0 != b1 and a1 != b0 and a1 != b1:
                     s = squared_distance(1, x[a0], x[a1], x[b0], x[b1], parallel_fraction)
                     if s < within2:
-                        slot = keep_pair(count, pairs, d2, a0, a1, b0, b1, s)
-                        if slot < pairs.shape[0]:
-                            eps[slot] = scaled_length2[i] * length2[j]
+                        size = wp.float64(0.5) * (edge_lengths[i] + edge_lengths[j])
+                        rule = sliver(
+                            1, a0, a1, b0, b1, size, offsets, neighbours, rest, sliver_fraction
+                        )
+                        if not rule:
+                            slot = keep_pair(count, pairs, d2, a0, a1, b0, b1, s)
+                            if slot < pairs.shape[0]:
+                                eps[slot] = scaled_length2[i] * length2[j]
 
     @wp.kernel
     def frame_distances(

@@ -171,13 +171,13 @@ def test_a_flat_tet_at_the_surface_does_not_set_dhat():
     # at its surface. It set the default dhat for the whole bunny (20 microns), so its
     # barrier stopped only 0.2 dhat / h = 0.04 m/s of approach at 1e-4 s substeps, and the
     # dropped bunny's self-contact was stopped by the step limit instead (bunny_drop: 8,938
-    # vertex-steps cut). Sliver pairs (joined by a tet, closer at rest than a quarter of
-    # their elements' size) are not candidates: the tet holds them apart. Measured: dhat
-    # 0.785 mm (its closest other pair is 1.57 mm apart), 1,154 vertex-steps cut.
+    # vertex-steps cut). Sliver pairs (joined by a tet edge, closer at rest than a quarter
+    # of that edge) are not candidates: the tet holds them apart. Measured: dhat 0.422 mm
+    # (its closest other pair is 0.84 mm apart), 1,358 vertex-steps cut.
     mesh = real_mesh("bunny")
     dhat = SurfaceContact.default_dhat(mesh)
     print(f"bunny: default dhat {1e3 * dhat:.3g} mm")
-    assert dhat > 5e-4
+    assert dhat > 2e-4
     from diffsim.contact.candidates import (
         Candidates,
         SurfacePrimitives,
@@ -206,10 +206,23 @@ def test_a_flat_tet_at_the_surface_does_not_set_dhat():
         assert left_out > 0
 
 
+def test_a_coarse_thin_mat_keeps_dhat_within_half_its_thickness():
+    # An 8 mm mat of 83 mm cells and a body 2 m away (the scene rule alone: 12 mm). The
+    # mat's two sides are one flat tet apart (8 mm against 83-118 mm edges) but joined by
+    # its 8 mm vertical edges, so they are not sliver pairs and bound dhat. (Measured
+    # against the elements' mean edge instead, they counted as slivers: dhat 11.8 mm.)
+    mat = ds.TetMesh.box(size=(0.5, 0.008, 0.5), resolution=(6, 1, 6), origin=(-0.25, 0, -0.25))
+    far = ds.TetMesh.box(size=(0.05, 0.05, 0.05), resolution=1, origin=(2.0, 0.0, 0.0))
+    dhat = SurfaceContact.default_dhat(ds.TetMesh.merge([mat, far]))
+    print(f"coarse thin mat: dhat {1e3 * dhat:.3g} mm")
+    assert dhat <= REST_GAP_FRACTION * 0.008
+
+
 @pytest.mark.parametrize("resolution", [1, 2])
 def test_pairs_one_well_shaped_tet_apart_stay_candidates(resolution):
-    # A coarse box's faces are one tet apart; its tets are well shaped, so all its pairs stay
-    # candidates (its faces crushed together at 20 m/s still meet the barrier).
+    # A coarse box's faces are one tet apart; its tets are well shaped (its closest pairs are
+    # 0.58 of their joining edge apart), so all its pairs stay candidates: its faces crushed
+    # together at 20 m/s still meet the barrier.
     from diffsim.contact.candidates import SurfacePrimitives, find_candidates
 
     mesh = cube(resolution=resolution)

@@ -34,7 +34,7 @@ from diffsim.mesh import TetMesh
 
 # Rows of the all-pairs test processed at a time by the brute-force broad phase.
 BRUTE_BLOCK = 512
-# A pair joined by a tet and closer at rest than this fraction of its elements' size is a
+# A pair joined by a tet edge and closer at rest than this fraction of that edge is a
 # sliver pair, not a candidate (see sliver_pairs).
 SLIVER_FRACTION = 0.25
 
@@ -170,49 +170,43 @@ def excluded_edge_edge(surface: SurfacePrimitives, edge_edge: torch.Tensor) -> t
     return (a[:, :, None] == b[:, None, :]).any(dim=(1, 2))
 
 
-def joined(surface: SurfacePrimitives, rows: torch.Tensor, point_triangle: bool) -> torch.Tensor:
-    """``[k]`` bool: True where a vertex of one element of the pair and a vertex of the other
-    are corners of a common tet (rows ``[k, 4]``: ``(p, a, b, c)`` or ``(p0, p1, q0, q1)``)."""
+def tie_lengths(surface: SurfacePrimitives, rows: torch.Tensor, point_triangle: bool):
+    """``[k]`` float64: the rest length (m) of the shortest tet edge from a vertex of one
+    element of the pair to a vertex of the other (rows ``[k, 4]``: ``(p, a, b, c)`` or
+    ``(p0, p1, q0, q1)``); inf where the elements are not joined by a tet."""
     n = len(surface.rest_positions)
-    if point_triangle:
-        keys = rows[:, :1] * n + rows[:, 1:]
-    else:
-        keys = (rows[:, :2, None] * n + rows[:, None, 2:]).reshape(-1, 4)
+    split = 1 if point_triangle else 2
+    ends = torch.cartesian_prod(torch.arange(split), torch.arange(split, 4)).to(rows.device)
+    a, b = rows[:, ends[:, 0]], rows[:, ends[:, 1]]
+    lengths = torch.full(a.shape, math.inf, dtype=torch.float64, device=rows.device)
     table = surface.neighbours
-    if not len(table) or not len(rows):
-        return torch.zeros(len(rows), dtype=torch.bool, device=rows.device)
-    at = torch.searchsorted(table, keys).clamp_max(len(table) - 1)
-    return (table[at] == keys).any(dim=1)
-
-
-def element_sizes(rest: torch.Tensor, rows: torch.Tensor, point_triangle: bool) -> torch.Tensor:
-    """``[k]`` the size (m) of the pairs' elements at rest: a triangle's mean edge length, or
-    the mean length of the two edges."""
-    if point_triangle:
-        a, b, c = rest[rows[:, 1]], rest[rows[:, 2]], rest[rows[:, 3]]
-        return ((a - b).norm(dim=-1) + (b - c).norm(dim=-1) + (c - a).norm(dim=-1)) / 3.0
-    first = (rest[rows[:, 1]] - rest[rows[:, 0]]).norm(dim=-1)
-    return 0.5 * (first + (rest[rows[:, 3]] - rest[rows[:, 2]]).norm(dim=-1))
+    if len(table) and len(rows):
+        keys = a * n + b
+        tied = table[torch.searchsorted(table, keys).clamp_max(len(table) - 1)] == keys
+        rest = surface.rest_positions
+        lengths[tied] = (rest[a[tied]] - rest[b[tied]]).norm(dim=-1)
+    return lengths.amin(dim=1) if len(rows) else lengths[:, 0]
 
 
 def sliver_pairs(surface: SurfacePrimitives, rows: torch.Tensor, point_triangle: bool):
-    """``[k]`` bool: the sliver pairs, which are not candidates: joined by a tet (see
-    :func:`joined`) and closer at rest than ``SLIVER_FRACTION`` of their elements' size.
+    """``[k]`` bool: the sliver pairs, which are not candidates: joined by a tet edge (from
+    a vertex of one element to a vertex of the other) and closer at rest than
+    ``SLIVER_FRACTION`` of the shortest such edge.
 
-    A real mesh has them where a flat tet lies at the surface (the bunny's closest pair, 40
-    um apart, is one; its closest other pair is 1.6 mm apart): the tet between them holds
-    them apart (its elasticity, and the volume limit), a barrier on them would make dhat
-    follow the mesh's worst tet instead of the distances between its parts. Pairs one
-    well-shaped tet apart (a coarse box's faces, a thin mat's two sides) stay candidates.
+    A real mesh has them where a flat tet lies at its surface (the bunny's closest pair, 40
+    microns apart, is one; its closest other pair is 0.84 mm apart): the tet between them
+    holds them apart (its elasticity, and the volume limit), and a barrier on them would
+    make dhat follow the mesh's worst tet instead of the distances between its parts.
+    Pairs across a tet of reasonable shape stay candidates: a coarse box's faces, a thin
+    mat's two sides (joined by its thickness).
     """
-    out = joined(surface, rows, point_triangle)
+    lengths = tie_lengths(surface, rows, point_triangle)
+    out = torch.isfinite(lengths)
     if bool(out.any()):
         rest = surface.rest_positions - surface.rest_positions.mean(dim=0)
-        tied = rows[out]
-        corners = rest[tied].unbind(1)
+        corners = rest[rows[out]].unbind(1)
         d2 = point_triangle_distance(*corners) if point_triangle else edge_edge_distance(*corners)
-        size = SLIVER_FRACTION * element_sizes(rest, tied, point_triangle)
-        out[out.clone()] = d2 < size.square()
+        out[out.clone()] = d2 < (SLIVER_FRACTION * lengths[out]).square()
     return out
 
 

@@ -28,7 +28,7 @@ import functools
 import torch
 import warp as wp
 
-from diffsim.contact.candidates import SLIVER_FRACTION, element_sizes, relative_offset
+from diffsim.contact.candidates import SLIVER_FRACTION, relative_offset
 from diffsim.contact.distances import MOLLIFIER_FRACTION, PARALLEL_FRACTION
 from diffsim.kernels.broad_phase import broad_phase_kernels
 from diffsim.kernels.contact import EDGE_EDGE, POINT_TRIANGLE, contact_kernels
@@ -174,20 +174,14 @@ class BroadPhase:
         vertices = self._int32(surface.vertices)
         faces, edges = self._int32(surface.faces), self._int32(surface.edges)
         # The sliver pairs are left out (candidates.sliver_pairs): each vertex's tet
-        # neighbours, sorted (CSR), the rest positions about their centroid and the
-        # elements' sizes.
+        # neighbours, sorted (CSR), and the rest positions about their centroid.
         keys = surface.neighbours
         starts = torch.arange(n + 1, dtype=torch.int64, device=device) * n
         offsets = self._int32(torch.searchsorted(keys, starts))
         neighbours = self._int32(keys % n if len(keys) else torch.zeros(1, dtype=torch.int64))
         rest = (surface.rest_positions - surface.rest_positions.mean(dim=0)).contiguous()
-        corners = torch.cat([surface.faces[:, :1], surface.faces], dim=1)
-        face_sizes = element_sizes(rest, corners, True).contiguous()
-        edges_at_rest = rest[surface.edges]
-        edge_lengths = (edges_at_rest[:, 1] - edges_at_rest[:, 0]).norm(dim=-1).contiguous()
-        self._held += [rest, face_sizes, edge_lengths]
-        rest = wp.from_torch(rest, dtype=wp.vec3d)
-        rule = [offsets, neighbours, rest]
+        self._held.append(rest)
+        rule = [offsets, neighbours, wp.from_torch(rest, dtype=wp.vec3d), SLIVER_FRACTION]
         boxes = contact_kernels(SCALARS[dtype]).element_boxes
         kern = broad_phase_kernels(SCALARS[dtype])
         fraction = PARALLEL_FRACTION[dtype]
@@ -201,7 +195,6 @@ class BroadPhase:
             lowers, uppers = self._boxes(boxes, x_wp, faces, 3)
             self._face_tree = [None, lowers, uppers]
             inputs = [0, x_wp, vertices, faces, 0.0, 0.0, fraction, *rule]
-            inputs += [wp.from_torch(face_sizes), SLIVER_FRACTION]
             query = _Query(
                 kern.near_vertex_face, len(surface.vertices), inputs, dtype, device, guess
             )
@@ -217,7 +210,6 @@ class BroadPhase:
             self._held += [length2, scaled]
             inputs = [0, x_wp, lowers, uppers, edges, wp.from_torch(scaled)]
             inputs += [wp.from_torch(length2), 0.0, 0.0, fraction, *rule]
-            inputs += [wp.from_torch(edge_lengths), SLIVER_FRACTION]
             query = _Query(
                 kern.near_edge_edge, len(surface.edges), inputs, dtype, device, guess, True
             )

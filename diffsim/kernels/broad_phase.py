@@ -3,9 +3,9 @@
 Each query thread takes one surface vertex (against a BVH over the boundary triangles) or
 one boundary edge (against a BVH over the edges, pairs ``j > i``): element ``first + stride
 * tid``, so that a query can run as interleaved parts on several CPU threads. It skips the
-pairs that share a vertex and the sliver pairs (joined by a tet, found by a binary search
-in each vertex's sorted list of tet neighbours, and closer at rest than a fraction of their
-elements' size), and measures the squared distance of every pair whose boxes
+pairs that share a vertex and the sliver pairs (joined by a tet edge, found by a binary
+search in each vertex's sorted list of tet neighbours, and closer at rest than a fraction
+of that edge), and measures the squared distance of every pair whose boxes
 come within the pad, with the closest-point weights and the formula of the ``pair_distances`` kernel
 of :mod:`diffsim.kernels.contact` (the same values, bit for bit). Only pairs closer than a
 given distance are written: rows ``(p, a, b, c)`` or ``(p0, p1, q0, q1)`` of vertex ids and
@@ -86,30 +86,44 @@ def _build(scalar):
         return False
 
     @wp.func
+    def tie_length2(
+        offsets: wp.array(dtype=wp.int32),
+        neighbours: wp.array(dtype=wp.int32),
+        rest: wp.array(dtype=wp.vec3d),
+        a: int,
+        b: int,
+        shortest: wp.float64,
+    ) -> wp.float64:
+        """``shortest``, or the squared rest length of the tet edge a-b where it is shorter."""
+        if tied(offsets, neighbours, a, b):
+            return wp.min(shortest, wp.length_sq(rest[a] - rest[b]))
+        return shortest
+
+    @wp.func
     def sliver(
         kind: int,
         i0: int,
         i1: int,
         i2: int,
         i3: int,
-        size: wp.float64,
         offsets: wp.array(dtype=wp.int32),
         neighbours: wp.array(dtype=wp.int32),
         rest: wp.array(dtype=wp.vec3d),
         fraction: wp.float64,
     ) -> bool:
         """Whether the pair is a sliver pair (the rule of
-        :func:`diffsim.contact.candidates.sliver_pairs`): joined by a tet (a vertex of each
-        element are corners of one tet) and closer at rest than ``fraction`` of ``size``."""
-        joined = False
+        :func:`diffsim.contact.candidates.sliver_pairs`): joined by a tet edge (from a vertex
+        of one element to a vertex of the other) and closer at rest than ``fraction`` of
+        the shortest such edge."""
+        inf = wp.float64(1e300)
+        shortest = tie_length2(offsets, neighbours, rest, i0, i2, inf)
+        shortest = tie_length2(offsets, neighbours, rest, i0, i3, shortest)
         if kind == 0:
-            joined = tied(offsets, neighbours, i0, i1) or tied(offsets, neighbours, i0, i2)
-            joined = joined or tied(offsets, neighbours, i0, i3)
+            shortest = tie_length2(offsets, neighbours, rest, i0, i1, shortest)
         else:
-            joined = tied(offsets, neighbours, i0, i2) or tied(offsets, neighbours, i0, i3)
-            joined = joined or tied(offsets, neighbours, i1, i2)
-            joined = joined or tied(offsets, neighbours, i1, i3)
-        if not joined:
+            shortest = tie_length2(offsets, neighbours, rest, i1, i2, shortest)
+            shortest = tie_length2(offsets, neighbours, rest, i1, i3, shortest)
+        if shortest == inf:
             return False
         x0 = rest[i0]
         x1 = rest[i1]
@@ -117,8 +131,7 @@ def _build(scalar):
         x3 = rest[i3]
         c = pair_weights64(kind, x0, x1, x2, x3, wp.float64(1e-16))  # PARALLEL_FRACTION f64
         diff = c[0] * x0 + c[1] * x1 + c[2] * x2 + c[3] * x3
-        bound = fraction * size
-        return wp.dot(diff, diff) < bound * bound
+        return wp.dot(diff, diff) < fraction * fraction * shortest
 
     @wp.kernel
     def near_vertex_face(
@@ -134,7 +147,6 @@ def _build(scalar):
         offsets: wp.array(dtype=wp.int32),
         neighbours: wp.array(dtype=wp.int32),
         rest: wp.array(dtype=wp.vec3d),
-        face_sizes: wp.array(dtype=wp.float64),
         sliver_fraction: wp.float64,
         count: wp.array(dtype=wp.int32),
         pairs: wp.array2d(dtype=wp.int32),
@@ -153,8 +165,7 @@ def _build(scalar):
             if a != v and b != v and c != v:
                 s = squared_distance(0, p, x[a], x[b], x[c], parallel_fraction)
                 if s < within2:
-                    size = face_sizes[j]
-                    if not sliver(0, v, a, b, c, size, offsets, neighbours, rest, sliver_fraction):
+                    if not sliver(0, v, a, b, c, offsets, neighbours, rest, sliver_fraction):
                         keep_pair(count, pairs, d2, v, a, b, c, s)
 
     @wp.kernel
@@ -174,7 +185,6 @@ def _build(scalar):
         offsets: wp.array(dtype=wp.int32),
         neighbours: wp.array(dtype=wp.int32),
         rest: wp.array(dtype=wp.vec3d),
-        edge_lengths: wp.array(dtype=wp.float64),
         sliver_fraction: wp.float64,
         count: wp.array(dtype=wp.int32),
         pairs: wp.array2d(dtype=wp.int32),
@@ -194,11 +204,9 @@ def _build(scalar):
                 if a0 != b0 and a0 != b1 and a1 != b0 and a1 != b1:
                     s = squared_distance(1, x[a0], x[a1], x[b0], x[b1], parallel_fraction)
                     if s < within2:
-                        size = wp.float64(0.5) * (edge_lengths[i] + edge_lengths[j])
-                        rule = sliver(
-                            1, a0, a1, b0, b1, size, offsets, neighbours, rest, sliver_fraction
-                        )
-                        if not rule:
+                        if not sliver(
+                            1, a0, a1, b0, b1, offsets, neighbours, rest, sliver_fraction
+                        ):
                             slot = keep_pair(count, pairs, d2, a0, a1, b0, b1, s)
                             if slot < pairs.shape[0]:
                                 eps[slot] = scaled_length2[i] * length2[j]

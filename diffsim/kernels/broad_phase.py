@@ -33,7 +33,6 @@ from diffsim.kernels.contact import contact_kernels
 def _build(scalar):
     vec3 = {wp.float32: wp.vec3f, wp.float64: wp.vec3d}[scalar]
     pair_weights = contact_kernels(scalar).pair_weights
-    pair_weights64 = contact_kernels(wp.float64).pair_weights
 
     @wp.func
     def squared_distance(kind: int, x0: vec3, x1: vec3, x2: vec3, x3: vec3, pf: scalar) -> scalar:
@@ -85,6 +84,11 @@ def _build(scalar):
                 hi = mid
         return False
 
+    # The rest distances are measured in float64 whatever the working dtype.
+    rest_squared_distance = squared_distance
+    if scalar != wp.float64:
+        rest_squared_distance = broad_phase_kernels(wp.float64).squared_distance
+
     @wp.func
     def tie_length2(
         offsets: wp.array(dtype=wp.int32),
@@ -125,13 +129,9 @@ def _build(scalar):
             shortest = tie_length2(offsets, neighbours, rest, i1, i3, shortest)
         if shortest == inf:
             return False
-        x0 = rest[i0]
-        x1 = rest[i1]
-        x2 = rest[i2]
-        x3 = rest[i3]
-        c = pair_weights64(kind, x0, x1, x2, x3, wp.float64(1e-16))  # PARALLEL_FRACTION f64
-        diff = c[0] * x0 + c[1] * x1 + c[2] * x2 + c[3] * x3
-        return wp.dot(diff, diff) < fraction * fraction * shortest
+        # 1e-16: the float64 parallel fraction (contact.distances.PARALLEL_FRACTION).
+        s = rest_squared_distance(kind, rest[i0], rest[i1], rest[i2], rest[i3], wp.float64(1e-16))
+        return s < fraction * fraction * shortest
 
     @wp.kernel
     def near_vertex_face(
@@ -288,6 +288,7 @@ def _build(scalar):
             bad[0] = 1
 
     return SimpleNamespace(
+        squared_distance=squared_distance,
         near_vertex_face=near_vertex_face,
         near_edge_edge=near_edge_edge,
         frame_distances=frame_distances,
@@ -298,7 +299,8 @@ def _build(scalar):
 @functools.cache
 def broad_phase_kernels(scalar) -> SimpleNamespace:
     """The broad-phase kernels for ``wp.float32`` or ``wp.float64``, built on first use:
-    ``near_vertex_face``, ``near_edge_edge``, ``frame_distances`` and ``frame_bounds``."""
+    ``near_vertex_face``, ``near_edge_edge``, ``frame_distances`` and ``frame_bounds`` (and
+    the function ``squared_distance`` they measure pairs with)."""
     if scalar not in (wp.float32, wp.float64):
         raise ValueError(f"broad-phase kernels exist for wp.float32 and wp.float64, not {scalar}")
     return _build(scalar)

@@ -30,7 +30,7 @@ import warp as wp
 
 from diffsim.contact.candidates import SLIVER_FRACTION, relative_offset
 from diffsim.contact.distances import MOLLIFIER_FRACTION, PARALLEL_FRACTION
-from diffsim.kernels.broad_phase import broad_phase_kernels
+from diffsim.kernels.broad_phase import SliverRule, broad_phase_kernels
 from diffsim.kernels.contact import EDGE_EDGE, POINT_TRIANGLE, contact_kernels
 from diffsim.kernels.runtime import init_warp
 
@@ -181,7 +181,10 @@ class BroadPhase:
         neighbours = self._int32(keys % n if len(keys) else torch.zeros(1, dtype=torch.int64))
         rest = (surface.rest_positions - surface.rest_positions.mean(dim=0)).contiguous()
         self._held.append(rest)
-        rule = [offsets, neighbours, wp.from_torch(rest, dtype=wp.vec3d), SLIVER_FRACTION]
+        rule = SliverRule()
+        rule.offsets, rule.neighbours = offsets, neighbours
+        rule.rest = wp.from_torch(rest, dtype=wp.vec3d)
+        rule.fraction = SLIVER_FRACTION
         boxes = contact_kernels(SCALARS[dtype]).element_boxes
         kern = broad_phase_kernels(SCALARS[dtype])
         fraction = PARALLEL_FRACTION[dtype]
@@ -194,7 +197,7 @@ class BroadPhase:
         if len(surface.faces) and len(surface.vertices):
             lowers, uppers = self._boxes(boxes, x_wp, faces, 3)
             self._face_tree = [None, lowers, uppers]
-            inputs = [0, x_wp, vertices, faces, 0.0, 0.0, fraction, *rule]
+            inputs = [0, x_wp, vertices, faces, 0.0, 0.0, fraction, rule]
             query = _Query(
                 kern.near_vertex_face, len(surface.vertices), inputs, dtype, device, guess
             )
@@ -209,7 +212,7 @@ class BroadPhase:
             scaled = (MOLLIFIER_FRACTION * length2).contiguous()
             self._held += [length2, scaled]
             inputs = [0, x_wp, lowers, uppers, edges, wp.from_torch(scaled)]
-            inputs += [wp.from_torch(length2), 0.0, 0.0, fraction, *rule]
+            inputs += [wp.from_torch(length2), 0.0, 0.0, fraction, rule]
             query = _Query(
                 kern.near_edge_edge, len(surface.edges), inputs, dtype, device, guess, True
             )

@@ -30,6 +30,17 @@ import warp as wp
 from diffsim.kernels.contact import contact_kernels
 
 
+@wp.struct
+class SliverRule:
+    """What the sliver-pair test needs (the rule of
+    :func:`diffsim.contact.candidates.sliver_pairs`)."""
+
+    offsets: wp.array(dtype=wp.int32)  # [n + 1]: where each vertex's tet neighbours start
+    neighbours: wp.array(dtype=wp.int32)  # each vertex's tet neighbours, ascending
+    rest: wp.array(dtype=wp.vec3d)  # rest positions about their centroid (m)
+    fraction: wp.float64  # of the shortest joining edge
+
+
 def _build(scalar):
     vec3 = {wp.float32: wp.vec3f, wp.float64: wp.vec3d}[scalar]
     pair_weights = contact_kernels(scalar).pair_weights
@@ -67,15 +78,13 @@ def _build(scalar):
         return slot
 
     @wp.func
-    def tied(
-        offsets: wp.array(dtype=wp.int32), neighbours: wp.array(dtype=wp.int32), a: int, b: int
-    ) -> bool:
+    def tied(rule: SliverRule, a: int, b: int) -> bool:
         """Whether vertices a and b are corners of a common tet (b in a's sorted list)."""
-        lo = offsets[a]
-        hi = offsets[a + 1]
+        lo = rule.offsets[a]
+        hi = rule.offsets[a + 1]
         while lo < hi:
             mid = (lo + hi) // 2
-            v = neighbours[mid]
+            v = rule.neighbours[mid]
             if v == b:
                 return True
             if v < b:
@@ -90,48 +99,31 @@ def _build(scalar):
         rest_squared_distance = broad_phase_kernels(wp.float64).squared_distance
 
     @wp.func
-    def tie_length2(
-        offsets: wp.array(dtype=wp.int32),
-        neighbours: wp.array(dtype=wp.int32),
-        rest: wp.array(dtype=wp.vec3d),
-        a: int,
-        b: int,
-        shortest: wp.float64,
-    ) -> wp.float64:
+    def tie_length2(rule: SliverRule, a: int, b: int, shortest: wp.float64) -> wp.float64:
         """``shortest``, or the squared rest length of the tet edge a-b where it is shorter."""
-        if tied(offsets, neighbours, a, b):
-            return wp.min(shortest, wp.length_sq(rest[a] - rest[b]))
+        if tied(rule, a, b):
+            return wp.min(shortest, wp.length_sq(rule.rest[a] - rule.rest[b]))
         return shortest
 
     @wp.func
-    def sliver(
-        kind: int,
-        i0: int,
-        i1: int,
-        i2: int,
-        i3: int,
-        offsets: wp.array(dtype=wp.int32),
-        neighbours: wp.array(dtype=wp.int32),
-        rest: wp.array(dtype=wp.vec3d),
-        fraction: wp.float64,
-    ) -> bool:
-        """Whether the pair is a sliver pair (the rule of
-        :func:`diffsim.contact.candidates.sliver_pairs`): joined by a tet edge (from a vertex
-        of one element to a vertex of the other) and closer at rest than ``fraction`` of
-        the shortest such edge."""
+    def sliver(kind: int, i0: int, i1: int, i2: int, i3: int, rule: SliverRule) -> bool:
+        """Whether the pair is a sliver pair: joined by a tet edge (from a vertex of one
+        element to a vertex of the other) and closer at rest than ``rule.fraction`` of the
+        shortest such edge."""
         inf = wp.float64(1e300)
-        shortest = tie_length2(offsets, neighbours, rest, i0, i2, inf)
-        shortest = tie_length2(offsets, neighbours, rest, i0, i3, shortest)
+        shortest = tie_length2(rule, i0, i2, inf)
+        shortest = tie_length2(rule, i0, i3, shortest)
         if kind == 0:
-            shortest = tie_length2(offsets, neighbours, rest, i0, i1, shortest)
+            shortest = tie_length2(rule, i0, i1, shortest)
         else:
-            shortest = tie_length2(offsets, neighbours, rest, i1, i2, shortest)
-            shortest = tie_length2(offsets, neighbours, rest, i1, i3, shortest)
+            shortest = tie_length2(rule, i1, i2, shortest)
+            shortest = tie_length2(rule, i1, i3, shortest)
         if shortest == inf:
             return False
+        r = rule.rest
         # 1e-16: the float64 parallel fraction (contact.distances.PARALLEL_FRACTION).
-        s = rest_squared_distance(kind, rest[i0], rest[i1], rest[i2], rest[i3], wp.float64(1e-16))
-        return s < fraction * fraction * shortest
+        s = rest_squared_distance(kind, r[i0], r[i1], r[i2], r[i3], wp.float64(1e-16))
+        return s < rule.fraction * rule.fraction * shortest
 
     @wp.kernel
     def near_vertex_face(
@@ -144,10 +136,7 @@ def _build(scalar):
         pad: float,
         within2: scalar,
         parallel_fraction: scalar,
-        offsets: wp.array(dtype=wp.int32),
-        neighbours: wp.array(dtype=wp.int32),
-        rest: wp.array(dtype=wp.vec3d),
-        sliver_fraction: wp.float64,
+        rule: SliverRule,
         count: wp.array(dtype=wp.int32),
         pairs: wp.array2d(dtype=wp.int32),
         d2: wp.array(dtype=scalar),
@@ -165,7 +154,7 @@ def _build(scalar):
             if a != v and b != v and c != v:
                 s = squared_distance(0, p, x[a], x[b], x[c], parallel_fraction)
                 if s < within2:
-                    if not sliver(0, v, a, b, c, offsets, neighbours, rest, sliver_fraction):
+                    if not sliver(0, v, a, b, c, rule):
                         keep_pair(count, pairs, d2, v, a, b, c, s)
 
     @wp.kernel
@@ -182,10 +171,7 @@ def _build(scalar):
         pad: float,
         within2: scalar,
         parallel_fraction: scalar,
-        offsets: wp.array(dtype=wp.int32),
-        neighbours: wp.array(dtype=wp.int32),
-        rest: wp.array(dtype=wp.vec3d),
-        sliver_fraction: wp.float64,
+        rule: SliverRule,
         count: wp.array(dtype=wp.int32),
         pairs: wp.array2d(dtype=wp.int32),
         d2: wp.array(dtype=scalar),
@@ -204,9 +190,7 @@ def _build(scalar):
                 if a0 != b0 and a0 != b1 and a1 != b0 and a1 != b1:
                     s = squared_distance(1, x[a0], x[a1], x[b0], x[b1], parallel_fraction)
                     if s < within2:
-                        if not sliver(
-                            1, a0, a1, b0, b1, offsets, neighbours, rest, sliver_fraction
-                        ):
+                        if not sliver(1, a0, a1, b0, b1, rule):
                             slot = keep_pair(count, pairs, d2, a0, a1, b0, b1, s)
                             if slot < pairs.shape[0]:
                                 eps[slot] = scaled_length2[i] * length2[j]

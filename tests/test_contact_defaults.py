@@ -11,7 +11,7 @@ import torch
 
 import diffsim as ds
 from diffsim.contact import ContactWarning, SurfaceContact
-from diffsim.contact.surface_contact import REST_GAP_FRACTION
+from diffsim.contact.rest_gaps import REST_GAP_FRACTION
 from tests.helpers import asset
 
 F64 = torch.float64

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -15,21 +14,15 @@ from diffsim.contact import ccd, friction, potential
 from diffsim.contact.candidates import (
     Candidates,
     SurfacePrimitives,
-    find_candidates,
     near_candidates,
     relative_offset,
 )
+from diffsim.contact.rest_gaps import (
+    DHAT_FRACTION,
+    RestGaps,
+)
 from diffsim.mesh import TetMesh
 
-# Default barrier activation distance, as a fraction of the bounding-box diagonal ...
-DHAT_FRACTION = 5e-3
-# ... and never more than this fraction of the smallest rest distance between surface
-# elements that collide (a thin part's thickness, two bodies' gap; not the sliver pairs of
-# candidates.sliver_pairs, which never collide), so that at rest every pair
-# is at least 1 / REST_GAP_FRACTION barrier widths apart and feels no force.
-REST_GAP_FRACTION = 0.5
-# Pairs named in the warning for an explicit dhat above the rest gaps.
-WARN_PAIRS = 3
 # The default stiffness makes one pair's barrier stiffness reach the explicit stability
 # limit (h^2 omega^2 = 1) at this fraction of dhat. 1/8, not the 1/4 one pair allows: a
 # vertex feels several pairs at once, and at 1/4 head-on balls gained up to 37% of their
@@ -133,14 +126,6 @@ class FusedSets:
     closest: float
     max_step: float
     max_translation: float
-
-
-class ContactWarning(UserWarning):
-    """Surface contact is set up so that it changes the physics (e.g. surfaces start inside
-    the barrier, so a body at rest does not stay at rest); the message names the pairs.
-
-    Filter it like any warning: ``warnings.simplefilter("ignore", ContactWarning)``.
-    """
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -1016,101 +1001,6 @@ def _frame_distances(frames: torch.Tensor, pairs: Candidates, warp: bool = False
     d_pt, d_ee = potential.pair_distances(frames.reshape(-1, 3), stacked)
     d2 = torch.cat([d_pt.view(f, -1), d_ee.view(f, -1)], dim=1)
     return d2.clamp_min(0).sqrt()
-
-
-class RestGaps:
-    """The close pairs of surface elements at rest that collide (non-adjacent, not sliver
-    pairs), and the dhat they allow.
-
-    Attributes:
-        distances: ``[k]`` float64 rest distances (m) of the pairs found, ascending.
-        pairs: ``[k, 4]`` their vertex ids (point-triangle ``(p, a, b, c)`` or edge-edge
-            ``(p0, p1, q0, q1)``).
-        kinds: ``[k]`` bool, True for point-triangle pairs.
-        radius: the search radius (m): every pair closer than it is listed.
-        scene_dhat: ``DHAT_FRACTION * diagonal`` (m), the bounding-box rule.
-        dhat: the default dhat (m): ``min(scene_dhat, REST_GAP_FRACTION * distances.min())``.
-    """
-
-    def __init__(
-        self,
-        distances: torch.Tensor,
-        pairs: torch.Tensor,
-        n_point_triangle: int,
-        scene_dhat: float,
-        radius: float = math.inf,
-    ) -> None:
-        kinds = torch.arange(len(pairs), device=pairs.device) < n_point_triangle
-        order = torch.argsort(distances)
-        self.distances, self.pairs, self.kinds = distances[order], pairs[order], kinds[order]
-        self.scene_dhat = float(scene_dhat)
-        self.radius = float(radius)
-        self.dhat = self.scene_dhat
-        if len(self.distances):
-            self.dhat = min(self.dhat, REST_GAP_FRACTION * float(self.distances[0]))
-
-    @classmethod
-    def of(
-        cls,
-        mesh: TetMesh,
-        dhat: float | None = None,
-        device: str | torch.device = "cpu",
-        broad_phase: str = "bvh",
-    ) -> RestGaps:
-        """The pairs closer than ``DHAT_FRACTION * diagonal / REST_GAP_FRACTION`` (the rest
-        gaps that can lower the default) or than an explicit ``dhat`` (m), at rest."""
-        diagonal = float(np.linalg.norm(np.ptp(mesh.vertices, axis=0)))
-        scene_dhat = DHAT_FRACTION * diagonal
-        radius = max(scene_dhat / REST_GAP_FRACTION, dhat or 0.0)
-        surface = SurfacePrimitives.from_mesh(mesh, device)
-        centroid = mesh.vertices.mean(axis=0)
-        x = torch.as_tensor(mesh.vertices - centroid, dtype=torch.float64, device=device)
-        c = find_candidates(surface, x, radius, broad_phase)
-        d_pt, d_ee = potential.pair_distances(x, c)
-        distances = torch.cat([d_pt, d_ee]).clamp_min(0).sqrt()
-        pairs = torch.cat([c.point_triangle, c.edge_edge])
-        near = distances < radius
-        n_pt = int(near[: len(d_pt)].sum())
-        return cls(distances[near], pairs[near], n_pt, scene_dhat, radius)
-
-    def describe(self, count: int) -> str:
-        """The ``count`` closest pairs, e.g. ``point-triangle (3, 7, 8, 9) 0.04 mm apart``."""
-        if not len(self.distances):
-            return f"no pair closer than {1e3 * self.radius:.3g} mm"
-        parts = []
-        for k in range(min(count, len(self.distances))):
-            kind = "point-triangle" if bool(self.kinds[k]) else "edge-edge"
-            ids = tuple(self.pairs[k].tolist())
-            parts.append(f"{kind} {ids} {1e3 * float(self.distances[k]):.3g} mm apart")
-        return ", ".join(parts)
-
-    def check_separated(self, dhat: float) -> None:
-        """Raises ValueError if a pair is no farther apart than ``MIN_DISTANCE_FRACTION``
-        of dhat (m): touching surfaces."""
-        floor = potential.MIN_DISTANCE_FRACTION * dhat
-        if len(self.distances) and float(self.distances[0]) <= floor:
-            kind = "point-triangle" if bool(self.kinds[0]) else "edge-edge"
-            raise ValueError(
-                f"surfaces touch at the start: {kind} pair {self.pairs[0].tolist()} is "
-                f"{float(self.distances[0]):.3g} m apart; separate the bodies (e.g. a gap of "
-                f"at least dhat = {dhat:.3g} m)"
-            )
-
-    def warn_inside(self, dhat: float) -> None:
-        """Warns (:class:`ContactWarning`) if pairs start inside a barrier of width dhat (m)."""
-        inside = int((self.distances < dhat).sum())
-        if not inside:
-            return
-        warnings.warn(
-            f"contact_dhat = {dhat:.3g} m: {inside} pair(s) of non-adjacent surface elements "
-            f"start inside the barrier ({self.describe(WARN_PAIRS)}); the barrier pushes them "
-            f"apart, so a body at rest will not stay at rest. The default for this mesh is "
-            f"{self.dhat:.3g} m (0.5% of its diagonal, at most {REST_GAP_FRACTION:g} of the "
-            f"closest rest gap); use it (contact_dhat=None) or a smaller one unless the "
-            f"squeeze is intended",
-            ContactWarning,
-            stacklevel=4,
-        )
 
 
 class _WarpBarrierForces(torch.autograd.Function):

@@ -166,7 +166,8 @@ def _rows(c) -> set:
     return set(map(tuple, c.point_triangle.tolist())) | set(map(tuple, c.edge_edge.tolist()))
 
 
-def test_a_flat_tet_at_the_surface_does_not_set_dhat():
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_a_flat_tet_at_the_surface_does_not_set_dhat(dtype):
     # The bunny's closest pair of surface elements, 40 microns apart, lies across a flat tet
     # at its surface. It set the default dhat for the whole bunny (20 microns), so its
     # barrier stopped only 0.2 dhat / h = 0.04 m/s of approach at 1e-4 s substeps, and the
@@ -189,6 +190,7 @@ def test_a_flat_tet_at_the_surface_does_not_set_dhat():
     surface = SurfacePrimitives.from_mesh(mesh)
     x = torch.as_tensor(mesh.vertices)
     everything = find_candidates(_without_sliver_rule(surface), x, 1e-3)
+    x = x.to(dtype)  # the working dtype; the rule measures rest distances in float64
     d_pt, d_ee = pair_distances(x, everything)
     closest = int(torch.cat([d_pt, d_ee]).argmin())
     assert closest < len(d_pt) and float(d_pt[closest].sqrt()) < 5e-5  # the 40 micron pair

@@ -180,12 +180,12 @@ def tie_lengths(surface: SurfacePrimitives, rows: torch.Tensor, point_triangle: 
     a, b = rows[:, ends[:, 0]], rows[:, ends[:, 1]]
     lengths = torch.full(a.shape, math.inf, dtype=torch.float64, device=rows.device)
     table = surface.neighbours
-    if len(table) and len(rows):
+    if len(table):
         keys = a * n + b
         tied = table[torch.searchsorted(table, keys).clamp_max(len(table) - 1)] == keys
         rest = surface.rest_positions
         lengths[tied] = (rest[a[tied]] - rest[b[tied]]).norm(dim=-1)
-    return lengths.amin(dim=1) if len(rows) else lengths[:, 0]
+    return lengths.amin(dim=1)
 
 
 def sliver_pairs(surface: SurfacePrimitives, rows: torch.Tensor, point_triangle: bool):

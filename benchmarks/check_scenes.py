@@ -36,8 +36,8 @@ def check(path: Path) -> str:
     except SceneError as exc:
         return f"{path.stem}: not built ({exc})"
     start = time.perf_counter()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", ds.StabilityWarning)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         traj = sim.rollout(scene.steps, scene.initial_state(sim))
     seconds = time.perf_counter() - start
     record = sim.inversions
@@ -54,16 +54,19 @@ def check(path: Path) -> str:
     if ground is not None:
         low = f", lowest y - ground {float(traj.positions[..., 1].min()) - ground.height:.2e} m"
     limited = ""
+    if sim.model.contact is not None:
+        limited = f"; step limit cut {sim.contact_steps_cut} vertex-steps"
     if sim.model.volume_limit is not None:
         counts = sim.model.volume_limit.counts
-        limited = (
+        limited += (
             f"; volume limit cut {counts['limited_vertex_steps']} vertex-steps in "
             f"{counts['limited_substeps']} substeps"
         )
+    kinds = sorted({type(w.message).__name__ for w in caught})
     return (
         f"{path.stem}: {sim.mesh.n_tets} tets, {sim.model.substeps} substeps, {scene.steps} steps, "
         f"{1e3 * seconds / scene.steps:.2f} ms/frame; inverted: {inverted}{limited}; "
-        f"finite: {finite}{low}"
+        f"finite: {finite}{low}; warnings: {', '.join(kinds) or 'none'}"
     )
 
 

@@ -38,10 +38,10 @@ def build() -> ds.Simulator:
         material,
         dt=1e-3,
         substeps="auto",
+        contact_speed=SPEED,  # m/s: short enough substeps for the barrier to stop the throw
         ground=0.0,
         damping=1.0,
         friction=0.5,
-        contact=True,
         contact_friction=0.5,
     )
 

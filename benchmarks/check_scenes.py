@@ -22,7 +22,6 @@ os.environ.setdefault("WARP_CACHE_PATH", str(Path(__file__).resolve().parents[1]
 
 import torch  # noqa: E402
 
-import diffsim as ds  # noqa: E402
 from diffsim.apps.scene import SceneError, load_scene  # noqa: E402
 
 SCENES = Path(__file__).resolve().parents[1] / "scenes"

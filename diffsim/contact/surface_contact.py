@@ -834,8 +834,8 @@ class SurfaceContact:
                 # the listed pairs are measured where the set still covers this frame.
                 if self._listed_radius() - 2.0 * now <= needed:
                     return False
-                near = self._near_pairs(needed, first - self.origin, now)
-                if near is None or near[0].n_pairs:
+                d2_now = self._measured(needed, first - self.origin, now)[0]
+                if bool((d2_now < needed**2).any()):
                     return False
             # The set does not reach that far: a new one at the first frame that does
             # (with room for twice that motion, so that growing blocks rebuild rarely).
@@ -916,6 +916,19 @@ class SurfaceContact:
         their squared distances there, or None if there are more than ``MAX_NEAR_PAIRS``
         (measuring them every frame would cost more than it saves). ``now``: x's
         :func:`relative_offset` from the anchor (m)."""
+        d2, rows = self._measured(within, x, now)
+        near = torch.nonzero(d2 < within**2).flatten()
+        if len(near) > MAX_NEAR_PAIRS:
+            return None
+        index = near if rows is None else rows[near]
+        return self._candidates.subset(index), d2[near]
+
+    def _measured(
+        self, within: float, x: torch.Tensor | None, now: float
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The squared distances at local x (default: at the anchor) of the candidates that
+        may be closer than ``within`` (m) there, and their rows (None: every candidate, in
+        order); ``now``: x's :func:`relative_offset` from the anchor (m)."""
         if x is None:
             d2, rows = self._anchor_d2, None
         elif self.broad_phase == "bvh":  # Warp is there: its kernels are the faster ones
@@ -932,11 +945,7 @@ class SurfaceContact:
             d2 = squared_distances(x, c.point_triangle[pt], c.edge_edge[ee])
         else:
             d2, rows = torch.cat(potential.pair_distances(x, self._candidates)), None
-        near = torch.nonzero(d2 < within**2).flatten()
-        if len(near) > MAX_NEAR_PAIRS:
-            return None
-        index = near if rows is None else rows[near]
-        return self._candidates.subset(index), d2[near]
+        return d2, rows
 
     def apart(self, x: torch.Tensor, gap: float) -> bool:
         """Whether every pair of non-adjacent surface primitives is more than ``gap`` (m)

@@ -352,12 +352,15 @@ class Simulator:
             docs/contact.md).
         contact_stiffness: surface barrier kappa (1/(m^2 s^2)); default stable for explicit
             substeps down to dhat/8 (:meth:`SurfaceContact.default_stiffness`).
-        contact_speed: the fastest approach speed between surfaces (m/s) that impacts
-            should keep their energy at, or None. With ``substeps="auto"`` the substep is
-            also short enough for the default barrier to stop that speed
+        contact_speed: the fastest relative speed of surfaces in contact (m/s), at which
+            impacts should keep their energy and sliding should not be braked, or None.
+            With ``substeps="auto"`` the substep is also short enough for the default
+            barrier to stop that approach speed, and for surfaces sliding that fast to
+            move less than a tenth of dhat a substep
             (:meth:`SurfaceContact.substep_for_speed`); a fixed substep too long for it
-            gives a :class:`StabilityWarning`. Faster impacts are stopped by the step
-            limit and lose energy (a warning says so when it happens; docs/contact.md).
+            gives a :class:`StabilityWarning`. Faster impacts and sliding are stopped by
+            the step limit and lose energy (a warning says so when it happens;
+            docs/contact.md).
         contact_friction: Coulomb coefficient between surfaces (>= 0).
         contact_friction_velocity: eps_v in m/s for surface friction.
         worlds: W > 0 to simulate W worlds at once (one replicated mesh, every kernel over
@@ -1126,7 +1129,8 @@ class Simulator:
     def contact_steps_cut(self) -> int:
         """Vertex-steps the continuous collision limit has cut so far (all worlds; 0
         without surface contact): where surfaces closed faster than the barrier stops them
-        at this substep, or were pressed deep into it. Those steps lost energy."""
+        at this substep, slid along each other within it about as fast, or were pressed
+        deep into it. Those steps lost energy."""
         contact = self.model.contact
         if contact is None:
             return 0
@@ -1145,9 +1149,10 @@ class Simulator:
             f"the continuous collision limit cut {truncated} vertex-steps, where surfaces "
             f"closed faster than the barrier stops them at this substep (about "
             f"{c.stopping_speed(m.substep_dt):.3g} m/s with dhat = {c.dhat:.3g} m"
-            f", h = {m.substep_dt:.3g} s) or were pressed deep into it; those steps lost "
-            f"energy. For elastic impacts at up to v m/s pass contact_speed=v with "
-            f'substeps="auto" (docs/contact.md)',
+            f", h = {m.substep_dt:.3g} s), slid along each other within it about that "
+            f"fast, or were pressed deep into it; those steps lost energy. For impacts or "
+            f'sliding at up to v m/s pass contact_speed=v with substeps="auto" '
+            f"(docs/contact.md)",
         )
 
     @property

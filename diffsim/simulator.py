@@ -74,6 +74,9 @@ CLAMP_NOTICE_SHARE = 0.02
 CLAMP_NOTICE_SPEED = 0.5
 # Tets whose volume ratio J leaves this range are "strained far beyond the material's range".
 STRAIN_NOTICE_RANGE = (0.1, 10.0)
+# contact_speed taking more than this many times the substeps elasticity needs is worth a
+# word (a speed in mm/s passed as m/s): the scenes' named speeds take 3-10 times.
+SPEED_SUBSTEPS_NOTICE = 100
 # Inverted tets are counted at every frame, exactly: one Warp launch per block of frames
 # evaluates J of every tet at every frame (cheaper than one elastic force pass, so a few
 # percent of a frame's substeps), INVERSION_CHUNK tets per Warp thread on the CPU (which
@@ -582,6 +585,17 @@ class Simulator:
                 stacklevel=3,
             )
             return substeps
+        if needed > SPEED_SUBSTEPS_NOTICE * substeps:
+            from diffsim.contact import ContactWarning
+
+            warnings.warn(
+                f"contact_speed = {speed:g} m/s takes {needed} substeps per step of {dt:g} s "
+                f"(h = {dt / needed:.3g} s; elasticity needs {substeps}) for the barrier "
+                f"(dhat = {contact.dhat:.3g} m) to stop it; check that the speed is in m/s, "
+                "or allow a larger contact_dhat where the geometry does (docs/contact.md)",
+                ContactWarning,
+                stacklevel=3,
+            )
         if default_stiffness:
             contact.stiffness = contact.default_stiffness(contact.dhat, dt / needed)
         return needed

@@ -7,6 +7,8 @@ on both backends, with no limited step: tests/test_contact_defaults.py
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -154,6 +156,22 @@ def test_an_impact_faster_than_the_barrier_stops_warns_and_says_what_to_do():
             ds.TetMesh.box(), ds.StableNeoHookean(1e5, 0.4, 1000.0), contact=False,
             contact_speed=1.0,
         )  # fmt: skip
+
+
+def test_a_contact_speed_that_takes_a_hundred_times_the_substeps_says_so():
+    # A speed in mm/s passed as m/s: 5000 "m/s" would take 20,000 substeps of each 1 ms
+    # step, without a word. The scene's own 5 m/s takes 20, ten times elasticity's 2: quiet.
+    mesh = ds.TetMesh.merge([ds.TetMesh.box(size=(0.1,) * 3, resolution=2, origin=(x, 0, 0))
+                             for x in (0.0, 0.2)])  # fmt: skip
+    material = ds.StableNeoHookean(1e5, 0.4, 1000.0)
+    elastic = ds.Simulator(mesh, material, dt=1e-3, substeps="auto", ground=None).model.substeps
+    with pytest.warns(ds.ContactWarning, match=r"contact_speed = 5000 m/s takes \d+ substeps"):
+        sim = ds.Simulator(mesh, material, dt=1e-3, substeps="auto", ground=None,
+                           contact_speed=5000.0)  # fmt: skip
+    assert sim.model.substeps > 100 * elastic  # it still does what was asked
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ds.ContactWarning)
+        ds.Simulator(mesh, material, dt=1e-3, substeps="auto", ground=None, contact_speed=5.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

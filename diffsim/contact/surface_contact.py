@@ -48,6 +48,11 @@ REBUILD_STEPS = 8
 # 0.17-0.21 -> 0.16 ms a substep, rebuilt 32 -> 15 times; the mat on the ball 0.25-0.29 ->
 # 0.22 ms; the bunny's and the Armadillo's margin is that cap already: unchanged).
 ROOMY_REBUILD_STEPS = 24
+# A prediction (a guessed straight motion over a block) builds a set for that motion only
+# within this fraction of the mean surface edge; beyond, it answers "not clear" instead. A
+# few flapping vertices of the Armadillo's crushed crease (up to 8 m/s) once made a
+# prediction ask for a 49 mm reach: 138 million pairs, 49 s and 2 GB for one guess.
+PREDICTION_EDGE_FRACTION = 1.0
 # The Warp barrier and friction kernels look for the pairs within dhat only among the
 # candidates within dhat + 2 R where they were last selected, R this many steps of the last
 # step's size, selected again once the offset since exceeds R (the mat on the ball: about
@@ -228,6 +233,7 @@ class SurfaceContact:
             )
         self.margin = float(margin)
         self._roomy_reach = MARGIN_EDGE_FRACTION * self.surface.mean_edge_length
+        self._prediction_reach = PREDICTION_EDGE_FRACTION * self.surface.mean_edge_length
         self.timings: dict[str, float] = defaultdict(float)
         self._anchor: torch.Tensor | None = None
         self._reach = 0.0
@@ -837,12 +843,15 @@ class SurfaceContact:
                 # the listed pairs are measured where the set still covers this frame.
                 if self._listed_radius() - 2.0 * now <= needed:
                     return False
-                d2_now = self._measured(needed, first - self.origin, now)[0]
-                if bool((d2_now < needed**2).any()):
+                measured = self._measured(needed, first - self.origin, now, MAX_NEAR_PAIRS)
+                if measured is None or bool((measured[0] < needed**2).any()):
                     return False
             # The set does not reach that far: a new one at the first frame that does
             # (with room for twice that motion, so that growing blocks rebuild rarely).
-            self._rebuild(self.local(first), max(self._wanted_reach(), 2.0 * block_moved))
+            reach = max(self._wanted_reach(), 2.0 * block_moved)
+            if not record and reach > self._prediction_reach:
+                return False  # a guess whose set would list far pairs everywhere
+            self._rebuild(self.local(first), reach)
             lo, hi = self._frame_bounds(frames)[4:]
             moved = 0.5 * float((hi - lo).norm(dim=1).max())
         if self._closest_listed() - 2.0 * moved > needed:
@@ -927,11 +936,12 @@ class SurfaceContact:
         return self._candidates.subset(index), d2[near]
 
     def _measured(
-        self, within: float, x: torch.Tensor | None, now: float
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self, within: float, x: torch.Tensor | None, now: float, most: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """The squared distances at local x (default: at the anchor) of the candidates that
         may be closer than ``within`` (m) there, and their rows (None: every candidate, in
-        order); ``now``: x's :func:`relative_offset` from the anchor (m)."""
+        order); ``now``: x's :func:`relative_offset` from the anchor (m). None where the
+        Warp path would measure more than ``most`` of them."""
         if x is None:
             d2, rows = self._anchor_d2, None
         elif self.broad_phase == "bvh":  # Warp is there: its kernels are the faster ones
@@ -942,6 +952,8 @@ class SurfaceContact:
             # the anchor's distances being in the working dtype); the same ones are found.
             limit = (within + 2.0 * now) * (1.0 + 1e-5) + 1e-12
             rows = torch.nonzero(self._anchor_d2 < limit**2).flatten()
+            if most is not None and len(rows) > most:
+                return None
             c = self._candidates
             k1 = len(c.point_triangle)
             pt, ee = rows[rows < k1], rows[rows >= k1] - k1

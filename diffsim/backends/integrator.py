@@ -34,10 +34,13 @@ from diffsim.sim.model import Model
 # line between substeps stays clear (tests/test_contact_physics.py,
 # tests/test_contact_scenes.py); 1.00 and clear without. With the default stiffness at
 # rho = 1/8 the balls keep 0.94, 1.014 and 1.026 at 2, 5 and 10 substeps with splits (0.84,
-# 0.95, 0.98 without), but the colliding spheres' pairs come so close that the straight
-# line between two frames (4 substeps) crosses (scenes/spheres_collide.py, step 45), so
-# splits stay off. Steps of the shortest length are truncated and counted in
-# ``contact.timings["truncated_vertex_steps"]``; splits in ``["split_substeps"]``.
+# 0.95, 0.98 without), but the colliding spheres' pairs came so close at 4 substeps that
+# the straight line between two frames crossed (scenes/spheres_collide.py, step 45), and
+# where cuts are closings no shorter step avoids (the Armadillo's crushed crease, the
+# bunny's ear fold) splits cost 2.5 and 1.2 times the run and still truncate
+# (docs/contact.md, "Time of impact"), so they stay off. Steps of the shortest length are
+# truncated and counted in ``contact.timings["truncated_vertex_steps"]``; splits in
+# ``["split_substeps"]``.
 # tests/test_contact_toi.py runs with 6.
 SPLIT_LEVELS = 0
 # The volume limit and the continuous collision limit alternate on a step at most this many

@@ -38,11 +38,22 @@ def substep_by_substep(sim: ds.Simulator) -> ds.Simulator:
     return plain
 
 
-@pytest.mark.parametrize("speed,per_substep", [(0.5, False), (2.0, False), (2.0, True)])
+def as_on_cuda(sim: ds.Simulator) -> None:
+    """The CUDA path's blocks on the CPU: contact-free substeps launched one by one, and
+    contact substeps by the per-stage kernels (no fused contact launches)."""
+    sim.backend.contact_free.per_substep = True
+    sim.backend.fused_contact.usable = lambda: False
+
+
+@pytest.mark.parametrize("speed,per_substep", [(0.5, False), (2.0, True)])
 def test_fused_blocks_give_the_motion_of_contact_substeps(speed, per_substep):
-    """per_substep: the CUDA path's contact-free blocks (one kernel launch per substep)."""
+    """per_substep: the CUDA path's contact-free blocks (one kernel launch per substep).
+    Where contact substeps run fused (CPU), a block is tried only where it can pay for its
+    checks (2 x SUBSTEPS_PER_CHECK substeps, 8 steps here), which the prediction clears
+    only for slow relative motion: 0.5 m/s."""
     sim = two_cubes(speed)
-    sim.backend.contact_free.per_substep = per_substep
+    if per_substep:
+        as_on_cuda(sim)
     steps = int(0.05 / speed / sim.model.dt) + 25  # they meet, and press for 25 steps
     fused = sim.rollout(steps, approaching(sim, speed))
     counts = sim.backend.contact_free.counts
@@ -59,13 +70,14 @@ def test_fused_blocks_give_the_motion_of_contact_substeps(speed, per_substep):
 
 @pytest.mark.parametrize("per_substep", [False, True])
 def test_fused_blocks_give_the_gradients_of_contact_substeps(per_substep):
-    sim = two_cubes(1.0)
-    sim.backend.contact_free.per_substep = per_substep
+    sim = two_cubes(0.5)
+    if per_substep:
+        as_on_cuda(sim)
     plain = substep_by_substep(sim)
     grads = []
     for s in (sim, plain):
-        v0 = approaching(s, 1.0).velocities.clone().requires_grad_(True)
-        traj = s.rollout(30, State(s.initial_state().positions, v0))
+        v0 = approaching(s, 0.5).velocities.clone().requires_grad_(True)
+        traj = s.rollout(60, State(s.initial_state().positions, v0))
         (traj.positions[-1][:, 0] ** 2).sum().backward()
         grads.append(v0.grad)
     assert sim.backend.contact_free.counts["fused_steps"] > 0
@@ -78,6 +90,7 @@ def test_bodies_that_part_return_to_the_fused_path_within_the_prediction_backoff
     """While pressed together the prediction is not asked every step (it keeps failing);
     once the cubes have bounced apart, steps run fused again within the backoff."""
     sim = two_cubes(2.0, gap=0.02)
+    as_on_cuda(sim)  # fused contact: steps one at a time do not pay for their checks
     counts = sim.backend.contact_free.counts
     contact, state = sim.model.contact, approaching(sim, 2.0)
     paths = []  # per step: (ran with contact, the cubes' gap after it in dhat)
@@ -111,7 +124,9 @@ def test_nothing_near_anything_runs_fused_in_float32():
     counts = sim.backend.contact_free.counts
     print(counts)
     assert float(traj.positions[:, :, 1].min()) < 1e-3  # it landed
-    assert counts["contact_steps"] == 0 and counts["fused_steps"] == 150
+    # All fused, bar a step or two after a block that did not pay for its checks
+    # (SUBSTEPS_PER_CHECK), which run with contact.
+    assert counts["contact_steps"] <= 2 and counts["fused_steps"] >= 148
 
 
 def test_a_prediction_of_wild_relative_motion_builds_no_huge_candidate_set():

@@ -202,11 +202,15 @@ def test_the_fused_turns_of_both_limits_take_the_general_path_steps():
     assert worst < 1e-12
 
 
-def test_contact_free_steps_the_limit_would_cut_are_taken_with_contact():
+def test_contact_free_steps_the_limit_would_cut_are_taken_with_contact(monkeypatch):
     """A soft cube squeezed by its own inward velocities (2 m/s at the faces) in empty space,
     contact on, nothing near anything: the fused contact-free steps check the floor in their
     launch, and the steps that would go below it are taken again with contact (which cuts
-    them), as the torch backend's general path takes every step."""
+    them), as the torch backend's general path takes every step. Blocks of any length are
+    tried (no SUBSTEPS_PER_CHECK rule), so the short ones here run fused."""
+    from diffsim.backends.warp import contact_free
+
+    monkeypatch.setattr(contact_free, "SUBSTEPS_PER_CHECK", 0)
     mesh = ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=3, origin=(-0.05, -0.05, -0.05))
     material = ds.StableNeoHookean(youngs_modulus=2e4, poissons_ratio=0.3)
     v = -2.0 * torch.as_tensor(mesh.vertices, dtype=torch.float32) / 0.05

@@ -114,7 +114,7 @@ class ContactFreeBlocks:
             if k:
                 frames = self._fused(prepared, x, v, targets[i : i + k], grad)
             covered = k * m.substeps if frames is not None else 0
-            if fused_contact and self.checks > checks:
+            if fused_contact and k and self.checks > checks:  # (a failed prediction backed off)
                 if covered < SUBSTEPS_PER_CHECK * (self.checks - checks):
                     self.backoff = min(max(1, 2 * self.backoff), most_idle)
                     self.wait = self.backoff

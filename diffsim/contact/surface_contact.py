@@ -847,8 +847,12 @@ class SurfaceContact:
                 if measured is None or bool((measured[0] < needed**2).any()):
                     return False
             # The set does not reach that far: a new one at the first frame that does
-            # (with room for twice that motion, so that growing blocks rebuild rarely).
-            reach = max(self._wanted_reach(), 2.0 * block_moved)
+            # (with room for twice that motion, so that growing blocks rebuild rarely; a
+            # guess, asked once, gets only what it needs: the colliding spheres' guesses of
+            # five steps listed several times fewer pairs, 0.34 -> 0.29 ms a substep
+            # forward and backward over the benchmark's window).
+            grown = 2.0 * block_moved if record else block_moved + 0.5 * (needed - self.dhat)
+            reach = max(self._wanted_reach(), grown)
             if not record and reach > self._prediction_reach:
                 return False  # a guess whose set would list far pairs everywhere
             self._rebuild(self.local(first), reach)

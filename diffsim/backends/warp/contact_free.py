@@ -178,7 +178,8 @@ class ContactFreeBlocks:
             if steps <= shortest:
                 break
             steps = max(steps // 2, shortest)
-        self.backoff = min(max(1, 2 * self.backoff), most_idle)
+        # Not asked again before a try that can pay could start (``shortest`` steps).
+        self.backoff = min(max(shortest, 2 * self.backoff), most_idle)
         self.wait = self.backoff
         return 0
 

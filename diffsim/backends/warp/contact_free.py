@@ -178,8 +178,7 @@ class ContactFreeBlocks:
             if steps <= shortest:
                 break
             steps = max(steps // 2, shortest)
-        # Not asked again before a try that can pay could start (``shortest`` steps).
-        self.backoff = min(max(shortest, 2 * self.backoff), most_idle)
+        self.backoff = min(max(1, 2 * self.backoff), most_idle)
         self.wait = self.backoff
         return 0
 

@@ -93,8 +93,11 @@ class ContactFreeBlocks:
             self.backoff = self.wait = 0
         per_step = m.substeps * m.n_vertices * 3
         longest = max(1, MAX_SAVED_VALUES // per_step)
-        most_idle = MAX_PREDICTION_BACKOFF
+        # Where contact substeps run fused, a try shorter than two checks' worth of
+        # substeps cannot pay (unless the call ends sooner), and backoffs go further.
+        worth, most_idle = 1, MAX_PREDICTION_BACKOFF
         if fused_contact:
+            worth = max(1, -(-2 * SUBSTEPS_PER_CHECK // m.substeps))
             most_idle = max(MAX_PREDICTION_BACKOFF, -(-MAX_IDLE_SUBSTEPS // m.substeps))
         xs, vs = [], []
         i = 0
@@ -103,18 +106,13 @@ class ContactFreeBlocks:
             k = 0  # (the per-substep kernels do not check the volume limit: no blocks with it)
             checks, asked = self.checks, self.wait == 0
             if m.volume_limit is None or not self.per_substep:
-                # Where contact substeps run fused, a try shorter than two checks' worth of
-                # substeps cannot pay (unless the call ends sooner).
-                shortest = 1
-                if fused_contact:
-                    worth = max(1, -(-2 * SUBSTEPS_PER_CHECK // m.substeps))
-                    shortest = min(worth, longest, n_steps - i)
+                shortest = min(worth, longest, n_steps - i)
                 steps = max(min(self.block, longest, n_steps - i), shortest)
                 k = self._predicted_clear(x, v, steps, shortest, most_idle)
             if k:
                 frames = self._fused(prepared, x, v, targets[i : i + k], grad)
             covered = k * m.substeps if frames is not None else 0
-            if fused_contact and k and self.checks > checks:  # (a failed prediction backed off)
+            if fused_contact and k:  # a try (a failed prediction has backed off already)
                 if covered < SUBSTEPS_PER_CHECK * (self.checks - checks):
                     self.backoff = min(max(1, 2 * self.backoff), most_idle)
                     self.wait = self.backoff

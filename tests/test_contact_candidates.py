@@ -173,6 +173,9 @@ def test_frame_offset_bounds_are_the_torch_bounds_bit_for_bit():
         *torch.aminmax(local[1:] - local[:-1], dim=1),
         *torch.aminmax(local - anchor, dim=1),
     )
+    along = torch.linspace(0.0, 1.0, len(frames), dtype=torch.float64)[:, None, None]
+    chord = local[-1] - local[0]
+    off_chord = (local - local[0] - along * chord).norm(dim=2).amax(dim=1)
     from diffsim.contact import warp_broad_phase
 
     split = CountingLauncher()
@@ -180,8 +183,11 @@ def test_frame_offset_bounds_are_the_torch_bounds_bit_for_bit():
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(warp_broad_phase, "SPLIT_VERTEX_FRAMES", 0)  # however few
             bounds = frame_offset_bounds(frames, origin, anchor, launcher)
-        for got, want in zip(bounds, expected, strict=True):
+        for got, want in zip(bounds[:-1], expected, strict=True):
             assert torch.equal(got, want)
+        # The distances from the straight paths (to rounding: norms summed in other orders).
+        torch.testing.assert_close(bounds[-1], off_chord, rtol=1e-12, atol=1e-12)
+        assert float(off_chord.min()) == 0.0 and float(off_chord.max()) > 1.0  # ends on it
     assert split.calls == 1
     # float32 frames (a float32 simulation's substeps) are read as float64, not converted.
     single = frames.to(torch.float32)
@@ -191,7 +197,7 @@ def test_frame_offset_bounds_are_the_torch_bounds_bit_for_bit():
         *torch.aminmax(local[1:] - local[:-1], dim=1),
         *torch.aminmax(local - anchor, dim=1),
     )
-    for got, want in zip(frame_offset_bounds(single, origin, anchor), expected, strict=True):
+    for got, want in zip(frame_offset_bounds(single, origin, anchor)[:-1], expected, strict=True):
         assert got.dtype == torch.float64 and torch.equal(got, want)
     frames[3, 7, 1] = float("nan")
     assert frame_offset_bounds(frames, origin, anchor) is None
@@ -295,3 +301,63 @@ def test_query_parts_on_two_threads_give_the_rows_of_one_thread(monkeypatch):
     for name in ("point_triangle", "edge_edge", "mollifier_eps"):
         assert torch.equal(getattr(one, name), getattr(two, name))
     assert torch.equal(d2_one, d2_two) and len(d2_one) > 1000
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_swept_test_of_a_guessed_motion_agrees_with_the_brute_one(dtype):
+    """A guess (a straight motion) asks whether any pair may come within a distance along it
+    (``SurfaceContact._closing``): the Warp trees of swept boxes and the brute pairs give the
+    same answer on two real tori, carried apart, together and wobbled; where it says no,
+    no pair comes that close anywhere along the motion (sampled), and two bodies moving
+    as a whole past each other are no, though a static set covering their motion would
+    list thousands of pairs. A guess (``samples``) measures the pairs the bound flags along
+    the motion: a spinning body's pairs do not close."""
+    from diffsim.contact.surface_contact import SurfaceContact
+
+    torus = ds.TetMesh.load(asset("torus.msh")).centered().scaled_to(0.2)
+    mesh = ds.TetMesh.merge([torus, torus.transformed(translation=(0.25, 0.0, 0.0))])
+    body = torch.as_tensor(mesh.body_ids)
+    contacts = {
+        method: SurfaceContact(mesh, dhat=2e-3, stiffness=1.0, broad_phase=method, dtype=dtype)
+        for method in ("bvh", "brute")
+    }
+    x = contacts["bvh"].local(torch.tensor(mesh.vertices, dtype=dtype))
+    needed = 2e-3
+    rng = np.random.default_rng(1)
+    answers = []
+    # Towards each other by these distances (the gap is 0.05 m), each torus as a whole,
+    # plus a wobble of each vertex by up to this much.
+    for close, wobble in [(0.02, 0.0), (0.045, 0.0), (0.06, 0.0), (0.02, 0.004), (0.0, 0.03)]:
+        for _ in range(3):
+            dx = torch.zeros_like(x)
+            dx[:, 0] = torch.where(body == 0, 0.5 * close, -0.5 * close).to(dtype)
+            dx += torch.tensor(rng.uniform(-wobble, wobble, size=x.shape), dtype=dtype)
+            dx += torch.tensor(rng.uniform(-1, 1, size=3), dtype=dtype)  # a common motion
+            found = {m: c._closing(x, dx, needed) for m, c in contacts.items()}
+            assert found["bvh"] == found["brute"], (close, wobble)
+            answers.append(found["bvh"])
+            guessed = {m: c._closing(x, dx, needed, samples=4) for m, c in contacts.items()}
+            assert guessed["bvh"] == guessed["brute"], (close, wobble)
+            assert found["bvh"] or not guessed["bvh"]  # sampled: only pairs the bound flags
+            if close == 0.02 and wobble == 0.0:
+                assert not found["bvh"]
+            if not found["bvh"]:  # no pair comes within needed along the motion
+                for t in np.linspace(0.0, 1.0, 11):
+                    y = x + float(t) * dx
+                    assert contacts["brute"].min_distance(y + contacts["brute"].origin) > needed
+    assert True in answers and False in answers
+    # A torus turning by 0.3 rad about the z axis: the bound takes its pairs to close by the
+    # turn, the distances sampled along the motion (a guess) do not.
+    centre = x[body == 0].mean(dim=0)
+    dx = torch.zeros_like(x)
+    dx[body == 0] = 0.3 * torch.linalg.cross(
+        torch.tensor([0.0, 0.0, 1.0], dtype=dtype).expand(int((body == 0).sum()), 3),
+        x[body == 0] - centre,
+    )
+    for method, c in contacts.items():
+        assert c._closing(x, dx, needed), method
+        assert not c._closing(x, dx, needed, samples=4), method
+    # A static set reaching along the first motion lists the pairs within its extent.
+    static, _ = near_candidates(SurfacePrimitives.from_mesh(mesh), x, 0.02 + needed, 0.02, "bvh")
+    print(f"answers {answers}; a static set over 2 cm: {static.n_pairs} pairs")
+    assert static.n_pairs > 1000

@@ -132,7 +132,8 @@ def test_nothing_near_anything_runs_fused_in_float32():
 def test_a_prediction_of_wild_relative_motion_builds_no_huge_candidate_set():
     """A guessed block in which vertices move more than a surface edge relative to each
     other (the Armadillo's flapping crease vertices once asked for a 49 mm reach: 138
-    million pairs) is answered "not clear" without a broad phase over that reach."""
+    million pairs) is answered "not clear" by sweeping the elements' boxes along it,
+    without a candidate set over that reach."""
     cubes = [
         ds.TetMesh.box(size=(0.05,) * 3, resolution=6, origin=(x, 0.1, 0)) for x in (-0.1, 0.05)
     ]

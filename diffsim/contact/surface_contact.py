@@ -48,11 +48,6 @@ REBUILD_STEPS = 8
 # 0.17-0.21 -> 0.16 ms a substep, rebuilt 32 -> 15 times; the mat on the ball 0.25-0.29 ->
 # 0.22 ms; the bunny's and the Armadillo's margin is that cap already: unchanged).
 ROOMY_REBUILD_STEPS = 24
-# A prediction (a guessed straight motion over a block) builds a set for that motion only
-# within this fraction of the mean surface edge; beyond, it answers "not clear" instead. A
-# few flapping vertices of the Armadillo's crushed crease (up to 8 m/s) once made a
-# prediction ask for a 49 mm reach: 138 million pairs, 49 s and 2 GB for one guess.
-PREDICTION_EDGE_FRACTION = 1.0
 # The Warp barrier and friction kernels look for the pairs within dhat only among the
 # candidates within dhat + 2 R where they were last selected, R this many steps of the last
 # step's size, selected again once the offset since exceeds R (the mat on the ball: about
@@ -75,6 +70,11 @@ MAX_TRANSLATION_FRACTION = 1.0
 BLOW_UP_FRACTION = 1.0
 # ... and so are this many capped substeps in a row.
 BLOW_UP_CAPS = 3
+# A guessed straight motion (a prediction) is measured at this many evenly spaced points
+# (and its start) where the bound on what it can close a pair leaves the pair open: that
+# bound takes the pairs of a spinning body to close by its turn (the colliding spheres
+# bounce apart spinning and failed every guess over five steps).
+GUESS_SAMPLES = 4
 # clear_over measures at most this many pairs near contact per frame; more: not clear.
 MAX_NEAR_PAIRS = 20_000
 
@@ -233,7 +233,6 @@ class SurfaceContact:
             )
         self.margin = float(margin)
         self._roomy_reach = MARGIN_EDGE_FRACTION * self.surface.mean_edge_length
-        self._prediction_reach = PREDICTION_EDGE_FRACTION * self.surface.mean_edge_length
         self.timings: dict[str, float] = defaultdict(float)
         self._anchor: torch.Tensor | None = None
         self._reach = 0.0
@@ -477,6 +476,50 @@ class SurfaceContact:
         self._near = None
         self.timings["broad_phase"] += time.perf_counter() - start
         self.timings["rebuilds"] += 1
+
+    def _closing(self, x: torch.Tensor, dx: torch.Tensor, needed: float, samples: int = 0) -> bool:
+        """Whether some pair may come within ``needed`` (m) along the straight motion from
+        local x by ``t dx``, t in [0, 1]: the boxes its two elements sweep come within
+        ``needed`` on every axis, its distance at x less the most the motion can close it
+        (:func:`.ccd.pair_reach`) is at most ``needed`` and, with ``samples`` > 0 (a guess:
+        the bound takes a spinning body's pairs to close by its turn), it is within
+        ``needed`` at one of ``samples + 1`` evenly spaced t. The Warp path queries trees
+        of the swept boxes; the brute one takes every pair within ``needed`` plus twice the
+        motion's offset at x (no farther pair can close that much). The candidate set is
+        not changed. Its seconds count as a broad phase's."""
+        start = time.perf_counter()
+        if self.broad_phase == "bvh":
+            from diffsim.contact.warp_broad_phase import BroadPhase
+
+            broad = self._broad.get(x.dtype)
+            if broad is None:
+                broad = self._broad[x.dtype] = BroadPhase(self.surface, x.dtype)
+            closing = broad.closing(x, dx, needed, samples, self.launcher)
+        else:
+            pad = needed + 1e-6 * (float(x.abs().max()) + float(dx.abs().max()))
+            within = pad + 2.0 * relative_offset(dx)
+            c, d2 = near_candidates(self.surface, x, within, within, "brute")
+            rows = torch.cat([c.point_triangle, c.edge_edge])
+            side_a = ccd._sides(c, x.device)
+            reach = ccd.pair_reach(dx[rows], side_a)
+            ends = torch.cat([x[rows], (x + dx)[rows]], dim=1).float()  # [k, 8, 3]
+            a = torch.cat([side_a, side_a], dim=1)[..., None]
+            big = torch.finfo(torch.float32).max
+            gap = torch.maximum(
+                ends.masked_fill(~a, big).amin(1) - ends.masked_fill(a, -big).amax(1),
+                ends.masked_fill(a, big).amin(1) - ends.masked_fill(~a, -big).amax(1),
+            )  # [k, 3]: the swept boxes' separation per axis
+            flagged = (gap <= pad).all(dim=1) & (d2.clamp_min(0).sqrt() - reach <= needed)
+            if samples and bool(flagged.any()):
+                c = c.subset(torch.nonzero(flagged).flatten())
+                within = torch.zeros(c.n_pairs, dtype=torch.bool, device=x.device)
+                for k in range(samples + 1):
+                    d2_t = torch.cat(potential.pair_distances(x + (k / samples) * dx, c))
+                    within |= d2_t <= needed**2
+                flagged = within
+            closing = bool(flagged.any())
+        self.timings["broad_phase"] += time.perf_counter() - start
+        return closing
 
     def _stage(self, name: str, start: float, broad_phase: float) -> None:
         """Adds the seconds since ``start`` to ``timings[name]``, less any broad phase run
@@ -783,7 +826,11 @@ class SurfaceContact:
         The bound: pair k is at least ``D_k - 2 offset(x - anchor)`` apart (see
         :func:`relative_offset`), D_k its distance at the anchor (pairs not listed are farther than
         the broad phase's radius). Pairs for which that does not settle it are measured at
-        every frame, and their steps bounded as :mod:`.ccd` does.
+        every frame, and their steps bounded as :mod:`.ccd` does. Where the frames go beyond
+        the candidate set's reach, the elements are first swept along the straight paths
+        from the first frame to the last (:meth:`_closing`, with twice the vertices' largest
+        distance from those paths added to the distance asked for): bodies moving as a whole
+        need no set that reaches along their motion.
 
         Args:
             frames: positions ``[S + 1, n, 3]`` (m) at the start of each of S substeps and
@@ -821,7 +868,7 @@ class SurfaceContact:
             self._candidates_at(self.local(first))
         # Otherwise the set is kept as it is (no shrink: the next contact substep does
         # that where needed); it is rebuilt below only where it does not reach.
-        lo, hi, lo_step, hi_step, lo_anchor, hi_anchor = self._frame_bounds(frames)
+        lo, hi, lo_step, hi_step, lo_anchor, hi_anchor, off_chord = self._frame_bounds(frames)
         block_moved = 0.5 * float((hi - lo).norm(dim=1).max())
         step = 0.5 * float((hi_step - lo_step).norm(dim=1).max())
         absolute = float(torch.maximum(lo_step.abs(), hi_step.abs()).norm(dim=1).max())
@@ -837,26 +884,33 @@ class SurfaceContact:
         moved = 0.5 * float((hi - lo).norm(dim=1).max())
         if self._listed_radius() - 2.0 * moved <= needed:
             now = 0.5 * float((hi[0] - lo[0]).norm())
-            if not record and self._closest_listed() - 2.0 * now <= needed:
-                # A prediction where pairs may be near now: no broad phase if they are.
-                # The anchor's bound may be stale (bodies that have parted since), so
-                # the listed pairs are measured where the set still covers this frame.
-                if self._listed_radius() - 2.0 * now <= needed:
-                    return False
+            covers_now = self._listed_radius() - 2.0 * now > needed
+            if not record and covers_now and self._closest_listed() - 2.0 * now <= needed:
+                # A prediction where pairs may be near now: no sweep if they are. The
+                # anchor's bound may be stale (bodies that have parted since), so the
+                # listed pairs are measured.
                 measured = self._measured(needed, first - self.origin, now, MAX_NEAR_PAIRS)
                 if measured is None or bool((measured[0] < needed**2).any()):
                     return False
-            # The set does not reach that far: a new one at the first frame that does
-            # (with room for twice that motion, so that growing blocks rebuild rarely; a
-            # guess, asked once, gets only what it needs: the colliding spheres' guesses of
-            # five steps listed several times fewer pairs, 0.34 -> 0.29 ms a substep
-            # forward and backward over the benchmark's window).
-            grown = 2.0 * block_moved if record else block_moved + 0.5 * (needed - self.dhat)
-            reach = max(self._wanted_reach(), grown)
-            if not record and reach > self._prediction_reach:
-                return False  # a guess whose set would list far pairs everywhere
-            self._rebuild(self.local(first), reach)
-            lo, hi = self._frame_bounds(frames)[4:]
+            # Beyond the set: the elements swept along the straight paths from the first
+            # frame to the last, each vertex at most ``off`` from its path, so each pair at
+            # most 2 off closer than along the paths. A body moving as a whole needs no set
+            # that reaches along its motion (for the colliding spheres' guess of five steps
+            # such a set listed 20,000 pairs, 7.5 ms; the sweep takes about 1 ms).
+            x = self.local(first)
+            dx = (frames[-1].to(torch.float64) - first).to(x.dtype)
+            # A guess (two frames) is a straight motion: its distances are measured along
+            # it where the bound leaves them open.
+            samples = 0 if record else GUESS_SAMPLES
+            if not self._closing(x, dx, needed + 2.0 * float(off_chord.max()), samples):
+                self._last_step = step if record else self._last_step
+                return True
+            if not record:
+                return False
+            # A new set at the first frame that reaches, with room for twice that motion,
+            # so that growing blocks rebuild rarely; its pairs are measured at every frame.
+            self._rebuild(self.local(first), max(self._wanted_reach(), 2.0 * block_moved))
+            lo, hi = self._frame_bounds(frames)[4:6]
             moved = 0.5 * float((hi - lo).norm(dim=1).max())
         if self._closest_listed() - 2.0 * moved > needed:
             self._last_step = step if record else self._last_step
@@ -900,9 +954,10 @@ class SurfaceContact:
         """For the local positions ``frames - origin`` (``frames [F, n, 3]``, read as
         float64): the componentwise bounds ``(lo, hi)`` over the vertices, per frame, of the
         positions less the first frame's ``[F, 3]``, of the steps between frames
-        ``[F - 1, 3]`` and of the positions less the anchor's ``[F, 3]``: one Warp kernel
-        pass where Warp is there (and every position finite), else torch ops on the
-        frames."""
+        ``[F - 1, 3]`` and of the positions less the anchor's ``[F, 3]``, and per frame the
+        largest distance ``[F]`` of a vertex from its straight path from the first frame to
+        the last: one Warp kernel pass where Warp is there (and every position finite),
+        else torch ops on the frames."""
         anchor = self._anchor.to(torch.float64)
         if self.broad_phase == "bvh" and frames.shape[1]:
             from diffsim.contact.warp_broad_phase import frame_offset_bounds
@@ -914,7 +969,10 @@ class SurfaceContact:
         lo, hi = torch.aminmax(local - local[0], dim=1)
         lo_step, hi_step = torch.aminmax(local[1:] - local[:-1], dim=1)
         lo_anchor, hi_anchor = torch.aminmax(local - anchor, dim=1)
-        return lo, hi, lo_step, hi_step, lo_anchor, hi_anchor
+        along = torch.linspace(0.0, 1.0, len(local), dtype=torch.float64, device=local.device)
+        off = local - local[0] - along[:, None, None] * (local[-1] - local[0])
+        off_chord = off.norm(dim=2).amax(dim=1)
+        return lo, hi, lo_step, hi_step, lo_anchor, hi_anchor, off_chord
 
     def _listed_radius(self) -> float:
         """The broad phase's radius (m), less rounding: pairs farther apart at the anchor

@@ -189,6 +189,9 @@ class BroadPhase:
         kern = broad_phase_kernels(SCALARS[dtype])
         fraction = PARALLEL_FRACTION[dtype]
         self._box_launches, self._queries = [], []
+        self._kern, self._fraction, self._rule = kern, fraction, rule
+        self._vertices, self._faces, self._edges = vertices, faces, edges
+        self._closing: list | None = None  # the swept test's launches (see closing)
         self._built_at: torch.Tensor | None = None  # the positions of the trees' last build
         self.builds = 0  # how many times the trees were built (refit in between)
         self._rebuild_offset = REBUILD_FRACTION * surface.mean_edge_length
@@ -283,6 +286,115 @@ class BroadPhase:
         (pt, d2_pt), (ee, d2_ee, eps) = found
         return pt, ee, d2_pt, d2_ee, eps
 
+    def closing(
+        self, x: torch.Tensor, dx: torch.Tensor, needed: float, samples: int = 0, launcher=None
+    ) -> bool:
+        """Whether some pair (not sharing a vertex, not a sliver pair) may come within
+        ``needed`` (m) along the straight motion ``x + t dx``, t in [0, 1] (``x, dx [n, 3]``
+        in the set's dtype): its distance at x less the most the motion can close it (the
+        bound of :func:`~diffsim.contact.ccd.pair_reach`) is at most ``needed`` and, with
+        ``samples`` > 0 (a guess), it is within ``needed`` at one of ``samples + 1`` evenly
+        spaced t.
+
+        The trees are refit over the boxes the elements sweep (the next :meth:`near`
+        refits them to its positions), so a body moving as a whole finds only its
+        neighbouring elements, not every pair within its motion. ``launcher``: as
+        :meth:`near`."""
+        if self._face_tree is None and self._edge_tree is None:
+            return False
+        if self._closing is None:
+            self._closing = self._closing_launches()
+        swept, queries, count = self._closing
+        self.x.copy_(x)
+        self.dx.copy_(dx)
+        for launch in swept:
+            launch.launch()
+        scale = float(x.abs().max()) + float(dx.abs().max()) if len(x) else 1.0
+        pad = float(needed) + 1e-6 * scale  # the boxes are float32
+        for tree, parts in queries:
+            if tree[0] is None:  # no near() yet: a tree that the next one builds anew
+                tree[0] = wp.Bvh(tree[1], tree[2])
+            else:
+                tree[0].refit()
+            for launch in parts:
+                args = len(launch.kernel.adj.args)  # .., pad, needed, samples, fraction, ..
+                launch.set_param_at_index(0, tree[0].id)
+                launch.set_param_at_index(args - 6, pad)
+                launch.set_param_at_index(args - 5, float(needed))
+                launch.set_param_at_index(args - 4, int(samples))
+        count.zero_()
+        jobs = [
+            functools.partial(_launch_all, [parts[i] for _, parts in queries if i < len(parts)])
+            for i in range(max(len(parts) for _, parts in queries))
+        ]
+        elements = sum(
+            (self._vertices if t is self._face_tree else self._edges).shape[0] for t, _ in queries
+        )
+        if (
+            launcher is not None
+            and 1 < len(jobs) <= launcher.threads
+            and elements >= SPLIT_ELEMENTS
+        ):
+            launcher.run(*jobs)
+        else:
+            for job in jobs:
+                job()
+        return int(count[0]) > 0
+
+    def _closing_launches(self) -> tuple:
+        """The recorded launches of :meth:`closing`: the swept boxes, the queries' parts
+        (with their trees) and their shared counter."""
+        device, kern = str(self.device), self._kern
+        self.dx = torch.zeros_like(self.x)
+        x_wp = wp.from_torch(self.x, dtype=VEC3[self.dtype])
+        dx_wp = wp.from_torch(self.dx, dtype=VEC3[self.dtype])
+        count = torch.zeros(1, dtype=torch.int32, device=self.device)
+        swept, queries = [], []
+        stride = PARTS if self.device.type == "cpu" else 1
+        zero = SCALARS[self.dtype](0.0)
+        for tree, elements, corners in (
+            (self._face_tree, self._faces, 3),
+            (self._edge_tree, self._edges, 2),
+        ):
+            if tree is None:
+                continue
+            swept.append(
+                wp.launch(
+                    kern.swept_boxes,
+                    dim=elements.shape[0],
+                    inputs=[x_wp, dx_wp, elements, corners],
+                    outputs=[tree[1], tree[2]],
+                    device=device,
+                    record_cmd=True,
+                )
+            )
+            if tree is self._face_tree:
+                kernel, dim = kern.closing_vertex_face, self._vertices.shape[0]
+                middle = [x_wp, dx_wp, self._vertices, self._faces]
+            else:
+                kernel, dim = kern.closing_edge_edge, self._edges.shape[0]
+                middle = [x_wp, dx_wp, tree[1], tree[2], self._edges]
+            parts = []
+            for first in range(min(stride, dim)):
+                inputs = [0, first, stride, *middle, 0.0, zero, 0, self._fraction, self._rule]
+                parts.append(
+                    wp.launch(
+                        kernel,
+                        dim=(dim - first + stride - 1) // stride,
+                        inputs=inputs,
+                        outputs=[wp.from_torch(count)],
+                        device=device,
+                        record_cmd=True,
+                    )
+                )
+            queries.append((tree, parts))
+        return swept, queries, count
+
+
+def _launch_all(launches: list) -> None:
+    for launch in launches:
+        launch.launch()
+
 
 class _Launcher:
     """Recorded launches of the checks' kernels: recorded on first use per kernel and
@@ -366,15 +478,18 @@ def frame_offset_bounds(
     """For local positions ``frames [F, n, 3] - origin`` (frames float32 or float64, read
     as float64): the componentwise bounds ``(lo, hi)`` (float64) over the vertices, per
     frame, of the positions less the first frame's ``[F, 3]``, of the steps between frames
-    ``[F - 1, 3]`` and of the positions less ``anchor [n, 3]`` (float64) ``[F, 3]``, in one
-    pass (the values ``torch.aminmax`` gives on the same differences in float64); None
-    where a position is not finite. ``launcher``: splits the frames between its CPU
-    threads (every other frame each)."""
+    ``[F - 1, 3]`` and of the positions less ``anchor [n, 3]`` (float64) ``[F, 3]`` (the
+    values ``torch.aminmax`` gives on the same differences in float64), and per frame the
+    largest distance ``[F]`` of a vertex from its straight path from the first frame to the
+    last (at the fraction ``f / (F - 1)`` of it), in one pass; None where a position is not
+    finite. ``launcher``: splits the frames between its CPU threads (every other frame
+    each)."""
     f, device = len(frames), frames.device
     out = torch.empty((6, f, 3), dtype=torch.float64, device=device)
+    off_chord = torch.empty(f, dtype=torch.float64, device=device)
     bad = torch.zeros(1, dtype=torch.int32, device=device)
     origin = wp.vec3d(*origin.tolist())
-    args = [frames.contiguous(), origin, anchor.contiguous(), *out, bad]
+    args = [frames.contiguous(), origin, anchor.contiguous(), *out, off_chord, bad]
     kernel = broad_phase_kernels(SCALARS[frames.dtype]).frame_bounds
     split = launcher is not None and device.type == "cpu" and f > 1
     parts = launcher.threads if split and f * frames.shape[1] >= SPLIT_VERTEX_FRAMES else 1
@@ -391,4 +506,4 @@ def frame_offset_bounds(
     if int(bad[0]):
         return None
     lo0, hi0, los, his, loa, hia = out
-    return lo0, hi0, los[: f - 1], his[: f - 1], loa, hia
+    return lo0, hi0, los[: f - 1], his[: f - 1], loa, hia, off_chord

@@ -15,6 +15,13 @@ output's length are counted, not written, so the caller can size the output and 
 again). On the CPU threads run in order, so a launch's rows come in the order of its query
 elements, each element's in the order its tree query finds them.
 
+``closing_vertex_face`` and ``closing_edge_edge`` ask the same trees, refit over the boxes
+that elements sweep along a guessed straight motion (``swept_boxes``), whether any pair may
+come within a distance along it: its distance at the start less the most the motion can
+close it (the bound of :func:`diffsim.contact.ccd.pair_reach`), and for a guess, which
+that bound leaves pessimistic for a spinning body, its distance at evenly spaced points
+of the motion. They count, write nothing, and stop at the first such pair.
+
 ``frame_distances`` measures given pairs (their distances or squared distances) in each of a
 run of frames, and ``frame_bounds`` bounds the frames' offsets in one pass (the check that a
 run of contact-free substeps stayed clear of contact).
@@ -195,6 +202,144 @@ def _build(scalar):
                             if slot < pairs.shape[0]:
                                 eps[slot] = scaled_length2[i] * length2[j]
 
+    @wp.func
+    def closing_reach(kind: int, y0: vec3, y1: vec3, y2: vec3, y3: vec3) -> scalar:
+        """The most a pair's distance can shrink along its vertices' displacements (the
+        formula of :func:`diffsim.contact.ccd.pair_reach`): the largest displacement of
+        each side, the pair's mean displacement subtracted, summed."""
+        c = (y0 + y1 + y2 + y3) * scalar(0.25)
+        r0 = wp.length(y0 - c)
+        r1 = wp.length(y1 - c)
+        r2 = wp.length(y2 - c)
+        r3 = wp.length(y3 - c)
+        if kind == 0:
+            return r0 + wp.max(r1, wp.max(r2, r3))
+        return wp.max(r0, r1) + wp.max(r2, r3)
+
+    @wp.func
+    def closes(
+        kind: int, i0: int, i1: int, i2: int, i3: int, x: wp.array(dtype=vec3),
+        dx: wp.array(dtype=vec3), needed: scalar, samples: int, parallel_fraction: scalar,
+    ) -> bool:  # fmt: skip
+        """Whether the pair may come within ``needed`` along the motion ``x + t dx``, t in
+        [0, 1]: its distance at x less its closing reach is not beyond ``needed``, and
+        (``samples`` > 0, a guess) it is within ``needed`` at one of the ``samples + 1``
+        evenly spaced t."""
+        s = squared_distance(kind, x[i0], x[i1], x[i2], x[i3], parallel_fraction)
+        reach = closing_reach(kind, dx[i0], dx[i1], dx[i2], dx[i3])
+        if wp.sqrt(wp.max(s, scalar(0.0))) - reach > needed:
+            return False
+        if samples == 0:
+            return True
+        for k in range(samples + 1):
+            t = scalar(k) / scalar(samples)
+            y0 = x[i0] + t * dx[i0]
+            y1 = x[i1] + t * dx[i1]
+            y2 = x[i2] + t * dx[i2]
+            y3 = x[i3] + t * dx[i3]
+            if squared_distance(kind, y0, y1, y2, y3, parallel_fraction) <= needed * needed:
+                return True
+        return False
+
+    @wp.kernel
+    def swept_boxes(
+        x: wp.array(dtype=vec3),
+        dx: wp.array(dtype=vec3),
+        elements: wp.array2d(dtype=wp.int32),
+        corners: int,
+        lowers: wp.array(dtype=wp.vec3),
+        uppers: wp.array(dtype=wp.vec3),
+    ):
+        """The float32 box of element k over the motion ``x + t dx``, t in [0, 1] (its
+        corners at both ends)."""
+        k = wp.tid()
+        lo = f32(x[elements[k, 0]])
+        hi = lo
+        for j in range(corners):
+            p = x[elements[k, j]]
+            for q in range(2):
+                pf = f32(p)
+                if q == 1:
+                    pf = f32(p + dx[elements[k, j]])
+                lo = wp.min(lo, pf)
+                hi = wp.max(hi, pf)
+        lowers[k] = lo
+        uppers[k] = hi
+
+    @wp.kernel
+    def closing_vertex_face(
+        bvh: wp.uint64,
+        first: int,
+        stride: int,
+        x: wp.array(dtype=vec3),
+        dx: wp.array(dtype=vec3),
+        vertices: wp.array(dtype=wp.int32),
+        faces: wp.array2d(dtype=wp.int32),
+        pad: float,
+        needed: scalar,
+        samples: int,
+        parallel_fraction: scalar,
+        rule: SliverRule,
+        count: wp.array(dtype=wp.int32),
+    ):
+        """Counts the vertex-face pairs (swept boxes within ``pad``) that :func:`closes`;
+        a thread stops once any thread has counted one."""
+        if count[0] > 0:
+            return
+        i = first + stride * wp.tid()
+        v = vertices[i]
+        p = f32(x[v])
+        q = f32(x[v] + dx[v])
+        pad3 = wp.vec3(pad, pad, pad)
+        query = wp.bvh_query_aabb(bvh, wp.min(p, q) - pad3, wp.max(p, q) + pad3)
+        j = int(0)  # noqa: UP018 - a mutable Warp variable
+        while wp.bvh_query_next(query, j):
+            a = faces[j, 0]
+            b = faces[j, 1]
+            c = faces[j, 2]
+            if a != v and b != v and c != v:
+                if closes(0, v, a, b, c, x, dx, needed, samples, parallel_fraction):
+                    if not sliver(0, v, a, b, c, rule):
+                        wp.atomic_add(count, 0, 1)
+                        return
+
+    @wp.kernel
+    def closing_edge_edge(
+        bvh: wp.uint64,
+        first: int,
+        stride: int,
+        x: wp.array(dtype=vec3),
+        dx: wp.array(dtype=vec3),
+        lowers: wp.array(dtype=wp.vec3),
+        uppers: wp.array(dtype=wp.vec3),
+        edges: wp.array2d(dtype=wp.int32),
+        pad: float,
+        needed: scalar,
+        samples: int,
+        parallel_fraction: scalar,
+        rule: SliverRule,
+        count: wp.array(dtype=wp.int32),
+    ):
+        """Counts the edge-edge pairs (swept boxes within ``pad``, pairs ``j > i``) that
+        :func:`closes`; a thread stops once any thread has counted one."""
+        if count[0] > 0:
+            return
+        i = first + stride * wp.tid()
+        a0 = edges[i, 0]
+        a1 = edges[i, 1]
+        pad3 = wp.vec3(pad, pad, pad)
+        query = wp.bvh_query_aabb(bvh, lowers[i] - pad3, uppers[i] + pad3)
+        j = int(0)  # noqa: UP018 - a mutable Warp variable
+        while wp.bvh_query_next(query, j):
+            if j > i:
+                b0 = edges[j, 0]
+                b1 = edges[j, 1]
+                if a0 != b0 and a0 != b1 and a1 != b0 and a1 != b1:
+                    if closes(1, a0, a1, b0, b1, x, dx, needed, samples, parallel_fraction):
+                        if not sliver(1, a0, a1, b0, b1, rule):
+                            wp.atomic_add(count, 0, 1)
+                            return
+
     @wp.kernel
     def frame_distances(
         x: wp.array2d(dtype=vec3),
@@ -229,18 +374,26 @@ def _build(scalar):
         hi_step: wp.array(dtype=wp.vec3d),
         lo_anchor: wp.array(dtype=wp.vec3d),
         hi_anchor: wp.array(dtype=wp.vec3d),
+        off_chord: wp.array(dtype=wp.float64),
         bad: wp.array(dtype=wp.int32),
     ):
         """Per frame f = first + stride tid (local positions ``frames[f] - origin``, in
         float64 whatever the frames' dtype): the componentwise bounds over the vertices of
         its positions less the first frame's, less the previous frame's (f > 0, written at
-        f - 1) and less the anchor's; ``bad`` is set where a position is not finite (the
-        bounds are then void)."""
+        f - 1) and less the anchor's, and the largest distance of a vertex from its straight
+        path from the first frame to the last (at the fraction f / (F - 1) of it); ``bad``
+        is set where a position is not finite (the bounds are then void)."""
         f = first + stride * wp.tid()
+        last = frames.shape[0] - 1
+        along = wp.float64(0.0)
+        if last > 0:
+            along = wp.float64(f) / wp.float64(last)
         x = wp.vec3d(frames[f, 0]) - origin
         finite = wp.isfinite(x[0]) and wp.isfinite(x[1]) and wp.isfinite(x[2])
         lo_d = x - (wp.vec3d(frames[0, 0]) - origin)
         hi_d = lo_d
+        chord = (wp.vec3d(frames[last, 0]) - origin) - (wp.vec3d(frames[0, 0]) - origin)
+        off = wp.length(lo_d - along * chord)
         lo_a = x - anchor[0]
         hi_a = lo_a
         lo_s = wp.vec3d()
@@ -254,6 +407,8 @@ def _build(scalar):
             d = x - (wp.vec3d(frames[0, i]) - origin)
             lo_d = wp.min(lo_d, d)
             hi_d = wp.max(hi_d, d)
+            chord = (wp.vec3d(frames[last, i]) - origin) - (wp.vec3d(frames[0, i]) - origin)
+            off = wp.max(off, wp.length(d - along * chord))
             a = x - anchor[i]
             lo_a = wp.min(lo_a, a)
             hi_a = wp.max(hi_a, a)
@@ -265,6 +420,7 @@ def _build(scalar):
         hi_first[f] = hi_d
         lo_anchor[f] = lo_a
         hi_anchor[f] = hi_a
+        off_chord[f] = off
         if f > 0:
             lo_step[f - 1] = lo_s
             hi_step[f - 1] = hi_s
@@ -277,14 +433,19 @@ def _build(scalar):
         near_edge_edge=near_edge_edge,
         frame_distances=frame_distances,
         frame_bounds=frame_bounds,
+        swept_boxes=swept_boxes,
+        closing_vertex_face=closing_vertex_face,
+        closing_edge_edge=closing_edge_edge,
     )
 
 
 @functools.cache
 def broad_phase_kernels(scalar) -> SimpleNamespace:
     """The broad-phase kernels for ``wp.float32`` or ``wp.float64``, built on first use:
-    ``near_vertex_face``, ``near_edge_edge``, ``frame_distances`` and ``frame_bounds`` (and
-    the function ``squared_distance`` they measure pairs with)."""
+    ``near_vertex_face``, ``near_edge_edge``, ``frame_distances``, ``frame_bounds`` and, for
+    the swept test of a guessed motion, ``swept_boxes``, ``closing_vertex_face`` and
+    ``closing_edge_edge`` (and the function ``squared_distance`` they measure pairs
+    with)."""
     if scalar not in (wp.float32, wp.float64):
         raise ValueError(f"broad-phase kernels exist for wp.float32 and wp.float64, not {scalar}")
     return _build(scalar)

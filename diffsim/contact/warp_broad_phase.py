@@ -286,15 +286,11 @@ class BroadPhase:
         (pt, d2_pt), (ee, d2_ee, eps) = found
         return pt, ee, d2_pt, d2_ee, eps
 
-    def closing(
-        self, x: torch.Tensor, dx: torch.Tensor, needed: float, samples: int = 0, launcher=None
-    ) -> bool:
+    def closing(self, x: torch.Tensor, dx: torch.Tensor, needed: float, launcher=None) -> bool:
         """Whether some pair (not sharing a vertex, not a sliver pair) may come within
         ``needed`` (m) along the straight motion ``x + t dx``, t in [0, 1] (``x, dx [n, 3]``
         in the set's dtype): its distance at x less the most the motion can close it (the
-        bound of :func:`~diffsim.contact.ccd.pair_reach`) is at most ``needed`` and, with
-        ``samples`` > 0 (a guess), it is within ``needed`` at one of ``samples + 1`` evenly
-        spaced t.
+        bound of :func:`~diffsim.contact.ccd.pair_reach`) is at most ``needed``.
 
         The trees are refit over the boxes the elements sweep (the next :meth:`near`
         refits them to its positions), so a body moving as a whole finds only its
@@ -317,11 +313,10 @@ class BroadPhase:
             else:
                 tree[0].refit()
             for launch in parts:
-                args = len(launch.kernel.adj.args)  # .., pad, needed, samples, fraction, ..
+                args = len(launch.kernel.adj.args)  # .., pad, needed, fraction, rule, count
                 launch.set_param_at_index(0, tree[0].id)
-                launch.set_param_at_index(args - 6, pad)
-                launch.set_param_at_index(args - 5, float(needed))
-                launch.set_param_at_index(args - 4, int(samples))
+                launch.set_param_at_index(args - 5, pad)
+                launch.set_param_at_index(args - 4, float(needed))
         count.zero_()
         jobs = [
             functools.partial(_launch_all, [parts[i] for _, parts in queries if i < len(parts)])
@@ -376,7 +371,7 @@ class BroadPhase:
                 middle = [x_wp, dx_wp, tree[1], tree[2], self._edges]
             parts = []
             for first in range(min(stride, dim)):
-                inputs = [0, first, stride, *middle, 0.0, zero, 0, self._fraction, self._rule]
+                inputs = [0, first, stride, *middle, 0.0, zero, self._fraction, self._rule]
                 parts.append(
                     wp.launch(
                         kernel,

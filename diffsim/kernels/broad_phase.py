@@ -18,9 +18,8 @@ elements, each element's in the order its tree query finds them.
 ``closing_vertex_face`` and ``closing_edge_edge`` ask the same trees, refit over the boxes
 that elements sweep along a guessed straight motion (``swept_boxes``), whether any pair may
 come within a distance along it: its distance at the start less the most the motion can
-close it (the bound of :func:`diffsim.contact.ccd.pair_reach`), and for a guess, which
-that bound leaves pessimistic for a spinning body, its distance at evenly spaced points
-of the motion. They count, write nothing, and stop at the first such pair.
+close it (the bound of :func:`diffsim.contact.ccd.pair_reach`). They count, write nothing,
+and stop at the first such pair.
 
 ``frame_distances`` measures given pairs (their distances or squared distances) in each of a
 run of frames, and ``frame_bounds`` bounds the frames' offsets in one pass (the check that a
@@ -219,27 +218,13 @@ def _build(scalar):
     @wp.func
     def closes(
         kind: int, i0: int, i1: int, i2: int, i3: int, x: wp.array(dtype=vec3),
-        dx: wp.array(dtype=vec3), needed: scalar, samples: int, parallel_fraction: scalar,
+        dx: wp.array(dtype=vec3), needed: scalar, parallel_fraction: scalar,
     ) -> bool:  # fmt: skip
         """Whether the pair may come within ``needed`` along the motion ``x + t dx``, t in
-        [0, 1]: its distance at x less its closing reach is not beyond ``needed``, and
-        (``samples`` > 0, a guess) it is within ``needed`` at one of the ``samples + 1``
-        evenly spaced t."""
+        [0, 1]: its distance at x less its closing reach is not beyond ``needed``."""
         s = squared_distance(kind, x[i0], x[i1], x[i2], x[i3], parallel_fraction)
         reach = closing_reach(kind, dx[i0], dx[i1], dx[i2], dx[i3])
-        if wp.sqrt(wp.max(s, scalar(0.0))) - reach > needed:
-            return False
-        if samples == 0:
-            return True
-        for k in range(samples + 1):
-            t = scalar(k) / scalar(samples)
-            y0 = x[i0] + t * dx[i0]
-            y1 = x[i1] + t * dx[i1]
-            y2 = x[i2] + t * dx[i2]
-            y3 = x[i3] + t * dx[i3]
-            if squared_distance(kind, y0, y1, y2, y3, parallel_fraction) <= needed * needed:
-                return True
-        return False
+        return wp.sqrt(wp.max(s, scalar(0.0))) - reach <= needed
 
     @wp.kernel
     def swept_boxes(
@@ -277,7 +262,6 @@ def _build(scalar):
         faces: wp.array2d(dtype=wp.int32),
         pad: float,
         needed: scalar,
-        samples: int,
         parallel_fraction: scalar,
         rule: SliverRule,
         count: wp.array(dtype=wp.int32),
@@ -298,7 +282,7 @@ def _build(scalar):
             b = faces[j, 1]
             c = faces[j, 2]
             if a != v and b != v and c != v:
-                if closes(0, v, a, b, c, x, dx, needed, samples, parallel_fraction):
+                if closes(0, v, a, b, c, x, dx, needed, parallel_fraction):
                     if not sliver(0, v, a, b, c, rule):
                         wp.atomic_add(count, 0, 1)
                         return
@@ -315,7 +299,6 @@ def _build(scalar):
         edges: wp.array2d(dtype=wp.int32),
         pad: float,
         needed: scalar,
-        samples: int,
         parallel_fraction: scalar,
         rule: SliverRule,
         count: wp.array(dtype=wp.int32),
@@ -335,7 +318,7 @@ def _build(scalar):
                 b0 = edges[j, 0]
                 b1 = edges[j, 1]
                 if a0 != b0 and a0 != b1 and a1 != b0 and a1 != b1:
-                    if closes(1, a0, a1, b0, b1, x, dx, needed, samples, parallel_fraction):
+                    if closes(1, a0, a1, b0, b1, x, dx, needed, parallel_fraction):
                         if not sliver(1, a0, a1, b0, b1, rule):
                             wp.atomic_add(count, 0, 1)
                             return

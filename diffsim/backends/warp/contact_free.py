@@ -13,7 +13,7 @@ clear for the whole block (contact would not act along its velocities' relative 
 twice the block's duration), so scenes in contact do not pay for many failed tries; block
 lengths double while they pass and halve until the prediction does. Where contact
 substeps run fused (CPU), which costs little more than the contact-free kernels, a try is
-made only where it can pay for its checks (``SUBSTEPS_PER_CHECK``).
+made only where it can pay for the searches its checks run (``SUBSTEPS_PER_CHECK``).
 """
 
 from __future__ import annotations
@@ -40,12 +40,14 @@ MOST_MEASURED = 20_000
 # asked every step: 9% of the mat on the ball's substep).
 MAX_PREDICTION_BACKOFF = 8
 # Where contact substeps run fused (CPU), a try pays only if it covers at least this many
-# substeps per check it costs (predictions and the block's check, each a candidate set over
-# a path: about a millisecond on the colliding spheres, 30 fused contact substeps with
-# nothing near). Below, the next steps run with contact without asking, backing off up to
-# MAX_IDLE_SUBSTEPS. Without this rule every scene ran slower with the tries than with
-# fused contact alone: cube_drop 0.90 against 0.17 ms a frame, spheres_collide 6.31 against
-# 1.83, bunny_drop 24.2 against 20.9 (docs/contact.md, "Nothing near anything").
+# substeps per search its checks run (predictions and the block's check that go beyond the
+# candidate set: a broad phase or a sweep, ``timings["searches"]``, about a millisecond on
+# the colliding spheres, 30 fused contact substeps with nothing near; a check the set's
+# bound settles costs little). Below, the next steps run with contact without asking,
+# backing off up to MAX_IDLE_SUBSTEPS. Without this rule every scene ran slower with the
+# tries than with fused contact alone: cube_drop 0.90 against 0.17 ms a frame,
+# spheres_collide 6.31 against 1.83, bunny_drop 24.2 against 20.9 (docs/contact.md,
+# "Nothing near anything").
 SUBSTEPS_PER_CHECK = 32
 MAX_IDLE_SUBSTEPS = 1024
 
@@ -62,7 +64,6 @@ class ContactFreeBlocks:
         self.block = 1  # steps of the next fused try
         self.backoff = 0  # steps without a prediction after the last failed one
         self.wait = 0  # steps left before the next prediction
-        self.checks = 0  # calls of clear_over (predictions and blocks' checks)
         self.last_end: torch.Tensor | None = None  # positions where the last call ended
         self.most_measured: int | None = None  # the checks' limit (see clear_over)
         self.ratio_scales: torch.Tensor | None = None  # det Dm^-1 per tet (volume limit)
@@ -104,7 +105,7 @@ class ContactFreeBlocks:
         while i < n_steps:
             frames = None
             k = 0  # (the per-substep kernels do not check the volume limit: no blocks with it)
-            checks, asked = self.checks, self.wait == 0
+            searches, asked = m.contact.timings["searches"], self.wait == 0
             if m.volume_limit is None or not self.per_substep:
                 shortest = min(worth, longest, n_steps - i)
                 steps = max(min(self.block, longest, n_steps - i), shortest)
@@ -112,11 +113,12 @@ class ContactFreeBlocks:
             if k:
                 frames = self._fused(prepared, x, v, targets[i : i + k], grad)
             covered = k * m.substeps if frames is not None else 0
-            if fused_contact and k:  # a try (a failed prediction has backed off already)
-                if covered < SUBSTEPS_PER_CHECK * (self.checks - checks):
+            if k:  # a try (a failed prediction has backed off already)
+                spent = m.contact.timings["searches"] - searches
+                if fused_contact and covered < SUBSTEPS_PER_CHECK * spent:
                     self.backoff = min(max(1, 2 * self.backoff), most_idle)
                     self.wait = self.backoff
-                elif covered:
+                elif covered:  # only a try that passed (and paid) ends a backoff
                     self.backoff = 0
             if frames is None:
                 k = 1
@@ -171,7 +173,6 @@ class ContactFreeBlocks:
             return 0
         while True:
             if self._looks_clear(x, v, steps):
-                self.backoff = 0
                 return steps
             if steps <= shortest:
                 break
@@ -189,7 +190,6 @@ class ContactFreeBlocks:
             x = x.detach()
             v = v.detach().to(x.dtype)
             ahead = x + (PREDICTION_FACTOR * steps * m.dt) * (v - v.mean(dim=0))
-            self.checks += 1
             return m.contact.clear_over(torch.stack([x, ahead]), False, self.most_measured)
 
     def _fused(self, prepared, x, v, targets, grad: bool):
@@ -233,7 +233,6 @@ class ContactFreeBlocks:
         if volume is not None and int(volume[1][0]):
             self.counts["failed_tries"] += 1  # the volume limit would have cut a substep
             return None
-        self.checks += 1
         if not m.contact.clear_over(path, most_measured=self.most_measured):
             self.counts["failed_tries"] += 1
             return None

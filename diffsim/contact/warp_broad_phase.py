@@ -41,6 +41,10 @@ VEC3 = {torch.float32: wp.vec3f, torch.float64: wp.vec3d}
 # The trees are built anew once the surface has deformed this fraction of its mean rest edge
 # length since their last build (refit in between).
 REBUILD_FRACTION = 0.5
+# Primitives per leaf of the trees: a build costs less and a query about the same as with
+# one (the colliding spheres' broad phase with a build 1.6 -> 1.3 ms, the mat on the ball's
+# 3.0 -> 2.1 ms; with a refit 0.75 and 1.75 ms either way).
+LEAF_SIZE = 4
 # A query runs as this many interleaved parts on the CPU, on as many threads where the
 # backend has them (the rows are the same however many threads run the parts).
 PARTS = 2
@@ -269,7 +273,7 @@ class BroadPhase:
         for tree, query in self._queries:
             params = {}
             if build:
-                tree[0] = bvh = wp.Bvh(tree[1], tree[2])
+                tree[0] = bvh = wp.Bvh(tree[1], tree[2], leaf_size=LEAF_SIZE)
                 params[0] = bvh.id
             else:
                 tree[0].refit()
@@ -309,7 +313,7 @@ class BroadPhase:
         pad = float(needed) + 1e-6 * scale  # the boxes are float32
         for tree, parts in queries:
             if tree[0] is None:  # no near() yet: a tree that the next one builds anew
-                tree[0] = wp.Bvh(tree[1], tree[2])
+                tree[0] = wp.Bvh(tree[1], tree[2], leaf_size=LEAF_SIZE)
             else:
                 tree[0].refit()
             for launch in parts:

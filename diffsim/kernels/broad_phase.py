@@ -241,13 +241,10 @@ def _build(scalar):
         lo = f32(x[elements[k, 0]])
         hi = lo
         for j in range(corners):
-            p = x[elements[k, j]]
-            for q in range(2):
-                pf = f32(p)
-                if q == 1:
-                    pf = f32(p + dx[elements[k, j]])
-                lo = wp.min(lo, pf)
-                hi = wp.max(hi, pf)
+            start = f32(x[elements[k, j]])
+            end = f32(x[elements[k, j]] + dx[elements[k, j]])
+            lo = wp.min(lo, wp.min(start, end))
+            hi = wp.max(hi, wp.max(start, end))
         lowers[k] = lo
         uppers[k] = hi
 

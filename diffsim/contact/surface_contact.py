@@ -46,8 +46,12 @@ REBUILD_STEPS = 8
 # ... and for up to this many while that room stays within MARGIN_EDGE_FRACTION of the mean
 # surface edge, where few more pairs are listed (the colliding spheres at 12 substeps:
 # 0.17-0.21 -> 0.16 ms a substep, rebuilt 32 -> 15 times; the mat on the ball 0.25-0.29 ->
-# 0.22 ms; the bunny's and the Armadillo's margin is that cap already: unchanged).
-ROOMY_REBUILD_STEPS = 24
+# 0.22 ms; the bunny's and the Armadillo's margin is that cap already: unchanged). 24 -> 48
+# (with NEAR_MIN_PAIRS 2000 -> 1000, side by side on a quiet machine): the colliding spheres
+# at 14 substeps 0.124 / 0.214 -> 0.113 / 0.197 ms a substep forward / forward+backward,
+# rebuilt 17 -> 11 times in the benchmark's window; cube_stack 0.42 -> 0.37 ms a frame,
+# stack_knockover 2.07 -> 1.94; the other scenes unchanged.
+ROOMY_REBUILD_STEPS = 48
 # The Warp barrier and friction kernels look for the pairs within dhat only among the
 # candidates within dhat + 2 R where they were last selected, R this many steps of the last
 # step's size, selected again once the offset since exceeds R (the mat on the ball: about
@@ -56,7 +60,7 @@ ROOMY_REBUILD_STEPS = 24
 NEAR_STEPS = 4
 # Candidate sets smaller than this take every pair in those kernels: selecting costs more
 # than it saves (the kernels pass over 1,000 pairs in about 20 microseconds).
-NEAR_MIN_PAIRS = 2000
+NEAR_MIN_PAIRS = 1000
 # limit() first scales a whole step down (one factor for all vertices) so that no vertex
 # moves farther than this fraction of the mesh diagonal relative to the others (the common
 # motion subtracted; see relative_offset) ...

@@ -129,6 +129,37 @@ def test_nothing_near_anything_runs_fused_in_float32():
     assert counts["contact_steps"] <= 2 and counts["fused_steps"] >= 148
 
 
+def test_guesses_search_only_where_the_listed_pairs_do_not_settle_them():
+    """A guess (a straight motion of two cubes, 1 mm apart, towards each other) whose
+    listed pairs close is answered "not clear" without a search (no broad phase, no sweep).
+    From 21 mm apart, where the set lists nothing between them, guesses beyond its reach
+    sweep once: clear for one cube moving 1 cm sideways, not clear for the two meeting."""
+    cubes = [
+        ds.TetMesh.box(size=(0.05,) * 3, resolution=4, origin=(x, 0.1, 0)) for x in (-0.05, 0.001)
+    ]
+    sim = ds.Simulator(ds.TetMesh.merge(cubes), ds.StableNeoHookean(2e5, 0.3, 1000.0),
+                       dt=2e-3, substeps=8, gravity=(0, 0, 0))  # fmt: skip
+    contact = sim.model.contact
+    x = torch.as_tensor(sim.mesh.vertices, dtype=torch.float64)
+    body = torch.as_tensor(sim.mesh.body_ids)
+    towards = torch.zeros_like(x)
+    towards[:, 0] = torch.where(body == 0, 1.0, -1.0).to(x.dtype)
+    contact.candidates(x)  # the set at the start
+    print(f"dhat {contact.dhat:.3g} m, listed {contact._candidates.n_pairs}")
+    assert contact._candidates.n_pairs > 0  # the facing pairs are listed
+    searches = contact.timings["searches"]
+    assert not contact.clear_over(torch.stack([x, x + 0.01 * towards]), record=False)
+    assert contact.timings["searches"] == searches  # settled by the listed pairs
+    apart = x - 0.01 * towards
+    contact.candidates(apart)  # a new set there (no pair between the cubes)
+    sideways = torch.zeros_like(x)
+    sideways[body == 0, 1] = 0.01
+    searches = contact.timings["searches"]
+    assert contact.clear_over(torch.stack([apart, apart + sideways]), record=False)
+    assert not contact.clear_over(torch.stack([apart, apart + 0.0105 * towards]), record=False)
+    assert contact.timings["searches"] == searches + 2  # a sweep each
+
+
 def test_a_prediction_of_wild_relative_motion_builds_no_huge_candidate_set():
     """A guessed block in which vertices move more than a surface edge relative to each
     other (the Armadillo's flapping crease vertices once asked for a 49 mm reach: 138

@@ -876,14 +876,6 @@ class SurfaceContact:
         moved = 0.5 * float((hi - lo).norm(dim=1).max())
         if self._listed_radius() - 2.0 * moved <= needed:
             now = 0.5 * float((hi[0] - lo[0]).norm())
-            covers_now = self._listed_radius() - 2.0 * now > needed
-            if not record and covers_now and self._closest_listed() - 2.0 * now <= needed:
-                # A prediction where pairs may be near now: no sweep if they are. The
-                # anchor's bound may be stale (bodies that have parted since), so the
-                # listed pairs are measured.
-                measured = self._measured(needed, first - self.origin, now, MAX_NEAR_PAIRS)
-                if measured is None or bool((measured[0] < needed**2).any()):
-                    return False
             # Beyond the set: the elements swept along the straight paths from the first
             # frame to the last, each vertex at most ``off`` from its path, so each pair at
             # most 2 off closer than along the paths. A body moving as a whole needs no set
@@ -891,6 +883,8 @@ class SurfaceContact:
             # such a set listed 20,000 pairs, 7.5 ms; the sweep takes about 1 ms).
             x = self.local(first)
             dx = (frames[-1].to(torch.float64) - first).to(x.dtype)
+            if not record and self._listed_closing(first - self.origin, dx, now, needed):
+                return False  # a guess that a listed pair fails: no sweep
             # A guess takes the bound as the block's check does: measured along the guessed
             # motion instead, the pairs of spinning bodies passed guesses whose blocks then
             # failed their checks (the knocked-over stack: 23 failed tries in 600 steps).
@@ -941,6 +935,21 @@ class SurfaceContact:
             return False
         self._last_step = step if record else self._last_step
         return True
+
+    def _listed_closing(self, x: torch.Tensor, dx: torch.Tensor, now: float, needed: float) -> bool:
+        """Whether a listed pair may come within ``needed`` (m) along the straight motion
+        from local x (float64) by ``t dx``, t in [0, 1], by the bound of :meth:`_closing`
+        (``now``: x's offset from the anchor, m); False where more than ``MAX_NEAR_PAIRS``
+        pairs would be measured (the sweep then decides)."""
+        reach = 2.0 * relative_offset(dx)  # no pair closes more than this along dx
+        measured = self._measured(needed + reach, x, now, MAX_NEAR_PAIRS)
+        if measured is None:
+            return False
+        d2, rows = measured
+        c = self._candidates if rows is None else self._candidates.subset(rows)
+        pairs = torch.cat([c.point_triangle, c.edge_edge])
+        closing = ccd.pair_reach(dx.to(d2.dtype)[pairs], ccd._sides(c, x.device))
+        return bool((d2.clamp_min(0).sqrt() - closing <= needed).any())
 
     def _frame_bounds(self, frames: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """For the local positions ``frames - origin`` (``frames [F, n, 3]``, read as

@@ -335,6 +335,12 @@ def test_the_swept_test_of_a_guessed_motion_agrees_with_the_brute_one(dtype):
             found = {m: c._closing(x, dx, needed) for m, c in contacts.items()}
             assert found["bvh"] == found["brute"], (close, wobble)
             answers.append(found["bvh"])
+            # The listed pairs' test (a Warp pass, torch formulas on the brute path).
+            listed = {}
+            for m, c in contacts.items():
+                c._candidates_at(x)  # (the sampling below moves the sets)
+                listed[m] = c._listed_closing(x, dx, c._moved_from_anchor(x), needed)
+            assert listed["bvh"] == listed["brute"], (close, wobble)
             if close == 0.02 and wobble == 0.0:
                 assert not found["bvh"]
             if not found["bvh"]:  # no pair comes within needed along the motion

@@ -134,6 +134,8 @@ def test_guesses_search_only_where_the_listed_pairs_do_not_settle_them():
     listed pairs close is answered "not clear" without a search (no broad phase, no sweep).
     From 21 mm apart, where the set lists nothing between them, guesses beyond its reach
     sweep once: clear for one cube moving 1 cm sideways, not clear for the two meeting."""
+    from diffsim.contact.surface_contact import SurfaceContact
+
     cubes = [
         ds.TetMesh.box(size=(0.05,) * 3, resolution=4, origin=(x, 0.1, 0)) for x in (-0.05, 0.001)
     ]
@@ -150,6 +152,13 @@ def test_guesses_search_only_where_the_listed_pairs_do_not_settle_them():
     searches = contact.timings["searches"]
     assert not contact.clear_over(torch.stack([x, x + 0.01 * towards]), record=False)
     assert contact.timings["searches"] == searches  # settled by the listed pairs
+    # The listed pairs' test (one Warp pass) gives the torch formulas' answers.
+    brute = SurfaceContact(sim.mesh, dhat=contact.dhat, stiffness=1.0, broad_phase="brute")
+    brute.candidates(x)
+    local = contact.local(x)
+    for dx, answer in ((0.01 * towards, True), (0.01 * towards.abs(), False)):
+        for c in (contact, brute):
+            assert c._listed_closing(local, dx.to(local.dtype), 0.0, contact.dhat) == answer
     apart = x - 0.01 * towards
     contact.candidates(apart)  # a new set there (no pair between the cubes)
     sideways = torch.zeros_like(x)

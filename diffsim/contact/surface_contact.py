@@ -883,7 +883,7 @@ class SurfaceContact:
             # such a set listed 20,000 pairs, 7.5 ms; the sweep takes about 1 ms).
             x = self.local(first)
             dx = (frames[-1].to(torch.float64) - first).to(x.dtype)
-            if not record and self._listed_closing(first - self.origin, dx, now, needed):
+            if not record and self._listed_closing(x, dx, now, needed):
                 return False  # a guess that a listed pair fails: no sweep
             # A guess takes the bound as the block's check does: measured along the guessed
             # motion instead, the pairs of spinning bodies passed guesses whose blocks then
@@ -938,17 +938,23 @@ class SurfaceContact:
 
     def _listed_closing(self, x: torch.Tensor, dx: torch.Tensor, now: float, needed: float) -> bool:
         """Whether a listed pair may come within ``needed`` (m) along the straight motion
-        from local x (float64) by ``t dx``, t in [0, 1], by the bound of :meth:`_closing`
-        (``now``: x's offset from the anchor, m); False where more than ``MAX_NEAR_PAIRS``
-        pairs would be measured (the sweep then decides)."""
-        reach = 2.0 * relative_offset(dx)  # no pair closes more than this along dx
-        measured = self._measured(needed + reach, x, now, MAX_NEAR_PAIRS)
-        if measured is None:
+        from local x by ``t dx``, t in [0, 1] (x, dx in the working dtype), by the bound of
+        :meth:`_closing` (``now``: x's offset from the anchor, m): among the pairs the
+        anchor's bound lets that close, one Warp pass (torch formulas on the brute path)."""
+        # No pair closes more than twice the motion's offset; pair k is at least D_k - 2 now
+        # apart at x (with room for the anchor distances' rounding).
+        limit = (needed + 2.0 * relative_offset(dx) + 2.0 * now) * (1.0 + 1e-5) + 1e-12
+        rows = torch.nonzero(self._anchor_d2 < limit**2).flatten()
+        if not len(rows):
             return False
-        d2, rows = measured
-        c = self._candidates if rows is None else self._candidates.subset(rows)
+        c = self._candidates.subset(rows)
         pairs = torch.cat([c.point_triangle, c.edge_edge])
-        closing = ccd.pair_reach(dx.to(d2.dtype)[pairs], ccd._sides(c, x.device))
+        if self.broad_phase == "bvh":
+            from diffsim.contact.warp_broad_phase import any_closing
+
+            return any_closing(x, dx, pairs, len(c.point_triangle), needed)
+        d2 = torch.cat(potential.pair_distances(x, c))
+        closing = ccd.pair_reach(dx[pairs], ccd._sides(c, x.device))
         return bool((d2.clamp_min(0).sqrt() - closing <= needed).any())
 
     def _frame_bounds(self, frames: torch.Tensor) -> tuple[torch.Tensor, ...]:

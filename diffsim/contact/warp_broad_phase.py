@@ -471,6 +471,25 @@ def _measure(frames: torch.Tensor, pairs: torch.Tensor, n_point_triangle: int, r
     return out
 
 
+def any_closing(
+    x: torch.Tensor, dx: torch.Tensor, pairs: torch.Tensor, n_point_triangle: int, needed: float
+) -> bool:
+    """Whether any of the pairs ``[k, 4]`` (the first ``n_point_triangle`` point-triangle
+    rows, then edge-edge rows) may come within ``needed`` (m) along the straight motion
+    ``x + t dx``, t in [0, 1] (``x, dx [n, 3]``, one dtype), by the bound of
+    :meth:`BroadPhase.closing`, in one kernel pass."""
+    if not len(pairs):
+        return False
+    device = x.device
+    kinds = torch.full((len(pairs),), EDGE_EDGE, dtype=torch.int32, device=device)
+    kinds[:n_point_triangle] = POINT_TRIANGLE
+    count = torch.zeros(1, dtype=torch.int32, device=device)
+    args = [pairs.to(torch.int32).contiguous(), kinds, x.contiguous(), dx.contiguous()]
+    args += [float(needed), PARALLEL_FRACTION[x.dtype], count]
+    _launch(broad_phase_kernels(SCALARS[x.dtype]).pairs_closing, (len(pairs),), args, device)
+    return int(count[0]) > 0
+
+
 def frame_offset_bounds(
     frames: torch.Tensor, origin: torch.Tensor, anchor: torch.Tensor, launcher=None
 ):

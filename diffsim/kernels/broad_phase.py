@@ -227,6 +227,22 @@ def _build(scalar):
         return wp.sqrt(wp.max(s, scalar(0.0))) - reach <= needed
 
     @wp.kernel
+    def pairs_closing(
+        pairs: wp.array2d(dtype=wp.int32),
+        kinds: wp.array(dtype=wp.int32),
+        x: wp.array(dtype=vec3),
+        dx: wp.array(dtype=vec3),
+        needed: scalar,
+        parallel_fraction: scalar,
+        count: wp.array(dtype=wp.int32),
+    ):
+        """Counts the given pairs that :func:`closes` (rows of vertex ids, kind per row)."""
+        k = wp.tid()
+        if closes(kinds[k], pairs[k, 0], pairs[k, 1], pairs[k, 2], pairs[k, 3], x, dx, needed,
+                  parallel_fraction):  # fmt: skip
+            wp.atomic_add(count, 0, 1)
+
+    @wp.kernel
     def swept_boxes(
         x: wp.array(dtype=vec3),
         dx: wp.array(dtype=vec3),
@@ -414,6 +430,7 @@ def _build(scalar):
         frame_distances=frame_distances,
         frame_bounds=frame_bounds,
         swept_boxes=swept_boxes,
+        pairs_closing=pairs_closing,
         closing_vertex_face=closing_vertex_face,
         closing_edge_edge=closing_edge_edge,
     )
@@ -423,9 +440,9 @@ def _build(scalar):
 def broad_phase_kernels(scalar) -> SimpleNamespace:
     """The broad-phase kernels for ``wp.float32`` or ``wp.float64``, built on first use:
     ``near_vertex_face``, ``near_edge_edge``, ``frame_distances``, ``frame_bounds`` and, for
-    the swept test of a guessed motion, ``swept_boxes``, ``closing_vertex_face`` and
-    ``closing_edge_edge`` (and the function ``squared_distance`` they measure pairs
-    with)."""
+    the swept test of a guessed motion, ``swept_boxes``, ``closing_vertex_face``,
+    ``closing_edge_edge`` and ``pairs_closing`` (given pairs), and the function
+    ``squared_distance`` they measure pairs with."""
     if scalar not in (wp.float32, wp.float64):
         raise ValueError(f"broad-phase kernels exist for wp.float32 and wp.float64, not {scalar}")
     return _build(scalar)

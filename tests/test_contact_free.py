@@ -129,6 +129,15 @@ def test_nothing_near_anything_runs_fused_in_float32():
     assert counts["contact_steps"] <= 2 and counts["fused_steps"] >= 148
 
 
+def cube_pair(resolution: int, xs: tuple[float, float]) -> ds.Simulator:
+    """Two 5 cm cubes with their low corners at x = xs, in zero gravity."""
+    cubes = [
+        ds.TetMesh.box(size=(0.05,) * 3, resolution=resolution, origin=(x, 0.1, 0)) for x in xs
+    ]
+    material = ds.StableNeoHookean(2e5, 0.3, 1000.0)
+    return ds.Simulator(ds.TetMesh.merge(cubes), material, dt=2e-3, substeps=8, gravity=(0, 0, 0))
+
+
 def test_guesses_search_only_where_the_listed_pairs_do_not_settle_them():
     """A guess (a straight motion of two cubes, 1 mm apart, towards each other) whose
     listed pairs close is answered "not clear" without a search (no broad phase, no sweep).
@@ -136,11 +145,7 @@ def test_guesses_search_only_where_the_listed_pairs_do_not_settle_them():
     sweep once: clear for one cube moving 1 cm sideways, not clear for the two meeting."""
     from diffsim.contact.surface_contact import SurfaceContact
 
-    cubes = [
-        ds.TetMesh.box(size=(0.05,) * 3, resolution=4, origin=(x, 0.1, 0)) for x in (-0.05, 0.001)
-    ]
-    sim = ds.Simulator(ds.TetMesh.merge(cubes), ds.StableNeoHookean(2e5, 0.3, 1000.0),
-                       dt=2e-3, substeps=8, gravity=(0, 0, 0))  # fmt: skip
+    sim = cube_pair(4, (-0.05, 0.001))
     contact = sim.model.contact
     x = torch.as_tensor(sim.mesh.vertices, dtype=torch.float64)
     body = torch.as_tensor(sim.mesh.body_ids)
@@ -174,11 +179,7 @@ def test_a_prediction_of_wild_relative_motion_builds_no_huge_candidate_set():
     other (the Armadillo's flapping crease vertices once asked for a 49 mm reach: 138
     million pairs) is answered "not clear" by sweeping the elements' boxes along it,
     without a candidate set over that reach."""
-    cubes = [
-        ds.TetMesh.box(size=(0.05,) * 3, resolution=6, origin=(x, 0.1, 0)) for x in (-0.1, 0.05)
-    ]
-    sim = ds.Simulator(ds.TetMesh.merge(cubes), ds.StableNeoHookean(2e5, 0.3, 1000.0),
-                       dt=2e-3, substeps=8, gravity=(0, 0, 0))  # fmt: skip
+    sim = cube_pair(6, (-0.1, 0.05))
     contact = sim.model.contact
     x = torch.as_tensor(sim.mesh.vertices, dtype=torch.float64)
     assert contact.clear_over(torch.stack([x, x]), record=False)  # at rest: clear

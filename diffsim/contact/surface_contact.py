@@ -499,7 +499,7 @@ class SurfaceContact:
             c, d2 = near_candidates(self.surface, x, within, within, "brute")
             rows = torch.cat([c.point_triangle, c.edge_edge])
             side_a = ccd._sides(c, x.device)
-            reach = ccd.pair_reach(dx[rows], side_a)
+            reach = ccd.pair_reach(dx[rows], side_a)  # the most dx can close each pair
             ends = torch.cat([x[rows], (x + dx)[rows]], dim=1).float()  # [k, 8, 3]
             a = torch.cat([side_a, side_a], dim=1)[..., None]
             big = torch.finfo(torch.float32).max
@@ -507,8 +507,7 @@ class SurfaceContact:
                 ends.masked_fill(~a, big).amin(1) - ends.masked_fill(a, -big).amax(1),
                 ends.masked_fill(a, big).amin(1) - ends.masked_fill(~a, -big).amax(1),
             )  # [k, 3]: the swept boxes' separation per axis
-            flagged = (gap <= pad).all(dim=1) & (d2.clamp_min(0).sqrt() - reach <= needed)
-            closing = bool(flagged.any())
+            closing = bool(((gap <= pad).all(dim=1) & _may_close(d2, reach, needed)).any())
         self.timings["broad_phase"] += time.perf_counter() - start
         self.timings["searches"] += 1
         return closing
@@ -895,7 +894,7 @@ class SurfaceContact:
                 return False
             # A new set at the first frame that reaches, with room for twice that motion,
             # so that growing blocks rebuild rarely; its pairs are measured at every frame.
-            self._rebuild(self.local(first), max(self._wanted_reach(), 2.0 * block_moved))
+            self._rebuild(x, max(self._wanted_reach(), 2.0 * block_moved))
             lo, hi = self._frame_bounds(frames)[4:6]
             moved = 0.5 * float((hi - lo).norm(dim=1).max())
         if self._closest_listed() - 2.0 * moved > needed:
@@ -954,8 +953,8 @@ class SurfaceContact:
 
             return any_closing(x, dx, pairs, len(c.point_triangle), needed)
         d2 = torch.cat(potential.pair_distances(x, c))
-        closing = ccd.pair_reach(dx[pairs], ccd._sides(c, x.device))
-        return bool((d2.clamp_min(0).sqrt() - closing <= needed).any())
+        reach = ccd.pair_reach(dx[pairs], ccd._sides(c, x.device))
+        return bool(_may_close(d2, reach, needed).any())
 
     def _frame_bounds(self, frames: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """For the local positions ``frames - origin`` (``frames [F, n, 3]``, read as
@@ -1081,6 +1080,13 @@ def _filtered(
         candidates.point_triangle[pt], candidates.edge_edge[ee], candidates.mollifier_eps[ee]
     )
     return subset, d2[keep]
+
+
+def _may_close(d2: torch.Tensor, reach: torch.Tensor, needed: float) -> torch.Tensor:
+    """Per pair (bool ``[k]``): whether a pair at squared distance ``d2`` (m^2) that a motion
+    can close by at most ``reach`` (m) may come within ``needed`` (m) along it (the torch
+    twin of the ``closes`` kernel function in :mod:`diffsim.kernels.broad_phase`)."""
+    return d2.clamp_min(0).sqrt() - reach <= needed
 
 
 def clear_distance(step, dhat: float, scene_size: float):

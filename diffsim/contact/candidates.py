@@ -56,6 +56,21 @@ def relative_offset(d: torch.Tensor, with_zero: bool = False) -> float:
     return 0.5 * float((hi - lo).norm())
 
 
+def farthest_offset(d: torch.Tensor) -> float:
+    """How far (m) the farthest vertex moves relative to the common motion: ``max_i |d_i -
+    c|`` for displacements ``d [n, 3]`` and c the centre of their bounding box.
+
+    At most :func:`relative_offset` (by up to sqrt(3) where no vertex moves to a corner of
+    the box: a spinning body's by sqrt(2)), and a bound of the same kind: every pair's
+    distance changes by at most twice it. The candidate set's validity is measured with it
+    (the fused contact kernel the same way, :mod:`diffsim.kernels.contact_advance`).
+    """
+    if not len(d):
+        return 0.0
+    lo, hi = torch.aminmax(d, dim=0)
+    return float((d - 0.5 * (lo + hi)).norm(dim=1).max())
+
+
 @dataclass(frozen=True)
 class SurfacePrimitives:
     """The contact surface of a mesh.

@@ -14,6 +14,7 @@ from diffsim.contact import ccd, friction, potential
 from diffsim.contact.candidates import (
     Candidates,
     SurfacePrimitives,
+    farthest_offset,
     near_candidates,
     relative_offset,
 )
@@ -422,12 +423,12 @@ class SurfaceContact:
         return max(self.margin, REBUILD_STEPS * step, roomy)
 
     def _moved_from_anchor(self, x: torch.Tensor) -> float:
-        """:func:`relative_offset` of local x from the anchor (m), reused while x is the same
+        """:func:`farthest_offset` of local x from the anchor (m), reused while x is the same
         unchanged tensor (the forces and the step limit of one substep)."""
         cached = self._moved
         if cached is not None and _same_tensor(cached[0], x):
             return cached[1]
-        moved = relative_offset(x - self._anchor)
+        moved = farthest_offset(x - self._anchor)
         self._moved = (x, moved)
         return moved
 
@@ -752,7 +753,7 @@ class SurfaceContact:
             limited = 0 if alpha is None else int((alpha < 1).sum())
             if limited:
                 # The limited motion must stay within the candidates' reach as well.
-                if relative_offset(x + alpha[:, None] * dx - self._anchor) > self._reach:
+                if farthest_offset(x + alpha[:, None] * dx - self._anchor) > self._reach:
                     self._rebuild(x, max(self._reach, 1.01 * relative_offset(alpha[:, None] * dx)))
                     alpha = self._scales(x, dx, relative)
                     if alpha is not None and relative_offset(alpha[:, None] * dx) > self._reach:

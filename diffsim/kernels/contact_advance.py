@@ -592,16 +592,19 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                         hi = wp.max(hi, y - anchor[i])
                         near_lo = wp.min(near_lo, y - near_anchor[i])
                         near_hi = wp.max(near_hi, y - near_anchor[i])
-                    moved = offset(lo, hi)
+                    # Each vertex's offset from the anchor less the common part (the
+                    # centre of the box), and the farthest (candidates.farthest_offset).
+                    common = T(0.5) * (lo + hi)
+                    moved = wp.float64(0.0)
+                    for i in range(n):
+                        o = wp.length(xl[i] - anchor[i] - common)
+                        offsets[i] = o
+                        moved = wp.max(moved, wp.float64(o))
                     if moved > p.reach:
                         status[0] = taken
                         status[1] = SETS_EXPIRED
                         status[3] = selections
                         return
-                    # Each vertex's offset from the anchor less the common part (<= moved).
-                    common = T(0.5) * (lo + hi)
-                    for i in range(n):
-                        offsets[i] = wp.length(xl[i] - anchor[i] - common)
                     near_moved = offset(near_lo, near_hi)
                     expired = near_moved > near_reach
                     if expired and p.differentiable != 0 and selections + 1 >= row_sets.shape[0]:

@@ -282,7 +282,8 @@ class CountingLauncher:
 
 def test_query_parts_on_two_threads_give_the_rows_of_one_thread(monkeypatch):
     """The queries run as interleaved parts, on the Warp backend's two CPU threads where it
-    has them: the same rows, in the same order, with the same distances as on one."""
+    has them (and the two trees are built at once): the same rows, in the same order, with
+    the same distances as on one."""
     from diffsim.contact import warp_broad_phase
 
     monkeypatch.setattr(warp_broad_phase, "SPLIT_ELEMENTS", 0)  # split however small
@@ -295,7 +296,7 @@ def test_query_parts_on_two_threads_give_the_rows_of_one_thread(monkeypatch):
     cache: dict = {}
     launcher = CountingLauncher()
     two, d2_two = near_candidates(surface, x, 0.01, 0.01, "bvh", cache, launcher)
-    assert launcher.calls == 1  # one hand-over for both queries
+    assert launcher.calls == 2  # one hand-over for both trees' builds, one for both queries
     parts = [part for _, query in cache[x.dtype]._queries for part in query.parts]
     assert len(parts) == 4 and all(int(part.count[0]) > 0 for part in parts)  # both ran
     for name in ("point_triangle", "edge_edge", "mollifier_eps"):

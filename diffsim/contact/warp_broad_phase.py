@@ -6,8 +6,9 @@ list of box overlaps is built, converted and measured in torch). It keeps everyt
 does not change between calls: the element index arrays, the element box arrays, the
 positions buffer, the outputs (grown when a query finds more rows than they hold) and the
 recorded kernel launches. A call copies the positions in, computes the boxes, refits (or
-builds) the two trees and runs the two queries, each as interleaved parts that run on two
-CPU threads at once where the Warp backend has them: a few launches, no argument packing.
+builds, both at once on two CPU threads where the Warp backend has them) the two trees and
+runs the two queries, each as interleaved parts that run on the two threads at once: a few
+launches, no argument packing.
 
 The trees are refit, not built anew, while the surface moves as a whole or deforms a
 little: a build costs 20-30 times a refit (0.27 + 0.44 ms against 0.014 ms for the mat on
@@ -155,6 +156,11 @@ def _run_parts(queries: list[_Query], launcher) -> None:
         todo = [part for part in todo if not part.fits()]  # grown, recorded anew: rerun
 
 
+def _build_tree(tree: list) -> None:
+    """Builds ``[tree, lowers, uppers]``'s tree anew over its boxes."""
+    tree[0] = wp.Bvh(tree[1], tree[2], leaf_size=LEAF_SIZE)
+
+
 def _run_all(parts: list[_Part]) -> None:
     for part in parts:
         part.run()
@@ -267,23 +273,29 @@ class BroadPhase:
             self._built_at is None
             or relative_offset(self.x - self._built_at) > self._rebuild_offset
         )
+        queries = [query for _, query in self._queries]
+        if sum(query.dim for query in queries) < SPLIT_ELEMENTS:
+            launcher = None
         if build:
             self._built_at = self.x.clone()
             self.builds += 1
+            # The two trees at once, on two threads where the backend has them.
+            jobs = [functools.partial(_build_tree, tree) for tree, _ in self._queries]
+            if launcher is not None and 1 < len(jobs) <= launcher.threads:
+                launcher.run(*jobs)
+            else:
+                for job in jobs:
+                    job()
         for tree, query in self._queries:
             params = {}
             if build:
-                tree[0] = bvh = wp.Bvh(tree[1], tree[2], leaf_size=LEAF_SIZE)
-                params[0] = bvh.id
+                params[0] = tree[0].id
             else:
                 tree[0].refit()
             offset = 0 if tree is self._face_tree else 3  # near_edge_edge: boxes, lengths
             params[4 + offset] = float(pad)
             params[5 + offset] = within2
             query.set(params)
-        queries = [query for _, query in self._queries]
-        if sum(query.dim for query in queries) < SPLIT_ELEMENTS:
-            launcher = None
         _run_parts(queries, launcher)
         for tree, query in self._queries:
             found[0 if tree is self._face_tree else 1] = query.found()

@@ -69,6 +69,12 @@ return 0;
 """
 
 
+@wp.func_native(BARRIER)
+def barrier(sync: wp.array(dtype=wp.int32), workers: int, spin_limit: wp.int64) -> int:
+    """Waits until ``workers`` workers have arrived (0), or returns 1 where one gave up."""
+    ...
+
+
 def build_advance(dtype, module: str, elastic, integrate, force_vjp) -> SimpleNamespace:
     """The fused multi-step kernels for one scalar type, one per material.
 
@@ -89,9 +95,6 @@ def build_advance(dtype, module: str, elastic, integrate, force_vjp) -> SimpleNa
     integrate_vertex_vjp = integrate.integrate_vertex_vjp
     VertexUpdate, VertexCoefficients = integrate.VertexUpdate, integrate.VertexCoefficients
     TetElements = elastic.TetElements
-
-    @wp.func_native(BARRIER)
-    def barrier(sync: wp.array(dtype=wp.int32), workers: int, spin_limit: wp.int64) -> int: ...
 
     @wp.func
     def check_ratio(

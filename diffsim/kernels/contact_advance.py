@@ -3,7 +3,8 @@
 A substep with surface contact, as :func:`diffsim.backends.integrator.substep` computes it
 by torch ops around per-stage kernels, costs a millisecond of Python and launch overhead
 on a mesh of a few thousand tets, several times its arithmetic. ``contact_advance`` runs
-many such substeps in one launch (dim 1, one thread) with the same formulas (the per-pair
+many such substeps in one launch (dim 1, one thread; on a large mesh another thread adds
+half the tet forces, ``tet_share``) with the same formulas (the per-pair
 functions of :mod:`diffsim.kernels.contact`, the vertex update of
 :mod:`diffsim.kernels.integrate`), per substep:
 
@@ -41,6 +42,7 @@ from types import SimpleNamespace
 
 import warp as wp
 
+from diffsim.kernels.advance import barrier
 from diffsim.kernels.volume_limit import edge_matrix, first_crossing
 
 # status[1]: why a launch stopped.
@@ -51,6 +53,7 @@ CAPPED = 1  # the step limit would cap the whole step (or raise a blow-up)
 BEYOND_REACH = 2  # the step leaves the candidate set's reach (the caller builds one for it)
 LIMITED = 3  # a differentiable launch leaves limited steps to the general path
 REASONS = {CAPPED: "capped", BEYOND_REACH: "beyond_reach", LIMITED: "limited"}
+GAVE_UP = 3  # status[1]: a worker stopped waiting for the others (a hang of seconds)
 
 
 def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> SimpleNamespace:
@@ -113,6 +116,110 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
         volume_turns: int  # its turns with the step limit's rows before the general path
         volume_slack: wp.float64  # a tet fails below its floor less this
         bisections: int  # bisection steps of its first crossings
+
+    @wp.struct
+    class Team:
+        """The CPU worker threads of a launch. The main one runs everything but the other
+        workers' shares of the tet forces (in the adjoint, their vector-Jacobian products),
+        which each of them adds into its own row of ``forces``; they meet at
+        :func:`diffsim.kernels.advance.barrier` before and after."""
+
+        count: int  # workers (1: the main one alone, no barriers)
+        tet_stop: int  # the main worker's tets are [0, tet_stop)
+        forces: wp.array2d(dtype=vec3)  # [count, n]: row w >= 1 worker w's; zero between
+        sync: wp.array(dtype=wp.int32)  # the barrier's counters
+        spin_limit: wp.int64  # spins before a waiting worker gives up
+        command: wp.array(dtype=wp.int32)  # [2]: 1 go on, 0 return; the saved row (adjoint)
+
+    @wp.func
+    def share_tets(team: Team, row: int) -> int:
+        """Starts the other workers on their tets (at saved row ``row`` in the adjoint);
+        nonzero where one gave up."""
+        if team.count < 2:
+            return 0
+        team.command[0] = 1
+        team.command[1] = row
+        return barrier(team.sync, team.count, team.spin_limit)
+
+    @wp.func
+    def shared_done(team: Team) -> int:
+        """Waits until the other workers are done with their tets; nonzero where one gave up."""
+        if team.count < 2:
+            return 0
+        return barrier(team.sync, team.count, team.spin_limit)
+
+    @wp.func
+    def release(team: Team):
+        """Lets the other workers return (before every return of the main one)."""
+        if team.count > 1:
+            team.command[0] = 0
+            barrier(team.sync, team.count, team.spin_limit)
+
+    @wp.func
+    def others_forces(team: Team, i: int) -> vec3:
+        """The other workers' sum for vertex i, their rows zeroed for the next substep."""
+        total = vec3()
+        for w in range(1, team.count):
+            total = total + team.forces[w, i]
+            team.forces[w, i] = vec3()
+        return total
+
+    def tet_share_kernel(add_tet_forces):
+        @wp.kernel(module=module, enable_backward=False)
+        def tet_share(
+            x: wp.array(dtype=wp.vec3d),
+            el: TetElements,
+            team: Team,
+            worker: int,
+            tet_start: int,
+            tet_stop: int,
+        ):
+            """Worker ``worker``'s share of ``contact_advance``'s tet forces (dim 1, on a
+            thread of its own): at each substep adds the forces of tets [tet_start, tet_stop)
+            at x into its row of ``team.forces``, between the main worker's barriers."""
+            own = team.forces[worker]
+            while team.count > 1:
+                if barrier(team.sync, team.count, team.spin_limit) != 0:
+                    return
+                if team.command[0] == 0:
+                    return
+                for e in range(tet_start, tet_stop):
+                    add_tet_forces(x, el, e, own)
+                if barrier(team.sync, team.count, team.spin_limit) != 0:
+                    return
+
+        return tet_share
+
+    def tet_vjp_share_kernel(add_tet_force_vjp):
+        @wp.kernel(module=module, enable_backward=False)
+        def tet_vjp_share(
+            x_saved: wp.array2d(dtype=wp.vec3d),
+            adj_f: wp.array(dtype=vec3),
+            el: TetElements,
+            team: Team,
+            worker: int,
+            tet_start: int,
+            tet_stop: int,
+            adj_mu: wp.array(dtype=T),
+            adj_lam: wp.array(dtype=T),
+        ):
+            """Worker ``worker``'s share of ``contact_retreat``'s force vector-Jacobian
+            products (dim 1, on a thread of its own): at each substep adds those of tets
+            [tet_start, tet_stop) at saved row ``team.command[1]`` into its row of
+            ``team.forces``, and its parameter cotangents into adj_mu and adj_lam of its own."""
+            own = team.forces[worker]
+            while team.count > 1:
+                if barrier(team.sync, team.count, team.spin_limit) != 0:
+                    return
+                if team.command[0] == 0:
+                    return
+                x_r = x_saved[team.command[1]]
+                for e in range(tet_start, tet_stop):
+                    add_tet_force_vjp(x_r, adj_f, el, e, own, adj_mu, adj_lam)
+                if barrier(team.sync, team.count, team.spin_limit) != 0:
+                    return
+
+        return tet_vjp_share
 
     @wp.struct
     class CandidatePairs:
@@ -504,6 +611,7 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
             substeps: int,
             first_substep: int,
             p: ContactStep,
+            team: Team,
             cand: CandidatePairs,
             anchor: wp.array(dtype=vec3),
             anchor_d2: wp.array(dtype=wp.float64),
@@ -543,7 +651,8 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
             stats: wp.array(dtype=wp.float64),
         ):
             """Steps ``targets.shape[0]`` of ``substeps`` substeps, from substep
-            ``first_substep`` of the first; launched with dim 1.
+            ``first_substep`` of the first; launched with dim 1 (the main worker of
+            ``team``, whose other workers run ``tet_share`` at once).
 
             x and v ``[n]`` are advanced in place; the state after each step goes to its row
             of x_out and v_out ``[steps, n]``. Prescribed vertices reach ``targets[step]``
@@ -601,6 +710,7 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                         offsets[i] = o
                         moved = wp.max(moved, wp.float64(o))
                     if moved > p.reach:
+                        release(team)
                         status[0] = taken
                         status[1] = SETS_EXPIRED
                         status[3] = selections
@@ -608,6 +718,7 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                     near_moved = offset(near_lo, near_hi)
                     expired = near_moved > near_reach
                     if expired and p.differentiable != 0 and selections + 1 >= row_sets.shape[0]:
+                        release(team)
                         status[0] = taken
                         status[1] = SETS_EXPIRED
                         status[3] = selections
@@ -649,8 +760,17 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                     for i in range(n):
                         f_el[i] = vec3()
                         f_c[i] = vec3()
-                    for e in range(el.tets.shape[0]):
+                    # The other workers' tets at once (their forces: team.forces).
+                    if share_tets(team, 0) != 0:
+                        status[0] = taken
+                        status[1] = GAVE_UP
+                        return
+                    for e in range(team.tet_stop):
                         add_tet_forces(x, el, e, f_el)
+                    if shared_done(team) != 0:
+                        status[0] = taken
+                        status[1] = GAVE_UP
+                        return
                     n_active = select_active(cand, cand.rows, n_rows, xl, c.mass, p, act, total)
                     for t in range(n_active):
                         k = act.ids[t]
@@ -679,7 +799,7 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                         is_fixed = int(0)  # noqa: UP018 - a Warp variable, not a constant
                         if c.fixed_slot[i] >= 0:
                             is_fixed = 1
-                        f = (f_el[i] + m * c.gravity[world]) + f_c[i]
+                        f = (f_el[i] + others_forces(team, i) + m * c.gravity[world]) + f_c[i]
                         v_new[i] = vertex_velocity(v[i], f, m, c.damping[world], is_fixed, s)
                         if p.differentiable != 0:
                             row_set_of[taken] = selections
@@ -822,6 +942,7 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                             if volume_total[i] < wp.float64(1.0):
                                 n_volume += 1
                     if general != 0:
+                        release(team)
                         status[0] = taken
                         status[1] = GENERAL_STEP
                         status[2] = general
@@ -854,6 +975,7 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                     stats[1] = absolute
                     status[3] = selections
                     status[4] = limited
+            release(team)
             status[0] = taken
             status[1] = FINISHED
             status[3] = selections
@@ -985,6 +1107,7 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
             first_substep: int,
             taken: int,
             p: ContactStep,
+            team: Team,
             cand: CandidatePairs,
             x_saved: wp.array2d(dtype=wp.vec3d),
             v_saved: wp.array2d(dtype=vec3),
@@ -1022,7 +1145,8 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
             adj_damping: wp.array(dtype=T),
         ):
             """The adjoint of ``taken`` substeps of a differentiable ``contact_advance``
-            launch, in reverse; dim 1.
+            launch, in reverse; dim 1 (the main worker of ``team``, whose other workers
+            run ``tet_vjp_share`` at once).
 
             Reads the state and total forces it saved ``[taken, n]``, the cotangents of its
             frames ``grad_xs``, ``grad_vs`` ``[steps, n]`` (rows: the steps ending in the
@@ -1188,10 +1312,14 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                     add_pair_cotangents(adj_xl, adj_mass, i0, i1, i2, i3, b0, b1, b2, b3, bm)
                 # The elastic forces: (df/dx)^T adj_f.
                 x_r = x_saved[r]
-                for e in range(el.tets.shape[0]):
+                if share_tets(team, r) != 0:
+                    return
+                for e in range(team.tet_stop):
                     add_tet_force_vjp(x_r, adj_f, el, e, hvp, adj_mu, adj_lam)
+                if shared_done(team) != 0:
+                    return
                 for i in range(n):
-                    total = adj_x[i] + adj_xl[i] + hvp[i]
+                    total = adj_x[i] + adj_xl[i] + (hvp[i] + others_forces(team, i))
                     slot = c.fixed_slot[i]
                     if j == 0 and slot >= 0:
                         total = total + adj_start[slot]  # start = x at the step's start
@@ -1199,13 +1327,17 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                 if j == 0:
                     for k in range(adj_start.shape[0]):
                         adj_start[k] = vec3()
+            release(team)
 
         return contact_retreat
 
     return SimpleNamespace(
         ContactStep=ContactStep,
+        Team=Team,
         CandidatePairs=CandidatePairs,
         ActivePairs=ActivePairs,
+        tet_share=tuple(tet_share_kernel(add) for add in elastic.add_tet_forces),
+        tet_vjp_share=tuple(tet_vjp_share_kernel(add) for add in elastic.add_tet_force_vjp),
         contact_advance=tuple(contact_advance_kernel(add) for add in elastic.add_tet_forces),
         contact_retreat=tuple(contact_retreat_kernel(add) for add in elastic.add_tet_force_vjp),
     )

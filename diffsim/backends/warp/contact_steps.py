@@ -18,14 +18,17 @@ takes the general path.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
+from types import SimpleNamespace
 
 import torch
 import warp as wp
 
 from diffsim.backends import integrator
 from diffsim.backends.warp.bridge import wrap
+from diffsim.backends.warp.fused import GAVE_UP_MESSAGE, SPIN_LIMIT, workers_for
 from diffsim.contact.ccd import ABSOLUTE_ROUNDS, EQUALIZE_ROUNDS, MIN_GAP_FRACTION, SCALE_SLACK
 from diffsim.contact.distances import PARALLEL_FRACTION
 from diffsim.contact.friction import FRICTION_PASSES
@@ -35,6 +38,7 @@ from diffsim.kernels import contact_advance_for
 from diffsim.kernels.contact_advance import (
     BEYOND_REACH,
     FINISHED,
+    GAVE_UP,
     GENERAL_STEP,
     REASONS,
     SETS_EXPIRED,
@@ -203,13 +207,16 @@ class FusedContactSteps:
             scratch["dummy_ids"], scratch["dummy_ids"],
         )  # fmt: skip
         start = time.perf_counter()
-        wp.launch(
+        team = self._team(v.dtype)
+        x_w = wrap(x, k.position)
+        main = functools.partial(
+            wp.launch,
             fused.contact_advance[w.material],
             dim=1,
             inputs=[
-                wrap(x, k.position), wrap(v, k.vec3), w.elements, w.vertex, w.settings,
+                x_w, wrap(v, k.vec3), w.elements, w.vertex, w.settings,
                 wrap(fixed_start, k.position),
-                wrap(targets, k.position), m.substeps, j, settings,
+                wrap(targets, k.position), m.substeps, j, settings, team.struct,
                 cand, wrap(sets.anchor.contiguous(), k.vec3),
                 wrap(sets.anchor_d2.contiguous(), wp.float64),
                 wrap(near_anchor, k.vec3), *scratch["per_vertex"], act,
@@ -221,9 +228,12 @@ class FusedContactSteps:
             ],
             device=g.device,
         )  # fmt: skip
+        self._run_team(team, main, fused.tet_share[w.material], [x_w, w.elements, team.struct])
         contact.timings["fused"] += time.perf_counter() - start
         self.counts["launches"] += 1
         taken, why = int(status[0]), int(status[1])
+        if why == GAVE_UP:
+            raise RuntimeError(GAVE_UP_MESSAGE)
         self.counts["ccd_candidates"] += int(stats[4])
         self.counts["ccd_rows"] += int(stats[5])
         if taken:
@@ -245,6 +255,67 @@ class FusedContactSteps:
     def _fused(self):
         """The fused contact kernels of the backend's scalar type."""
         return contact_advance_for(self.backend.kernels.scalar)
+
+    def _team(self, dtype: torch.dtype) -> SimpleNamespace:
+        """The worker threads' ``Team`` struct for this dtype (kept): as many workers as
+        the elastic core's fused launches take (:func:`~.fused.workers_for`), the tets split
+        as theirs are (worker w: ``bounds[w]``), and the tensors behind the struct."""
+        key = ("team", dtype)
+        team = self._scratch.get(key)
+        if team is None:
+            b = self.backend
+            g, n = b.geometry, b.model.n_vertices
+            workers = workers_for(g, b.launcher)
+            bounds = [
+                (g.n_tets * w // workers, g.n_tets * (w + 1) // workers) for w in range(workers)
+            ]
+            forces = torch.zeros((workers, n, 3), dtype=dtype)
+            sync = torch.zeros(4, dtype=torch.int32)
+            command = torch.zeros(2, dtype=torch.int32)
+            struct = self._fused().Team()
+            struct.count, struct.tet_stop = workers, bounds[0][1]
+            struct.forces = wp.from_torch(forces, dtype=b.kernels.vec3)
+            struct.sync, struct.command = wp.from_torch(sync), wp.from_torch(command)
+            struct.spin_limit = SPIN_LIMIT
+            team = SimpleNamespace(
+                struct=struct, bounds=bounds, sync=sync, owners=[forces, command]
+            )
+            self._scratch[key] = team
+        return team
+
+    def _run_team(self, team, main, share, head: list, tail=None) -> None:
+        """Runs ``main()`` (a launch of the main worker) here and ``share`` (the other
+        workers' kernel, arguments ``[*head, worker, *its tets, *tail(worker)]``) on the
+        launcher's other threads at once; raises where a worker gave up waiting."""
+        if len(team.bounds) == 1:
+            main()
+            return
+        team.sync.zero_()
+        device = self.backend.geometry.device
+
+        def guarded(job):
+            def run() -> None:
+                try:
+                    job()
+                except BaseException:
+                    team.sync[2] = 1  # the others stop waiting
+                    raise
+
+            return run
+
+        others = [
+            functools.partial(
+                wp.launch,
+                share,
+                dim=1,
+                device=device,
+                inputs=[*head, worker, *team.bounds[worker], *(tail(worker) if tail else [])],
+            )  # fmt: skip
+            for worker in range(1, len(team.bounds))
+        ]
+        self.backend.launcher.run(guarded(main), *(guarded(job) for job in others))
+        if int(team.sync[2]):
+            raise RuntimeError(GAVE_UP_MESSAGE)
 
     def _candidate_pairs(self, arrays, rows: torch.Tensor):
         """The ``CandidatePairs`` struct of a candidate set's arrays and the rows buffer
@@ -489,13 +560,17 @@ class _ContactLaunch(torch.autograd.Function):
                 wp.from_torch(a, dtype=kind)
                 for a, kind in zip(scratch[5:11], kinds[5:11], strict=True)
             )
-            wp.launch(
+            team = runner._team(dtype)
+            x_saved_w, adj_f_w = wrap(x_saved, k.position), views[19]
+            shares = [(torch.zeros_like(adj[2]), torch.zeros_like(adj[3])) for _ in team.bounds]
+            main = functools.partial(
+                wp.launch,
                 fused.contact_retreat[w.material],
                 dim=1,
                 inputs=[
                     w.elements, w.vertex, w.settings, m.substeps, ctx.j, taken, ctx.settings,
-                    runner._candidate_pairs(arrays, row_sets[0]),
-                    wrap(x_saved, k.position), wrap(v_saved, k.vec3), wrap(f_saved, k.vec3),
+                    team.struct, runner._candidate_pairs(arrays, row_sets[0]),
+                    x_saved_w, wrap(v_saved, k.vec3), wrap(f_saved, k.vec3),
                     wrap(row_sets, wp.int32), wrap(row_set_of, wp.int32),
                     wrap(row_set_sizes, wp.int32),
                     wrap(grad_xs, k.vec3), wrap(grad_vs, k.vec3), *views[:5], act, *views[11:],
@@ -505,6 +580,14 @@ class _ContactLaunch(torch.autograd.Function):
                 ],
                 device=g.device,
             )  # fmt: skip
+            runner._run_team(
+                team, main, fused.tet_vjp_share[w.material],
+                [x_saved_w, adj_f_w, w.elements, team.struct],
+                lambda worker: [wrap(a, k.scalar) for a in shares[worker]],
+            )  # fmt: skip
+            for mu_share, lam_share in shares[1:]:
+                adj[2] += mu_share
+                adj[3] += lam_share
         adj_targets, adj_mass, adj_mu, adj_lam, adj_gravity, adj_damping = adj
         return (
             None, None, None, None, None,

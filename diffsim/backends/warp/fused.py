@@ -25,6 +25,10 @@ from diffsim.physics.volume_limit import SLACK as VOLUME_SLACK
 
 # Barrier spins before a fused worker gives up on the others (several seconds).
 SPIN_LIMIT = 1 << 25
+GAVE_UP_MESSAGE = (
+    "a Warp worker thread stopped waiting for the others (a hang of several seconds); "
+    "set DIFFSIM_WARP_THREADS=1 to run on one thread"
+)
 # Per-worker accumulators are padded to this many values (64 bytes of float32 or more),
 # so that two workers adding to their own entries do not contend for one line.
 CACHE_LINE_VALUES = 16
@@ -50,7 +54,7 @@ def _run_workers(g: Geometry, kernel, launcher, args) -> None:
             argument list for one worker; with ``alone`` the worker runs whole worlds as a
             launch of one worker (``workers`` 1 in the kernel), on accumulators of its own.
     """
-    workers = _workers(g, launcher)
+    workers = workers_for(g, launcher)
     alone = _by_world(g, workers)
     sync = torch.zeros(4, dtype=torch.int32)
     sync_w = wrap(sync, wp.int32)
@@ -100,13 +104,10 @@ def _run_workers(g: Geometry, kernel, launcher, args) -> None:
     else:
         launcher.run(*(job(mine) for mine in launches))
     if int(sync[2]):
-        raise RuntimeError(
-            "a Warp worker thread stopped waiting for the others (a hang of several "
-            "seconds); set DIFFSIM_WARP_THREADS=1 to run on one thread"
-        )
+        raise RuntimeError(GAVE_UP_MESSAGE)
 
 
-def _workers(g: Geometry, launcher) -> int:
+def workers_for(g: Geometry, launcher) -> int:
     """Worker threads for a fused launch: the launcher's, at most one per
     MIN_TETS_PER_WORKER tets (below that, the barriers cost more than the split saves)."""
     if launcher is None:
@@ -153,7 +154,7 @@ def advance_steps(
         wrap(x_work, k.position), wrap(v_work, k.vec3), w.elements, w.vertex,
         wrap(fixed_start, k.position), wrap(targets, k.position), w.settings, g.substeps,
     ]  # fmt: skip
-    forces = wrap(s.worker_forces[: _workers(g, launcher)], k.vec3)
+    forces = wrap(s.worker_forces[: workers_for(g, launcher)], k.vec3)
     save = int(saved is not None)
     saved = saved or (s.dummy_position_rows, s.dummy_rows, s.dummy_rows)
     tail = [
@@ -192,7 +193,7 @@ def retreat_steps(g: Geometry, w: WarpCoefficients, saved, grad_x, grad_v, launc
         the Steps Function's inputs.
     """
     k, s = g.kernels, w.scratch
-    workers = _workers(g, launcher)
+    workers = workers_for(g, launcher)
     n_steps = len(grad_x)
     zeros = dict(dtype=torch_dtype(k.scalar), device=grad_x.device)
     adj = SimpleNamespace(

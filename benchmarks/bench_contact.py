@@ -22,7 +22,8 @@ step limit cuts in a differentiable run (the general path takes those); the torc
 reference runs the general path substep by substep. One torch thread; the Warp path's
 broad-phase queries and checks may use the backend's two CPU threads.
 Usage: ``python benchmarks/bench_contact.py [--steps 40] [--quick]
-[--repeat 3] [--only spheres_collide bunny]`` (``--repeat``: the fastest of several runs).
+[--repeat 3] [--only spheres_collide bunny]`` (``--repeat``: the fastest of several runs,
+taken in turns with the other rows of the table).
 """
 
 from __future__ import annotations
@@ -51,52 +52,61 @@ SCENES = [
 CONFIGS = [("warp", "warp"), ("torch", "torch")]  # (simulator backend, contact implementation)
 
 
-def timed(sim: ds.Simulator, state: State, steps: int, backward_steps: int, repeat: int) -> dict:
-    """Forward and forward+backward seconds per substep from ``state``, contact shares: the
-    fastest of ``repeat`` runs of each (the shares, pairs and rebuilds of the fastest
-    forward run)."""
+def new_row() -> dict:
+    """An empty row: the fastest times (s per substep), shares, pairs and rebuilds."""
+    return {"fwd": float("inf"), "fwd_bwd": float("inf"), "shares": {}, "pairs": 0, "rebuilds": 0}
+
+
+def time_once(sim: ds.Simulator, state: State, steps: int, backward_steps: int, row: dict):
+    """One forward and one forward+backward run from ``state`` into ``row``, which keeps the
+    fastest of each (with the shares, pairs and rebuilds of the fastest forward run)."""
     contact = sim.model.contact
     substeps = sim.model.substeps
-    row = {"fwd": float("inf"), "fwd_bwd": float("inf"), "shares": {}, "pairs": 0, "rebuilds": 0}
-    for _ in range(repeat):
-        with torch.no_grad():
-            if contact is not None:
-                contact.timings.clear()
-            start = time.perf_counter()
-            end = sim.rollout(steps, state).state(-1)
-            forward = time.perf_counter() - start
-        if forward / (steps * substeps) < row["fwd"]:
-            row["fwd"] = forward / (steps * substeps)
-            if contact is not None:
-                row["shares"] = {p: contact.timings[p] / forward for p in PHASES}
-                row["pairs"] = contact.candidates(end.positions).n_pairs
-                row["rebuilds"] = int(contact.timings["rebuilds"])
-    for _ in range(repeat):
-        v0 = state.velocities.clone().requires_grad_(True)
+    with torch.no_grad():
+        if contact is not None:
+            contact.timings.clear()
         start = time.perf_counter()
-        traj = sim.rollout(backward_steps, State(state.positions, v0))
-        traj.positions[-1][:, 1].mean().backward()
-        seconds = (time.perf_counter() - start) / (backward_steps * substeps)
-        row["fwd_bwd"] = min(row["fwd_bwd"], seconds)
-    return row
+        end = sim.rollout(steps, state).state(-1)
+        forward = time.perf_counter() - start
+    if forward / (steps * substeps) < row["fwd"]:
+        row["fwd"] = forward / (steps * substeps)
+        if contact is not None:
+            row["shares"] = {p: contact.timings[p] / forward for p in PHASES}
+            row["pairs"] = contact.candidates(end.positions).n_pairs
+            row["rebuilds"] = int(contact.timings["rebuilds"])
+    v0 = state.velocities.clone().requires_grad_(True)
+    start = time.perf_counter()
+    traj = sim.rollout(backward_steps, State(state.positions, v0))
+    traj.positions[-1][:, 1].mean().backward()
+    seconds = (time.perf_counter() - start) / (backward_steps * substeps)
+    row["fwd_bwd"] = min(row["fwd_bwd"], seconds)
+
+
+def timed_side_by_side(runs: list, steps: int, backward_steps: int, repeat: int) -> list:
+    """``(name, row)`` for each ``(name, simulator, state)`` of ``runs``: the fastest of
+    ``repeat`` runs each, taken in turns (run 1 of every row, then run 2, ...), so that a
+    shared machine's slow minutes fall on all rows alike."""
+    rows = [(name, new_row()) for name, _, _ in runs]
+    for _ in range(repeat):
+        for (_, sim, state), (_, row) in zip(runs, rows, strict=True):
+            time_once(sim, state, steps, backward_steps, row)
+    return rows
 
 
 def scene_rows(file: str, warmup: int, steps: int, backward_steps: int, repeat: int) -> list:
-    rows = []
+    runs = []
     for backend, implementation in CONFIGS:
         scene = load_scene(ROOT / "scenes" / f"{file}.py")
         sim = with_parameters(scene.build(), backend=backend)
         sim.model.contact.implementation = implementation
         with torch.no_grad():
             state = sim.rollout(warmup, scene.initial_state(sim)).state(-1)
-        row = timed(sim, state, steps, backward_steps, repeat)
-        rows.append((f"{backend}/{implementation}", row))
+        runs.append((f"{backend}/{implementation}", sim, state))
         if backend == "warp":
             # The elastic core alone from the same state (the bodies then pass through each
             # other): the floor the contact substeps are measured against.
-            off = sim.replace(contact=False)
-            rows.append(("warp, contact off", timed(off, state, steps, backward_steps, repeat)))
-    return rows, sim
+            runs.append(("warp, contact off", sim.replace(contact=False), state))
+    return timed_side_by_side(runs, steps, backward_steps, repeat), runs[0][1]
 
 
 def bunny(contact: bool, gap: float) -> ds.Simulator:
@@ -111,7 +121,7 @@ def bunny(contact: bool, gap: float) -> ds.Simulator:
 def bunny_rows(lying: bool, steps: int, backward_steps: int, repeat: int) -> list:
     """Falling from 2 cm (timed from the start), or lying on the ground: dropped from 2 mm
     at 0.5 m/s and timed after 600 substeps, squashed against the ground."""
-    rows = []
+    runs = []
     for contact in (False, True):
         sim = bunny(contact, gap=0.002 if lying else 0.02)
         v = torch.zeros((sim.mesh.n_vertices, 3))
@@ -119,9 +129,8 @@ def bunny_rows(lying: bool, steps: int, backward_steps: int, repeat: int) -> lis
         state = sim.initial_state(velocities=v)
         with torch.no_grad():
             state = sim.rollout(600 if lying else 10, state).state(-1)
-        name = f"contact {'on' if contact else 'off'}"
-        rows.append((name, timed(sim, state, steps, backward_steps, repeat)))
-    return rows, sim
+        runs.append((f"contact {'on' if contact else 'off'}", sim, state))
+    return timed_side_by_side(runs, steps, backward_steps, repeat), runs[-1][1]
 
 
 def table(title: str, rows: list, reference: str) -> None:

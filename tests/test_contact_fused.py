@@ -364,14 +364,14 @@ def test_a_spinning_body_keeps_its_candidate_set_until_a_vertex_leaves_its_reach
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_two_workers_share_a_launch_s_tets_with_the_motion_and_gradients_of_one(dtype, monkeypatch):
-    """A mesh of thousands of tets runs its fused launches on two CPU threads, as the
-    elastic core does: the main one takes everything but the other's half of the tet
+    """A mesh of more than a few hundred tets runs its fused launches on two CPU threads:
+    the main one takes everything but the other's half of the tet
     forces (forward) and of their vector-Jacobian products (backward). Two 10 cm cubes of
     6,144 tets, one sliding and tumbling over the other (friction, fixed bottom): the same
     motion and gradients (initial velocities, prescribed positions, every parameter) as on
     one thread, to the rounding of the split sums (the tets shuffled, so that both
     threads add into most vertices)."""
-    from diffsim.backends.warp import fused
+    from diffsim.backends.warp import contact_steps
 
     lower = ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=8)
     upper = ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=8, origin=(0.0, 0.103, 0.0))
@@ -384,8 +384,8 @@ def test_two_workers_share_a_launch_s_tets_with_the_motion_and_gradients_of_one(
     v[mesh.n_vertices // 2 :] = torch.tensor([1.0, -0.3, 0.4], dtype=dtype)
     steps = 12
     runs = []
-    for per_worker in (10**9, fused.MIN_TETS_PER_WORKER):
-        monkeypatch.setattr(fused, "MIN_TETS_PER_WORKER", per_worker)
+    for per_worker in (10**9, contact_steps.MIN_TETS_PER_CONTACT_WORKER):
+        monkeypatch.setattr(contact_steps, "MIN_TETS_PER_CONTACT_WORKER", per_worker)
         sim = ds.Simulator(
             mesh, material, dt=2e-3, substeps=4, fixed=fixed, ground=None,
             contact_friction=0.3, dtype=dtype,

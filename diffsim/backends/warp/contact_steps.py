@@ -28,7 +28,8 @@ import warp as wp
 
 from diffsim.backends import integrator
 from diffsim.backends.warp.bridge import wrap
-from diffsim.backends.warp.fused import GAVE_UP_MESSAGE, SPIN_LIMIT, workers_for
+from diffsim.backends.warp.fused import GAVE_UP_MESSAGE, SPIN_LIMIT
+from diffsim.backends.warp.threads import MIN_TETS_PER_CONTACT_WORKER
 from diffsim.contact.ccd import ABSOLUTE_ROUNDS, EQUALIZE_ROUNDS, MIN_GAP_FRACTION, SCALE_SLACK
 from diffsim.contact.distances import PARALLEL_FRACTION
 from diffsim.contact.friction import FRICTION_PASSES
@@ -257,15 +258,16 @@ class FusedContactSteps:
         return contact_advance_for(self.backend.kernels.scalar)
 
     def _team(self, dtype: torch.dtype) -> SimpleNamespace:
-        """The worker threads' ``Team`` struct for this dtype (kept): as many workers as
-        the elastic core's fused launches take (:func:`~.fused.workers_for`), the tets split
-        as theirs are (worker w: ``bounds[w]``), and the tensors behind the struct."""
+        """The worker threads' ``Team`` struct for this dtype (kept): one per
+        ``MIN_TETS_PER_CONTACT_WORKER`` tets, at most the launcher's threads, the tets split
+        in equal runs (worker w: ``bounds[w]``), and the tensors behind the struct."""
         key = ("team", dtype)
         team = self._scratch.get(key)
         if team is None:
             b = self.backend
             g, n = b.geometry, b.model.n_vertices
-            workers = workers_for(g, b.launcher)
+            threads = b.launcher.threads if b.launcher is not None else 1
+            workers = max(1, min(threads, g.n_tets // MIN_TETS_PER_CONTACT_WORKER))
             bounds = [
                 (g.n_tets * w // workers, g.n_tets * (w + 1) // workers) for w in range(workers)
             ]

@@ -54,7 +54,7 @@ def _run_workers(g: Geometry, kernel, launcher, args) -> None:
             argument list for one worker; with ``alone`` the worker runs whole worlds as a
             launch of one worker (``workers`` 1 in the kernel), on accumulators of its own.
     """
-    workers = workers_for(g, launcher)
+    workers = _workers(g, launcher)
     alone = _by_world(g, workers)
     sync = torch.zeros(4, dtype=torch.int32)
     sync_w = wrap(sync, wp.int32)
@@ -107,7 +107,7 @@ def _run_workers(g: Geometry, kernel, launcher, args) -> None:
         raise RuntimeError(GAVE_UP_MESSAGE)
 
 
-def workers_for(g: Geometry, launcher) -> int:
+def _workers(g: Geometry, launcher) -> int:
     """Worker threads for a fused launch: the launcher's, at most one per
     MIN_TETS_PER_WORKER tets (below that, the barriers cost more than the split saves)."""
     if launcher is None:
@@ -154,7 +154,7 @@ def advance_steps(
         wrap(x_work, k.position), wrap(v_work, k.vec3), w.elements, w.vertex,
         wrap(fixed_start, k.position), wrap(targets, k.position), w.settings, g.substeps,
     ]  # fmt: skip
-    forces = wrap(s.worker_forces[: workers_for(g, launcher)], k.vec3)
+    forces = wrap(s.worker_forces[: _workers(g, launcher)], k.vec3)
     save = int(saved is not None)
     saved = saved or (s.dummy_position_rows, s.dummy_rows, s.dummy_rows)
     tail = [
@@ -193,7 +193,7 @@ def retreat_steps(g: Geometry, w: WarpCoefficients, saved, grad_x, grad_v, launc
         the Steps Function's inputs.
     """
     k, s = g.kernels, w.scratch
-    workers = workers_for(g, launcher)
+    workers = _workers(g, launcher)
     n_steps = len(grad_x)
     zeros = dict(dtype=torch_dtype(k.scalar), device=grad_x.device)
     adj = SimpleNamespace(

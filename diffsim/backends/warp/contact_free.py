@@ -111,7 +111,8 @@ class ContactFreeBlocks:
                 steps = max(min(self.block, longest, n_steps - i), shortest)
                 k = self._predicted_clear(x, v, steps, shortest, most_idle)
             if k:
-                frames = self._fused(prepared, x, v, targets[i : i + k], grad)
+                place = None if out is None else (out[0][i : i + k], out[1][i : i + k])
+                frames = self._fused(prepared, x, v, targets[i : i + k], grad, place)
             covered = k * m.substeps if frames is not None else 0
             if k:  # a try (a failed prediction has backed off already)
                 spent = m.contact.timings["searches"] - searches
@@ -145,8 +146,9 @@ class ContactFreeBlocks:
                 self.counts["fused_steps"] += k
                 self.block = min(2 * k, longest)
             if out is not None:
-                out[0][i : i + k].copy_(frames[0])
-                out[1][i : i + k].copy_(frames[1])
+                if frames[0].data_ptr() != out[0][i].data_ptr():  # not written there already
+                    out[0][i : i + k].copy_(frames[0])
+                    out[1][i : i + k].copy_(frames[1])
             else:
                 xs.append(frames[0])
                 vs.append(frames[1])
@@ -192,8 +194,9 @@ class ContactFreeBlocks:
             ahead = x + (PREDICTION_FACTOR * steps * m.dt) * (v - v.mean(dim=0))
             return m.contact.clear_over(torch.stack([x, ahead]), False, self.most_measured)
 
-    def _fused(self, prepared, x, v, targets, grad: bool):
-        """The fused frames ``([k, n, 3], [k, n, 3])`` if contact did not act, else None."""
+    def _fused(self, prepared, x, v, targets, grad: bool, place=None):
+        """The fused frames ``([k, n, 3], [k, n, 3])`` if contact did not act, else None;
+        without a gradient on the CPU written into ``place`` (two such tensors) if given."""
         b, m = self.backend, self.backend.model
         g, launcher = b.geometry, b.launcher
         x, v = b._positions(x), b._checked(v)
@@ -216,18 +219,16 @@ class ContactFreeBlocks:
             n_sub = len(targets) * m.substeps
             # The substeps' start positions and, after them, the last end: the check's path.
             path = x.new_empty((n_sub + 1, *x.shape))
-            saved_v = v.new_empty((n_sub, *v.shape))
-            frames = (x.new_empty((len(targets), *x.shape)), v.new_empty((len(targets), *v.shape)))
+            # The saved velocities and forces are not needed: one buffer takes both.
+            unused = v.new_empty((n_sub, *v.shape))
+            frames = place
+            if frames is None:
+                frames = (
+                    x.new_empty((len(targets), *x.shape)),
+                    v.new_empty((len(targets), *v.shape)),
+                )
             fused.advance_steps(
-                g,
-                prepared,
-                x,
-                v,
-                targets,
-                frames,
-                launcher,
-                (path[:n_sub], saved_v, saved_v.clone()),
-                volume,
+                g, prepared, x, v, targets, frames, launcher, (path[:n_sub], unused, unused), volume
             )
             path[n_sub] = frames[0][-1]
         if volume is not None and int(volume[1][0]):

@@ -410,3 +410,27 @@ def test_two_workers_share_a_launch_s_tets_with_the_motion_and_gradients_of_one(
     assert counts["fused_substeps"] > 0.8 * (steps + 3) * 4 * 2  # fused, forward and backward
     assert moved < (1e-12 if dtype == torch.float64 else 1e-5)
     assert max(errors.values()) < (1e-10 if dtype == torch.float64 else 1e-3)
+
+
+def test_a_contact_worker_that_never_arrives_raises_instead_of_hanging(monkeypatch):
+    """The fused contact launch's barrier gives up after SPIN_LIMIT spins when its other
+    worker never starts, and the rollout raises with the way out."""
+    from diffsim.backends.warp import contact_steps
+    from diffsim.contact import warp_broad_phase
+
+    class OnlyFirst:
+        threads = 2
+
+        def run(self, first, *others):
+            first()
+
+    monkeypatch.setattr(contact_steps, "SPIN_LIMIT", 10_000)
+    monkeypatch.setattr(contact_steps, "MIN_TETS_PER_CONTACT_WORKER", 100)
+    # The launcher's only other users, the broad phase's parts, stay on one thread.
+    monkeypatch.setattr(warp_broad_phase, "SPLIT_ELEMENTS", 10**9)
+    monkeypatch.setattr(warp_broad_phase, "SPLIT_VERTEX_FRAMES", 10**9)
+    sim, state = tumbling_cubes(torch.float64)
+    sim.backend.launcher = sim.model.contact.launcher = OnlyFirst()
+    with pytest.raises(RuntimeError, match="DIFFSIM_WARP_THREADS=1"):
+        sim.rollout(10, state)
+    assert len(sim.backend.fused_contact._team(torch.float64).bounds) == 2

@@ -445,6 +445,61 @@ class FusedContactSteps:
             self._scratch["pairs"] = held
         return held[2][0], held[3], held[4]
 
+    def _adjoint_scratch(self, n: int, rows: int, passes: int, dtype, device) -> tuple:
+        """``contact_retreat``'s scratch (kept, grown as needed; the kernel writes each
+        before it reads it): the views of its per-vertex and per-row arrays and the
+        ``ActivePairs`` struct, for ``n`` vertices, ``rows`` near rows and ``passes``
+        friction passes."""
+        held = self._scratch.get("adjoint")
+        if held is None or held[0] != (n, dtype) or held[1] < rows or held[2] < passes:
+            k = self.backend.kernels
+            rows = max(rows, 2 * held[1]) if held is not None and held[0] == (n, dtype) else rows
+            passes = max(passes, held[2]) if held is not None and held[0] == (n, dtype) else passes
+            t = dict(dtype=dtype, device=device)
+            shapes = [
+                (n, 3),  # xl
+                (passes + 1, n, 3),  # v_pass
+                (passes + 1, rows, 3),  # total_pass
+                (passes, n),  # load_pass
+                (passes, rows, 3),  # impulse_pass
+                None,  # active (int32)
+                (rows, 4),  # weights
+                (rows, 4),  # coef
+                (rows, 3),  # normal
+                (rows,),  # m_eff
+                (rows,),  # limit
+                (rows, 4),  # adj_cw
+                (rows, 4),  # adj_cf
+                (rows, 3),  # adj_n
+                (rows,),  # adj_me
+                (rows,),  # adj_lim
+                (rows, 3),  # adj_total
+                (rows, 3),  # adj_imp
+                (n,),  # adj_load
+                (n, 3),  # adj_f
+                (n, 3),  # adj_xl
+                (n, 3),  # hvp
+            ]
+            owners = [
+                torch.empty(shape, **t)
+                if shape is not None
+                else torch.empty(rows, dtype=torch.int32, device=device)
+                for shape in shapes
+            ]
+            vec4 = wp.types.vector(4, k.scalar)
+            kinds = [k.vec3, k.vec3, k.vec3, k.scalar, k.vec3, wp.int32, vec4, vec4, k.vec3]
+            kinds += [k.scalar, k.scalar, vec4, vec4, k.vec3, k.scalar, k.scalar, k.vec3, k.vec3]
+            kinds += [k.scalar, k.vec3, k.vec3, k.vec3]
+            act = self._fused().ActivePairs()
+            act.ids, act.weights, act.coef, act.normal, act.m_eff, act.limit = (
+                wp.from_torch(a, dtype=kind)
+                for a, kind in zip(owners[5:11], kinds[5:11], strict=True)
+            )
+            views = [wrap(a, kind) for a, kind in zip(owners, kinds, strict=True)]
+            held = ((n, dtype), rows, passes, owners, views, act)
+            self._scratch["adjoint"] = held
+        return held[4], held[5]
+
 
 class _ContactLaunch(torch.autograd.Function):
     """One differentiable launch of the fused contact substeps: ``(x, v, fixed_start,
@@ -507,43 +562,10 @@ class _ContactLaunch(torch.autograd.Function):
         if ctx.done and g_vs is not None:
             grad_vs[: ctx.done] = g_vs
         # Scratch the kernel writes before it reads: per vertex, and per near row (the
-        # active pairs are among them), for the friction passes replayed.
+        # active pairs are among them), for the friction passes replayed (kept, grown).
         rows_n = max(int(ctx.saved[5].max()), 1)
         passes = max(ctx.settings.passes, 1)
-        shapes = [
-            (n, 3),  # xl
-            (passes + 1, n, 3),  # v_pass
-            (passes + 1, rows_n, 3),  # total_pass
-            (passes, n),  # load_pass
-            (passes, rows_n, 3),  # impulse_pass
-            None,  # active (int32)
-            (rows_n, 4),  # weights
-            (rows_n, 4),  # coef
-            (rows_n, 3),  # normal
-            (rows_n,),  # m_eff
-            (rows_n,),  # limit
-            (rows_n, 4),  # adj_cw
-            (rows_n, 4),  # adj_cf
-            (rows_n, 3),  # adj_n
-            (rows_n,),  # adj_me
-            (rows_n,),  # adj_lim
-            (rows_n, 3),  # adj_total
-            (rows_n, 3),  # adj_imp
-            (n,),  # adj_load
-            (n, 3),  # adj_f
-            (n, 3),  # adj_xl
-            (n, 3),  # hvp
-        ]
-        scratch = [
-            torch.empty(shape, **t)
-            if shape is not None
-            else torch.empty(rows_n, dtype=torch.int32, device=device)
-            for shape in shapes
-        ]
-        vec4 = wp.types.vector(4, k.scalar)
-        kinds = [k.vec3, k.vec3, k.vec3, k.scalar, k.vec3, wp.int32, vec4, vec4, k.vec3]
-        kinds += [k.scalar, k.scalar, vec4, vec4, k.vec3, k.scalar, k.scalar, k.vec3, k.vec3]
-        kinds += [k.scalar, k.vec3, k.vec3, k.vec3]
+        views, act = runner._adjoint_scratch(n, rows_n, passes, dtype, device)
         mu, lam, mass, gravity, damping = w.inputs
         adj = [
             torch.zeros((ctx.n_targets, max(g.n_fixed, 1), 3), **t),  # targets
@@ -556,12 +578,6 @@ class _ContactLaunch(torch.autograd.Function):
         if taken:
             arrays = ctx.arrays
             x_saved, v_saved, f_saved, row_sets, row_set_of, row_set_sizes = ctx.saved
-            views = [wrap(a, kind) for a, kind in zip(scratch, kinds, strict=True)]
-            act = fused.ActivePairs()
-            act.ids, act.weights, act.coef, act.normal, act.m_eff, act.limit = (
-                wp.from_torch(a, dtype=kind)
-                for a, kind in zip(scratch[5:11], kinds[5:11], strict=True)
-            )
             team = runner._team(dtype)
             x_saved_w, adj_f_w = wrap(x_saved, k.position), views[19]
             shares = [(torch.zeros_like(adj[2]), torch.zeros_like(adj[3])) for _ in team.bounds]

@@ -152,7 +152,18 @@ def test_two_soft_cubes_meeting_at_50_m_s_stay_above_the_floor_and_apart():
             assert ipctk.is_step_collision_free(cmesh, before, after), f"step {i}"
 
 
-def test_the_fused_contact_substeps_limit_as_the_general_path_does():
+def two_contact_workers(monkeypatch) -> None:
+    """Fused contact launches of these small meshes on two threads (the second flags the
+    tets of its half that the limit's first round cuts, and adds their forces)."""
+    from diffsim.backends.warp import contact_steps
+
+    monkeypatch.setattr(contact_steps, "MIN_TETS_PER_CONTACT_WORKER", 50)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_fused_contact_substeps_limit_as_the_general_path_does(workers, monkeypatch):
+    if workers == 2:
+        two_contact_workers(monkeypatch)
     sim = soft_cube(0.2, dtype=torch.float64)
     plain = sim.replace()
     plain.backend.fused_contact.usable = lambda: False
@@ -163,17 +174,21 @@ def test_the_fused_contact_substeps_limit_as_the_general_path_does():
     print(f"fused {counts}, general {plain_counts}; max |x_fused - x_general| {error:.2e} m")
     assert sim.backend.fused_contact.counts["fused_substeps"] > 0
     assert plain.backend.fused_contact.counts["fused_substeps"] == 0
+    assert len(sim.backend.fused_contact._team(torch.float64).bounds) == workers
     assert counts == plain_counts and counts["limited_vertex_steps"] > 0
     assert error < 1e-10
 
 
-def test_the_fused_turns_of_both_limits_take_the_general_path_steps():
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_fused_turns_of_both_limits_take_the_general_path_steps(workers, monkeypatch):
     """The 50 m/s soft cubes in float64 (floor 0.1): where the volume limit cuts and the step
     limit then shortens the step again, the launch takes more turns, each measuring only
     the tets with a corner the step limit moved (the others passed at that step already).
     From the same states, each step equals the general path's, which measures every tet in
     every turn (the trajectories of the two paths drift apart over many such steps, at
-    rounding level, hence one step at a time)."""
+    rounding level, hence one step at a time). On one thread or two."""
+    if workers == 2:
+        two_contact_workers(monkeypatch)
     a = ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=3, origin=(-0.11, 0.5, -0.05))
     b = ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=3, origin=(0.01, 0.5, -0.05))
     mesh = ds.TetMesh.merge([a, b])
@@ -198,6 +213,7 @@ def test_the_fused_turns_of_both_limits_take_the_general_path_steps():
     limits = (sim.model.volume_limit.counts, plain.model.volume_limit.counts)
     print(f"{counts}; volume limit {limits}; worst step |x_fused - x_general| {worst:.2e} m")
     assert counts["volume_turns"] > 0 and counts["fused_substeps"] > 0  # turns in launches
+    assert len(sim.backend.fused_contact._team(torch.float64).bounds) == workers
     assert limits[0] == limits[1]
     assert worst < 1e-12
 

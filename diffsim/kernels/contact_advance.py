@@ -54,6 +54,9 @@ BEYOND_REACH = 2  # the step leaves the candidate set's reach (the caller builds
 LIMITED = 3  # a differentiable launch leaves limited steps to the general path
 REASONS = {CAPPED: "capped", BEYOND_REACH: "beyond_reach", LIMITED: "limited"}
 GAVE_UP = 3  # status[1]: a worker stopped waiting for the others (a hang of seconds)
+# The jobs a launch's other workers run on their tets (Team.command[1]).
+FORCES = 0  # add their elastic forces
+VOLUMES = 1  # flag those the volume limit's first round cuts (volume_fails)
 
 
 def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> SimpleNamespace:
@@ -129,16 +132,17 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
         forces: wp.array2d(dtype=vec3)  # [count, n]: row w >= 1 worker w's; zero between
         sync: wp.array(dtype=wp.int32)  # the barrier's counters
         spin_limit: wp.int64  # spins before a waiting worker gives up
-        command: wp.array(dtype=wp.int32)  # [2]: 1 go on, 0 return; the saved row (adjoint)
+        command: wp.array(dtype=wp.int32)  # [2]: 1 go on, 0 return; the job (row: adjoint)
+        flags: wp.array(dtype=wp.int32)  # [m]: the tets the volume limit's first round cuts
 
     @wp.func
-    def share_tets(team: Team, row: int) -> int:
-        """Starts the other workers on their tets (at saved row ``row`` in the adjoint);
-        nonzero where one gave up."""
+    def share_tets(team: Team, job: int) -> int:
+        """Starts the other workers on their tets: ``job`` ``FORCES`` or ``VOLUMES`` (the
+        saved row in the adjoint); nonzero where one gave up."""
         if team.count < 2:
             return 0
         team.command[0] = 1
-        team.command[1] = row
+        team.command[1] = job
         return barrier(team.sync, team.count, team.spin_limit)
 
     @wp.func
@@ -168,23 +172,32 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
         @wp.kernel(module=module, enable_backward=False)
         def tet_share(
             x: wp.array(dtype=wp.vec3d),
+            x_new: wp.array(dtype=wp.vec3d),
             el: TetElements,
+            det_dm_inv: wp.array(dtype=wp.float64),
+            p: ContactStep,
             team: Team,
             worker: int,
             tet_start: int,
             tet_stop: int,
         ):
-            """Worker ``worker``'s share of ``contact_advance``'s tet forces (dim 1, on a
-            thread of its own): at each substep adds the forces of tets [tet_start, tet_stop)
-            at x into its row of ``team.forces``, between the main worker's barriers."""
+            """Worker ``worker``'s share of ``contact_advance``'s tets (dim 1, on a thread of
+            its own): between the main worker's barriers, for the job it is given, adds the
+            forces of tets [tet_start, tet_stop) at x into its row of ``team.forces``
+            (``FORCES``), or flags in ``team.flags`` those the volume limit's first round
+            cuts on the step x -> x_new (``VOLUMES``)."""
             own = team.forces[worker]
             while team.count > 1:
                 if barrier(team.sync, team.count, team.spin_limit) != 0:
                     return
                 if team.command[0] == 0:
                     return
-                for e in range(tet_start, tet_stop):
-                    add_tet_forces(x, el, e, own)
+                if team.command[1] == FORCES:
+                    for e in range(tet_start, tet_stop):
+                        add_tet_forces(x, el, e, own)
+                else:
+                    for e in range(tet_start, tet_stop):
+                        team.flags[e] = volume_fails(x, x_new, el, e, det_dm_inv, p)
                 if barrier(team.sync, team.count, team.spin_limit) != 0:
                     return
 
@@ -348,6 +361,36 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
             v_out[i3] = v_out[i3] - cf[3] * change
 
     @wp.func
+    def volume_fails(
+        x: wp.array(dtype=wp.vec3d),
+        x_new: wp.array(dtype=wp.vec3d),
+        el: TetElements,
+        e: int,
+        det_dm_inv: wp.array(dtype=wp.float64),
+        p: ContactStep,
+    ) -> wp.int32:
+        """1 where tet e fails the volume limit at the end of the whole step x -> x_new (the
+        first round of ``limit_volumes``, every scale 1), else 0."""
+        tet = el.tets[e]
+        c = det_dm_inv[e]
+        x0 = x[tet[0]]
+        x1 = x[tet[1]]
+        x2 = x[tet[2]]
+        x3 = x[tet[3]]
+        one = wp.float64(1.0)  # the first round's scales, in its very operations
+        y0 = x0 + one * (x_new[tet[0]] - x0)
+        y1 = x1 + one * (x_new[tet[1]] - x1)
+        y2 = x2 + one * (x_new[tet[2]] - x2)
+        y3 = x3 + one * (x_new[tet[3]] - x3)
+        end = c * wp.determinant(edge_matrix(y0, y1, y2, y3))
+        floor = p.min_ratio
+        if end < p.min_ratio - p.volume_slack:
+            floor = wp.min(c * wp.determinant(edge_matrix(x0, x1, x2, x3)), p.min_ratio)
+        if end < floor - p.volume_slack:
+            return wp.int32(1)
+        return wp.int32(0)
+
+    @wp.func
     def limit_volumes(
         x: wp.array(dtype=wp.vec3d),
         x_new: wp.array(dtype=wp.vec3d),
@@ -357,7 +400,8 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
         scale_out: wp.array(dtype=wp.float64),
         changed: wp.array(dtype=wp.int32),
         det_dm_inv: wp.array(dtype=wp.float64),
-        every: bool,
+        flags: wp.array(dtype=wp.int32),
+        by_flags: bool,
     ) -> int:
         """The volume limit's scales of the step x -> x_new into ``scale [n]`` (the rounds of
         :func:`diffsim.physics.volume_limit.volume_step_scales`, which end within
@@ -365,7 +409,8 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
         dropped are measured again; a tet's start ratio only where its end ratio is below
         the floor); returns the vertices it limits. ``det_dm_inv [m]``: c = det Dm^-1 per
         tet (J = c det Ds). Scratch: ``scale_out``, ``changed [n]``. The first round
-        measures every tet, or with ``every`` False only those with a corner flagged in
+        measures, with ``by_flags``, the tets flagged in ``flags [m]`` (those that fail at
+        x_new, ``volume_fails``: the others pass it), else those with a corner flagged in
         ``changed`` by the caller (the others are known to pass at x_new)."""
         n = x.shape[0]
         for i in range(n):
@@ -378,8 +423,10 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                 failing = int(0)  # noqa: UP018 - a Warp variable
                 for e in range(el.tets.shape[0]):
                     tet = el.tets[e]
-                    again = round_ == 0 and every
-                    if not again:
+                    again = False
+                    if round_ == 0 and by_flags:
+                        again = flags[e] != 0
+                    else:
                         again = (
                             changed[tet[0]] + changed[tet[1]] + changed[tet[2]] + changed[tet[3]]
                         ) > 0
@@ -761,7 +808,7 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                         f_el[i] = vec3()
                         f_c[i] = vec3()
                     # The other workers' tets at once (their forces: team.forces).
-                    if share_tets(team, 0) != 0:
+                    if share_tets(team, FORCES) != 0:
                         status[0] = taken
                         status[1] = GAVE_UP
                         return
@@ -890,9 +937,22 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                                     later_turns += 1
                                     for i in range(n):
                                         volume_changed[i] = int(alpha[i] < T(1.0))
+                                else:
+                                    # The tets the first round cuts, flagged by every
+                                    # worker at once (their share of the tets each).
+                                    if share_tets(team, VOLUMES) != 0:
+                                        status[0] = taken
+                                        status[1] = GAVE_UP
+                                        return
+                                    for e in range(team.tet_stop):
+                                        team.flags[e] = volume_fails(x, x_new, el, e, det_dm_inv, p)
+                                    if shared_done(team) != 0:
+                                        status[0] = taken
+                                        status[1] = GAVE_UP
+                                        return
                                 cuts = limit_volumes(
                                     x, x_new, el, p, volume_scale, volume_out, volume_changed,
-                                    det_dm_inv, turn == 0,
+                                    det_dm_inv, team.flags, turn == 0,
                                 )  # fmt: skip
                                 if cuts == 0:
                                     pending = 0

@@ -229,7 +229,9 @@ class FusedContactSteps:
             ],
             device=g.device,
         )  # fmt: skip
-        self._run_team(team, main, fused.tet_share[w.material], [x_w, w.elements, team.struct])
+        x_new, det_dm_inv = scratch["per_vertex"][3], scratch["volume_limit"][3]
+        head = [x_w, x_new, w.elements, det_dm_inv, settings, team.struct]
+        self._run_team(team, main, fused.tet_share[w.material], head)
         contact.timings["fused"] += time.perf_counter() - start
         self.counts["launches"] += 1
         taken, why = int(status[0]), int(status[1])
@@ -274,14 +276,15 @@ class FusedContactSteps:
             forces = torch.zeros((workers, n, 3), dtype=dtype)
             sync = torch.zeros(4, dtype=torch.int32)
             command = torch.zeros(2, dtype=torch.int32)
+            flags = torch.zeros(g.n_tets, dtype=torch.int32)
             struct = self._fused().Team()
             struct.count, struct.tet_stop = workers, bounds[0][1]
             struct.forces = wp.from_torch(forces, dtype=b.kernels.vec3)
             struct.sync, struct.command = wp.from_torch(sync), wp.from_torch(command)
+            struct.flags = wp.from_torch(flags)
             struct.spin_limit = SPIN_LIMIT
-            team = SimpleNamespace(
-                struct=struct, bounds=bounds, sync=sync, owners=[forces, command]
-            )
+            owners = [forces, command, flags]
+            team = SimpleNamespace(struct=struct, bounds=bounds, sync=sync, owners=owners)
             self._scratch[key] = team
         return team
 

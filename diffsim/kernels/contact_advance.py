@@ -147,10 +147,20 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
 
     @wp.func
     def shared_done(team: Team) -> int:
-        """Waits until the other workers are done with their tets; nonzero where one gave up."""
+        """The barrier after a job on the tets (every worker's); nonzero where one gave up."""
         if team.count < 2:
             return 0
         return barrier(team.sync, team.count, team.spin_limit)
+
+    @wp.func
+    def next_job(team: Team) -> int:
+        """An other worker's wait for the main one: the job it gives (the saved row in the
+        adjoint), or -1 to return (told to, or a worker gave up)."""
+        if barrier(team.sync, team.count, team.spin_limit) != 0:
+            return -1
+        if team.command[0] == 0:
+            return -1
+        return team.command[1]
 
     @wp.func
     def release(team: Team):
@@ -187,19 +197,17 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
             (``FORCES``), or flags in ``team.flags`` those the volume limit's first round
             cuts on the step x -> x_new (``VOLUMES``)."""
             own = team.forces[worker]
-            while team.count > 1:
-                if barrier(team.sync, team.count, team.spin_limit) != 0:
-                    return
-                if team.command[0] == 0:
-                    return
-                if team.command[1] == FORCES:
+            job = next_job(team)
+            while job >= 0:
+                if job == FORCES:
                     for e in range(tet_start, tet_stop):
                         add_tet_forces(x, el, e, own)
                 else:
                     for e in range(tet_start, tet_stop):
                         team.flags[e] = volume_fails(x, x_new, el, e, det_dm_inv, p)
-                if barrier(team.sync, team.count, team.spin_limit) != 0:
-                    return
+                job = -1
+                if shared_done(team) == 0:
+                    job = next_job(team)
 
         return tet_share
 
@@ -221,16 +229,14 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
             [tet_start, tet_stop) at saved row ``team.command[1]`` into its row of
             ``team.forces``, and its parameter cotangents into adj_mu and adj_lam of its own."""
             own = team.forces[worker]
-            while team.count > 1:
-                if barrier(team.sync, team.count, team.spin_limit) != 0:
-                    return
-                if team.command[0] == 0:
-                    return
-                x_r = x_saved[team.command[1]]
+            row = next_job(team)
+            while row >= 0:
+                x_r = x_saved[row]
                 for e in range(tet_start, tet_stop):
                     add_tet_force_vjp(x_r, adj_f, el, e, own, adj_mu, adj_lam)
-                if barrier(team.sync, team.count, team.spin_limit) != 0:
-                    return
+                row = -1
+                if shared_done(team) == 0:
+                    row = next_job(team)
 
         return tet_vjp_share
 
@@ -897,11 +903,10 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                         general = LIMITED
                     elif cut != 0:
                         # The truncated step: within the candidates' reach (else the
-                        # general path builds a set for it), its offset the last step's.
-                        lo = vec3(T(1e30), T(1e30), T(1e30))
-                        hi = -lo
-                        t_lo = lo
-                        t_hi = hi
+                        # caller builds a set for it, held back with the truncated step's
+                        # offset, which it measures the same way), its offset the last step's.
+                        t_lo = vec3(T(1e30), T(1e30), T(1e30))
+                        t_hi = -t_lo
                         for i in range(n):
                             a = alpha[i]
                             if a < T(1.0):
@@ -909,13 +914,10 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                             y = a * dx[i]
                             t_lo = wp.min(t_lo, y)
                             t_hi = wp.max(t_hi, y)
-                            y = xl[i] + y - anchor[i]
-                            lo = wp.min(lo, y)
-                            hi = wp.max(hi, y)
-                        if offset(lo, hi) > p.reach:
+                        relative = offset(t_lo, t_hi)
+                        if moved + relative > p.reach:
                             general = BEYOND_REACH
                         else:
-                            relative = offset(t_lo, t_hi)
                             for i in range(n):
                                 a = alpha[i]
                                 if a < T(1.0):

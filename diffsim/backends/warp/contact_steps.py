@@ -450,58 +450,53 @@ class FusedContactSteps:
 
     def _adjoint_scratch(self, n: int, rows: int, passes: int, dtype, device) -> tuple:
         """``contact_retreat``'s scratch (kept, grown as needed; the kernel writes each
-        before it reads it): the views of its per-vertex and per-row arrays and the
-        ``ActivePairs`` struct, for ``n`` vertices, ``rows`` near rows and ``passes``
-        friction passes."""
+        before it reads it) for ``n`` vertices, ``rows`` near rows and ``passes`` friction
+        passes: the views of its per-vertex and per-row arrays in its argument order, the
+        ``ActivePairs`` struct, and the view of ``adj_f`` (the other workers read it)."""
         held = self._scratch.get("adjoint")
-        if held is None or held[0] != (n, dtype) or held[1] < rows or held[2] < passes:
+        same = held is not None and held[0] == (n, dtype)
+        if not same or held[1] < rows or held[2] < passes:
+            if same:
+                rows, passes = max(rows, 2 * held[1]), max(passes, held[2])
             k = self.backend.kernels
-            rows = max(rows, 2 * held[1]) if held is not None and held[0] == (n, dtype) else rows
-            passes = max(passes, held[2]) if held is not None and held[0] == (n, dtype) else passes
-            t = dict(dtype=dtype, device=device)
-            shapes = [
-                (n, 3),  # xl
-                (passes + 1, n, 3),  # v_pass
-                (passes + 1, rows, 3),  # total_pass
-                (passes, n),  # load_pass
-                (passes, rows, 3),  # impulse_pass
-                None,  # active (int32)
-                (rows, 4),  # weights
-                (rows, 4),  # coef
-                (rows, 3),  # normal
-                (rows,),  # m_eff
-                (rows,),  # limit
-                (rows, 4),  # adj_cw
-                (rows, 4),  # adj_cf
-                (rows, 3),  # adj_n
-                (rows,),  # adj_me
-                (rows,),  # adj_lim
-                (rows, 3),  # adj_total
-                (rows, 3),  # adj_imp
-                (n,),  # adj_load
-                (n, 3),  # adj_f
-                (n, 3),  # adj_xl
-                (n, 3),  # hvp
-            ]
-            owners = [
-                torch.empty(shape, **t)
+            vec4 = wp.types.vector(4, k.scalar)
+            shapes = {  # name: (shape, Warp type); None: int32 [rows]
+                "xl": ((n, 3), k.vec3),
+                "v_pass": ((passes + 1, n, 3), k.vec3),
+                "total_pass": ((passes + 1, rows, 3), k.vec3),
+                "load_pass": ((passes, n), k.scalar),
+                "impulse_pass": ((passes, rows, 3), k.vec3),
+                "ids": (None, wp.int32),  # the active pairs' rows
+                "weights": ((rows, 4), vec4),
+                "coef": ((rows, 4), vec4),
+                "normal": ((rows, 3), k.vec3),
+                "m_eff": ((rows,), k.scalar),
+                "limit": ((rows,), k.scalar),
+                "adj_cw": ((rows, 4), vec4),
+                "adj_cf": ((rows, 4), vec4),
+                "adj_n": ((rows, 3), k.vec3),
+                "adj_me": ((rows,), k.scalar),
+                "adj_lim": ((rows,), k.scalar),
+                "adj_total": ((rows, 3), k.vec3),
+                "adj_imp": ((rows, 3), k.vec3),
+                "adj_load": ((n,), k.scalar),
+                "adj_f": ((n, 3), k.vec3),
+                "adj_xl": ((n, 3), k.vec3),
+                "hvp": ((n, 3), k.vec3),
+            }
+            owners = {
+                name: torch.empty(shape, dtype=dtype, device=device)
                 if shape is not None
                 else torch.empty(rows, dtype=torch.int32, device=device)
-                for shape in shapes
-            ]
-            vec4 = wp.types.vector(4, k.scalar)
-            kinds = [k.vec3, k.vec3, k.vec3, k.scalar, k.vec3, wp.int32, vec4, vec4, k.vec3]
-            kinds += [k.scalar, k.scalar, vec4, vec4, k.vec3, k.scalar, k.scalar, k.vec3, k.vec3]
-            kinds += [k.scalar, k.vec3, k.vec3, k.vec3]
+                for name, (shape, _) in shapes.items()
+            }
             act = self._fused().ActivePairs()
-            act.ids, act.weights, act.coef, act.normal, act.m_eff, act.limit = (
-                wp.from_torch(a, dtype=kind)
-                for a, kind in zip(owners[5:11], kinds[5:11], strict=True)
-            )
-            views = [wrap(a, kind) for a, kind in zip(owners, kinds, strict=True)]
-            held = ((n, dtype), rows, passes, owners, views, act)
+            for name in ("ids", "weights", "coef", "normal", "m_eff", "limit"):
+                setattr(act, name, wp.from_torch(owners[name], dtype=shapes[name][1]))
+            views = {name: wrap(owners[name], kind) for name, (_, kind) in shapes.items()}
+            held = ((n, dtype), rows, passes, owners, list(views.values()), act, views["adj_f"])
             self._scratch["adjoint"] = held
-        return held[4], held[5]
+        return held[4], held[5], held[6]
 
 
 class _ContactLaunch(torch.autograd.Function):
@@ -568,7 +563,7 @@ class _ContactLaunch(torch.autograd.Function):
         # active pairs are among them), for the friction passes replayed (kept, grown).
         rows_n = max(int(ctx.saved[5].max()), 1)
         passes = max(ctx.settings.passes, 1)
-        views, act = runner._adjoint_scratch(n, rows_n, passes, dtype, device)
+        views, act, adj_f_w = runner._adjoint_scratch(n, rows_n, passes, dtype, device)
         mu, lam, mass, gravity, damping = w.inputs
         adj = [
             torch.zeros((ctx.n_targets, max(g.n_fixed, 1), 3), **t),  # targets
@@ -582,7 +577,7 @@ class _ContactLaunch(torch.autograd.Function):
             arrays = ctx.arrays
             x_saved, v_saved, f_saved, row_sets, row_set_of, row_set_sizes = ctx.saved
             team = runner._team(dtype)
-            x_saved_w, adj_f_w = wrap(x_saved, k.position), views[19]
+            x_saved_w = wrap(x_saved, k.position)
             shares = [(torch.zeros_like(adj[2]), torch.zeros_like(adj[3])) for _ in team.bounds]
             main = functools.partial(
                 wp.launch,

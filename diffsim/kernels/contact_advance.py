@@ -123,9 +123,10 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
     @wp.struct
     class Team:
         """The CPU worker threads of a launch. The main one runs everything but the other
-        workers' shares of the tet forces (in the adjoint, their vector-Jacobian products),
-        which each of them adds into its own row of ``forces``; they meet at
-        :func:`diffsim.kernels.advance.barrier` before and after."""
+        workers' shares of the tets: their forces (in the adjoint, their vector-Jacobian
+        products), which each adds into its own row of ``forces``, and the volume limit's
+        first-round ``flags``. They meet at :func:`diffsim.kernels.advance.barrier` before
+        and after each such job."""
 
         count: int  # workers (1: the main one alone, no barriers)
         tet_stop: int  # the main worker's tets are [0, tet_stop)

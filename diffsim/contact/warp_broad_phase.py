@@ -145,15 +145,20 @@ def _run_parts(queries: list[_Query], launcher) -> None:
         groups: dict[int, list[_Part]] = {}
         for part in todo:
             groups.setdefault(part.first, []).append(part)
-        jobs = [functools.partial(_run_all, group) for group in groups.values()]
-        if launcher is not None and 1 < len(jobs) <= launcher.threads:
-            launcher.run(*jobs)
-        else:
-            for job in jobs:
-                job()
+        _run_jobs([functools.partial(_run_all, group) for group in groups.values()], launcher)
         for query in queries:
             query.changed = {}
         todo = [part for part in todo if not part.fits()]  # grown, recorded anew: rerun
+
+
+def _run_jobs(jobs: list, launcher) -> None:
+    """Runs the jobs at once on the launcher's threads where it has enough of them (and
+    there are several jobs), else one after another on this thread."""
+    if launcher is not None and 1 < len(jobs) <= launcher.threads:
+        launcher.run(*jobs)
+    else:
+        for job in jobs:
+            job()
 
 
 def _build_tree(tree: list) -> None:
@@ -280,12 +285,7 @@ class BroadPhase:
             self._built_at = self.x.clone()
             self.builds += 1
             # The two trees at once, on two threads where the backend has them.
-            jobs = [functools.partial(_build_tree, tree) for tree, _ in self._queries]
-            if launcher is not None and 1 < len(jobs) <= launcher.threads:
-                launcher.run(*jobs)
-            else:
-                for job in jobs:
-                    job()
+            _run_jobs([functools.partial(_build_tree, tree) for tree, _ in self._queries], launcher)
         for tree, query in self._queries:
             params = {}
             if build:
@@ -341,15 +341,7 @@ class BroadPhase:
         elements = sum(
             (self._vertices if t is self._face_tree else self._edges).shape[0] for t, _ in queries
         )
-        if (
-            launcher is not None
-            and 1 < len(jobs) <= launcher.threads
-            and elements >= SPLIT_ELEMENTS
-        ):
-            launcher.run(*jobs)
-        else:
-            for job in jobs:
-                job()
+        _run_jobs(jobs, launcher if elements >= SPLIT_ELEMENTS else None)
         return int(count[0]) > 0
 
     def _closing_launches(self) -> tuple:
@@ -529,10 +521,7 @@ def frame_offset_bounds(
         )
         for i in range(min(parts, f))
     ]
-    if len(jobs) > 1:
-        launcher.run(*jobs)
-    for job in jobs[:1] if len(jobs) == 1 else []:
-        job()
+    _run_jobs(jobs, launcher)
     if int(bad[0]):
         return None
     lo0, hi0, los, his, loa, hia = out

@@ -368,6 +368,39 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
             v_out[i3] = v_out[i3] - cf[3] * change
 
     @wp.func
+    def tet_step(
+        x: wp.array(dtype=wp.vec3d),
+        x_new: wp.array(dtype=wp.vec3d),
+        tet: wp.vec4i,
+        c: wp.float64,
+        s0: wp.float64,
+        s1: wp.float64,
+        s2: wp.float64,
+        s3: wp.float64,
+        p: ContactStep,
+    ):
+        """A tet's step under the volume limit, its corners' steps x -> x_new scaled by
+        s0..s3 (c = det Dm^-1): the edge matrices at the start and the end (the end's again
+        where the start's is not needed), its volume ratio at the end and its floor,
+        min(start ratio, min_ratio), measured only below min_ratio."""
+        x0 = x[tet[0]]
+        x1 = x[tet[1]]
+        x2 = x[tet[2]]
+        x3 = x[tet[3]]
+        y0 = x0 + s0 * (x_new[tet[0]] - x0)
+        y1 = x1 + s1 * (x_new[tet[1]] - x1)
+        y2 = x2 + s2 * (x_new[tet[2]] - x2)
+        y3 = x3 + s3 * (x_new[tet[3]] - x3)
+        d1 = edge_matrix(y0, y1, y2, y3)
+        end = c * wp.determinant(d1)
+        d0 = d1
+        floor = p.min_ratio
+        if end < p.min_ratio - p.volume_slack:
+            d0 = edge_matrix(x0, x1, x2, x3)
+            floor = wp.min(c * wp.determinant(d0), p.min_ratio)
+        return d0, d1, end, floor
+
+    @wp.func
     def volume_fails(
         x: wp.array(dtype=wp.vec3d),
         x_new: wp.array(dtype=wp.vec3d),
@@ -378,21 +411,8 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
     ) -> wp.int32:
         """1 where tet e fails the volume limit at the end of the whole step x -> x_new (the
         first round of ``limit_volumes``, every scale 1), else 0."""
-        tet = el.tets[e]
-        c = det_dm_inv[e]
-        x0 = x[tet[0]]
-        x1 = x[tet[1]]
-        x2 = x[tet[2]]
-        x3 = x[tet[3]]
-        one = wp.float64(1.0)  # the first round's scales, in its very operations
-        y0 = x0 + one * (x_new[tet[0]] - x0)
-        y1 = x1 + one * (x_new[tet[1]] - x1)
-        y2 = x2 + one * (x_new[tet[2]] - x2)
-        y3 = x3 + one * (x_new[tet[3]] - x3)
-        end = c * wp.determinant(edge_matrix(y0, y1, y2, y3))
-        floor = p.min_ratio
-        if end < p.min_ratio - p.volume_slack:
-            floor = wp.min(c * wp.determinant(edge_matrix(x0, x1, x2, x3)), p.min_ratio)
+        one = wp.float64(1.0)
+        d0, d1, end, floor = tet_step(x, x_new, el.tets[e], det_dm_inv[e], one, one, one, one, p)
         if end < floor - p.volume_slack:
             return wp.int32(1)
         return wp.int32(0)
@@ -439,22 +459,10 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                         ) > 0
                     if again:
                         c = det_dm_inv[e]
-                        x0 = x[tet[0]]
-                        x1 = x[tet[1]]
-                        x2 = x[tet[2]]
-                        x3 = x[tet[3]]
-                        y0 = x0 + scale[tet[0]] * (x_new[tet[0]] - x0)
-                        y1 = x1 + scale[tet[1]] * (x_new[tet[1]] - x1)
-                        y2 = x2 + scale[tet[2]] * (x_new[tet[2]] - x2)
-                        y3 = x3 + scale[tet[3]] * (x_new[tet[3]] - x3)
-                        d1 = edge_matrix(y0, y1, y2, y3)
-                        end = c * wp.determinant(d1)
-                        # Its floor, min(start ratio, min_ratio), is needed only below min_ratio.
-                        d0 = d1
-                        floor = p.min_ratio
-                        if end < p.min_ratio - p.volume_slack:
-                            d0 = edge_matrix(x0, x1, x2, x3)
-                            floor = wp.min(c * wp.determinant(d0), p.min_ratio)
+                        d0, d1, end, floor = tet_step(
+                            x, x_new, tet, c, scale[tet[0]], scale[tet[1]], scale[tet[2]],
+                            scale[tet[3]], p,
+                        )  # fmt: skip
                         if end < floor - p.volume_slack:
                             failing += 1
                             t = wp.float64(0.0)

@@ -384,43 +384,42 @@ def _build(scalar):
         along = wp.float64(0.0)
         if last > 0:
             along = wp.float64(f) / wp.float64(last)
-        x = wp.vec3d(frames[f, 0]) - origin
-        finite = wp.isfinite(x[0]) and wp.isfinite(x[1]) and wp.isfinite(x[2])
-        lo_d = x - (wp.vec3d(frames[0, 0]) - origin)
-        hi_d = lo_d
-        chord = (wp.vec3d(frames[last, 0]) - origin) - (wp.vec3d(frames[0, 0]) - origin)
-        off = wp.length(lo_d - along * chord)
-        lo_a = x - anchor[0]
-        hi_a = lo_a
-        lo_s = wp.vec3d()
-        if f > 0:
-            lo_s = x - (wp.vec3d(frames[f - 1, 0]) - origin)
-        hi_s = lo_s
-        for i in range(1, frames.shape[1]):
+        before = wp.max(f - 1, 0)  # (frame 0 has no step: its step bounds are not written)
+        # Starting from +-inf the first vertex sets every bound: one loop, no branch in it.
+        # (Each its own vector: a copy assigned in Warp names the same variable.)
+        inf = wp.float64(wp.inf)
+        lo_d = wp.vec3d(inf, inf, inf)
+        hi_d = wp.vec3d(-inf, -inf, -inf)
+        lo_a = wp.vec3d(inf, inf, inf)
+        hi_a = wp.vec3d(-inf, -inf, -inf)
+        lo_s = wp.vec3d(inf, inf, inf)
+        hi_s = wp.vec3d(-inf, -inf, -inf)
+        off2 = wp.float64(0.0)  # the largest squared distance from the path
+        total = wp.float64(0.0)  # not finite where any position is not
+        for i in range(frames.shape[1]):
             x = wp.vec3d(frames[f, i]) - origin
-            if not (wp.isfinite(x[0]) and wp.isfinite(x[1]) and wp.isfinite(x[2])):
-                finite = False
-            d = x - (wp.vec3d(frames[0, i]) - origin)
+            x0 = wp.vec3d(frames[0, i]) - origin
+            d = x - x0
             lo_d = wp.min(lo_d, d)
             hi_d = wp.max(hi_d, d)
-            chord = (wp.vec3d(frames[last, i]) - origin) - (wp.vec3d(frames[0, i]) - origin)
-            off = wp.max(off, wp.length(d - along * chord))
+            off = d - along * ((wp.vec3d(frames[last, i]) - origin) - x0)
+            off2 = wp.max(off2, wp.dot(off, off))
             a = x - anchor[i]
             lo_a = wp.min(lo_a, a)
             hi_a = wp.max(hi_a, a)
-            if f > 0:
-                st = x - (wp.vec3d(frames[f - 1, i]) - origin)
-                lo_s = wp.min(lo_s, st)
-                hi_s = wp.max(hi_s, st)
+            st = x - (wp.vec3d(frames[before, i]) - origin)
+            lo_s = wp.min(lo_s, st)
+            hi_s = wp.max(hi_s, st)
+            total += x[0] + x[1] + x[2]
         lo_first[f] = lo_d
         hi_first[f] = hi_d
         lo_anchor[f] = lo_a
         hi_anchor[f] = hi_a
-        off_chord[f] = off
+        off_chord[f] = wp.sqrt(off2)
         if f > 0:
             lo_step[f - 1] = lo_s
             hi_step[f - 1] = hi_s
-        if not finite:
+        if not wp.isfinite(total):
             bad[0] = 1
 
     return SimpleNamespace(

@@ -7,8 +7,10 @@ gives the reference's numbers and how fast it runs.
    for a box dropped on the ground with friction and a fixed corner (positions), the
    gradient of a loss w.r.t. Young's modulus and the initial velocities, 4 batched worlds
    against each world alone, and two cubes colliding with surface contact; then, for the
-   cubes, where the device leaves the torch backend on the CPU (rollouts, one substep from
-   each reference state, and the pieces of the first substep that differs).
+   cubes, the same comparison with each suspect of the drift seen on a GPU taken away in
+   turn (contact-free blocks, LBVH trees, Warp's own stream), and where the device leaves
+   the torch backend on the CPU (rollouts, one substep from each reference state, and the
+   pieces of the first substep that differs).
 2. float32 (the default) free fall against g t on the GPU.
 3. Speed: the reference bunny (../shared/assets/bunny.msh, float32, 1e-5 s substeps)
    forward and forward+backward per substep, Warp on the GPU against Warp on this CPU
@@ -105,6 +107,52 @@ def parity(device: str) -> None:
     check(f"two cubes with surface contact, warp vs torch on {device} (left cube now "
           f"{bounced:+.2f} m/s, was +1)", error, 1e-8)  # fmt: skip
     check("the cubes bounced (left cube's x velocity, m/s)", max(bounced, 0.0), 0.0)
+
+
+def drift_suspects(device: str, steps: int = 50) -> None:
+    """The two cubes of ``parity`` (8 substeps a step), Warp against torch on the device,
+    with each suspect of the drift seen on a GPU taken away in turn: the contact-free blocks
+    (contact asked every substep), Warp's GPU trees (SAH trees built on the host instead of
+    LBVH ones), and Warp's own stream for the contact launches (torch's current stream for
+    all of them). A suspect whose removal brings the error to rounding is the cause; to rule
+    out every ordering of launches at once, run the script again with CUDA_LAUNCH_BLOCKING=1."""
+    import contextlib
+
+    import warp as wp
+
+    from diffsim.backends.warp.contact_free import ContactFreeBlocks
+
+    torch_sim = two_cubes("torch", device, dt=2e-3, substeps=8)
+    reference = torch_sim.rollout(steps, two_cubes_start(torch_sim)).positions
+
+    def sah(*args, **kwargs):
+        return plain_bvh(*args, **{**kwargs, "constructor": "sah"})
+
+    plain_bvh = wp.Bvh
+    suspects = {
+        "as it runs": {},
+        "no contact-free blocks": {(ContactFreeBlocks, "_predicted_clear"): lambda *a: 0},
+        "SAH trees": {(wp, "Bvh"): sah},
+        "torch's stream": {},
+    }
+    print(f"\ntwo cubes, warp vs torch on {device}, {steps} steps, each suspect taken away")
+    for name, patches in suspects.items():
+        saved = {key: getattr(*key) for key in patches}
+        try:
+            for (owner, attr), value in patches.items():
+                setattr(owner, attr, value)
+            stream = contextlib.nullcontext()
+            if name == "torch's stream" and device.startswith("cuda"):
+                stream = wp.ScopedStream(wp.stream_from_torch(torch.device(device)))
+            with stream:
+                sim = two_cubes("warp", device, dt=2e-3, substeps=8)
+                out = sim.rollout(steps, two_cubes_start(sim)).positions
+            error = float((out - reference).abs().max())
+            blocks = sim.backend.contact_free.counts["fused_steps"]
+            print(f"  {name}: {error:.3g} m ({blocks} steps in contact-free blocks)", flush=True)
+        finally:
+            for (owner, attr), value in saved.items():
+                setattr(owner, attr, value)
 
 
 def two_cubes(backend: str, device: str, dt: float, substeps: int) -> ds.Simulator:
@@ -289,6 +337,7 @@ def main() -> None:
             )
         print(torch.cuda.get_device_name(), flush=True)
     parity(args.device)
+    drift_suspects(args.device)
     contact_drift(args.device)
     free_fall(args.device)
     speed(args.device, args.steps)

@@ -66,6 +66,58 @@ def test_edge_edge_distances_and_types_match_ipctk():
     assert len(np.unique(ref_kind)) == 9
 
 
+def parallel_stencils(n: int, seed: int) -> np.ndarray:
+    """Edge pairs ``[n, 4, 3]`` that are parallel up to rounding: each a random edge and a
+    copy rotated by a random rotation (so not exactly parallel in floating point), scaled
+    and slid along itself (overlapping, touching end to end, or apart) and moved off it."""
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, 4, 3))
+    for k in range(n):
+        axis = rng.normal(size=3)
+        axis /= np.linalg.norm(axis)
+        skew = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+        angle = rng.uniform(0, 2 * np.pi)
+        rot = np.eye(3) + np.sin(angle) * skew + (1 - np.cos(angle)) * skew @ skew
+        length = 10 ** rng.uniform(-3, -1)
+        d = rot @ np.array([1.0, 0.0, 0.0])
+        side = rot @ np.array([0.0, np.cos(k), np.sin(k)])
+        p0 = rng.normal(size=3) * 0.1
+        gap = length * 10 ** rng.uniform(-3, 0)
+        q0 = p0 + gap * side + rng.uniform(-1.5, 1.5) * length * d
+        out[k] = [p0, p0 + length * d, q0, q0 + rng.uniform(0.5, 2.0) * length * d]
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_parallel_edges_are_measured_as_ipctk_measures_them(dtype):
+    """Edges parallel up to rounding (a box's edges, two boxes side by side) by the torch
+    formulas and the Warp kernels. The products ``a e - b^2`` cancel to noise there and
+    once passed the parallel test: two cubes' edges 1.5 mm apart measured 3.8 mm, which let
+    the step limit skip the pair."""
+    from diffsim.contact.warp_broad_phase import squared_distances
+
+    x = parallel_stencils(300, 6)
+    # The pair of the two colliding cubes (benchmarks/check_cuda.py) that measured 3.8 mm.
+    cubes = [
+        [-0.00075, -0.005, -0.03], [-0.00075, 0.02, -0.005],
+        [0.00075, 0.005, -0.02], [0.00075, 0.03, 0.005],
+    ]  # fmt: skip
+    x = np.concatenate([x, np.array(cubes)[None]])
+    ref = np.sqrt([ipctk.edge_edge_distance(*s) for s in x])
+    assert abs(ref[-1] - 1.5e-3) < 1e-12
+    t = torch.tensor(x, dtype=dtype)
+    torch_d = edge_edge_distance(*t.unbind(1)).sqrt().double().numpy()
+    rows = torch.arange(4 * len(x)).view(-1, 4)
+    warp_d = squared_distances(t.reshape(-1, 3), rows[:0], rows).sqrt().double().numpy()
+    # Within the rounding of the coordinates: measured in units of eps |x| (each stencil's
+    # largest coordinate), it was up to 7.7e14 in float64 and 3.5e5 in float32 before.
+    rounding = torch.finfo(dtype).eps * np.abs(x).max(axis=(1, 2))
+    for name, got in (("torch", torch_d), ("warp", warp_d)):
+        error = np.abs(got - ref) / rounding
+        print(f"{name} {dtype}: worst error {error.max():.3g} eps |x|")
+        assert error.max() < 10.0, f"{name}: stencil {error.argmax()} off by {error.max():.3g}"
+
+
 @pytest.mark.parametrize("kind", ["point_triangle", "edge_edge"])
 def test_distance_gradients_and_hessians_match_ipctk(kind):
     fn = point_triangle_distance if kind == "point_triangle" else edge_edge_distance

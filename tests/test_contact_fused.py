@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -107,6 +108,51 @@ def test_limited_steps_are_truncated_in_the_launch_as_on_the_general_path():
     assert counts["general_substeps"] < 0.1 * counts["fused_substeps"]
     assert sim.contact_steps_cut == plain.contact_steps_cut
     assert error < 1e-12
+
+
+def test_a_substep_does_not_depend_on_the_candidate_set_earlier_calls_left():
+    """Two cubes meeting head-on at 2 m/s with friction (the scene benchmarks/check_cuda.py
+    compares on a GPU), one substep per step: every step from a state of the torch
+    reference's rollout, once by a simulator that took the earlier ones (its candidate set
+    built at an older anchor) and once by a fresh one, on the fused path the CPU takes.
+    The step limit acts here. The cubes' edges are parallel up to rounding: their distances
+    at an older anchor were once overestimated (1.5 mm measured 3.8 mm), the step limit
+    skipped that pair, and the step after 108 went 4.8e-5 m beyond the reference."""
+    a = ds.TetMesh.box(size=(0.05,) * 3, resolution=2, origin=(-0.075, 0.1, 0.0))
+    b = ds.TetMesh.box(size=(0.05,) * 3, resolution=2, origin=(0.025, 0.11, 0.01))
+    material = ds.StableNeoHookean(youngs_modulus=2e5, poissons_ratio=0.3, density=1000.0)
+
+    def cubes(backend: str) -> ds.Simulator:
+        return ds.Simulator(
+            ds.TetMesh.merge([a, b]), material, dt=2.5e-4, substeps=1, gravity=(0, 0, 0),
+            backend=backend, dtype=torch.float64, contact=True, contact_friction=0.3,
+        )  # fmt: skip
+
+    reference = cubes("torch")
+    v = torch.zeros((reference.mesh.n_vertices, 3), dtype=torch.float64)
+    half = reference.mesh.n_vertices // 2
+    v[:half, 0], v[half:, 0] = 1.0, -1.0
+    with torch.no_grad():
+        frames = reference.rollout(130, reference.initial_state(velocities=v))
+    states = [ds.State(x, u) for x, u in zip(frames.positions, frames.velocities, strict=True)]
+    one = cubes("torch")
+    along = cubes("warp")
+    worst = worst_fresh = 0.0
+    kept = 0  # steps that ran on a set built at an earlier state
+    with torch.no_grad():
+        for k, state in enumerate(states[:-1]):
+            want = one.step(state).positions
+            worst = max(worst, float((along.step(state).positions - want).abs().max()))
+            contact = along.model.contact
+            kept += not torch.equal(contact._anchor, contact.local(state.positions))
+            if 100 <= k < 120:  # where the step limit acts (fresh simulators cost more)
+                fresh = cubes("warp").step(state).positions
+                worst_fresh = max(worst_fresh, float((fresh - want).abs().max()))
+    print(f"largest gap to the reference: {worst:.3g} m along ({kept} steps on an older set), "
+          f"{worst_fresh:.3g} m fresh")  # fmt: skip
+    assert along.contact_steps_cut > 0 and along.backend.fused_contact.counts["fused_substeps"]
+    assert kept > len(states) / 2
+    assert worst < 1e-12 and worst_fresh < 1e-12
 
 
 def test_the_step_limit_measures_only_the_pairs_a_step_can_limit():
@@ -384,7 +430,14 @@ def test_workers_share_a_launch_s_tets_with_the_motion_and_gradients_of_one(
     monkeypatch.setenv("DIFFSIM_WARP_THREADS", str(threads))
 
     lower = ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=8)
-    upper = ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=8, origin=(0.0, 0.103, 0.0))
+    # Turned a little: with the cubes' grids aligned, vertices slide along the feature
+    # boundaries of the faces below and edges stay parallel, where the barrier's Hessian
+    # jumps (the distance is C1 there, as in the IPC Toolkit), so float32's rounding of the
+    # split sums (1e-8 m) changed which side a pair was on and the gradients by 0.4%.
+    c, s = math.cos(0.05), math.sin(0.05)
+    turn = np.array([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])
+    upper = ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=8, origin=(-0.05, 0.0, -0.05))
+    upper = upper.transformed(rotation=turn, translation=(0.05, 0.103, 0.05))
     merged = ds.TetMesh.merge([lower, upper])
     order = torch.randperm(merged.n_tets, generator=torch.Generator().manual_seed(0)).numpy()
     mesh = ds.TetMesh(merged.vertices, merged.tets[order])
@@ -419,7 +472,7 @@ def test_workers_share_a_launch_s_tets_with_the_motion_and_gradients_of_one(
     assert (one, many) == (1, threads)
     assert counts["fused_substeps"] > 0.8 * (steps + 3) * 4 * 2  # fused, forward and backward
     assert moved < (1e-12 if dtype == torch.float64 else 1e-5)
-    assert max(errors.values()) < (1e-10 if dtype == torch.float64 else 1e-3)
+    assert max(errors.values()) < (1e-10 if dtype == torch.float64 else 1e-4)
 
 
 def test_a_contact_worker_that_never_arrives_raises_instead_of_hanging(monkeypatch):

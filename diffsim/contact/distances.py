@@ -101,6 +101,23 @@ def point_triangle_distance(
     return (p - q).square().sum(dim=-1)
 
 
+def _lagrange_terms(
+    da: torch.Tensor, db: torch.Tensor, r: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``a e - b^2``, ``b f - c e`` and ``a f - b c`` of the edge-edge closest points (a =
+    da.da, b = da.db, c = da.r, e = db.db, f = db.r) as ``|n|^2``, ``n.(db x r)`` and
+    ``n.(da x r)``, n = da x db (Lagrange's identity). The differences of products of dot
+    products cancel to rounding noise for parallel edges, which then passed the parallel
+    test and took garbage closest points (two cubes' parallel edges 1.5 mm apart measured
+    3.8 mm); the cross products keep their relative accuracy."""
+    n = torch.linalg.cross(da, db, dim=-1)
+    return (
+        _dot(n, n),
+        _dot(n, torch.linalg.cross(db, r, dim=-1)),
+        _dot(n, torch.linalg.cross(da, r, dim=-1)),
+    )
+
+
 def edge_edge_parameters(
     p0: torch.Tensor, p1: torch.Tensor, q0: torch.Tensor, q1: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -112,9 +129,9 @@ def edge_edge_parameters(
     with torch.no_grad():
         a, e, b = _dot(da, da), _dot(db, db), _dot(da, db)
         c, f = _dot(da, r), _dot(db, r)
-        denom = a * e - b * b
+        denom, s_num, _ = _lagrange_terms(da, db, r)
         parallel = denom <= PARALLEL_FRACTION[p0.dtype] * a * e
-        s = torch.where(parallel, torch.zeros_like(a), ((b * f - c * e) / denom.clamp_min(1e-300)))
+        s = torch.where(parallel, torch.zeros_like(a), (s_num / denom.clamp_min(1e-300)))
         s = s.clamp(0, 1)
         t = (b * s + f) / e
         low, high = t < 0, t > 1
@@ -129,10 +146,9 @@ def edge_edge_parameters(
         )
         kind = table[s_end, t_end]
     # Differentiable parameters for the classified type.
-    a, e, b = _dot(da, da), _dot(db, db), _dot(da, db)
-    c, f = _dot(da, r), _dot(db, r)
-    denom = (a * e - b * b).clamp_min(torch.finfo(p0.dtype).tiny)
-    s_both, t_both = (b * f - c * e) / denom, (a * f - b * c) / denom
+    denom, s_num, t_num = _lagrange_terms(da, db, r)
+    denom = denom.clamp_min(torch.finfo(p0.dtype).tiny)
+    s_both, t_both = s_num / denom, t_num / denom
     s_on_a0 = _segment_parameter(q0, p0, p1)
     s_on_a1 = _segment_parameter(q1, p0, p1)
     t_on_b0 = _segment_parameter(p0, q0, q1)

@@ -84,12 +84,18 @@ def _build(scalar):
         e = wp.dot(db, db)
         b = wp.dot(da, db)
         c = wp.dot(da, r)
+        # a e - b^2, b f - c e and a f - b c as products of cross products (Lagrange's
+        # identity): differences of dot products cancel to rounding noise for parallel edges
+        # (distances.edge_edge_parameters).
+        n = wp.cross(da, db)
+        denom = wp.dot(n, n)
+        s_num = wp.dot(n, wp.cross(db, r))
+        t_num = wp.dot(n, wp.cross(da, r))
         f = wp.dot(db, r)
-        denom = a * e - b * b
         # Classification on values (no derivative flows through the branch choice).
         s = zero
         if denom > parallel_fraction * a * e:
-            s = wp.clamp((b * f - c * e) / denom, zero, one)
+            s = wp.clamp(s_num / denom, zero, one)
         t = (b * s + f) / e
         if t < zero:
             t = zero
@@ -101,8 +107,8 @@ def _build(scalar):
         t_in = t > zero and t < one
         # Differentiable parameters for the classified type.
         if s_in and t_in:
-            s = (b * f - c * e) / denom
-            t = (a * f - b * c) / denom
+            s = s_num / denom
+            t = t_num / denom
         elif s_in:
             if t <= zero:
                 s = seg_param(q0, p0, p1)

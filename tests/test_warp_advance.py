@@ -257,3 +257,33 @@ def test_sticking_friction_gradients_match_torch(max_speed):
         out[backend] = torch.autograd.grad(loss, [E, x0, v0])
     for got, ref in zip(out["warp"], out["torch"], strict=True):
         assert float((got - ref).abs().max() / ref.abs().max()) < 1e-10
+
+
+def test_torch_runs_one_thread_while_the_warp_backend_works(monkeypatch):
+    """Torch's OpenMP threads spin after each parallel op and take the cores from the Warp
+    workers (spheres_collide ran 1.7-2.1 times slower with torch's default threads on two
+    cores): forward and backward launches run with one torch thread, restored after."""
+    seen = []
+
+    def recording(function):
+        def wrapper(*args, **kwargs):
+            seen.append((function.__name__, torch.get_num_threads()))
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(warp_fused, "advance_steps", recording(warp_fused.advance_steps))
+    monkeypatch.setattr(warp_fused, "retreat_steps", recording(warp_fused.retreat_steps))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        sim = make_sim(ds.StableNeoHookean, torch.float32)
+        v0 = torch.zeros(MESH.n_vertices, 3, requires_grad=True)
+        traj = sim.rollout(3, state=sim.initial_state(velocities=v0))
+        assert torch.get_num_threads() == 2
+        traj.positions[-1][:, 1].sum().backward()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert {name for name, _ in seen} == {"advance_steps", "retreat_steps"}, seen
+    assert all(threads == 1 for _, threads in seen), seen

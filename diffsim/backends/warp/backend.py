@@ -26,7 +26,7 @@ except ImportError as error:  # pragma: no cover - warp-lang is a dependency
 from diffsim.backends.warp import bridge, fused
 from diffsim.backends.warp.contact_free import ContactFreeBlocks
 from diffsim.backends.warp.contact_steps import FusedContactSteps
-from diffsim.backends.warp.threads import SplitLauncher
+from diffsim.backends.warp.threads import SplitLauncher, one_torch_thread
 from diffsim.kernels import kernels_for
 from diffsim.kernels.runtime import init_warp
 
@@ -232,7 +232,12 @@ class WarpBackend(Backend):
         """Whole steps. On the CPU they run in one launch of the fused kernel per worker
         thread (:func:`diffsim.backends.warp.fused.advance_steps`), through the
         :class:`~diffsim.backends.warp.fused.Steps` Function when a gradient is needed; with
-        surface contact, wherever contact does not act (:mod:`.contact_free`)."""
+        surface contact, wherever contact does not act (:mod:`.contact_free`). Torch runs
+        one thread meanwhile (:func:`.threads.one_torch_thread`)."""
+        with one_torch_thread():
+            return self._advance(prepared, x, v, targets, out)
+
+    def _advance(self, prepared, x, v, targets, out=None):
         m, w = self.model, prepared
         if m.contact is not None:
             # Without contact where it turns out not to act, else substep by substep with it.

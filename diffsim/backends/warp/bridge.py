@@ -19,7 +19,7 @@ import torch
 import warp as wp
 from torch.autograd.function import once_differentiable
 
-from diffsim.backends.warp.threads import MIN_TETS_PER_WORKER
+from diffsim.backends.warp.threads import MIN_TETS_PER_WORKER, one_torch_thread
 from diffsim.kernels import grad_kernels_for
 from diffsim.sim.model import Coefficients
 
@@ -344,6 +344,7 @@ class Substep(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @one_torch_thread()
     def backward(ctx, grad_x, grad_v):
         g, w = ctx.g, ctx.w
         x, v, x_fixed, f_el = ctx.saved_tensors

@@ -29,7 +29,7 @@ import warp as wp
 from diffsim.backends import integrator
 from diffsim.backends.warp.bridge import wrap
 from diffsim.backends.warp.fused import GAVE_UP_MESSAGE, SPIN_LIMIT
-from diffsim.backends.warp.threads import MIN_TETS_PER_CONTACT_WORKER
+from diffsim.backends.warp.threads import MIN_TETS_PER_CONTACT_WORKER, one_torch_thread
 from diffsim.contact.ccd import ABSOLUTE_ROUNDS, EQUALIZE_ROUNDS, MIN_GAP_FRACTION, SCALE_SLACK
 from diffsim.contact.distances import PARALLEL_FRACTION
 from diffsim.contact.friction import FRICTION_PASSES
@@ -538,6 +538,7 @@ class _ContactLaunch(torch.autograd.Function):
         return x, v, fixed_start, xs[:done], vs[:done]
 
     @staticmethod
+    @one_torch_thread()
     def backward(ctx, g_x, g_v, g_start, g_xs, g_vs):
         runner, w, m = ctx.runner, ctx.w, ctx.runner.backend.model
         b, k = runner.backend, runner.backend.kernels

@@ -20,7 +20,7 @@ import warp as wp
 from torch.autograd.function import once_differentiable
 
 from diffsim.backends.warp.bridge import Geometry, WarpCoefficients, torch_dtype, wrap
-from diffsim.backends.warp.threads import MIN_TETS_PER_WORKER
+from diffsim.backends.warp.threads import MIN_TETS_PER_WORKER, one_torch_thread
 from diffsim.physics.volume_limit import SLACK as VOLUME_SLACK
 
 # Barrier spins before a fused worker gives up on the others (several seconds).
@@ -276,6 +276,7 @@ class Steps(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @one_torch_thread()
     def backward(ctx, grad_xs, grad_vs):
         (targets,) = ctx.saved_tensors
         shape = (len(targets), ctx.g.n_vertices, 3)

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from queue import SimpleQueue
+
+import torch
 
 # Each worker thread gets at least this many tets: below, splitting costs more than it saves.
 MIN_TETS_PER_WORKER = 1024
@@ -68,3 +72,25 @@ class SplitLauncher:
         for error in errors:
             if error is not None:
                 raise error
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Torch's intra-op threads set to one within the block, as they were after it.
+
+    The Warp backend's CPU work runs in its own worker threads; the torch ops between its
+    launches are small. Torch's OpenMP threads go on spinning after each parallel op and
+    take the cores from the workers: with torch's default threads (one per core),
+    spheres_collide ran its frames 1.7-2.1 times slower on two cores than with one
+    (benchmarks/bench_torch_threads.py). Process-wide while it lasts, as
+    ``torch.set_num_threads`` is.
+    """
+    before = torch.get_num_threads()
+    if before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

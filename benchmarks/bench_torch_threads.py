@@ -29,7 +29,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # (scene file stem, timed steps): contact scenes, a contact-free fall, no contact at all.
-SCENES = [("spheres_collide", 40), ("mat_on_sphere", 60), ("bunny_drop", 100), ("cube_drop", 100)]
+# "worlds": 16 batched worlds of a 1,080-tet box dropped on the ground (benchmarks/
+# bench_worlds.py's body).
+SCENES = [
+    ("spheres_collide", 40),
+    ("mat_on_sphere", 60),
+    ("bunny_drop", 100),
+    ("cube_drop", 100),
+    ("worlds", 30),
+]
+WORLDS = 16
 CONFIGS = ["default, unscoped", "default", "one thread"]
 
 
@@ -47,9 +56,17 @@ def child(scene_name: str, steps: int, config: str) -> None:
     from diffsim.apps.scene import load_scene
     from diffsim.sim.state import State
 
-    scene = load_scene(ROOT / "scenes" / f"{scene_name}.py")
-    sim = scene.build()
-    start_state = scene.initial_state(sim)
+    if scene_name == "worlds":
+        import diffsim as ds
+
+        mesh = ds.TetMesh.box(size=(0.12, 0.12, 0.1), resolution=(6, 6, 5)).placed_on(0.0, 0.02)
+        material = ds.StableNeoHookean(youngs_modulus=1e5, poissons_ratio=0.4, density=1000.0)
+        sim = ds.Simulator(mesh, material, dt=1e-3, substeps="auto", worlds=WORLDS)
+        start_state = sim.initial_state()
+    else:
+        scene = load_scene(ROOT / "scenes" / f"{scene_name}.py")
+        sim = scene.build()
+        start_state = scene.initial_state(sim)
 
     def forward_backward() -> float:
         start = time.perf_counter()

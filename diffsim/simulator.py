@@ -1052,6 +1052,10 @@ class Simulator:
         preallocated ``[K, n, 3]`` buffers, no-grad runs only) writes them there instead,
         in blocks of steps, so that a blow-up stops the run early.
         """
+        with self.backend.running():
+            return self._run_in(x, v, targets, params, first_step, out)
+
+    def _run_in(self, x, v, targets, params, first_step: int, out=None):
         names = list(self.parameters())
         coeffs = self.coefficients(dict(zip(names, params, strict=True)))
         prepared = self.backend.prepare(coeffs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -23,6 +24,11 @@ class Backend:
 
     def __init__(self, model: Model) -> None:
         self.model = model
+
+    def running(self) -> AbstractContextManager:
+        """The context the simulator runs its steps in (default: none; the Warp backend
+        runs torch on one thread meanwhile)."""
+        return nullcontext()
 
     def prepare(self, coeffs: Coefficients) -> Any:
         """Backend-specific form of the coefficients (default: unchanged)."""

@@ -197,6 +197,11 @@ class WarpBackend(Backend):
         t["dummy_flag"] = torch.zeros(1, dtype=torch.int32, device=m.device)
         return SimpleNamespace(**t, **views)
 
+    def running(self):
+        """Torch on one thread while the simulator runs steps
+        (:func:`.threads.one_torch_thread`)."""
+        return one_torch_thread()
+
     # ----------------------------------------------------------------- physics
     def forces(self, prepared: bridge.WarpCoefficients, x: torch.Tensor) -> torch.Tensor:
         """Elastic + gravity + ground barrier (+ surface contact) forces ``[n, 3]`` in N.
@@ -232,12 +237,7 @@ class WarpBackend(Backend):
         """Whole steps. On the CPU they run in one launch of the fused kernel per worker
         thread (:func:`diffsim.backends.warp.fused.advance_steps`), through the
         :class:`~diffsim.backends.warp.fused.Steps` Function when a gradient is needed; with
-        surface contact, wherever contact does not act (:mod:`.contact_free`). Torch runs
-        one thread meanwhile (:func:`.threads.one_torch_thread`)."""
-        with one_torch_thread():
-            return self._advance(prepared, x, v, targets, out)
-
-    def _advance(self, prepared, x, v, targets, out=None):
+        surface contact, wherever contact does not act (:mod:`.contact_free`)."""
         m, w = self.model, prepared
         if m.contact is not None:
             # Without contact where it turns out not to act, else substep by substep with it.

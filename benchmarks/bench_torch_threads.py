@@ -28,9 +28,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# (scene file stem, timed steps): contact scenes, a contact-free fall, no contact at all.
-# "worlds": 16 batched worlds of a 1,080-tet box dropped on the ground (benchmarks/
-# bench_worlds.py's body).
+# (scene file stem, timed steps): two contact scenes, the bunny falling (contact-free
+# blocks), a small cube dropped on the ground (per-frame overhead); "worlds": 16 batched
+# worlds of a 1,080-tet box dropped on the ground (benchmarks/bench_worlds.py's body).
 SCENES = [
     ("spheres_collide", 40),
     ("mat_on_sphere", 60),

@@ -261,7 +261,7 @@ def test_sticking_friction_gradients_match_torch(max_speed):
 
 def test_torch_runs_one_thread_while_the_warp_backend_works(monkeypatch):
     """Torch's OpenMP threads spin after each parallel op and take the cores from the Warp
-    workers (spheres_collide ran 1.4-1.5 times slower with torch's default threads on two
+    workers (spheres_collide ran 1.4-1.66 times slower with torch's default threads on two
     cores): the steps, the simulator's checks between them and the backward launches run
     with one torch thread, restored after."""
     seen = []

@@ -10,6 +10,7 @@ surface contact, torch ops wrap the Warp forces. See docs/backends.md.
 from __future__ import annotations
 
 import os
+from contextlib import AbstractContextManager
 from types import SimpleNamespace
 
 import torch
@@ -197,7 +198,7 @@ class WarpBackend(Backend):
         t["dummy_flag"] = torch.zeros(1, dtype=torch.int32, device=m.device)
         return SimpleNamespace(**t, **views)
 
-    def running(self):
+    def running(self) -> AbstractContextManager:
         """Torch on one thread while the simulator runs steps
         (:func:`.threads.one_torch_thread`)."""
         return one_torch_thread()

@@ -81,7 +81,7 @@ def one_torch_thread() -> Iterator[None]:
     The Warp backend's CPU work runs in its own worker threads; the torch ops between its
     launches are small. Torch's OpenMP threads go on spinning after each parallel op and
     take the cores from the workers: with torch's default threads (one per core),
-    spheres_collide ran its frames forward 1.4-1.5 times slower on two cores than with one
+    spheres_collide ran its frames forward 1.4-1.66 times slower on two cores than with one
     (benchmarks/bench_torch_threads.py). Process-wide while it lasts, as
     ``torch.set_num_threads`` is.
     """

@@ -1,7 +1,9 @@
 """Batched worlds against separate rollouts: B worlds of a ~1k-tet body, side by side.
 
 For B = 1, 4, 16, 64 worlds of one body (a box of 6 x 6 x 5 cells, 1080 tets, or
-``--mesh`` a file of ../shared/assets), each world with its own Young's modulus, this times
+``--mesh`` a file of ../shared/assets, or ``--mesh mat-on-ball``: the mat lying on the
+ball of scenes/mat_on_sphere.py, surface contact acting in every world), each world with
+its own Young's modulus, this times
 
 - separate: B rollouts of one single-world simulator, one after the other, each with its
   world's modulus passed as ``params=`` (what a loop over parameter sets does);
@@ -15,6 +17,7 @@ docs/backends.md), stable substeps ("auto").
 
     .venv/bin/python benchmarks/bench_worlds.py              # B = 1, 4, 16, 64
     .venv/bin/python benchmarks/bench_worlds.py --quick      # B = 1, 4, 16, fewer steps
+    .venv/bin/python benchmarks/bench_worlds.py --quick --mesh mat-on-ball --no-fit
 
 Then, unless ``--no-fit``, the fit of three recorded drops in one process against two
 (torchrun), time per iteration (the rows of benchmarks/bench_fit_targets.py).
@@ -28,9 +31,13 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+# With --mesh mat-on-ball, the rollouts start where one world's run is after this many steps
+# (the mat lying on the ball, its contact acting).
+WARM_UP_STEPS = 100
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -39,6 +46,12 @@ def _build(spec: dict, worlds: int | None):
 
     import diffsim as ds
 
+    if spec["mesh"] == "mat-on-ball":  # contact acting: scenes/mat_on_sphere.py as it is
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from scenes import mat_on_sphere
+
+        sim = mat_on_sphere.build()
+        return sim.mesh, sim.replace(worlds=worlds, dtype=getattr(torch, spec["dtype"]))
     if spec["mesh"] == "box":
         mesh = ds.TetMesh.box(size=(0.12, 0.12, 0.1), resolution=(6, 6, 5))
     else:
@@ -56,23 +69,35 @@ def _build(spec: dict, worlds: int | None):
 def _worker(spec: dict) -> dict:
     import torch
 
+    import diffsim as ds
+
     torch.set_num_threads(1)
     B, steps, batched = spec["worlds"], spec["steps"], spec["batched"]
     mesh, sim = _build(spec, B if batched else None)
-    moduli = 1e5 * (1.0 + 0.5 * torch.arange(B, dtype=sim.dtype) / max(B - 1, 1))
+    E0 = float(sim.material.youngs_modulus)
+    moduli = E0 * (1.0 + 0.5 * torch.arange(B, dtype=sim.dtype) / max(B - 1, 1))
     grad = spec["task"] == "grad"
+    start = None  # the rest state; with contact, the mat lying on the ball
+    if spec["mesh"] == "mat-on-ball":
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            end = _build(spec, None)[1].rollout(WARM_UP_STEPS)
+        x, v = end.positions[-1], end.velocities[-1]
+        start = ds.State(x, v)
+        if batched:
+            start = sim.initial_state(x.expand(B, *x.shape), v.expand(B, *v.shape))
 
     def run() -> None:
         E = moduli.clone().requires_grad_(grad)
         with torch.set_grad_enabled(grad):
             if batched:
-                traj = sim.rollout(steps, params={"youngs_modulus": E})
+                traj = sim.rollout(steps, start, params={"youngs_modulus": E})
                 loss = traj.positions[-1, ..., 1].mean(dim=-1).sum()
                 if grad:
                     loss.backward()
                 return
             for w in range(B):
-                traj = sim.rollout(steps, params={"youngs_modulus": E[w]})
+                traj = sim.rollout(steps, start, params={"youngs_modulus": E[w]})
                 if grad:
                     traj.positions[-1, :, 1].mean().backward()
 
@@ -126,7 +151,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="steps per rollout")
     parser.add_argument("--dt", type=float, default=1e-3, help="time per step in s")
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement (best)")
-    parser.add_argument("--mesh", default="box", help="'box' or a file in ../shared/assets")
+    parser.add_argument(
+        "--mesh",
+        default="box",
+        help="'box', 'mat-on-ball' (scenes/mat_on_sphere.py from its 100th step: surface "
+        "contact acting; its own dt and substeps) or a file in ../shared/assets",
+    )
     parser.add_argument("--backend", default="warp", choices=["warp", "torch"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--device", default="cpu")

@@ -202,11 +202,14 @@ def two_boxes() -> ds.TetMesh:
     return ds.TetMesh.merge([a, b])
 
 
-@pytest.mark.parametrize("backend", ["torch", "warp"])
-def test_contact_acts_within_a_world_never_across(backend):
+@pytest.mark.parametrize(
+    "backend, checkpoint_every", [("torch", None), ("warp", None), ("warp", 5)]
+)
+def test_contact_acts_within_a_world_never_across(backend, checkpoint_every):
     """World 0: two boxes thrown at each other (they collide). World 1: the same boxes in
     the same place thrown apart, through world 0's bodies. World 2: the same as world 0,
-    so it overlaps world 0 exactly. Each equals its world alone, forward and gradient."""
+    so it overlaps world 0 exactly. Each equals its world alone, forward and gradient
+    (with checkpoints: the batched rollout recomputes its segments in the backward pass)."""
     if backend not in BACKENDS:
         pytest.skip("warp-lang is not installed")
     mesh = two_boxes()
@@ -220,19 +223,29 @@ def test_contact_acts_within_a_world_never_across(backend):
         contact_friction=0.3, backend=backend, dtype=F64,
     )  # fmt: skip
     sim = ds.Simulator(mesh, ds.StableNeoHookean(E, 0.3, 1000.0), worlds=3, **settings)
-    traj = sim.rollout(25, sim.initial_state(velocities=v0))
+    traj = sim.rollout(25, sim.initial_state(velocities=v0), checkpoint_every)
     weights = torch.randn(traj.positions.shape[1:], generator=torch.Generator().manual_seed(3))
     (grad,) = torch.autograd.grad((traj.positions[-1] * weights.to(F64)).sum(), E)
     contact = sim.model.contact
     single = torch.zeros_like(E)
+    paths = {"fused_substeps": 0, "general_substeps": 0}
     for w in range(3):
         one = ds.Simulator(mesh, ds.StableNeoHookean(E[w], 0.3, 1000.0), **settings)
-        alone = one.rollout(25, one.initial_state(velocities=v0[w]))
+        alone = one.rollout(25, one.initial_state(velocities=v0[w]), checkpoint_every)
         assert rel(traj.positions[:, w], alone.positions) <= 1e-12
         single += torch.autograd.grad((alone.positions[-1] * weights[w].to(F64)).sum(), E)[0]
+        if backend == "warp":
+            for path in paths:
+                paths[path] += one.backend.fused_contact.counts[path]
         closest = min(one.model.contact.min_distance(x) for x in alone.positions)
         if w != 1:
             assert closest < one.model.contact.dhat  # the boxes of worlds 0 and 2 met
+    if backend == "warp":
+        # Where contact acted, each world ran its own fused launches, as it does alone (the
+        # worlds' launches stop where any world's contact-free block fails, so a few more).
+        counts = sim.backend.fused_contact.counts
+        assert counts["fused_substeps"] >= paths["fused_substeps"] > 0, (counts, paths)
+        assert counts["general_substeps"] <= 1.1 * paths["general_substeps"], (counts, paths)
     # (World 1's boxes never meet: E does not change its motion, its gradient is round-off.)
     assert rel(grad, single) <= 1e-12
     # Worlds 0 and 2 overlap at every frame (to round-off: where contact does not act, the

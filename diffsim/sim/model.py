@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -76,6 +76,25 @@ class Model:
     def world_tets(self) -> int:
         """Tets per world (all of them without a world axis)."""
         return self.n_tets // self.n_worlds
+
+    def world(self, w: int, contact: Any = None) -> Model:
+        """World w alone: a model without a world axis on that world's rows and tets
+        (views), with ``contact`` (the world's own contact object) as its surface contact."""
+        n, m = self.world_vertices, self.world_tets
+        k = len(self.fixed_indices) // self.n_worlds
+        rows, tets = slice(w * n, (w + 1) * n), slice(w * m, (w + 1) * m)
+        return replace(
+            self,
+            rest_positions=self.rest_positions[rows],
+            tets=self.tets[tets] - w * n,
+            dm_inv=self.dm_inv[tets],
+            rest_volumes=self.rest_volumes[tets],
+            fixed_mask=self.fixed_mask[rows],
+            fixed_indices=self.fixed_indices[w * k : (w + 1) * k] - w * n,
+            contact=contact,
+            added_mass=None if self.added_mass is None else self.added_mass[rows],
+            worlds=None,
+        )
 
     def per_vertex(self, values: torch.Tensor) -> torch.Tensor:
         """Per-world values ``[W, ...]`` repeated for each world's vertices, ``[n, ...]``;

@@ -28,6 +28,7 @@ from diffsim.backends.warp import bridge, fused
 from diffsim.backends.warp.contact_free import ContactFreeBlocks
 from diffsim.backends.warp.contact_steps import FusedContactSteps
 from diffsim.backends.warp.threads import SplitLauncher, one_torch_thread
+from diffsim.backends.warp.world_contact_steps import WorldContactSteps
 from diffsim.kernels import kernels_for
 from diffsim.kernels.runtime import init_warp
 
@@ -106,7 +107,11 @@ class WarpBackend(Backend):
                 contact.launcher = self.launcher
         self.scratch = self._scratch(threads)
         self.contact_free = ContactFreeBlocks(self)
-        self.fused_contact = FusedContactSteps(self)
+        # Fused contact substeps: of the one world, or of each world in its own launches.
+        if model.worlds is None:
+            self.fused_contact = FusedContactSteps(self)
+        else:
+            self.fused_contact = WorldContactSteps(self)
 
     # ----------------------------------------------------------------- coefficients
     def prepare(self, coeffs: Coefficients) -> bridge.WarpCoefficients:
@@ -133,6 +138,18 @@ class WarpBackend(Backend):
         # One gravity [3] and damping rate per world (one world without a world axis).
         gravity = coeffs.gravity.to(**as_t).contiguous()
         damping = torch.as_tensor(coeffs.damping, **as_t).reshape(-1)
+        return self.wrap_coefficients(
+            coeffs, (mu, lam, mass, gravity, damping), per_tet, material_id
+        )
+
+    def wrap_coefficients(
+        self, coeffs: Coefficients, inputs: tuple, per_tet: int, material_id: int
+    ) -> bridge.WarpCoefficients:
+        """The kernels' form of ``inputs`` ``(mu, lam, mass, gravity, damping)`` (shapes as
+        :class:`~diffsim.backends.warp.bridge.WarpCoefficients` lists them, contiguous; graphs
+        kept) with the model's ground, substep and speed clamp."""
+        m = self.model
+        mu, lam, mass, gravity, damping = inputs
         k = self.kernels
         arrays = (
             bridge.wrap(mu.detach(), k.scalar),

@@ -124,7 +124,6 @@ def _run(spec: dict, env: dict | None = None) -> dict:
 
 def _env(**extra: str) -> dict:
     env = dict(os.environ)
-    env.setdefault("WARP_CACHE_PATH", str(Path(__file__).resolve().parents[1] / ".warp_cache"))
     env.update(extra)
     return env
 

@@ -103,7 +103,6 @@ def main() -> None:
     if not (ASSETS / "bunny.msh").is_file():
         sys.exit(f"{ASSETS / 'bunny.msh'} not found: the benchmark needs ../shared/assets")
     env = dict(os.environ)
-    env.setdefault("WARP_CACHE_PATH", str(Path(__file__).resolve().parents[1] / ".warp_cache"))
     rows = []
     for backend in args.backends.split(","):
         for ck in (0, args.checkpoint):

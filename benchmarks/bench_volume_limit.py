@@ -11,12 +11,9 @@ benchmarks/bench_volume_limit.py [--repeat 3]``.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 import warnings
 from pathlib import Path
-
-os.environ.setdefault("WARP_CACHE_PATH", str(Path(__file__).resolve().parents[1] / ".warp_cache"))
 
 import torch  # noqa: E402
 

@@ -124,7 +124,6 @@ def _worker(spec: dict) -> dict:
 # ----------------------------------------------------------------------------- driver side
 def _run(spec: dict) -> dict:
     env = dict(os.environ)
-    env.setdefault("WARP_CACHE_PATH", str(Path(__file__).resolve().parents[1] / ".warp_cache"))
     cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:

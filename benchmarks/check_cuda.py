@@ -28,8 +28,6 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("WARP_CACHE_PATH", str(Path(__file__).resolve().parents[1] / ".warp_cache"))
-
 import torch  # noqa: E402
 
 import diffsim as ds  # noqa: E402

@@ -1,9 +1,8 @@
-"""Test-session settings: one torch thread, and a stable Warp kernel cache in the checkout."""
+"""Test-session settings: one torch thread.
 
-import os
-from pathlib import Path
+Warp's kernel cache is WARP_CACHE_PATH as scripts/test.sh sets it, else Warp's user cache.
+"""
 
 import torch
 
-os.environ.setdefault("WARP_CACHE_PATH", str(Path(__file__).resolve().parents[1] / ".warp_cache"))
 torch.set_num_threads(1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("WARP_CACHE_PATH", str(ROOT / ".warp_cache"))
 
 import diffsim as ds  # noqa: E402
 from diffsim.apps import cli  # noqa: E402
@@ -193,12 +191,10 @@ def test_version(capsys):
 
 
 def test_python_dash_m_runs_the_cli_with_one_line_errors(tmp_path):
-    env = dict(os.environ, WARP_CACHE_PATH=str(ROOT / ".warp_cache"))
     bad = subprocess.run(
         [sys.executable, "-m", "diffsim", "run", str(tmp_path / "missing.py")],
         capture_output=True,
         text=True,
-        env=env,
     )
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "Traceback" not in bad.stderr

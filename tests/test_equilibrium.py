@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 import diffsim as ds
 from diffsim.equilibrium import EquilibriumError
-
-os.environ.setdefault("WARP_CACHE_PATH", str(Path(__file__).resolve().parents[1] / ".warp_cache"))
 
 F64 = torch.float64
 TIGHT = 1e-11  # relative force residual for the finite-difference solves

@@ -81,7 +81,6 @@ def torchrun(args: list[str], cwd: Path, processes: int = 2) -> subprocess.Compl
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(cwd), env.get("PYTHONPATH", "")])
     env.setdefault("OMP_NUM_THREADS", "1")
-    env.setdefault("WARP_CACHE_PATH", str(ROOT / ".warp_cache"))
     if sys.platform.startswith("linux"):
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     command = [

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-
-os.environ.setdefault("WARP_CACHE_PATH", str(Path(__file__).resolve().parents[1] / ".warp_cache"))
 
 import diffsim as ds  # noqa: E402
 from diffsim.apps import cli  # noqa: E402

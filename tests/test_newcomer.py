@@ -16,7 +16,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("WARP_CACHE_PATH", str(ROOT / ".warp_cache"))
 
 import diffsim as ds  # noqa: E402
 from diffsim.apps import cli, render  # noqa: E402

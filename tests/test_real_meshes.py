@@ -9,7 +9,6 @@ benchmarks/bench_time_steps.py instead.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,7 +18,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("WARP_CACHE_PATH", str(ROOT / ".warp_cache"))
 
 import diffsim as ds  # noqa: E402
 from diffsim.apps import cli  # noqa: E402

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
-os.environ.setdefault("WARP_CACHE_PATH", str(Path(__file__).resolve().parents[1] / ".warp_cache"))
 
 import diffsim as ds  # noqa: E402
 from diffsim.apps.scene import DEFAULT_FPS, DEFAULT_STEPS, SceneError, load_scene, with_parameters  # noqa: E402

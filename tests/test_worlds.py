@@ -256,6 +256,36 @@ def test_contact_acts_within_a_world_never_across(backend, checkpoint_every):
     assert float((traj.velocities[:, 1, :, 0] - speeds[1]).abs().max()) < 1e-9
 
 
+@needs_warp
+def test_worlds_in_contact_with_prescribed_vertices_per_tet_moduli_and_the_volume_limit():
+    """A box held in place (every vertex prescribed) and another thrown at it, E per world
+    and tet, the volume limit on: each world, run in its own fused contact launches, equals
+    the world alone, forward and gradient, through checkpoints."""
+    mesh = two_boxes()
+    held = torch.as_tensor(mesh.body_ids == 0)
+    m, W = mesh.n_tets, 2
+    gen = torch.Generator().manual_seed(4)
+    E = (1e5 * (1 + torch.rand((W, m), generator=gen, dtype=F64))).requires_grad_(True)
+    v0 = torch.zeros((mesh.n_vertices, 3), dtype=F64)
+    v0[~held, 0] = -4.0
+    settings = dict(
+        dt=1e-3, substeps=2, gravity=(0.0, 0.0, 0.0), ground=None, fixed=held.numpy(),
+        contact_friction=0.3, min_volume_ratio=0.2, dtype=F64,
+    )  # fmt: skip
+    sim = ds.Simulator(mesh, ds.StableNeoHookean(E.reshape(-1), 0.3, 1000.0), worlds=W, **settings)
+    traj = sim.rollout(20, sim.initial_state(velocities=v0), 7)
+    (batched,) = torch.autograd.grad(traj.positions[-1][..., 0].sum(), E)
+    assert sim.backend.fused_contact.counts["fused_substeps"] > 0
+    for w in range(W):
+        one = ds.Simulator(mesh, ds.StableNeoHookean(E[w], 0.3, 1000.0), **settings)
+        alone = one.rollout(20, one.initial_state(velocities=v0), 7)
+        (single,) = torch.autograd.grad(alone.positions[-1][:, 0].sum(), E)
+        assert rel(traj.positions[:, w], alone.positions) <= 1e-12
+        assert float(single[w].abs().max()) > 0 and rel(batched[w], single[w]) <= 1e-12
+        closest = min(one.model.contact.min_distance(x) for x in alone.positions)
+        assert closest < one.model.contact.dhat  # the thrown box reached the held one
+
+
 def test_identical_overlapping_worlds_do_not_repel():
     mesh = ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=2, origin=(0.0, 0.2, 0.0))
     settings = dict(dt=1e-3, substeps=2, ground=None, contact=True, dtype=F64, backend="torch")

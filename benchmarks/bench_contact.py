@@ -29,17 +29,14 @@ taken in turns with the other rows of the table).
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
-os.environ.setdefault("WARP_CACHE_PATH", str(Path(__file__).resolve().parents[1] / ".warp_cache"))
+import torch
 
-import torch  # noqa: E402
-
-import diffsim as ds  # noqa: E402
-from diffsim.apps.scene import load_scene, with_parameters  # noqa: E402
-from diffsim.sim.state import State  # noqa: E402
+import diffsim as ds
+from diffsim.apps.scene import load_scene, with_parameters
+from diffsim.sim.state import State
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT.parent / "shared" / "assets"

@@ -9,16 +9,13 @@ speed (a blow-up shows as a large value). Usage: ``python benchmarks/bench_conta
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-os.environ.setdefault("WARP_CACHE_PATH", str(Path(__file__).resolve().parents[1] / ".warp_cache"))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import diffsim as ds  # noqa: E402
-from diffsim.apps.scene import load_scene  # noqa: E402
+import diffsim as ds
+from diffsim.apps.scene import load_scene
 
 SCENE = Path(__file__).resolve().parents[1] / "scenes" / "spheres_collide.py"
 FRACTIONS = (1e-3, 2e-3, 5e-3, 1e-2)

@@ -21,17 +21,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-os.environ.setdefault("WARP_CACHE_PATH", str(Path(__file__).resolve().parents[1] / ".warp_cache"))
-
-import diffsim as ds  # noqa: E402
-from diffsim.backends import BACKENDS  # noqa: E402
+import diffsim as ds
+from diffsim.backends import BACKENDS
 
 ASSETS = Path(__file__).resolve().parents[1] / ".." / "shared" / "assets"
 E, NU, RHO = 1e8, 0.3, 1000.0

@@ -118,7 +118,6 @@ def run(resolution: int, steps: int, iters: int, processes: int, batch: str) -> 
             ]  # fmt: skip
         env = dict(os.environ, OMP_NUM_THREADS="1")
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-        env.setdefault("WARP_CACHE_PATH", str(ROOT / ".warp_cache"))
         if sys.platform.startswith("linux"):
             env.setdefault("GLOO_SOCKET_IFNAME", "lo")
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)

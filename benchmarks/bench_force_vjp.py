@@ -12,7 +12,6 @@ the ratios, per material.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
@@ -41,10 +40,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15, help="timed repeats (best kept)")
     parser.add_argument("--per-tet", action="store_true", help="per-tet mu, lambda arrays")
     args = parser.parse_args()
-    os.environ.setdefault(
-        "WARP_CACHE_PATH", str(Path(__file__).resolve().parents[1] / ".warp_cache")
-    )
-
     import torch
     import warp as wp
 

@@ -25,10 +25,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch  # noqa: E402
+import torch
 
-import diffsim as ds  # noqa: E402
-from diffsim.physics.stable_step import stable_step  # noqa: E402
+import diffsim as ds
+from diffsim.physics.stable_step import stable_step
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT.parent / "shared" / "assets"

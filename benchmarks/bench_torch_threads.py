@@ -97,7 +97,6 @@ def main() -> None:
         return
     env = dict(os.environ)
     env.pop("OMP_NUM_THREADS", None)  # torch's default threads unless a row sets one
-    env.setdefault("WARP_CACHE_PATH", str(ROOT / ".warp_cache"))
     scenes = [s for s in SCENES if not args.only or s[0] in args.only]
     best: dict = {}
     threads = {}

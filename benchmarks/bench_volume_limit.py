@@ -15,10 +15,10 @@ import time
 import warnings
 from pathlib import Path
 
-import torch  # noqa: E402
+import torch
 
-import diffsim as ds  # noqa: E402
-from diffsim.apps.scene import SceneError, load_scene  # noqa: E402
+import diffsim as ds
+from diffsim.apps.scene import SceneError, load_scene
 
 ROOT = Path(__file__).resolve().parents[1]
 # (scene, warm-up steps, timed steps, what the timed steps show)

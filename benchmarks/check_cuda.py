@@ -28,10 +28,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch  # noqa: E402
+import torch
 
-import diffsim as ds  # noqa: E402
-from diffsim.sim.state import State  # noqa: E402
+import diffsim as ds
+from diffsim.sim.state import State
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 FAILED: list[str] = []
@@ -304,7 +304,7 @@ def speed(device: str, steps: int) -> None:
         try:
             sim = bunny(backend, dev, contact)
             rows.append((name, *timed(sim, steps), sim.mesh.n_tets))
-        except Exception as error:  # noqa: BLE001 - report and go on
+        except Exception as error:
             rows.append((name, float("nan"), float("nan"), repr(error)[:80]))
     print(f"\nbunny, float32, 1e-5 s substeps, {steps} substeps timed ({torch.__version__})")
     print("| path | forward ms/substep | M tet-substeps/s | fwd+bwd ms/substep |")

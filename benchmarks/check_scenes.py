@@ -13,16 +13,13 @@ height where the scene has a ground. Usage: ``python benchmarks/check_scenes.py
 from __future__ import annotations
 
 import argparse
-import os
 import time
 import warnings
 from pathlib import Path
 
-os.environ.setdefault("WARP_CACHE_PATH", str(Path(__file__).resolve().parents[1] / ".warp_cache"))
+import torch
 
-import torch  # noqa: E402
-
-from diffsim.apps.scene import SceneError, load_scene  # noqa: E402
+from diffsim.apps.scene import SceneError, load_scene
 
 SCENES = Path(__file__).resolve().parents[1] / "scenes"
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import diffsim as ds  # noqa: E402
-from diffsim.apps import cli  # noqa: E402
-from diffsim.physics.elasticity import volume_ratios  # noqa: E402
+import diffsim as ds
+from diffsim.apps import cli
+from diffsim.physics.elasticity import volume_ratios
 
-from .scene_rollouts import scene_rollout  # noqa: E402
+from .scene_rollouts import scene_rollout
 
 torch.set_num_threads(1)
 

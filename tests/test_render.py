@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-import diffsim as ds  # noqa: E402
-from diffsim.apps import render  # noqa: E402
-from diffsim.apps.fields import FieldContext, tet_field, tets_to_vertices, vertex_field  # noqa: E402
-from diffsim.apps.scene import load_scene  # noqa: E402
+import diffsim as ds
+from diffsim.apps import render
+from diffsim.apps.fields import FieldContext, tet_field, tets_to_vertices, vertex_field
+from diffsim.apps.scene import load_scene
 
-from .helpers import build_scene  # noqa: E402
+from .helpers import build_scene
 
 torch.set_num_threads(1)
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-import diffsim as ds  # noqa: E402
-from diffsim.apps.scene import DEFAULT_FPS, DEFAULT_STEPS, SceneError, load_scene, with_parameters  # noqa: E402
+import diffsim as ds
+from diffsim.apps.scene import DEFAULT_FPS, DEFAULT_STEPS, SceneError, load_scene, with_parameters
 
-from .helpers import build_scene  # noqa: E402
-from .scene_rollouts import scene_frames  # noqa: E402
+from .helpers import build_scene
+from .scene_rollouts import scene_frames
 
 torch.set_num_threads(1)
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-import diffsim as ds  # noqa: E402
-from diffsim.apps.scene import load_scene  # noqa: E402
-from diffsim.apps.viewer import SHORTCUTS, SPEEDS, ViewerController, contact_segments  # noqa: E402
+import diffsim as ds
+from diffsim.apps.scene import load_scene
+from diffsim.apps.viewer import SHORTCUTS, SPEEDS, ViewerController, contact_segments
 
 torch.set_num_threads(1)
 

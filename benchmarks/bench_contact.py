@@ -1,6 +1,6 @@
 """Contact benchmark: the cost of surface contact per substep, in one run.
 
-Three tables:
+The tables:
 
 1. The mat dropped on a ball (scenes/mat_on_sphere.py, timed after a warm-up that drapes
    it) and two spheres colliding head-on (scenes/spheres_collide.py, timed through the
@@ -8,6 +8,10 @@ Three tables:
    core alone (contact off, from the same state: the floor of a contact substep).
 2. The reference bunny (bunny.msh 0.3 m tall, float32, 1e-5 s substeps, ground at 0) falling
    through the air from 2 cm, and lying on the ground: contact on against contact off.
+3. An impact the step limit cuts: two 10 cm boxes (162 tets each) thrown together at 6 m/s
+   with 0.25 ms substeps (faster than the barrier stops at that substep, as a scene
+   without ``contact_speed`` has it), timed through the impact; the substeps the fused
+   launches hand to the general path in the differentiable run are counted.
 
 Each row gives the forward time per substep, the forward+backward time per substep (loss:
 mean height of the last frame, gradient w.r.t. the initial velocities), the shares of the
@@ -22,7 +26,7 @@ step limit cuts in a differentiable run (the general path takes those); the torc
 reference runs the general path substep by substep. One torch thread; the Warp path's
 broad-phase queries and checks may use the backend's two CPU threads.
 Usage: ``python benchmarks/bench_contact.py [--steps 40] [--quick]
-[--repeat 3] [--only spheres_collide bunny]`` (``--repeat``: the fastest of several runs,
+[--repeat 3] [--only spheres_collide bunny impact]`` (``--repeat``: the fastest of several runs,
 taken in turns with the other rows of the table).
 """
 
@@ -106,6 +110,35 @@ def scene_rows(file: str, warmup: int, steps: int, backward_steps: int, repeat: 
     return timed_side_by_side(runs, steps, backward_steps, repeat), runs[0][1]
 
 
+def impact_rows(steps: int, repeat: int) -> tuple[list, ds.Simulator, dict]:
+    """Two boxes 1 cm apart meeting at 6 m/s (float32, no gravity), timed from 1 ms before
+    they meet over ``steps`` steps, forward and forward+backward alike; the Warp run's fused
+    contact counts over the timed runs."""
+    runs = []
+    for backend, implementation in CONFIGS:
+        boxes = [
+            ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=3, origin=(x, y, z))
+            for x, y, z in ((-0.11, 0.0, 0.0), (0.01, 0.03, 0.02))
+        ]
+        mesh = ds.TetMesh.merge(boxes)
+        material = ds.StableNeoHookean(youngs_modulus=1e5, poissons_ratio=0.3, density=1000.0)
+        sim = ds.Simulator(
+            mesh, material, dt=1e-3, substeps=4, gravity=(0.0, 0.0, 0.0), ground=None,
+            backend=backend,
+        )  # fmt: skip
+        sim.model.contact.implementation = implementation
+        v = torch.zeros((mesh.n_vertices, 3))
+        v[:, 0] = torch.where(torch.as_tensor(mesh.body_ids == 0), 3.0, -3.0)
+        with torch.no_grad():
+            state = sim.rollout(1, sim.initial_state(velocities=v)).state(-1)
+        runs.append((f"{backend}/{implementation}", sim, state))
+    warp = runs[0][1]
+    before = dict(warp.backend.fused_contact.counts)
+    rows = timed_side_by_side(runs, steps, steps, repeat)
+    counts = {k: v - before.get(k, 0) for k, v in warp.backend.fused_contact.counts.items()}
+    return rows, warp, counts
+
+
 def bunny(contact: bool, gap: float) -> ds.Simulator:
     """The reference bunny scene (as benchmarks/bench_fit.py), with or without contact."""
     mesh = ds.TetMesh.load(ASSETS / "bunny.msh").centered().scaled_to(0.3).placed_on(0.0, gap=gap)
@@ -161,7 +194,7 @@ def main() -> None:
     parser.add_argument(
         "--only",
         nargs="+",
-        choices=[file for _, file, _, _ in SCENES] + ["bunny"],
+        choices=[file for _, file, _, _ in SCENES] + ["bunny", "impact"],
         help="these tables only",
     )
     args = parser.parse_args()
@@ -178,8 +211,28 @@ def main() -> None:
             rows,
             "warp/warp",
         )
-    if args.only and "bunny" not in args.only:
-        return
+    if not args.only or "bunny" in args.only:
+        bunny_tables(args)
+    if not args.only or "impact" in args.only:
+        steps = 10
+        rows, sim, counts = impact_rows(steps, args.repeat)
+        table(
+            f"impact: two boxes at 6 m/s, {sim.mesh.n_tets} tets, float32, {steps} steps x "
+            f"{sim.model.substeps} substeps through it, dhat {1e3 * sim.model.contact.dhat:.3g} "
+            f"mm (ratio: to the Warp path)",
+            rows,
+            "warp/warp",
+        )
+        print(
+            f"  Warp path over its timed runs (forward and forward+backward, {args.repeat} "
+            f"each): {counts['fused_substeps']} substeps fused, {counts['general_substeps']} "
+            f"on the general path ({counts.get('limited', 0)} of them steps the limit cut "
+            f"in a differentiable run)"
+        )
+
+
+def bunny_tables(args) -> None:
+    """The bunny falling and lying (table 2)."""
     if not (ASSETS / "bunny.msh").is_file():
         print(f"\n{ASSETS / 'bunny.msh'} not found: no bunny rows")
         return

@@ -57,10 +57,16 @@ class WorldContactSteps:
             total.update(world.fused_contact.counts)
         return dict(total)
 
-    def advance(self, prepared: WarpCoefficients, x: torch.Tensor, v: torch.Tensor, targets):
+    def advance(
+        self, prepared: WarpCoefficients, x: torch.Tensor, v: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``len(targets)`` steps of every world from ``(x, v)`` (``[W * n, 3]``; targets
         ``[K, W * k, 3]``, the prescribed vertices world by world): the frames
-        ``([K, W * n, 3], [K, W * n, 3])``, differentiable as each world's are."""
+        ``([K, W * n, 3], [K, W * n, 3])``, differentiable as each world's are.
+
+        Raises:
+            CappedStep: a world's blow-up, with ``world`` set to that world.
+        """
         m = self.backend.model
         n, W = m.world_vertices, m.n_worlds
         k = len(m.fixed_indices) // W
@@ -81,6 +87,8 @@ class WorldContactSteps:
         return torch.cat(xs, dim=1), torch.cat(vs, dim=1)
 
     def _world_backends(self) -> list:
+        """One single-world Warp backend per world (made on first use): the world's rows
+        and tets of the model, its own contact object."""
         if self._worlds is None:
             b, m = self.backend, self.backend.model
             self._worlds = [

@@ -54,6 +54,18 @@ from diffsim.sim.model import POSITION_DTYPE
 ROW_SETS = 8
 
 
+def runs_fused(contact, device) -> bool:
+    """Whether substeps with this contact object (one world's) run in the fused contact
+    launches on this Warp device: on the CPU, by the Warp contact kernels, without
+    time-of-impact splits."""
+    return (
+        device.is_cpu
+        and isinstance(contact, SurfaceContact)
+        and contact.implementation == "warp"
+        and integrator.SPLIT_LEVELS == 0
+    )
+
+
 class FusedContactSteps:
     """Runs steps with surface contact in fused launches for the Warp backend on the CPU.
 
@@ -82,13 +94,7 @@ class FusedContactSteps:
     def usable(self) -> bool:
         """Whether the model's contact can run fused: one world, on the CPU, by the Warp
         contact kernels, without time-of-impact splits."""
-        b, m = self.backend, self.backend.model
-        return (
-            b.geometry.device.is_cpu
-            and isinstance(m.contact, SurfaceContact)
-            and m.contact.implementation == "warp"
-            and integrator.SPLIT_LEVELS == 0
-        )
+        return runs_fused(self.backend.model.contact, self.backend.geometry.device)
 
     def advance(self, prepared, x: torch.Tensor, v: torch.Tensor, targets: torch.Tensor):
         """``len(targets)`` steps from ``(x, v)``: the frames ``([K, n, 3], [K, n, 3])``, as

@@ -16,9 +16,9 @@ from collections import Counter
 
 import torch
 
-from diffsim.backends import integrator
 from diffsim.backends.warp.bridge import WarpCoefficients
-from diffsim.contact.surface_contact import CappedStep, SurfaceContact
+from diffsim.backends.warp.contact_steps import runs_fused
+from diffsim.contact.surface_contact import CappedStep
 from diffsim.sim.model import Coefficients
 
 
@@ -40,14 +40,9 @@ class WorldContactSteps:
     def usable(self) -> bool:
         """Whether every world's contact can run fused: on the CPU, by the Warp contact
         kernels, without time-of-impact splits."""
-        b, m = self.backend, self.backend.model
-        contacts = getattr(m.contact, "contacts", None)
-        return (
-            b.geometry.device.is_cpu
-            and contacts is not None
-            and all(isinstance(c, SurfaceContact) and c.implementation == "warp" for c in contacts)
-            and integrator.SPLIT_LEVELS == 0
-        )
+        device = self.backend.geometry.device
+        contacts = getattr(self.backend.model.contact, "contacts", None)
+        return contacts is not None and all(runs_fused(c, device) for c in contacts)
 
     @property
     def counts(self) -> dict[str, int]:

@@ -245,7 +245,8 @@ def test_contact_acts_within_a_world_never_across(backend, checkpoint_every):
         # worlds' launches stop where any world's contact-free block fails, so a few more).
         counts = sim.backend.fused_contact.counts
         assert counts["fused_substeps"] >= paths["fused_substeps"] > 0, (counts, paths)
-        assert counts["general_substeps"] <= 1.1 * paths["general_substeps"], (counts, paths)
+        # (Handovers for steps beyond a set's reach depend on where launches start: a few.)
+        assert counts["general_substeps"] <= 1.1 * paths["general_substeps"] + 5, (counts, paths)
     # (World 1's boxes never meet: E does not change its motion, its gradient is round-off.)
     assert rel(grad, single) <= 1e-12
     # Worlds 0 and 2 overlap at every frame (to round-off: where contact does not act, the

@@ -630,6 +630,7 @@ def _build(scalar):
         pair_scale=pair_scale,
         relative_reach=relative_reach,
         sides_max=sides_max,
+        side_reach=side_reach,
     )
 
 

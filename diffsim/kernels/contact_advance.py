@@ -26,16 +26,18 @@ Where a check fails the launch stops before committing that substep and reports 
 caller then takes it the general way (new candidate sets, a capped step or a blow-up
 error) and launches again.
 
-A differentiable launch saves the state and total forces at each substep's start and the
-near rows each substep used (and stops where a step is limited, by either limit);
-``contact_retreat`` runs its adjoint in reverse, substep by substep: it replays the
-velocity update and friction, then takes the adjoints of the move and the ground, the
-friction passes, the lagged friction terms, the velocity update, the barrier and the
-elastic forces. The vertex update's adjoint is the hand-derived one of
-:mod:`diffsim.kernels.integrate`, the elastic forces' that of
-:mod:`diffsim.kernels.force_vjp`; the per-pair ones are ``wp.grad`` of the forward's
-functions (each dotted with its cotangents), so they are the derivatives of the very
-formulas the forward ran: float64 gradients agree with the general path's to 1e-12.
+A differentiable launch saves the state and total forces at each substep's start, the
+near rows each substep used and the vertices the step limit truncated, each with its scale
+and the pair bound the scale is the value of (it stops where the volume limit cuts a
+step); ``contact_retreat`` runs its adjoint in reverse, substep by substep: it replays the
+velocity update and friction, then takes the adjoints of the truncation (the scales'
+through their bounds, ``bound_vjp``), the move and the ground, the friction passes, the
+lagged friction terms, the velocity update, the barrier and the elastic forces. The
+vertex update's adjoint is the hand-derived one of :mod:`diffsim.kernels.integrate`, the
+elastic forces' that of :mod:`diffsim.kernels.force_vjp`; the per-pair ones are
+``wp.grad`` of the forward's functions (each dotted with its cotangents), so they are the
+derivatives of the very formulas the forward ran: float64 gradients agree with the general
+path's to 1e-12.
 """
 
 from types import SimpleNamespace
@@ -51,7 +53,8 @@ SETS_EXPIRED = 1  # at a substep's start: select the candidate sets again at the
 GENERAL_STEP = 2  # this substep needs the general path, status[2] says why:
 CAPPED = 1  # the step limit would cap the whole step (or raise a blow-up)
 BEYOND_REACH = 2  # the step leaves the candidate set's reach (the caller builds one for it)
-LIMITED = 3  # a differentiable launch leaves limited steps to the general path
+LIMITED = 3  # a differentiable launch leaves steps the volume limit cuts to the general path
+# (and steps whose truncated vertices would overflow its records)
 REASONS = {CAPPED: "capped", BEYOND_REACH: "beyond_reach", LIMITED: "limited"}
 GAVE_UP = 3  # status[1]: a worker stopped waiting for the others (a hang of seconds)
 # The jobs a launch's other workers run on their tets (Team.command[1]).
@@ -85,7 +88,7 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
     barrier_pair, friction_terms = contact.barrier_pair, contact.friction_terms
     friction_stop, friction_capped = contact.friction_stop, contact.friction_capped
     pair_scale, relative_reach = contact.pair_scale, contact.relative_reach
-    sides_max = contact.sides_max
+    sides_max, side_reach = contact.sides_max, contact.side_reach
 
     @wp.struct
     class ContactStep:
@@ -107,7 +110,7 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
         near_steps: wp.float64  # ... among the candidates within dhat + 2 near_steps s
         dhat: wp.float64  # (m)
         last_step: wp.float64  # s: the offset of the last substep taken before the launch (m)
-        differentiable: int  # 1: save each substep, stop (no reselection, no truncation)
+        differentiable: int  # 1: save each substep for the adjoint (the volume limit: stop)
         closest: wp.float64  # the candidates' smallest distance at the anchor (m)
         keep_factor: wp.float64  # (1 - keep) (1 - slack)
         equalize_rounds: int  # the step limit's verification rounds that equalize
@@ -574,6 +577,13 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
         return n_ccd, considered
 
     @wp.func
+    def lower(alpha: wp.array(dtype=T), source: wp.array(dtype=wp.int32), i: int, t: T, code: int):
+        """Lowers vertex i's scale to t where t is smaller, noting its bound's ``code``."""
+        if t < alpha[i]:
+            alpha[i] = t
+            source[i] = code
+
+    @wp.func
     def collision_scales(
         cand: CandidatePairs,
         ccd_rows: wp.array(dtype=wp.int32),
@@ -586,12 +596,17 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
         settled: wp.array(dtype=wp.int32),
         alpha: wp.array(dtype=T),
         alpha_out: wp.array(dtype=T),
+        source: wp.array(dtype=wp.int32),
+        source_out: wp.array(dtype=wp.int32),
         verify: bool,
     ) -> int:
         """The step limit's scales ``alpha [n]`` of the step ``dx`` (local) over the rows
         ``ccd_rows[:n_ccd]`` (SurfaceContact.step_scales, warp_glue.step_scales): pass 1,
         then, with ``verify``, the verification rounds (equalize, absolute bounds, absolute
-        bounds for every pair left). Returns 1 where some scale is below 1."""
+        bounds for every pair left). Returns 1 where some scale is below 1. Where a scale is
+        below 1, ``source [n]`` names the bound it is the value of: ``2 k`` for candidate
+        k's relative bound, ``2 k + 1`` for its absolute one (the adjoint differentiates
+        that bound, ``bound_vjp``)."""
         n = alpha.shape[0]
         cut = int(0)  # noqa: UP018 - a Warp variable
         for i in range(n):
@@ -608,10 +623,11 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
             settled[r] = 0
             if t_rel < T(1.0):
                 cut = 1
-                alpha[i0] = wp.min(alpha[i0], t_rel)
-                alpha[i1] = wp.min(alpha[i1], t_rel)
-                alpha[i2] = wp.min(alpha[i2], t_rel)
-                alpha[i3] = wp.min(alpha[i3], t_rel)
+                code = 2 * k
+                lower(alpha, source, i0, t_rel, code)
+                lower(alpha, source, i1, t_rel, code)
+                lower(alpha, source, i2, t_rel, code)
+                lower(alpha, source, i3, t_rel, code)
         if cut != 0 and verify:
             # Verification rounds: equalize, then absolute bounds, then absolute bounds for
             # every pair left (mode 2).
@@ -625,6 +641,7 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                         mode = int(1)  # noqa: UP018 - a Warp variable
                     for i in range(n):
                         alpha_out[i] = alpha[i]
+                        source_out[i] = source[i]
                     failing = int(0)  # noqa: UP018 - a Warp variable
                     for r in range(n_ccd):
                         if settled[r] == 0:
@@ -646,16 +663,29 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                                     failing += 1
                             if acts != 0:
                                 scale = scales_abs[r]
+                                code = 2 * k + 1
                                 if mode == 0:
-                                    scale = wp.min(wp.min(a0, a1), wp.min(a2, a3))
+                                    # The smallest of the four scales, and its bound.
+                                    scale = a0
+                                    code = source[i0]
+                                    if a1 < scale:
+                                        scale = a1
+                                        code = source[i1]
+                                    if a2 < scale:
+                                        scale = a2
+                                        code = source[i2]
+                                    if a3 < scale:
+                                        scale = a3
+                                        code = source[i3]
                                 else:
                                     settled[r] = 1
-                                alpha_out[i0] = wp.min(alpha_out[i0], scale)
-                                alpha_out[i1] = wp.min(alpha_out[i1], scale)
-                                alpha_out[i2] = wp.min(alpha_out[i2], scale)
-                                alpha_out[i3] = wp.min(alpha_out[i3], scale)
+                                lower(alpha_out, source_out, i0, scale, code)
+                                lower(alpha_out, source_out, i1, scale, code)
+                                lower(alpha_out, source_out, i2, scale, code)
+                                lower(alpha_out, source_out, i3, scale, code)
                     for i in range(n):
                         alpha[i] = alpha_out[i]
+                        source[i] = source_out[i]
                     if mode != 2 and failing == 0:
                         done = 1
         return cut
@@ -696,6 +726,8 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
             settled: wp.array(dtype=wp.int32),
             alpha: wp.array(dtype=T),
             alpha_out: wp.array(dtype=T),
+            source: wp.array(dtype=wp.int32),
+            source_out: wp.array(dtype=wp.int32),
             volume_scale: wp.array(dtype=wp.float64),
             volume_out: wp.array(dtype=wp.float64),
             volume_changed: wp.array(dtype=wp.int32),
@@ -709,6 +741,10 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
             row_sets: wp.array2d(dtype=wp.int32),
             row_set_of: wp.array(dtype=wp.int32),
             row_set_sizes: wp.array(dtype=wp.int32),
+            cut_vertex: wp.array(dtype=wp.int32),
+            cut_source: wp.array(dtype=wp.int32),
+            cut_alpha: wp.array(dtype=T),
+            cut_start: wp.array(dtype=wp.int32),
             status: wp.array(dtype=wp.int32),
             stats: wp.array(dtype=wp.float64),
         ):
@@ -724,8 +760,14 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
             ``near_anchor`` ``[n]`` the local positions the sets were selected at,
             ``anchor_d2`` ``[m]`` the candidates' squared distances at the anchor. Where the
             near rows expire the kernel selects them again (``cand.rows`` ``[m]`` and
-            ``near_anchor`` are overwritten). The rest are scratch: xl .. load, alpha,
-            alpha_out ``[n]``, ``act``, impulse, total, ccd_rows .. settled ``[m]``.
+            ``near_anchor`` are overwritten). The rest are scratch: xl .. load, alpha ..
+            source_out ``[n]``, ``act``, impulse, total, ccd_rows .. settled ``[m]``. A
+            differentiable launch saves each substep's state and forces (x_saved ..
+            f_saved), its near rows (row_sets .. row_set_sizes) and the vertices the step
+            limit truncated: substep r's are ``cut_vertex[cut_start[r]:cut_start[r + 1]]``
+            with their scales and the bounds those came from (``cut_alpha``,
+            ``cut_source``); where they would overflow ``cut_vertex``, the substep goes to
+            the general path.
             Writes ``status = (substeps taken, why it stopped, which check, near
             selections, limited vertex-steps, near rows last selected, the volume limit's
             vertex-steps and substeps, its turns after the first)`` and ``stats =
@@ -741,7 +783,9 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
             last_step = p.last_step
             selections = int(0)  # noqa: UP018 - a Warp variable
             limited = int(0)  # noqa: UP018 - a Warp variable
+            n_cuts = int(0)  # noqa: UP018 - the truncated vertices saved (differentiable)
             if p.differentiable != 0:  # the near rows each substep used, for the adjoint
+                cut_start[0] = 0
                 for r in range(n_rows):
                     row_sets[0, r] = cand.rows[r]
                 row_set_sizes[0] = n_rows
@@ -906,11 +950,9 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                     if n_ccd > 0:
                         cut = collision_scales(
                             cand, ccd_rows, n_ccd, xl, dx, p, bounds, scales_abs, settled, alpha,
-                            alpha_out, p.differentiable == 0,
+                            alpha_out, source, source_out, True,
                         )  # fmt: skip
-                    if cut != 0 and p.differentiable != 0:
-                        general = LIMITED
-                    elif cut != 0:
+                    if cut != 0:
                         # The truncated step: within the candidates' reach (else the
                         # caller builds a set for it, held back with the truncated step's
                         # offset, which it measures the same way), its offset the last step's.
@@ -926,12 +968,20 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                         relative = offset(t_lo, t_hi)
                         if moved + relative > p.reach:
                             general = BEYOND_REACH
+                        elif p.differentiable != 0 and n_cuts + n_limited > cut_vertex.shape[0]:
+                            general = LIMITED
                         else:
+                            e = n_cuts
                             for i in range(n):
                                 a = alpha[i]
                                 if a < T(1.0):
                                     x_new[i] = x[i] + wp.float64(a) * (x_new[i] - x[i])
                                     v_new[i] = v_new[i] * a
+                                    if p.differentiable != 0:
+                                        cut_vertex[e] = i
+                                        cut_source[e] = source[i]
+                                        cut_alpha[e] = a
+                                        e += 1
                     # The volume limit on the step as the step limit left it, in turns with
                     # the step limit on the shortened step (integrator._limit_volumes).
                     n_volume = int(0)  # noqa: UP018 - a Warp variable
@@ -997,7 +1047,8 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                                     if rows_again > 0:
                                         again = collision_scales(
                                             cand, ccd_rows, rows_again, xl, f_c, p, bounds,
-                                            scales_abs, settled, alpha, alpha_out, True,
+                                            scales_abs, settled, alpha, alpha_out, source,
+                                            source_out, True,
                                         )  # fmt: skip
                                     if again == 0:
                                         pending = 0
@@ -1038,6 +1089,9 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                     taken += 1
                     last_step = relative
                     limited += n_limited
+                    if p.differentiable != 0:
+                        n_cuts += n_limited
+                        cut_start[taken] = n_cuts
                     if n_volume > 0:
                         status[6] += n_volume
                         status[7] += 1
@@ -1097,6 +1151,23 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
         most = wp.max(wp.max(l0, l1), wp.max(l2, l3))
         return wp.dot(a_after, friction_capped(most, before, imp, cap))
 
+    @wp.func
+    def bound_dot(
+        kind: int, x0: vec3, x1: vec3, x2: vec3, x3: vec3, y0: vec3, y1: vec3, y2: vec3,
+        y3: vec3, keep: T, slack: T, pf: T, absolute: int, a_t: T,
+    ) -> T:  # fmt: skip
+        # The step limit's bound of a pair at x0..x3 moving by y0..y3 (pair_scale's t, or
+        # its t_abs with ``absolute``), times its cotangent.
+        cw = pair_weights(kind, x0, x1, x2, x3, pf)
+        diff = cw[0] * x0 + cw[1] * x1 + cw[2] * x2 + cw[3] * x3
+        aim = (T(1.0) - slack) * ((T(1.0) - keep) * wp.length(diff))
+        reach = T(0.0)
+        if absolute != 0:
+            reach = side_reach(kind, y0, y1, y2, y3)
+        else:
+            reach = relative_reach(kind, y0, y1, y2, y3)
+        return a_t * (aim / reach)
+
     # The per-pair vector-Jacobian products: the gradients (wp.grad) of the functions above,
     # the cotangents of their inputs by name.
     @wp.func
@@ -1134,6 +1205,16 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
         g = wp.grad(capped_dot)(l0, l1, l2, l3, before, imp, cap, a_after)
         return vec4(g[0], g[1], g[2], g[3]), g[4], g[5], g[6]
 
+    @wp.func
+    def bound_vjp(
+        kind: int, x0: vec3, x1: vec3, x2: vec3, x3: vec3, y0: vec3, y1: vec3, y2: vec3,
+        y3: vec3, keep: T, slack: T, pf: T, absolute: int, a_t: T,
+    ):  # fmt: skip
+        g = wp.grad(bound_dot)(
+            kind, x0, x1, x2, x3, y0, y1, y2, y3, keep, slack, pf, absolute, a_t
+        )  # fmt: skip
+        return g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8]
+
     @wp.kernel(module=module, enable_backward=True)
     def pair_adjoints(
         x: wp.array(dtype=vec3), s4: wp.array(dtype=vec4), t: wp.array(dtype=T), k: int
@@ -1152,6 +1233,16 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
         )  # fmt: skip
         t[2] = stop_dot(s4[0], x[0], t[1], t[2], x[1], x[2], x[3], x[4], t[3], t[4], x[5])
         t[3] = capped_dot(t[1], t[2], t[3], t[4], x[0], x[1], t[5], x[2])
+        t[4] = bound_dot(
+            k, x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7], t[1], t[2], t[3], k, t[4]
+        )  # fmt: skip
+
+    @wp.func
+    def moved_by(x: wp.vec3d, w: vec3, s: VertexUpdate, origin: wp.vec3d, xl: vec3) -> vec3:
+        """A vertex's step (local) by the move and the ground at velocity w, as the step
+        limit measured it."""
+        xn, vn = vertex_move(x, w, s)
+        return local(xn, origin) - xl
 
     @wp.func
     def add_pair_cotangents(
@@ -1186,6 +1277,11 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
             row_sets: wp.array2d(dtype=wp.int32),
             row_set_of: wp.array(dtype=wp.int32),
             row_set_sizes: wp.array(dtype=wp.int32),
+            cut_vertex: wp.array(dtype=wp.int32),
+            cut_source: wp.array(dtype=wp.int32),
+            cut_alpha: wp.array(dtype=T),
+            cut_start: wp.array(dtype=wp.int32),
+            cut_adj: wp.array(dtype=T),
             grad_xs: wp.array2d(dtype=vec3),
             grad_vs: wp.array2d(dtype=vec3),
             xl: wp.array(dtype=vec3),
@@ -1277,14 +1373,50 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                         cand, act, n_active, p.eps_v, v_pass[q], v_pass[q + 1], load_pass[q],
                         impulse_pass[q], total_pass[q], total_pass[q + 1],
                     )  # fmt: skip
+                for i in range(n):
+                    adj_xl[i] = vec3()
+                    adj_load[i] = T(0.0)
+                    hvp[i] = vec3()  # here: the cotangent of x through truncated steps
+                # The step limit's truncation, x + a (x_move - x) and a v_move, with the
+                # scale a the bound of the pair it came from: adj_x and adj_v become the
+                # cotangents of the move's x and v.
+                for e in range(cut_start[r], cut_start[r + 1]):
+                    i = cut_vertex[e]
+                    xn, vn = vertex_move(x_saved[r, i], v_pass[used, i], s)
+                    y = local(xn, p.origin) - xl[i]
+                    cut_adj[e] = wp.dot(adj_x[i], y) + wp.dot(adj_v[i], vn)
+                for e in range(cut_start[r], cut_start[r + 1]):
+                    i = cut_vertex[e]
+                    a = cut_alpha[e]
+                    hvp[i] = (T(1.0) - a) * adj_x[i]
+                    adj_x[i] = a * adj_x[i]
+                    adj_v[i] = a * adj_v[i]
+                for e in range(cut_start[r], cut_start[r + 1]):
+                    code = cut_source[e]
+                    k = code // 2
+                    i0, i1, i2, i3 = pair_ids(cand, k)
+                    q0, q1, q2, q3, z0, z1, z2, z3 = bound_vjp(
+                        cand.kinds[k], xl[i0], xl[i1], xl[i2], xl[i3],
+                        moved_by(x_saved[r, i0], v_pass[used, i0], s, p.origin, xl[i0]),
+                        moved_by(x_saved[r, i1], v_pass[used, i1], s, p.origin, xl[i1]),
+                        moved_by(x_saved[r, i2], v_pass[used, i2], s, p.origin, xl[i2]),
+                        moved_by(x_saved[r, i3], v_pass[used, i3], s, p.origin, xl[i3]),
+                        p.keep, p.slack, p.parallel_fraction, code - 2 * k, cut_adj[e],
+                    )  # fmt: skip
+                    adj_xl[i0] = adj_xl[i0] + q0 - z0
+                    adj_xl[i1] = adj_xl[i1] + q1 - z1
+                    adj_xl[i2] = adj_xl[i2] + q2 - z2
+                    adj_xl[i3] = adj_xl[i3] + q3 - z3
+                    adj_x[i0] = adj_x[i0] + z0
+                    adj_x[i1] = adj_x[i1] + z1
+                    adj_x[i2] = adj_x[i2] + z2
+                    adj_x[i3] = adj_x[i3] + z3
                 # The move and the ground: adj_v becomes the cotangent of the velocity
                 # after friction, adj_x that of x (its direct part).
                 for i in range(n):
                     ax, aw = vertex_move_vjp(x_saved[r, i], v_pass[used, i], s, adj_x[i], adj_v[i])
-                    adj_x[i] = ax
+                    adj_x[i] = ax + hvp[i]
                     adj_v[i] = aw
-                    adj_xl[i] = vec3()
-                    adj_load[i] = T(0.0)
                 # Friction passes in reverse (v_out = v_in - sum c_i / m_i change).
                 for t in range(n_active):
                     adj_cw[t] = vec4()

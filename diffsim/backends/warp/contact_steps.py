@@ -10,8 +10,9 @@ the general path (a step that is capped, one that leaves the sets' reach: then t
 substep is taken by the general path, and the next launch goes on). Where a gradient is
 asked for, each launch is an autograd node (:class:`_ContactLaunch`) whose backward runs
 the launch's adjoint kernel; such a launch keeps each set of near rows it selects for the
-adjoint (up to ``ROW_SETS``) and leaves limited steps to the general path (whose scales
-carry their own gradient). One
+adjoint (up to ``ROW_SETS``) and the vertices its step limit truncates, with the bounds
+their scales came from (up to ``CUTS_PER_VERTEX`` per vertex), and leaves steps the volume
+limit cuts to the general path. One
 world, CPU, the Warp contact implementation, no time-of-impact splits; everything else
 takes the general path.
 """
@@ -48,6 +49,10 @@ from diffsim.physics import volume_limit as volume_rule
 from diffsim.physics.elasticity import inverse_rest_determinants
 from diffsim.sim.model import POSITION_DTYPE
 
+# A differentiable launch saves at most this many truncated vertices per vertex of the mesh
+# (their scales and bounds, for the adjoint); a substep that would save more goes to the
+# general path.
+CUTS_PER_VERTEX = 4
 # A differentiable launch selects the near rows again at most this many times less one
 # (each set is kept for the adjoint, one row per candidate); then it stops, and the next
 # launch starts with the sets selected anew.
@@ -180,7 +185,9 @@ class FusedContactSteps:
         """One launch of ``contact_advance`` from substep j of ``targets[0]``'s step: x, v
         and fixed_start advanced in place, frames into xs, vs; with ``saved`` (x, v, f
         buffers ``[substeps left, n, 3]``, the near row sets ``[ROW_SETS, m]``, each
-        substep's set ``[substeps left]`` and their sizes ``[ROW_SETS]``) differentiable.
+        substep's set ``[substeps left]`` and their sizes ``[ROW_SETS]``, the truncated
+        vertices, their bounds and scales ``[capacity]`` and each substep's first of them
+        ``[substeps left + 1]``) differentiable.
         Returns ``(taken, why, check, held-back offset)`` and records the substeps in the
         contact."""
         b, m = self.backend, self.backend.model
@@ -209,9 +216,10 @@ class FusedContactSteps:
         cand = self._candidate_pairs(arrays, rows)
         near_anchor = scratch["near_anchor"]
         near_anchor.copy_(sets.near_anchor)
+        ids = scratch["dummy_ids"]
         saved = saved or (
             scratch["dummy_x"], scratch["dummy_v"], scratch["dummy_v"], scratch["dummy_sets"],
-            scratch["dummy_ids"], scratch["dummy_ids"],
+            ids, ids, ids, ids, scratch["dummy_scale"], ids,
         )  # fmt: skip
         start = time.perf_counter()
         team = self._team(v.dtype)
@@ -231,6 +239,8 @@ class FusedContactSteps:
                 wrap(xs, k.position), wrap(vs, k.vec3),
                 wrap(saved[0], k.position), wrap(saved[1], k.vec3), wrap(saved[2], k.vec3),
                 wrap(saved[3], wp.int32), wrap(saved[4], wp.int32), wrap(saved[5], wp.int32),
+                wrap(saved[6], wp.int32), wrap(saved[7], wp.int32), wrap(saved[8], k.scalar),
+                wrap(saved[9], wp.int32),
                 wrap(status, wp.int32), wrap(stats, wp.float64),
             ],
             device=g.device,
@@ -387,6 +397,8 @@ class FusedContactSteps:
             # Each vertex's offset from the anchor and step length, for the step limit.
             offsets, lengths = torch.zeros(n, **t), torch.zeros(n, **t)
             alpha = [torch.zeros(n, **t), torch.zeros(n, **t)]  # the step limit's scales
+            # ... and the bounds they came from.
+            source = [torch.zeros(n, dtype=torch.int32, device=x.device) for _ in range(2)]
             # The volume limit's scales, changed flags, det Dm^-1 per tet and total scales.
             volume = [torch.zeros(n, dtype=torch.float64, device=x.device) for _ in range(2)]
             volume.append(torch.zeros(n, dtype=torch.int32, device=x.device))
@@ -396,12 +408,14 @@ class FusedContactSteps:
             views += [wrap(x_new, k.position), wrap(keep[3], k.vec3), wrap(dx, k.vec3)]
             views += [wrap(load, k.scalar), wrap(offsets, k.scalar), wrap(lengths, k.scalar)]
             found = {
-                "owners": [*keep, x_new, dx, load, offsets, lengths, *alpha, *volume],
+                "owners": [*keep, x_new, dx, load, offsets, lengths, *alpha, *source, *volume],
                 "dummy_x": torch.zeros((1, 1, 3), dtype=POSITION_DTYPE, device=x.device),
                 "dummy_v": torch.zeros((1, 1, 3), **t),
                 "dummy_sets": torch.zeros((1, 1), dtype=torch.int32, device=x.device),
                 "dummy_ids": torch.zeros(1, dtype=torch.int32, device=x.device),
-                "step_limit": [wrap(a, k.scalar) for a in alpha],
+                "dummy_scale": torch.zeros(1, **t),
+                "step_limit": [wrap(a, k.scalar) for a in alpha]
+                + [wrap(a, wp.int32) for a in source],
                 "volume_limit": [
                     wrap(volume[0], wp.float64),
                     wrap(volume[1], wp.float64),
@@ -529,6 +543,10 @@ class _ContactLaunch(torch.autograd.Function):
             torch.empty((ROW_SETS, max(sets.arrays.n, 1)), **ids),
             torch.empty(left, **ids),
             torch.zeros(ROW_SETS, **ids),
+            torch.empty(CUTS_PER_VERTEX * n, **ids),
+            torch.empty(CUTS_PER_VERTEX * n, **ids),
+            v.new_empty(CUTS_PER_VERTEX * n),
+            torch.zeros(left + 1, **ids),
         )
         xs, vs = x.new_empty((len(targets), n, 3)), v.new_empty((len(targets), n, 3))
         taken, why, check, held = runner._launch(
@@ -539,7 +557,9 @@ class _ContactLaunch(torch.autograd.Function):
         settings = runner.last_settings
         ctx.runner, ctx.w, ctx.arrays, ctx.settings, ctx.j = runner, w, sets.arrays, settings, j
         ctx.taken, ctx.done, ctx.n_targets = taken, done, len(targets)
-        ctx.saved = (saved[0][:taken], saved[1][:taken], saved[2][:taken], *saved[3:])
+        cuts = int(saved[9][taken])
+        ctx.saved = (saved[0][:taken], saved[1][:taken], saved[2][:taken], *saved[3:6])
+        ctx.cuts = (saved[6][:cuts], saved[7][:cuts], saved[8][:cuts], saved[9][: taken + 1])
         ctx.param_shapes = [t.shape for t in params]
         return x, v, fixed_start, xs[:done], vs[:done]
 
@@ -583,6 +603,8 @@ class _ContactLaunch(torch.autograd.Function):
         if taken:
             arrays = ctx.arrays
             x_saved, v_saved, f_saved, row_sets, row_set_of, row_set_sizes = ctx.saved
+            cut_vertex, cut_source, cut_alpha, cut_start = ctx.cuts
+            cut_adj = torch.empty(max(len(cut_vertex), 1), **t)
             team = runner._team(dtype)
             x_saved_w = wrap(x_saved, k.position)
             shares = [(torch.zeros_like(adj[2]), torch.zeros_like(adj[3])) for _ in team.bounds]
@@ -596,6 +618,8 @@ class _ContactLaunch(torch.autograd.Function):
                     x_saved_w, wrap(v_saved, k.vec3), wrap(f_saved, k.vec3),
                     wrap(row_sets, wp.int32), wrap(row_set_of, wp.int32),
                     wrap(row_set_sizes, wp.int32),
+                    wrap(cut_vertex, wp.int32), wrap(cut_source, wp.int32),
+                    wrap(cut_alpha, k.scalar), wrap(cut_start, wp.int32), wrap(cut_adj, k.scalar),
                     wrap(grad_xs, k.vec3), wrap(grad_vs, k.vec3), *views[:5], act, *views[11:],
                     wrap(adj_x, k.vec3), wrap(adj_v, k.vec3), wrap(adj_start, k.vec3),
                     wrap(adj[0], k.vec3), wrap(adj[1], k.scalar), wrap(adj[2], k.scalar),

@@ -71,3 +71,20 @@ def tumbling_cubes(dtype: torch.dtype):
     v = torch.zeros((sim.mesh.n_vertices, 3), dtype=dtype)
     v[sim.mesh.n_vertices // 2 :] = torch.tensor([1.0, -0.3, 0.4], dtype=dtype)
     return sim, sim.initial_state(velocities=v)
+
+
+def stacked_tori(drop: float = 0.012):
+    """Two tori of ../shared/assets/torus.msh, 0.1 m across, lying flat: one on the ground
+    (0.5 mm above it), the other offset across its ring with its underside ``drop`` (m)
+    above the first one's top, so that it falls onto the first one's rim. They start apart
+    (intersection-free)."""
+    import numpy as np
+
+    import diffsim as ds
+
+    flat = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])  # x-y plane -> x-z
+    torus = ds.TetMesh.load(asset("torus.msh")).centered().scaled_to(0.1)
+    lower = torus.transformed(rotation=flat).placed_on(0.0, gap=0.0005)
+    top = float(lower.vertices[:, 1].max())
+    upper = torus.transformed(rotation=flat, translation=(0.03, 0.0, 0.01))
+    return ds.TetMesh.merge([lower, upper.placed_on(0.0, gap=top + drop)])

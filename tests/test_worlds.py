@@ -20,6 +20,7 @@ from diffsim.backends import BACKENDS
 from diffsim.backends.base import Backend
 from diffsim.backends.warp import bridge as warp_bridge
 from diffsim.backends.warp import fused as warp_fused
+from tests.helpers import stacked_tori
 
 F64 = torch.float64
 W = 3
@@ -290,6 +291,47 @@ def test_worlds_in_contact_with_prescribed_vertices_per_tet_moduli_and_the_volum
         assert rel(batched[w], single[w]) <= tolerance
         closest = min(one.model.contact.min_distance(x) for x in alone.positions)
         assert closest < one.model.contact.dhat  # the thrown box reached the held one
+
+
+@needs_warp
+def test_worlds_of_a_real_mesh_in_the_default_configuration():
+    """Two tori of ../shared/assets/torus.msh as users run them: float32, the ground on,
+    default contact with friction, ``substeps="auto"``; one lies on the ground, the other
+    is thrown down onto it at 4 m/s, a different E per world. The ground is touched, the
+    tori collide and the step limit cuts steps in every world; each world equals the world
+    alone, positions and the gradient of a loss with respect to E (float32: to its
+    rounding)."""
+    mesh = stacked_tori()
+    E = torch.tensor([1e5, 3e5], requires_grad=True)
+    settings = dict(dt=2e-3, substeps="auto", ground=0.0, contact_friction=0.5)
+    sim = ds.Simulator(mesh, ds.StableNeoHookean(E, 0.3, 1000.0), worlds=2, **settings)
+    assert sim.dtype == torch.float32 and sim.model.contact is not None
+    steps = 40
+    thrown = torch.zeros((mesh.n_vertices, 3))
+    thrown[torch.as_tensor(mesh.body_ids == 1), 1] = -4.0
+    with pytest.warns(ds.StabilityWarning):  # faster than the barrier stops
+        traj = sim.rollout(steps, sim.initial_state(velocities=thrown))
+    weights = torch.randn(traj.positions.shape[1:], generator=torch.Generator().manual_seed(5))
+    (batched,) = torch.autograd.grad((traj.positions[-1] * weights).sum(), E)
+    counts = dict(sim.backend.fused_contact.counts)
+    print(f"{counts}; cut {sim.contact_steps_cut}; dE {batched.tolist()}")
+    assert counts["fused_substeps"] > 0
+    for w in range(2):
+        # The worlds share the substep the stiffest needs.
+        alone_settings = dict(settings, substeps=sim.model.substeps)
+        one = ds.Simulator(mesh, ds.StableNeoHookean(E[w], 0.3, 1000.0), **alone_settings)
+        with pytest.warns(ds.StabilityWarning):
+            alone = one.rollout(steps, one.initial_state(velocities=thrown))
+        (single,) = torch.autograd.grad((alone.positions[-1] * weights[w]).sum(), E)
+        error = rel(traj.positions[:, w], alone.positions)
+        print(f"world {w}: cut {one.contact_steps_cut}; positions {error:.1e}, "
+              f"dE {float(single[w]):.6e} / {float(batched[w]):.6e}")  # fmt: skip
+        assert one.contact_steps_cut > 0  # the step limit acted
+        assert float(alone.positions[:, :, 1].min()) < one.model.ground.dhat  # on the ground
+        closest = min(one.model.contact.min_distance(x) for x in alone.positions.detach())
+        assert closest < one.model.contact.dhat  # the tori collided
+        assert error <= 1e-6
+        assert rel(batched[w], single[w]) <= 1e-4
 
 
 def test_identical_overlapping_worlds_do_not_repel():

@@ -270,8 +270,9 @@ class SurfaceContact:
     ) -> SurfaceContact:
         """The Simulator's contact: defaults from the scene, checked for a separated start.
 
-        Raises ValueError where surfaces touch at rest; warns (:class:`ContactWarning`) where
-        an explicit dhat puts pairs inside the barrier at rest, naming them.
+        Raises ValueError where surfaces intersect or touch at rest; warns
+        (:class:`ContactWarning`) where an explicit dhat puts pairs inside the barrier at
+        rest, naming them.
 
         Args:
             mesh: the mesh at rest (its rest shape must be intersection-free).
@@ -291,6 +292,10 @@ class SurfaceContact:
             implementation, broad_phase = "torch", "brute"
         if dhat is not None and not (dhat > 0 and math.isfinite(dhat)):
             raise ValueError(f"contact_dhat must be a positive finite number, got {dhat!r}")
+        if broad_phase == "bvh":
+            from diffsim.contact.intersections import check_intersection_free
+
+            check_intersection_free(mesh)
         gaps = RestGaps.of(mesh, None if dhat is None else float(dhat), device, broad_phase)
         gaps.check_separated(gaps.scene_dhat if dhat is None else float(dhat))
         if dhat is None:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import diffsim as ds
+from diffsim.backends.warp import contact_steps
 from tests.helpers import asset, stacked_tori, tumbling_cubes
 
 
@@ -506,11 +507,15 @@ def test_a_contact_worker_that_never_arrives_raises_instead_of_hanging(monkeypat
     assert len(sim.backend.fused_contact._team(torch.float64).bounds) == 2
 
 
-def test_gradients_through_an_impact_the_limit_cuts_agree_with_finite_differences():
+@pytest.mark.parametrize("cuts_per_vertex", [None, 1])
+def test_gradients_through_an_impact_the_limit_cuts_agree_with_finite_differences(
+    cuts_per_vertex, monkeypatch
+):
     """Two boxes thrown together at 6 m/s (float64, the default substep, no contact_speed):
     the step limit cuts hundreds of vertex-steps, all inside the fused launches; the
     gradient with respect to the initial velocities agrees with central differences along
-    a random direction. The velocities carry a little noise: boxes moving as rigid
+    a random direction (also where the launches' records of truncated vertices fill up and
+    the next launch goes on). The velocities carry a little noise: boxes moving as rigid
     translates of the same grid give many pairs exactly the same bound, where the rollout
     has a kink (on the 10 cm boxes of resolution 3, one-sided slopes 10% apart) and no
     derivative to check."""
@@ -530,6 +535,8 @@ def test_gradients_through_an_impact_the_limit_cuts_agree_with_finite_difference
     v += 0.05 * torch.randn(v.shape, generator=generator, dtype=torch.float64)
     weights = torch.linspace(0.0, 1.0, mesh.n_vertices, dtype=torch.float64)
     direction = torch.randn(v.shape, generator=generator, dtype=torch.float64)
+    if cuts_per_vertex is not None:
+        monkeypatch.setattr(contact_steps, "CUTS_PER_VERTEX", cuts_per_vertex)
 
     def loss(v0: torch.Tensor) -> torch.Tensor:
         traj = sim.rollout(10, sim.initial_state(velocities=v0))
@@ -548,6 +555,7 @@ def test_gradients_through_an_impact_the_limit_cuts_agree_with_finite_difference
     print(f"{counts}; cut {cut}; gradient {gradient:.10f}, central difference {fd:.10f}, "
           f"relative error {error:.2e}")  # fmt: skip
     assert cut > 100 and counts["limited"] == 0 and counts["general_substeps"] == 0
+    assert (counts["records_full"] > 0) == (cuts_per_vertex is not None)
     assert error < 1e-6
 
 

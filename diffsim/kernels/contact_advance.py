@@ -54,9 +54,11 @@ GENERAL_STEP = 2  # this substep needs the general path, status[2] says why:
 CAPPED = 1  # the step limit would cap the whole step (or raise a blow-up)
 BEYOND_REACH = 2  # the step leaves the candidate set's reach (the caller builds one for it)
 LIMITED = 3  # a differentiable launch leaves steps the volume limit cuts to the general path
-# (and steps whose truncated vertices would overflow its records)
 REASONS = {CAPPED: "capped", BEYOND_REACH: "beyond_reach", LIMITED: "limited"}
 GAVE_UP = 3  # status[1]: a worker stopped waiting for the others (a hang of seconds)
+# status[1]: a differentiable launch's records of truncated vertices are full (it stops
+# before the substep; the next launch goes on).
+RECORDS_FULL = 4
 # The jobs a launch's other workers run on their tets (Team.command[1]).
 FORCES = 0  # add their elastic forces
 VOLUMES = 1  # flag those the volume limit's first round cuts (volume_fails)
@@ -969,7 +971,13 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                         if moved + relative > p.reach:
                             general = BEYOND_REACH
                         elif p.differentiable != 0 and n_cuts + n_limited > cut_vertex.shape[0]:
-                            general = LIMITED
+                            # Never at a launch's first substep: the records hold at least
+                            # one per vertex.
+                            release(team)
+                            status[0] = taken
+                            status[1] = RECORDS_FULL
+                            status[3] = selections
+                            return
                         else:
                             e = n_cuts
                             for i in range(n):

@@ -43,6 +43,7 @@ from diffsim.kernels.contact_advance import (
     GAVE_UP,
     GENERAL_STEP,
     REASONS,
+    RECORDS_FULL,
     SETS_EXPIRED,
 )
 from diffsim.physics import volume_limit as volume_rule
@@ -85,6 +86,7 @@ class FusedContactSteps:
             "general_substeps": 0,
             "launches": 0,
             "sets_expired": 0,
+            "records_full": 0,  # differentiable launches stopped with their records full
             "near_selections": 0,
             "limited_vertex_steps": 0,
             # The step limit's rows: by the anchor distances, and those it measured.
@@ -141,6 +143,10 @@ class FusedContactSteps:
                 step, j = divmod(step * substeps + j + taken, substeps)
             if why == FINISHED:
                 break
+            if why == RECORDS_FULL:
+                self.counts["records_full"] += 1
+                held_back = 0.0
+                continue
             self.counts["sets_expired" if why == SETS_EXPIRED else REASONS[check]] += 1
             # Launch again with sets selected where the launch stopped, or built for the
             # step it held back (as the general path's step limit would build one), unless

@@ -100,6 +100,29 @@ def test_an_explicit_dhat_above_the_rest_gaps_warns_naming_the_pairs():
         ds.Simulator(mesh, material, ground=None, contact=True)
 
 
+def test_bodies_placed_almost_touching_warn_that_they_set_a_tiny_dhat():
+    """Two boxes stacked 10 microns apart: the default dhat is 5 microns (the rest state
+    stays at rest) and the set-up warns with the gap, the bodies, the speed the barrier
+    then stops and the fix; 1 mm apart, or a thin part of one body, it does not warn."""
+    material = ds.StableNeoHookean(1e5, 0.3, 1000.0)
+
+    def stacked(gap: float) -> ds.TetMesh:
+        lower = ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=2)
+        upper = ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=2, origin=(0.02, 0.1 + gap, 0))
+        return ds.TetMesh.merge([lower, upper])
+
+    with pytest.warns(ContactWarning, match=r"bodies 0 and 1 start 0.01 mm apart") as record:
+        sim = ds.Simulator(stacked(1e-5), material, ground=None)
+    message = str(record[0].message)
+    print(message)
+    assert sim.model.contact.dhat == pytest.approx(5e-6, rel=1e-6)
+    assert "stops approaches only up to about" in message and "apart for the full dhat" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ContactWarning)
+        ds.Simulator(stacked(1e-3), material, ground=None)
+        ds.Simulator(thin_mat_and_far_box(), ds.StableNeoHookean(5e3, 0.3), ground=None)
+
+
 # ----------------------------------------------------------------- rest stays at rest
 def real_mesh(name: str) -> ds.TetMesh:
     """A mesh from ../shared/assets, centred; 0.3 m tall (the mat keeps its 1 m x 8 mm)."""

@@ -31,6 +31,9 @@ DHAT_FRACTION = 5e-3
 REST_GAP_FRACTION = 0.5
 # Pairs named in the warning for an explicit dhat above the rest gaps.
 WARN_PAIRS = 3
+# A default dhat below this fraction of the scene rule, set by the gap between two bodies
+# (where they were placed, not a part's thickness), warns.
+CLOSE_BODIES_FRACTION = 0.1
 
 
 class ContactWarning(UserWarning):
@@ -131,6 +134,34 @@ class RestGaps:
             f"{self.dhat:.3g} m (0.5% of its diagonal, at most {REST_GAP_FRACTION:g} of the "
             f"closest rest gap); use it (contact_dhat=None) or a smaller one unless the "
             f"squeeze is intended",
+            ContactWarning,
+            stacklevel=4,
+        )
+
+    def warn_close_bodies(self, body_ids: np.ndarray, stopping_speed: float) -> None:
+        """Warns (:class:`ContactWarning`) where the default dhat is below
+        ``CLOSE_BODIES_FRACTION`` of the scene rule because two bodies start that close.
+
+        Args:
+            body_ids: ``[n]`` body of each vertex (``TetMesh.body_ids``).
+            stopping_speed: the approach speed (m/s) the default barrier stops at the
+                simulator's substep, for the message.
+        """
+        if not len(self.distances) or self.dhat >= CLOSE_BODIES_FRACTION * self.scene_dhat:
+            return
+        bodies = sorted({int(b) for b in np.asarray(body_ids)[self.pairs[0].cpu().numpy()]})
+        if len(bodies) < 2:
+            return  # a thin part or a fold of one body: its geometry sets dhat
+        gap = float(self.distances[0])
+        warnings.warn(
+            f"bodies {bodies[0]} and {bodies[1]} start {1e3 * gap:.3g} mm apart "
+            f"({self.describe(1)}), which sets the default contact_dhat to "
+            f"{1e3 * self.dhat:.3g} mm, {self.dhat / self.scene_dhat:.2g} of the "
+            f"{1e3 * self.scene_dhat:.3g} mm the scene's size allows: the barrier then stops "
+            f"approaches only up to about {stopping_speed:.3g} m/s at this substep, and the "
+            f"step limit cuts faster ones (they lose energy). Place the bodies at least "
+            f"{1e3 * self.scene_dhat / REST_GAP_FRACTION:.3g} mm apart for the full dhat, "
+            f"or pass contact_dhat (pairs closer than it start inside the barrier)",
             ContactWarning,
             stacklevel=4,
         )

@@ -298,12 +298,15 @@ class SurfaceContact:
             check_intersection_free(mesh)
         gaps = RestGaps.of(mesh, None if dhat is None else float(dhat), device, broad_phase)
         gaps.check_separated(gaps.scene_dhat if dhat is None else float(dhat))
-        if dhat is None:
+        default = dhat is None
+        if default:
             dhat = gaps.dhat
         else:
             dhat = float(dhat)
             gaps.warn_inside(dhat)
         stiffness = cls.default_stiffness(dhat, h) if stiffness is None else float(stiffness)
+        if default:
+            gaps.warn_close_bodies(mesh.body_ids, STOPPING_FRACTION * dhat / h)
         return cls(
             mesh,
             dhat=dhat,

@@ -780,7 +780,18 @@ class Simulator:
                     f"vertices {below[:8].tolist()} start at or below the ground "
                     f"(y = {self.model.ground.height:g}); lift them"
                 )
+        if positions is not None:
+            self._check_intersection_free(x, self.model.contact, "in the initial positions")
         return State(x, v)
+
+    def _check_intersection_free(self, x: torch.Tensor, contact, where: str) -> None:
+        """Raises ValueError where surfaces cross at positions ``x [n, 3]`` (surface contact
+        on, with the Warp broad phase; :mod:`diffsim.contact.intersections`)."""
+        if getattr(contact, "broad_phase", None) != "bvh":
+            return
+        from diffsim.contact.intersections import check_intersection_free
+
+        check_intersection_free(self.mesh, contact.surface, x.detach(), where)
 
     def _world_initial_state(self, positions, velocities) -> State:
         W, n = self.worlds, self.mesh.n_vertices
@@ -801,6 +812,10 @@ class Simulator:
                     f"vertices {vertices[:8]} of world {world} start at or below the ground "
                     f"(y = {ground.height:g}); lift them"
                 )
+        if positions is not None and self.model.contact is not None:
+            for w, contact in enumerate(getattr(self.model.contact, "contacts", [])):
+                where = f"in the initial positions of world {w}"
+                self._check_intersection_free(x[w], contact, where)
         return State(x, v)
 
     def _world_tensor(self, name: str, value, dtype: torch.dtype, vector: bool = False):

@@ -83,3 +83,21 @@ def test_a_mesh_whose_surface_passes_through_itself_is_refused():
     assert ipctk_intersects(mesh)
     with pytest.raises(ValueError, match="the surface of body 0 passes through itself"):
         ds.Simulator(mesh, MATERIAL, ground=None)
+
+
+@pytest.mark.parametrize("worlds", [None, 2])
+def test_initial_positions_that_overlap_are_refused(worlds):
+    """The rest shape is apart; the initial positions move one torus into the other."""
+    torus = ds.TetMesh.load(asset("torus.msh")).centered().scaled_to(0.1)
+    mesh = ds.TetMesh.merge([torus, torus.transformed(translation=(0.2, 0.0, 0.0))])
+    sim = ds.Simulator(mesh, MATERIAL, ground=None, worlds=worlds)
+    moved = torch.as_tensor(mesh.vertices).clone()
+    moved[torch.as_tensor(mesh.body_ids == 1), 0] -= 0.18
+    if worlds is None:
+        with pytest.raises(ValueError, match="intersect in the initial positions: bodies 0"):
+            sim.initial_state(positions=moved)
+    else:
+        both = torch.stack([torch.as_tensor(mesh.vertices), moved])
+        with pytest.raises(ValueError, match="initial positions of world 1: bodies 0 and 1"):
+            sim.initial_state(positions=both)
+    sim.initial_state(positions=torch.as_tensor(mesh.vertices) + 0.01)  # apart: accepted

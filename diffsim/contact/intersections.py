@@ -68,33 +68,46 @@ def surface_crossings(surface: SurfacePrimitives, x: torch.Tensor) -> tuple[int,
     return n, rows if len(rows) else none
 
 
-def check_intersection_free(mesh: TetMesh, surface: SurfacePrimitives | None = None) -> None:
-    """Raises ValueError where the mesh's surfaces intersect at rest, naming a crossing, the
-    bodies it joins (``mesh.body_ids``) and the fix.
+def check_intersection_free(
+    mesh: TetMesh,
+    surface: SurfacePrimitives | None = None,
+    positions: torch.Tensor | None = None,
+    where: str = "at rest",
+) -> None:
+    """Raises ValueError where the mesh's surfaces intersect, naming a crossing, the bodies
+    it joins (``mesh.body_ids``) and the fix.
 
     Args:
-        mesh: the mesh at rest, all bodies.
+        mesh: the mesh, all bodies (its rest shape is checked unless ``positions`` given).
         surface: its contact surface (built from the mesh where not given).
+        positions: ``[n, 3]`` positions to check instead of the rest shape (m).
+        where: what is checked, for the message (e.g. ``"in the initial positions of world
+            1"``).
     """
     surface = SurfacePrimitives.from_mesh(mesh) if surface is None else surface
-    n, rows = surface_crossings(surface, torch.as_tensor(mesh.vertices, dtype=torch.float64))
+    x = torch.as_tensor(mesh.vertices if positions is None else positions, dtype=torch.float64)
+    n, rows = surface_crossings(surface, x)
     if not n:
         return
-    edge = surface.edges[rows[0, 0]].tolist()
-    face = surface.faces[rows[0, 1]].tolist()
+    edge = surface.edges[int(rows[0, 0])].tolist()
+    face = surface.faces[int(rows[0, 1])].tolist()
     bodies = np.asarray(mesh.body_ids)
     body_edge, body_face = int(bodies[edge[0]]), int(bodies[face[0]])
     if body_edge != body_face:
-        where = f"bodies {body_edge} and {body_face} overlap"
+        what = f"bodies {body_edge} and {body_face} overlap"
         fix = (
-            "move them apart before merging (TetMesh.transformed, placed_on) so that no "
+            "move them apart (before merging: TetMesh.transformed, placed_on) so that no "
             "two bodies overlap"
         )
     else:
-        where = f"the surface of body {body_edge} passes through itself"
-        fix = "repair the mesh (e.g. tetrahedralize its surface again with pytetwild)"
+        what = f"the surface of body {body_edge} passes through itself"
+        fix = (
+            "repair the mesh (e.g. tetrahedralize its surface again with pytetwild)"
+            if positions is None
+            else "start from positions where it does not"
+        )
     raise ValueError(
-        f"surfaces intersect at rest: {where} (surface edge {tuple(edge)} passes through "
+        f"surfaces intersect {where}: {what} (surface edge {tuple(edge)} passes through "
         f"triangle {tuple(face)}; {n} such crossing(s)). Surface contact keeps surfaces "
         f"apart but cannot pull apart surfaces that start inside each other: {fix}, or "
         f"pass contact=False"

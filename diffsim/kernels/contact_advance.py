@@ -768,8 +768,8 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
             f_saved), its near rows (row_sets .. row_set_sizes) and the vertices the step
             limit truncated: substep r's are ``cut_vertex[cut_start[r]:cut_start[r + 1]]``
             with their scales and the bounds those came from (``cut_alpha``,
-            ``cut_source``); where they would overflow ``cut_vertex``, the substep goes to
-            the general path.
+            ``cut_source``); where they would overflow ``cut_vertex``, it stops before the
+            substep (``RECORDS_FULL``).
             Writes ``status = (substeps taken, why it stopped, which check, near
             selections, limited vertex-steps, near rows last selected, the volume limit's
             vertex-steps and substeps, its turns after the first)`` and ``stats =

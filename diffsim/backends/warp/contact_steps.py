@@ -51,8 +51,8 @@ from diffsim.physics.elasticity import inverse_rest_determinants
 from diffsim.sim.model import POSITION_DTYPE
 
 # A differentiable launch saves at most this many truncated vertices per vertex of the mesh
-# (their scales and bounds, for the adjoint); a substep that would save more goes to the
-# general path.
+# (their scales and bounds, for the adjoint); it stops before a substep that would save
+# more (RECORDS_FULL), and the next launch goes on.
 CUTS_PER_VERTEX = 4
 # A differentiable launch selects the near rows again at most this many times less one
 # (each set is kept for the adjoint, one row per candidate); then it stops, and the next

@@ -82,13 +82,15 @@ class RestGaps:
         dhat: float | None = None,
         device: str | torch.device = "cpu",
         broad_phase: str = "bvh",
+        surface: SurfacePrimitives | None = None,
     ) -> RestGaps:
         """The pairs closer than ``DHAT_FRACTION * diagonal / REST_GAP_FRACTION`` (the rest
-        gaps that can lower the default) or than an explicit ``dhat`` (m), at rest."""
+        gaps that can lower the default) or than an explicit ``dhat`` (m), at rest
+        (``surface``: the mesh's, where the caller has built it)."""
         diagonal = float(np.linalg.norm(np.ptp(mesh.vertices, axis=0)))
         scene_dhat = DHAT_FRACTION * diagonal
         radius = max(scene_dhat / REST_GAP_FRACTION, dhat or 0.0)
-        surface = SurfacePrimitives.from_mesh(mesh, device)
+        surface = SurfacePrimitives.from_mesh(mesh, device) if surface is None else surface
         centroid = mesh.vertices.mean(axis=0)
         x = torch.as_tensor(mesh.vertices - centroid, dtype=torch.float64, device=device)
         c = find_candidates(surface, x, radius, broad_phase)

@@ -496,6 +496,18 @@ def _build(scalar):
         return side_reach(kind, y0 - c, y1 - c, y2 - c, y3 - c)
 
     @wp.func
+    def pair_aim(
+        kind: int, x0: vec3, x1: vec3, x2: vec3, x3: vec3, keep: scalar, slack: scalar,
+        parallel_fraction: scalar,
+    ):  # fmt: skip
+        """A pair's distance bound ``(1 - keep) d`` and the reach its scales aim at,
+        ``(1 - slack)`` of it: ``(limit, aim)`` (m)."""
+        c = pair_weights(kind, x0, x1, x2, x3, parallel_fraction)
+        diff = c[0] * x0 + c[1] * x1 + c[2] * x2 + c[3] * x3
+        limit = (one - keep) * wp.length(diff)
+        return limit, (one - slack) * limit
+
+    @wp.func
     def pair_scale(
         kind: int, x0: vec3, x1: vec3, x2: vec3, x3: vec3, y0: vec3, y1: vec3, y2: vec3,
         y3: vec3, keep: scalar, slack: scalar, parallel_fraction: scalar,
@@ -503,10 +515,7 @@ def _build(scalar):
         """CCD pass 1 for one pair at x0..x3 moving by y0..y3: ``(bound, t_abs, t)``, its
         distance bound ``(1 - keep) d``, absolute scale and relative scale (1: not
         limited; see :func:`step_scales`)."""
-        c = pair_weights(kind, x0, x1, x2, x3, parallel_fraction)
-        diff = c[0] * x0 + c[1] * x1 + c[2] * x2 + c[3] * x3
-        limit = (one - keep) * wp.length(diff)
-        aim = (one - slack) * limit
+        limit, aim = pair_aim(kind, x0, x1, x2, x3, keep, slack, parallel_fraction)
         absolute = side_reach(kind, y0, y1, y2, y3)
         ta = one
         if absolute > aim:
@@ -631,6 +640,7 @@ def _build(scalar):
         relative_reach=relative_reach,
         sides_max=sides_max,
         side_reach=side_reach,
+        pair_aim=pair_aim,
     )
 
 

@@ -90,7 +90,7 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
     barrier_pair, friction_terms = contact.barrier_pair, contact.friction_terms
     friction_stop, friction_capped = contact.friction_stop, contact.friction_capped
     pair_scale, relative_reach = contact.pair_scale, contact.relative_reach
-    sides_max, side_reach = contact.sides_max, contact.side_reach
+    sides_max, side_reach, pair_aim = contact.sides_max, contact.side_reach, contact.pair_aim
 
     @wp.struct
     class ContactStep:
@@ -1166,9 +1166,7 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
     ) -> T:  # fmt: skip
         # The step limit's bound of a pair at x0..x3 moving by y0..y3 (pair_scale's t, or
         # its t_abs with ``absolute``), times its cotangent.
-        cw = pair_weights(kind, x0, x1, x2, x3, pf)
-        diff = cw[0] * x0 + cw[1] * x1 + cw[2] * x2 + cw[3] * x3
-        aim = (T(1.0) - slack) * ((T(1.0) - keep) * wp.length(diff))
+        limit, aim = pair_aim(kind, x0, x1, x2, x3, keep, slack, pf)
         reach = T(0.0)
         if absolute != 0:
             reach = side_reach(kind, y0, y1, y2, y3)

@@ -9,4 +9,12 @@ bash scripts/setup.sh
 # subprocess's folder.
 export WARP_CACHE_PATH="${WARP_CACHE_PATH:-${XDG_CACHE_HOME:-$HOME/.cache}/warp}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-exec .venv/bin/python -m pytest -q --durations=25 "$@"
+# The tests run in parallel processes, one per core (at most 4; pytest-xdist, work
+# stealing: the long tests spread over the processes). DIFFSIM_TEST_PROCESSES=1 runs them
+# in this one, in the order of a plain pytest run.
+PROCESSES="${DIFFSIM_TEST_PROCESSES:-auto}"
+PARALLEL=()
+if [ "$PROCESSES" != "1" ]; then
+    PARALLEL=(-n "$PROCESSES" --maxprocesses 4 --dist worksteal)
+fi
+exec .venv/bin/python -m pytest -q --durations=25 "${PARALLEL[@]}" "$@"

@@ -9,6 +9,9 @@ bash scripts/setup.sh
 # subprocess's folder.
 export WARP_CACHE_PATH="${WARP_CACHE_PATH:-${XDG_CACHE_HOME:-$HOME/.cache}/warp}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+# Every kernel compiled once, ahead, shared among the cores (a few seconds where the cache
+# has them): the test processes below would each compile what they reach, at once.
+.venv/bin/python scripts/compile_kernels.py
 # The tests run in parallel processes, one per core (at most 4; pytest-xdist, work
 # stealing: the long tests spread over the processes). DIFFSIM_TEST_PROCESSES=1 runs them
 # in this one, in the order of a plain pytest run.

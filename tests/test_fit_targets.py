@@ -256,11 +256,18 @@ def test_batched_worlds_give_the_fit_of_one_rollout_per_target(drops, cls):
         np.testing.assert_allclose(batched.values[name], value, rtol=1e-9)
 
 
+class OneWorld(ds.Simulator):
+    """A user's simulator class without a ``worlds`` argument (one world per rollout)."""
+
+    def __init__(self, mesh, material, **settings):
+        super().__init__(mesh, material, **settings)
+
+
 def test_batch_true_needs_worlds(drops):
-    if supports_worlds(build()):
-        pytest.skip("the Simulator has batched worlds")
+    sim = build(cls=OneWorld)
+    assert not supports_worlds(sim) and supports_worlds(build())
     with pytest.raises(ValueError, match="batch=True needs a simulator with batched worlds"):
-        ds.fit(build(), drops, iters=0, batch=True)
+        ds.fit(sim, drops, iters=0, batch=True)
 
 
 # --------------------------------------------------------------------- the command line

@@ -123,23 +123,28 @@ def fd_check(backend: str, speed: float = SPEED, steps: int = 40):
     errors = {}
     for i, name in enumerate(("speed", "E")):
         eps = FD_EPS[speed][i] * float(values[i])
-        with torch.no_grad():
-            shifted = list(values)
-            shifted[i] = values[i] + eps
-            plus, log_plus, _ = run(*shifted)
-            shifted[i] = values[i] - eps
-            minus, log_minus, _ = run(*shifted)
+        # Each side taped as the gradient's run is, so that it takes the same path: the
+        # Warp backend's differentiable launches hand every cut substep to the general
+        # path, whose step limit the logs record.
+        shifted = [t.clone().requires_grad_(True) for t in values]
+        shifted[i] = (values[i] + eps).requires_grad_(True)
+        plus, log_plus, _ = run(*shifted)
+        shifted[i] = (values[i] - eps).requires_grad_(True)
+        minus, log_minus, _ = run(*shifted)
         assert log_plus == log_minus == log  # both sides took the same steps
-        fd = float(plus - minus) / (2 * eps)
+        fd = float(plus.detach() - minus.detach()) / (2 * eps)
         errors[name] = abs(float(grads[i]) - fd) / abs(fd)
         print(f"{backend} d loss/d {name}: autograd {float(grads[i]):.7e}, FD {fd:.7e}")
-    return errors, sim.model.contact.timings
+    fused = getattr(sim.backend, "fused_contact", None)
+    return errors, sim.model.contact.timings, fused.counts if fused else {}
 
 
 @pytest.mark.parametrize("backend", BOTH)
 def test_gradients_through_split_substeps_match_finite_differences(backend):
-    errors, timings = fd_check(backend)
+    errors, timings, counts = fd_check(backend)
     print(f"{backend}: relative errors {errors}")
+    if backend == "warp":  # the fused launches handed the split substeps to the general path
+        assert counts["fused_substeps"] > 0 and counts["split"] > 0
     assert timings["split_substeps"] > 0 and timings["truncated_vertex_steps"] == 0
     assert errors["speed"] < 1e-6 and errors["E"] < 1e-6  # measured 1.3e-7 and 4.8e-7 (warp)
 
@@ -148,7 +153,7 @@ def test_gradients_through_split_substeps_match_finite_differences(backend):
 def test_gradients_through_truncated_shortest_steps_match_finite_differences(backend):
     """At 2 m/s the splits reach 1/64 of the substep and the limit truncates there: the
     truncation's scales are differentiated as the pair bounds that set them."""
-    errors, timings = fd_check(backend, 2.0)
+    errors, timings, _ = fd_check(backend, 2.0)
     print(f"{backend} at 2 m/s: relative errors {errors}")
     assert timings["split_substeps"] > 0 and timings["truncated_vertex_steps"] > 0
     assert errors["speed"] < 2e-5 and errors["E"] < 2e-5  # measured 2.5e-6 and 4.9e-7 (warp)
@@ -157,7 +162,7 @@ def test_gradients_through_truncated_shortest_steps_match_finite_differences(bac
 def test_truncating_whole_substeps_has_the_gradient_of_its_bounds(no_splits):
     """With no splits (as before), truncated substeps have exact gradients too (before,
     with the scales constant: 3.2 and 0.73 off, the speed's of the wrong sign)."""
-    errors, timings = fd_check("torch")
+    errors, timings, _ = fd_check("torch")
     print(f"truncating: relative errors {errors}")
     assert timings["truncated_vertex_steps"] > 0 and timings["split_substeps"] == 0
     assert errors["speed"] < 1e-6 and errors["E"] < 1e-6  # measured 1.1e-8 and 5.7e-9
@@ -210,3 +215,37 @@ def test_the_default_float32_configuration_runs_through_the_impact(speed):
     assert torch.isfinite(traj.positions).all() and torch.isfinite(traj.velocities).all()
     assert torch.isfinite(v0.grad).all()
     assert min(contact.min_distance(x) for x in traj.positions) > 0
+
+
+@needs_warp
+@pytest.mark.parametrize(("dtype", "speed"), [(F64, SPEED), (F64, 2.0), (torch.float32, SPEED)])
+def test_the_fused_launches_split_as_the_general_path_does(dtype, speed):
+    """On the CPU the Warp backend splits a cut substep inside its fused launches, forces
+    recomputed at each step's start, the shortest steps truncated: the same steps (splits,
+    truncated vertex-steps) and the same motion as the general path. At 2 m/s the splits
+    reach the shortest step."""
+    runs = []
+    for fused in (True, False):
+        sim = two_cubes("warp", dtype=dtype)
+        if not fused:
+            sim.backend.fused_contact.usable = lambda: False
+        with torch.no_grad():
+            traj = sim.rollout(40, sim.initial_state(velocities=head_on(sim, speed)))
+        runs.append((traj, dict(sim.model.contact.timings), sim.backend.fused_contact.counts))
+    (fused, timings, counts), (general, general_timings, _) = runs
+    error = float((fused.positions - general.positions).abs().max())
+    v_error = float((fused.velocities - general.velocities).abs().max())
+    keys = ("split_substeps", "truncated_vertex_steps")
+    print(
+        f"{dtype} at {speed} m/s: fused {[timings[k] for k in keys]}, general "
+        f"{[general_timings[k] for k in keys]}; {counts}; max |dx| {error:.2e} m, "
+        f"|dv| {v_error:.2e} m/s"
+    )
+    assert timings["split_substeps"] > 0  # the limit acted, and the launches split
+    assert counts["fused_substeps"] > 100 and counts["general_substeps"] == 0
+    if dtype == F64:
+        assert [timings[k] for k in keys] == [general_timings[k] for k in keys]
+        assert (timings["truncated_vertex_steps"] > 0) == (speed > SPEED)
+        assert error < 1e-12 and v_error < 1e-10
+    else:
+        assert error < 1e-6 and v_error < 1e-3

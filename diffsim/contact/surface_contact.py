@@ -706,15 +706,18 @@ class SurfaceContact:
         absolute: float,
         near: tuple | None,
         limited: int,
+        splits: int = 0,
     ) -> None:
         """Records ``substeps`` taken by a fused launch (the last one's offset ``relative``
         and largest displacement ``absolute``, m) as the per-substep path would have;
         ``near``: the near rows the launch selected last, ``(local positions [n, 3] it
         selected them at, reach (m), rows [k] int64 ascending)``, by the rule of
         :meth:`_near_set`, which keeps them while they hold; ``limited``: the
-        vertex-steps its step limit truncated."""
+        vertex-steps its step limit truncated; ``splits``: the steps it tried again at
+        half their length (time of impact)."""
         self.timings["limited_vertex_steps"] += limited
         self.timings["truncated_vertex_steps"] += limited
+        self.timings["split_substeps"] += splits
         if near is not None:
             anchor, reach, rows = near
             self._near = (anchor, reach, self._candidates.subset(rows), anchor)

@@ -22,6 +22,15 @@ functions of :mod:`diffsim.kernels.contact`, the vertex update of
    turns (``integrator._limit_volumes``),
 5. commits the new state (prescribed vertices at their place on the line).
 
+With time-of-impact splits (``ContactStep.split_levels`` > 0, ``integrator.SPLIT_LEVELS``)
+a step the collision check would cut is tried again at half its length from the same
+forces (3. and 4. again), down to the shortest step, which is truncated; after a step the
+next tries the largest power of two the time taken is an odd multiple of, forces
+recomputed (1. and 2.): the steps of :func:`diffsim.backends.integrator.substep`. A launch
+stopping within a split substep returns x and v to the substep's start (``x_start``,
+``v_start``). A differentiable launch does not split: it hands such a substep to the
+general path (``SPLIT``).
+
 Where a check fails the launch stops before committing that substep and reports why; the
 caller then takes it the general way (new candidate sets, a capped step or a blow-up
 error) and launches again.
@@ -54,7 +63,8 @@ GENERAL_STEP = 2  # this substep needs the general path, status[2] says why:
 CAPPED = 1  # the step limit would cap the whole step (or raise a blow-up)
 BEYOND_REACH = 2  # the step leaves the candidate set's reach (the caller builds one for it)
 LIMITED = 3  # a differentiable launch leaves steps the volume limit cuts to the general path
-REASONS = {CAPPED: "capped", BEYOND_REACH: "beyond_reach", LIMITED: "limited"}
+SPLIT = 4  # a differentiable launch leaves substeps split at a time of impact to it
+REASONS = {CAPPED: "capped", BEYOND_REACH: "beyond_reach", LIMITED: "limited", SPLIT: "split"}
 GAVE_UP = 3  # status[1]: a worker stopped waiting for the others (a hang of seconds)
 # status[1]: a differentiable launch's records of truncated vertices are full (it stops
 # before the substep; the next launch goes on).
@@ -124,6 +134,9 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
         volume_turns: int  # its turns with the step limit's rows before the general path
         volume_slack: wp.float64  # a tet fails below its floor less this
         bisections: int  # bisection steps of its first crossings
+        # A step the step limit cuts is tried again at half its length, down to
+        # 1 / 2**split_levels of the substep (integrator.SPLIT_LEVELS; 0: truncated).
+        split_levels: int
 
     @wp.struct
     class Team:
@@ -521,6 +534,27 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
         return anchor_d2 < reach * reach
 
     @wp.func
+    def roll_back(
+        x: wp.array(dtype=wp.vec3d),
+        v: wp.array(dtype=vec3),
+        x_start: wp.array(dtype=wp.vec3d),
+        v_start: wp.array(dtype=vec3),
+        done: int,
+        status: wp.array(dtype=wp.int32),
+        counts: wp.vec3i,
+    ):
+        """A launch stopping within a split substep (``done`` shortest steps of it taken)
+        returns to the substep's start: x, v and the volume limit's counts ``status[6:9]``
+        as they were then, so that the caller takes the whole substep again."""
+        if done > 0:
+            for i in range(x.shape[0]):
+                x[i] = x_start[i]
+                v[i] = v_start[i]
+            status[6] = counts[0]
+            status[7] = counts[1]
+            status[8] = counts[2]
+
+    @wp.func
     def select_ccd_rows(
         cand: CandidatePairs,
         anchor_d2: wp.array(dtype=wp.float64),
@@ -719,6 +753,8 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
             load: wp.array(dtype=T),
             offsets: wp.array(dtype=T),
             lengths: wp.array(dtype=T),
+            x_start: wp.array(dtype=wp.vec3d),
+            v_start: wp.array(dtype=vec3),
             act: ActivePairs,
             impulse: wp.array(dtype=vec3),
             total: wp.array(dtype=vec3),
@@ -760,7 +796,8 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
             the caller when it starts within a step). ``cand.rows[:p.n_rows]`` are the rows
             of the candidate set that can be within dhat while the sets hold; ``anchor`` and
             ``near_anchor`` ``[n]`` the local positions the sets were selected at,
-            ``anchor_d2`` ``[m]`` the candidates' squared distances at the anchor. Where the
+            ``anchor_d2`` ``[m]`` the candidates' squared distances at the anchor; x_start,
+            v_start ``[n]`` hold a split substep's start. Where the
             near rows expire the kernel selects them again (``cand.rows`` ``[m]`` and
             ``near_anchor`` are overwritten). The rest are scratch: xl .. load, alpha ..
             source_out ``[n]``, ``act``, impulse, total, ccd_rows .. settled ``[m]``. A
@@ -772,7 +809,8 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
             substep (``RECORDS_FULL``).
             Writes ``status = (substeps taken, why it stopped, which check, near
             selections, limited vertex-steps, near rows last selected, the volume limit's
-            vertex-steps and substeps, its turns after the first)`` and ``stats =
+            vertex-steps and substeps, its turns after the first, the steps tried again
+            shorter)`` and ``stats =
             (offset, largest displacement)`` (m) of the last substep taken (``stats[2]``:
             the offset of the one held back; ``stats[3]``: the last selection's reach;
             ``stats[4:6]`` add up the step limit's rows by the anchor distances and those of
@@ -780,6 +818,7 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
             """
             n = x.shape[0]
             taken = int(0)  # noqa: UP018 - a Warp variable
+            pieces = 1 << p.split_levels  # the shortest step, in parts of the substep
             n_rows = p.n_rows
             near_reach = p.near_reach
             last_step = p.last_step
@@ -795,319 +834,373 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                 j_first = int(0)  # noqa: UP018 - a Warp variable
                 if step == 0:
                     j_first = first_substep
-                fraction_den = wp.float64(substeps)
                 for j in range(j_first, substeps):
-                    # 1. The sets hold at x.
-                    lo = vec3(T(1e30), T(1e30), T(1e30))
-                    hi = -lo
-                    near_lo = lo
-                    near_hi = hi
-                    for i in range(n):
-                        y = local(x[i], p.origin)
-                        xl[i] = y
-                        lo = wp.min(lo, y - anchor[i])
-                        hi = wp.max(hi, y - anchor[i])
-                        near_lo = wp.min(near_lo, y - near_anchor[i])
-                        near_hi = wp.max(near_hi, y - near_anchor[i])
-                    # Each vertex's offset from the anchor less the common part (the
-                    # centre of the box), and the farthest (candidates.farthest_offset).
-                    common = T(0.5) * (lo + hi)
-                    moved = wp.float64(0.0)
-                    for i in range(n):
-                        o = wp.length(xl[i] - anchor[i] - common)
-                        offsets[i] = o
-                        moved = wp.max(moved, wp.float64(o))
-                    if moved > p.reach:
-                        release(team)
-                        status[0] = taken
-                        status[1] = SETS_EXPIRED
-                        status[3] = selections
-                        return
-                    near_moved = offset(near_lo, near_hi)
-                    expired = near_moved > near_reach
-                    if expired and p.differentiable != 0 and selections + 1 >= row_sets.shape[0]:
-                        release(team)
-                        status[0] = taken
-                        status[1] = SETS_EXPIRED
-                        status[3] = selections
-                        return
-                    if expired:
-                        # The near rows again, here (SurfaceContact._near_set): the
-                        # candidates closer than dhat + 2 R, R = near_steps s, those the
-                        # anchor's distances cannot rule out measured.
-                        near_reach = p.near_steps * last_step
-                        within = p.dhat + wp.float64(2.0) * near_reach
-                        beyond = (within + wp.float64(2.0) * moved) * wp.float64(1.0 + 1e-5)
-                        beyond = beyond + wp.float64(1e-12)
-                        kept = T(within * wp.float64(1.0 + 1e-5) + wp.float64(1e-12))
-                        n_rows = int(0)  # noqa: UP018 - a Warp variable
-                        for k in range(cand.pairs.shape[0]):
-                            if anchor_d2[k] < beyond * beyond:
-                                y0 = xl[cand.pairs[k, 0]]
-                                y1 = xl[cand.pairs[k, 1]]
-                                y2 = xl[cand.pairs[k, 2]]
-                                y3 = xl[cand.pairs[k, 3]]
+                    done = int(0)  # noqa: UP018 - the substep's time taken, in shortest steps
+                    size = pieces  # the length of the step tried next, in shortest steps
+                    fresh = int(1)  # noqa: UP018 - 0: a cut step tried again, the same forces
+                    if pieces > 1 and p.differentiable == 0:
+                        for i in range(n):
+                            x_start[i] = x[i]
+                            v_start[i] = v[i]
+                    sub_limited = int(0)  # noqa: UP018 - the substep's truncated vertex-steps
+                    sub_splits = int(0)  # noqa: UP018 - and its steps tried again shorter
+                    sub_status = wp.vec3i(status[6], status[7], status[8])
+                    moved = wp.float64(0.0)  # the sets' offsets at x (set by a fresh step)
+                    near_moved = wp.float64(0.0)
+                    while done < pieces:
+                        # A step of size / pieces of the substep (its h: sp, friction: pp).
+                        sp = VertexUpdate()
+                        sp = s
+                        sp.h = s.h * T(size) / T(pieces)
+                        pp = ContactStep()
+                        pp = p
+                        pp.h_mu = p.h_mu * T(size) / T(pieces)
+                        if fresh != 0:
+                            # 1. The sets hold at x.
+                            lo = vec3(T(1e30), T(1e30), T(1e30))
+                            hi = -lo
+                            near_lo = lo
+                            near_hi = hi
+                            for i in range(n):
+                                y = local(x[i], p.origin)
+                                xl[i] = y
+                                lo = wp.min(lo, y - anchor[i])
+                                hi = wp.max(hi, y - anchor[i])
+                                near_lo = wp.min(near_lo, y - near_anchor[i])
+                                near_hi = wp.max(near_hi, y - near_anchor[i])
+                            # Each vertex's offset from the anchor less the common part (the
+                            # centre of the box), and the farthest (candidates.farthest_offset).
+                            common = T(0.5) * (lo + hi)
+                            moved = wp.float64(0.0)
+                            for i in range(n):
+                                o = wp.length(xl[i] - anchor[i] - common)
+                                offsets[i] = o
+                                moved = wp.max(moved, wp.float64(o))
+                            if moved > p.reach:
+                                release(team)
+                                status[0] = taken
+                                roll_back(x, v, x_start, v_start, done, status, sub_status)
+                                status[1] = SETS_EXPIRED
+                                status[3] = selections
+                                return
+                            near_moved = offset(near_lo, near_hi)
+                            expired = near_moved > near_reach
+                            if (
+                                expired
+                                and p.differentiable != 0
+                                and selections + 1 >= row_sets.shape[0]
+                            ):
+                                release(team)
+                                status[0] = taken
+                                roll_back(x, v, x_start, v_start, done, status, sub_status)
+                                status[1] = SETS_EXPIRED
+                                status[3] = selections
+                                return
+                            if expired:
+                                # The near rows again, here (SurfaceContact._near_set): the
+                                # candidates closer than dhat + 2 R, R = near_steps s, those the
+                                # anchor's distances cannot rule out measured.
+                                near_reach = p.near_steps * last_step
+                                within = p.dhat + wp.float64(2.0) * near_reach
+                                beyond = (within + wp.float64(2.0) * moved) * wp.float64(1.0 + 1e-5)
+                                beyond = beyond + wp.float64(1e-12)
+                                kept = T(within * wp.float64(1.0 + 1e-5) + wp.float64(1e-12))
+                                n_rows = int(0)  # noqa: UP018 - a Warp variable
+                                for k in range(cand.pairs.shape[0]):
+                                    if anchor_d2[k] < beyond * beyond:
+                                        y0 = xl[cand.pairs[k, 0]]
+                                        y1 = xl[cand.pairs[k, 1]]
+                                        y2 = xl[cand.pairs[k, 2]]
+                                        y3 = xl[cand.pairs[k, 3]]
+                                        kind = cand.kinds[k]
+                                        if box_gap2(kind, y0, y1, y2, y3) < kept * kept:
+                                            cw = pair_weights(
+                                                kind, y0, y1, y2, y3, p.parallel_fraction
+                                            )
+                                            diff = cw[0] * y0 + cw[1] * y1 + cw[2] * y2 + cw[3] * y3
+                                            if wp.dot(diff, diff) < kept * kept:
+                                                cand.rows[n_rows] = k
+                                                n_rows += 1
+                                for i in range(n):
+                                    near_anchor[i] = xl[i]
+                                near_moved = wp.float64(0.0)
+                                selections += 1
+                                status[5] = n_rows
+                                stats[3] = near_reach
+                                if p.differentiable != 0:
+                                    for r in range(n_rows):
+                                        row_sets[selections, r] = cand.rows[r]
+                                    row_set_sizes[selections] = n_rows
+                            # 2. Forces.
+                            for i in range(n):
+                                f_el[i] = vec3()
+                                f_c[i] = vec3()
+                            # The other workers' tets at once (their forces: team.forces).
+                            if share_tets(team, FORCES) != 0:
+                                status[0] = taken
+                                status[1] = GAVE_UP
+                                return
+                            for e in range(team.tet_stop):
+                                add_tet_forces(x, el, e, f_el)
+                            if shared_done(team) != 0:
+                                status[0] = taken
+                                status[1] = GAVE_UP
+                                return
+                        n_active = select_active(
+                            cand, cand.rows, n_rows, xl, c.mass, pp, act, total
+                        )
+                        if fresh != 0:
+                            for t in range(n_active):
+                                k = act.ids[t]
+                                i0, i1, i2, i3 = pair_ids(cand, k)
+                                x0 = xl[i0]
+                                x1 = xl[i1]
+                                x2 = xl[i2]
+                                x3 = xl[i3]
                                 kind = cand.kinds[k]
-                                if box_gap2(kind, y0, y1, y2, y3) < kept * kept:
-                                    cw = pair_weights(kind, y0, y1, y2, y3, p.parallel_fraction)
-                                    diff = cw[0] * y0 + cw[1] * y1 + cw[2] * y2 + cw[3] * y3
-                                    if wp.dot(diff, diff) < kept * kept:
-                                        cand.rows[n_rows] = k
-                                        n_rows += 1
+                                cw = pair_weights(kind, x0, x1, x2, x3, p.parallel_fraction)
+                                diff = cw[0] * x0 + cw[1] * x1 + cw[2] * x2 + cw[3] * x3
+                                m01 = wp.min(c.mass[i0], c.mass[i1])
+                                w = p.kappa * wp.min(m01, wp.min(c.mass[i2], c.mass[i3]))
+                                g0, g1, g2, g3 = barrier_pair(
+                                    kind, x0, x1, x2, x3, cw, diff, wp.dot(diff, diff), cand.eps[k],
+                                    w, p.s_hat, p.floor,
+                                )  # fmt: skip
+                                f_c[i0] = f_c[i0] - g0
+                                f_c[i1] = f_c[i1] - g1
+                                f_c[i2] = f_c[i2] - g2
+                                f_c[i3] = f_c[i3] - g3
+                        # 3. Velocities, friction, the move and the ground.
                         for i in range(n):
-                            near_anchor[i] = xl[i]
-                        near_moved = wp.float64(0.0)
-                        selections += 1
-                        status[5] = n_rows
-                        stats[3] = near_reach
-                        if p.differentiable != 0:
-                            for r in range(n_rows):
-                                row_sets[selections, r] = cand.rows[r]
-                            row_set_sizes[selections] = n_rows
-                    # 2. Forces.
-                    for i in range(n):
-                        f_el[i] = vec3()
-                        f_c[i] = vec3()
-                    # The other workers' tets at once (their forces: team.forces).
-                    if share_tets(team, FORCES) != 0:
-                        status[0] = taken
-                        status[1] = GAVE_UP
-                        return
-                    for e in range(team.tet_stop):
-                        add_tet_forces(x, el, e, f_el)
-                    if shared_done(team) != 0:
-                        status[0] = taken
-                        status[1] = GAVE_UP
-                        return
-                    n_active = select_active(cand, cand.rows, n_rows, xl, c.mass, p, act, total)
-                    for t in range(n_active):
-                        k = act.ids[t]
-                        i0, i1, i2, i3 = pair_ids(cand, k)
-                        x0 = xl[i0]
-                        x1 = xl[i1]
-                        x2 = xl[i2]
-                        x3 = xl[i3]
-                        kind = cand.kinds[k]
-                        cw = pair_weights(kind, x0, x1, x2, x3, p.parallel_fraction)
-                        diff = cw[0] * x0 + cw[1] * x1 + cw[2] * x2 + cw[3] * x3
-                        m01 = wp.min(c.mass[i0], c.mass[i1])
-                        w = p.kappa * wp.min(m01, wp.min(c.mass[i2], c.mass[i3]))
-                        g0, g1, g2, g3 = barrier_pair(
-                            kind, x0, x1, x2, x3, cw, diff, wp.dot(diff, diff), cand.eps[k], w,
-                            p.s_hat, p.floor,
-                        )  # fmt: skip
-                        f_c[i0] = f_c[i0] - g0
-                        f_c[i1] = f_c[i1] - g1
-                        f_c[i2] = f_c[i2] - g2
-                        f_c[i3] = f_c[i3] - g3
-                    # 3. Velocities, friction, the move and the ground.
-                    for i in range(n):
-                        m = c.mass[i]
-                        world = i // c.world_size
-                        is_fixed = int(0)  # noqa: UP018 - a Warp variable, not a constant
-                        if c.fixed_slot[i] >= 0:
-                            is_fixed = 1
-                        f = (f_el[i] + others_forces(team, i) + m * c.gravity[world]) + f_c[i]
-                        v_new[i] = vertex_velocity(v[i], f, m, c.damping[world], is_fixed, s)
-                        if p.differentiable != 0:
-                            row_set_of[taken] = selections
-                            x_saved[taken, i] = x[i]
-                            v_saved[taken, i] = v[i]
-                            f_saved[taken, i] = f
-                    if n_active > 0:
-                        for _pass in range(p.passes):
-                            friction_pass(
-                                cand, act, n_active, p.eps_v, v_new, v_new, load, impulse,
-                                total, total,
-                            )  # fmt: skip
-                    lo = vec3(T(1e30), T(1e30), T(1e30))
-                    hi = -lo
-                    for i in range(n):
-                        xn, vn = vertex_move(x[i], v_new[i], s)
-                        x_new[i] = xn
-                        v_new[i] = vn
-                        d = local(xn, p.origin) - xl[i]
-                        dx[i] = d
-                        lengths[i] = wp.length(d)
-                        lo = wp.min(lo, d)
-                        hi = wp.max(hi, d)
-                    # 4. The step: not capped, within the reach, limiting no pair.
-                    relative = offset(lo, hi)
-                    absolute = wp.float64(wp.length(wp.max(wp.abs(lo), wp.abs(hi))))
-                    general = int(0)  # noqa: UP018 - a Warp variable
-                    if relative > p.max_step or absolute > p.max_translation:
-                        general = CAPPED
-                    elif moved + relative > p.reach:
-                        general = BEYOND_REACH
-                    n_limited = int(0)  # noqa: UP018 - a Warp variable
-                    cut = int(0)  # noqa: UP018 - a Warp variable
-                    n_ccd = int(0)  # noqa: UP018 - a Warp variable
-                    if general == 0:
-                        n_ccd, considered = select_ccd_rows(
-                            cand, anchor_d2, ccd_rows, p, moved, relative, lo, hi, n_rows,
-                            near_reach, near_moved, offsets, lengths,
-                        )  # fmt: skip
-                        stats[4] = stats[4] + wp.float64(considered)
-                        stats[5] = stats[5] + wp.float64(n_ccd)
-                    if n_ccd > 0:
-                        cut = collision_scales(
-                            cand, ccd_rows, n_ccd, xl, dx, p, bounds, scales_abs, settled, alpha,
-                            alpha_out, source, source_out, True,
-                        )  # fmt: skip
-                    if cut != 0:
-                        # The truncated step: within the candidates' reach (else the
-                        # caller builds a set for it, held back with the truncated step's
-                        # offset, which it measures the same way), its offset the last step's.
-                        t_lo = vec3(T(1e30), T(1e30), T(1e30))
-                        t_hi = -t_lo
+                            m = c.mass[i]
+                            world = i // c.world_size
+                            is_fixed = int(0)  # noqa: UP018 - a Warp variable, not a constant
+                            if c.fixed_slot[i] >= 0:
+                                is_fixed = 1
+                            f = (f_el[i] + others_forces(team, i) + m * c.gravity[world]) + f_c[i]
+                            v_new[i] = vertex_velocity(v[i], f, m, c.damping[world], is_fixed, sp)
+                            if p.differentiable != 0:
+                                row_set_of[taken] = selections
+                                x_saved[taken, i] = x[i]
+                                v_saved[taken, i] = v[i]
+                                f_saved[taken, i] = f
+                        if n_active > 0:
+                            for _pass in range(p.passes):
+                                friction_pass(
+                                    cand, act, n_active, p.eps_v, v_new, v_new, load, impulse,
+                                    total, total,
+                                )  # fmt: skip
+                        lo = vec3(T(1e30), T(1e30), T(1e30))
+                        hi = -lo
                         for i in range(n):
-                            a = alpha[i]
-                            if a < T(1.0):
-                                n_limited += 1
-                            y = a * dx[i]
-                            t_lo = wp.min(t_lo, y)
-                            t_hi = wp.max(t_hi, y)
-                        relative = offset(t_lo, t_hi)
-                        if moved + relative > p.reach:
+                            xn, vn = vertex_move(x[i], v_new[i], sp)
+                            x_new[i] = xn
+                            v_new[i] = vn
+                            d = local(xn, p.origin) - xl[i]
+                            dx[i] = d
+                            lengths[i] = wp.length(d)
+                            lo = wp.min(lo, d)
+                            hi = wp.max(hi, d)
+                        # 4. The step: not capped, within the reach, limiting no pair.
+                        relative = offset(lo, hi)
+                        absolute = wp.float64(wp.length(wp.max(wp.abs(lo), wp.abs(hi))))
+                        general = int(0)  # noqa: UP018 - a Warp variable
+                        if relative > p.max_step or absolute > p.max_translation:
+                            general = CAPPED
+                        elif moved + relative > p.reach:
                             general = BEYOND_REACH
-                        elif p.differentiable != 0 and n_cuts + n_limited > cut_vertex.shape[0]:
-                            # Never at a launch's first substep: the records hold at least
-                            # one per vertex.
-                            release(team)
-                            status[0] = taken
-                            status[1] = RECORDS_FULL
-                            status[3] = selections
-                            return
-                        else:
-                            e = n_cuts
+                        n_limited = int(0)  # noqa: UP018 - a Warp variable
+                        cut = int(0)  # noqa: UP018 - a Warp variable
+                        n_ccd = int(0)  # noqa: UP018 - a Warp variable
+                        if general == 0:
+                            n_ccd, considered = select_ccd_rows(
+                                cand, anchor_d2, ccd_rows, p, moved, relative, lo, hi, n_rows,
+                                near_reach, near_moved, offsets, lengths,
+                            )  # fmt: skip
+                            stats[4] = stats[4] + wp.float64(considered)
+                            stats[5] = stats[5] + wp.float64(n_ccd)
+                        if n_ccd > 0:
+                            cut = collision_scales(
+                                cand, ccd_rows, n_ccd, xl, dx, p, bounds, scales_abs, settled,
+                                alpha, alpha_out, source, source_out, True,
+                            )  # fmt: skip
+                        split = int(0)  # noqa: UP018 - 1: the step is tried again at half its length
+                        if cut != 0 and size > 1:
+                            if p.differentiable != 0:
+                                general = SPLIT
+                            else:
+                                split = 1
+                                cut = 0
+                        if cut != 0:
+                            # The truncated step: within the candidates' reach (else the
+                            # caller builds a set for it, held back with the truncated step's
+                            # offset, which it measures the same way), its offset the last step's.
+                            t_lo = vec3(T(1e30), T(1e30), T(1e30))
+                            t_hi = -t_lo
                             for i in range(n):
                                 a = alpha[i]
                                 if a < T(1.0):
-                                    x_new[i] = x[i] + wp.float64(a) * (x_new[i] - x[i])
-                                    v_new[i] = v_new[i] * a
-                                    if p.differentiable != 0:
-                                        cut_vertex[e] = i
-                                        cut_source[e] = source[i]
-                                        cut_alpha[e] = a
-                                        e += 1
-                    # The volume limit on the step as the step limit left it, in turns with
-                    # the step limit on the shortened step (integrator._limit_volumes).
-                    n_volume = int(0)  # noqa: UP018 - a Warp variable
-                    later_turns = int(0)  # noqa: UP018 - a Warp variable
-                    if general == 0 and p.min_ratio > wp.float64(0.0):
-                        for i in range(n):
-                            volume_total[i] = wp.float64(1.0)
-                        pending = int(1)  # noqa: UP018 - a Warp variable
-                        for turn in range(p.volume_turns):
-                            if pending != 0 and general == 0:
-                                # After the first turn every tet passed at x_new, except
-                                # where the step limit has since shortened a corner's step.
-                                if turn > 0:
-                                    later_turns += 1
-                                    for i in range(n):
-                                        volume_changed[i] = int(alpha[i] < T(1.0))
-                                else:
-                                    # The tets the first round cuts, flagged by every
-                                    # worker at once (their share of the tets each).
-                                    if share_tets(team, VOLUMES) != 0:
-                                        status[0] = taken
-                                        status[1] = GAVE_UP
-                                        return
-                                    for e in range(team.tet_stop):
-                                        team.flags[e] = volume_fails(x, x_new, el, e, det_dm_inv, p)
-                                    if shared_done(team) != 0:
-                                        status[0] = taken
-                                        status[1] = GAVE_UP
-                                        return
-                                cuts = limit_volumes(
-                                    x, x_new, el, p, volume_scale, volume_out, volume_changed,
-                                    det_dm_inv, team.flags, turn == 0,
-                                )  # fmt: skip
-                                if cuts == 0:
-                                    pending = 0
-                                elif p.differentiable != 0:
-                                    general = LIMITED
-                                else:
-                                    for i in range(n):
-                                        shrink = volume_scale[i]
-                                        if shrink < wp.float64(1.0):
-                                            x_new[i] = x[i] + shrink * (x_new[i] - x[i])
-                                            v_new[i] = v_new[i] * T(shrink)
-                                            volume_total[i] = volume_total[i] * shrink
-                                    # The step limit again, on the shortened step (its
-                                    # rows selected for it, as the general path does).
-                                    lo = vec3(T(1e30), T(1e30), T(1e30))
-                                    hi = -lo
-                                    for i in range(n):
-                                        d = local(x_new[i], p.origin) - xl[i]
-                                        f_c[i] = d
-                                        lengths[i] = wp.length(d)
-                                        lo = wp.min(lo, d)
-                                        hi = wp.max(hi, d)
-                                    rows_again, considered = select_ccd_rows(
-                                        cand, anchor_d2, ccd_rows, p, moved, offset(lo, hi),
-                                        lo, hi, n_rows, near_reach, near_moved, offsets,
-                                        lengths,
+                                    n_limited += 1
+                                y = a * dx[i]
+                                t_lo = wp.min(t_lo, y)
+                                t_hi = wp.max(t_hi, y)
+                            relative = offset(t_lo, t_hi)
+                            if moved + relative > p.reach:
+                                general = BEYOND_REACH
+                            elif p.differentiable != 0 and n_cuts + n_limited > cut_vertex.shape[0]:
+                                # Never at a launch's first substep: the records hold at least
+                                # one per vertex.
+                                release(team)
+                                status[0] = taken
+                                status[1] = RECORDS_FULL
+                                status[3] = selections
+                                return
+                            else:
+                                e = n_cuts
+                                for i in range(n):
+                                    a = alpha[i]
+                                    if a < T(1.0):
+                                        x_new[i] = x[i] + wp.float64(a) * (x_new[i] - x[i])
+                                        v_new[i] = v_new[i] * a
+                                        if p.differentiable != 0:
+                                            cut_vertex[e] = i
+                                            cut_source[e] = source[i]
+                                            cut_alpha[e] = a
+                                            e += 1
+                        # The volume limit on the step as the step limit left it, in turns with
+                        # the step limit on the shortened step (integrator._limit_volumes).
+                        n_volume = int(0)  # noqa: UP018 - a Warp variable
+                        later_turns = int(0)  # noqa: UP018 - a Warp variable
+                        if general == 0 and split == 0 and p.min_ratio > wp.float64(0.0):
+                            for i in range(n):
+                                volume_total[i] = wp.float64(1.0)
+                            pending = int(1)  # noqa: UP018 - a Warp variable
+                            for turn in range(p.volume_turns):
+                                if pending != 0 and general == 0:
+                                    # After the first turn every tet passed at x_new, except
+                                    # where the step limit has since shortened a corner's step.
+                                    if turn > 0:
+                                        later_turns += 1
+                                        for i in range(n):
+                                            volume_changed[i] = int(alpha[i] < T(1.0))
+                                    else:
+                                        # The tets the first round cuts, flagged by every
+                                        # worker at once (their share of the tets each).
+                                        if share_tets(team, VOLUMES) != 0:
+                                            status[0] = taken
+                                            status[1] = GAVE_UP
+                                            return
+                                        for e in range(team.tet_stop):
+                                            team.flags[e] = volume_fails(
+                                                x, x_new, el, e, det_dm_inv, p
+                                            )
+                                        if shared_done(team) != 0:
+                                            status[0] = taken
+                                            status[1] = GAVE_UP
+                                            return
+                                    cuts = limit_volumes(
+                                        x, x_new, el, p, volume_scale, volume_out, volume_changed,
+                                        det_dm_inv, team.flags, turn == 0,
                                     )  # fmt: skip
-                                    stats[4] = stats[4] + wp.float64(considered)
-                                    stats[5] = stats[5] + wp.float64(rows_again)
-                                    again = int(0)  # noqa: UP018 - a Warp variable
-                                    if rows_again > 0:
-                                        again = collision_scales(
-                                            cand, ccd_rows, rows_again, xl, f_c, p, bounds,
-                                            scales_abs, settled, alpha, alpha_out, source,
-                                            source_out, True,
-                                        )  # fmt: skip
-                                    if again == 0:
+                                    if cuts == 0:
                                         pending = 0
+                                    elif p.differentiable != 0:
+                                        general = LIMITED
                                     else:
                                         for i in range(n):
-                                            shrink = wp.float64(alpha[i])
+                                            shrink = volume_scale[i]
                                             if shrink < wp.float64(1.0):
                                                 x_new[i] = x[i] + shrink * (x_new[i] - x[i])
-                                                v_new[i] = v_new[i] * alpha[i]
-                        if pending != 0 and general == 0:
-                            general = LIMITED  # the turns did not settle: the general path
-                        for i in range(n):
-                            if volume_total[i] < wp.float64(1.0):
-                                n_volume += 1
-                    if general != 0:
-                        release(team)
-                        status[0] = taken
-                        status[1] = GENERAL_STEP
-                        status[2] = general
-                        status[3] = selections
-                        stats[2] = relative
-                        return
-                    # 5. Commit.
-                    fraction = wp.float64(j + 1) / fraction_den
-                    for i in range(n):
-                        slot = c.fixed_slot[i]
-                        xn = x_new[i]
-                        if slot >= 0:
-                            if j == 0:
-                                fixed_start[slot] = x[i]
-                            start = fixed_start[slot]
-                            xn = start + (targets[step, slot] - start) * fraction
-                        x[i] = xn
-                        v[i] = v_new[i]
-                        if j == substeps - 1:
-                            x_out[step, i] = xn
-                            v_out[step, i] = v_new[i]
-                    taken += 1
-                    last_step = relative
-                    limited += n_limited
-                    if p.differentiable != 0:
-                        n_cuts += n_limited
-                        cut_start[taken] = n_cuts
-                    if n_volume > 0:
-                        status[6] += n_volume
-                        status[7] += 1
-                    status[8] += later_turns
-                    stats[0] = relative
-                    stats[1] = absolute
-                    status[3] = selections
-                    status[4] = limited
+                                                v_new[i] = v_new[i] * T(shrink)
+                                                volume_total[i] = volume_total[i] * shrink
+                                        # The step limit again, on the shortened step (its
+                                        # rows selected for it, as the general path does).
+                                        lo = vec3(T(1e30), T(1e30), T(1e30))
+                                        hi = -lo
+                                        for i in range(n):
+                                            d = local(x_new[i], p.origin) - xl[i]
+                                            f_c[i] = d
+                                            lengths[i] = wp.length(d)
+                                            lo = wp.min(lo, d)
+                                            hi = wp.max(hi, d)
+                                        rows_again, considered = select_ccd_rows(
+                                            cand, anchor_d2, ccd_rows, p, moved, offset(lo, hi),
+                                            lo, hi, n_rows, near_reach, near_moved, offsets,
+                                            lengths,
+                                        )  # fmt: skip
+                                        stats[4] = stats[4] + wp.float64(considered)
+                                        stats[5] = stats[5] + wp.float64(rows_again)
+                                        again = int(0)  # noqa: UP018 - a Warp variable
+                                        if rows_again > 0:
+                                            again = collision_scales(
+                                                cand, ccd_rows, rows_again, xl, f_c, p, bounds,
+                                                scales_abs, settled, alpha, alpha_out, source,
+                                                source_out, True,
+                                            )  # fmt: skip
+                                        if again == 0:
+                                            pending = 0
+                                        else:
+                                            for i in range(n):
+                                                shrink = wp.float64(alpha[i])
+                                                if shrink < wp.float64(1.0):
+                                                    x_new[i] = x[i] + shrink * (x_new[i] - x[i])
+                                                    v_new[i] = v_new[i] * alpha[i]
+                            if pending != 0 and general == 0:
+                                general = LIMITED  # the turns did not settle: the general path
+                            for i in range(n):
+                                if volume_total[i] < wp.float64(1.0):
+                                    n_volume += 1
+                        if general != 0:
+                            release(team)
+                            status[0] = taken
+                            roll_back(x, v, x_start, v_start, done, status, sub_status)
+                            status[1] = GENERAL_STEP
+                            status[2] = general
+                            status[3] = selections
+                            stats[2] = relative
+                            return
+                        if split != 0:
+                            size = size // 2
+                            fresh = 0
+                            sub_splits += 1
+                        else:
+                            # 5. Commit the step; the substep's last one commits the substep.
+                            ends = done + size
+                            last = ends == pieces
+                            fraction = wp.float64(j * pieces + ends) / wp.float64(substeps * pieces)
+                            for i in range(n):
+                                slot = c.fixed_slot[i]
+                                xn = x_new[i]
+                                if slot >= 0:
+                                    if j == 0 and done == 0:
+                                        fixed_start[slot] = x[i]
+                                    start = fixed_start[slot]
+                                    xn = start + (targets[step, slot] - start) * fraction
+                                x[i] = xn
+                                v[i] = v_new[i]
+                                if j == substeps - 1 and last:
+                                    x_out[step, i] = xn
+                                    v_out[step, i] = v_new[i]
+                            done = ends
+                            size = done & -done  # the power of two that done is an odd multiple of
+                            fresh = 1
+                            last_step = relative
+                            sub_limited += n_limited
+                            if n_volume > 0:
+                                status[6] += n_volume
+                                status[7] += 1
+                            status[8] += later_turns
+                            stats[0] = relative
+                            stats[1] = absolute
+                            status[3] = selections
+                            if last:
+                                taken += 1
+                                limited += sub_limited
+                                if p.differentiable != 0:
+                                    n_cuts += sub_limited
+                                    cut_start[taken] = n_cuts
+                                status[4] = limited
+                                status[9] += sub_splits
             release(team)
             status[0] = taken
             status[1] = FINISHED

@@ -12,9 +12,10 @@ asked for, each launch is an autograd node (:class:`_ContactLaunch`) whose backw
 the launch's adjoint kernel; such a launch keeps each set of near rows it selects for the
 adjoint (up to ``ROW_SETS``) and the vertices its step limit truncates, with the bounds
 their scales came from (up to ``CUTS_PER_VERTEX`` per vertex), and leaves steps the volume
-limit cuts to the general path. One
-world, CPU, the Warp contact implementation, no time-of-impact splits; everything else
-takes the general path.
+limit cuts to the general path. With time-of-impact splits (``integrator.SPLIT_LEVELS``),
+a launch splits a cut substep as the general path does, or, differentiable, hands it to the
+general path. One world, CPU, the Warp contact implementation; everything else takes the
+general path.
 """
 
 from __future__ import annotations
@@ -62,13 +63,9 @@ ROW_SETS = 8
 
 def runs_fused(contact, device) -> bool:
     """Whether substeps with this contact object (one world's) run in the fused contact
-    launches on this Warp device: on the CPU, by the Warp contact kernels, without
-    time-of-impact splits."""
+    launches on this Warp device: on the CPU, by the Warp contact kernels."""
     return (
-        device.is_cpu
-        and isinstance(contact, SurfaceContact)
-        and contact.implementation == "warp"
-        and integrator.SPLIT_LEVELS == 0
+        device.is_cpu and isinstance(contact, SurfaceContact) and contact.implementation == "warp"
     )
 
 
@@ -100,7 +97,7 @@ class FusedContactSteps:
 
     def usable(self) -> bool:
         """Whether the model's contact can run fused: one world, on the CPU, by the Warp
-        contact kernels, without time-of-impact splits."""
+        contact kernels."""
         return runs_fused(self.backend.model.contact, self.backend.geometry.device)
 
     def advance(self, prepared, x: torch.Tensor, v: torch.Tensor, targets: torch.Tensor):
@@ -211,6 +208,7 @@ class FusedContactSteps:
             settings.bisections = volume_rule.BISECTIONS
             settings.volume_turns = integrator.LIMIT_ALTERNATIONS
         status[6:].zero_()
+        settings.split_levels = integrator.SPLIT_LEVELS
         stats[4:].zero_()
         self._set_bounds(settings, sets)
         settings.differentiable = int(saved is not None)
@@ -266,7 +264,8 @@ class FusedContactSteps:
             if int(status[3]):  # the rows the launch selected last, where it selected them
                 picked = rows[: int(status[5])].to(torch.int64)
                 near = (near_anchor.clone(), float(stats[3]), picked)
-            contact.after_fused(taken, float(stats[0]), float(stats[1]), near, limited)
+            splits = int(status[9])
+            contact.after_fused(taken, float(stats[0]), float(stats[1]), near, limited, splits)
             self.counts["near_selections"] += int(status[3])
             self.counts["limited_vertex_steps"] += limited
             self.counts["fused_substeps"] += taken
@@ -397,8 +396,10 @@ class FusedContactSteps:
         if found is None:
             k = self.backend.kernels
             t = dict(dtype=v.dtype, device=v.device)
-            keep = [torch.zeros((n, 3), **t) for _ in range(4)]  # xl, f_el, f_c, v_new
-            x_new = torch.zeros((n, 3), dtype=POSITION_DTYPE, device=x.device)
+            keep = [torch.zeros((n, 3), **t) for _ in range(5)]  # xl, f_el, f_c, v_new, v_start
+            x_new, x_start = (
+                torch.zeros((n, 3), dtype=POSITION_DTYPE, device=x.device) for _ in range(2)
+            )
             dx, load = torch.zeros((n, 3), **t), torch.zeros(n, **t)
             # Each vertex's offset from the anchor and step length, for the step limit.
             offsets, lengths = torch.zeros(n, **t), torch.zeros(n, **t)
@@ -413,8 +414,20 @@ class FusedContactSteps:
             views = [wrap(a, k.vec3) for a in keep[:3]]
             views += [wrap(x_new, k.position), wrap(keep[3], k.vec3), wrap(dx, k.vec3)]
             views += [wrap(load, k.scalar), wrap(offsets, k.scalar), wrap(lengths, k.scalar)]
+            views += [wrap(x_start, k.position), wrap(keep[4], k.vec3)]  # a split substep's start
             found = {
-                "owners": [*keep, x_new, dx, load, offsets, lengths, *alpha, *source, *volume],
+                "owners": [
+                    *keep,
+                    x_new,
+                    x_start,
+                    dx,
+                    load,
+                    offsets,
+                    lengths,
+                    *alpha,
+                    *source,
+                    *volume,
+                ],
                 "dummy_x": torch.zeros((1, 1, 3), dtype=POSITION_DTYPE, device=x.device),
                 "dummy_v": torch.zeros((1, 1, 3), **t),
                 "dummy_sets": torch.zeros((1, 1), dtype=torch.int32, device=x.device),
@@ -431,7 +444,7 @@ class FusedContactSteps:
                 ],
                 "near_anchor": torch.zeros((n, 3), **t),
                 "per_vertex": views,
-                "status": torch.zeros(9, dtype=torch.int32),
+                "status": torch.zeros(10, dtype=torch.int32),
                 "stats": torch.zeros(6, dtype=torch.float64),
             }
             self._scratch[key] = found

@@ -876,20 +876,11 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                                 o = wp.length(xl[i] - anchor[i] - common)
                                 offsets[i] = o
                                 moved = wp.max(moved, wp.float64(o))
-                            if moved > p.reach:
-                                release(team)
-                                status[0] = taken
-                                roll_back(x, v, x_start, v_start, done, status, sub_status)
-                                status[1] = SETS_EXPIRED
-                                status[3] = selections
-                                return
                             near_moved = offset(near_lo, near_hi)
                             expired = near_moved > near_reach
-                            if (
-                                expired
-                                and p.differentiable != 0
-                                and selections + 1 >= row_sets.shape[0]
-                            ):
+                            # A differentiable launch keeps at most row_sets' sets of rows.
+                            full = p.differentiable != 0 and selections + 1 >= row_sets.shape[0]
+                            if moved > p.reach or (expired and full):
                                 release(team)
                                 status[0] = taken
                                 roll_back(x, v, x_start, v_start, done, status, sub_status)

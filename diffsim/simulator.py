@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from diffsim.backends import BACKENDS
+from diffsim.backends.integrator import SPLIT_LEVELS
 from diffsim.backends.warp.setup import check_device
 from diffsim.checkpoint import run_segment
 from diffsim.contact.potential import MIN_DISTANCE_FRACTION
@@ -366,6 +367,12 @@ class Simulator:
             docs/contact.md).
         contact_friction: Coulomb coefficient between surfaces (>= 0).
         contact_friction_velocity: eps_v in m/s for surface friction.
+        contact_time_of_impact: where the step limit would cut a substep, take it in
+            halves (recursively, down to 1/64 of it) instead of truncating it, so that
+            impacts faster than the barrier stops keep their energy and sliding is not
+            braked; off by default: where closings are crushed deeper than the barrier
+            stops at any step (a resting load on a thin crease) every substep is then
+            taken in many steps (docs/contact.md, "Time of impact").
         worlds: W > 0 to simulate W worlds at once (one replicated mesh, every kernel over
             all of them), or None for one world with no world axis. With worlds, E, nu and
             density may be ``[]``, ``[W]``, ``[m]`` or ``[W, m]``, gravity ``[3]`` or
@@ -401,6 +408,7 @@ class Simulator:
         contact_speed: float | None = None,
         contact_friction: float = 0.0,
         contact_friction_velocity: float = 1e-3,
+        contact_time_of_impact: bool = False,
         worlds: int | None = None,
     ) -> None:
         # The settings as given (a value: Simulator.replace builds a new one from them).
@@ -427,6 +435,13 @@ class Simulator:
             if not contact:
                 raise ValueError("contact_speed sizes the surface contact's substep: it needs "
                                  "contact=True (or leave it None)")  # fmt: skip
+        if not isinstance(contact_time_of_impact, bool):
+            raise TypeError(
+                f"contact_time_of_impact must be True or False, got {contact_time_of_impact!r}"
+            )
+        if contact_time_of_impact and not contact:
+            raise ValueError("contact_time_of_impact splits the surface contact's substeps: "
+                             "it needs contact=True (or leave it False)")  # fmt: skip
         self.worlds = layout.check_worlds(worlds)
         self.mesh = mesh
         _validate_material(material, mesh.n_tets, self.worlds)
@@ -457,6 +472,7 @@ class Simulator:
             contact_model = SurfaceContact.for_simulation(
                 mesh, dt / substeps, contact_dhat, contact_stiffness, contact_friction,
                 contact_friction_velocity, backend, self.device, dtype,
+                SPLIT_LEVELS if contact_time_of_impact else 0,
             )  # fmt: skip
             if contact_speed is not None:
                 substeps = self._substeps_for_speed(

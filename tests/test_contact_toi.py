@@ -1,5 +1,6 @@
-"""Time-of-impact substeps: where the continuous collision limit would cut a substep, it is
-taken in halves instead (diffsim.backends.integrator.substep), so no energy is lost to the
+"""Time-of-impact substeps (``contact_time_of_impact=True``): where the continuous collision
+limit would cut a substep, it is taken in halves instead
+(diffsim.backends.integrator.substep), so no energy is lost to the
 limit and gradients are exact wherever both sides of a finite difference take the same
 steps. Two 5 cm cubes thrown head-on at 1 m/s relative, dhat 0.73 mm, 0.25 ms substeps: the
 barrier alone stops about 0.2 dhat / h = 0.58 m/s, so the limit acts.
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 import diffsim as ds
-from diffsim.backends import BACKENDS, integrator
+from diffsim.backends import BACKENDS
 from diffsim.sim.state import State
 
 F64 = torch.float64
@@ -20,13 +21,15 @@ needs_warp = pytest.mark.skipif("warp" not in BACKENDS, reason="warp-lang is not
 BOTH = ["torch", pytest.param("warp", marks=needs_warp)]
 
 
-def two_cubes(backend: str = "torch", E=1e5, dtype=F64, worlds: int | None = None):
+def two_cubes(
+    backend: str = "torch", E=1e5, dtype=F64, worlds: int | None = None, splits: bool = True
+):
     a = ds.TetMesh.box(size=(0.05, 0.05, 0.05), resolution=2, origin=(-0.06, 0.0, 0.0))
     b = ds.TetMesh.box(size=(0.05, 0.05, 0.05), resolution=2, origin=(0.01, 0.01, 0.005))
     return ds.Simulator(
         ds.TetMesh.merge([a, b]), ds.StableNeoHookean(E, 0.3, 1000.0), dt=1e-3, substeps=4,
         gravity=(0.0, 0.0, 0.0), ground=None, contact=True, contact_friction=0.0,
-        backend=backend, dtype=dtype, worlds=worlds,
+        backend=backend, dtype=dtype, worlds=worlds, contact_time_of_impact=splits,
     )  # fmt: skip
 
 
@@ -54,21 +57,9 @@ def record_limits(contact) -> list[int]:
     return log
 
 
-@pytest.fixture(autouse=True)
-def splits(monkeypatch):
-    """Time-of-impact splits on (off by default, see diffsim.backends.integrator)."""
-    monkeypatch.setattr(integrator, "SPLIT_LEVELS", 6)
-
-
-@pytest.fixture
-def no_splits(splits, monkeypatch):
-    """Truncate at the whole substep, as before time-of-impact splits."""
-    monkeypatch.setattr(integrator, "SPLIT_LEVELS", 0)
-
-
-def energy_kept(backend: str, steps: int = 80) -> tuple[float, dict]:
+def energy_kept(backend: str, steps: int = 80, splits: bool = True) -> tuple[float, dict]:
     """Total energy after the impact (the cubes apart again) over before it."""
-    sim = two_cubes(backend)
+    sim = two_cubes(backend, splits=splits)
     state = sim.initial_state(velocities=head_on(sim, SPEED))
     before = float(sim.energies(state)["total"])
     with torch.no_grad():
@@ -81,10 +72,9 @@ def energy_kept(backend: str, steps: int = 80) -> tuple[float, dict]:
 
 
 @pytest.mark.parametrize("backend", BOTH)
-def test_an_impact_the_limit_acts_on_keeps_its_energy(backend, monkeypatch):
+def test_an_impact_the_limit_acts_on_keeps_its_energy(backend):
     kept, timings = energy_kept(backend)
-    monkeypatch.setattr(integrator, "SPLIT_LEVELS", 0)
-    kept_before, before = energy_kept(backend)
+    kept_before, before = energy_kept(backend, splits=False)  # the default
     print(
         f"{backend}: energy after/before {kept_before:.4f} truncating "
         f"({before['truncated_vertex_steps']:.0f} truncated vertex-steps), {kept:.4f} with "
@@ -104,13 +94,13 @@ def test_an_impact_the_limit_acts_on_keeps_its_energy(backend, monkeypatch):
 FD_EPS = {SPEED: (1e-7, 1e-6), 2.0: (1e-8, 1e-7)}
 
 
-def fd_check(backend: str, speed: float = SPEED, steps: int = 40):
+def fd_check(backend: str, speed: float = SPEED, steps: int = 40, splits: bool = True):
     """Autograd and central differences of a loss at the last frame with respect to the
     closing speed and E; both sides must take the same steps as the run itself."""
     weights = torch.randn((250, 3), generator=torch.Generator().manual_seed(0), dtype=F64)
 
     def run(speed, E):
-        sim = two_cubes(backend, E)
+        sim = two_cubes(backend, E, splits=splits)
         log = record_limits(sim.model.contact)
         state = State(sim.initial_state().positions, head_on(sim, speed))
         traj = sim.rollout(steps, state)
@@ -159,10 +149,10 @@ def test_gradients_through_truncated_shortest_steps_match_finite_differences(bac
     assert errors["speed"] < 2e-5 and errors["E"] < 2e-5  # measured 2.5e-6 and 4.9e-7 (warp)
 
 
-def test_truncating_whole_substeps_has_the_gradient_of_its_bounds(no_splits):
-    """With no splits (as before), truncated substeps have exact gradients too (before,
+def test_truncating_whole_substeps_has_the_gradient_of_its_bounds():
+    """With no splits (the default), truncated substeps have exact gradients too (before,
     with the scales constant: 3.2 and 0.73 off, the speed's of the wrong sign)."""
-    errors, timings, _ = fd_check("torch")
+    errors, timings, _ = fd_check("torch", splits=False)
     print(f"truncating: relative errors {errors}")
     assert timings["truncated_vertex_steps"] > 0 and timings["split_substeps"] == 0
     assert errors["speed"] < 1e-6 and errors["E"] < 1e-6  # measured 1.1e-8 and 5.7e-9
@@ -197,13 +187,13 @@ def test_a_world_that_splits_leaves_the_other_worlds_as_they_are_alone(backend):
 
 @pytest.mark.parametrize("speed", [SPEED, 4.0])
 def test_the_default_float32_configuration_runs_through_the_impact(speed):
-    """The default backend and dtype; at 4 m/s the splits reach the shortest step and it
-    is truncated, still without NaN or a surface passing another."""
+    """The default backend and dtype, time of impact asked for; at 4 m/s the splits reach
+    the shortest step and it is truncated, still without NaN or a surface passing another."""
     a = ds.TetMesh.box(size=(0.05, 0.05, 0.05), resolution=2, origin=(-0.06, 0.0, 0.0))
     b = ds.TetMesh.box(size=(0.05, 0.05, 0.05), resolution=2, origin=(0.01, 0.01, 0.005))
     sim = ds.Simulator(
         ds.TetMesh.merge([a, b]), ds.StableNeoHookean(1e5, 0.3, 1000.0), dt=1e-3,
-        substeps=2, gravity=(0.0, 0.0, 0.0), ground=None, contact=True,
+        substeps=2, gravity=(0.0, 0.0, 0.0), ground=None, contact_time_of_impact=True,
     )  # fmt: skip
     assert sim.dtype == torch.float32
     v0 = head_on(sim, speed).requires_grad_(True)
@@ -249,3 +239,19 @@ def test_the_fused_launches_split_as_the_general_path_does(dtype, speed):
         assert error < 1e-12 and v_error < 1e-10
     else:
         assert error < 1e-6 and v_error < 1e-3
+
+
+def test_time_of_impact_is_asked_for_and_checked():
+    """Off by default (docs/contact.md, "Time of impact": it costs where closings are
+    crushed); on, 6 levels in every world; a clear error for a non-bool or without
+    contact."""
+    assert two_cubes(splits=False).model.contact.split_levels == 0
+    sim = two_cubes(worlds=2)
+    assert [c.split_levels for c in sim.model.contact.contacts] == [6, 6]
+    box = ds.TetMesh.box(size=(0.05, 0.05, 0.05), resolution=1, origin=(0.0, 0.01, 0.0))
+    material = ds.StableNeoHookean(1e5, 0.3, 1000.0)
+    assert ds.Simulator(box, material).model.contact.split_levels == 0
+    with pytest.raises(TypeError, match="contact_time_of_impact must be True or False"):
+        ds.Simulator(box, material, contact_time_of_impact=1)
+    with pytest.raises(ValueError, match="needs contact=True"):
+        ds.Simulator(box, material, contact=False, contact_time_of_impact=True)

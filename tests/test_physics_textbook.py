@@ -618,7 +618,7 @@ SURFACE_FRICTION_CASES = [case("warp", d) for d in (F64, F32)]
     ],
 )
 def test_block_sliding_on_a_slab_decelerates_at_mu_g_in_every_direction(
-    backend, dtype, splits, substeps, speed, monkeypatch
+    backend, dtype, splits, substeps, speed
 ):
     # Section 5 with surface contact instead of the ground: the 10 cm block is set down
     # just above the barrier (1.05 dhat) of a fixed 0.6 m slab (one cell, so its top is two
@@ -638,9 +638,6 @@ def test_block_sliding_on_a_slab_decelerates_at_mu_g_in_every_direction(
     # stiffness, rho = 1/4). Held to 3%. (Additive CCD bounds that follow the gap, tried,
     # let the block slide without splits, -0.2%, but gained two elastic balls at 5 m/s 2-3
     # times their energy: docs/contact.md, Known limits.)
-    from diffsim.backends import integrator
-
-    monkeypatch.setattr(integrator, "SPLIT_LEVELS", splits)
     slab = ds.TetMesh.box(size=(0.6, 0.05, 0.6), resolution=1, origin=(-0.3, -0.05, -0.3))
     block = ds.TetMesh.box(size=(0.1, 0.1, 0.1), resolution=2, origin=(-0.05, 1.05 * DHAT, -0.05))
     mesh = ds.TetMesh.merge([slab, block])
@@ -657,6 +654,7 @@ def test_block_sliding_on_a_slab_decelerates_at_mu_g_in_every_direction(
         contact_dhat=DHAT,
         contact_speed=speed,
         contact_friction=MU,
+        contact_time_of_impact=splits > 0,
         backend=backend,
         dtype=dtype,
     )

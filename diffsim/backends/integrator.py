@@ -4,10 +4,12 @@ The torch backend uses it for every substep; the Warp backend fuses the same upd
 on the CPU the same contact substeps with their splits, into kernels, and falls back to
 :func:`substep` for what those do not take.
 
-Time of impact. With surface contact, a substep whose step the continuous collision limit
-would cut (:meth:`SurfaceContact.step_scales` below 1 for some vertex) is not truncated: it
-is taken again as two half substeps, forces recomputed at the middle, and each half the
-same way, recursively, down to ``1 / 2**SPLIT_LEVELS`` of the substep; only a step of that
+Time of impact (``Simulator(contact_time_of_impact=True)``, off by default). With surface
+contact, a substep whose step the continuous collision limit would cut
+(:meth:`SurfaceContact.step_scales` below 1 for some vertex) is not truncated: it is taken
+again as two half substeps, forces recomputed at the middle, and each half the same way,
+recursively, down to ``1 / 2**split_levels`` of the substep (the contact's
+``split_levels``: ``SPLIT_LEVELS`` when asked for, else 0); only a step of that
 length is truncated as the limit says (``v *= alpha``, the inelastic correction; its scales
 carry the gradient of the pair bounds that set them). The splits are discrete decisions,
 taken on detached values and held constant in the backward pass, so the gradient is the
@@ -27,25 +29,23 @@ from diffsim.contact.surface_contact import BLOW_UP_CAPS, BLOW_UP_FRACTION, Capp
 from diffsim.physics.velocity import clamp_speed
 from diffsim.sim.model import Model
 
-# A substep the step limit would cut is split in halves at most this many times (6: the
-# shortest step 1/64 of the substep, at most 127 updates for a substep). Off by default (0:
-# truncate at the whole substep): with splits, two elastic balls meeting at 5 m/s at 1e-4 s
-# substeps (half the speed the barrier stops) came apart with 1.71 times their energy and
-# inverted tets, and two cubes at 6 m/s approached to 1% of dhat, closer than a straight
-# line between substeps stays clear (tests/test_contact_physics.py,
-# tests/test_contact_scenes.py); 1.00 and clear without. With the default stiffness at
-# rho = 1/8 the balls keep 0.94, 1.014 and 1.026 at 2, 5 and 10 substeps with splits (0.84,
-# 0.95, 0.98 without), but the colliding spheres' pairs came so close at 4 substeps that
-# the straight line between two frames crossed (scenes/spheres_collide.py, step 45), and
-# where cuts are closings no shorter step avoids (the Armadillo's crushed crease, the
-# bunny's ear fold) splits cost 2.5 and 1.2 times the run on the general path and still
-# truncate; in the fused launches (which split as this function does) the bunny's costs
-# 1.4 times and the Armadillo's crease over 10 times, every cut substep taken in 64 steps
-# (docs/contact.md, "Time of impact"), so they stay off. Steps of the shortest length are
+# With contact_time_of_impact=True, a substep the step limit would cut is split in halves at most
+# this many times (6: the shortest step 1/64 of the substep, at most 127 updates for a substep).
+# Off by default (truncate at the whole substep): with splits, two elastic balls meeting at 5 m/s
+# at 1e-4 s substeps (half the speed the barrier stops) came apart with 1.71 times their energy
+# and inverted tets, and two cubes at 6 m/s approached to 1% of dhat, closer than a straight line
+# between substeps stays clear (tests/test_contact_physics.py, tests/test_contact_scenes.py); 1.00
+# and clear without. With the default stiffness at rho = 1/8 the balls keep 0.94, 1.014 and 1.026
+# at 2, 5 and 10 substeps with splits (0.84, 0.95, 0.98 without), but the colliding spheres' pairs
+# came so close at 4 substeps that the straight line between two frames crossed
+# (scenes/spheres_collide.py, step 45), and where cuts are closings no shorter step avoids (the
+# Armadillo's crushed crease, the bunny's ear fold) splits cost 2.5 and 1.2 times the run on the
+# general path and still truncate; in the fused launches (which split as this function does) the
+# bunny's costs 1.4 times and the Armadillo's crease over 10 times, every cut substep taken in 64
+# steps (docs/contact.md, "Time of impact"), so they stay off. Steps of the shortest length are
 # truncated and counted in ``contact.timings["truncated_vertex_steps"]``; splits in
 # ``["split_substeps"]``.
-# tests/test_contact_toi.py runs with 6.
-SPLIT_LEVELS = 0
+SPLIT_LEVELS = 6
 # The volume limit and the continuous collision limit alternate on a step at most this many
 # times before the step is left untaken (each only shortens it). Two soft cubes pressed
 # together at 2 m/s with a floor of 0.6 left 9 substeps untaken at 4 turns, none at 8.
@@ -150,7 +150,7 @@ def substep(
         return symplectic_euler_update(
             m, x, v, forces(x), mass, damping, x_fixed, ground_roots=ground_roots
         )
-    n_worlds, steps = len(contacts), 2**SPLIT_LEVELS
+    n_worlds, steps = len(contacts), 2 ** contacts[0][0].split_levels
     done = [0] * n_worlds  # time taken, in shortest steps
     size = [steps] * n_worlds  # the length of the next step tried
     f_other: torch.Tensor | None = None  # forces at x (reused after a dropped step)

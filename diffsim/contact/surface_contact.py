@@ -176,6 +176,9 @@ class SurfaceContact:
         implementation: ``"warp"`` (kernels) or ``"torch"`` (reference) for the barrier
             forces and CCD scales.
         broad_phase: ``"bvh"`` (Warp BVH) or ``"brute"`` (all pairs, small meshes).
+        split_levels: time-of-impact splits: a substep the step limit would cut is taken
+            in halves, down to ``1 / 2**split_levels`` of it, before the shortest step is
+            truncated (:func:`diffsim.backends.integrator.substep`); 0: truncated whole.
         margin: candidate-cache margin (m), the least reach of a candidate set; default
             the larger of dhat and the scene rule ``DHAT_FRACTION * diagonal`` (a small
             dhat would otherwise rebuild often), the latter at most ``MARGIN_EDGE_FRACTION``
@@ -198,6 +201,7 @@ class SurfaceContact:
         friction_velocity: float = 1e-3,
         implementation: str = "warp",
         broad_phase: str = "bvh",
+        split_levels: int = 0,
         margin: float | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
@@ -226,6 +230,9 @@ class SurfaceContact:
         self.friction_velocity = float(friction_velocity)
         self.implementation = implementation
         self.broad_phase = broad_phase
+        if not isinstance(split_levels, int) or not 0 <= split_levels <= 16:
+            raise ValueError(f"split_levels must be an integer in [0, 16], got {split_levels!r}")
+        self.split_levels = split_levels
         if margin is None:
             scene_rule = DHAT_FRACTION * self.scene_size
             margin = max(
@@ -267,6 +274,7 @@ class SurfaceContact:
         backend: str,
         device: str | torch.device,
         dtype: torch.dtype = torch.float64,
+        split_levels: int = 0,
     ) -> SurfaceContact:
         """The Simulator's contact: defaults from the scene, checked for a separated start.
 
@@ -283,6 +291,7 @@ class SurfaceContact:
             backend: the simulator's backend; ``"torch"`` selects the torch reference.
             device: torch device.
             dtype: the simulator's working dtype.
+            split_levels: time-of-impact splits (see the class), 0 for none.
         """
         implementation = "torch" if backend == "torch" else "warp"
         broad_phase = "bvh"
@@ -315,6 +324,7 @@ class SurfaceContact:
             friction_velocity=friction_velocity,
             implementation=implementation,
             broad_phase=broad_phase,
+            split_levels=split_levels,
             device=device,
             dtype=dtype,
         )

@@ -22,7 +22,7 @@ functions of :mod:`diffsim.kernels.contact`, the vertex update of
    turns (``integrator._limit_volumes``),
 5. commits the new state (prescribed vertices at their place on the line).
 
-With time-of-impact splits (``ContactStep.split_levels`` > 0, ``integrator.SPLIT_LEVELS``)
+With time-of-impact splits (``ContactStep.split_levels`` > 0: ``contact_time_of_impact``)
 a step the collision check would cut is tried again at half its length from the same
 forces (3. and 4. again), down to the shortest step, which is truncated; after a step the
 next tries the largest power of two the time taken is an odd multiple of, forces
@@ -135,7 +135,7 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
         volume_slack: wp.float64  # a tet fails below its floor less this
         bisections: int  # bisection steps of its first crossings
         # A step the step limit cuts is tried again at half its length, down to
-        # 1 / 2**split_levels of the substep (integrator.SPLIT_LEVELS; 0: truncated).
+        # 1 / 2**split_levels of the substep (SurfaceContact.split_levels; 0: truncated).
         split_levels: int
 
     @wp.struct

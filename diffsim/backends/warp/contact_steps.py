@@ -12,7 +12,7 @@ asked for, each launch is an autograd node (:class:`_ContactLaunch`) whose backw
 the launch's adjoint kernel; such a launch keeps each set of near rows it selects for the
 adjoint (up to ``ROW_SETS``) and the vertices its step limit truncates, with the bounds
 their scales came from (up to ``CUTS_PER_VERTEX`` per vertex), and leaves steps the volume
-limit cuts to the general path. With time-of-impact splits (``integrator.SPLIT_LEVELS``),
+limit cuts to the general path. With time-of-impact splits (``contact_time_of_impact``),
 a launch splits a cut substep as the general path does, or, differentiable, hands it to the
 general path. One world, CPU, the Warp contact implementation; everything else takes the
 general path.
@@ -208,7 +208,7 @@ class FusedContactSteps:
             settings.bisections = volume_rule.BISECTIONS
             settings.volume_turns = integrator.LIMIT_ALTERNATIONS
         status[6:].zero_()
-        settings.split_levels = integrator.SPLIT_LEVELS
+        settings.split_levels = contact.split_levels
         stats[4:].zero_()
         self._set_bounds(settings, sets)
         settings.differentiable = int(saved is not None)

@@ -937,6 +937,10 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                                 status[0] = taken
                                 status[1] = GAVE_UP
                                 return
+                            # Theirs into f_el (their rows are zeroed as read): a step
+                            # tried again shorter reuses f_el.
+                            for i in range(n):
+                                f_el[i] = f_el[i] + others_forces(team, i)
                         n_active = select_active(
                             cand, cand.rows, n_rows, xl, c.mass, pp, act, total
                         )
@@ -968,7 +972,7 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                             is_fixed = int(0)  # noqa: UP018 - a Warp variable, not a constant
                             if c.fixed_slot[i] >= 0:
                                 is_fixed = 1
-                            f = (f_el[i] + others_forces(team, i) + m * c.gravity[world]) + f_c[i]
+                            f = (f_el[i] + m * c.gravity[world]) + f_c[i]
                             v_new[i] = vertex_velocity(v[i], f, m, c.damping[world], is_fixed, sp)
                             if p.differentiable != 0:
                                 row_set_of[taken] = selections

@@ -41,7 +41,7 @@ from diffsim.sim.model import Model
 # (scenes/spheres_collide.py, step 45), and where cuts are closings no shorter step avoids (the
 # Armadillo's crushed crease, the bunny's ear fold) splits cost 2.5 and 1.2 times the run on the
 # general path and still truncate; in the fused launches (which split as this function does) the
-# bunny's costs 1.4 times and the Armadillo's crease over 10 times, every cut substep taken in 64
+# bunny's costs 1.7 times and the Armadillo's crease over 10 times, every cut substep taken in 64
 # steps (docs/contact.md, "Time of impact"), so they stay off. Steps of the shortest length are
 # truncated and counted in ``contact.timings["truncated_vertex_steps"]``; splits in
 # ``["split_substeps"]``.

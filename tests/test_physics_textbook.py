@@ -612,7 +612,8 @@ SURFACE_FRICTION_CASES = [case("warp", d) for d in (F64, F32)]
                 reason="the default (no time-of-impact splits): the step limit bounds relative "
                 "motion by its length, not its direction, so a block sliding 1 mm per substep "
                 "within its gap is truncated (about 1,000 vertex-steps), braked and thrown off "
-                "the slab (lowest gap up to 4-12 dhat); docs/contact.md, Known limits",
+                "the slab (lowest gap up to 4-12 dhat); contact_time_of_impact=True or "
+                "contact_speed=1 are the remedies; docs/contact.md, Known limits",
             ),
         ),
     ],

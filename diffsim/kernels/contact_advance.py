@@ -543,8 +543,9 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
         status: wp.array(dtype=wp.int32),
         counts: wp.vec3i,
     ):
-        """A launch stopping within a split substep (``done`` shortest steps of it taken)
-        returns to the substep's start: x, v and the volume limit's counts ``status[6:9]``
+        """A launch stopping within a split substep (``done`` shortest steps of it taken,
+        so its first step was split, where x_start and v_start were saved) returns to the
+        substep's start: x, v and the volume limit's counts ``status[6:9]``
         as they were then, so that the caller takes the whole substep again."""
         if done > 0:
             for i in range(x.shape[0]):
@@ -838,10 +839,6 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                     done = int(0)  # noqa: UP018 - the substep's time taken, in shortest steps
                     size = pieces  # the length of the step tried next, in shortest steps
                     fresh = int(1)  # noqa: UP018 - 0: a cut step tried again, the same forces
-                    if pieces > 1 and p.differentiable == 0:
-                        for i in range(n):
-                            x_start[i] = x[i]
-                            v_start[i] = v[i]
                     sub_limited = int(0)  # noqa: UP018 - the substep's truncated vertex-steps
                     sub_splits = int(0)  # noqa: UP018 - and its steps tried again shorter
                     sub_status = wp.vec3i(status[6], status[7], status[8])
@@ -1155,6 +1152,10 @@ def build_contact_advance(dtype, module: str, elastic, integrate, contact) -> Si
                             stats[2] = relative
                             return
                         if split != 0:
+                            if size == pieces:  # the substep's start, for roll_back
+                                for i in range(n):
+                                    x_start[i] = x[i]
+                                    v_start[i] = v[i]
                             size = size // 2
                             fresh = 0
                             sub_splits += 1

@@ -208,7 +208,6 @@ class FusedContactSteps:
             settings.bisections = volume_rule.BISECTIONS
             settings.volume_turns = integrator.LIMIT_ALTERNATIONS
         status[6:].zero_()
-        settings.split_levels = contact.split_levels
         stats[4:].zero_()
         self._set_bounds(settings, sets)
         settings.differentiable = int(saved is not None)
@@ -373,6 +372,7 @@ class FusedContactSteps:
         p.keep_factor = (1 - MIN_GAP_FRACTION) * (1 - SCALE_SLACK)
         p.equalize_rounds = EQUALIZE_ROUNDS
         p.rounds = EQUALIZE_ROUNDS + ABSOLUTE_ROUNDS
+        p.split_levels = contact.split_levels
         return p
 
     @staticmethod
